@@ -1,0 +1,144 @@
+//! The port-I/O bus: maps guest port ranges to devices.
+//!
+//! A device sees offsets relative to its base port, like Firecracker's `BusDevice`.
+//! A write may ask the vCPU loop to stop the VM (the debug-exit port does); that is
+//! returned as a [`DeviceAction`] instead of being a side channel, so the exit loop
+//! stays a pure function of (exit, bus) that unit tests can drive.
+
+use std::sync::{Arc, Mutex};
+
+use crate::error::{Error, Result};
+
+/// What the exit loop should do after a device handled an access.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceAction {
+    /// Keep running the guest.
+    Continue,
+    /// Stop the whole VM: the guest asked to exit with this code.
+    Exit(u32),
+}
+
+/// A device on the port-I/O bus.
+pub trait PioDevice: Send {
+    /// A guest `in` of `data.len()` bytes at `base + offset`; fill `data`.
+    fn read(&mut self, offset: u16, data: &mut [u8]);
+    /// A guest `out` of `data` at `base + offset`.
+    fn write(&mut self, offset: u16, data: &[u8]) -> DeviceAction;
+}
+
+struct Range {
+    base: u16,
+    len: u16,
+    device: Arc<Mutex<dyn PioDevice>>,
+}
+
+/// The set of devices of one VM, shared by its vCPU threads.
+#[derive(Default)]
+pub struct PioBus {
+    ranges: Vec<Range>,
+}
+
+impl PioBus {
+    /// Attaches `device` at ports `[base, base + len)`. Overlapping ranges are refused.
+    pub fn insert(&mut self, base: u16, len: u16, device: Arc<Mutex<dyn PioDevice>>) -> Result<()> {
+        if len == 0 || base.checked_add(len - 1).is_none() {
+            return Err(Error::arg(format!("bad port range {base:#x}+{len}")));
+        }
+        let end = base as u32 + len as u32;
+        if let Some(other) = self
+            .ranges
+            .iter()
+            .find(|r| (base as u32) < r.base as u32 + r.len as u32 && (r.base as u32) < end)
+        {
+            return Err(Error::arg(format!(
+                "port range {base:#x}+{len} overlaps a device at {:#x}+{}",
+                other.base, other.len
+            )));
+        }
+        self.ranges.push(Range { base, len, device });
+        self.ranges.sort_by_key(|r| r.base);
+        Ok(())
+    }
+
+    fn find(&self, port: u16) -> Option<(&Range, u16)> {
+        // Few devices: a linear scan over a sorted Vec beats a tree here.
+        self.ranges
+            .iter()
+            .find(|r| port >= r.base && (port - r.base) < r.len)
+            .map(|r| (r, port - r.base))
+    }
+
+    fn lock(
+        device: &Arc<Mutex<dyn PioDevice>>,
+    ) -> std::sync::MutexGuard<'_, dyn PioDevice + 'static> {
+        // A device that panicked mid-access is still memory-safe to use; the panic
+        // itself was already reported by the vCPU thread that hit it.
+        device.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Dispatches a guest `in`. Returns false when no device claims the port.
+    pub fn read(&self, port: u16, data: &mut [u8]) -> bool {
+        match self.find(port) {
+            Some((range, offset)) => {
+                Self::lock(&range.device).read(offset, data);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Dispatches a guest `out`. Returns `None` when no device claims the port.
+    pub fn write(&self, port: u16, data: &[u8]) -> Option<DeviceAction> {
+        self.find(port)
+            .map(|(range, offset)| Self::lock(&range.device).write(offset, data))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Latch(Vec<u8>);
+    impl PioDevice for Latch {
+        fn read(&mut self, offset: u16, data: &mut [u8]) {
+            data.fill(offset as u8);
+        }
+        fn write(&mut self, _offset: u16, data: &[u8]) -> DeviceAction {
+            self.0.extend_from_slice(data);
+            DeviceAction::Continue
+        }
+    }
+
+    #[test]
+    fn dispatches_by_port_with_relative_offsets() {
+        let mut bus = PioBus::default();
+        let dev = Arc::new(Mutex::new(Latch(vec![])));
+        bus.insert(0x3f8, 8, dev.clone()).unwrap();
+        let mut b = [0u8; 1];
+        assert!(bus.read(0x3fa, &mut b));
+        assert_eq!(b[0], 2);
+        assert_eq!(bus.write(0x3f8, b"x"), Some(DeviceAction::Continue));
+        assert_eq!(dev.lock().unwrap().0, b"x");
+        assert!(!bus.read(0x400, &mut b));
+        assert_eq!(bus.write(0x3f7, b"x"), None);
+    }
+
+    #[test]
+    fn refuses_overlaps_and_empty_ranges() {
+        let mut bus = PioBus::default();
+        bus.insert(0x10, 4, Arc::new(Mutex::new(Latch(vec![]))))
+            .unwrap();
+        assert!(bus
+            .insert(0x13, 2, Arc::new(Mutex::new(Latch(vec![]))))
+            .is_err());
+        assert!(bus
+            .insert(0x20, 0, Arc::new(Mutex::new(Latch(vec![]))))
+            .is_err());
+        assert!(bus
+            .insert(0xffff, 2, Arc::new(Mutex::new(Latch(vec![]))))
+            .is_err());
+        assert!(bus
+            .insert(0x14, 2, Arc::new(Mutex::new(Latch(vec![]))))
+            .is_ok());
+    }
+}

@@ -1,0 +1,6 @@
+//! Devices emulated in the core because the guest touches them on the hot path.
+//! Each one implements [`bus::PioDevice`] and sits on the VM's port-I/O bus.
+
+pub mod bus;
+pub mod debug_exit;
+pub mod serial;

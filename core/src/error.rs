@@ -1,0 +1,136 @@
+//! The one error type of the core, and the status codes it maps to at the C ABI.
+//!
+//! Every error carries a stable numeric [`Status`] (what a caller branches on) and a
+//! human-readable message (what a person reads). The doc comment of each variant is
+//! its message, in the style of Firecracker's error enums.
+
+use thiserror::Error;
+
+/// Stable status codes returned by every `dv_*` function. `Ok` is 0; errors are
+/// negative so that functions returning a length can use non-negative values.
+/// The TypeScript side mirrors this table in `src/errors.ts`; keep them in sync.
+#[repr(i32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    Ok = 0,
+    InvalidArgument = -1,
+    InvalidHandle = -2,
+    KvmUnavailable = -3,
+    Kvm = -4,
+    Memory = -5,
+    Image = -6,
+    Busy = -7,
+    Timeout = -8,
+    Panic = -9,
+    BufferTooSmall = -10,
+    Io = -11,
+}
+
+/// Everything that can go wrong inside the core.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// {0}
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// Handle {handle} is not a live {expected} (it is stale, closed or of another kind)
+    #[error("handle {handle} is not a live {expected} (it is stale, closed or of another kind)")]
+    InvalidHandle { handle: u32, expected: &'static str },
+    /// Cannot open /dev/kvm: {0}
+    #[error("cannot open /dev/kvm: {0}")]
+    KvmUnavailable(String),
+    /// A KVM ioctl failed
+    #[error("{op} failed: {source}")]
+    Kvm {
+        op: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    /// Guest memory error
+    #[error("guest memory: {0}")]
+    Memory(String),
+    /// The guest image is malformed or does not fit
+    #[error("image: {0}")]
+    Image(String),
+    /// The object is in use by a running vCPU
+    #[error("{0}")]
+    Busy(String),
+    /// A wait ran out of time
+    #[error("timed out after {0} ms")]
+    Timeout(u64),
+    /// A panic was caught at the ABI boundary
+    #[error("internal error (panic caught at the ABI boundary): {0}")]
+    Panic(String),
+    /// The caller's buffer is too small
+    #[error("buffer too small: need {need} bytes, got {got}")]
+    BufferTooSmall { need: usize, got: usize },
+    /// Host I/O error
+    #[error("{op}: {source}")]
+    Io {
+        op: &'static str,
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    /// The ABI status code for this error.
+    pub fn status(&self) -> Status {
+        match self {
+            Error::InvalidArgument(_) => Status::InvalidArgument,
+            Error::InvalidHandle { .. } => Status::InvalidHandle,
+            Error::KvmUnavailable(_) => Status::KvmUnavailable,
+            Error::Kvm { .. } => Status::Kvm,
+            Error::Memory(_) => Status::Memory,
+            Error::Image(_) => Status::Image,
+            Error::Busy(_) => Status::Busy,
+            Error::Timeout(_) => Status::Timeout,
+            Error::Panic(_) => Status::Panic,
+            Error::BufferTooSmall { .. } => Status::BufferTooSmall,
+            Error::Io { .. } => Status::Io,
+        }
+    }
+
+    /// Shorthand for wrapping a failed KVM ioctl with the operation's name.
+    pub fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
+        move |source| Error::Kvm { op, source }
+    }
+
+    /// Shorthand for an invalid-argument error.
+    pub fn arg(msg: impl Into<String>) -> Error {
+        Error::InvalidArgument(msg.into())
+    }
+}
+
+/// The core's result type.
+pub type Result<T> = std::result::Result<T, Error>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_error_maps_to_a_negative_status() {
+        let errors = [
+            Error::arg("x"),
+            Error::InvalidHandle {
+                handle: 1,
+                expected: "VM",
+            },
+            Error::Timeout(5),
+            Error::BufferTooSmall { need: 2, got: 1 },
+        ];
+        for e in errors {
+            assert!((e.status() as i32) < 0, "{e}");
+        }
+    }
+
+    #[test]
+    fn messages_name_the_problem() {
+        let e = Error::InvalidHandle {
+            handle: 7,
+            expected: "vCPU",
+        };
+        assert_eq!(
+            e.to_string(),
+            "handle 7 is not a live vCPU (it is stale, closed or of another kind)"
+        );
+    }
+}

@@ -1,0 +1,154 @@
+//! Guest RAM: how it is laid out in guest-physical space and how the host reads and
+//! writes it, always bounds-checked.
+//!
+//! RAM starts at guest-physical 0. Like every x86 PC VMM, the 768 MiB below 4 GiB are
+//! left as an MMIO hole (for devices, the LAPIC and IOAPIC), so a guest with more RAM
+//! than fits below the hole gets the rest above 4 GiB.
+
+use vm_memory::{Bytes, GuestAddress, GuestMemory as _, GuestMemoryMmap, GuestMemoryRegion as _};
+
+use crate::error::{Error, Result};
+
+/// Start of the MMIO hole below 4 GiB (3.25 GiB), as in Firecracker and QEMU's q35.
+pub const MMIO_GAP_START: u64 = 0xd000_0000;
+/// End of the MMIO hole (4 GiB).
+pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
+/// The largest guest RAM accepted (a sanity bound, not a host limit).
+pub const MAX_RAM_BYTES: u64 = 1 << 40;
+
+/// Guest RAM of one VM.
+pub struct GuestRam {
+    mem: GuestMemoryMmap<()>,
+    size: u64,
+}
+
+/// The guest-physical ranges `(start, len)` that `size` bytes of RAM occupy.
+pub fn ram_ranges(size: u64) -> Vec<(u64, u64)> {
+    if size <= MMIO_GAP_START {
+        vec![(0, size)]
+    } else {
+        vec![(0, MMIO_GAP_START), (MMIO_GAP_END, size - MMIO_GAP_START)]
+    }
+}
+
+impl GuestRam {
+    /// Maps `size` bytes of anonymous, zeroed guest RAM.
+    pub fn new(size: u64) -> Result<GuestRam> {
+        if size == 0 {
+            return Err(Error::arg("guest memory size must be greater than zero"));
+        }
+        if !size.is_multiple_of(4096) {
+            return Err(Error::arg(format!(
+                "guest memory size {size} is not a multiple of the 4 KiB page size"
+            )));
+        }
+        if size > MAX_RAM_BYTES {
+            return Err(Error::arg(format!(
+                "guest memory size {size} exceeds the maximum of {MAX_RAM_BYTES} bytes"
+            )));
+        }
+        let ranges: Vec<(GuestAddress, usize)> = ram_ranges(size)
+            .into_iter()
+            .map(|(start, len)| (GuestAddress(start), len as usize))
+            .collect();
+        let mem = GuestMemoryMmap::from_ranges(&ranges)
+            .map_err(|e| Error::Memory(format!("cannot map {size} bytes of guest RAM: {e}")))?;
+        Ok(GuestRam { mem, size })
+    }
+
+    /// Total RAM in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The vm-memory view, for KVM slot registration and device access.
+    pub fn mmap(&self) -> &GuestMemoryMmap<()> {
+        &self.mem
+    }
+
+    /// Whether `[addr, addr + len)` lies entirely inside guest RAM.
+    pub fn contains(&self, addr: u64, len: u64) -> bool {
+        if len == 0 {
+            return self.mem.address_in_range(GuestAddress(addr));
+        }
+        let Some(last) = addr.checked_add(len - 1) else {
+            return false;
+        };
+        // RAM regions are contiguous inside themselves, so a range is inside RAM when
+        // both ends fall in the same region.
+        self.mem.iter().any(|region| {
+            let start = region.start_addr().0;
+            let end = start + region.len() - 1;
+            addr >= start && last <= end
+        })
+    }
+
+    fn check(&self, addr: u64, len: usize) -> Result<()> {
+        if self.contains(addr, len as u64) {
+            Ok(())
+        } else {
+            Err(Error::Memory(format!(
+                "range {addr:#x}..+{len:#x} is outside guest RAM ({} bytes)",
+                self.size
+            )))
+        }
+    }
+
+    /// Copies guest memory at `addr` into `buf`.
+    pub fn read(&self, addr: u64, buf: &mut [u8]) -> Result<()> {
+        self.check(addr, buf.len())?;
+        self.mem
+            .read_slice(buf, GuestAddress(addr))
+            .map_err(|e| Error::Memory(format!("read at {addr:#x}: {e}")))
+    }
+
+    /// Copies `data` into guest memory at `addr`.
+    pub fn write(&self, addr: u64, data: &[u8]) -> Result<()> {
+        self.check(addr, data.len())?;
+        self.mem
+            .write_slice(data, GuestAddress(addr))
+            .map_err(|e| Error::Memory(format!("write at {addr:#x}: {e}")))
+    }
+
+    /// Writes a little-endian u64 at `addr`.
+    pub fn write_u64(&self, addr: u64, value: u64) -> Result<()> {
+        self.write(addr, &value.to_le_bytes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_ram_is_one_range() {
+        assert_eq!(ram_ranges(2 << 20), vec![(0, 2 << 20)]);
+    }
+
+    #[test]
+    fn large_ram_skips_the_mmio_gap() {
+        let ranges = ram_ranges(4 << 30);
+        assert_eq!(ranges[0], (0, MMIO_GAP_START));
+        assert_eq!(ranges[1], (MMIO_GAP_END, (4 << 30) - MMIO_GAP_START));
+    }
+
+    #[test]
+    fn rejects_bad_sizes() {
+        assert!(GuestRam::new(0).is_err());
+        assert!(GuestRam::new(4095).is_err());
+        assert!(GuestRam::new(MAX_RAM_BYTES + 4096).is_err());
+    }
+
+    #[test]
+    fn reads_and_writes_are_bounds_checked() {
+        let ram = GuestRam::new(64 << 10).unwrap();
+        ram.write(0x100, b"hello").unwrap();
+        let mut buf = [0u8; 5];
+        ram.read(0x100, &mut buf).unwrap();
+        assert_eq!(&buf, b"hello");
+        assert!(ram.write((64 << 10) - 2, b"abc").is_err());
+        assert!(ram.read(u64::MAX - 1, &mut buf).is_err());
+        assert!(ram.contains(0, 64 << 10));
+        assert!(!ram.contains(0, (64 << 10) + 1));
+    }
+}

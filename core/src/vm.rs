@@ -1,0 +1,319 @@
+//! A VM: the KVM VM fd, guest RAM, the device bus and the VM's vCPUs.
+//!
+//! [`VmShared`] is what the vCPU threads need (RAM, devices, policy); [`Vm`] adds
+//! what only the host uses (the VM fd, the list of vCPUs, the run protocol).
+
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
+
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::{GuestMemory as _, GuestMemoryRegion as _};
+
+use crate::devices::bus::PioBus;
+use crate::devices::debug_exit::{DebugExit, DEBUG_EXIT_PORT};
+use crate::devices::serial::{ConsoleSink, SerialConsole, COM1_PORT, COM_PORT_LEN};
+use crate::error::{Error, Result};
+use crate::memory::GuestRam;
+use crate::metrics::VcpuMetricsSnapshot;
+use crate::vcpu::exit::UnhandledAccess;
+use crate::vcpu::{wait_all, Control, RunResult, StopRequest, Vcpu};
+
+/// The largest vCPU count per VM accepted here (KVM's own limit may be lower; it
+/// is checked when the vCPU is created).
+pub const MAX_VCPUS: u32 = 254;
+
+/// Address of the TSS page Intel VMX needs for real mode (below the 4 GiB top, in
+/// the MMIO hole, like QEMU and Firecracker).
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+
+/// The state every vCPU thread of a VM shares.
+pub struct VmShared {
+    /// Guest RAM.
+    pub ram: GuestRam,
+    /// Port-I/O devices.
+    pub bus: PioBus,
+    /// What to do with I/O and MMIO no device claims.
+    pub unhandled: UnhandledAccess,
+    /// The serial console's output.
+    pub console: ConsoleSink,
+    /// Every vCPU's stop handle, for stopping siblings.
+    controls: Mutex<Vec<(u32, Arc<Control>)>>,
+    /// The first stop of the current run that ends the VM (debug exit, crash...).
+    vm_stop: Mutex<Option<RunResult>>,
+}
+
+fn relock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The data behind these locks is a plain value replaced whole, so a poisoned lock
+    // still holds a consistent value.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl VmShared {
+    /// Remembers the first VM-ending stop of this run.
+    pub fn record_vm_stop(&self, result: &RunResult) {
+        let mut stop = relock(&self.vm_stop);
+        if stop.is_none() {
+            *stop = Some(result.clone());
+        }
+    }
+
+    /// Stops every vCPU but `except` (the one whose guest ended the VM).
+    pub fn stop_all_except(&self, except: u32) {
+        for (id, control) in relock(&self.controls).iter() {
+            if *id != except {
+                control.request_stop(StopRequest::Stop);
+            }
+        }
+    }
+}
+
+fn kvm() -> Result<Arc<Kvm>> {
+    // One /dev/kvm fd per process, opened on first use: opening it is a syscall the
+    // cold-start path need not pay per VM. A failed open is not cached.
+    static KVM: OnceLock<Mutex<Option<Arc<Kvm>>>> = OnceLock::new();
+    let mut slot = relock(KVM.get_or_init(|| Mutex::new(None)));
+    if let Some(kvm) = slot.as_ref() {
+        return Ok(kvm.clone());
+    }
+    let kvm = Kvm::new().map_err(|e| {
+        let hint = match e.errno() {
+            libc::ENOENT => " (no such device: is the kvm module loaded?)",
+            libc::EACCES | libc::EPERM => {
+                " (permission denied: run as root or add the user to the kvm group)"
+            }
+            _ => "",
+        };
+        Error::KvmUnavailable(format!("{e}{hint}"))
+    })?;
+    let version = kvm.get_api_version();
+    if version != 12 {
+        return Err(Error::KvmUnavailable(format!(
+            "KVM API version {version} is not the stable version 12"
+        )));
+    }
+    let kvm = Arc::new(kvm);
+    *slot = Some(kvm.clone());
+    Ok(kvm)
+}
+
+/// Checks that /dev/kvm can be opened (for the host's diagnostics).
+pub fn check_kvm() -> Result<()> {
+    kvm().map(|_| ())
+}
+
+/// A VM.
+pub struct Vm {
+    // Field order matters: the VM fd closes before the shared state, so guest RAM
+    // outlives every KVM reference to it (vCPUs hold their own `Arc<VmShared>`).
+    fd: VmFd,
+    shared: Arc<VmShared>,
+    vcpus: Mutex<Vec<Arc<Vcpu>>>,
+}
+
+impl Vm {
+    /// Creates a VM with `mem_bytes` of RAM, COM1 and the debug-exit port.
+    pub fn new(mem_bytes: u64, unhandled: UnhandledAccess) -> Result<Vm> {
+        let ram = GuestRam::new(mem_bytes)?;
+        let fd = kvm()?.create_vm().map_err(Error::kvm("KVM_CREATE_VM"))?;
+        fd.set_tss_address(KVM_TSS_ADDRESS)
+            .map_err(Error::kvm("KVM_SET_TSS_ADDR"))?;
+        for (slot, region) in ram.mmap().iter().enumerate() {
+            let memory_region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: region.as_ptr() as u64,
+                flags: 0,
+            };
+            // SAFETY: the host range is a live mapping owned by `ram`, which moves
+            // into `VmShared`; every holder of a KVM fd for this VM (this `Vm` and
+            // each `Vcpu`) drops that fd before its `Arc<VmShared>`, so the mapping
+            // outlives every KVM use of it. Slots do not overlap (distinct regions).
+            unsafe { fd.set_user_memory_region(memory_region) }
+                .map_err(Error::kvm("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+        let console = ConsoleSink::default();
+        let mut bus = PioBus::default();
+        bus.insert(
+            COM1_PORT,
+            COM_PORT_LEN,
+            Arc::new(Mutex::new(SerialConsole::new(console.clone()))),
+        )?;
+        bus.insert(DEBUG_EXIT_PORT, 1, Arc::new(Mutex::new(DebugExit)))?;
+        Ok(Vm {
+            fd,
+            shared: Arc::new(VmShared {
+                ram,
+                bus,
+                unhandled,
+                console,
+                controls: Mutex::new(Vec::new()),
+                vm_stop: Mutex::new(None),
+            }),
+            vcpus: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Guest RAM.
+    pub fn ram(&self) -> &GuestRam {
+        &self.shared.ram
+    }
+
+    /// The serial console's output.
+    pub fn console(&self) -> &ConsoleSink {
+        &self.shared.console
+    }
+
+    /// Creates the next vCPU (ids are assigned in order from 0).
+    pub fn create_vcpu(&self) -> Result<Arc<Vcpu>> {
+        let mut vcpus = relock(&self.vcpus);
+        let id = vcpus.len() as u32;
+        if id >= MAX_VCPUS {
+            return Err(Error::arg(format!("a VM has at most {MAX_VCPUS} vCPUs")));
+        }
+        let fd = self
+            .fd
+            .create_vcpu(id as u64)
+            .map_err(Error::kvm("KVM_CREATE_VCPU"))?;
+        let vcpu = Arc::new(Vcpu::new(id, fd, self.shared.clone()));
+        relock(&self.shared.controls).push((id, vcpu.control()));
+        vcpus.push(vcpu.clone());
+        Ok(vcpu)
+    }
+
+    fn vcpu_list(&self) -> Vec<Arc<Vcpu>> {
+        relock(&self.vcpus).clone()
+    }
+
+    /// Runs every vCPU until the VM stops or `timeout` passes. The result is the
+    /// first stop that ended the VM, else vCPU 0's.
+    pub fn run(&self, timeout: Option<Duration>) -> Result<RunResult> {
+        let vcpus = self.vcpu_list();
+        if vcpus.is_empty() {
+            return Err(Error::arg("the VM has no vCPUs; create one first"));
+        }
+        *relock(&self.shared.vm_stop) = None;
+        for (i, vcpu) in vcpus.iter().enumerate() {
+            if let Err(e) = vcpu.start() {
+                // Leave no half-started VM behind.
+                for started in &vcpus[..i] {
+                    started.control().request_stop(StopRequest::Stop);
+                }
+                let _ = wait_all(&vcpus[..i], None);
+                return Err(e);
+            }
+        }
+        let results = wait_all(&vcpus, timeout)?;
+        let ended = relock(&self.shared.vm_stop).take();
+        Ok(ended.unwrap_or_else(|| results[0].clone()))
+    }
+
+    /// Asks every vCPU to stop; returns at once (a pending run reports `stopped`).
+    pub fn stop(&self) {
+        for vcpu in self.vcpu_list() {
+            vcpu.control().request_stop(StopRequest::Stop);
+        }
+    }
+
+    /// Per-vCPU exit metrics.
+    pub fn metrics(&self) -> Vec<VcpuMetricsSnapshot> {
+        self.vcpu_list().iter().map(|v| v.metrics()).collect()
+    }
+
+    /// Stops and joins every vCPU thread. The VM's memory and fds are released when
+    /// the last reference to it goes.
+    pub fn close(&self) {
+        for vcpu in self.vcpu_list() {
+            vcpu.close();
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! These run real guests on /dev/kvm; they skip (pass vacuously, with a note)
+    //! only where /dev/kvm cannot be opened, and `tests/` fails CI in that case.
+    use super::*;
+    use crate::boot::layout::DEFAULT_LONG_LOAD_ADDR;
+    use crate::boot::EntryMode;
+    use crate::vcpu::exit::StopReason;
+
+    /// `mov al,'A'; mov dx,0x3f8; out dx,al; mov al,5; out 0xf4,al` in 16- or 64-bit form.
+    fn hello(bits64: bool) -> Vec<u8> {
+        let mut code = vec![0xb0, b'A'];
+        if bits64 {
+            code.push(0x66);
+        }
+        code.extend_from_slice(&[0xba, 0xf8, 0x03, 0xee, 0xb0, 0x05, 0xe6, 0xf4]);
+        code
+    }
+
+    fn run_guest(
+        mode: EntryMode,
+        code: &[u8],
+        timeout: Option<Duration>,
+    ) -> Option<(Vm, RunResult)> {
+        if check_kvm().is_err() {
+            eprintln!("skipping: /dev/kvm is not available");
+            return None;
+        }
+        let vm = Vm::new(2 << 20, UnhandledAccess::Stop).unwrap();
+        let vcpu = vm.create_vcpu().unwrap();
+        let addr = if mode == EntryMode::Real {
+            0x7c00
+        } else {
+            DEFAULT_LONG_LOAD_ADDR
+        };
+        vm.ram().write(addr, code).unwrap();
+        vcpu.setup_entry(mode, addr, 0x1f_f000).unwrap();
+        let result = vm.run(timeout).unwrap();
+        Some((vm, result))
+    }
+
+    #[test]
+    fn guests_print_and_exit_in_every_mode() {
+        for mode in [EntryMode::Real, EntryMode::Long, EntryMode::User] {
+            let Some((vm, result)) = run_guest(mode, &hello(mode != EntryMode::Real), None) else {
+                return;
+            };
+            assert_eq!(
+                result.stop,
+                StopReason::DebugExit { exit_code: 11 },
+                "{mode:?}"
+            );
+            let (out, _) = vm.console().0.lock().unwrap().take();
+            assert_eq!(out, b"A", "{mode:?}");
+        }
+    }
+
+    #[test]
+    fn an_infinite_loop_times_out() {
+        let Some((_, result)) = run_guest(
+            EntryMode::User,
+            &[0xeb, 0xfe],
+            Some(Duration::from_millis(100)),
+        ) else {
+            return;
+        };
+        assert_eq!(result.stop, StopReason::TimedOut);
+    }
+
+    #[test]
+    fn a_triple_fault_is_a_crash_with_registers() {
+        // ud2 with no IDT: #UD -> #DF -> triple fault.
+        let Some((_, result)) = run_guest(EntryMode::Long, &[0x0f, 0x0b], None) else {
+            return;
+        };
+        match result.stop {
+            StopReason::Shutdown { registers } => assert_eq!(registers.rip, DEFAULT_LONG_LOAD_ADDR),
+            other => panic!("expected a shutdown, got {other:?}"),
+        }
+    }
+}
