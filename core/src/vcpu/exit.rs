@@ -28,23 +28,45 @@ pub enum Direction {
     Out,
 }
 
-/// The general-purpose and control registers reported with a guest crash.
+/// Serializes a u64 as a `"0x..."` string: JSON numbers lose precision above 2^53,
+/// and guest addresses and registers use all 64 bits.
+fn hex<S: serde::Serializer>(value: &u64, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&format!("{value:#x}"))
+}
+
+/// The general-purpose and control registers reported with a guest crash
+/// (serialized as hex strings, see [`hex`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct CrashRegisters {
+    #[serde(serialize_with = "hex")]
     pub rip: u64,
+    #[serde(serialize_with = "hex")]
     pub rsp: u64,
+    #[serde(serialize_with = "hex")]
     pub rflags: u64,
+    #[serde(serialize_with = "hex")]
     pub rax: u64,
+    #[serde(serialize_with = "hex")]
     pub rbx: u64,
+    #[serde(serialize_with = "hex")]
     pub rcx: u64,
+    #[serde(serialize_with = "hex")]
     pub rdx: u64,
+    #[serde(serialize_with = "hex")]
     pub rsi: u64,
+    #[serde(serialize_with = "hex")]
     pub rdi: u64,
+    #[serde(serialize_with = "hex")]
     pub rbp: u64,
+    #[serde(serialize_with = "hex")]
     pub cr0: u64,
+    #[serde(serialize_with = "hex")]
     pub cr2: u64,
+    #[serde(serialize_with = "hex")]
     pub cr3: u64,
+    #[serde(serialize_with = "hex")]
     pub cr4: u64,
+    #[serde(serialize_with = "hex")]
     pub efer: u64,
     pub cs: u16,
     pub ss: u16,
@@ -68,19 +90,25 @@ pub enum StopReason {
         port: u16,
         size: u8,
         direction: Direction,
+        #[serde(serialize_with = "hex")]
         data: u64,
     },
     /// MMIO that no device claims, with the stop policy.
     UnhandledMmio {
+        #[serde(serialize_with = "hex")]
         address: u64,
         size: u8,
         direction: Direction,
+        #[serde(serialize_with = "hex")]
         data: u64,
     },
     /// KVM could not emulate something (KVM_EXIT_INTERNAL_ERROR).
     InternalError { suberror: u32 },
     /// VM entry failed (KVM_EXIT_FAIL_ENTRY).
-    FailEntry { hardware_reason: u64 },
+    FailEntry {
+        #[serde(rename = "hardwareReason", serialize_with = "hex")]
+        hardware_reason: u64,
+    },
     /// KVM reported a system event (reset, shutdown, crash).
     SystemEvent { event: u32 },
     /// An exit this VMM does not handle.
@@ -344,6 +372,14 @@ mod tests {
     fn stop_reasons_serialize_with_a_reason_tag() {
         let json = serde_json::to_string(&StopReason::DebugExit { exit_code: 3 }).unwrap();
         assert_eq!(json, r#"{"reason":"debug_exit","exitCode":3}"#);
+        let json = serde_json::to_string(&StopReason::UnhandledMmio {
+            address: u64::MAX,
+            size: 4,
+            direction: Direction::Out,
+            data: 1,
+        })
+        .unwrap();
+        assert!(json.contains(r#""address":"0xffffffffffffffff""#), "{json}");
         assert!(!StopReason::TimedOut.ends_vm());
         assert!(StopReason::Hlt.ends_vm());
     }
