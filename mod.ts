@@ -1,0 +1,59 @@
+/**
+ * denovisor: a KVM hypervisor whose control plane is TypeScript and whose hot
+ * path (vCPU threads, the VM-exit loop, guest memory, hot devices) is a Rust
+ * library loaded through Deno's FFI.
+ *
+ * Two levels of API:
+ * - {@link Vm}: configure, load an image, run, close.
+ * - {@link Kvm} / {@link KvmVm} / {@link KvmVcpu}: the KVM objects themselves —
+ *   create a VM, create a vCPU, get/set registers, run to an exit.
+ *
+ * @example
+ * ```ts
+ * import { defaultGuestImage, Vm } from "./mod.ts";
+ * using vm = await Vm.create({ memoryMiB: 16 });
+ * vm.load(await defaultGuestImage(), { mode: "user" });
+ * const { console: output, exitCode } = await vm.run({ timeoutMs: 5000 });
+ * console.log(output, exitCode);
+ * ```
+ *
+ * @module
+ */
+
+export { DenovisorError, type ErrorCode } from "./src/errors.ts";
+export {
+  type LoadedImage,
+  type LoadOptions,
+  type RunResult,
+  type RunTimings,
+  Vm,
+  type VmConfig,
+} from "./src/vm.ts";
+export {
+  type EntryMode,
+  Kvm,
+  KvmVcpu,
+  KvmVm,
+  type RunOptions,
+  type RunOutcome,
+  type UnhandledAccessPolicy,
+  type VcpuMetrics,
+} from "./src/kvm/kvm.ts";
+export {
+  type CrashRegisters,
+  describeExit,
+  type ExitReason,
+  type VcpuExit,
+} from "./src/kvm/exit.ts";
+export type {
+  DescriptorTable,
+  FpuState,
+  Registers,
+  Segment,
+  SpecialRegisters,
+} from "./src/kvm/registers.ts";
+export {
+  DEFAULT_GUEST_LOAD_OPTIONS,
+  DEFAULT_GUEST_SUCCESS_CODE,
+  defaultGuestImage,
+} from "./src/default_guest.ts";

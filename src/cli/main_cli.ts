@@ -1,0 +1,225 @@
+/**
+ * The command-line interface: `main.ts` only calls {@link main}. Commands:
+ * the default (no arguments) runs the built-in guest; `run` runs any image.
+ *
+ * @module
+ */
+
+import { parseArgs } from "node:util";
+
+import {
+  DEFAULT_GUEST_LOAD_OPTIONS,
+  DEFAULT_GUEST_SUCCESS_CODE,
+  defaultGuestImage,
+} from "../default_guest.ts";
+import { DenovisorError } from "../errors.ts";
+import type { EntryMode } from "../kvm/kvm.ts";
+import { type LoadOptions, type RunResult, Vm } from "../vm.ts";
+import { ExitStatus, statusOfExit } from "./exit_status.ts";
+
+const MAIN_HELP = `denovisor — a KVM hypervisor driven from TypeScript
+
+Usage:
+  deno run -A main.ts                 run the built-in default guest
+  deno run -A main.ts run [options] IMAGE
+                                      run a flat binary or static ELF64 image
+  deno run -A main.ts <command> --help
+
+Exit status: a guest's debug-exit code (always odd); 0 when the default guest
+succeeds or a guest halts; 2 bad arguments or image; 10 guest crashed;
+70 VMM error; 124 timeout.
+`;
+
+const RUN_HELP = `Usage: deno run -A main.ts run [options] IMAGE
+
+Runs IMAGE (a static ELF64 x86-64 executable, or a flat binary) in a new VM.
+The serial console (COM1) goes to stdout; a one-line summary goes to stderr.
+The guest ends the run by writing a byte v to port 0xf4 (exit status
+(v << 1) | 1, like QEMU's isa-debug-exit), by halting, or by crashing.
+
+Options:
+  --mem MiB          guest RAM in MiB (default 16)
+  --mode MODE        real | long | user (default long): 16-bit real mode,
+                     64-bit CPL0, or 64-bit CPL3 with port I/O allowed
+  --format FORMAT    auto | elf | flat (default auto: ELF by its magic)
+  --load-addr A      where a flat image goes (default 0x7c00 real, 0x100000 else)
+  --entry A          first instruction (default: ELF entry or the load address)
+  --timeout MS       stop the guest after MS milliseconds (default 0: never)
+  --unhandled-io P   ignore | stop on port I/O or MMIO no device claims
+                     (default ignore)
+  --quiet            no summary line
+  -h, --help         this help
+`;
+
+/** Where the CLI writes; injectable so tests can capture it. */
+export interface CliIo {
+  /** Writes to standard error. */
+  error(text: string): void;
+}
+
+const stderrIo: CliIo = {
+  error: (text) => Deno.stderr.writeSync(new TextEncoder().encode(text)),
+};
+
+class UsageError extends Error {}
+
+function parseAddress(value: string | undefined, what: string): number | undefined {
+  if (value === undefined) return undefined;
+  const n = /^0x[0-9a-f]+$/i.test(value) || /^[0-9]+$/.test(value) ? Number(value) : NaN;
+  if (!Number.isSafeInteger(n) || n < 0) {
+    throw new UsageError(
+      `${what} must be a non-negative integer (decimal or 0x hex), got "${value}"`,
+    );
+  }
+  return n;
+}
+
+function parseCount(
+  value: string | undefined,
+  what: string,
+  fallback: number,
+  min: number,
+): number {
+  if (value === undefined) return fallback;
+  const n = /^[0-9]+$/.test(value) ? Number(value) : NaN;
+  if (!Number.isSafeInteger(n) || n < min) {
+    throw new UsageError(`${what} must be an integer >= ${min}, got "${value}"`);
+  }
+  return n;
+}
+
+function oneOf<T extends string>(
+  value: string | undefined,
+  what: string,
+  allowed: readonly T[],
+  fallback: T,
+): T {
+  if (value === undefined) return fallback;
+  if (!(allowed as readonly string[]).includes(value)) {
+    throw new UsageError(`${what} must be one of ${allowed.join(", ")}, got "${value}"`);
+  }
+  return value as T;
+}
+
+function summaryLine(result: RunResult): string {
+  const ms = (v: number) => `${v.toFixed(2)} ms`;
+  return `denovisor: ${result.summary} · ${result.exits} exits · run ${ms(result.timings.runMs)} ` +
+    `(VM created in ${ms(result.timings.createMs)})\n`;
+}
+
+async function runImage(
+  image: Uint8Array,
+  vmOptions: { memoryMiB: number; timeoutMs: number; unhandledIo: "ignore" | "stop" },
+  load: LoadOptions,
+): Promise<RunResult> {
+  using vm = await Vm.create({ ...vmOptions, console: "stdout" });
+  vm.load(image, load);
+  return await vm.run();
+}
+
+async function runCommand(args: string[], io: CliIo): Promise<number> {
+  const { values, positionals } = parseArgs({
+    args,
+    strict: true,
+    allowPositionals: true,
+    options: {
+      mem: { type: "string" },
+      mode: { type: "string" },
+      format: { type: "string" },
+      "load-addr": { type: "string" },
+      entry: { type: "string" },
+      timeout: { type: "string" },
+      "unhandled-io": { type: "string" },
+      quiet: { type: "boolean" },
+      help: { type: "boolean", short: "h" },
+    },
+  });
+  if (values.help) {
+    io.error(RUN_HELP);
+    return ExitStatus.ok;
+  }
+  if (positionals.length !== 1) {
+    throw new UsageError(
+      positionals.length === 0
+        ? "missing IMAGE (see run --help)"
+        : `expected one IMAGE, got ${positionals.length}`,
+    );
+  }
+  const path = positionals[0];
+  const vmOptions = {
+    memoryMiB: parseCount(values.mem, "--mem", 16, 1),
+    timeoutMs: parseCount(values.timeout, "--timeout", 0, 0),
+    unhandledIo: oneOf(
+      values["unhandled-io"],
+      "--unhandled-io",
+      ["ignore", "stop"] as const,
+      "ignore",
+    ),
+  };
+  const load: LoadOptions = {
+    mode: oneOf<EntryMode>(values.mode, "--mode", ["real", "long", "user"], "long"),
+    format: oneOf(values.format, "--format", ["auto", "elf", "flat"] as const, "auto"),
+    loadAddress: parseAddress(values["load-addr"], "--load-addr"),
+    entry: parseAddress(values.entry, "--entry"),
+  };
+  let image: Uint8Array;
+  try {
+    image = await Deno.readFile(path);
+  } catch (e) {
+    throw new UsageError(`cannot read image ${path}: ${e instanceof Error ? e.message : e}`);
+  }
+  const result = await runImage(image, vmOptions, load);
+  if (!values.quiet) io.error(summaryLine(result));
+  return statusOfExit(result.exit);
+}
+
+async function defaultCommand(io: CliIo): Promise<number> {
+  io.error("denovisor: running the built-in default guest (guest/hello/hello.S) in a new VM\n");
+  const result = await runImage(await defaultGuestImage(), {
+    memoryMiB: 16,
+    timeoutMs: 10_000,
+    unhandledIo: "stop",
+  }, DEFAULT_GUEST_LOAD_OPTIONS);
+  io.error(summaryLine(result));
+  if (result.exitCode === DEFAULT_GUEST_SUCCESS_CODE) return ExitStatus.ok;
+  return statusOfExit(result.exit);
+}
+
+/**
+ * Runs the CLI.
+ *
+ * @param args The command-line arguments (without the program name).
+ * @param io Where messages go (default: stderr).
+ * @returns The process exit status.
+ * @example
+ * ```ts
+ * import { main } from "./src/cli/main_cli.ts";
+ * Deno.exit(await main(["run", "--mode", "real", "boot.bin"]));
+ * ```
+ */
+export async function main(args: string[], io: CliIo = stderrIo): Promise<number> {
+  try {
+    const [command, ...rest] = args;
+    if (command === undefined) return await defaultCommand(io);
+    if (command === "-h" || command === "--help" || command === "help") {
+      io.error(MAIN_HELP);
+      return ExitStatus.ok;
+    }
+    if (command === "run") return await runCommand(rest, io);
+    throw new UsageError(`unknown command "${command}" (see --help)`);
+  } catch (e) {
+    if (
+      e instanceof UsageError ||
+      (e instanceof TypeError && "code" in e && String(e.code).startsWith("ERR_PARSE_ARGS"))
+    ) {
+      io.error(`denovisor: ${e.message}\n`);
+      return ExitStatus.usage;
+    }
+    if (e instanceof DenovisorError) {
+      io.error(`denovisor: ${e.message}\n`);
+      const usage = e.code === "IMAGE" || e.code === "INVALID_ARGUMENT" || e.code === "MEMORY";
+      return usage ? ExitStatus.usage : ExitStatus.vmmError;
+    }
+    throw e;
+  }
+}

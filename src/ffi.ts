@@ -1,0 +1,320 @@
+/**
+ * The single boundary between TypeScript and the Rust core: the declarative
+ * symbol table of `libdenovisor_core.so` and the thin wrappers that turn its
+ * status codes into {@link DenovisorError}s.
+ *
+ * Nothing outside this file calls `Deno.dlopen` or touches a raw symbol. The
+ * core's C ABI contract (see `core/src/abi.rs`): every call returns an `i32`
+ * status (0 ok, negative error), handles are opaque `u32`s validated on every
+ * call, sync calls leave their message in a thread-local read by
+ * `dv_last_error`, and the two blocking calls (`dv_vm_run`, `dv_vcpu_run`) are
+ * bound `nonblocking` and return their result or error message in a buffer.
+ *
+ * @module
+ */
+
+import { DenovisorError, errorCodeOfStatus } from "./errors.ts";
+import { locateCoreLibrary } from "./build/remote_core.ts";
+
+/** The ABI version this file is written against (`ABI_VERSION` in `core/src/abi.rs`). */
+export const ABI_VERSION = 1;
+
+/** `dv_vm_create` flag: stop on port I/O or MMIO that no device claims. */
+export const VM_FLAG_STOP_ON_UNHANDLED = 1;
+/** Load flag: keep the image clear of the VMM's boot structures. */
+export const LOAD_FLAG_RESERVE_LOW = 1;
+
+/** Register sets of `dv_vcpu_get_state` / `dv_vcpu_set_state`. */
+export const StateKind = { regs: 0, sregs: 1, fpu: 2 } as const;
+
+/** The core's symbols, with their C signatures as comments. */
+const SYMBOLS = {
+  /** uint32_t dv_abi_version(void) */
+  dv_abi_version: { parameters: [], result: "u32" },
+  /** size_t dv_last_error(uint8_t *buf, size_t cap) */
+  dv_last_error: { parameters: ["buffer", "usize"], result: "usize" },
+  /** int32_t dv_kvm_check(void) */
+  dv_kvm_check: { parameters: [], result: "i32" },
+  /** uint64_t dv_live_handles(void) */
+  dv_live_handles: { parameters: [], result: "u64" },
+  /** int64_t dv_state_size(uint32_t kind) */
+  dv_state_size: { parameters: ["u32"], result: "i64" },
+  /** int32_t dv_vm_create(uint64_t mem_bytes, uint32_t flags, uint32_t *out_vm) */
+  dv_vm_create: { parameters: ["u64", "u32", "buffer"], result: "i32" },
+  /** int32_t dv_vm_close(uint32_t vm) */
+  dv_vm_close: { parameters: ["u32"], result: "i32" },
+  /** int32_t dv_vm_create_vcpu(uint32_t vm, uint32_t *out_vcpu) */
+  dv_vm_create_vcpu: { parameters: ["u32", "buffer"], result: "i32" },
+  /** int32_t dv_vm_write_memory(uint32_t vm, uint64_t gpa, const uint8_t *data, size_t len) */
+  dv_vm_write_memory: { parameters: ["u32", "u64", "buffer", "usize"], result: "i32" },
+  /** int32_t dv_vm_read_memory(uint32_t vm, uint64_t gpa, uint8_t *buf, size_t len) */
+  dv_vm_read_memory: { parameters: ["u32", "u64", "buffer", "usize"], result: "i32" },
+  /** int32_t dv_vm_load_elf(uint32_t vm, const uint8_t *data, size_t len, uint32_t flags, uint64_t *out_entry) */
+  dv_vm_load_elf: { parameters: ["u32", "buffer", "usize", "u32", "buffer"], result: "i32" },
+  /** int32_t dv_vm_load_flat(uint32_t vm, const uint8_t *data, size_t len, uint64_t addr, uint32_t flags) */
+  dv_vm_load_flat: { parameters: ["u32", "buffer", "usize", "u64", "u32"], result: "i32" },
+  /** int32_t dv_vm_set_console_fd(uint32_t vm, int32_t fd) */
+  dv_vm_set_console_fd: { parameters: ["u32", "i32"], result: "i32" },
+  /** int32_t dv_vm_console_take(uint32_t vm, uint8_t *buf, size_t cap, size_t *out_len) */
+  dv_vm_console_take: { parameters: ["u32", "buffer", "usize", "buffer"], result: "i32" },
+  /** int32_t dv_vm_run(uint32_t vm, uint64_t timeout_ms, uint8_t *buf, size_t cap, size_t *out_len) — blocks */
+  dv_vm_run: {
+    parameters: ["u32", "u64", "buffer", "usize", "buffer"],
+    result: "i32",
+    nonblocking: true,
+  },
+  /** int32_t dv_vm_stop(uint32_t vm) */
+  dv_vm_stop: { parameters: ["u32"], result: "i32" },
+  /** int32_t dv_vm_metrics(uint32_t vm, uint8_t *buf, size_t cap, size_t *out_len) */
+  dv_vm_metrics: { parameters: ["u32", "buffer", "usize", "buffer"], result: "i32" },
+  /** int32_t dv_vcpu_run(uint32_t vcpu, uint64_t timeout_ms, uint8_t *buf, size_t cap, size_t *out_len) — blocks */
+  dv_vcpu_run: {
+    parameters: ["u32", "u64", "buffer", "usize", "buffer"],
+    result: "i32",
+    nonblocking: true,
+  },
+  /** int32_t dv_vcpu_get_state(uint32_t vcpu, uint32_t kind, uint8_t *buf, size_t len) */
+  dv_vcpu_get_state: { parameters: ["u32", "u32", "buffer", "usize"], result: "i32" },
+  /** int32_t dv_vcpu_set_state(uint32_t vcpu, uint32_t kind, const uint8_t *data, size_t len) */
+  dv_vcpu_set_state: { parameters: ["u32", "u32", "buffer", "usize"], result: "i32" },
+  /** int32_t dv_vcpu_setup_entry(uint32_t vcpu, uint32_t mode, uint64_t entry, uint64_t stack) */
+  dv_vcpu_setup_entry: { parameters: ["u32", "u32", "u64", "u64"], result: "i32" },
+} as const satisfies Deno.ForeignLibraryInterface;
+
+type Symbols = Deno.DynamicLibrary<typeof SYMBOLS>["symbols"];
+
+/** Size of the buffer blocking calls return their JSON result or message in. */
+const RESULT_BUFFER_BYTES = 64 * 1024;
+
+const decoder = new TextDecoder();
+
+/**
+ * The loaded core, with one typed method per C function. Methods throw
+ * {@link DenovisorError} on a non-zero status.
+ */
+export class Core {
+  readonly #sym: Symbols;
+  /** Absolute path of the loaded library. */
+  readonly path: string;
+
+  /** Wraps an opened library (use {@link openCore}). */
+  constructor(sym: Symbols, path: string) {
+    this.#sym = sym;
+    this.path = path;
+  }
+
+  #lastError(): string {
+    const buf = new Uint8Array(1024);
+    const len = Number(this.#sym.dv_last_error(buf, BigInt(buf.length)));
+    return decoder.decode(buf.subarray(0, Math.min(len, buf.length)));
+  }
+
+  /** Throws the thread's last error when `status` is not 0. */
+  #check(status: number): void {
+    if (status !== 0) {
+      throw new DenovisorError(errorCodeOfStatus(status), this.#lastError());
+    }
+  }
+
+  /** Calls a function that writes JSON (or, on error, a message) into a buffer. */
+  #json<T>(call: (buf: Uint8Array, cap: bigint, outLen: BigUint64Array) => number): T {
+    let cap = 4096;
+    for (;;) {
+      const buf = new Uint8Array(cap);
+      const outLen = new BigUint64Array(1);
+      const status = call(buf, BigInt(cap), outLen);
+      if (status === -10 && Number(outLen[0]) > cap) {
+        cap = Number(outLen[0]);
+        continue;
+      }
+      this.#check(status);
+      return JSON.parse(decoder.decode(buf.subarray(0, Number(outLen[0])))) as T;
+    }
+  }
+
+  /** Awaits a blocking call's status and decodes its buffer. */
+  async #blocking<T>(
+    call: (buf: Uint8Array, cap: bigint, outLen: BigUint64Array) => Promise<number>,
+  ): Promise<T> {
+    const buf = new Uint8Array(RESULT_BUFFER_BYTES);
+    const outLen = new BigUint64Array(1);
+    const status = await call(buf, BigInt(buf.length), outLen);
+    const text = decoder.decode(buf.subarray(0, Number(outLen[0])));
+    if (status !== 0) throw new DenovisorError(errorCodeOfStatus(status), text);
+    return JSON.parse(text) as T;
+  }
+
+  /** `dv_abi_version`. */
+  abiVersion(): number {
+    return this.#sym.dv_abi_version();
+  }
+
+  /** `dv_kvm_check`: throws `KVM_UNAVAILABLE` when /dev/kvm cannot be used. */
+  kvmCheck(): void {
+    this.#check(this.#sym.dv_kvm_check());
+  }
+
+  /** `dv_live_handles`: live VM and vCPU handles in this process. */
+  liveHandles(): number {
+    return Number(this.#sym.dv_live_handles());
+  }
+
+  /** `dv_state_size`. */
+  stateSize(kind: number): number {
+    return Number(this.#sym.dv_state_size(kind));
+  }
+
+  /** `dv_vm_create`: returns the VM handle. */
+  vmCreate(memBytes: number, flags: number): number {
+    const out = new Uint32Array(1);
+    this.#check(this.#sym.dv_vm_create(BigInt(memBytes), flags, out));
+    return out[0];
+  }
+
+  /** `dv_vm_close`. */
+  vmClose(vm: number): void {
+    this.#check(this.#sym.dv_vm_close(vm));
+  }
+
+  /** `dv_vm_create_vcpu`: returns the vCPU handle. */
+  vmCreateVcpu(vm: number): number {
+    const out = new Uint32Array(1);
+    this.#check(this.#sym.dv_vm_create_vcpu(vm, out));
+    return out[0];
+  }
+
+  /** `dv_vm_write_memory`. */
+  vmWriteMemory(vm: number, gpa: bigint, data: Uint8Array): void {
+    this.#check(this.#sym.dv_vm_write_memory(vm, gpa, data, BigInt(data.length)));
+  }
+
+  /** `dv_vm_read_memory`. */
+  vmReadMemory(vm: number, gpa: bigint, length: number): Uint8Array {
+    const buf = new Uint8Array(length);
+    this.#check(this.#sym.dv_vm_read_memory(vm, gpa, buf, BigInt(length)));
+    return buf;
+  }
+
+  /** `dv_vm_load_elf`: returns the entry point. */
+  vmLoadElf(vm: number, image: Uint8Array, flags: number): bigint {
+    const entry = new BigUint64Array(1);
+    this.#check(this.#sym.dv_vm_load_elf(vm, image, BigInt(image.length), flags, entry));
+    return entry[0];
+  }
+
+  /** `dv_vm_load_flat`. */
+  vmLoadFlat(vm: number, image: Uint8Array, addr: bigint, flags: number): void {
+    this.#check(this.#sym.dv_vm_load_flat(vm, image, BigInt(image.length), addr, flags));
+  }
+
+  /** `dv_vm_set_console_fd` (`-1` stops streaming). */
+  vmSetConsoleFd(vm: number, fd: number): void {
+    this.#check(this.#sym.dv_vm_set_console_fd(vm, fd));
+  }
+
+  /** `dv_vm_console_take`, repeated until the buffer is drained. */
+  vmConsoleTake(vm: number): Uint8Array {
+    const chunks: Uint8Array[] = [];
+    const outLen = new BigUint64Array(1);
+    for (;;) {
+      const buf = new Uint8Array(64 * 1024);
+      this.#check(this.#sym.dv_vm_console_take(vm, buf, BigInt(buf.length), outLen));
+      const n = Number(outLen[0]);
+      if (n === 0) break;
+      chunks.push(buf.subarray(0, n));
+      if (n < buf.length) break;
+    }
+    if (chunks.length === 1) return chunks[0];
+    const all = new Uint8Array(chunks.reduce((sum, c) => sum + c.length, 0));
+    let at = 0;
+    for (const c of chunks) {
+      all.set(c, at);
+      at += c.length;
+    }
+    return all;
+  }
+
+  /** `dv_vm_run` (off the JS thread): the run result as parsed JSON. */
+  vmRun<T>(vm: number, timeoutMs: number): Promise<T> {
+    return this.#blocking((buf, cap, outLen) =>
+      this.#sym.dv_vm_run(vm, BigInt(timeoutMs), buf, cap, outLen)
+    );
+  }
+
+  /** `dv_vm_stop`. */
+  vmStop(vm: number): void {
+    this.#check(this.#sym.dv_vm_stop(vm));
+  }
+
+  /** `dv_vm_metrics`: per-vCPU metrics as parsed JSON. */
+  vmMetrics<T>(vm: number): T {
+    return this.#json((buf, cap, outLen) => this.#sym.dv_vm_metrics(vm, buf, cap, outLen));
+  }
+
+  /** `dv_vcpu_run` (off the JS thread): the run result as parsed JSON. */
+  vcpuRun<T>(vcpu: number, timeoutMs: number): Promise<T> {
+    return this.#blocking((buf, cap, outLen) =>
+      this.#sym.dv_vcpu_run(vcpu, BigInt(timeoutMs), buf, cap, outLen)
+    );
+  }
+
+  /** `dv_vcpu_get_state`: the raw KVM struct bytes. */
+  vcpuGetState(vcpu: number, kind: number): Uint8Array {
+    const size = this.stateSize(kind);
+    if (size < 0) throw new DenovisorError("INVALID_ARGUMENT", `unknown register set ${kind}`);
+    const buf = new Uint8Array(size);
+    this.#check(this.#sym.dv_vcpu_get_state(vcpu, kind, buf, BigInt(buf.length)));
+    return buf;
+  }
+
+  /** `dv_vcpu_set_state` from raw KVM struct bytes. */
+  vcpuSetState(vcpu: number, kind: number, data: Uint8Array): void {
+    this.#check(this.#sym.dv_vcpu_set_state(vcpu, kind, data, BigInt(data.length)));
+  }
+
+  /** `dv_vcpu_setup_entry` (`mode`: 0 real, 1 long, 2 user). */
+  vcpuSetupEntry(vcpu: number, mode: number, entry: bigint, stack: bigint): void {
+    this.#check(this.#sym.dv_vcpu_setup_entry(vcpu, mode, entry, stack));
+  }
+}
+
+let opening: Promise<Core> | undefined;
+
+/**
+ * Loads the core once per process: locates (building if needed) the library,
+ * opens it and checks its ABI version. `DENOVISOR_LIB` overrides the path.
+ *
+ * @returns The loaded core.
+ * @example
+ * ```ts
+ * import { openCore } from "./src/ffi.ts";
+ * const core = await openCore();
+ * console.log(core.abiVersion());
+ * ```
+ */
+export function openCore(): Promise<Core> {
+  opening ??= (async () => {
+    const path = await locateCoreLibrary(new URL("../", import.meta.url));
+    let lib: Deno.DynamicLibrary<typeof SYMBOLS>;
+    try {
+      lib = Deno.dlopen(path, SYMBOLS);
+    } catch (e) {
+      throw new DenovisorError("ABI_MISMATCH", `cannot load the core library ${path}: ${e}`, {
+        cause: e,
+      });
+    }
+    const core = new Core(lib.symbols, path);
+    const version = core.abiVersion();
+    if (version !== ABI_VERSION) {
+      lib.close();
+      throw new DenovisorError(
+        "ABI_MISMATCH",
+        `the core library ${path} speaks ABI ${version}, this module needs ${ABI_VERSION}: rebuild it`,
+      );
+    }
+    return core;
+  })();
+  // A failed load (e.g. cargo missing) may be fixed and retried in-process.
+  opening.catch(() => opening = undefined);
+  return opening;
+}

@@ -1,0 +1,448 @@
+/**
+ * The low-level API: a thin mirror of the KVM objects any hypervisor text
+ * describes — the KVM system, a VM, a vCPU — so a reader can follow
+ * `KVM_CREATE_VM`, `KVM_CREATE_VCPU`, `KVM_SET_REGS`, `KVM_RUN` step by step.
+ *
+ * `KvmVcpu.run()` is `KVM_RUN` with the core's exit loop in between: exits the
+ * core handles itself (serial output, ignored ports) never cross into
+ * JavaScript; the run resolves with the exit that ended it.
+ *
+ * @module
+ */
+
+import { DenovisorError } from "../errors.ts";
+import {
+  type Core,
+  LOAD_FLAG_RESERVE_LOW,
+  openCore,
+  StateKind,
+  VM_FLAG_STOP_ON_UNHANDLED,
+} from "../ffi.ts";
+import { parseExit, type RawRunResult, type VcpuExit } from "./exit.ts";
+import {
+  decodeFpuState,
+  decodeRegisters,
+  decodeSpecialRegisters,
+  encodeFpuState,
+  encodeRegisters,
+  encodeSpecialRegisters,
+  type FpuState,
+  type Registers,
+  type SpecialRegisters,
+} from "./registers.ts";
+
+/** How a vCPU enters the guest; see `guest/README.md` for the CPU state of each. */
+export type EntryMode = "real" | "long" | "user";
+
+const ENTRY_MODES: Record<EntryMode, number> = { real: 0, long: 1, user: 2 };
+
+/** What to do with port I/O and MMIO that no device claims. */
+export type UnhandledAccessPolicy = "ignore" | "stop";
+
+/** Per-vCPU exit counters, read from the core in one call. */
+export interface VcpuMetrics {
+  ioIn: number;
+  ioOut: number;
+  mmioRead: number;
+  mmioWrite: number;
+  hlt: number;
+  shutdown: number;
+  internalError: number;
+  interrupted: number;
+  other: number;
+  /** All exits. */
+  exits: number;
+  /** Nanoseconds spent inside KVM_RUN. */
+  kvmRunNs: number;
+  /** Nanoseconds the VMM spent handling exits. */
+  vmmNs: number;
+  /** `handlingLatencyLog2Ns[i]` counts exits handled in `[2^i, 2^(i+1))` ns. */
+  handlingLatencyLog2Ns: number[];
+}
+
+/** The result of a run: the exit that ended it, and which vCPU took it. */
+export interface RunOutcome {
+  /** The exit that ended the run. */
+  exit: VcpuExit;
+  /** The vCPU that took it. */
+  vcpu: number;
+  /** Wall-clock nanoseconds the vCPU ran, measured in the core. */
+  runNs: number;
+}
+
+/** Options of a run. */
+export interface RunOptions {
+  /** Stop the run after this many milliseconds (0 or absent: no limit). */
+  timeoutMs?: number;
+}
+
+function checkTimeout(timeoutMs: number | undefined): number {
+  const t = timeoutMs ?? 0;
+  if (!Number.isInteger(t) || t < 0) {
+    throw new DenovisorError(
+      "INVALID_ARGUMENT",
+      `timeoutMs must be a non-negative integer, got ${timeoutMs}`,
+    );
+  }
+  return t;
+}
+
+function toAddress(value: number | bigint, what: string): bigint {
+  if (typeof value === "number" && (!Number.isSafeInteger(value) || value < 0)) {
+    throw new DenovisorError(
+      "INVALID_ARGUMENT",
+      `${what} must be a non-negative integer, got ${value}`,
+    );
+  }
+  const v = BigInt(value);
+  if (v < 0n || v >= 1n << 64n) {
+    throw new DenovisorError("INVALID_ARGUMENT", `${what} ${value} does not fit in 64 bits`);
+  }
+  return v;
+}
+
+function outcome(raw: RawRunResult): RunOutcome {
+  return { exit: parseExit(raw), vcpu: raw.vcpu, runNs: raw.runNs };
+}
+
+/**
+ * `/dev/kvm`: the entry point of the low-level API.
+ *
+ * @example Running three instructions in real mode
+ * ```ts
+ * import { Kvm } from "./mod.ts";
+ * const kvm = await Kvm.open();
+ * using vm = kvm.createVm({ memoryBytes: 1 << 20 });
+ * const vcpu = vm.createVcpu();
+ * vm.writeMemory(0x7c00, new Uint8Array([0xb0, 0x05, 0xe6, 0xf4])); // mov al,5; out 0xf4,al
+ * vcpu.setupEntry("real", 0x7c00);
+ * const { exit } = await vcpu.run({ timeoutMs: 1000 });
+ * console.log(exit); // { reason: "debug_exit", exitCode: 11 }
+ * ```
+ */
+export class Kvm {
+  readonly #core: Core;
+
+  private constructor(core: Core) {
+    this.#core = core;
+  }
+
+  /**
+   * Loads the core (building it if needed) and checks that /dev/kvm is usable.
+   *
+   * @returns The KVM system.
+   * @throws {DenovisorError} `KVM_UNAVAILABLE` when /dev/kvm cannot be opened.
+   */
+  static async open(): Promise<Kvm> {
+    const core = await openCore();
+    core.kvmCheck();
+    return new Kvm(core);
+  }
+
+  /**
+   * `KVM_CREATE_VM` plus guest RAM (`KVM_SET_USER_MEMORY_REGION`), COM1 and the
+   * debug-exit port.
+   *
+   * @param options RAM size in bytes (a multiple of 4 KiB) and the policy for
+   *   port I/O and MMIO no device claims (default `ignore`).
+   * @returns The VM; close it (or `using`) to free its memory and threads.
+   */
+  createVm(options: { memoryBytes: number; unhandledIo?: UnhandledAccessPolicy }): KvmVm {
+    const { memoryBytes, unhandledIo = "ignore" } = options;
+    if (!Number.isSafeInteger(memoryBytes) || memoryBytes <= 0) {
+      throw new DenovisorError(
+        "INVALID_ARGUMENT",
+        `memoryBytes must be a positive integer, got ${memoryBytes}`,
+      );
+    }
+    if (unhandledIo !== "ignore" && unhandledIo !== "stop") {
+      throw new DenovisorError(
+        "INVALID_ARGUMENT",
+        `unhandledIo must be "ignore" or "stop", got ${JSON.stringify(unhandledIo)}`,
+      );
+    }
+    const flags = unhandledIo === "stop" ? VM_FLAG_STOP_ON_UNHANDLED : 0;
+    return new KvmVm(this.#core, this.#core.vmCreate(memoryBytes, flags));
+  }
+
+  /** Live VM and vCPU handles in this process (for leak checks). */
+  get liveHandles(): number {
+    return this.#core.liveHandles();
+  }
+}
+
+/**
+ * A KVM VM: guest RAM, devices and vCPUs. Created by {@link Kvm.createVm}.
+ *
+ * @example
+ * ```ts
+ * import { Kvm } from "./mod.ts";
+ * using vm = (await Kvm.open()).createVm({ memoryBytes: 2 << 20 });
+ * vm.writeMemory(0x1000, new Uint8Array([1, 2, 3]));
+ * console.log(vm.readMemory(0x1000, 3)); // Uint8Array(3) [ 1, 2, 3 ]
+ * ```
+ */
+export class KvmVm implements Disposable {
+  readonly #core: Core;
+  readonly #handle: number;
+  readonly #vcpus: KvmVcpu[] = [];
+  #closed = false;
+
+  /** Wraps a core VM handle (use {@link Kvm.createVm}). */
+  constructor(core: Core, handle: number) {
+    this.#core = core;
+    this.#handle = handle;
+  }
+
+  #live(): number {
+    if (this.#closed) throw new DenovisorError("CLOSED", "the VM is closed");
+    return this.#handle;
+  }
+
+  /** Whether {@link KvmVm.close} was called. */
+  get closed(): boolean {
+    return this.#closed;
+  }
+
+  /** The vCPUs created so far, by index. */
+  get vcpus(): readonly KvmVcpu[] {
+    return this.#vcpus;
+  }
+
+  /**
+   * `KVM_CREATE_VCPU` for the next index.
+   *
+   * @returns The new vCPU.
+   */
+  createVcpu(): KvmVcpu {
+    const vcpu = new KvmVcpu(
+      this.#core,
+      this.#core.vmCreateVcpu(this.#live()),
+      this.#vcpus.length,
+      this,
+    );
+    this.#vcpus.push(vcpu);
+    return vcpu;
+  }
+
+  /**
+   * Copies bytes into guest RAM (bounds-checked by the core).
+   *
+   * @param gpa Guest-physical address.
+   * @param data The bytes.
+   */
+  writeMemory(gpa: number | bigint, data: Uint8Array): void {
+    this.#core.vmWriteMemory(this.#live(), toAddress(gpa, "address"), data);
+  }
+
+  /**
+   * Copies bytes out of guest RAM (bounds-checked by the core).
+   *
+   * @param gpa Guest-physical address.
+   * @param length How many bytes.
+   * @returns A copy of the bytes.
+   */
+  readMemory(gpa: number | bigint, length: number): Uint8Array {
+    if (!Number.isSafeInteger(length) || length < 0) {
+      throw new DenovisorError(
+        "INVALID_ARGUMENT",
+        `length must be a non-negative integer, got ${length}`,
+      );
+    }
+    return this.#core.vmReadMemory(this.#live(), toAddress(gpa, "address"), length);
+  }
+
+  /**
+   * Loads a static ELF64 x86-64 executable by its program headers.
+   *
+   * @param image The file's bytes.
+   * @param options `reserveLow`: refuse segments over the VMM's boot structures
+   *   (required for the 64-bit entry modes).
+   * @returns The entry point.
+   */
+  loadElf(image: Uint8Array, options: { reserveLow: boolean }): bigint {
+    return this.#core.vmLoadElf(
+      this.#live(),
+      image,
+      options.reserveLow ? LOAD_FLAG_RESERVE_LOW : 0,
+    );
+  }
+
+  /**
+   * Loads a flat binary at a guest-physical address.
+   *
+   * @param image The bytes.
+   * @param address Where they go.
+   * @param options `reserveLow` as for {@link KvmVm.loadElf}.
+   */
+  loadFlat(image: Uint8Array, address: number | bigint, options: { reserveLow: boolean }): void {
+    this.#core.vmLoadFlat(
+      this.#live(),
+      image,
+      toAddress(address, "load address"),
+      options.reserveLow ? LOAD_FLAG_RESERVE_LOW : 0,
+    );
+  }
+
+  /**
+   * Streams the serial console to a host file descriptor as the guest writes it
+   * (the core writes directly; no JavaScript runs per byte). `null` stops.
+   *
+   * @param fd An open fd the caller keeps open while set (1 = stdout).
+   */
+  streamConsoleTo(fd: number | null): void {
+    this.#core.vmSetConsoleFd(this.#live(), fd ?? -1);
+  }
+
+  /**
+   * Takes the console output buffered since the last call (the core keeps the
+   * newest 1 MiB).
+   *
+   * @returns The bytes.
+   */
+  takeConsoleOutput(): Uint8Array {
+    return this.#core.vmConsoleTake(this.#live());
+  }
+
+  /**
+   * Runs every vCPU until the guest ends the VM or the timeout passes. The JS
+   * event loop keeps running meanwhile.
+   *
+   * @param options The timeout.
+   * @returns The exit that ended the VM (or vCPU 0's).
+   */
+  async run(options: RunOptions = {}): Promise<RunOutcome> {
+    const timeout = checkTimeout(options.timeoutMs);
+    return outcome(await this.#core.vmRun<RawRunResult>(this.#live(), timeout));
+  }
+
+  /** Asks every vCPU to stop; a pending run resolves with `stopped`. */
+  stop(): void {
+    this.#core.vmStop(this.#live());
+  }
+
+  /**
+   * Reads every vCPU's exit counters in one call.
+   *
+   * @returns One entry per vCPU.
+   */
+  metrics(): VcpuMetrics[] {
+    return this.#core.vmMetrics<VcpuMetrics[]>(this.#live());
+  }
+
+  /** Stops the vCPUs, joins their threads, frees RAM and fds. Idempotent. */
+  close(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    this.#core.vmClose(this.#handle);
+  }
+
+  /** Same as {@link KvmVm.close}, for `using`. */
+  [Symbol.dispose](): void {
+    this.close();
+  }
+}
+
+/**
+ * A KVM vCPU. Its registers can be read and written while it is not running.
+ *
+ * @example
+ * ```ts
+ * import { Kvm } from "./mod.ts";
+ * using vm = (await Kvm.open()).createVm({ memoryBytes: 2 << 20 });
+ * const vcpu = vm.createVcpu();
+ * const regs = vcpu.getRegisters();
+ * regs.rax = 42n;
+ * vcpu.setRegisters(regs);
+ * console.log(vcpu.getRegisters().rax); // 42n
+ * ```
+ */
+export class KvmVcpu {
+  readonly #core: Core;
+  readonly #handle: number;
+  readonly #vm: KvmVm;
+  /** The vCPU's index (its KVM vCPU id). */
+  readonly index: number;
+
+  /** Wraps a core vCPU handle (use {@link KvmVm.createVcpu}). */
+  constructor(core: Core, handle: number, index: number, vm: KvmVm) {
+    this.#core = core;
+    this.#handle = handle;
+    this.index = index;
+    this.#vm = vm;
+  }
+
+  #live(): number {
+    if (this.#vm.closed) throw new DenovisorError("CLOSED", "the vCPU's VM is closed");
+    return this.#handle;
+  }
+
+  /** `KVM_GET_REGS`. @returns The general-purpose registers. */
+  getRegisters(): Registers {
+    return decodeRegisters(this.#core.vcpuGetState(this.#live(), StateKind.regs));
+  }
+
+  /** `KVM_SET_REGS`. @param regs The general-purpose registers. */
+  setRegisters(regs: Registers): void {
+    this.#core.vcpuSetState(this.#live(), StateKind.regs, encodeRegisters(regs));
+  }
+
+  /** `KVM_GET_SREGS`. @returns Segment, control and descriptor-table registers. */
+  getSpecialRegisters(): SpecialRegisters {
+    return decodeSpecialRegisters(this.#core.vcpuGetState(this.#live(), StateKind.sregs));
+  }
+
+  /** `KVM_SET_SREGS`. @param sregs Segment, control and descriptor-table registers. */
+  setSpecialRegisters(sregs: SpecialRegisters): void {
+    this.#core.vcpuSetState(this.#live(), StateKind.sregs, encodeSpecialRegisters(sregs));
+  }
+
+  /** `KVM_GET_FPU`. @returns The x87/SSE state. */
+  getFpuState(): FpuState {
+    return decodeFpuState(this.#core.vcpuGetState(this.#live(), StateKind.fpu));
+  }
+
+  /** `KVM_SET_FPU`. @param fpu The x87/SSE state. */
+  setFpuState(fpu: FpuState): void {
+    this.#core.vcpuSetState(this.#live(), StateKind.fpu, encodeFpuState(fpu));
+  }
+
+  /**
+   * Puts the CPU in an entry mode at `entry` with stack pointer `stack`. For
+   * `long` and `user` this also writes the VMM's GDT, TSS and identity page
+   * tables into guest RAM below 0x10000.
+   *
+   * @param mode `real`, `long` (64-bit CPL0) or `user` (64-bit CPL3, IOPL=3).
+   * @param entry The first instruction's address.
+   * @param stack The initial stack pointer (default 0).
+   */
+  setupEntry(mode: EntryMode, entry: number | bigint, stack: number | bigint = 0): void {
+    const code = ENTRY_MODES[mode];
+    if (code === undefined) {
+      throw new DenovisorError(
+        "INVALID_ARGUMENT",
+        `entry mode must be one of ${Object.keys(ENTRY_MODES).join(", ")}, got ${
+          JSON.stringify(mode)
+        }`,
+      );
+    }
+    this.#core.vcpuSetupEntry(
+      this.#live(),
+      code,
+      toAddress(entry, "entry"),
+      toAddress(stack, "stack"),
+    );
+  }
+
+  /**
+   * `KVM_RUN`, with the core's exit loop handling device exits, until an exit
+   * that ends the run. The JS event loop keeps running meanwhile.
+   *
+   * @param options The timeout.
+   * @returns The exit that ended the run.
+   */
+  async run(options: RunOptions = {}): Promise<RunOutcome> {
+    const timeout = checkTimeout(options.timeoutMs);
+    return outcome(await this.#core.vcpuRun<RawRunResult>(this.#live(), timeout));
+  }
+}

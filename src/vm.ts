@@ -1,0 +1,339 @@
+/**
+ * The high-level API: a {@link Vm} is configured, loaded with an image, run to
+ * completion and closed — the way a user of Firecracker or Cloud Hypervisor
+ * thinks of a VM. It is built on the low-level {@link KvmVm} / {@link KvmVcpu}.
+ *
+ * @module
+ */
+
+import { DenovisorError } from "./errors.ts";
+import { describeExit, type ExitReason, type VcpuExit } from "./kvm/exit.ts";
+import {
+  type EntryMode,
+  Kvm,
+  type KvmVcpu,
+  type KvmVm,
+  type UnhandledAccessPolicy,
+  type VcpuMetrics,
+} from "./kvm/kvm.ts";
+
+/** Guest-physical start of the MMIO hole below 4 GiB (RAM above it moves past 4 GiB). */
+const MMIO_GAP_START = 0xd000_0000;
+/** Guest-physical region the VMM's boot structures use in the 64-bit modes. */
+export const RESERVED_LOW_END = 0x10000;
+/** Default load address of flat images in real mode. */
+export const DEFAULT_REAL_LOAD_ADDRESS = 0x7c00;
+/** Default load address of flat images in the 64-bit modes. */
+export const DEFAULT_LONG_LOAD_ADDRESS = 0x10_0000;
+/** The largest RAM accepted, in MiB (1 TiB). */
+const MAX_MEMORY_MIB = 1 << 20;
+/** The most vCPUs per VM accepted (KVM may allow fewer). */
+const MAX_VCPUS = 254;
+
+/** How a VM is built. */
+export interface VmConfig {
+  /** Guest RAM in MiB (default 16). */
+  memoryMiB?: number;
+  /** Number of vCPUs (default 1). Every vCPU enters at the image's entry point. */
+  vcpus?: number;
+  /** Port I/O and MMIO no device claims: `ignore` (default) or `stop` the VM. */
+  unhandledIo?: UnhandledAccessPolicy;
+  /** Where the serial console goes: kept in memory (`capture`, default) or also
+   * streamed to the process's stdout as the guest writes (`stdout`). */
+  console?: "capture" | "stdout";
+  /** Default timeout of {@link Vm.run} in milliseconds (0: none). */
+  timeoutMs?: number;
+}
+
+/** How an image is placed and entered. */
+export interface LoadOptions {
+  /** `auto` (default) detects ELF by its magic; anything else is flat. */
+  format?: "auto" | "elf" | "flat";
+  /** Entry mode (default `long`). */
+  mode?: EntryMode;
+  /** Where a flat image goes (default 0x7c00 in real mode, 0x100000 otherwise). */
+  loadAddress?: number;
+  /** The first instruction (default: the ELF entry, or the load address). */
+  entry?: number;
+  /** Initial stack pointer (default: the top of RAM below 4 GiB in the 64-bit
+   * modes, the load address in real mode). */
+  stack?: number;
+}
+
+/** Where and how an image was loaded. */
+export interface LoadedImage {
+  format: "elf" | "flat";
+  mode: EntryMode;
+  entry: bigint;
+  stack: bigint;
+  /** Bytes loaded. */
+  size: number;
+}
+
+/** Timings of a run, all measured in this process. */
+export interface RunTimings {
+  /** Milliseconds from {@link Vm.create} starting to the VM being ready. */
+  createMs: number;
+  /** Milliseconds the {@link Vm.run} call took, as seen from JavaScript. */
+  runMs: number;
+  /** Nanoseconds the vCPU ran, measured in the core. */
+  guestNs: number;
+}
+
+/** What a run produced. */
+export interface RunResult {
+  /** The guest's debug-exit code (`(v << 1) | 1` for a write of `v` to port
+   * 0xf4), or `null` when the run ended another way. */
+  exitCode: number | null;
+  /** Why the run ended. */
+  reason: ExitReason;
+  /** The full exit, with its details (crash registers, port, ...). */
+  exit: VcpuExit;
+  /** A one-line description of the exit. */
+  summary: string;
+  /** Serial console output of this run (UTF-8 decoded). */
+  console: string;
+  /** VM exits during this run, all vCPUs. */
+  exits: number;
+  /** Timings. */
+  timings: RunTimings;
+}
+
+function positiveInteger(value: number, what: string, max: number): number {
+  if (!Number.isInteger(value) || value <= 0 || value > max) {
+    throw new DenovisorError(
+      "INVALID_ARGUMENT",
+      `${what} must be an integer from 1 to ${max}, got ${value}`,
+    );
+  }
+  return value;
+}
+
+function isElf(image: Uint8Array): boolean {
+  return image.length >= 4 && image[0] === 0x7f && image[1] === 0x45 && image[2] === 0x4c &&
+    image[3] === 0x46;
+}
+
+/** Whether `address` is guest RAM for a VM with `memoryBytes` of it. */
+function inRam(address: number | bigint, memoryBytes: number): boolean {
+  const a = BigInt(address);
+  const low = BigInt(Math.min(memoryBytes, MMIO_GAP_START));
+  const high = BigInt(Math.max(0, memoryBytes - MMIO_GAP_START));
+  return a < low || (a >= 1n << 32n && a < (1n << 32n) + high);
+}
+
+const decoder = new TextDecoder();
+/** The process's standard output, which the core writes console bytes to directly. */
+const STDOUT_FD = 1;
+
+/**
+ * A virtual machine: RAM, vCPUs, a serial console and the debug-exit port.
+ *
+ * @example Run the built-in default guest
+ * ```ts
+ * import { defaultGuestImage, Vm } from "./mod.ts";
+ * using vm = await Vm.create({ memoryMiB: 16 });
+ * vm.load(await defaultGuestImage(), { mode: "user" });
+ * const result = await vm.run({ timeoutMs: 5000 });
+ * console.log(result.console, result.exitCode);
+ * ```
+ */
+export class Vm implements Disposable {
+  readonly #vm: KvmVm;
+  readonly #memoryBytes: number;
+  readonly #config: Required<Pick<VmConfig, "timeoutMs">>;
+  readonly #createMs: number;
+  #loaded: LoadedImage | undefined;
+
+  private constructor(vm: KvmVm, memoryBytes: number, timeoutMs: number, createMs: number) {
+    this.#vm = vm;
+    this.#memoryBytes = memoryBytes;
+    this.#config = { timeoutMs };
+    this.#createMs = createMs;
+  }
+
+  /**
+   * Creates a VM: guest RAM, vCPUs, COM1 at 0x3f8 and the debug-exit port 0xf4.
+   * Loads (and on first use builds) the native core.
+   *
+   * @param config Memory, vCPUs, policies.
+   * @returns The VM, ready for {@link Vm.load}.
+   * @throws {DenovisorError} `INVALID_ARGUMENT` for a bad config,
+   *   `KVM_UNAVAILABLE` when /dev/kvm cannot be used.
+   */
+  static async create(config: VmConfig = {}): Promise<Vm> {
+    const started = performance.now();
+    const memoryMiB = positiveInteger(config.memoryMiB ?? 16, "memoryMiB", MAX_MEMORY_MIB);
+    const vcpus = positiveInteger(config.vcpus ?? 1, "vcpus", MAX_VCPUS);
+    const timeoutMs = config.timeoutMs ?? 0;
+    if (!Number.isInteger(timeoutMs) || timeoutMs < 0) {
+      throw new DenovisorError(
+        "INVALID_ARGUMENT",
+        `timeoutMs must be a non-negative integer, got ${timeoutMs}`,
+      );
+    }
+    const consoleMode = config.console ?? "capture";
+    if (consoleMode !== "capture" && consoleMode !== "stdout") {
+      throw new DenovisorError(
+        "INVALID_ARGUMENT",
+        `console must be "capture" or "stdout", got ${JSON.stringify(consoleMode)}`,
+      );
+    }
+    const kvm = await Kvm.open();
+    const memoryBytes = memoryMiB * 1024 * 1024;
+    const vm = kvm.createVm({ memoryBytes, unhandledIo: config.unhandledIo ?? "ignore" });
+    try {
+      for (let i = 0; i < vcpus; i++) vm.createVcpu();
+      if (consoleMode === "stdout") vm.streamConsoleTo(STDOUT_FD);
+    } catch (e) {
+      vm.close();
+      throw e;
+    }
+    return new Vm(vm, memoryBytes, timeoutMs, performance.now() - started);
+  }
+
+  /** The low-level VM, for register-level work. */
+  get kvm(): KvmVm {
+    return this.#vm;
+  }
+
+  /** The vCPUs, by index. */
+  get vcpus(): readonly KvmVcpu[] {
+    return this.#vm.vcpus;
+  }
+
+  /** Guest RAM in bytes. */
+  get memoryBytes(): number {
+    return this.#memoryBytes;
+  }
+
+  /** The image loaded last, if any. */
+  get image(): LoadedImage | undefined {
+    return this.#loaded;
+  }
+
+  /**
+   * Loads an image and points every vCPU at its entry. ELF images load by their
+   * program headers; flat images at `loadAddress`.
+   *
+   * @param image The image's bytes.
+   * @param options Format, entry mode, addresses.
+   * @returns Where and how it was loaded.
+   * @throws {DenovisorError} `IMAGE` when the image is malformed or does not fit.
+   */
+  load(image: Uint8Array, options: LoadOptions = {}): LoadedImage {
+    const mode = options.mode ?? "long";
+    if (mode !== "real" && mode !== "long" && mode !== "user") {
+      throw new DenovisorError(
+        "INVALID_ARGUMENT",
+        `mode must be "real", "long" or "user", got ${JSON.stringify(mode)}`,
+      );
+    }
+    const requested = options.format ?? "auto";
+    if (!["auto", "elf", "flat"].includes(requested)) {
+      throw new DenovisorError(
+        "INVALID_ARGUMENT",
+        `format must be "auto", "elf" or "flat", got ${JSON.stringify(requested)}`,
+      );
+    }
+    const format = requested === "auto" ? (isElf(image) ? "elf" : "flat") : requested;
+    const reserveLow = mode !== "real";
+    let entry: bigint;
+    if (format === "elf") {
+      entry = this.#vm.loadElf(image, { reserveLow });
+    } else {
+      const loadAddress = options.loadAddress ??
+        (mode === "real" ? DEFAULT_REAL_LOAD_ADDRESS : DEFAULT_LONG_LOAD_ADDRESS);
+      this.#vm.loadFlat(image, loadAddress, { reserveLow });
+      entry = BigInt(loadAddress);
+    }
+    if (options.entry !== undefined) entry = BigInt(options.entry);
+    if (!inRam(entry, this.#memoryBytes)) {
+      throw new DenovisorError(
+        "IMAGE",
+        `entry point 0x${entry.toString(16)} is outside guest RAM (${this.#memoryBytes} bytes)`,
+      );
+    }
+    const stack = BigInt(
+      options.stack ??
+        (mode === "real" ? Number(entry & 0xffffn) : Math.min(this.#memoryBytes, MMIO_GAP_START)),
+    );
+    this.#vm.vcpus.forEach((vcpu) => vcpu.setupEntry(mode, entry, stack));
+    this.#loaded = { format, mode, entry, stack, size: image.length };
+    return this.#loaded;
+  }
+
+  /**
+   * Runs the VM until the guest exits, crashes, halts or the timeout passes.
+   * The JS event loop keeps running; {@link Vm.stop} ends the run early.
+   *
+   * @param options `timeoutMs` overrides the VM's default.
+   * @returns Exit code, reason, console output, exit count and timings.
+   */
+  async run(options: { timeoutMs?: number } = {}): Promise<RunResult> {
+    if (!this.#loaded) {
+      throw new DenovisorError("INVALID_ARGUMENT", "no image is loaded: call load() first");
+    }
+    const before = this.#vm.metrics().reduce((sum, m) => sum + m.exits, 0);
+    const started = performance.now();
+    const { exit, runNs } = await this.#vm.run({
+      timeoutMs: options.timeoutMs ?? this.#config.timeoutMs,
+    });
+    const runMs = performance.now() - started;
+    const after = this.#vm.metrics().reduce((sum, m) => sum + m.exits, 0);
+    return {
+      exitCode: exit.reason === "debug_exit" ? exit.exitCode : null,
+      reason: exit.reason,
+      exit,
+      summary: describeExit(exit),
+      console: decoder.decode(this.#vm.takeConsoleOutput()),
+      exits: after - before,
+      timings: { createMs: this.#createMs, runMs, guestNs: runNs },
+    };
+  }
+
+  /** Asks the running guest to stop; a pending {@link Vm.run} resolves with `stopped`. */
+  stop(): void {
+    this.#vm.stop();
+  }
+
+  /**
+   * Per-vCPU exit metrics, read in one call.
+   *
+   * @returns One entry per vCPU.
+   */
+  metrics(): VcpuMetrics[] {
+    return this.#vm.metrics();
+  }
+
+  /**
+   * Copies bytes out of guest RAM.
+   *
+   * @param address Guest-physical address.
+   * @param length How many bytes.
+   * @returns A copy.
+   */
+  readMemory(address: number | bigint, length: number): Uint8Array {
+    return this.#vm.readMemory(address, length);
+  }
+
+  /**
+   * Copies bytes into guest RAM.
+   *
+   * @param address Guest-physical address.
+   * @param data The bytes.
+   */
+  writeMemory(address: number | bigint, data: Uint8Array): void {
+    this.#vm.writeMemory(address, data);
+  }
+
+  /** Stops the guest and frees every thread, fd and mapping. Idempotent. */
+  close(): void {
+    this.#vm.close();
+  }
+
+  /** Same as {@link Vm.close}, for `using`. */
+  [Symbol.dispose](): void {
+    this.close();
+  }
+}
