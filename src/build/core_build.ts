@@ -81,6 +81,8 @@ export async function ensureCoreLibrary(options: EnsureCoreOptions = {}): Promis
   progress(
     firstBuild
       ? "building the Rust core (first run, ~30 s)..."
+      : options.force
+      ? "rebuilding the Rust core..."
       : "the Rust core's sources changed, rebuilding...",
   );
   const started = performance.now();
