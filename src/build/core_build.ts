@@ -15,7 +15,7 @@
 import { join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { DenovisorError } from "../errors.ts";
-import { ensureDebianCrates } from "./debian_crates.ts";
+import { type DebianCratesProblem, ensureDebianCrates } from "./debian_crates.ts";
 
 /** The file name of the core library that cargo produces. */
 export const CORE_LIBRARY_FILE = "libdenovisor_core.so";
@@ -86,7 +86,8 @@ export async function ensureCoreLibrary(options: EnsureCoreOptions = {}): Promis
       : "the Rust core's sources changed, rebuilding...",
   );
   const started = performance.now();
-  // The stamp records the hash taken before the build: if a source changes
+  // A failed build must not leave the old stamp vouching for the old library.
+  // The new stamp holds the hash taken before the build: if a source changes
   // meanwhile, the next call sees a mismatch and rebuilds rather than trusting
   // a library that may predate the edit.
   removeIfPresent(stampPath);
@@ -304,7 +305,11 @@ async function build(
   }
 }
 
-function noCrateSource(problem: string, debianDetail: string, cratesIoProblem: string) {
+function noCrateSource(
+  problem: DebianCratesProblem,
+  debianDetail: string,
+  cratesIoProblem: string,
+): DenovisorError {
   const cratesIo = cratesIoProblem ? `cargo fetch: ${cratesIoProblem}` : "not tried";
   if (problem === "archive-unreachable") {
     return new DenovisorError(
