@@ -12,8 +12,6 @@
  * @module
  */
 
-import { join, resolve } from "node:path";
-import { fileURLToPath } from "node:url";
 import { DenovisorError } from "../errors.ts";
 import { type DebianCratesProblem, ensureDebianCrates } from "./debian_crates.ts";
 
@@ -60,15 +58,15 @@ export interface EnsureCoreOptions {
  * ```
  */
 export async function ensureCoreLibrary(options: EnsureCoreOptions = {}): Promise<string> {
-  const coreDir = options.coreDir === undefined ? defaultCoreDir() : resolve(options.coreDir);
-  const libraryPath = join(coreDir, "target", "release", CORE_LIBRARY_FILE);
+  const coreDir = options.coreDir === undefined ? defaultCoreDir() : absolutePath(options.coreDir);
+  const libraryPath = joinPath(coreDir, "target", "release", CORE_LIBRARY_FILE);
   const stampPath = `${libraryPath}.stamp`;
   if (!options.force && isUpToDate(libraryPath, stampPath, await hashCoreSources(coreDir))) {
     return libraryPath;
   }
 
-  Deno.mkdirSync(join(coreDir, "target"), { recursive: true });
-  using _lock = await lockFile(join(coreDir, "target", ".denovisor-build.lock"));
+  Deno.mkdirSync(joinPath(coreDir, "target"), { recursive: true });
+  using _lock = await lockFile(joinPath(coreDir, "target", ".denovisor-build.lock"));
   // Another process may have finished the same build while we waited; its
   // result counts unless the caller asked for a rebuild.
   const sourceHash = await hashCoreSources(coreDir);
@@ -149,11 +147,11 @@ export function checkKvmAccess(): string | undefined {
  */
 export function denovisorCacheDir(): string {
   const explicit = readEnv("DENOVISOR_CACHE_DIR");
-  if (explicit) return resolve(explicit);
+  if (explicit) return absolutePath(explicit);
   const xdg = readEnv("XDG_CACHE_HOME");
-  if (xdg) return resolve(xdg, "denovisor");
+  if (xdg) return absolutePath(xdg, "denovisor");
   const home = readEnv("HOME");
-  if (home) return resolve(home, ".cache", "denovisor");
+  if (home) return absolutePath(home, ".cache", "denovisor");
   throw new DenovisorError(
     "IO",
     "cannot choose a cache folder: HOME is not set; set DENOVISOR_CACHE_DIR",
@@ -176,17 +174,17 @@ export function denovisorCacheDir(): string {
 export function listCoreSources(coreDir: string): string[] {
   const files: string[] = [];
   for (const name of ["Cargo.toml", "Cargo.lock"]) {
-    if (exists(join(coreDir, name))) files.push(name);
+    if (exists(joinPath(coreDir, name))) files.push(name);
   }
   const walk = (relativeDir: string) => {
-    for (const entry of Deno.readDirSync(join(coreDir, relativeDir))) {
+    for (const entry of Deno.readDirSync(joinPath(coreDir, relativeDir))) {
       if (entry.name.startsWith(".") || entry.name.endsWith("~")) continue;
       const path = `${relativeDir}/${entry.name}`;
       if (entry.isDirectory) walk(path);
       else files.push(path);
     }
   };
-  if (exists(join(coreDir, "src"))) walk("src");
+  if (exists(joinPath(coreDir, "src"))) walk("src");
   // Code-unit order, not localeCompare: the hash must not depend on the locale.
   return files.sort((a, b) => a < b ? -1 : a > b ? 1 : 0);
 }
@@ -209,13 +207,13 @@ export async function hashCoreSources(coreDir: string): Promise<string> {
   if (!files.includes("Cargo.toml")) {
     throw new DenovisorError(
       "BUILD_FAILED",
-      `${join(coreDir, "Cargo.toml")} does not exist: not the denovisor core's folder`,
+      `${joinPath(coreDir, "Cargo.toml")} does not exist: not the denovisor core's folder`,
     );
   }
   const encoder = new TextEncoder();
   const parts: Uint8Array[] = [encoder.encode("denovisor-core-sources-v1\0")];
   for (const path of files) {
-    const content = Deno.readFileSync(join(coreDir, path));
+    const content = Deno.readFileSync(joinPath(coreDir, path));
     parts.push(encoder.encode(`${path}\0${content.length}\0`), content);
   }
   const all = new Uint8Array(parts.reduce((sum, part) => sum + part.length, 0));
@@ -242,11 +240,11 @@ async function build(
   progress: (line: string) => void,
 ): Promise<void> {
   const cargo = findCargo();
-  const lockPath = join(coreDir, "Cargo.lock");
+  const lockPath = joinPath(coreDir, "Cargo.lock");
   const lockBefore = readTextIfPresent(lockPath);
   // Building from `coreDir/target` whatever CARGO_TARGET_DIR says: the library
   // must end up where ensureCoreLibrary looks for it.
-  const env = { CARGO_TARGET_DIR: join(coreDir, "target") };
+  const env = { CARGO_TARGET_DIR: joinPath(coreDir, "target") };
   try {
     const buildArgs = ["build", "--release"];
     let source = options.crateSource ?? "auto";
@@ -433,10 +431,10 @@ function lastError(lines: string[]): string {
  */
 function findCargo(): string {
   const candidates = (readEnv("PATH") ?? "").split(":").filter((dir) => dir !== "")
-    .map((dir) => join(dir, "cargo"));
+    .map((dir) => joinPath(dir, "cargo"));
   const cargoHome = readEnv("CARGO_HOME") ??
-    (readEnv("HOME") ? join(readEnv("HOME")!, ".cargo") : undefined);
-  if (cargoHome) candidates.push(join(cargoHome, "bin", "cargo"));
+    (readEnv("HOME") ? joinPath(readEnv("HOME")!, ".cargo") : undefined);
+  if (cargoHome) candidates.push(joinPath(cargoHome, "bin", "cargo"));
   for (const candidate of candidates) {
     try {
       const info = Deno.statSync(candidate);
@@ -459,14 +457,14 @@ function defaultCoreDir(): string {
       `ensureCoreLibrary needs coreDir when denovisor is loaded from ${import.meta.url}`,
     );
   }
-  return fileURLToPath(new URL("../../core", import.meta.url));
+  return pathOfFileUrl(new URL("../../core", import.meta.url));
 }
 
 function defaultDebianCacheDir(): string {
   if (import.meta.url.startsWith("file:")) {
-    return fileURLToPath(new URL("../../.cache/debian-crates", import.meta.url));
+    return pathOfFileUrl(new URL("../../.cache/debian-crates", import.meta.url));
   }
-  return join(denovisorCacheDir(), "debian-crates");
+  return joinPath(denovisorCacheDir(), "debian-crates");
 }
 
 /** Reads an environment variable; undefined when unset or not permitted. */
@@ -511,4 +509,27 @@ async function lockFile(path: string): Promise<Disposable> {
   const file = await Deno.open(path, { create: true, write: true });
   await file.lock(true);
   return { [Symbol.dispose]: () => file.close() };
+}
+
+// POSIX path helpers (denovisor is Linux-only). Importing `node:path` would
+// cost every importer of denovisor ~10 ms: the first `node:` module of a
+// process initializes Deno's Node compatibility layer.
+
+function joinPath(...parts: string[]): string {
+  return parts.join("/").replace(/\/{2,}/g, "/");
+}
+
+/** An absolute, normalized path: relative paths are taken from the current folder. */
+function absolutePath(...parts: string[]): string {
+  const joined = joinPath(...parts);
+  const segments: string[] = [];
+  for (const segment of (joined.startsWith("/") ? joined : `${Deno.cwd()}/${joined}`).split("/")) {
+    if (segment === "..") segments.pop();
+    else if (segment !== "" && segment !== ".") segments.push(segment);
+  }
+  return `/${segments.join("/")}`;
+}
+
+function pathOfFileUrl(url: URL): string {
+  return decodeURIComponent(url.pathname);
 }

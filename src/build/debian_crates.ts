@@ -11,8 +11,6 @@
  * @module
  */
 
-import { join } from "node:path";
-
 /** The Debian suite whose crate versions match `core/Cargo.toml`. */
 export const DEBIAN_SUITE = "trixie";
 
@@ -98,11 +96,13 @@ export async function ensureDebianCrates(
   options: DebianCratesOptions = {},
 ): Promise<DebianCratesResult> {
   const packages = options.packages ?? DEBIAN_CRATE_PACKAGES;
-  const registryDir = join(cacheDir, "root", "usr", "share", "cargo", "registry");
+  // apt runs in other working folders below, so a relative path would break.
+  if (!cacheDir.startsWith("/")) cacheDir = joinPath(Deno.cwd(), cacheDir);
+  const registryDir = joinPath(cacheDir, "root", "usr", "share", "cargo", "registry");
   if (isPopulated(cacheDir, packages)) return { ok: true, registryDir, downloaded: false };
 
   Deno.mkdirSync(cacheDir, { recursive: true });
-  using _lock = await lockFile(join(cacheDir, ".lock"));
+  using _lock = await lockFile(joinPath(cacheDir, ".lock"));
   // Another process may have populated the cache while we waited for the lock.
   if (isPopulated(cacheDir, packages)) return { ok: true, registryDir, downloaded: false };
 
@@ -136,8 +136,8 @@ function isPopulated(cacheDir: string, packages: readonly string[]): boolean {
   // `root/` is renamed into place only after every package was unpacked, so its
   // presence means "complete"; `pkgs.txt` tells which roots the closure covers.
   try {
-    Deno.statSync(join(cacheDir, "root", "usr", "share", "cargo", "registry"));
-    const closure = new Set(Deno.readTextFileSync(join(cacheDir, "pkgs.txt")).split("\n"));
+    Deno.statSync(joinPath(cacheDir, "root", "usr", "share", "cargo", "registry"));
+    const closure = new Set(Deno.readTextFileSync(joinPath(cacheDir, "pkgs.txt")).split("\n"));
     return packages.every((name) => closure.has(name));
   } catch {
     return false;
@@ -155,22 +155,22 @@ async function populate(
   if (typeof uri !== "string") return uri;
 
   // Packages of an earlier, different closure would be unpacked too: start afresh.
-  removeIfPresent(join(dir, "debs"));
+  removeIfPresent(joinPath(dir, "debs"));
   for (const sub of ["lists/partial", "cache/archives/partial", "debs"]) {
-    Deno.mkdirSync(join(dir, sub), { recursive: true });
+    Deno.mkdirSync(joinPath(dir, sub), { recursive: true });
   }
   Deno.writeTextFileSync(
-    join(dir, "sources.list"),
+    joinPath(dir, "sources.list"),
     `deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] ${uri} ${DEBIAN_SUITE} main\n`,
   );
   // An empty dpkg status makes apt resolve the full closure, as on an empty system.
-  Deno.writeTextFileSync(join(dir, "status"), "");
+  Deno.writeTextFileSync(joinPath(dir, "status"), "");
   const aptOptions = [
-    ["Dir::Etc::sourcelist", join(dir, "sources.list")],
+    ["Dir::Etc::sourcelist", joinPath(dir, "sources.list")],
     ["Dir::Etc::sourceparts", "/nonexistent"],
-    ["Dir::State::Lists", join(dir, "lists")],
-    ["Dir::State::status", join(dir, "status")],
-    ["Dir::Cache", join(dir, "cache")],
+    ["Dir::State::Lists", joinPath(dir, "lists")],
+    ["Dir::State::status", joinPath(dir, "status")],
+    ["Dir::Cache", joinPath(dir, "cache")],
     // Fail fast on a dead network instead of apt's default retries.
     ["Acquire::Retries", "0"],
     ["Acquire::http::Timeout", "20"],
@@ -186,7 +186,7 @@ async function populate(
   const update = await run("apt-get", [...aptOptions, "update"], dir);
   if (update === undefined) return aptMissing("apt-get");
   // `apt-get update` exits 0 even when every download failed, so look for the index.
-  const fetchedIndex = [...Deno.readDirSync(join(dir, "lists"))]
+  const fetchedIndex = [...Deno.readDirSync(joinPath(dir, "lists"))]
     .some((entry) =>
       entry.name.includes(`_dists_${DEBIAN_SUITE}_`) && /_Packages/.test(entry.name)
     );
@@ -218,7 +218,7 @@ async function populate(
     .map((line) => /^Inst (librust-\S+)/.exec(line)?.[1])
     .filter((name): name is string => name !== undefined);
 
-  const debsDir = join(dir, "debs");
+  const debsDir = joinPath(dir, "debs");
   const download = await run("apt-get", [...aptOptions, "download", ...closure], debsDir);
   if (download === undefined) return aptMissing("apt-get");
   if (download.code !== 0) {
@@ -230,11 +230,11 @@ async function populate(
   }
 
   say(`unpacking ${closure.length} crate packages...`);
-  const partialRoot = join(dir, "root.partial");
+  const partialRoot = joinPath(dir, "root.partial");
   removeIfPresent(partialRoot);
   for (const entry of Deno.readDirSync(debsDir)) {
     if (!entry.name.endsWith(".deb")) continue;
-    const unpacked = await run("dpkg-deb", ["-x", join(debsDir, entry.name), partialRoot], dir);
+    const unpacked = await run("dpkg-deb", ["-x", joinPath(debsDir, entry.name), partialRoot], dir);
     if (unpacked === undefined) return aptMissing("dpkg-deb");
     if (unpacked.code !== 0) {
       return {
@@ -244,10 +244,10 @@ async function populate(
       };
     }
   }
-  removeIfPresent(join(dir, "root"));
-  Deno.renameSync(partialRoot, join(dir, "root"));
+  removeIfPresent(joinPath(dir, "root"));
+  Deno.renameSync(partialRoot, joinPath(dir, "root"));
   // Written last: `pkgs.txt` plus `root/` is what isPopulated() trusts.
-  Deno.writeTextFileSync(join(dir, "pkgs.txt"), closure.join("\n") + "\n");
+  Deno.writeTextFileSync(joinPath(dir, "pkgs.txt"), closure.join("\n") + "\n");
   return undefined;
 }
 
@@ -333,4 +333,9 @@ async function lockFile(path: string): Promise<Disposable> {
   const file = await Deno.open(path, { create: true, write: true });
   await file.lock(true);
   return { [Symbol.dispose]: () => file.close() };
+}
+
+/** Joins path segments (see `core_build.ts` for why not `node:path`). */
+function joinPath(...parts: string[]): string {
+  return parts.join("/").replace(/\/{2,}/g, "/");
 }

@@ -7,8 +7,6 @@
  * @module
  */
 
-import { dirname, join, resolve } from "node:path";
-import { fileURLToPath } from "node:url";
 import { DenovisorError } from "../errors.ts";
 import { denovisorCacheDir, ensureCoreLibrary, listCoreSources } from "./core_build.ts";
 
@@ -48,7 +46,7 @@ export async function locateCoreLibrary(
 ): Promise<string> {
   const override = readEnv("DENOVISOR_LIB");
   if (override) {
-    const path = resolve(override);
+    const path = absolutePath(override);
     try {
       if (Deno.statSync(path).isFile) return path;
     } catch {
@@ -62,7 +60,7 @@ export async function locateCoreLibrary(
   }
   const root = asFolderUrl(moduleRootUrl);
   if (root.protocol === "file:") {
-    return await ensureCoreLibrary({ coreDir: fileURLToPath(new URL("core/", root)), ...options });
+    return await ensureCoreLibrary({ coreDir: pathOfFileUrl(new URL("core/", root)), ...options });
   }
   if (root.protocol === "http:" || root.protocol === "https:") {
     return await ensureRemoteCore(root, options);
@@ -112,9 +110,9 @@ export async function ensureRemoteCore(
   }
   const manifest = parseCoreManifest(loaded, manifestUrl.href);
   const manifestHash = (await sha256Hex(JSON.stringify(manifest))).slice(0, 16);
-  const versionDir = join(denovisorCacheDir(), `${manifest.version}-${manifestHash}`);
+  const versionDir = joinPath(denovisorCacheDir(), `${manifest.version}-${manifestHash}`);
   if (!exists(versionDir)) await download(root, manifest, versionDir, options.quiet ?? false);
-  return await ensureCoreLibrary({ coreDir: join(versionDir, "core"), ...options });
+  return await ensureCoreLibrary({ coreDir: joinPath(versionDir, "core"), ...options });
 }
 
 /**
@@ -130,9 +128,9 @@ export async function ensureRemoteCore(
  * ```
  */
 export function createCoreManifest(repoRoot: string): CoreManifest {
-  const { version } = JSON.parse(Deno.readTextFileSync(join(repoRoot, "deno.json")));
-  const files = listCoreSources(join(repoRoot, "core")).map((path) => `core/${path}`);
-  return parseCoreManifest({ version, files }, join(repoRoot, "deno.json"));
+  const { version } = JSON.parse(Deno.readTextFileSync(joinPath(repoRoot, "deno.json")));
+  const files = listCoreSources(joinPath(repoRoot, "core")).map((path) => `core/${path}`);
+  return parseCoreManifest({ version, files }, joinPath(repoRoot, "deno.json"));
 }
 
 /**
@@ -206,9 +204,9 @@ async function download(root: URL, manifest: CoreManifest, versionDir: string, q
     const worker = async () => {
       for (let file = queue.shift(); file !== undefined && !failed; file = queue.shift()) {
         try {
-          const target = join(partial, ...file.split("/"));
+          const target = joinPath(partial, ...file.split("/"));
           const content = await fetchFile(new URL(file, root));
-          Deno.mkdirSync(dirname(target), { recursive: true });
+          Deno.mkdirSync(target.slice(0, target.lastIndexOf("/")), { recursive: true });
           Deno.writeFileSync(target, content);
         } catch (error) {
           failed = true;
@@ -221,7 +219,10 @@ async function download(root: URL, manifest: CoreManifest, versionDir: string, q
     const outcomes = await Promise.allSettled(Array.from({ length: 6 }, worker));
     const failure = outcomes.find((outcome) => outcome.status === "rejected");
     if (failure) throw failure.reason;
-    Deno.writeTextFileSync(join(partial, "core", "MANIFEST.json"), formatCoreManifest(manifest));
+    Deno.writeTextFileSync(
+      joinPath(partial, "core", "MANIFEST.json"),
+      formatCoreManifest(manifest),
+    );
     try {
       Deno.renameSync(partial, versionDir);
     } catch (error) {
@@ -284,4 +285,25 @@ function readEnv(name: string): string | undefined {
   } catch {
     return undefined;
   }
+}
+
+// POSIX path helpers, as in `core_build.ts` (which says why not `node:path`).
+
+function joinPath(...parts: string[]): string {
+  return parts.join("/").replace(/\/{2,}/g, "/");
+}
+
+/** An absolute, normalized path: relative paths are taken from the current folder. */
+function absolutePath(...parts: string[]): string {
+  const joined = joinPath(...parts);
+  const segments: string[] = [];
+  for (const segment of (joined.startsWith("/") ? joined : `${Deno.cwd()}/${joined}`).split("/")) {
+    if (segment === "..") segments.pop();
+    else if (segment !== "" && segment !== ".") segments.push(segment);
+  }
+  return `/${segments.join("/")}`;
+}
+
+function pathOfFileUrl(url: URL): string {
+  return decodeURIComponent(url.pathname);
 }
