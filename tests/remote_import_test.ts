@@ -88,7 +88,9 @@ console.log(JSON.stringify({ exitCode: result.exitCode, console: result.console 
     const child = new Deno.Command(Deno.execPath(), {
       args: ["run", "-A", "--no-config", "--no-lock", `--reload=${origin}`, script],
       cwd: tmp,
-      env: { DENOVISOR_CACHE_DIR: cacheDir, NO_COLOR: "1" },
+      // Inherited, except a DENOVISOR_LIB that would skip the remote build.
+      clearEnv: true,
+      env: { ...inheritedEnv(), DENOVISOR_CACHE_DIR: cacheDir, NO_COLOR: "1" },
       stdin: "null",
       stdout: "piped",
       stderr: "piped",
@@ -121,6 +123,12 @@ console.log(JSON.stringify({ exitCode: result.exitCode, console: result.console 
     await Deno.remove(tmp, { recursive: true });
   }
 });
+
+function inheritedEnv(): Record<string, string> {
+  const env = Deno.env.toObject();
+  delete env.DENOVISOR_LIB;
+  return env;
+}
 
 Deno.test("a remote root without a manifest is a clear error", async () => {
   const server = serveRepository();
