@@ -83,8 +83,10 @@ const SYMBOLS = {
 
 type Symbols = Deno.DynamicLibrary<typeof SYMBOLS>["symbols"];
 
-/** Size of the buffer blocking calls return their JSON result or message in. */
-const RESULT_BUFFER_BYTES = 64 * 1024;
+/** Size of the buffer blocking calls return their JSON result or message in: a run
+ * result is well under 1 KiB, so this leaves a wide margin without a retry (a
+ * blocking call cannot be repeated to fetch a result that did not fit). */
+const RESULT_BUFFER_BYTES = 16 * 1024;
 
 const decoder = new TextDecoder();
 

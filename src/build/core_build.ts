@@ -13,7 +13,11 @@
  */
 
 import { DenovisorError } from "../errors.ts";
-import { type DebianCratesProblem, ensureDebianCrates } from "./debian_crates.ts";
+import {
+  type DebianCratesProblem,
+  ensureDebianCrates,
+  isDebianCacheReady,
+} from "./debian_crates.ts";
 
 /** The file name of the core library that cargo produces. */
 export const CORE_LIBRARY_FILE = "libdenovisor_core.so";
@@ -458,6 +462,32 @@ function defaultCoreDir(): string {
     );
   }
   return pathOfFileUrl(new URL("../../core", import.meta.url));
+}
+
+/**
+ * The extra cargo arguments that make a cargo command in `core/` use the same
+ * crates as the last build: Debian's packaged crates (offline) when their cache
+ * is populated, nothing otherwise (cargo's own registry).
+ *
+ * @returns Arguments to put after cargo's subcommand.
+ * @example
+ * ```ts
+ * import { coreCrateSourceArgs } from "./src/build/core_build.ts";
+ * const args = ["test", "--release", ...coreCrateSourceArgs()];
+ * console.log(args);
+ * ```
+ */
+export function coreCrateSourceArgs(): string[] {
+  const cacheDir = defaultDebianCacheDir();
+  if (!isDebianCacheReady(cacheDir)) return [];
+  const registry = joinPath(cacheDir, "root", "usr", "share", "cargo", "registry");
+  return [
+    "--offline",
+    "--config",
+    'source.crates-io.replace-with="debian"',
+    "--config",
+    `source.debian.directory="${registry}"`,
+  ];
 }
 
 function defaultDebianCacheDir(): string {
