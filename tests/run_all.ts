@@ -17,7 +17,6 @@ interface Counts {
 }
 
 const ROOT = new URL("../", import.meta.url);
-const ANSI = /\x1b\[[0-9;]*m/g;
 
 /** Runs a command with its output shown live, and returns that output as text. */
 async function runShown(
@@ -25,7 +24,14 @@ async function runShown(
   args: string[],
   cwd: URL,
 ): Promise<{ code: number; text: string }> {
-  const child = new Deno.Command(command, { args, cwd, stdout: "piped", stderr: "piped" }).spawn();
+  // NO_COLOR keeps the summary lines free of escape codes for parsing.
+  const child = new Deno.Command(command, {
+    args,
+    cwd,
+    stdout: "piped",
+    stderr: "piped",
+    env: { NO_COLOR: "1" },
+  }).spawn();
   const decoder = new TextDecoder();
   let text = "";
   const pump = async (stream: ReadableStream<Uint8Array>, sink: typeof Deno.stdout) => {
@@ -35,7 +41,7 @@ async function runShown(
     }
   };
   await Promise.all([pump(child.stdout, Deno.stdout), pump(child.stderr, Deno.stderr)]);
-  return { code: (await child.status).code, text: text.replace(ANSI, "") };
+  return { code: (await child.status).code, text };
 }
 
 /** Deno's summary: `ok | 12 passed (3 steps) | 0 failed | 2 ignored (4s)`. */
