@@ -62,9 +62,13 @@ export interface LoadOptions {
 
 /** Where and how an image was loaded. */
 export interface LoadedImage {
+  /** Which loader was used. */
   format: "elf" | "flat";
+  /** The entry mode. */
   mode: EntryMode;
+  /** The first instruction's address. */
   entry: bigint;
+  /** The initial stack pointer. */
   stack: bigint;
   /** Bytes loaded. */
   size: number;

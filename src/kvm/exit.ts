@@ -9,22 +9,39 @@
 
 /** Registers captured when a guest crashed (triple fault / shutdown). */
 export interface CrashRegisters {
+  /** RIP, the instruction pointer. */
   rip: bigint;
+  /** RSP, the stack pointer. */
   rsp: bigint;
+  /** RFLAGS. */
   rflags: bigint;
+  /** RAX. */
   rax: bigint;
+  /** RBX. */
   rbx: bigint;
+  /** RCX. */
   rcx: bigint;
+  /** RDX. */
   rdx: bigint;
+  /** RSI. */
   rsi: bigint;
+  /** RDI. */
   rdi: bigint;
+  /** RBP. */
   rbp: bigint;
+  /** CR0 (protection, paging). */
   cr0: bigint;
+  /** CR2 (the last page-fault address). */
   cr2: bigint;
+  /** CR3 (the page-table root). */
   cr3: bigint;
+  /** CR4 (PAE and other extensions). */
   cr4: bigint;
+  /** EFER (long mode, SYSCALL). */
   efer: bigint;
+  /** Code segment selector. */
   cs: number;
+  /** Stack segment selector. */
   ss: number;
 }
 

@@ -41,14 +41,23 @@ export type UnhandledAccessPolicy = "ignore" | "stop";
 
 /** Per-vCPU exit counters, read from the core in one call. */
 export interface VcpuMetrics {
+  /** Port reads (`in`). */
   ioIn: number;
+  /** Port writes (`out`). */
   ioOut: number;
+  /** MMIO reads. */
   mmioRead: number;
+  /** MMIO writes. */
   mmioWrite: number;
+  /** HLT exits. */
   hlt: number;
+  /** Shutdowns (triple faults). */
   shutdown: number;
+  /** KVM internal errors. */
   internalError: number;
+  /** Runs interrupted by a kick (stop, timeout). */
   interrupted: number;
+  /** Every other exit. */
   other: number;
   /** All exits. */
   exits: number;

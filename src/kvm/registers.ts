@@ -8,23 +8,41 @@
 
 /** General-purpose registers (`struct kvm_regs`, 144 bytes). */
 export interface Registers {
+  /** RAX. */
   rax: bigint;
+  /** RBX. */
   rbx: bigint;
+  /** RCX. */
   rcx: bigint;
+  /** RDX. */
   rdx: bigint;
+  /** RSI. */
   rsi: bigint;
+  /** RDI. */
   rdi: bigint;
+  /** RSP, the stack pointer. */
   rsp: bigint;
+  /** RBP. */
   rbp: bigint;
+  /** R8. */
   r8: bigint;
+  /** R9. */
   r9: bigint;
+  /** R10. */
   r10: bigint;
+  /** R11. */
   r11: bigint;
+  /** R12. */
   r12: bigint;
+  /** R13. */
   r13: bigint;
+  /** R14. */
   r14: bigint;
+  /** R15. */
   r15: bigint;
+  /** RIP, the instruction pointer. */
   rip: bigint;
+  /** RFLAGS. */
   rflags: bigint;
 }
 
@@ -51,44 +69,75 @@ const REGISTER_NAMES = [
 
 /** A segment register (`struct kvm_segment`, 24 bytes). */
 export interface Segment {
+  /** Base address. */
   base: bigint;
+  /** Limit (bytes - 1, or 4 KiB pages - 1 when `g` is set). */
   limit: number;
+  /** Selector loaded into the register. */
   selector: number;
+  /** Descriptor type bits (4 bits). */
   type: number;
+  /** Present bit. */
   present: number;
+  /** Descriptor privilege level (0-3). */
   dpl: number;
+  /** Default operation size (1 = 32-bit). */
   db: number;
+  /** Descriptor kind (1 = code/data, 0 = system). */
   s: number;
+  /** 64-bit code segment. */
   l: number;
+  /** Granularity (1 = limit in 4 KiB pages). */
   g: number;
+  /** Available bit. */
   avl: number;
+  /** Set when the segment is unusable (null). */
   unusable: number;
 }
 
 /** A descriptor-table register (`struct kvm_dtable`, 16 bytes). */
 export interface DescriptorTable {
+  /** Base address. */
   base: bigint;
+  /** Limit (bytes - 1, or 4 KiB pages - 1 when `g` is set). */
   limit: number;
 }
 
 /** Special registers (`struct kvm_sregs`, 312 bytes). */
 export interface SpecialRegisters {
+  /** Code segment. */
   cs: Segment;
+  /** Data segment. */
   ds: Segment;
+  /** ES segment. */
   es: Segment;
+  /** FS segment. */
   fs: Segment;
+  /** GS segment. */
   gs: Segment;
+  /** Stack segment. */
   ss: Segment;
+  /** Task register. */
   tr: Segment;
+  /** Local descriptor table. */
   ldt: Segment;
+  /** Global descriptor table. */
   gdt: DescriptorTable;
+  /** Interrupt descriptor table. */
   idt: DescriptorTable;
+  /** CR0 (protection, paging). */
   cr0: bigint;
+  /** CR2 (the last page-fault address). */
   cr2: bigint;
+  /** CR3 (the page-table root). */
   cr3: bigint;
+  /** CR4 (PAE and other extensions). */
   cr4: bigint;
+  /** CR8 (task priority). */
   cr8: bigint;
+  /** EFER (long mode, SYSCALL). */
   efer: bigint;
+  /** IA32_APIC_BASE. */
   apicBase: bigint;
   /** Pending external interrupts, one bit per vector (4 x 64 bits). */
   interruptBitmap: [bigint, bigint, bigint, bigint];
@@ -98,14 +147,21 @@ export interface SpecialRegisters {
 export interface FpuState {
   /** x87 registers ST0-ST7, 16 bytes each (80 bits used). */
   fpr: Uint8Array[];
+  /** x87 control word. */
   fcw: number;
+  /** x87 status word. */
   fsw: number;
+  /** x87 abridged tag word. */
   ftwx: number;
+  /** Last x87 opcode. */
   lastOpcode: number;
+  /** Last x87 instruction pointer. */
   lastIp: bigint;
+  /** Last x87 data pointer. */
   lastDp: bigint;
   /** XMM0-XMM15, 16 bytes each. */
   xmm: Uint8Array[];
+  /** SSE control and status (read-only here: KVM_SET_FPU does not write it). */
   mxcsr: number;
 }
 
