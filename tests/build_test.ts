@@ -94,11 +94,9 @@ Deno.test("an unchanged core is not rebuilt: fast, and cargo is not needed", asy
   const path = await ensureCoreLibrary({ quiet: true });
   assert.equal(path, join(coreDir, "target", "release", CORE_LIBRARY_FILE));
 
-  const started = performance.now();
+  const builtAt = Deno.statSync(path).mtime!.getTime();
   assert.equal(await ensureCoreLibrary({ quiet: true }), path);
-  const elapsed = performance.now() - started;
-  // Typically 1-3 ms; the bound leaves room for a loaded CI machine.
-  assert.ok(elapsed < 100, `a no-op ensureCoreLibrary took ${elapsed.toFixed(1)} ms`);
+  assert.equal(Deno.statSync(path).mtime!.getTime(), builtAt, "the library was rebuilt");
 
   // In a process where cargo cannot be found, the no-op path must still work
   // and print nothing: any build attempt would fail with "cargo is not installed".
@@ -171,9 +169,7 @@ Deno.test("a changed source triggers a rebuild (on a copy of core/)", async () =
       "\n// build_test: a change that must trigger a rebuild\n",
       { append: true },
     );
-    const started = performance.now();
     await ensureCoreLibrary({ coreDir: copy, quiet: true });
-    const rebuildMs = performance.now() - started;
 
     assert.ok(Deno.statSync(library).mtime!.getTime() > builtBefore, "the library was not rebuilt");
     assert.equal(Deno.readTextFileSync(stampPath).trim(), await hashCoreSources(copy));
@@ -182,11 +178,10 @@ Deno.test("a changed source triggers a rebuild (on a copy of core/)", async () =
       Deno.readTextFileSync(join(coreDir, "Cargo.lock")),
       "the build left Cargo.lock changed",
     );
-    assert.ok(rebuildMs > 50, `a rebuild in ${rebuildMs.toFixed(0)} ms cannot have run cargo`);
 
-    const again = performance.now();
+    const rebuiltAt = Deno.statSync(library).mtime!.getTime();
     await ensureCoreLibrary({ coreDir: copy, quiet: true });
-    assert.ok(performance.now() - again < 100, "the rebuilt core was rebuilt once more");
+    assert.equal(Deno.statSync(library).mtime!.getTime(), rebuiltAt, "rebuilt once more");
   } finally {
     await Deno.remove(copy, { recursive: true });
   }
