@@ -31,9 +31,11 @@ export {
 } from "./src/vm.ts";
 export {
   type EntryMode,
+  type HypercallCounts,
   Kvm,
   KvmVcpu,
   KvmVm,
+  type PortCounts,
   type RunOptions,
   type RunOutcome,
   type UnhandledAccessPolicy,
@@ -52,6 +54,7 @@ export type {
   Segment,
   SpecialRegisters,
 } from "./src/kvm/registers.ts";
+export { type MetricsReport, metricsReport, sumMetrics, toPrometheus } from "./src/metrics.ts";
 export {
   DEFAULT_GUEST_LOAD_OPTIONS,
   DEFAULT_GUEST_SUCCESS_CODE,

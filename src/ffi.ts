@@ -17,7 +17,7 @@ import { DenovisorError, errorCodeOfStatus } from "./errors.ts";
 import { locateCoreLibrary } from "./build/remote_core.ts";
 
 /** The ABI version this file is written against (`ABI_VERSION` in `core/src/abi.rs`). */
-export const ABI_VERSION = 1;
+export const ABI_VERSION = 2;
 
 /** `dv_vm_create` flag: stop on port I/O or MMIO that no device claims. */
 export const VM_FLAG_STOP_ON_UNHANDLED = 1;
@@ -65,6 +65,8 @@ const SYMBOLS = {
   },
   /** int32_t dv_vm_stop(uint32_t vm) */
   dv_vm_stop: { parameters: ["u32"], result: "i32" },
+  /** int32_t dv_vm_report(uint32_t vm, uint8_t *buf, size_t cap, size_t *out_len) */
+  dv_vm_report: { parameters: ["u32", "buffer", "usize", "buffer"], result: "i32" },
   /** int32_t dv_vm_metrics(uint32_t vm, uint8_t *buf, size_t cap, size_t *out_len) */
   dv_vm_metrics: { parameters: ["u32", "buffer", "usize", "buffer"], result: "i32" },
   /** int32_t dv_vcpu_run(uint32_t vcpu, uint64_t timeout_ms, uint8_t *buf, size_t cap, size_t *out_len) — blocks */
@@ -118,8 +120,9 @@ export class Core {
     }
   }
 
-  /** Calls a function that writes JSON (or, on error, a message) into a buffer. */
-  #json<T>(call: (buf: Uint8Array, cap: bigint, outLen: BigUint64Array) => number): T {
+  /** Calls a sync function that copies bytes into a buffer, growing the buffer
+   * when the core says it is too small. */
+  #bytes(call: (buf: Uint8Array, cap: bigint, outLen: BigUint64Array) => number): Uint8Array {
     let cap = 4096;
     for (;;) {
       const buf = new Uint8Array(cap);
@@ -130,8 +133,13 @@ export class Core {
         continue;
       }
       this.#check(status);
-      return JSON.parse(decoder.decode(buf.subarray(0, Number(outLen[0])))) as T;
+      return buf.subarray(0, Number(outLen[0]));
     }
+  }
+
+  /** Like {@link Core.#bytes}, for JSON. */
+  #json<T>(call: (buf: Uint8Array, cap: bigint, outLen: BigUint64Array) => number): T {
+    return JSON.parse(decoder.decode(this.#bytes(call))) as T;
   }
 
   /** Awaits a blocking call's status and decodes its buffer. */
@@ -246,6 +254,11 @@ export class Core {
   /** `dv_vm_stop`. */
   vmStop(vm: number): void {
     this.#check(this.#sym.dv_vm_stop(vm));
+  }
+
+  /** `dv_vm_report`: the guest's last REPORT (empty when none). */
+  vmReport(vm: number): Uint8Array {
+    return this.#bytes((buf, cap, outLen) => this.#sym.dv_vm_report(vm, buf, cap, outLen));
   }
 
   /** `dv_vm_metrics`: per-vCPU metrics as parsed JSON. */

@@ -58,7 +58,13 @@ export interface LoadOptions {
   /** Initial stack pointer (default: the top of RAM below 4 GiB in the 64-bit
    * modes, the load address in real mode). */
   stack?: number;
+  /** Values for the first argument registers at entry, in the SysV order
+   * rdi, rsi, rdx, rcx, r8, r9 (at most six). The guest runtime reads its
+   * workload argument from rdi and the RAM size from rsi. */
+  arguments?: readonly (number | bigint)[];
 }
+
+const ARGUMENT_REGISTERS = ["rdi", "rsi", "rdx", "rcx", "r8", "r9"] as const;
 
 /** Where and how an image was loaded. */
 export interface LoadedImage {
@@ -87,9 +93,14 @@ export interface RunTimings {
 
 /** What a run produced. */
 export interface RunResult {
-  /** The guest's debug-exit code (`(v << 1) | 1` for a write of `v` to port
-   * 0xf4), or `null` when the run ended another way. */
+  /** The guest's exit code: `(v << 1) | 1` for a write of `v` to the
+   * debug-exit port 0xf4, or the status of the EXIT hypercall; `null` when the
+   * run ended another way. */
   exitCode: number | null;
+  /** The bytes of the guest's last REPORT hypercall, if it made one. */
+  report: Uint8Array | undefined;
+  /** The same report decoded as UTF-8 (what the guest runtime's workloads send). */
+  reportText: string | undefined;
   /** Why the run ended. */
   reason: ExitReason;
   /** The full exit, with its details (crash registers, port, ...). */
@@ -264,7 +275,21 @@ export class Vm implements Disposable {
       options.stack ??
         (mode === "real" ? Number(entry & 0xffffn) : Math.min(this.#memoryBytes, MMIO_GAP_START)),
     );
-    this.#vm.vcpus.forEach((vcpu) => vcpu.setupEntry(mode, entry, stack));
+    const args = options.arguments ?? [];
+    if (args.length > ARGUMENT_REGISTERS.length) {
+      throw new DenovisorError(
+        "INVALID_ARGUMENT",
+        `at most ${ARGUMENT_REGISTERS.length} arguments fit in registers, got ${args.length}`,
+      );
+    }
+    for (const vcpu of this.#vm.vcpus) {
+      vcpu.setupEntry(mode, entry, stack);
+      if (args.length > 0) {
+        const regs = vcpu.getRegisters();
+        args.forEach((value, i) => regs[ARGUMENT_REGISTERS[i]] = BigInt(value));
+        vcpu.setRegisters(regs);
+      }
+    }
     this.#loaded = { format, mode, entry, stack, size: image.length };
     return this.#loaded;
   }
@@ -287,8 +312,15 @@ export class Vm implements Disposable {
     });
     const runMs = performance.now() - started;
     const after = this.#vm.metrics().reduce((sum, m) => sum + m.exits, 0);
+    const report = this.#vm.report();
     return {
-      exitCode: exit.reason === "debug_exit" ? exit.exitCode : null,
+      exitCode: exit.reason === "debug_exit"
+        ? exit.exitCode
+        : exit.reason === "guest_exit"
+        ? exit.status
+        : null,
+      report,
+      reportText: report === undefined ? undefined : decoder.decode(report),
       reason: exit.reason,
       exit,
       summary: describeExit(exit),

@@ -30,7 +30,7 @@ use crate::vm::{check_kvm, Vm};
 use std::sync::Arc;
 
 /// The version of this ABI. `src/ffi.ts` refuses a library with another version.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// `dv_vm_create` flag: stop the VM on port I/O or MMIO no device claims.
 pub const VM_FLAG_STOP_ON_UNHANDLED: u32 = 1;
@@ -470,6 +470,26 @@ pub unsafe extern "C" fn dv_vm_metrics(
 ) -> i32 {
     // SAFETY: per this function's contract.
     unsafe { guarded_into(buf, cap, out_len, || json(&handles::vm(vm)?.metrics())) }
+}
+
+/// Copies the guest's last REPORT hypercall of the current or last run into
+/// `buf` (`*out_len` = 0 when the guest reported nothing).
+///
+/// # Safety
+/// `buf` must be valid for `cap` writable bytes; `out_len` for a `usize` write.
+#[no_mangle]
+pub unsafe extern "C" fn dv_vm_report(
+    vm: u32,
+    buf: *mut u8,
+    cap: usize,
+    out_len: *mut usize,
+) -> i32 {
+    // SAFETY: per this function's contract.
+    unsafe {
+        guarded_into(buf, cap, out_len, || {
+            Ok(handles::vm(vm)?.report().unwrap_or_default())
+        })
+    }
 }
 
 /// Runs one vCPU until it stops or `timeout_ms` passes (0: no timeout), like

@@ -2,7 +2,8 @@
 //! TypeScript. It owns guest memory, the vCPU threads, the VM-exit loop and the hot
 //! devices, and exposes them through the small C ABI in [`abi`].
 //!
-//! Layering, bottom up: [`memory`] and [`devices`] know nothing of KVM threads;
+//! Layering, bottom up: [`memory`], [`devices`] and [`hypercall`] know nothing of
+//! KVM threads;
 //! [`vcpu`] runs the exit loop over them; [`vm`] ties a VM together; [`boot`] puts a
 //! guest image and its CPU state in place; [`handles`] and [`abi`] are the boundary.
 
@@ -11,6 +12,7 @@ pub mod boot;
 pub mod devices;
 pub mod error;
 pub mod handles;
+pub mod hypercall;
 pub mod memory;
 pub mod metrics;
 pub mod vcpu;

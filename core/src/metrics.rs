@@ -8,6 +8,70 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use serde::Serialize;
 
+use crate::hypercall::HypercallKind;
+
+/// The port ranges exits are counted by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PortRange {
+    /// COM1, 0x3f8..0x3ff.
+    Serial = 0,
+    /// The debug-exit port 0xf4.
+    DebugExit = 1,
+    /// The hypercall port 0x510.
+    Hypercall = 2,
+    /// Everything else.
+    Other = 3,
+}
+
+const PORT_RANGES: usize = 4;
+const HYPERCALL_KINDS: usize = 7;
+
+/// Port-I/O exit counts by port range.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PortCounts {
+    pub serial: u64,
+    pub debug_exit: u64,
+    pub hypercall: u64,
+    pub other: u64,
+}
+
+impl PortCounts {
+    fn from(counters: &[AtomicU64; PORT_RANGES]) -> PortCounts {
+        PortCounts {
+            serial: counters[PortRange::Serial as usize].load(Relaxed),
+            debug_exit: counters[PortRange::DebugExit as usize].load(Relaxed),
+            hypercall: counters[PortRange::Hypercall as usize].load(Relaxed),
+            other: counters[PortRange::Other as usize].load(Relaxed),
+        }
+    }
+}
+
+/// Hypercall counts by kind.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct HypercallCounts {
+    pub write: u64,
+    pub exit: u64,
+    pub clock: u64,
+    pub report: u64,
+    pub fault: u64,
+    pub nop: u64,
+    /// Unknown call numbers and calls refused with an error status.
+    pub invalid: u64,
+}
+
+fn hypercall_index(kind: HypercallKind) -> usize {
+    match kind {
+        HypercallKind::Write => 0,
+        HypercallKind::Exit => 1,
+        HypercallKind::Clock => 2,
+        HypercallKind::Report => 3,
+        HypercallKind::Fault => 4,
+        HypercallKind::Nop => 5,
+        HypercallKind::Invalid => 6,
+    }
+}
+
 /// Buckets of the handling-time histogram: bucket `i` counts exits whose handling
 /// in the VMM took `[2^i, 2^(i+1))` ns (bucket 0 also takes 0 ns).
 pub const LATENCY_BUCKETS: usize = 32;
@@ -37,6 +101,9 @@ pub struct VcpuMetrics {
     internal_error: AtomicU64,
     interrupted: AtomicU64,
     other: AtomicU64,
+    io_in_by_port: [AtomicU64; PORT_RANGES],
+    io_out_by_port: [AtomicU64; PORT_RANGES],
+    hypercalls: [AtomicU64; HYPERCALL_KINDS],
     /// Nanoseconds spent inside KVM_RUN (guest time plus KVM's own exit handling).
     kvm_run_ns: AtomicU64,
     /// Nanoseconds spent in the VMM handling exits, between two KVM_RUNs.
@@ -58,6 +125,9 @@ pub struct VcpuMetricsSnapshot {
     pub interrupted: u64,
     pub other: u64,
     pub exits: u64,
+    pub io_in_by_port: PortCounts,
+    pub io_out_by_port: PortCounts,
+    pub hypercalls: HypercallCounts,
     pub kvm_run_ns: u64,
     pub vmm_ns: u64,
     /// `handlingLatencyLog2Ns[i]` counts exits handled in `[2^i, 2^(i+1))` ns.
@@ -76,6 +146,9 @@ impl Default for VcpuMetrics {
             internal_error: AtomicU64::new(0),
             interrupted: AtomicU64::new(0),
             other: AtomicU64::new(0),
+            io_in_by_port: std::array::from_fn(|_| AtomicU64::new(0)),
+            io_out_by_port: std::array::from_fn(|_| AtomicU64::new(0)),
+            hypercalls: std::array::from_fn(|_| AtomicU64::new(0)),
             kvm_run_ns: AtomicU64::new(0),
             vmm_ns: AtomicU64::new(0),
             latency: std::array::from_fn(|_| AtomicU64::new(0)),
@@ -104,6 +177,21 @@ impl VcpuMetrics {
         counter.fetch_add(1, Relaxed);
     }
 
+    /// Counts one port-I/O exit by its port range (on top of [`Self::count`]).
+    pub fn count_port(&self, out: bool, range: PortRange) {
+        let counters = if out {
+            &self.io_out_by_port
+        } else {
+            &self.io_in_by_port
+        };
+        counters[range as usize].fetch_add(1, Relaxed);
+    }
+
+    /// Counts one hypercall by kind.
+    pub fn count_hypercall(&self, kind: HypercallKind) {
+        self.hypercalls[hypercall_index(kind)].fetch_add(1, Relaxed);
+    }
+
     /// Adds time spent inside KVM_RUN.
     pub fn add_kvm_run_ns(&self, ns: u64) {
         self.kvm_run_ns.fetch_add(ns, Relaxed);
@@ -128,6 +216,20 @@ impl VcpuMetrics {
             interrupted: self.interrupted.load(Relaxed),
             other: self.other.load(Relaxed),
             exits: 0,
+            io_in_by_port: PortCounts::from(&self.io_in_by_port),
+            io_out_by_port: PortCounts::from(&self.io_out_by_port),
+            hypercalls: {
+                let h = |k: HypercallKind| self.hypercalls[hypercall_index(k)].load(Relaxed);
+                HypercallCounts {
+                    write: h(HypercallKind::Write),
+                    exit: h(HypercallKind::Exit),
+                    clock: h(HypercallKind::Clock),
+                    report: h(HypercallKind::Report),
+                    fault: h(HypercallKind::Fault),
+                    nop: h(HypercallKind::Nop),
+                    invalid: h(HypercallKind::Invalid),
+                }
+            },
             kvm_run_ns: self.kvm_run_ns.load(Relaxed),
             vmm_ns: self.vmm_ns.load(Relaxed),
             handling_latency_log2_ns: self.latency.iter().map(|b| b.load(Relaxed)).collect(),
@@ -166,7 +268,12 @@ mod tests {
         m.count(ExitKind::IoOut);
         m.count(ExitKind::Hlt);
         m.record_handling(1500);
+        m.count_port(true, PortRange::Hypercall);
+        m.count_hypercall(HypercallKind::Nop);
+        m.count_hypercall(HypercallKind::Nop);
         let s = m.snapshot();
+        assert_eq!(s.io_out_by_port.hypercall, 1);
+        assert_eq!(s.hypercalls.nop, 2);
         assert_eq!((s.io_out, s.hlt, s.exits), (2, 1, 3));
         assert_eq!(s.handling_latency_log2_ns[10], 1);
         assert_eq!(s.vmm_ns, 1500);

@@ -14,6 +14,7 @@ use crate::devices::bus::PioBus;
 use crate::devices::debug_exit::{DebugExit, DEBUG_EXIT_PORT};
 use crate::devices::serial::{ConsoleSink, SerialConsole, COM1_PORT, COM_PORT_LEN};
 use crate::error::{Error, Result};
+use crate::hypercall::Hypercalls;
 use crate::memory::GuestRam;
 use crate::metrics::VcpuMetricsSnapshot;
 use crate::vcpu::exit::UnhandledAccess;
@@ -37,6 +38,8 @@ pub struct VmShared {
     pub unhandled: UnhandledAccess,
     /// The serial console's output.
     pub console: ConsoleSink,
+    /// Hypercall state (the run's report).
+    pub hypercalls: Hypercalls,
     /// Every vCPU's stop handle, for stopping siblings.
     controls: Mutex<Vec<(u32, Arc<Control>)>>,
     /// The first stop of the current run that ends the VM (debug exit, crash...).
@@ -50,6 +53,28 @@ fn relock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl VmShared {
+    /// The shared state of a VM with `ram`: COM1, the debug-exit port and the
+    /// hypercall interface. Needs no KVM (the exit loop's unit tests use it).
+    pub fn new(ram: GuestRam, unhandled: UnhandledAccess) -> Result<VmShared> {
+        let console = ConsoleSink::default();
+        let mut bus = PioBus::default();
+        bus.insert(
+            COM1_PORT,
+            COM_PORT_LEN,
+            Arc::new(Mutex::new(SerialConsole::new(console.clone()))),
+        )?;
+        bus.insert(DEBUG_EXIT_PORT, 1, Arc::new(Mutex::new(DebugExit)))?;
+        Ok(VmShared {
+            ram,
+            bus,
+            unhandled,
+            hypercalls: Hypercalls::new(console.clone()),
+            console,
+            controls: Mutex::new(Vec::new()),
+            vm_stop: Mutex::new(None),
+        })
+    }
+
     /// Remembers the first VM-ending stop of this run.
     pub fn record_vm_stop(&self, result: &RunResult) {
         let mut stop = relock(&self.vm_stop);
@@ -133,24 +158,9 @@ impl Vm {
             unsafe { fd.set_user_memory_region(memory_region) }
                 .map_err(Error::kvm("KVM_SET_USER_MEMORY_REGION"))?;
         }
-        let console = ConsoleSink::default();
-        let mut bus = PioBus::default();
-        bus.insert(
-            COM1_PORT,
-            COM_PORT_LEN,
-            Arc::new(Mutex::new(SerialConsole::new(console.clone()))),
-        )?;
-        bus.insert(DEBUG_EXIT_PORT, 1, Arc::new(Mutex::new(DebugExit)))?;
         Ok(Vm {
             fd,
-            shared: Arc::new(VmShared {
-                ram,
-                bus,
-                unhandled,
-                console,
-                controls: Mutex::new(Vec::new()),
-                vm_stop: Mutex::new(None),
-            }),
+            shared: Arc::new(VmShared::new(ram, unhandled)?),
             vcpus: Mutex::new(Vec::new()),
         })
     }
@@ -194,6 +204,7 @@ impl Vm {
             return Err(Error::arg("the VM has no vCPUs; create one first"));
         }
         *relock(&self.shared.vm_stop) = None;
+        self.shared.hypercalls.clear_report();
         for (i, vcpu) in vcpus.iter().enumerate() {
             if let Err(e) = vcpu.start() {
                 // Leave no half-started VM behind.
@@ -214,6 +225,11 @@ impl Vm {
         for vcpu in self.vcpu_list() {
             vcpu.control().request_stop(StopRequest::Stop);
         }
+    }
+
+    /// The guest's last REPORT hypercall of the current or last run.
+    pub fn report(&self) -> Option<Vec<u8>> {
+        self.shared.hypercalls.report()
     }
 
     /// Per-vCPU exit metrics.

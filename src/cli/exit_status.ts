@@ -25,8 +25,8 @@ export const ExitStatus = {
  * The process exit status for a run that ended with `exit`.
  *
  * @param exit How the run ended.
- * @returns The guest's debug-exit code (low 8 bits, always odd) or one of
- *   {@link ExitStatus}.
+ * @returns The guest's debug-exit code (low 8 bits, always odd), the status of
+ *   its EXIT hypercall (low 8 bits), or one of {@link ExitStatus}.
  * @example
  * ```ts
  * import { statusOfExit } from "./src/cli/exit_status.ts";
@@ -37,6 +37,8 @@ export function statusOfExit(exit: VcpuExit): number {
   switch (exit.reason) {
     case "debug_exit":
       return exit.exitCode & 0xff;
+    case "guest_exit":
+      return exit.status & 0xff;
     case "hlt":
     case "stopped":
       return ExitStatus.ok;

@@ -14,6 +14,7 @@ import {
 } from "../default_guest.ts";
 import { DenovisorError } from "../errors.ts";
 import type { EntryMode } from "../kvm/kvm.ts";
+import { type MetricsReport, metricsReport, toPrometheus } from "../metrics.ts";
 import { type LoadOptions, type RunResult, Vm } from "../vm.ts";
 import { ExitStatus, statusOfExit } from "./exit_status.ts";
 
@@ -47,6 +48,9 @@ Options:
   --timeout MS       stop the guest after MS milliseconds (default 0: never)
   --unhandled-io P   ignore | stop on port I/O or MMIO no device claims
                      (default ignore)
+  --arg N            the guest's argument (rdi at entry; repeat for rsi, rdx, ...)
+  --metrics FILE     write the run's exit metrics to FILE (- for stdout)
+  --metrics-format F json (default) | prometheus
   --quiet            no summary line
   -h, --help         this help
 `;
@@ -107,14 +111,40 @@ function summaryLine(result: RunResult): string {
     `(VM created in ${ms(result.timings.createMs)})\n`;
 }
 
+interface ImageRun {
+  result: RunResult;
+  metrics: MetricsReport;
+}
+
 async function runImage(
   image: Uint8Array,
   vmOptions: { memoryMiB: number; timeoutMs: number; unhandledIo: "ignore" | "stop" },
   load: LoadOptions,
-): Promise<RunResult> {
+): Promise<ImageRun> {
   using vm = await Vm.create({ ...vmOptions, console: "stdout" });
   vm.load(image, load);
-  return await vm.run();
+  const result = await vm.run();
+  return { result, metrics: metricsReport(vm) };
+}
+
+async function writeMetrics(
+  path: string,
+  format: "json" | "prometheus",
+  report: MetricsReport,
+): Promise<void> {
+  const text = format === "json"
+    ? JSON.stringify(report, null, 2) + "\n"
+    : toPrometheus(report.vcpus);
+  const bytes = new TextEncoder().encode(text);
+  if (path === "-") {
+    await Deno.stdout.write(bytes);
+    return;
+  }
+  try {
+    await Deno.writeFile(path, bytes);
+  } catch (e) {
+    throw new UsageError(`cannot write metrics to ${path}: ${e instanceof Error ? e.message : e}`);
+  }
 }
 
 async function runCommand(args: string[], io: CliIo): Promise<number> {
@@ -131,6 +161,9 @@ async function runCommand(args: string[], io: CliIo): Promise<number> {
       timeout: { type: "string" },
       "unhandled-io": { type: "string" },
       quiet: { type: "boolean" },
+      arg: { type: "string", multiple: true },
+      metrics: { type: "string" },
+      "metrics-format": { type: "string" },
       help: { type: "boolean", short: "h" },
     },
   });
@@ -161,21 +194,29 @@ async function runCommand(args: string[], io: CliIo): Promise<number> {
     format: oneOf(values.format, "--format", ["auto", "elf", "flat"] as const, "auto"),
     loadAddress: parseAddress(values["load-addr"], "--load-addr"),
     entry: parseAddress(values.entry, "--entry"),
+    arguments: (values.arg ?? []).map((a) => parseAddress(a, "--arg")!),
   };
+  const metricsFormat = oneOf(
+    values["metrics-format"],
+    "--metrics-format",
+    ["json", "prometheus"] as const,
+    "json",
+  );
   let image: Uint8Array;
   try {
     image = await Deno.readFile(path);
   } catch (e) {
     throw new UsageError(`cannot read image ${path}: ${e instanceof Error ? e.message : e}`);
   }
-  const result = await runImage(image, vmOptions, load);
+  const { result, metrics } = await runImage(image, vmOptions, load);
+  if (values.metrics !== undefined) await writeMetrics(values.metrics, metricsFormat, metrics);
   if (!values.quiet) io.error(summaryLine(result));
   return statusOfExit(result.exit);
 }
 
 async function defaultCommand(io: CliIo): Promise<number> {
   io.error("denovisor: running the built-in default guest (guest/hello/hello.S) in a new VM\n");
-  const result = await runImage(await defaultGuestImage(), {
+  const { result } = await runImage(await defaultGuestImage(), {
     memoryMiB: 16,
     timeoutMs: 10_000,
     unhandledIo: "stop",

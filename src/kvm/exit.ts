@@ -49,6 +49,22 @@ export interface CrashRegisters {
 export type VcpuExit =
   /** The guest wrote `v` to the debug-exit port 0xf4: `exitCode = (v << 1) | 1`. */
   | { reason: "debug_exit"; exitCode: number }
+  /** The guest made the EXIT hypercall with this status. */
+  | { reason: "guest_exit"; status: number }
+  /** The guest took an exception and reported it through the FAULT hypercall. */
+  | {
+    reason: "guest_fault";
+    /** Exception vector (0 #DE, 6 #UD, 13 #GP, 14 #PF, ...). */
+    vector: number;
+    /** The error code the CPU pushed (0 for vectors without one). */
+    errorCode: number;
+    /** The faulting address (CR2) for a page fault, else 0. */
+    address: bigint;
+    /** The instruction that faulted. */
+    rip: bigint;
+  }
+  /** A malformed hypercall: bad request block address or access size. */
+  | { reason: "bad_hypercall"; message: string }
   /** The guest executed HLT with nothing to wake it. */
   | { reason: "hlt" }
   /** The guest crashed: triple fault or another shutdown. */
@@ -89,7 +105,7 @@ export interface RawRunResult {
   [field: string]: unknown;
 }
 
-const HEX_FIELDS = new Set(["address", "data", "hardwareReason"]);
+const HEX_FIELDS = new Set(["address", "data", "hardwareReason", "rip"]);
 
 /**
  * Turns the core's JSON run result into a typed exit (hex strings → bigint).
@@ -119,6 +135,28 @@ export function parseExit(raw: RawRunResult): VcpuExit {
   return exit as unknown as VcpuExit;
 }
 
+/** Mnemonics of the x86 exception vectors. */
+const EXCEPTION_NAMES: Record<number, string> = {
+  0: "#DE divide error",
+  1: "#DB debug",
+  2: "NMI",
+  3: "#BP breakpoint",
+  4: "#OF overflow",
+  5: "#BR bound range",
+  6: "#UD invalid opcode",
+  7: "#NM device not available",
+  8: "#DF double fault",
+  10: "#TS invalid TSS",
+  11: "#NP segment not present",
+  12: "#SS stack fault",
+  13: "#GP general protection",
+  14: "#PF page fault",
+  16: "#MF x87 error",
+  17: "#AC alignment check",
+  18: "#MC machine check",
+  19: "#XM SIMD error",
+};
+
 /**
  * A one-line description of an exit, for messages and the CLI.
  *
@@ -135,6 +173,16 @@ export function describeExit(exit: VcpuExit): string {
   switch (exit.reason) {
     case "debug_exit":
       return `guest exited with code ${exit.exitCode}`;
+    case "guest_exit":
+      return `guest exited with status ${exit.status}`;
+    case "guest_fault":
+      return `guest fault: ${EXCEPTION_NAMES[exit.vector] ?? `vector ${exit.vector}`} at rip=${
+        hex(exit.rip)
+      } (error code ${hex(exit.errorCode)}${
+        exit.vector === 14 ? `, address ${hex(exit.address)}` : ""
+      })`;
+    case "bad_hypercall":
+      return `malformed hypercall: ${exit.message}`;
     case "hlt":
       return "guest halted";
     case "shutdown":

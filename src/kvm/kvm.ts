@@ -61,12 +61,48 @@ export interface VcpuMetrics {
   other: number;
   /** All exits. */
   exits: number;
+  /** Port reads by port range. */
+  ioInByPort: PortCounts;
+  /** Port writes by port range. */
+  ioOutByPort: PortCounts;
+  /** Hypercalls by kind. */
+  hypercalls: HypercallCounts;
   /** Nanoseconds spent inside KVM_RUN. */
   kvmRunNs: number;
   /** Nanoseconds the VMM spent handling exits. */
   vmmNs: number;
   /** `handlingLatencyLog2Ns[i]` counts exits handled in `[2^i, 2^(i+1))` ns. */
   handlingLatencyLog2Ns: number[];
+}
+
+/** Port-I/O exit counts by the device range the port belongs to. */
+export interface PortCounts {
+  /** COM1, 0x3f8-0x3ff. */
+  serial: number;
+  /** The debug-exit port 0xf4. */
+  debugExit: number;
+  /** The hypercall port 0x510. */
+  hypercall: number;
+  /** Every other port. */
+  other: number;
+}
+
+/** Hypercall counts by kind (see `guest/README.md` for the ABI). */
+export interface HypercallCounts {
+  /** WRITE: console output. */
+  write: number;
+  /** EXIT: the guest ended the VM. */
+  exit: number;
+  /** CLOCK: monotonic clock reads. */
+  clock: number;
+  /** REPORT: result buffers. */
+  report: number;
+  /** FAULT: exceptions the guest could not handle. */
+  fault: number;
+  /** NOP: pure round trips. */
+  nop: number;
+  /** Unknown call numbers and calls refused with an error status. */
+  invalid: number;
 }
 
 /** The result of a run: the exit that ended it, and which vCPU took it. */
@@ -328,6 +364,16 @@ export class KvmVm implements Disposable {
   /** Asks every vCPU to stop; a pending run resolves with `stopped`. */
   stop(): void {
     this.#core.vmStop(this.#live());
+  }
+
+  /**
+   * The bytes of the guest's last REPORT hypercall in the current or last run.
+   *
+   * @returns The report, or undefined when the guest reported nothing.
+   */
+  report(): Uint8Array | undefined {
+    const bytes = this.#core.vmReport(this.#live());
+    return bytes.length > 0 ? bytes : undefined;
   }
 
   /**

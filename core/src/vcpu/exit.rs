@@ -7,8 +7,12 @@
 use kvm_ioctls::VcpuExit;
 use serde::Serialize;
 
-use crate::devices::bus::{DeviceAction, PioBus};
-use crate::metrics::{ExitKind, VcpuMetrics};
+use crate::devices::bus::DeviceAction;
+use crate::devices::debug_exit::DEBUG_EXIT_PORT;
+use crate::devices::serial::{COM1_PORT, COM_PORT_LEN};
+use crate::hypercall::{GuestFault, HypercallKind, HypercallOutcome, HYPERCALL_PORT};
+use crate::metrics::{ExitKind, PortRange, VcpuMetrics};
+use crate::vm::VmShared;
 
 /// What to do with port I/O or MMIO that no device claims.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -30,7 +34,7 @@ pub enum Direction {
 
 /// Serializes a u64 as a `"0x..."` string: JSON numbers lose precision above 2^53,
 /// and guest addresses and registers use all 64 bits.
-fn hex<S: serde::Serializer>(value: &u64, serializer: S) -> Result<S::Ok, S::Error> {
+pub(crate) fn hex<S: serde::Serializer>(value: &u64, serializer: S) -> Result<S::Ok, S::Error> {
     serializer.serialize_str(&format!("{value:#x}"))
 }
 
@@ -81,6 +85,12 @@ pub enum StopReason {
         #[serde(rename = "exitCode")]
         exit_code: u32,
     },
+    /// The guest made the EXIT hypercall.
+    GuestExit { status: u32 },
+    /// The guest took an exception and reported it through the FAULT hypercall.
+    GuestFault(GuestFault),
+    /// A malformed hypercall (bad request block address or access size).
+    BadHypercall { message: String },
     /// The guest executed HLT with no interrupt controller to wake it.
     Hlt,
     /// Triple fault or another shutdown: the guest crashed.
@@ -147,17 +157,50 @@ fn as_u64(data: &[u8]) -> u64 {
     u64::from_le_bytes(v)
 }
 
-/// Handles one exit: dispatches I/O to devices and turns everything else into a
-/// decision. Counts the exit in `metrics`.
-pub fn handle_exit(
-    exit: VcpuExit<'_>,
-    bus: &PioBus,
-    unhandled: UnhandledAccess,
-    metrics: &VcpuMetrics,
-) -> ExitAction {
+/// The metrics range of a port.
+fn port_range(port: u16) -> PortRange {
+    match port {
+        HYPERCALL_PORT => PortRange::Hypercall,
+        DEBUG_EXIT_PORT => PortRange::DebugExit,
+        p if (COM1_PORT..COM1_PORT + COM_PORT_LEN).contains(&p) => PortRange::Serial,
+        _ => PortRange::Other,
+    }
+}
+
+/// Handles a hypercall and counts it.
+fn hypercall(vm: &VmShared, data: &[u8], metrics: &VcpuMetrics) -> ExitAction {
+    match vm.hypercalls.handle(&vm.ram, data) {
+        HypercallOutcome::Continue(kind) => {
+            metrics.count_hypercall(kind);
+            ExitAction::Continue
+        }
+        HypercallOutcome::Exit(status) => {
+            metrics.count_hypercall(HypercallKind::Exit);
+            ExitAction::Stop(StopReason::GuestExit { status })
+        }
+        HypercallOutcome::Fault(fault) => {
+            metrics.count_hypercall(HypercallKind::Fault);
+            ExitAction::Stop(StopReason::GuestFault(fault))
+        }
+        HypercallOutcome::Malformed(message) => {
+            metrics.count_hypercall(HypercallKind::Invalid);
+            ExitAction::Stop(StopReason::BadHypercall { message })
+        }
+    }
+}
+
+/// Handles one exit: dispatches I/O to devices and hypercalls, and turns
+/// everything else into a decision. Counts the exit in `metrics`.
+pub fn handle_exit(exit: VcpuExit<'_>, vm: &VmShared, metrics: &VcpuMetrics) -> ExitAction {
+    let bus = &vm.bus;
+    let unhandled = vm.unhandled;
     match exit {
         VcpuExit::IoOut(port, data) => {
             metrics.count(ExitKind::IoOut);
+            metrics.count_port(true, port_range(port));
+            if port == HYPERCALL_PORT {
+                return hypercall(vm, data, metrics);
+            }
             match bus.write(port, data) {
                 Some(DeviceAction::Continue) => ExitAction::Continue,
                 Some(DeviceAction::Exit(code)) => {
@@ -174,6 +217,7 @@ pub fn handle_exit(
         }
         VcpuExit::IoIn(port, data) => {
             metrics.count(ExitKind::IoIn);
+            metrics.count_port(false, port_range(port));
             if bus.read(port, data) {
                 return ExitAction::Continue;
             }
@@ -249,49 +293,50 @@ pub fn handle_exit(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::debug_exit::{DebugExit, DEBUG_EXIT_PORT};
-    use std::sync::{Arc, Mutex};
+    use crate::memory::GuestRam;
 
-    fn bus() -> PioBus {
-        let mut bus = PioBus::default();
-        bus.insert(DEBUG_EXIT_PORT, 1, Arc::new(Mutex::new(DebugExit)))
-            .unwrap();
-        bus
+    fn vm(unhandled: UnhandledAccess) -> VmShared {
+        VmShared::new(GuestRam::new(1 << 20).unwrap(), unhandled).unwrap()
     }
 
     #[test]
     fn debug_exit_stops_with_qemu_code() {
         let m = VcpuMetrics::default();
-        let action = handle_exit(
-            VcpuExit::IoOut(0xf4, &[3]),
-            &bus(),
-            UnhandledAccess::Stop,
-            &m,
-        );
+        let action = handle_exit(VcpuExit::IoOut(0xf4, &[3]), &vm(UnhandledAccess::Stop), &m);
         assert_eq!(
             action,
             ExitAction::Stop(StopReason::DebugExit { exit_code: 7 })
         );
-        assert_eq!(m.snapshot().io_out, 1);
+        let s = m.snapshot();
+        assert_eq!((s.io_out, s.io_out_by_port.debug_exit), (1, 1));
+    }
+
+    #[test]
+    fn serial_output_reaches_the_console_and_counts_by_range() {
+        let m = VcpuMetrics::default();
+        let v = vm(UnhandledAccess::Stop);
+        assert_eq!(
+            handle_exit(VcpuExit::IoOut(0x3f8, b"x"), &v, &m),
+            ExitAction::Continue
+        );
+        assert_eq!(v.console.0.lock().unwrap().take().0, b"x");
+        assert_eq!(m.snapshot().io_out_by_port.serial, 1);
     }
 
     #[test]
     fn unhandled_io_follows_policy() {
         let m = VcpuMetrics::default();
-        let b = bus();
         assert_eq!(
             handle_exit(
                 VcpuExit::IoOut(0x80, &[1, 2]),
-                &b,
-                UnhandledAccess::Ignore,
+                &vm(UnhandledAccess::Ignore),
                 &m
             ),
             ExitAction::Continue
         );
         let stop = handle_exit(
             VcpuExit::IoOut(0x80, &[1, 2]),
-            &b,
-            UnhandledAccess::Stop,
+            &vm(UnhandledAccess::Stop),
             &m,
         );
         assert_eq!(
@@ -307,13 +352,45 @@ mod tests {
         assert_eq!(
             handle_exit(
                 VcpuExit::IoIn(0x71, &mut data),
-                &b,
-                UnhandledAccess::Ignore,
+                &vm(UnhandledAccess::Ignore),
                 &m
             ),
             ExitAction::Continue
         );
         assert_eq!(data, [0xff; 4], "open bus reads all-ones");
+        assert_eq!(m.snapshot().io_out_by_port.other, 2);
+    }
+
+    #[test]
+    fn hypercalls_are_dispatched_and_counted() {
+        let m = VcpuMetrics::default();
+        let v = vm(UnhandledAccess::Stop);
+        let mut block = [0u8; 48];
+        block[0] = 6; // NOP
+        v.ram.write(0x1000, &block).unwrap();
+        let addr = 0x1000u32.to_le_bytes();
+        assert_eq!(
+            handle_exit(VcpuExit::IoOut(0x510, &addr), &v, &m),
+            ExitAction::Continue
+        );
+        block[0] = 2; // EXIT(9)
+        block[8] = 9;
+        v.ram.write(0x1000, &block).unwrap();
+        assert_eq!(
+            handle_exit(VcpuExit::IoOut(0x510, &addr), &v, &m),
+            ExitAction::Stop(StopReason::GuestExit { status: 9 })
+        );
+        let bad = handle_exit(VcpuExit::IoOut(0x510, &[0]), &v, &m);
+        assert!(matches!(
+            bad,
+            ExitAction::Stop(StopReason::BadHypercall { .. })
+        ));
+        let s = m.snapshot();
+        assert_eq!(
+            (s.hypercalls.nop, s.hypercalls.exit, s.hypercalls.invalid),
+            (1, 1, 1)
+        );
+        assert_eq!(s.io_out_by_port.hypercall, 3);
     }
 
     #[test]
@@ -322,8 +399,7 @@ mod tests {
         let mut data = [0u8; 4];
         let a = handle_exit(
             VcpuExit::MmioRead(0xfee0_0000, &mut data),
-            &bus(),
-            UnhandledAccess::Stop,
+            &vm(UnhandledAccess::Stop),
             &m,
         );
         assert!(matches!(
@@ -335,8 +411,7 @@ mod tests {
         ));
         let a = handle_exit(
             VcpuExit::MmioWrite(0xd000_0000, &[1]),
-            &bus(),
-            UnhandledAccess::Ignore,
+            &vm(UnhandledAccess::Ignore),
             &m,
         );
         assert_eq!(a, ExitAction::Continue);
@@ -345,25 +420,19 @@ mod tests {
     #[test]
     fn hlt_shutdown_and_errors_stop() {
         let m = VcpuMetrics::default();
-        let b = bus();
+        let v = vm(UnhandledAccess::Stop);
         assert_eq!(
-            handle_exit(VcpuExit::Hlt, &b, UnhandledAccess::Stop, &m),
+            handle_exit(VcpuExit::Hlt, &v, &m),
             ExitAction::Stop(StopReason::Hlt)
         );
-        assert_eq!(
-            handle_exit(VcpuExit::Shutdown, &b, UnhandledAccess::Stop, &m),
-            ExitAction::Crashed
-        );
+        assert_eq!(handle_exit(VcpuExit::Shutdown, &v, &m), ExitAction::Crashed);
         assert!(matches!(
-            handle_exit(VcpuExit::FailEntry(0x21, 0), &b, UnhandledAccess::Stop, &m),
+            handle_exit(VcpuExit::FailEntry(0x21, 0), &v, &m),
             ExitAction::Stop(StopReason::FailEntry {
                 hardware_reason: 0x21
             })
         ));
-        assert_eq!(
-            handle_exit(VcpuExit::Intr, &b, UnhandledAccess::Stop, &m),
-            ExitAction::Continue
-        );
+        assert_eq!(handle_exit(VcpuExit::Intr, &v, &m), ExitAction::Continue);
         let s = m.snapshot();
         assert_eq!((s.hlt, s.shutdown, s.other, s.interrupted), (1, 1, 1, 1));
     }
@@ -380,6 +449,17 @@ mod tests {
         })
         .unwrap();
         assert!(json.contains(r#""address":"0xffffffffffffffff""#), "{json}");
+        let json = serde_json::to_string(&StopReason::GuestFault(GuestFault {
+            vector: 14,
+            error_code: 2,
+            address: 0x1000,
+            rip: 0x100000,
+        }))
+        .unwrap();
+        assert_eq!(
+            json,
+            r#"{"reason":"guest_fault","vector":14,"errorCode":2,"address":"0x1000","rip":"0x100000"}"#
+        );
         assert!(!StopReason::TimedOut.ends_vm());
         assert!(StopReason::Hlt.ends_vm());
     }

@@ -429,7 +429,7 @@ fn run_until_stop(
         let exited = Instant::now();
         metrics.add_kvm_run_ns((exited - mark).as_nanos() as u64);
         let action = match result {
-            Ok(exit) => handle_exit(exit, &shared.bus, shared.unhandled, metrics),
+            Ok(exit) => handle_exit(exit, shared, metrics),
             Err(e) if e.errno() == libc::EINTR => {
                 vcpu.set_kvm_immediate_exit(0);
                 metrics.count(ExitKind::Interrupted);
