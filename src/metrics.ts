@@ -1,0 +1,182 @@
+/**
+ * Exit metrics as reports: a JSON document and the Prometheus text exposition
+ * format. The counters themselves live in the core (atomic, per vCPU) and are
+ * read in one call ({@link Vm.metrics}); nothing here runs per exit.
+ *
+ * @module
+ */
+
+import type { VcpuMetrics } from "./kvm/kvm.ts";
+import type { Vm } from "./vm.ts";
+
+/** A VM's metrics at one moment, as `main.ts run --metrics FILE` writes them. */
+export interface MetricsReport {
+  /** When the snapshot was taken (ISO 8601). */
+  takenAt: string;
+  /** All vCPUs summed. */
+  total: VcpuMetrics;
+  /** One entry per vCPU, by index. */
+  vcpus: VcpuMetrics[];
+}
+
+function sumInto(into: Record<string, unknown>, from: Record<string, unknown>): void {
+  for (const [key, value] of Object.entries(from)) {
+    if (typeof value === "number") {
+      into[key] = ((into[key] as number | undefined) ?? 0) + value;
+    } else if (Array.isArray(value)) {
+      const acc = (into[key] as number[] | undefined) ?? value.map(() => 0);
+      value.forEach((v: number, i) => acc[i] += v);
+      into[key] = acc;
+    } else if (value && typeof value === "object") {
+      const acc = (into[key] as Record<string, unknown> | undefined) ?? {};
+      sumInto(acc, value as Record<string, unknown>);
+      into[key] = acc;
+    }
+  }
+}
+
+/**
+ * Sums per-vCPU metrics field by field.
+ *
+ * @param vcpus Per-vCPU metrics.
+ * @returns Their sum (histogram buckets summed bucket by bucket).
+ * @example
+ * ```ts
+ * import { sumMetrics, Vm } from "./mod.ts";
+ * using vm = await Vm.create();
+ * console.log(sumMetrics(vm.metrics()).exits); // 0
+ * ```
+ */
+export function sumMetrics(vcpus: readonly VcpuMetrics[]): VcpuMetrics {
+  const total: Record<string, unknown> = {};
+  for (const m of vcpus) sumInto(total, m as unknown as Record<string, unknown>);
+  return total as unknown as VcpuMetrics;
+}
+
+/**
+ * Takes a metrics report of a VM.
+ *
+ * @param vm The VM.
+ * @returns Per-vCPU metrics and their total.
+ * @example
+ * ```ts
+ * import { metricsReport, Vm } from "./mod.ts";
+ * using vm = await Vm.create();
+ * console.log(JSON.stringify(metricsReport(vm), null, 2));
+ * ```
+ */
+export function metricsReport(vm: Vm): MetricsReport {
+  const vcpus = vm.metrics();
+  return { takenAt: new Date().toISOString(), total: sumMetrics(vcpus), vcpus };
+}
+
+/** Escapes a Prometheus label value. */
+function label(value: string): string {
+  return value.replace(/\\/g, "\\\\").replace(/"/g, '\\"').replace(/\n/g, "\\n");
+}
+
+/**
+ * Renders metrics in the Prometheus text exposition format (version 0.0.4).
+ *
+ * @param vcpus Per-vCPU metrics.
+ * @param labels Extra labels for every sample (for example `{ vm: "web-1" }`).
+ * @returns The exposition text, ending with a newline.
+ * @example
+ * ```ts
+ * import { toPrometheus, Vm } from "./mod.ts";
+ * using vm = await Vm.create();
+ * console.log(toPrometheus(vm.metrics(), { vm: "demo" }));
+ * ```
+ */
+export function toPrometheus(
+  vcpus: readonly VcpuMetrics[],
+  labels: Readonly<Record<string, string>> = {},
+): string {
+  const lines: string[] = [];
+  const labelText = (extra: Record<string, string>) => {
+    const all = { ...labels, ...extra };
+    const parts = Object.entries(all).map(([k, v]) => `${k}="${label(v)}"`);
+    return parts.length ? `{${parts.join(",")}}` : "";
+  };
+  const family = (name: string, type: string, help: string) => {
+    lines.push(`# HELP ${name} ${help}`, `# TYPE ${name} ${type}`);
+  };
+
+  family("denovisor_vcpu_exits_total", "counter", "VM exits by reason.");
+  const reasons = [
+    ["io_in", "ioIn"],
+    ["io_out", "ioOut"],
+    ["mmio_read", "mmioRead"],
+    ["mmio_write", "mmioWrite"],
+    ["hlt", "hlt"],
+    ["shutdown", "shutdown"],
+    ["internal_error", "internalError"],
+    ["interrupted", "interrupted"],
+    ["other", "other"],
+  ] as const;
+  vcpus.forEach((m, vcpu) => {
+    for (const [reason, key] of reasons) {
+      lines.push(`denovisor_vcpu_exits_total${labelText({ vcpu: `${vcpu}`, reason })} ${m[key]}`);
+    }
+  });
+
+  family(
+    "denovisor_vcpu_io_exits_total",
+    "counter",
+    "Port-I/O exits by direction and the device range of the port.",
+  );
+  vcpus.forEach((m, vcpu) => {
+    for (const [direction, counts] of [["in", m.ioInByPort], ["out", m.ioOutByPort]] as const) {
+      for (const [range, n] of Object.entries(counts)) {
+        lines.push(
+          `denovisor_vcpu_io_exits_total${labelText({ vcpu: `${vcpu}`, direction, range })} ${n}`,
+        );
+      }
+    }
+  });
+
+  family("denovisor_vcpu_hypercalls_total", "counter", "Hypercalls by kind.");
+  vcpus.forEach((m, vcpu) => {
+    for (const [kind, n] of Object.entries(m.hypercalls)) {
+      lines.push(`denovisor_vcpu_hypercalls_total${labelText({ vcpu: `${vcpu}`, kind })} ${n}`);
+    }
+  });
+
+  family(
+    "denovisor_vcpu_kvm_run_seconds_total",
+    "counter",
+    "Time inside KVM_RUN: guest execution plus KVM's own exit handling.",
+  );
+  vcpus.forEach((m, vcpu) => {
+    lines.push(
+      `denovisor_vcpu_kvm_run_seconds_total${labelText({ vcpu: `${vcpu}` })} ${m.kvmRunNs / 1e9}`,
+    );
+  });
+
+  family(
+    "denovisor_vcpu_exit_handling_seconds",
+    "histogram",
+    "Time the VMM spent handling each exit, between two KVM_RUNs.",
+  );
+  vcpus.forEach((m, vcpu) => {
+    let cumulative = 0;
+    m.handlingLatencyLog2Ns.forEach((count, i) => {
+      cumulative += count;
+      // Bucket i holds [2^i, 2^(i+1)) ns, so its upper bound is 2^(i+1) ns.
+      const le = `${2 ** (i + 1) / 1e9}`;
+      lines.push(
+        `denovisor_vcpu_exit_handling_seconds_bucket${
+          labelText({ vcpu: `${vcpu}`, le })
+        } ${cumulative}`,
+      );
+    });
+    lines.push(
+      `denovisor_vcpu_exit_handling_seconds_bucket${
+        labelText({ vcpu: `${vcpu}`, le: "+Inf" })
+      } ${cumulative}`,
+      `denovisor_vcpu_exit_handling_seconds_sum${labelText({ vcpu: `${vcpu}` })} ${m.vmmNs / 1e9}`,
+      `denovisor_vcpu_exit_handling_seconds_count${labelText({ vcpu: `${vcpu}` })} ${cumulative}`,
+    );
+  });
+  return lines.join("\n") + "\n";
+}
