@@ -187,8 +187,8 @@ export function workloadMemoryMiB(name: WorkloadName, arg = 0): number {
  * console.log(result.reportText); // {"workload":"cpu","arg":8,...}
  * ```
  */
-export function buildWorkloadGuest(name: WorkloadName): Promise<Uint8Array> {
-  return buildRuntimeGuest(workloadSourceUrl(name));
+export async function buildWorkloadGuest(name: WorkloadName): Promise<Uint8Array> {
+  return await buildRuntimeGuest(workloadSourceUrl(name));
 }
 
 /**
@@ -389,7 +389,9 @@ async function run(
 ): Promise<{ code: number; stdout: string; stderr: string }> {
   let output: Deno.CommandOutput;
   try {
-    output = await new Deno.Command(tool, { args, stdin: "null" }).output();
+    // LC_ALL=C: plain ASCII quotes in the messages a BUILD_FAILED carries.
+    output = await new Deno.Command(tool, { args, stdin: "null", env: { LC_ALL: "C" } })
+      .output();
   } catch (e) {
     if (e instanceof Deno.errors.NotFound) {
       const pkg = tool === "gcc" ? "gcc" : "binutils";
