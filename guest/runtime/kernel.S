@@ -144,8 +144,8 @@ _start:
  *
  * It returns with iretq rather than sysretq: PVM runs CPL0 code in KVM's
  * instruction emulator, which has no SYSRET (the guest gets a #GP at the
- * sysretq). The RFLAGS pushed are USER_RFLAGS, not r11: under PVM, SYSCALL saves
- * the flags user code really ran with (IF = 1, IOPL = 0), not those iretq gave it.
+ * sysretq). The RFLAGS pushed are USER_RFLAGS, not r11: under PVM, SYSCALL saved
+ * 0x202 in r11 (IF = 1, IOPL = 0) although iretq had set USER_RFLAGS.
  */
 	.globl	dv_syscall_entry
 	.type	dv_syscall_entry, @function
