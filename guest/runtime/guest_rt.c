@@ -24,7 +24,8 @@ void *dv_alloc(size_t bytes)
 {
 	if (heap_next == 0)
 		heap_next = ((uintptr_t)__image_end + PAGE - 1) & ~(uintptr_t)(PAGE - 1);
-	uintptr_t top = dv_stack_top < dv_ram_bytes ? dv_stack_top : dv_ram_bytes;
+	/* rsi = 0 at entry (a host that does not pass the RAM size): trust the stack. */
+	uintptr_t top = dv_ram_bytes && dv_ram_bytes < dv_stack_top ? dv_ram_bytes : dv_stack_top;
 	uintptr_t limit = top > STACK_RESERVE ? top - STACK_RESERVE : 0;
 	uintptr_t align = bytes >= PAGE ? PAGE : 64;
 	uintptr_t start = (heap_next + align - 1) & ~(align - 1);
