@@ -26,8 +26,8 @@ async function tempImage(bytes: Uint8Array): Promise<string> {
   return path;
 }
 
-kvmTest("with no arguments the CLI runs the default guest and exits 0", async () => {
-  const { code, stdout, stderr } = await cli();
+kvmTest("hello runs the built-in hello guest and exits 0", async () => {
+  const { code, stdout, stderr } = await cli("hello");
   assert.equal(code, 0, stderr);
   assert.match(stdout, /denovisor/i);
   assert.match(stdout, /500500/);
@@ -78,6 +78,8 @@ Deno.test("bad arguments give status 2 and a one-line message", async () => {
     [["run", "--bogus", "x.img"], /Unknown option '--bogus'/],
     [["run", "/nonexistent/image.bin"], /cannot read image \/nonexistent\/image.bin/],
     [["frobnicate"], /unknown command "frobnicate"/],
+    [["overhead", "--workload", "gpu"], /--workload must be one of cpu, memory, io, syscall/],
+    [["overhead", "--runs", "0"], /--runs must be an integer >= 1/],
   ];
   for (const [args, message] of cases) {
     const r = await cli(...args);
@@ -111,7 +113,7 @@ kvmTest("malformed images give status 2 and name the problem", async () => {
 });
 
 Deno.test("--help works on every command", async () => {
-  for (const args of [["--help"], ["run", "--help"]]) {
+  for (const args of [["--help"], ["run", "--help"], ["overhead", "--help"]]) {
     const r = await cli(...args);
     assert.equal(r.code, 0);
     assert.match(r.stderr, /Usage/);

@@ -16,19 +16,38 @@ import { DenovisorError } from "../errors.ts";
 import type { EntryMode } from "../kvm/kvm.ts";
 import { type MetricsReport, metricsReport, toPrometheus } from "../metrics.ts";
 import { type LoadOptions, type RunResult, Vm } from "../vm.ts";
+import { formatOverheadTable, measureOverhead, type WorkloadName, WORKLOADS } from "../overhead.ts";
 import { ExitStatus, statusOfExit } from "./exit_status.ts";
 
 const MAIN_HELP = `denovisor — a KVM hypervisor driven from TypeScript
 
 Usage:
-  deno run -A main.ts                 run the built-in default guest
+  deno run -A main.ts                 measure virtualization overhead: every
+                                      workload natively and in a VM, as a table
+  deno run -A main.ts overhead [--json] [--workload W] [--size N] [--runs R]
+  deno run -A main.ts hello           run the built-in hello guest
   deno run -A main.ts run [options] IMAGE
                                       run a flat binary or static ELF64 image
   deno run -A main.ts <command> --help
 
-Exit status: a guest's debug-exit code (always odd); 0 when the default guest
-succeeds or a guest halts; 2 bad arguments or image; 10 guest crashed;
+Exit status: a guest's debug-exit code (always odd) or EXIT hypercall status;
+0 when the hello guest succeeds or a guest halts; 2 bad arguments or image; 10 guest crashed;
 70 VMM error; 124 timeout.
+`;
+
+const OVERHEAD_HELP = `Usage: deno run -A main.ts overhead [options]
+
+Runs each workload (guest/workloads/*.c) natively and inside a denovisor VM,
+a few times each, and prints T_native, T_virt, the overhead T_virt - T_native,
+and the VM's exit statistics. Both sides time the same region with the same
+monotonic clock; their checksums must agree.
+
+Options:
+  --workload W   cpu | memory | io | syscall (repeatable; default: all)
+  --size N       the workloads' size argument (default: each one's own)
+  --runs R       runs per side (default 3; the median is reported)
+  --json         print the full results as JSON instead of a table
+  -h, --help     this help
 `;
 
 const RUN_HELP = `Usage: deno run -A main.ts run [options] IMAGE
@@ -214,8 +233,50 @@ async function runCommand(args: string[], io: CliIo): Promise<number> {
   return statusOfExit(result.exit);
 }
 
-async function defaultCommand(io: CliIo): Promise<number> {
-  io.error("denovisor: running the built-in default guest (guest/hello/hello.S) in a new VM\n");
+async function overheadCommand(args: string[], io: CliIo): Promise<number> {
+  const { values, positionals } = parseArgs({
+    args,
+    strict: true,
+    allowPositionals: true,
+    options: {
+      workload: { type: "string", multiple: true },
+      size: { type: "string" },
+      runs: { type: "string" },
+      json: { type: "boolean" },
+      help: { type: "boolean", short: "h" },
+    },
+  });
+  if (values.help) {
+    io.error(OVERHEAD_HELP);
+    return ExitStatus.ok;
+  }
+  if (positionals.length > 0) throw new UsageError(`unexpected argument "${positionals[0]}"`);
+  const workloads = (values.workload ?? []).map((w) =>
+    oneOf<WorkloadName>(w, "--workload", WORKLOADS, "cpu")
+  );
+  const results = await measureOverhead({
+    workloads: workloads.length > 0 ? workloads : WORKLOADS,
+    size: values.size === undefined ? undefined : parseCount(values.size, "--size", 1, 1),
+    runs: parseCount(values.runs, "--runs", 3, 1),
+    onProgress: (line) => io.error(`denovisor: ${line}\n`),
+  });
+  if (values.json) {
+    await Deno.stdout.write(new TextEncoder().encode(JSON.stringify(results, null, 2) + "\n"));
+  } else {
+    const table = formatOverheadTable(results);
+    await Deno.stdout.write(new TextEncoder().encode(`\n${table}\n\n${OVERHEAD_LEGEND}`));
+  }
+  return ExitStatus.ok;
+}
+
+const OVERHEAD_LEGEND =
+  `T_native, T_virt: median time of the measured region (same C source, same clock).
+overhead = T_virt - T_native. time/exit = (time in KVM_RUN + time in the VMM) / exits:
+the exit round trip for exit-bound workloads. VMM/exit: the VMM's own share of it.
+`;
+
+async function helloCommand(io: CliIo): Promise<number> {
+  io.error("denovisor: running the built-in hello guest (guest/hello/hello.S) in a new VM\n");
   const { result } = await runImage(await defaultGuestImage(), {
     memoryMiB: 16,
     timeoutMs: 10_000,
@@ -241,7 +302,9 @@ async function defaultCommand(io: CliIo): Promise<number> {
 export async function main(args: string[], io: CliIo = stderrIo): Promise<number> {
   try {
     const [command, ...rest] = args;
-    if (command === undefined) return await defaultCommand(io);
+    if (command === undefined) return await overheadCommand([], io);
+    if (command === "overhead") return await overheadCommand(rest, io);
+    if (command === "hello") return await helloCommand(io);
     if (command === "-h" || command === "--help" || command === "help") {
       io.error(MAIN_HELP);
       return ExitStatus.ok;
