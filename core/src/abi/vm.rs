@@ -1,0 +1,261 @@
+//! The VM functions of the C ABI (see the contract in `abi/mod.rs`).
+
+use std::sync::Arc;
+
+use super::{
+    bytes, bytes_mut, guarded, guarded_into, json, put, timeout, LOAD_FLAG_RESERVE_LOW,
+    VM_FLAG_STOP_ON_UNHANDLED,
+};
+use crate::boot::elf;
+use crate::error::Error;
+use crate::handles::{self, Object};
+use crate::vcpu::exit::UnhandledAccess;
+use crate::vm::Vm;
+
+/// Creates a VM with `mem_bytes` of RAM (`flags`: [`VM_FLAG_STOP_ON_UNHANDLED`]).
+///
+/// # Safety
+/// `out_vm` must be valid for a `u32` write.
+#[no_mangle]
+pub unsafe extern "C" fn dv_vm_create(mem_bytes: u64, flags: u32, out_vm: *mut u32) -> i32 {
+    guarded(|| {
+        if flags & !VM_FLAG_STOP_ON_UNHANDLED != 0 {
+            return Err(Error::arg(format!("unknown VM flags {flags:#x}")));
+        }
+        if out_vm.is_null() {
+            return Err(Error::arg("null output pointer"));
+        }
+        let unhandled = if flags & VM_FLAG_STOP_ON_UNHANDLED != 0 {
+            UnhandledAccess::Stop
+        } else {
+            UnhandledAccess::Ignore
+        };
+        let vm = Arc::new(Vm::new(mem_bytes, unhandled)?);
+        let handle = handles::insert(Object::Vm(vm))?;
+        // SAFETY: checked non-null above; valid per the contract.
+        unsafe { put(out_vm, handle) }
+    })
+}
+
+/// Stops the VM, joins its vCPU threads and invalidates its handle and the handles
+/// of its vCPUs. Memory and fds are freed once no call is using the VM.
+#[no_mangle]
+pub extern "C" fn dv_vm_close(vm: u32) -> i32 {
+    guarded(|| {
+        let Object::Vm(vm) = handles::remove(vm, "VM")? else {
+            return Err(Error::arg("handle kind mismatch"));
+        };
+        vm.close();
+        handles::remove_vcpus_of(&vm);
+        Ok(())
+    })
+}
+
+/// Creates the VM's next vCPU.
+///
+/// # Safety
+/// `out_vcpu` must be valid for a `u32` write.
+#[no_mangle]
+pub unsafe extern "C" fn dv_vm_create_vcpu(vm: u32, out_vcpu: *mut u32) -> i32 {
+    guarded(|| {
+        let vm = handles::vm(vm)?;
+        if out_vcpu.is_null() {
+            return Err(Error::arg("null output pointer"));
+        }
+        let vcpu = vm.create_vcpu()?;
+        let handle = handles::insert_vcpu(&vm, vcpu)?;
+        // SAFETY: checked non-null above; valid per the contract.
+        unsafe { put(out_vcpu, handle) }
+    })
+}
+
+/// Copies `len` bytes from `data` into guest RAM at guest-physical `gpa`.
+///
+/// # Safety
+/// `data` must be valid for `len` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn dv_vm_write_memory(vm: u32, gpa: u64, data: *const u8, len: usize) -> i32 {
+    guarded(|| {
+        let vm = handles::vm(vm)?;
+        // SAFETY: per this function's contract.
+        vm.ram().write(gpa, unsafe { bytes(data, len)? })
+    })
+}
+
+/// Copies `len` bytes of guest RAM at `gpa` into `buf`.
+///
+/// # Safety
+/// `buf` must be valid for `len` writable bytes.
+#[no_mangle]
+pub unsafe extern "C" fn dv_vm_read_memory(vm: u32, gpa: u64, buf: *mut u8, len: usize) -> i32 {
+    guarded(|| {
+        let vm = handles::vm(vm)?;
+        // SAFETY: per this function's contract.
+        vm.ram().read(gpa, unsafe { bytes_mut(buf, len)? })
+    })
+}
+
+/// Loads a static ELF64 x86-64 image; writes its entry point to `out_entry`.
+/// `flags`: [`LOAD_FLAG_RESERVE_LOW`]. Nothing is written on error.
+///
+/// # Safety
+/// `data` must be valid for `len` bytes; `out_entry` for a `u64` write.
+#[no_mangle]
+pub unsafe extern "C" fn dv_vm_load_elf(
+    vm: u32,
+    data: *const u8,
+    len: usize,
+    flags: u32,
+    out_entry: *mut u64,
+) -> i32 {
+    guarded(|| {
+        let vm = handles::vm(vm)?;
+        if out_entry.is_null() {
+            return Err(Error::arg("null output pointer"));
+        }
+        // SAFETY: per this function's contract.
+        let image = unsafe { bytes(data, len)? };
+        let entry = elf::load(vm.ram(), image, flags & LOAD_FLAG_RESERVE_LOW != 0)?;
+        // SAFETY: checked non-null above; valid per the contract.
+        unsafe { put(out_entry, entry) }
+    })
+}
+
+/// Loads a flat binary at guest-physical `addr` after checking it fits.
+///
+/// # Safety
+/// `data` must be valid for `len` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn dv_vm_load_flat(
+    vm: u32,
+    data: *const u8,
+    len: usize,
+    addr: u64,
+    flags: u32,
+) -> i32 {
+    guarded(|| {
+        let vm = handles::vm(vm)?;
+        // SAFETY: per this function's contract.
+        let image = unsafe { bytes(data, len)? };
+        if image.is_empty() {
+            return Err(Error::Image("the image is empty".into()));
+        }
+        elf::check_placement(
+            vm.ram(),
+            "the image",
+            addr,
+            len as u64,
+            flags & LOAD_FLAG_RESERVE_LOW != 0,
+        )?;
+        vm.ram().write(addr, image)
+    })
+}
+
+/// Streams console output to host fd `fd` as well as buffering it (`-1`: stop
+/// streaming). The caller keeps the fd open while it is set.
+#[no_mangle]
+pub extern "C" fn dv_vm_set_console_fd(vm: u32, fd: i32) -> i32 {
+    guarded(|| {
+        let vm = handles::vm(vm)?;
+        if fd < -1 {
+            return Err(Error::arg(format!("bad file descriptor {fd}")));
+        }
+        let mut out = vm.console().0.lock().unwrap_or_else(|p| p.into_inner());
+        out.set_stream_fd((fd >= 0).then_some(fd));
+        Ok(())
+    })
+}
+
+/// Moves up to `cap` bytes of buffered console output into `buf`; `*out_len` is
+/// how many. Call until it returns 0 bytes to drain everything.
+///
+/// # Safety
+/// `buf` must be valid for `cap` writable bytes; `out_len` for a `usize` write.
+#[no_mangle]
+pub unsafe extern "C" fn dv_vm_console_take(
+    vm: u32,
+    buf: *mut u8,
+    cap: usize,
+    out_len: *mut usize,
+) -> i32 {
+    guarded(|| {
+        let vm = handles::vm(vm)?;
+        // SAFETY: per this function's contract.
+        let dst = unsafe { bytes_mut(buf, cap)? };
+        let n = vm
+            .console()
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take_into(dst);
+        // SAFETY: per this function's contract.
+        unsafe { put(out_len, n) }
+    })
+}
+
+/// Runs every vCPU of the VM until the VM stops or `timeout_ms` passes (0: no
+/// timeout). Blocks: bind it `nonblocking`. On success `buf` holds the run result
+/// as JSON; on error it holds the error message. `*out_len` is its length.
+///
+/// # Safety
+/// `buf` must be valid for `cap` writable bytes; `out_len` for a `usize` write.
+#[no_mangle]
+pub unsafe extern "C" fn dv_vm_run(
+    vm: u32,
+    timeout_ms: u64,
+    buf: *mut u8,
+    cap: usize,
+    out_len: *mut usize,
+) -> i32 {
+    // SAFETY: per this function's contract.
+    unsafe {
+        guarded_into(buf, cap, out_len, || {
+            let vm = handles::vm(vm)?;
+            json(&vm.run(timeout(timeout_ms))?)
+        })
+    }
+}
+
+/// Asks every vCPU of the VM to stop; a pending `dv_vm_run` returns `stopped`.
+#[no_mangle]
+pub extern "C" fn dv_vm_stop(vm: u32) -> i32 {
+    guarded(|| {
+        handles::vm(vm)?.stop();
+        Ok(())
+    })
+}
+
+/// Writes the VM's per-vCPU exit metrics as a JSON array into `buf`.
+///
+/// # Safety
+/// `buf` must be valid for `cap` writable bytes; `out_len` for a `usize` write.
+#[no_mangle]
+pub unsafe extern "C" fn dv_vm_metrics(
+    vm: u32,
+    buf: *mut u8,
+    cap: usize,
+    out_len: *mut usize,
+) -> i32 {
+    // SAFETY: per this function's contract.
+    unsafe { guarded_into(buf, cap, out_len, || json(&handles::vm(vm)?.metrics())) }
+}
+
+/// Copies the guest's last REPORT hypercall of the current or last run into
+/// `buf` (`*out_len` = 0 when the guest reported nothing).
+///
+/// # Safety
+/// `buf` must be valid for `cap` writable bytes; `out_len` for a `usize` write.
+#[no_mangle]
+pub unsafe extern "C" fn dv_vm_report(
+    vm: u32,
+    buf: *mut u8,
+    cap: usize,
+    out_len: *mut usize,
+) -> i32 {
+    // SAFETY: per this function's contract.
+    unsafe {
+        guarded_into(buf, cap, out_len, || {
+            Ok(handles::vm(vm)?.report().unwrap_or_default())
+        })
+    }
+}
