@@ -21,9 +21,11 @@ use std::time::Duration;
 
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_sregs};
 
+mod linux;
 mod vcpu;
 mod vm;
 
+pub use linux::*;
 pub use vcpu::*;
 pub use vm::*;
 

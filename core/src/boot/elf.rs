@@ -63,6 +63,24 @@ pub fn is_elf(bytes: &[u8]) -> bool {
 
 /// Parses and validates the headers of a static ELF64 x86-64 executable.
 pub fn parse(bytes: &[u8]) -> Result<ElfImage> {
+    let image = parse_segments(bytes)?;
+    let entry = image.entry;
+    let in_segment = image
+        .segments
+        .iter()
+        .any(|s| entry >= s.vaddr && entry < s.vaddr + s.memsz);
+    if !in_segment {
+        return Err(Error::Image(format!(
+            "entry point {entry:#x} is outside every loadable segment"
+        )));
+    }
+    Ok(image)
+}
+
+/// Like [`parse`], without checking the entry point against the segments'
+/// virtual addresses: a Linux `vmlinux` links its segments at virtual addresses
+/// but its entry point (`phys_startup_64`) is physical.
+pub fn parse_segments(bytes: &[u8]) -> Result<ElfImage> {
     let bad = |msg: String| Error::Image(msg);
     if bytes.len() < EHDR_SIZE {
         return Err(bad(format!(
@@ -157,14 +175,6 @@ pub fn parse(bytes: &[u8]) -> Result<ElfImage> {
     if segments.is_empty() {
         return Err(bad("ELF has no loadable (PT_LOAD) segments".into()));
     }
-    let in_segment = segments
-        .iter()
-        .any(|s| entry >= s.vaddr && entry < s.vaddr + s.memsz);
-    if !in_segment {
-        return Err(bad(format!(
-            "entry point {entry:#x} is outside every loadable segment"
-        )));
-    }
     Ok(ElfImage { entry, segments })
 }
 
@@ -199,6 +209,13 @@ pub fn load(ram: &GuestRam, bytes: &[u8], reserve_low: bool) -> Result<u64> {
     for (i, s) in image.segments.iter().enumerate() {
         check_placement(ram, &format!("segment {i}"), s.paddr, s.memsz, reserve_low)?;
     }
+    write_segments(ram, bytes, &image)?;
+    Ok(image.entry)
+}
+
+/// Copies the segments of a parsed image into guest RAM at their physical
+/// addresses (their placement must have been checked).
+pub fn write_segments(ram: &GuestRam, bytes: &[u8], image: &ElfImage) -> Result<()> {
     for s in &image.segments {
         let data = &bytes[s.offset as usize..(s.offset + s.filesz) as usize];
         ram.write(s.paddr, data)?;
@@ -206,11 +223,11 @@ pub fn load(ram: &GuestRam, bytes: &[u8], reserve_low: bool) -> Result<u64> {
         let zeros = vec![0u8; (s.memsz - s.filesz) as usize];
         ram.write(s.paddr + s.filesz, &zeros)?;
     }
-    Ok(image.entry)
+    Ok(())
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A minimal valid image: one R+X segment at `addr` holding `code`.

@@ -12,6 +12,19 @@
 //! 0xa000  .. 0x10000: the kernel stack used on exceptions taken from CPL3
 //! ```
 //!
+//! A Linux guest (`boot::linux`) also gets, above the reserved region (e820 marks
+//! it usable RAM, like Firecracker's zero page; the kernel copies what it needs
+//! before it allocates memory):
+//!
+//! ```text
+//! 0x10000  zero page (struct boot_params, 4 KiB); RSP starts just below it
+//! 0x11000  the boot GDT of the 64-bit boot protocol (__BOOT_CS 0x10, __BOOT_DS 0x18)
+//! 0x20000  .. 0x30000: the kernel command line, NUL-terminated
+//! 0x9fc00  .. 0x100000: legacy EBDA/VGA/ROM area, reserved in the e820 map
+//! 0x100000 and up: the kernel (a bzImage at pref_address when relocatable),
+//!          the initrd at the top of RAM below initrd_addr_max and the MMIO gap
+//! ```
+//!
 //! Why the TSS carries a full I/O bitmap although user mode also gets IOPL=3: on
 //! hardware VT-x/AMD-V, IOPL=3 alone lets CPL3 code use `in`/`out`; software KVM
 //! backends that run guest user mode as host user mode (PVM) cannot grant the host
@@ -63,3 +76,14 @@ pub const DEFAULT_REAL_LOAD_ADDR: u64 = 0x7c00;
 /// Default load address of flat images in the 64-bit modes (1 MiB, above the
 /// reserved region and legacy holes).
 pub const DEFAULT_LONG_LOAD_ADDR: u64 = 0x10_0000;
+
+/// Guest-physical address of a Linux guest's zero page (`struct boot_params`).
+pub const ZERO_PAGE_ADDR: u64 = 0x1_0000;
+/// Guest-physical address of a Linux guest's boot GDT.
+pub const LINUX_GDT_ADDR: u64 = 0x1_1000;
+/// Guest-physical address of a Linux guest's command line.
+pub const CMDLINE_ADDR: u64 = 0x2_0000;
+/// Bytes reserved for the command line, including its NUL.
+pub const CMDLINE_MAX: u64 = 0x1_0000;
+/// Linux kernels load at or above 1 MiB (below it: boot data and the legacy area).
+pub const LINUX_KERNEL_MIN_ADDR: u64 = 0x10_0000;

@@ -1,10 +1,14 @@
 //! Getting a guest started without firmware: the guest-physical layout the VMM
 //! reserves for its boot structures, the x86 CPU state for each entry mode, and the
-//! image loaders (flat binaries and static ELF64).
+//! image loaders (flat binaries, static ELF64 and Linux kernels by the 64-bit boot
+//! protocol).
 
+pub mod bzimage;
 pub mod elf;
 pub mod layout;
+pub mod linux;
 pub mod x86_64;
+pub mod zero_page;
 
 use crate::error::{Error, Result};
 

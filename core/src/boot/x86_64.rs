@@ -35,7 +35,7 @@ const RFLAGS_RESERVED: u64 = 1 << 1;
 const RFLAGS_IOPL3: u64 = 3 << 12;
 
 /// Packs a GDT descriptor from its parts.
-fn descriptor(base: u32, limit: u32, access: u8, flags: u8) -> u64 {
+pub(crate) fn descriptor(base: u32, limit: u32, access: u8, flags: u8) -> u64 {
     (limit as u64 & 0xffff)
         | ((base as u64 & 0xff_ffff) << 16)
         | ((access as u64) << 40)
@@ -61,7 +61,7 @@ pub fn gdt() -> [u64; 8] {
 }
 
 /// Converts a GDT entry to the segment form KVM takes.
-fn segment(selector: u16, entry: u64) -> kvm_segment {
+pub(crate) fn segment(selector: u16, entry: u64) -> kvm_segment {
     let access = (entry >> 40) as u8;
     let flags = ((entry >> 52) & 0xf) as u8;
     let limit = ((entry & 0xffff) | ((entry >> 32) & 0xf_0000)) as u32;
