@@ -12,6 +12,8 @@ use vm_memory::{GuestMemory as _, GuestMemoryRegion as _};
 
 use crate::devices::bus::PioBus;
 use crate::devices::debug_exit::{DebugExit, DEBUG_EXIT_PORT};
+use crate::devices::i8042::{I8042, I8042_PORT, I8042_PORT_LEN};
+use crate::devices::power_off::{PowerOff, POWER_OFF_PORT, POWER_OFF_PORT_LEN};
 use crate::devices::serial::{ConsoleSink, SerialConsole, COM1_PORT, COM_PORT_LEN};
 use crate::error::{Error, Result};
 use crate::hypercall::Hypercalls;
@@ -64,6 +66,16 @@ impl VmShared {
             Arc::new(Mutex::new(SerialConsole::new(console.clone()))),
         )?;
         bus.insert(DEBUG_EXIT_PORT, 1, Arc::new(Mutex::new(DebugExit)))?;
+        bus.insert(
+            I8042_PORT,
+            I8042_PORT_LEN,
+            Arc::new(Mutex::new(I8042::default())),
+        )?;
+        bus.insert(
+            POWER_OFF_PORT,
+            POWER_OFF_PORT_LEN,
+            Arc::new(Mutex::new(PowerOff::default())),
+        )?;
         Ok(VmShared {
             ram,
             bus,

@@ -16,6 +16,10 @@ pub enum DeviceAction {
     Continue,
     /// Stop the whole VM: the guest asked to exit with this code.
     Exit(u32),
+    /// Stop the whole VM: the guest reset the machine (the i8042's reset line).
+    Reset,
+    /// Stop the whole VM: the guest powered the machine off.
+    PowerOff,
 }
 
 /// A device on the port-I/O bus.

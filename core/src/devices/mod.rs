@@ -3,4 +3,6 @@
 
 pub mod bus;
 pub mod debug_exit;
+pub mod i8042;
+pub mod power_off;
 pub mod serial;

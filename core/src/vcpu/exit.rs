@@ -87,6 +87,11 @@ pub enum StopReason {
     },
     /// The guest made the EXIT hypercall.
     GuestExit { status: u32 },
+    /// The guest reset the machine through the i8042 keyboard controller (what
+    /// Linux's `reboot=k` does).
+    Reset,
+    /// The guest powered the machine off (port 0x604, QEMU's ACPI PM1a control).
+    PowerOff,
     /// The guest took an exception and reported it through the FAULT hypercall.
     GuestFault(GuestFault),
     /// A malformed hypercall (bad request block address or access size).
@@ -206,6 +211,8 @@ pub fn handle_exit(exit: VcpuExit<'_>, vm: &VmShared, metrics: &VcpuMetrics) -> 
                 Some(DeviceAction::Exit(code)) => {
                     ExitAction::Stop(StopReason::DebugExit { exit_code: code })
                 }
+                Some(DeviceAction::Reset) => ExitAction::Stop(StopReason::Reset),
+                Some(DeviceAction::PowerOff) => ExitAction::Stop(StopReason::PowerOff),
                 None if unhandled == UnhandledAccess::Ignore => ExitAction::Continue,
                 None => ExitAction::Stop(StopReason::UnhandledIo {
                     port,
@@ -435,6 +442,23 @@ mod tests {
         assert_eq!(handle_exit(VcpuExit::Intr, &v, &m), ExitAction::Continue);
         let s = m.snapshot();
         assert_eq!((s.hlt, s.shutdown, s.other, s.interrupted), (1, 1, 1, 1));
+    }
+
+    #[test]
+    fn i8042_reset_and_power_off_stop_the_vm() {
+        let m = VcpuMetrics::default();
+        let v = vm(UnhandledAccess::Stop);
+        assert_eq!(
+            handle_exit(VcpuExit::IoOut(0x64, &[0xfe]), &v, &m),
+            ExitAction::Stop(StopReason::Reset)
+        );
+        assert_eq!(
+            handle_exit(VcpuExit::IoOut(0x604, &0x2000u16.to_le_bytes()), &v, &m),
+            ExitAction::Stop(StopReason::PowerOff)
+        );
+        let json = serde_json::to_string(&StopReason::PowerOff).unwrap();
+        assert_eq!(json, r#"{"reason":"power_off"}"#);
+        assert!(StopReason::Reset.ends_vm());
     }
 
     #[test]

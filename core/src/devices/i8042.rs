@@ -1,0 +1,213 @@
+//! The i8042 keyboard controller, as far as a guest uses it to reset the machine.
+//!
+//! PCs reset through the keyboard controller: command 0xFE to port 0x64 pulses the
+//! CPU's reset line low. Linux does this with `reboot=k` (and as one of its
+//! fallbacks without ACPI), so a VMM without firmware turns it into a clean stop
+//! of the VM, as Firecracker does. Enough of the controller is here for a driver
+//! to probe it (status, configuration byte, self-tests, output port); no keyboard
+//! or mouse is attached, so data written to them is dropped.
+//!
+//! Ports: 0x60 data (offset 0), 0x64 status on read, command on write (offset 4).
+//! Offsets 1-3 (0x61-0x63) are an open bus here; with the in-kernel PIT, KVM
+//! answers port 0x61 itself.
+
+use super::bus::{DeviceAction, PioDevice};
+
+/// The controller's base port (its data port).
+pub const I8042_PORT: u16 = 0x60;
+/// Ports from the base through the command port 0x64.
+pub const I8042_PORT_LEN: u16 = 5;
+
+const OFS_DATA: u16 = 0;
+const OFS_COMMAND: u16 = 4;
+
+/// Status register bits.
+const SB_OUTPUT_FULL: u8 = 0x01;
+const SB_SYSTEM_FLAG: u8 = 0x04;
+const SB_LAST_WAS_COMMAND: u8 = 0x08;
+const SB_KEYBOARD_UNLOCKED: u8 = 0x10;
+
+/// Controller commands.
+const CMD_READ_CTR: u8 = 0x20;
+const CMD_WRITE_CTR: u8 = 0x60;
+const CMD_DISABLE_AUX: u8 = 0xa7;
+const CMD_ENABLE_AUX: u8 = 0xa8;
+const CMD_TEST_AUX: u8 = 0xa9;
+const CMD_SELF_TEST: u8 = 0xaa;
+const CMD_TEST_KEYBOARD: u8 = 0xab;
+const CMD_DISABLE_KEYBOARD: u8 = 0xad;
+const CMD_ENABLE_KEYBOARD: u8 = 0xae;
+const CMD_READ_OUTPUT_PORT: u8 = 0xd0;
+const CMD_WRITE_OUTPUT_PORT: u8 = 0xd1;
+/// 0xF0-0xFF pulse output-port lines low for a moment: a clear bit 0 pulses the
+/// reset line (0xFE is the classic "reset the CPU").
+const CMD_PULSE_FIRST: u8 = 0xf0;
+
+/// Configuration byte bits: keyboard and mouse clocks disabled.
+const CTR_KEYBOARD_DISABLED: u8 = 0x10;
+const CTR_AUX_DISABLED: u8 = 0x20;
+/// Output port bit 0: the CPU's reset line (active low).
+const OUTPUT_PORT_RESET_LINE: u8 = 0x01;
+
+/// The self-test passed, and the interface tests found no fault.
+const SELF_TEST_PASSED: u8 = 0x55;
+const INTERFACE_OK: u8 = 0x00;
+
+/// The i8042 controller.
+pub struct I8042 {
+    status: u8,
+    /// The configuration byte ("command byte").
+    ctr: u8,
+    /// The output port: bit 0 reset line, bit 1 A20 gate.
+    output_port: u8,
+    /// The byte the guest reads from port 0x60 next, if any.
+    output: Option<u8>,
+    /// The command waiting for its data byte (0x60 or 0xD1).
+    pending_command: Option<u8>,
+}
+
+impl Default for I8042 {
+    fn default() -> Self {
+        I8042 {
+            status: SB_SYSTEM_FLAG | SB_KEYBOARD_UNLOCKED,
+            // Translation and the system flag set, interrupts off, as firmware
+            // leaves it.
+            ctr: 0x44,
+            output_port: OUTPUT_PORT_RESET_LINE | 0x02,
+            output: None,
+            pending_command: None,
+        }
+    }
+}
+
+impl I8042 {
+    fn respond(&mut self, byte: u8) {
+        self.output = Some(byte);
+    }
+
+    fn command(&mut self, command: u8) -> DeviceAction {
+        match command {
+            CMD_READ_CTR => self.respond(self.ctr),
+            CMD_WRITE_CTR | CMD_WRITE_OUTPUT_PORT => self.pending_command = Some(command),
+            CMD_DISABLE_AUX => self.ctr |= CTR_AUX_DISABLED,
+            CMD_ENABLE_AUX => self.ctr &= !CTR_AUX_DISABLED,
+            CMD_SELF_TEST => self.respond(SELF_TEST_PASSED),
+            CMD_TEST_AUX | CMD_TEST_KEYBOARD => self.respond(INTERFACE_OK),
+            CMD_DISABLE_KEYBOARD => self.ctr |= CTR_KEYBOARD_DISABLED,
+            CMD_ENABLE_KEYBOARD => self.ctr &= !CTR_KEYBOARD_DISABLED,
+            CMD_READ_OUTPUT_PORT => self.respond(self.output_port),
+            c if c >= CMD_PULSE_FIRST && c & OUTPUT_PORT_RESET_LINE == 0 => {
+                return DeviceAction::Reset
+            }
+            // Everything else (pulses of other lines, vendor commands) does nothing.
+            _ => {}
+        }
+        DeviceAction::Continue
+    }
+
+    fn data(&mut self, value: u8) -> DeviceAction {
+        match self.pending_command.take() {
+            Some(CMD_WRITE_CTR) => self.ctr = value,
+            Some(CMD_WRITE_OUTPUT_PORT) => {
+                self.output_port = value;
+                if value & OUTPUT_PORT_RESET_LINE == 0 {
+                    return DeviceAction::Reset;
+                }
+            }
+            // A byte for the keyboard, which is not there.
+            _ => {}
+        }
+        DeviceAction::Continue
+    }
+}
+
+impl PioDevice for I8042 {
+    fn read(&mut self, offset: u16, data: &mut [u8]) {
+        data.fill(0xff);
+        let Some(first) = data.first_mut() else {
+            return;
+        };
+        match offset {
+            OFS_DATA => *first = self.output.take().unwrap_or(0),
+            OFS_COMMAND => {
+                let full = if self.output.is_some() {
+                    SB_OUTPUT_FULL
+                } else {
+                    0
+                };
+                *first = self.status | full;
+            }
+            _ => {}
+        }
+    }
+
+    fn write(&mut self, offset: u16, data: &[u8]) -> DeviceAction {
+        let Some(&value) = data.first() else {
+            return DeviceAction::Continue;
+        };
+        match offset {
+            OFS_DATA => {
+                self.status &= !SB_LAST_WAS_COMMAND;
+                self.data(value)
+            }
+            OFS_COMMAND => {
+                self.status |= SB_LAST_WAS_COMMAND;
+                self.command(value)
+            }
+            _ => DeviceAction::Continue,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(dev: &mut I8042, offset: u16) -> u8 {
+        let mut b = [0u8];
+        dev.read(offset, &mut b);
+        b[0]
+    }
+
+    #[test]
+    fn command_0xfe_resets() {
+        let mut dev = I8042::default();
+        assert_eq!(read(&mut dev, OFS_COMMAND) & 0x02, 0, "input buffer empty");
+        assert_eq!(dev.write(OFS_COMMAND, &[0xfe]), DeviceAction::Reset);
+        assert_eq!(dev.write(OFS_COMMAND, &[0xff]), DeviceAction::Continue);
+    }
+
+    #[test]
+    fn clearing_the_reset_line_through_the_output_port_resets() {
+        let mut dev = I8042::default();
+        dev.write(OFS_COMMAND, &[CMD_READ_OUTPUT_PORT]);
+        let port = read(&mut dev, OFS_DATA);
+        assert_eq!(port & OUTPUT_PORT_RESET_LINE, 1);
+        dev.write(OFS_COMMAND, &[CMD_WRITE_OUTPUT_PORT]);
+        assert_eq!(dev.write(OFS_DATA, &[port]), DeviceAction::Continue);
+        dev.write(OFS_COMMAND, &[CMD_WRITE_OUTPUT_PORT]);
+        assert_eq!(dev.write(OFS_DATA, &[port & !1]), DeviceAction::Reset);
+    }
+
+    #[test]
+    fn a_driver_can_probe_it() {
+        let mut dev = I8042::default();
+        dev.write(OFS_COMMAND, &[CMD_SELF_TEST]);
+        assert_eq!(read(&mut dev, OFS_COMMAND) & SB_OUTPUT_FULL, 1);
+        assert_eq!(read(&mut dev, OFS_DATA), 0x55);
+        assert_eq!(read(&mut dev, OFS_COMMAND) & SB_OUTPUT_FULL, 0);
+        dev.write(OFS_COMMAND, &[CMD_WRITE_CTR]);
+        dev.write(OFS_DATA, &[0x47]);
+        dev.write(OFS_COMMAND, &[CMD_READ_CTR]);
+        assert_eq!(read(&mut dev, OFS_DATA), 0x47);
+        dev.write(OFS_COMMAND, &[CMD_DISABLE_KEYBOARD]);
+        dev.write(OFS_COMMAND, &[CMD_READ_CTR]);
+        assert_eq!(
+            read(&mut dev, OFS_DATA) & CTR_KEYBOARD_DISABLED,
+            CTR_KEYBOARD_DISABLED
+        );
+        // Keyboard bytes go nowhere and are not an error.
+        assert_eq!(dev.write(OFS_DATA, &[0xff]), DeviceAction::Continue);
+        assert_eq!(read(&mut dev, 1), 0xff, "0x61 is not the controller's");
+    }
+}

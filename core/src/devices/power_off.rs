@@ -1,0 +1,87 @@
+//! Power-off without ACPI tables: the PM1a control register of QEMU's ICH9 (q35)
+//! power management block at port 0x604.
+//!
+//! Guests written for QEMU power it off with `outw(0x604, 0x2000)`: SLP_EN (bit
+//! 13) with sleep type 0, which QEMU's DSDT declares as S5, soft-off. A guest here
+//! does the same and the VM stops as `power_off`. There are no sleep states, so
+//! SLP_EN with any other sleep type is ignored. (A Linux guest without ACPI has no
+//! power-off method of its own; it stops the VM through the i8042 with
+//! `reboot=k`, see [`super::i8042`].)
+
+use super::bus::{DeviceAction, PioDevice};
+
+/// The PM1a control register's port.
+pub const POWER_OFF_PORT: u16 = 0x604;
+/// It is 16 bits wide.
+pub const POWER_OFF_PORT_LEN: u16 = 2;
+
+/// PM1 control: sleep enable, and the sleep type field.
+const SLP_EN: u16 = 1 << 13;
+const SLP_TYP_SHIFT: u16 = 10;
+const SLP_TYP_MASK: u16 = 0x7;
+/// The sleep type QEMU's DSDT gives S5 (soft-off).
+const SLP_TYP_S5: u16 = 0;
+
+/// The PM1a control register.
+#[derive(Default)]
+pub struct PowerOff {
+    value: u16,
+}
+
+impl PioDevice for PowerOff {
+    fn read(&mut self, offset: u16, data: &mut [u8]) {
+        let bytes = self.value.to_le_bytes();
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = bytes.get(offset as usize + i).copied().unwrap_or(0xff);
+        }
+    }
+
+    fn write(&mut self, offset: u16, data: &[u8]) -> DeviceAction {
+        let mut bytes = self.value.to_le_bytes();
+        for (i, &b) in data.iter().enumerate() {
+            if let Some(slot) = bytes.get_mut(offset as usize + i) {
+                *slot = b;
+            }
+        }
+        // SLP_EN is write-only: it reads back as 0.
+        let value = u16::from_le_bytes(bytes);
+        self.value = value & !SLP_EN;
+        if value & SLP_EN != 0 && (value >> SLP_TYP_SHIFT) & SLP_TYP_MASK == SLP_TYP_S5 {
+            return DeviceAction::PowerOff;
+        }
+        DeviceAction::Continue
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qemus_shutdown_value_powers_off() {
+        let mut dev = PowerOff::default();
+        assert_eq!(
+            dev.write(0, &0x2000u16.to_le_bytes()),
+            DeviceAction::PowerOff
+        );
+        // A byte write of the high half does the same.
+        assert_eq!(dev.write(1, &[0x20]), DeviceAction::PowerOff);
+    }
+
+    #[test]
+    fn other_values_and_sleep_types_do_not() {
+        let mut dev = PowerOff::default();
+        assert_eq!(
+            dev.write(0, &0x0001u16.to_le_bytes()),
+            DeviceAction::Continue
+        );
+        let mut back = [0u8; 2];
+        dev.read(0, &mut back);
+        assert_eq!(u16::from_le_bytes(back), 1);
+        // SLP_EN with sleep type 1 (S3 in QEMU's DSDT): no sleep states here.
+        assert_eq!(
+            dev.write(0, &0x2400u16.to_le_bytes()),
+            DeviceAction::Continue
+        );
+    }
+}
