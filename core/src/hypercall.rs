@@ -45,7 +45,14 @@ pub mod nr {
     pub const FAULT: u32 = 5;
     /// NOP(): a pure round trip.
     pub const NOP: u32 = 6;
+    /// IRQ_COUNTERS(ptr, count): publish the guest's per-vector interrupt
+    /// counters (`count` u64s indexed by vector) for the host to read without an
+    /// exit; count 0 withdraws them. ret = 0.
+    pub const IRQ_COUNTERS: u32 = 7;
 }
+
+/// The most interrupt counters a guest can publish: one per vector.
+pub const MAX_IRQ_COUNTERS: u64 = 256;
 
 /// Status codes written to the request block.
 pub mod status {
@@ -68,6 +75,7 @@ pub enum HypercallKind {
     Report,
     Fault,
     Nop,
+    IrqCounters,
     /// Unknown call number or a failed call.
     Invalid,
 }
@@ -105,6 +113,8 @@ pub enum HypercallOutcome {
 pub struct Hypercalls {
     console: ConsoleSink,
     report: Mutex<Option<Vec<u8>>>,
+    /// Where the guest keeps its interrupt counters: (address, count).
+    irq_counters: Mutex<Option<(u64, u64)>>,
 }
 
 fn monotonic_ns() -> u64 {
@@ -124,11 +134,28 @@ fn u64_at(block: &[u8; REQUEST_SIZE], offset: usize) -> u64 {
 }
 
 impl Hypercalls {
+    fn publish_irq_counters(&self, ram: &GuestRam, ptr: u64, count: u64) -> Result<u64, i32> {
+        let mut slot = self.irq_counters.lock().unwrap_or_else(|p| p.into_inner());
+        if count == 0 {
+            *slot = None;
+            return Ok(0);
+        }
+        if count > MAX_IRQ_COUNTERS {
+            return Err(status::BAD_LENGTH);
+        }
+        if !ram.contains(ptr, count * 8) {
+            return Err(status::BAD_ADDRESS);
+        }
+        *slot = Some((ptr, count));
+        Ok(0)
+    }
+
     /// Hypercall state writing console output into `console`.
     pub fn new(console: ConsoleSink) -> Hypercalls {
         Hypercalls {
             console,
             report: Mutex::new(None),
+            irq_counters: Mutex::new(None),
         }
     }
 
@@ -143,6 +170,23 @@ impl Hypercalls {
     /// Forgets the report (at the start of a run).
     pub fn clear_report(&self) {
         *self.report.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// The guest's interrupt counters as published with IRQ_COUNTERS, read from
+    /// guest RAM now (empty when none are published).
+    pub fn irq_counters(&self, ram: &GuestRam) -> Vec<u64> {
+        let published = *self.irq_counters.lock().unwrap_or_else(|p| p.into_inner());
+        let Some((ptr, count)) = published else {
+            return Vec::new();
+        };
+        let mut raw = vec![0u8; count as usize * 8];
+        // Checked against RAM when published; RAM never shrinks.
+        if ram.read(ptr, &mut raw).is_err() {
+            return Vec::new();
+        }
+        raw.chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
+            .collect()
     }
 
     /// Validates `(ptr, len)` and reads the bytes.
@@ -202,6 +246,10 @@ impl Hypercalls {
                 })
             }
             nr::NOP => (HypercallKind::Nop, Ok(0)),
+            nr::IRQ_COUNTERS => (
+                HypercallKind::IrqCounters,
+                self.publish_irq_counters(ram, arg(0), arg(1)),
+            ),
             _ => (HypercallKind::Invalid, Err(status::UNKNOWN_CALL)),
         };
         let (kind, status, ret) = match result {
@@ -303,6 +351,34 @@ mod tests {
         );
         h.clear_report();
         assert!(h.report().is_none());
+    }
+
+    #[test]
+    fn irq_counters_are_read_from_guest_ram() {
+        let (ram, h, _) = setup();
+        assert!(h.irq_counters(&ram).is_empty());
+        ram.write_u64(0x4000 + 8 * 0x21, 5).unwrap();
+        let (outcome, status, _) = call(&ram, &h, nr::IRQ_COUNTERS, [0x4000, 256, 0, 0]);
+        assert_eq!(
+            outcome,
+            HypercallOutcome::Continue(HypercallKind::IrqCounters)
+        );
+        assert_eq!(status, 0);
+        let counts = h.irq_counters(&ram);
+        assert_eq!((counts.len(), counts[0x21]), (256, 5));
+        ram.write_u64(0x4000 + 8 * 0x21, 6).unwrap();
+        assert_eq!(h.irq_counters(&ram)[0x21], 6, "read live, no exit");
+        let (_, status, _) = call(&ram, &h, nr::IRQ_COUNTERS, [0x4000, 257, 0, 0]);
+        assert_eq!(status, status::BAD_LENGTH);
+        let (_, status, _) = call(&ram, &h, nr::IRQ_COUNTERS, [0xff900, 256, 0, 0]);
+        assert_eq!(status, status::BAD_ADDRESS);
+        assert_eq!(
+            h.irq_counters(&ram).len(),
+            256,
+            "a refused call keeps the old table"
+        );
+        call(&ram, &h, nr::IRQ_COUNTERS, [0, 0, 0, 0]);
+        assert!(h.irq_counters(&ram).is_empty());
     }
 
     #[test]

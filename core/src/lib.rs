@@ -13,6 +13,7 @@ pub mod devices;
 pub mod error;
 pub mod handles;
 pub mod hypercall;
+pub mod irq;
 pub mod memory;
 pub mod metrics;
 pub mod vcpu;

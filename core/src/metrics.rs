@@ -24,7 +24,7 @@ pub enum PortRange {
 }
 
 const PORT_RANGES: usize = 4;
-const HYPERCALL_KINDS: usize = 7;
+const HYPERCALL_KINDS: usize = 8;
 
 /// Port-I/O exit counts by port range.
 #[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
@@ -58,6 +58,9 @@ pub struct HypercallCounts {
     pub nop: u64,
     /// Unknown call numbers and calls refused with an error status.
     pub invalid: u64,
+    /// IRQ_COUNTERS: the guest published its interrupt counters.
+    #[serde(rename = "irqCounters")]
+    pub irq_counters: u64,
 }
 
 fn hypercall_index(kind: HypercallKind) -> usize {
@@ -69,6 +72,7 @@ fn hypercall_index(kind: HypercallKind) -> usize {
         HypercallKind::Fault => 4,
         HypercallKind::Nop => 5,
         HypercallKind::Invalid => 6,
+        HypercallKind::IrqCounters => 7,
     }
 }
 
@@ -228,6 +232,7 @@ impl VcpuMetrics {
                     fault: h(HypercallKind::Fault),
                     nop: h(HypercallKind::Nop),
                     invalid: h(HypercallKind::Invalid),
+                    irq_counters: h(HypercallKind::IrqCounters),
                 }
             },
             kvm_run_ns: self.kvm_run_ns.load(Relaxed),

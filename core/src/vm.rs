@@ -17,6 +17,7 @@ use crate::devices::power_off::{PowerOff, POWER_OFF_PORT, POWER_OFF_PORT_LEN};
 use crate::devices::serial::{ConsoleSink, SerialConsole, COM1_PORT, COM_PORT_LEN};
 use crate::error::{Error, Result};
 use crate::hypercall::Hypercalls;
+use crate::irq::{self, IrqState, IrqStatsSnapshot, SERIAL_GSI};
 use crate::memory::GuestRam;
 use crate::metrics::VcpuMetricsSnapshot;
 use crate::vcpu::exit::UnhandledAccess;
@@ -42,6 +43,8 @@ pub struct VmShared {
     pub console: ConsoleSink,
     /// Hypercall state (the run's report).
     pub hypercalls: Hypercalls,
+    /// COM1, also reached from the host (console input).
+    pub serial: Arc<Mutex<SerialConsole>>,
     /// Every vCPU's stop handle, for stopping siblings.
     controls: Mutex<Vec<(u32, Arc<Control>)>>,
     /// The first stop of the current run that ends the VM (debug exit, crash...).
@@ -60,11 +63,8 @@ impl VmShared {
     pub fn new(ram: GuestRam, unhandled: UnhandledAccess) -> Result<VmShared> {
         let console = ConsoleSink::default();
         let mut bus = PioBus::default();
-        bus.insert(
-            COM1_PORT,
-            COM_PORT_LEN,
-            Arc::new(Mutex::new(SerialConsole::new(console.clone()))),
-        )?;
+        let serial = Arc::new(Mutex::new(SerialConsole::new(console.clone())?));
+        bus.insert(COM1_PORT, COM_PORT_LEN, serial.clone())?;
         bus.insert(DEBUG_EXIT_PORT, 1, Arc::new(Mutex::new(DebugExit)))?;
         bus.insert(
             I8042_PORT,
@@ -80,6 +80,7 @@ impl VmShared {
             ram,
             bus,
             unhandled,
+            serial,
             hypercalls: Hypercalls::new(console.clone()),
             console,
             controls: Mutex::new(Vec::new()),
@@ -146,6 +147,7 @@ pub struct Vm {
     fd: VmFd,
     shared: Arc<VmShared>,
     vcpus: Mutex<Vec<Arc<Vcpu>>>,
+    irq: IrqState,
 }
 
 impl Vm {
@@ -174,7 +176,73 @@ impl Vm {
             fd,
             shared: Arc::new(VmShared::new(ram, unhandled)?),
             vcpus: Mutex::new(Vec::new()),
+            irq: IrqState::default(),
         })
+    }
+
+    /// Gives the VM KVM's in-kernel irqchip (PIC, IOAPIC, local APICs) and PIT,
+    /// and connects COM1 to IRQ 4 through an irqfd. Only before the first vCPU
+    /// exists; see [`crate::irq`] for what changes (HLT stays in KVM).
+    pub fn enable_irqchip(&self) -> Result<()> {
+        // Holding the vCPU list keeps a vCPU from being created meanwhile.
+        let vcpus = relock(&self.vcpus);
+        if !vcpus.is_empty() {
+            return Err(Error::arg(
+                "the irqchip must be created before the VM's first vCPU",
+            ));
+        }
+        if self.irq.irqchip() {
+            return Ok(());
+        }
+        irq::create_irqchip(&self.fd)?;
+        relock(&self.shared.serial)
+            .irq_line()
+            .attach(&self.fd, SERIAL_GSI)?;
+        self.irq.set_irqchip();
+        Ok(())
+    }
+
+    fn require_irqchip(&self, what: &str) -> Result<()> {
+        if self.irq.irqchip() {
+            Ok(())
+        } else {
+            Err(Error::arg(format!(
+                "{what} needs the in-kernel irqchip: create the VM with interrupts enabled"
+            )))
+        }
+    }
+
+    /// Raises one edge on interrupt line `line` (GSI 0-23).
+    pub fn inject_irq(&self, line: u32) -> Result<()> {
+        self.require_irqchip("injecting an interrupt")?;
+        irq::pulse(&self.fd, line)?;
+        self.irq.count_pulse();
+        Ok(())
+    }
+
+    /// Sends an MSI; returns whether a local APIC accepted it.
+    pub fn send_msi(&self, address: u64, data: u32) -> Result<bool> {
+        self.require_irqchip("sending an MSI")?;
+        let delivered = irq::send_msi(&self.fd, address, data)?;
+        self.irq.count_msi(delivered);
+        Ok(delivered)
+    }
+
+    /// The host's interrupt counters.
+    pub fn irq_stats(&self) -> IrqStatsSnapshot {
+        let serial = relock(&self.shared.serial).irq_line().raised();
+        self.irq.snapshot(serial)
+    }
+
+    /// Queues bytes for the guest on COM1's receive side.
+    pub fn console_input(&self, input: &[u8]) -> Result<()> {
+        relock(&self.shared.serial).enqueue_input(input)
+    }
+
+    /// The guest's interrupt counters, as published with the IRQ_COUNTERS
+    /// hypercall (empty when it published none).
+    pub fn guest_irq_counters(&self) -> Vec<u64> {
+        self.shared.hypercalls.irq_counters(&self.shared.ram)
     }
 
     /// Guest RAM.

@@ -21,10 +21,14 @@ use std::time::Duration;
 
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_sregs};
 
+mod console;
+mod irq;
 mod linux;
 mod vcpu;
 mod vm;
 
+pub use console::*;
+pub use irq::*;
 pub use linux::*;
 pub use vcpu::*;
 pub use vm::*;
@@ -39,6 +43,9 @@ pub const ABI_VERSION: u32 = 2;
 
 /// `dv_vm_create` flag: stop the VM on port I/O or MMIO no device claims.
 pub const VM_FLAG_STOP_ON_UNHANDLED: u32 = 1;
+/// `dv_vm_create` flag: give the VM KVM's in-kernel irqchip (PIC, IOAPIC, local
+/// APICs) and PIT, with COM1 on IRQ 4. HLT then stays in KVM (see `irq.rs`).
+pub const VM_FLAG_IRQCHIP: u32 = 2;
 /// Load flag: keep the image clear of the VMM's boot structures (64-bit modes).
 pub const LOAD_FLAG_RESERVE_LOW: u32 = 1;
 

@@ -1,15 +1,24 @@
 //! COM1: a 16550A UART (the `vm-superio` model) whose transmitter feeds a
 //! [`ConsoleSink`], which keeps a bounded copy of the output for the host API and
 //! optionally streams it to a host file descriptor (the CLI's stdout).
+//!
+//! Host input goes the other way through the UART's 64-byte receive FIFO: the
+//! host queues any amount with [`SerialConsole::enqueue_input`], the FIFO is kept
+//! topped up from that queue as the guest reads the receive buffer, and every
+//! refill raises the received-data interrupt (IRQ 4, through an irqfd when the VM
+//! has an irqchip) if the guest enabled it in the IER.
 
+use std::collections::VecDeque;
 use std::io::{self, Write};
 use std::os::fd::{BorrowedFd, RawFd};
 use std::sync::{Arc, Mutex};
 
 use vm_superio::serial::NoEvents;
-use vm_superio::{Serial, Trigger};
+use vm_superio::Serial;
 
 use super::bus::{DeviceAction, PioDevice};
+use crate::error::{Error, Result};
+use crate::irq::IrqLine;
 
 /// Base port and size of COM1.
 pub const COM1_PORT: u16 = 0x3f8;
@@ -17,6 +26,19 @@ pub const COM1_PORT: u16 = 0x3f8;
 pub const COM_PORT_LEN: u16 = 8;
 /// The most console output kept in memory; older bytes are dropped first.
 pub const CONSOLE_CAPACITY: usize = 1 << 20;
+/// The most host input queued for the guest beyond the UART's FIFO.
+pub const INPUT_CAPACITY: usize = 1 << 20;
+/// The UART's receive FIFO size (vm-superio's, a 16550A's).
+const FIFO_SIZE: usize = 64;
+/// The receive buffer register's offset (with DLAB clear).
+const RBR_OFFSET: u16 = 0;
+/// The interrupt enable register's offset (with DLAB clear) and its
+/// received-data bit.
+const IER_OFFSET: u16 = 1;
+const IER_RECEIVED_DATA: u8 = 0x01;
+/// The line control register's offset and its divisor-latch access bit.
+const LCR_OFFSET: u8 = 3;
+const LCR_DLAB: u8 = 0x80;
 
 /// The shared output of the console: a bounded buffer plus an optional host fd.
 #[derive(Default)]
@@ -97,30 +119,82 @@ impl Write for ConsoleSink {
     }
 }
 
-/// The UART's interrupt line. Interrupt delivery (irqfd into the in-kernel irqchip)
-/// arrives with interrupt virtualization; until then raising the line is a no-op,
-/// which is what a guest polling the line-status register expects.
-#[derive(Default)]
-pub struct SerialIrq;
-
-impl Trigger for SerialIrq {
-    type E = io::Error;
-    fn trigger(&self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
 /// COM1 as a bus device.
 pub struct SerialConsole {
-    uart: Serial<SerialIrq, NoEvents, ConsoleSink>,
+    uart: Serial<IrqLine, NoEvents, ConsoleSink>,
+    /// Host input that did not fit in the UART's FIFO yet, oldest first.
+    pending: VecDeque<u8>,
 }
 
 impl SerialConsole {
-    /// A UART that transmits into `sink`.
-    pub fn new(sink: ConsoleSink) -> SerialConsole {
-        SerialConsole {
-            uart: Serial::new(SerialIrq, sink),
+    /// A UART that transmits into `sink`. Its interrupt line is attached to IRQ 4
+    /// only when the VM has an irqchip (see [`SerialConsole::irq_line`]).
+    pub fn new(sink: ConsoleSink) -> Result<SerialConsole> {
+        Ok(SerialConsole {
+            uart: Serial::new(IrqLine::new()?, sink),
+            pending: VecDeque::new(),
+        })
+    }
+
+    /// The UART's interrupt line.
+    pub fn irq_line(&self) -> &IrqLine {
+        self.uart.interrupt_evt()
+    }
+
+    /// Queues host input for the guest. Fails without queueing anything when the
+    /// queue would exceed [`INPUT_CAPACITY`] (the guest is not reading).
+    pub fn enqueue_input(&mut self, input: &[u8]) -> Result<()> {
+        if self.pending.len() + input.len() > INPUT_CAPACITY {
+            return Err(Error::Busy(format!(
+                "the guest is not reading its console: {} bytes are already waiting",
+                self.pending.len()
+            )));
         }
+        self.pending.extend(input);
+        self.refill();
+        Ok(())
+    }
+
+    /// Bytes queued for the guest and not read yet (FIFO and queue).
+    pub fn input_pending(&self) -> usize {
+        self.pending.len() + (FIFO_SIZE - self.uart.fifo_capacity())
+    }
+
+    /// Moves queued input into the FIFO as far as it has room.
+    fn refill(&mut self) {
+        let room = self.uart.fifo_capacity().min(self.pending.len());
+        if room == 0 {
+            return;
+        }
+        let chunk: Vec<u8> = self.pending.drain(..room).collect();
+        // Errors are a full FIFO (excluded by `room`) or a failed interrupt write,
+        // after which the bytes are in the FIFO anyway: the guest can still poll.
+        // In loopback mode the UART takes nothing; the bytes wait for its end.
+        match self.uart.enqueue_raw_bytes(&chunk) {
+            Ok(n) if n < chunk.len() => {
+                for &b in chunk[n..].iter().rev() {
+                    self.pending.push_front(b);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// A 16550 raises its received-data interrupt when the driver enables it
+    /// while data waits; vm-superio raises it only as bytes arrive. Taking the
+    /// FIFO's bytes out and putting them back raises it the way arrival does.
+    fn raise_pending_input(&mut self) {
+        let waiting = FIFO_SIZE - self.uart.fifo_capacity();
+        if waiting == 0 {
+            return;
+        }
+        let bytes: Vec<u8> = (0..waiting).map(|_| self.uart.read(0)).collect();
+        // The FIFO was just emptied: it has room for every byte taken.
+        let _ = self.uart.enqueue_raw_bytes(&bytes);
+    }
+
+    fn dlab(&mut self) -> bool {
+        self.uart.read(LCR_OFFSET) & LCR_DLAB != 0
     }
 }
 
@@ -130,14 +204,27 @@ impl PioDevice for SerialConsole {
         // register and leaves the rest as an open bus.
         data.fill(0xff);
         if let Some(first) = data.first_mut() {
+            let rbr = offset == RBR_OFFSET && !self.dlab();
             *first = self.uart.read(offset as u8);
+            // Refill once the guest has emptied the FIFO: one interrupt per 64
+            // bytes, as a real 16550 with its receive trigger level at 64 raises.
+            if rbr && self.uart.fifo_capacity() == FIFO_SIZE && !self.pending.is_empty() {
+                self.refill();
+            }
         }
     }
 
     fn write(&mut self, offset: u16, data: &[u8]) -> DeviceAction {
         if let Some(&value) = data.first() {
+            let enables_rda = offset == IER_OFFSET
+                && !self.dlab()
+                && value & IER_RECEIVED_DATA != 0
+                && self.uart.read(IER_OFFSET as u8) & IER_RECEIVED_DATA == 0;
             // The only error is a failed interrupt trigger, which cannot happen here.
             let _ = self.uart.write(offset as u8, value);
+            if enables_rda {
+                self.raise_pending_input();
+            }
         }
         DeviceAction::Continue
     }
@@ -150,7 +237,7 @@ mod tests {
     #[test]
     fn transmitted_bytes_reach_the_buffer() {
         let sink = ConsoleSink::default();
-        let mut com1 = SerialConsole::new(sink.clone());
+        let mut com1 = SerialConsole::new(sink.clone()).unwrap();
         for b in b"hi\n" {
             com1.write(0, &[*b]);
         }
@@ -161,10 +248,61 @@ mod tests {
 
     #[test]
     fn line_status_reports_transmitter_empty() {
-        let mut com1 = SerialConsole::new(ConsoleSink::default());
+        let mut com1 = SerialConsole::new(ConsoleSink::default()).unwrap();
         let mut lsr = [0u8; 1];
         com1.read(5, &mut lsr);
         assert_ne!(lsr[0] & 0x20, 0, "THR empty bit must be set");
+    }
+
+    fn read_reg(com1: &mut SerialConsole, offset: u16) -> u8 {
+        let mut b = [0u8; 1];
+        com1.read(offset, &mut b);
+        b[0]
+    }
+
+    #[test]
+    fn input_beyond_the_fifo_arrives_in_order_with_an_interrupt_per_fifo_load() {
+        let mut com1 = SerialConsole::new(ConsoleSink::default()).unwrap();
+        com1.write(1, &[0x01]); // IER: received-data interrupt
+        let input: Vec<u8> = (0..200u32).map(|i| i as u8).collect();
+        com1.enqueue_input(&input).unwrap();
+        assert_eq!(com1.input_pending(), 200);
+        assert_eq!(com1.irq_line().raised(), 1);
+        let mut got = Vec::new();
+        while read_reg(&mut com1, 5) & 0x01 != 0 {
+            got.push(read_reg(&mut com1, 0));
+        }
+        assert_eq!(got, input);
+        assert_eq!(com1.input_pending(), 0);
+        // One interrupt per FIFO load: 64 + 64 + 64 + 8 bytes.
+        assert_eq!(com1.irq_line().raised(), 4);
+    }
+
+    #[test]
+    fn enabling_the_interrupt_with_input_waiting_raises_it() {
+        let mut com1 = SerialConsole::new(ConsoleSink::default()).unwrap();
+        com1.enqueue_input(b"early").unwrap();
+        assert_eq!(com1.irq_line().raised(), 0);
+        com1.write(1, &[0x01]);
+        assert_eq!(com1.irq_line().raised(), 1);
+        assert_eq!(read_reg(&mut com1, 2) & 0x0f, 0x04, "IIR: received data");
+        let got: Vec<u8> = (0..5).map(|_| read_reg(&mut com1, 0)).collect();
+        assert_eq!(got, b"early");
+        com1.write(1, &[0x01]); // already enabled: nothing new
+        assert_eq!(com1.irq_line().raised(), 1);
+    }
+
+    #[test]
+    fn input_is_bounded_and_polling_works_without_interrupts() {
+        let mut com1 = SerialConsole::new(ConsoleSink::default()).unwrap();
+        com1.enqueue_input(b"ok").unwrap();
+        assert_eq!(com1.irq_line().raised(), 0, "IER is 0: no interrupt");
+        assert_eq!(read_reg(&mut com1, 5) & 0x01, 1, "LSR data ready");
+        assert_eq!(read_reg(&mut com1, 0), b'o');
+        assert_eq!(read_reg(&mut com1, 0), b'k');
+        assert_eq!(read_reg(&mut com1, 5) & 0x01, 0);
+        assert!(com1.enqueue_input(&vec![0; INPUT_CAPACITY + 1]).is_err());
+        assert_eq!(com1.input_pending(), 0);
     }
 
     #[test]
