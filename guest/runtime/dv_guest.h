@@ -30,6 +30,7 @@
 #define DV_HC_REPORT 4 /* (ptr, len) store these bytes as the run's result; ret = len */
 #define DV_HC_FAULT 5  /* (vector, error code, address, rip) the guest faulted */
 #define DV_HC_NOP 6    /* () ret = 0 */
+#define DV_HC_IRQ_COUNTERS 7 /* (ptr, count) publish count u64 interrupt counters; ret = 0 */
 
 /* Status codes the host writes to a request block. */
 #define DV_HC_ENOCALL (-1) /* unknown call number */
@@ -41,6 +42,16 @@
 
 /* What dv_syscall0 returns for an unknown system call number: -DV_ENOSYS. */
 #define DV_ENOSYS 38
+
+/* Interrupt vectors of the runtime (guest only): interrupt line n arrives as
+ * vector DV_IRQ_VECTOR_BASE + n (dv_irq_init routes the IOAPIC so), the local
+ * APIC timer as DV_TIMER_VECTOR; every vector from 32 to 254 is counted in
+ * dv_irq_counts. */
+#define DV_IRQ_VECTOR_BASE 0x20
+#define DV_TIMER_VECTOR 0xf0
+#define DV_SPURIOUS_VECTOR 0xff
+/* KVM's local APIC timer counts at its 1 GHz APIC bus clock (divide by 1). */
+#define DV_LAPIC_TIMER_HZ 1000000000u
 
 /* A hypercall request block: 48 bytes, little-endian, below 4 GiB. */
 struct dv_hc_request {
@@ -94,6 +105,37 @@ __attribute__((noreturn)) void dv_exit(int status);
 /* Set by crt0.S: guest RAM in bytes (rsi at entry) and the initial stack pointer. */
 extern uint64_t dv_ram_bytes;
 extern uint64_t dv_stack_top;
+
+/*
+ * Interrupts (irq.c; kernel.S counts them). Needs a VM created with interrupts.
+ *
+ * dv_irq_init() masks the PIC, enables the local APIC, routes every IOAPIC line n
+ * to vector DV_IRQ_VECTOR_BASE + n on this CPU, publishes dv_irq_counts to the
+ * host (the IRQ_COUNTERS hypercall: one exit) and enables interrupts. Returns the
+ * hypercall's status (0).
+ *
+ * dv_irq_counts[v] counts the interrupts of vector v handled so far; the handler
+ * is three instructions at CPL0 (count, EOI, iretq). Read it through a volatile
+ * access, or use dv_irq_wait_count().
+ */
+extern volatile uint64_t dv_irq_counts[256];
+
+int64_t dv_irq_init(void);
+/* Interrupts on / off for user mode, through the kernel's interrupt trap (a hlt
+ * at CPL3; PVM refuses sti and cli there). A system call turns them off. */
+void dv_irq_enable(void);
+void dv_irq_disable(void);
+/* Sleeps (hlt in the guest kernel, no spinning) until dv_irq_counts[vector]
+ * reaches target; returns the count. Interrupts stay as they were. */
+uint64_t dv_irq_wait_count(uint32_t vector, uint64_t target);
+/* The local APIC timer: periodic at hz (at most DV_LAPIC_TIMER_HZ), vector
+ * DV_TIMER_VECTOR. Returns the initial count programmed (0: bad hz). */
+uint32_t dv_timer_start(uint32_t hz);
+void dv_timer_stop(void);
+/* The timer's current count (counts down from the initial count). */
+uint32_t dv_timer_current(void);
+/* This CPU's local APIC id. */
+uint32_t dv_apic_id(void);
 
 /*
  * One hypercall. Returns `ret`, or the negative status the host wrote. The block

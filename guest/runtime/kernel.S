@@ -12,6 +12,9 @@
  *   boot     lidt, three wrmsr (STAR, LSTAR, SFMASK), iretq to CPL3: 19 instructions
  *   syscall  11 instructions from `syscall` to `iretq`
  *   fault    14 or 15 instructions from the exception to the FAULT hypercall
+ *   irq      3 instructions: count, EOI, iretq (vectors 32-254; 255 is 1, iretq)
+ *   trap     9 to 14 instructions: a user-mode hlt turns interrupts on or off, or
+ *            halts until one arrives (see dv_fault_13)
  *
  * The IDT is laid out by the assembler and linker, not by code. A gate splits its
  * handler's address into 16-bit halves, which no x86-64 relocation can express
@@ -45,6 +48,14 @@
 #define DEBUG_EXIT	0xf4
 
 #define ENOSYS		38
+/* The interrupt trap: a `hlt` at CPL3 (which takes #GP) with eax = */
+#define TRAP_IRQ_ON	0	/* return with interrupts enabled */
+#define TRAP_IRQ_OFF	1	/* return with interrupts disabled */
+#define TRAP_IRQ_WAIT	2	/* rdi = &counter, rsi = target: halt unless reached */
+#define HLT_OPCODE	0xf4
+#define RFLAGS_IF_BIT	9
+/* The local APIC's EOI register (identity-mapped, in the MMIO hole). */
+#define LAPIC_EOI	0xfee000b0
 /* The stack the syscall path builds its iretq frame on: the top of the VMM's
  * exception stack (TSS rsp0, 0xa000..0x10000), idle while no exception runs. */
 #define SYSCALL_STACK	0x10000
@@ -66,9 +77,78 @@ dv_fault_\vec:
 	jmp	fault_common
 	.endm
 
-	.irp	v, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
+	.irp	v, 0,1,2,3,4,5,6,7,8,9,10,11,12,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
 	fault_stub \v
 	.endr
+
+/*
+ * #GP, which is also the interrupt trap: user code controls interrupts by
+ * executing `hlt` (privileged, so it takes #GP) with an operation in eax. This
+ * handler is real CPL0 code on every host, so it can do what user mode cannot:
+ * PVM refuses `sti`, `cli` and `popf`'s IF at CPL3 (even with IOPL = 3), and does
+ * not apply IF from the iretq frame on the system call path; the iretq of an
+ * exception handler it does apply. On hardware virtualization the same trap works
+ * unchanged.
+ *   eax 0  return with interrupts enabled (IF set in the frame)
+ *   eax 1  return with interrupts disabled
+ *   eax 2  rdi = &counter, rsi = target: unless *counter >= target, sti; hlt
+ *          (sleep until an interrupt has been handled); return enabled
+ * With interrupts off while it checks the counter (this is an interrupt gate),
+ * and sti's one-instruction shadow before the hlt, an interrupt that arrives
+ * after the check wakes the hlt instead of being slept through. rcx is
+ * preserved, every other register too; any other #GP is reported as a fault.
+ *   frame: rsp+0 saved rcx  +8 error code  +16 RIP  +24 CS  +32 RFLAGS
+ */
+dv_fault_13:
+	push	%rcx
+	mov	16(%rsp), %rcx
+	cmpb	$HLT_OPCODE, (%rcx)
+	jne	3f
+	incq	16(%rsp)			/* resume after the hlt */
+	btsq	$RFLAGS_IF_BIT, 32(%rsp)
+	cmp	$TRAP_IRQ_OFF, %eax
+	jne	1f
+	btrq	$RFLAGS_IF_BIT, 32(%rsp)
+1:	cmp	$TRAP_IRQ_WAIT, %eax
+	jne	2f
+	cmp	%rsi, (%rdi)
+	jae	2f
+	sti
+	hlt
+2:	pop	%rcx
+	add	$8, %rsp			/* the error code */
+	iretq
+3:	pop	%rcx
+	push	$13
+	jmp	fault_common
+
+/*
+ * Interrupt entry points for vectors 32-254: count the interrupt in
+ * dv_irq_counts[vector], signal end-of-interrupt to the local APIC (the value
+ * written is ignored: `movabs` stores eax without needing a free register) and
+ * return. Three instructions, because on PVM each one at CPL0 is emulated. No
+ * register is touched, so nothing is saved. Interrupts from the PIC (ExtINT)
+ * would need a PIC EOI instead; dv_irq_init() masks the PIC.
+ */
+#define IRQ_FIRST	32
+#define IRQ_COUNT	223	/* vectors 32..254 */
+#define IRQ_STUB_SIZE	19	/* 8 + 9 + 2 bytes: the gates below rely on it */
+dv_irq_stubs:
+	.set	vector, IRQ_FIRST
+	.rept	IRQ_COUNT
+	lock incq dv_irq_counts + 8 * vector(%rip)
+	movabs	%eax, LAPIC_EOI
+	iretq
+	.set	vector, vector + 1
+	.endr
+dv_irq_stubs_end:
+	.if	dv_irq_stubs_end - dv_irq_stubs - IRQ_COUNT * IRQ_STUB_SIZE
+	.error	"an interrupt stub is not IRQ_STUB_SIZE bytes long"
+	.endif
+
+/* The local APIC's spurious vector: no count, no EOI (the APIC expects none). */
+dv_irq_spurious:
+	iretq
 
 /*
  * Reports the exception with the FAULT hypercall and never returns. The request
@@ -146,6 +226,10 @@ _start:
  * instruction emulator, which has no SYSRET (the guest gets a #GP at the
  * sysretq). The RFLAGS pushed are USER_RFLAGS, not r11: under PVM, SYSCALL saved
  * 0x202 in r11 (IF = 1, IOPL = 0) although iretq had set USER_RFLAGS.
+ *
+ * A system call leaves interrupts disabled for user mode: SFMASK clears IF, and
+ * USER_RFLAGS has IF = 0 (on PVM this iretq would not restore IF anyway, see the
+ * interrupt trap below). dv_irq_enable() turns them back on.
  */
 	.globl	dv_syscall_entry
 	.type	dv_syscall_entry, @function
@@ -165,10 +249,21 @@ dv_syscall_entry:
 	iretq
 	.size	dv_syscall_entry, . - dv_syscall_entry
 
+/* Interrupts counted by vector; published to the host by dv_irq_init(). */
+	.bss
+	.balign	64
+	.globl	dv_irq_counts
+dv_irq_counts:
+	.skip	256 * 8
+
 /* Interrupt gates (IF stays 0): DPL 0, except #BP and #OF, which `int3` and
  * `into` raise from CPL3 and which would otherwise turn into #GP. */
 	.macro	gate vec, dpl=0
-	.word	dv_fault_\vec - HANDLER_WINDOW
+	gate_at	dv_fault_\vec, \dpl
+	.endm
+
+	.macro	gate_at handler, dpl=0
+	.word	\handler - HANDLER_WINDOW
 	.word	KERNEL_CS
 	.byte	0				/* no IST */
 	.byte	0x8e | (\dpl << 5)		/* present, 64-bit interrupt gate */
@@ -188,6 +283,12 @@ idt:
 	.irp	v, 5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
 	gate	\v
 	.endr
+	.set	vector, IRQ_FIRST
+	.rept	IRQ_COUNT
+	gate_at	dv_irq_stubs+(vector-IRQ_FIRST)*IRQ_STUB_SIZE	/* one argument: no spaces */
+	.set	vector, vector + 1
+	.endr
+	gate_at	dv_irq_spurious
 idt_end:
 
 	.balign	8
