@@ -55,6 +55,15 @@ export type {
   SpecialRegisters,
 } from "./src/kvm/registers.ts";
 export { type MetricsReport, metricsReport, sumMetrics, toPrometheus } from "./src/metrics.ts";
+export { GuestVectors, IRQ_LINES, type IrqStats, msiAddress, SERIAL_IRQ_LINE } from "./src/irq.ts";
+export {
+  type AttachOptions,
+  attachStdin,
+  ConsoleEscape,
+  type ConsoleSession,
+  type ConsoleTarget,
+  type EscapeResult,
+} from "./src/console.ts";
 export {
   DEFAULT_GUEST_LOAD_OPTIONS,
   DEFAULT_GUEST_SUCCESS_CODE,

@@ -21,6 +21,8 @@ export const ABI_VERSION = 2;
 
 /** `dv_vm_create` flag: stop on port I/O or MMIO that no device claims. */
 export const VM_FLAG_STOP_ON_UNHANDLED = 1;
+/** `dv_vm_create` flag: KVM's in-kernel irqchip (PIC, IOAPIC, local APICs) and PIT. */
+export const VM_FLAG_IRQCHIP = 2;
 /** Load flag: keep the image clear of the VMM's boot structures. */
 export const LOAD_FLAG_RESERVE_LOW = 1;
 
@@ -65,6 +67,16 @@ const SYMBOLS = {
   },
   /** int32_t dv_vm_stop(uint32_t vm) */
   dv_vm_stop: { parameters: ["u32"], result: "i32" },
+  /** int32_t dv_vm_inject_irq(uint32_t vm, uint32_t line) */
+  dv_vm_inject_irq: { parameters: ["u32", "u32"], result: "i32" },
+  /** int32_t dv_vm_send_msi(uint32_t vm, uint64_t address, uint32_t data, uint32_t *out_delivered) */
+  dv_vm_send_msi: { parameters: ["u32", "u64", "u32", "buffer"], result: "i32" },
+  /** int32_t dv_vm_irq_stats(uint32_t vm, uint8_t *buf, size_t cap, size_t *out_len) */
+  dv_vm_irq_stats: { parameters: ["u32", "buffer", "usize", "buffer"], result: "i32" },
+  /** int32_t dv_vm_guest_irq_counters(uint32_t vm, uint8_t *buf, size_t cap, size_t *out_len) */
+  dv_vm_guest_irq_counters: { parameters: ["u32", "buffer", "usize", "buffer"], result: "i32" },
+  /** int32_t dv_vm_console_input(uint32_t vm, const uint8_t *data, size_t len) */
+  dv_vm_console_input: { parameters: ["u32", "buffer", "usize"], result: "i32" },
   /** int32_t dv_vm_report(uint32_t vm, uint8_t *buf, size_t cap, size_t *out_len) */
   dv_vm_report: { parameters: ["u32", "buffer", "usize", "buffer"], result: "i32" },
   /** int32_t dv_vm_metrics(uint32_t vm, uint8_t *buf, size_t cap, size_t *out_len) */
@@ -254,6 +266,36 @@ export class Core {
   /** `dv_vm_stop`. */
   vmStop(vm: number): void {
     this.#check(this.#sym.dv_vm_stop(vm));
+  }
+
+  /** `dv_vm_inject_irq`: one edge on GSI `line`. */
+  vmInjectIrq(vm: number, line: number): void {
+    this.#check(this.#sym.dv_vm_inject_irq(vm, line));
+  }
+
+  /** `dv_vm_send_msi`: whether a local APIC accepted the MSI. */
+  vmSendMsi(vm: number, address: bigint, data: number): boolean {
+    const delivered = new Uint32Array(1);
+    this.#check(this.#sym.dv_vm_send_msi(vm, address, data, delivered));
+    return delivered[0] === 1;
+  }
+
+  /** `dv_vm_irq_stats`: the host's interrupt counters as parsed JSON. */
+  vmIrqStats<T>(vm: number): T {
+    return this.#json((buf, cap, outLen) => this.#sym.dv_vm_irq_stats(vm, buf, cap, outLen));
+  }
+
+  /** `dv_vm_guest_irq_counters`: the guest's published counters, by vector. */
+  vmGuestIrqCounters(vm: number): BigUint64Array {
+    const bytes = this.#bytes((buf, cap, outLen) =>
+      this.#sym.dv_vm_guest_irq_counters(vm, buf, cap, outLen)
+    );
+    return new BigUint64Array(bytes.slice().buffer);
+  }
+
+  /** `dv_vm_console_input`. */
+  vmConsoleInput(vm: number, data: Uint8Array): void {
+    this.#check(this.#sym.dv_vm_console_input(vm, data, BigInt(data.length)));
   }
 
   /** `dv_vm_report`: the guest's last REPORT (empty when none). */

@@ -8,6 +8,7 @@
 
 import { DenovisorError } from "./errors.ts";
 import { describeExit, type ExitReason, type VcpuExit } from "./kvm/exit.ts";
+import type { IrqStats } from "./irq.ts";
 import {
   type EntryMode,
   Kvm,
@@ -43,6 +44,11 @@ export interface VmConfig {
   console?: "capture" | "stdout";
   /** Default timeout of {@link Vm.run} in milliseconds (0: none). */
   timeoutMs?: number;
+  /** Interrupt virtualization: KVM's in-kernel PIC, IOAPIC, local APICs and PIT,
+   * and COM1 on interrupt line 4 (default false). With it, `hlt` waits in KVM for
+   * an interrupt instead of ending the run; {@link Vm.injectIrq} and
+   * {@link Vm.sendMsi} need it. */
+  interrupts?: boolean;
 }
 
 /** How an image is placed and entered. */
@@ -198,7 +204,11 @@ export class Vm implements Disposable {
     // Loading the core is a once-per-process cost; the VM's own creation starts here.
     const started = performance.now();
     const memoryBytes = memoryMiB * 1024 * 1024;
-    const vm = kvm.createVm({ memoryBytes, unhandledIo: config.unhandledIo ?? "ignore" });
+    const vm = kvm.createVm({
+      memoryBytes,
+      unhandledIo: config.unhandledIo ?? "ignore",
+      irqchip: config.interrupts ?? false,
+    });
     try {
       for (let i = 0; i < vcpus; i++) vm.createVcpu();
       if (consoleMode === "stdout") vm.streamConsoleTo(STDOUT_FD);
@@ -328,6 +338,93 @@ export class Vm implements Disposable {
       exits: after - before,
       timings: { createMs: this.#createMs, runMs, guestNs: runNs },
     };
+  }
+
+  /**
+   * Raises one edge on an interrupt line (GSI 0-23), as an ISA device would.
+   * The guest runtime (`dv_irq_init()`) routes line `n` to vector `0x20 + n`.
+   * Works while the guest runs; needs `interrupts: true`.
+   *
+   * @param line The interrupt line.
+   * @throws {DenovisorError} `INVALID_ARGUMENT` without an irqchip or for a bad line.
+   * @example
+   * ```ts
+   * import { Vm } from "./mod.ts";
+   * using vm = await Vm.create({ interrupts: true });
+   * vm.injectIrq(5); // pending until the guest enables interrupts
+   * ```
+   */
+  injectIrq(line: number): void {
+    this.#vm.injectIrq(line);
+  }
+
+  /**
+   * Sends a message-signalled interrupt straight to a local APIC. Needs
+   * `interrupts: true`.
+   *
+   * @param address `0xfee00000 | apicId << 12` (see `msiAddress`).
+   * @param data The vector in bits 0-7 (fixed delivery, edge-triggered).
+   * @returns Whether a local APIC accepted it (false while the guest's local
+   *   APIC is software-disabled).
+   * @example
+   * ```ts
+   * import { msiAddress, Vm } from "./mod.ts";
+   * using vm = await Vm.create({ interrupts: true });
+   * console.log(vm.sendMsi(msiAddress(0), 0x41)); // false: the APIC is not enabled yet
+   * ```
+   */
+  sendMsi(address: number | bigint, data: number): boolean {
+    return this.#vm.sendMsi(address, data);
+  }
+
+  /**
+   * The host's interrupt counters: edges injected, MSIs sent, COM1's IRQs.
+   *
+   * @returns The counters and whether the VM has an irqchip.
+   * @example
+   * ```ts
+   * import { Vm } from "./mod.ts";
+   * using vm = await Vm.create({ interrupts: true });
+   * console.log(vm.irqStats()); // { irqchip: true, injected: 0, ... }
+   * ```
+   */
+  irqStats(): IrqStats {
+    return this.#vm.irqStats();
+  }
+
+  /**
+   * The guest's own interrupt counters, by vector: what its handlers counted, as
+   * published with the IRQ_COUNTERS hypercall (the guest runtime does this in
+   * `dv_irq_init()`). Read from guest RAM while the guest runs, at no cost to it.
+   *
+   * @returns Counts by vector (empty when the guest published none).
+   * @example
+   * ```ts
+   * import { Vm } from "./mod.ts";
+   * using vm = await Vm.create({ interrupts: true });
+   * console.log(vm.guestIrqCounters().length); // 0 until the guest publishes them
+   * ```
+   */
+  guestIrqCounters(): BigUint64Array {
+    return this.#vm.guestIrqCounters();
+  }
+
+  /**
+   * Types into the guest's serial console: the bytes go to COM1's receive FIFO
+   * (refilled as the guest reads it) and raise interrupt line 4 when the guest
+   * enabled it. Works while the guest runs.
+   *
+   * @param input Bytes, or a string (sent as UTF-8).
+   * @throws {DenovisorError} `BUSY` when over 1 MiB would be waiting unread.
+   * @example
+   * ```ts
+   * import { Vm } from "./mod.ts";
+   * using vm = await Vm.create();
+   * vm.sendConsoleInput("hello\n");
+   * ```
+   */
+  sendConsoleInput(input: Uint8Array | string): void {
+    this.#vm.sendConsoleInput(input);
   }
 
   /** Asks the running guest to stop; a pending {@link Vm.run} resolves with `stopped`. */

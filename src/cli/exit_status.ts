@@ -9,7 +9,7 @@ import type { VcpuExit } from "../kvm/exit.ts";
 
 /** The CLI's own exit statuses. */
 export const ExitStatus = {
-  /** The default guest succeeded, or a guest halted. */
+  /** The default guest succeeded, or a guest halted, reset or powered off. */
   ok: 0,
   /** Bad command-line arguments, or an image that cannot be loaded. */
   usage: 2,
@@ -41,6 +41,8 @@ export function statusOfExit(exit: VcpuExit): number {
       return exit.status & 0xff;
     case "hlt":
     case "stopped":
+    case "reset":
+    case "power_off":
       return ExitStatus.ok;
     case "timed_out":
       return ExitStatus.timeout;

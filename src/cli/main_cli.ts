@@ -18,6 +18,7 @@ import { type MetricsReport, metricsReport, toPrometheus } from "../metrics.ts";
 import { type LoadOptions, type RunResult, Vm } from "../vm.ts";
 import { formatOverheadTable, measureOverhead, type WorkloadName, WORKLOADS } from "../overhead.ts";
 import { ExitStatus, statusOfExit } from "./exit_status.ts";
+import { attachStdin } from "../console.ts";
 
 const MAIN_HELP = `denovisor — a KVM hypervisor driven from TypeScript
 
@@ -71,7 +72,15 @@ Options:
   --metrics FILE     write the run's exit metrics to FILE (- for stdout)
   --metrics-format F json (default) | prometheus
   --quiet            no summary line
+  --irqchip          interrupt virtualization: KVM's in-kernel PIC, IOAPIC,
+                     local APICs and PIT, COM1 on IRQ 4 (hlt then waits for
+                     an interrupt instead of ending the run)
+  --no-stdin         do not forward standard input to the guest
   -h, --help         this help
+
+Standard input goes to the guest's COM1 receive side. On a terminal it is put
+in raw mode for the run (restored at the end): every key reaches the guest,
+Ctrl-A x quits, Ctrl-A Ctrl-A sends Ctrl-A, Ctrl-A h lists the keys (as QEMU).
 `;
 
 /** Where the CLI writes; injectable so tests can capture it. */
@@ -137,11 +146,20 @@ interface ImageRun {
 
 async function runImage(
   image: Uint8Array,
-  vmOptions: { memoryMiB: number; timeoutMs: number; unhandledIo: "ignore" | "stop" },
+  vmOptions: {
+    memoryMiB: number;
+    timeoutMs: number;
+    unhandledIo: "ignore" | "stop";
+    interrupts?: boolean;
+  },
   load: LoadOptions,
+  input: { stdin: boolean } = { stdin: false },
 ): Promise<ImageRun> {
   using vm = await Vm.create({ ...vmOptions, console: "stdout" });
   vm.load(image, load);
+  // Forwarding starts once the image is loaded, so a load error leaves the
+  // terminal as it was; `using` restores it however the run ends.
+  using _stdin = input.stdin ? attachStdin(vm) : undefined;
   const result = await vm.run();
   return { result, metrics: metricsReport(vm) };
 }
@@ -180,6 +198,8 @@ async function runCommand(args: string[], io: CliIo): Promise<number> {
       timeout: { type: "string" },
       "unhandled-io": { type: "string" },
       quiet: { type: "boolean" },
+      irqchip: { type: "boolean" },
+      "no-stdin": { type: "boolean" },
       arg: { type: "string", multiple: true },
       metrics: { type: "string" },
       "metrics-format": { type: "string" },
@@ -200,6 +220,7 @@ async function runCommand(args: string[], io: CliIo): Promise<number> {
   const path = positionals[0];
   const vmOptions = {
     memoryMiB: parseCount(values.mem, "--mem", 16, 1),
+    interrupts: values.irqchip ?? false,
     timeoutMs: parseCount(values.timeout, "--timeout", 0, 0),
     unhandledIo: oneOf(
       values["unhandled-io"],
@@ -227,7 +248,9 @@ async function runCommand(args: string[], io: CliIo): Promise<number> {
   } catch (e) {
     throw new UsageError(`cannot read image ${path}: ${e instanceof Error ? e.message : e}`);
   }
-  const { result, metrics } = await runImage(image, vmOptions, load);
+  const { result, metrics } = await runImage(image, vmOptions, load, {
+    stdin: !values["no-stdin"],
+  });
   if (values.metrics !== undefined) await writeMetrics(values.metrics, metricsFormat, metrics);
   if (!values.quiet) io.error(summaryLine(result));
   return statusOfExit(result.exit);

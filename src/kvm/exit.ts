@@ -51,6 +51,12 @@ export type VcpuExit =
   | { reason: "debug_exit"; exitCode: number }
   /** The guest made the EXIT hypercall with this status. */
   | { reason: "guest_exit"; status: number }
+  /** The guest reset the machine through the i8042 keyboard controller (command
+   * 0xFE to port 0x64, what Linux's `reboot=k` does). */
+  | { reason: "reset" }
+  /** The guest powered the machine off: SLP_EN with sleep type 0 written to port
+   * 0x604 (QEMU's ACPI PM1a control register; `outw(0x604, 0x2000)`). */
+  | { reason: "power_off" }
   /** The guest took an exception and reported it through the FAULT hypercall. */
   | {
     reason: "guest_fault";
@@ -175,6 +181,10 @@ export function describeExit(exit: VcpuExit): string {
       return `guest exited with code ${exit.exitCode}`;
     case "guest_exit":
       return `guest exited with status ${exit.status}`;
+    case "reset":
+      return "guest reset the machine (i8042)";
+    case "power_off":
+      return "guest powered off";
     case "guest_fault":
       return `guest fault: ${EXCEPTION_NAMES[exit.vector] ?? `vector ${exit.vector}`} at rip=${
         hex(exit.rip)

@@ -16,8 +16,10 @@ import {
   LOAD_FLAG_RESERVE_LOW,
   openCore,
   StateKind,
+  VM_FLAG_IRQCHIP,
   VM_FLAG_STOP_ON_UNHANDLED,
 } from "../ffi.ts";
+import { checkIrqLine, checkMsi, type IrqStats, toConsoleBytes } from "../irq.ts";
 import { parseExit, type RawRunResult, type VcpuExit } from "./exit.ts";
 import {
   decodeFpuState,
@@ -103,6 +105,8 @@ export interface HypercallCounts {
   nop: number;
   /** Unknown call numbers and calls refused with an error status. */
   invalid: number;
+  /** IRQ_COUNTERS: the guest published its interrupt counters. */
+  irqCounters: number;
 }
 
 /** The result of a run: the exit that ended it, and which vCPU took it. */
@@ -188,12 +192,16 @@ export class Kvm {
    * `KVM_CREATE_VM` plus guest RAM (`KVM_SET_USER_MEMORY_REGION`), COM1 and the
    * debug-exit port.
    *
-   * @param options RAM size in bytes (a multiple of 4 KiB) and the policy for
-   *   port I/O and MMIO no device claims (default `ignore`).
+   * @param options RAM size in bytes (a multiple of 4 KiB), the policy for
+   *   port I/O and MMIO no device claims (default `ignore`), and `irqchip`:
+   *   `KVM_CREATE_IRQCHIP` + `KVM_CREATE_PIT2` (default false; HLT then sleeps
+   *   in KVM until an interrupt instead of ending the run).
    * @returns The VM; close it (or `using`) to free its memory and threads.
    */
-  createVm(options: { memoryBytes: number; unhandledIo?: UnhandledAccessPolicy }): KvmVm {
-    const { memoryBytes, unhandledIo = "ignore" } = options;
+  createVm(
+    options: { memoryBytes: number; unhandledIo?: UnhandledAccessPolicy; irqchip?: boolean },
+  ): KvmVm {
+    const { memoryBytes, unhandledIo = "ignore", irqchip = false } = options;
     if (!Number.isSafeInteger(memoryBytes) || memoryBytes <= 0) {
       throw new DenovisorError(
         "INVALID_ARGUMENT",
@@ -206,7 +214,8 @@ export class Kvm {
         `unhandledIo must be "ignore" or "stop", got ${JSON.stringify(unhandledIo)}`,
       );
     }
-    const flags = unhandledIo === "stop" ? VM_FLAG_STOP_ON_UNHANDLED : 0;
+    const flags = (unhandledIo === "stop" ? VM_FLAG_STOP_ON_UNHANDLED : 0) |
+      (irqchip ? VM_FLAG_IRQCHIP : 0);
     return new KvmVm(this.#core, this.#core.vmCreate(memoryBytes, flags));
   }
 
@@ -364,6 +373,56 @@ export class KvmVm implements Disposable {
   /** Asks every vCPU to stop; a pending run resolves with `stopped`. */
   stop(): void {
     this.#core.vmStop(this.#live());
+  }
+
+  /**
+   * `KVM_IRQ_LINE` high then low: one edge on an interrupt line (GSI 0-23: the
+   * IOAPIC pin of that number, and for 0-15 the PIC input too). Needs `irqchip`.
+   *
+   * @param line The GSI.
+   */
+  injectIrq(line: number): void {
+    this.#core.vmInjectIrq(this.#live(), checkIrqLine(line));
+  }
+
+  /**
+   * `KVM_SIGNAL_MSI`: a message-signalled interrupt. Needs `irqchip`.
+   *
+   * @param address `0xfee00000 | apicId << 12`.
+   * @param data The vector in bits 0-7 (fixed delivery, edge).
+   * @returns Whether a local APIC accepted it.
+   */
+  sendMsi(address: number | bigint, data: number): boolean {
+    const [a, d] = checkMsi(address, data);
+    return this.#core.vmSendMsi(this.#live(), a, d);
+  }
+
+  /**
+   * The host's interrupt counters.
+   *
+   * @returns Whether the VM has an irqchip, and what the host raised.
+   */
+  irqStats(): IrqStats {
+    return this.#core.vmIrqStats<IrqStats>(this.#live());
+  }
+
+  /**
+   * The guest's interrupt counters by vector, as the guest published them with
+   * the IRQ_COUNTERS hypercall; read from guest RAM, at no cost to the guest.
+   *
+   * @returns One count per vector (empty when the guest published none).
+   */
+  guestIrqCounters(): BigUint64Array {
+    return this.#core.vmGuestIrqCounters(this.#live());
+  }
+
+  /**
+   * Queues bytes for the guest on COM1's receive side.
+   *
+   * @param input Bytes, or a string (sent as UTF-8).
+   */
+  sendConsoleInput(input: Uint8Array | string): void {
+    this.#core.vmConsoleInput(this.#live(), toConsoleBytes(input));
   }
 
   /**

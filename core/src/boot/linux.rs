@@ -339,6 +339,7 @@ pub fn load(ram: &GuestRam, bytes: &[u8], initrd: &[u8], cmdline: &[u8]) -> Resu
     let layout = plan(&kernel, ram.size(), initrd.len() as u64, cmdline)?;
     let header = match &kernel {
         Kernel::BzImage(z) => {
+            ram.prefault(layout.kernel.address, layout.kernel.size);
             ram.write(layout.kernel.address, z.protected_mode(bytes))?;
             z.header_bytes(bytes)
         }
@@ -348,6 +349,7 @@ pub fn load(ram: &GuestRam, bytes: &[u8], initrd: &[u8], cmdline: &[u8]) -> Resu
         }
     };
     if let Some(r) = layout.initrd {
+        ram.prefault(r.address, r.size);
         ram.write(r.address, initrd)?;
     }
     let mut line = Vec::with_capacity(cmdline.len() + 1);
@@ -577,13 +579,21 @@ pub fn inspect(bytes: &[u8]) -> Inspection {
                     out.loadable = true;
                     out.min_memory_bytes = Some(placement.footprint.end().next_multiple_of(MIB));
                 }
-                Err(e) => out.problem = Some(e.to_string()),
+                Err(e) => out.problem = Some(message(e)),
             }
             out.placement = Some(placement);
         }
-        Err(e) => out.problem = Some(e.to_string()),
+        Err(e) => out.problem = Some(message(e)),
     }
     out
+}
+
+/// An error's message without the `image: ` prefix its display adds.
+fn message(e: Error) -> String {
+    match e {
+        Error::Image(m) => m,
+        other => other.to_string(),
+    }
 }
 
 #[cfg(test)]
