@@ -50,9 +50,11 @@ for (const byInterrupt of [false, true]) {
     assert.equal(report.lines, lines.length);
     assert.equal(result.console, "ready\n" + lines.map((l) => `echo: ${l}\n`).join(""));
     if (byInterrupt) {
-      // At least one interrupt per 64 bytes the guest found in the FIFO.
-      assert.ok(report.irqs >= Math.ceil(bytes.length / 64), `irqs: ${report.irqs}`);
-      assert.equal(vm.irqStats().serial, report.irqs);
+      // The UART raised IRQ 4 at least once per FIFO load; edges raised before
+      // the guest took the last one merge, so the guest may count fewer.
+      const raised = vm.irqStats().serial;
+      assert.ok(raised >= Math.ceil(bytes.length / 64), `raised: ${raised}`);
+      assert.ok(report.irqs >= 1 && report.irqs <= raised, `irqs: ${report.irqs} of ${raised}`);
     } else {
       assert.equal(report.irqs, 0);
     }
