@@ -65,6 +65,29 @@ export {
   type EscapeResult,
 } from "./src/console.ts";
 export {
+  type Address,
+  type BzImageInfo,
+  type ElfInfo,
+  type ElfSegment,
+  formatInspection,
+  type ImageInspection,
+  inspectImage,
+  inspectionJson,
+  type KernelPlacement,
+  type SetupHeader,
+} from "./src/linux/inspect.ts";
+export {
+  BOOT_CS,
+  BOOT_DS,
+  E820_RAM,
+  E820_RESERVED,
+  type E820Entry,
+  type LinuxLayout,
+  type LinuxLoadOptions,
+  type MemoryRegion,
+} from "./src/linux/layout.ts";
+export { buildInitramfs, type InitramfsEntry } from "./src/linux/initramfs.ts";
+export {
   DEFAULT_GUEST_LOAD_OPTIONS,
   DEFAULT_GUEST_SUCCESS_CODE,
   defaultGuestImage,

@@ -93,6 +93,27 @@ const SYMBOLS = {
   dv_vcpu_set_state: { parameters: ["u32", "u32", "buffer", "usize"], result: "i32" },
   /** int32_t dv_vcpu_setup_entry(uint32_t vcpu, uint32_t mode, uint64_t entry, uint64_t stack) */
   dv_vcpu_setup_entry: { parameters: ["u32", "u32", "u64", "u64"], result: "i32" },
+  // The Linux boot protocol (core/src/abi/linux.rs).
+  /** int32_t dv_vm_load_linux(uint32_t vm, const uint8_t *kernel, size_t kernel_len, const uint8_t *initrd, size_t initrd_len, const uint8_t *cmdline, size_t cmdline_len, uint8_t *buf, size_t cap, size_t *out_len) */
+  dv_vm_load_linux: {
+    parameters: [
+      "u32",
+      "buffer",
+      "usize",
+      "buffer",
+      "usize",
+      "buffer",
+      "usize",
+      "buffer",
+      "usize",
+      "buffer",
+    ],
+    result: "i32",
+  },
+  /** int32_t dv_vcpu_setup_linux_entry(uint32_t vcpu, uint64_t entry, uint64_t zero_page) */
+  dv_vcpu_setup_linux_entry: { parameters: ["u32", "u64", "u64"], result: "i32" },
+  /** int32_t dv_inspect_image(const uint8_t *data, size_t len, uint8_t *buf, size_t cap, size_t *out_len) */
+  dv_inspect_image: { parameters: ["buffer", "usize", "buffer", "usize", "buffer"], result: "i32" },
 } as const satisfies Deno.ForeignLibraryInterface;
 
 type Symbols = Deno.DynamicLibrary<typeof SYMBOLS>["symbols"];
@@ -332,6 +353,45 @@ export class Core {
   /** `dv_vcpu_setup_entry` (`mode`: 0 real, 1 long, 2 user). */
   vcpuSetupEntry(vcpu: number, mode: number, entry: bigint, stack: bigint): void {
     this.#check(this.#sym.dv_vcpu_setup_entry(vcpu, mode, entry, stack));
+  }
+
+  /** `dv_vm_load_linux`: where the kernel, initrd, command line and zero page
+   * went, as parsed JSON. */
+  vmLoadLinux<T>(vm: number, kernel: Uint8Array, initrd: Uint8Array, cmdline: Uint8Array): T {
+    return this.#json((buf, cap, outLen) =>
+      this.#sym.dv_vm_load_linux(
+        vm,
+        kernel,
+        BigInt(kernel.length),
+        initrd,
+        BigInt(initrd.length),
+        cmdline,
+        BigInt(cmdline.length),
+        buf,
+        cap,
+        outLen,
+      )
+    );
+  }
+
+  /** `dv_vcpu_setup_linux_entry`: RIP = `entry`, RSI = `zeroPage`, boot GDT. */
+  vcpuSetupLinuxEntry(vcpu: number, entry: bigint, zeroPage: bigint): void {
+    this.#check(this.#sym.dv_vcpu_setup_linux_entry(vcpu, entry, zeroPage));
+  }
+
+  /** `dv_inspect_image`: what the loaders see in an image, as parsed JSON;
+   * integers beyond 2^53 (ELF virtual addresses) come back as `bigint`s. */
+  inspectImage<T>(image: Uint8Array): T {
+    const bytes = this.#bytes((buf, cap, outLen) =>
+      this.#sym.dv_inspect_image(image, BigInt(image.length), buf, cap, outLen)
+    );
+    return JSON.parse(
+      decoder.decode(bytes),
+      (_key, value, context?: { source: string }) =>
+        typeof value === "number" && !Number.isSafeInteger(value) && context
+          ? BigInt(context.source)
+          : value,
+    ) as T;
   }
 }
 

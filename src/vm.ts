@@ -17,6 +17,7 @@ import {
   type UnhandledAccessPolicy,
   type VcpuMetrics,
 } from "./kvm/kvm.ts";
+import type { LinuxLayout, LinuxLoadOptions } from "./linux/layout.ts";
 
 /** Guest-physical start of the MMIO hole below 4 GiB (RAM above it moves past 4 GiB). */
 const MMIO_GAP_START = 0xd000_0000;
@@ -75,7 +76,7 @@ const ARGUMENT_REGISTERS = ["rdi", "rsi", "rdx", "rcx", "r8", "r9"] as const;
 /** Where and how an image was loaded. */
 export interface LoadedImage {
   /** Which loader was used. */
-  format: "elf" | "flat";
+  format: "elf" | "flat" | "linux";
   /** The entry mode. */
   mode: EntryMode;
   /** The first instruction's address. */
@@ -302,6 +303,60 @@ export class Vm implements Disposable {
     }
     this.#loaded = { format, mode, entry, stack, size: image.length };
     return this.#loaded;
+  }
+
+  /**
+   * Loads a Linux kernel the way Firecracker and Cloud Hypervisor do, without
+   * firmware, by the 64-bit boot protocol: a bzImage's protected-mode kernel at
+   * its `pref_address` (or a `vmlinux` ELF by its program headers), the initrd at
+   * the top of RAM below its `initrd_addr_max`, the command line, and a zero page
+   * with the copied setup header and an e820 map of guest RAM. vCPU 0 then starts
+   * at the 64-bit entry (`startup_64`) with RSI = the zero page; other vCPUs stay
+   * in their reset state for the kernel to start.
+   *
+   * Only the pages that receive data are written: the rest of guest RAM, the
+   * kernel's decompression area included, stays untouched.
+   *
+   * @param options The kernel, initrd and command line.
+   * @returns Where everything went.
+   * @throws {DenovisorError} `IMAGE` when the kernel is malformed, does not fit in
+   *   guest RAM, the initrd does not fit, or the command line is longer than the
+   *   kernel's `cmdline_size`; `INVALID_ARGUMENT` for arguments of the wrong type.
+   * @example
+   * ```ts
+   * import { Vm } from "./mod.ts";
+   * using vm = await Vm.create({ memoryMiB: 256 });
+   * const layout = vm.loadLinux({
+   *   kernel: await Deno.readFile("bzImage"),
+   *   initrd: await Deno.readFile("initrd.img"),
+   *   cmdline: "console=ttyS0",
+   * });
+   * console.log(layout.entry.toString(16), layout.initrd);
+   * const result = await vm.run({ timeoutMs: 10_000 });
+   * ```
+   */
+  loadLinux(options: LinuxLoadOptions): LinuxLayout {
+    const { kernel, initrd = new Uint8Array(), cmdline = "" } = options ?? {};
+    if (!(kernel instanceof Uint8Array)) {
+      throw new DenovisorError("INVALID_ARGUMENT", "kernel must be a Uint8Array");
+    }
+    if (!(initrd instanceof Uint8Array)) {
+      throw new DenovisorError("INVALID_ARGUMENT", "initrd must be a Uint8Array");
+    }
+    if (typeof cmdline !== "string") {
+      throw new DenovisorError("INVALID_ARGUMENT", "cmdline must be a string");
+    }
+    if (kernel.length === 0) throw new DenovisorError("IMAGE", "the kernel image is empty");
+    const layout = this.#vm.loadLinux(kernel, initrd, new TextEncoder().encode(cmdline));
+    this.#vm.vcpus[0].setupLinuxEntry(layout.entry, layout.zeroPage);
+    this.#loaded = {
+      format: "linux",
+      mode: "long",
+      entry: BigInt(layout.entry),
+      stack: BigInt(layout.stack),
+      size: kernel.length,
+    };
+    return layout;
   }
 
   /**

@@ -19,6 +19,7 @@ import { type LoadOptions, type RunResult, Vm } from "../vm.ts";
 import { formatOverheadTable, measureOverhead, type WorkloadName, WORKLOADS } from "../overhead.ts";
 import { ExitStatus, statusOfExit } from "./exit_status.ts";
 import { attachStdin } from "../console.ts";
+import { formatInspection, inspectImage, inspectionJson } from "../linux/inspect.ts";
 
 const MAIN_HELP = `denovisor — a KVM hypervisor driven from TypeScript
 
@@ -29,6 +30,10 @@ Usage:
   deno run -A main.ts hello           run the built-in hello guest
   deno run -A main.ts run [options] IMAGE
                                       run a flat binary or static ELF64 image
+  deno run -A main.ts run [options] --kernel bzImage [--initrd F] [--cmdline "..."]
+                                      boot a Linux kernel (64-bit boot protocol)
+  deno run -A main.ts inspect IMAGE [--json]
+                                      show what the loaders see in an image
   deno run -A main.ts <command> --help
 
 Exit status: a guest's debug-exit code (always odd) or EXIT hypercall status;
@@ -52,6 +57,7 @@ Options:
 `;
 
 const RUN_HELP = `Usage: deno run -A main.ts run [options] IMAGE
+       deno run -A main.ts run [options] --kernel bzImage [--initrd F] [--cmdline "..."]
 
 Runs IMAGE (a static ELF64 x86-64 executable, or a flat binary) in a new VM.
 The serial console (COM1) goes to stdout; a one-line summary goes to stderr.
@@ -81,6 +87,14 @@ Options:
 Standard input goes to the guest's COM1 receive side. On a terminal it is put
 in raw mode for the run (restored at the end): every key reaches the guest,
 Ctrl-A x quits, Ctrl-A Ctrl-A sends Ctrl-A, Ctrl-A h lists the keys (as QEMU).
+
+Linux (instead of IMAGE; the 64-bit boot protocol, no firmware):
+  --kernel FILE      a bzImage (boot protocol 2.12+) or vmlinux ELF; --mem
+                     defaults to 256, the irqchip is always on, and --mode,
+                     --format, --load-addr, --entry, --arg do not apply
+  --initrd FILE      an initramfs/initrd, placed high in RAM
+  --cmdline TEXT     the kernel command line (default
+                     "console=ttyS0 reboot=k panic=-1")
 `;
 
 /** Where the CLI writes; injectable so tests can capture it. */
@@ -152,11 +166,12 @@ async function runImage(
     unhandledIo: "ignore" | "stop";
     interrupts?: boolean;
   },
-  load: LoadOptions,
+  load: LoadOptions | ((vm: Vm) => unknown),
   input: { stdin: boolean } = { stdin: false },
 ): Promise<ImageRun> {
   using vm = await Vm.create({ ...vmOptions, console: "stdout" });
-  vm.load(image, load);
+  if (typeof load === "function") load(vm);
+  else vm.load(image, load);
   // Forwarding starts once the image is loaded, so a load error leaves the
   // terminal as it was; `using` restores it however the run ends.
   using _stdin = input.stdin ? attachStdin(vm) : undefined;
@@ -197,6 +212,9 @@ async function runCommand(args: string[], io: CliIo): Promise<number> {
       entry: { type: "string" },
       timeout: { type: "string" },
       "unhandled-io": { type: "string" },
+      kernel: { type: "string" },
+      initrd: { type: "string" },
+      cmdline: { type: "string" },
       quiet: { type: "boolean" },
       irqchip: { type: "boolean" },
       "no-stdin": { type: "boolean" },
@@ -210,6 +228,7 @@ async function runCommand(args: string[], io: CliIo): Promise<number> {
     io.error(RUN_HELP);
     return ExitStatus.ok;
   }
+  if (values.kernel !== undefined) return await runLinuxCommand(values, positionals, io);
   if (positionals.length !== 1) {
     throw new UsageError(
       positionals.length === 0
@@ -254,6 +273,133 @@ async function runCommand(args: string[], io: CliIo): Promise<number> {
   if (values.metrics !== undefined) await writeMetrics(values.metrics, metricsFormat, metrics);
   if (!values.quiet) io.error(summaryLine(result));
   return statusOfExit(result.exit);
+}
+
+/** The `run` options a Linux boot reads. */
+interface LinuxRunValues {
+  kernel?: string;
+  initrd?: string;
+  cmdline?: string;
+  mem?: string;
+  timeout?: string;
+  "unhandled-io"?: string;
+  quiet?: boolean;
+  metrics?: string;
+  "metrics-format"?: string;
+  mode?: string;
+  format?: string;
+  "load-addr"?: string;
+  entry?: string;
+  arg?: string[];
+  irqchip?: boolean;
+  "no-stdin"?: boolean;
+}
+
+/** Guest RAM of a Linux boot unless --mem says otherwise. */
+const LINUX_DEFAULT_MEMORY_MIB = 256;
+/** The command line of a Linux boot unless --cmdline says otherwise: the console
+ * on COM1, and a reboot (or a panic, at once) ends the VM through the i8042. */
+const LINUX_DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=-1";
+
+async function readInput(path: string, what: string): Promise<Uint8Array> {
+  try {
+    return await Deno.readFile(path);
+  } catch (e) {
+    throw new UsageError(`cannot read ${what} ${path}: ${e instanceof Error ? e.message : e}`);
+  }
+}
+
+/** `run --kernel`: boots a Linux kernel by the 64-bit boot protocol. */
+async function runLinuxCommand(
+  values: LinuxRunValues,
+  positionals: string[],
+  io: CliIo,
+): Promise<number> {
+  if (positionals.length > 0) {
+    throw new UsageError(`--kernel replaces IMAGE; unexpected argument "${positionals[0]}"`);
+  }
+  for (const flag of ["mode", "format", "load-addr", "entry", "arg"] as const) {
+    if (values[flag] !== undefined) {
+      throw new UsageError(
+        `--${flag} does not apply to --kernel (Linux enters at its 64-bit entry)`,
+      );
+    }
+  }
+  const kernel = await readInput(values.kernel!, "kernel");
+  const initrd = values.initrd === undefined ? undefined : await readInput(values.initrd, "initrd");
+  const cmdline = values.cmdline ?? LINUX_DEFAULT_CMDLINE;
+  const vmOptions = {
+    memoryMiB: parseCount(values.mem, "--mem", LINUX_DEFAULT_MEMORY_MIB, 1),
+    // A kernel needs its timer and interrupt controllers: the irqchip is always on.
+    interrupts: true,
+    timeoutMs: parseCount(values.timeout, "--timeout", 0, 0),
+    unhandledIo: oneOf(
+      values["unhandled-io"],
+      "--unhandled-io",
+      ["ignore", "stop"] as const,
+      "ignore",
+    ),
+  };
+  const metricsFormat = oneOf(
+    values["metrics-format"],
+    "--metrics-format",
+    ["json", "prometheus"] as const,
+    "json",
+  );
+  const { result, metrics } = await runImage(kernel, vmOptions, (vm) => {
+    const layout = vm.loadLinux({ kernel, initrd, cmdline });
+    if (!values.quiet) {
+      const hex = (n: number) => `0x${n.toString(16)}`;
+      io.error(
+        `denovisor: ${layout.format} loaded at ${hex(layout.kernel.address)}, entry ` +
+          `${hex(layout.entry)}, zero page ${hex(layout.zeroPage)}` +
+          (layout.initrd ? `, initrd at ${hex(layout.initrd.address)}` : "") + "\n",
+      );
+    }
+  }, { stdin: !values["no-stdin"] });
+  if (values.metrics !== undefined) await writeMetrics(values.metrics, metricsFormat, metrics);
+  if (!values.quiet) io.error(summaryLine(result));
+  return statusOfExit(result.exit);
+}
+
+const INSPECT_HELP = `Usage: deno run -A main.ts inspect IMAGE [--json]
+
+Shows what denovisor's loaders see in IMAGE, without running it: the format
+(bzImage, ELF or unknown); for a bzImage the boot protocol version and every
+setup header field (setup_sects, loadflags, xloadflags, init_size,
+pref_address, initrd_addr_max, cmdline_size, ...); for an ELF its segments;
+where it would be loaded and entered, the RAM it needs, and why it would be
+refused. Exit status 0 when it is loadable as a Linux kernel, 2 when not.
+
+Options:
+  --json         print the inspection as JSON
+  -h, --help     this help
+`;
+
+async function inspectCommand(args: string[], io: CliIo): Promise<number> {
+  const { values, positionals } = parseArgs({
+    args,
+    strict: true,
+    allowPositionals: true,
+    options: { json: { type: "boolean" }, help: { type: "boolean", short: "h" } },
+  });
+  if (values.help) {
+    io.error(INSPECT_HELP);
+    return ExitStatus.ok;
+  }
+  if (positionals.length !== 1) {
+    throw new UsageError(
+      positionals.length === 0
+        ? "missing IMAGE (see inspect --help)"
+        : `expected one IMAGE, got ${positionals.length}`,
+    );
+  }
+  const inspection = await inspectImage(await readInput(positionals[0], "image"));
+  const text = values.json
+    ? inspectionJson(inspection)
+    : formatInspection(inspection, positionals[0]);
+  await Deno.stdout.write(new TextEncoder().encode(text));
+  return inspection.loadable ? ExitStatus.ok : ExitStatus.usage;
 }
 
 async function overheadCommand(args: string[], io: CliIo): Promise<number> {
@@ -333,6 +479,7 @@ export async function main(args: string[], io: CliIo = stderrIo): Promise<number
       return ExitStatus.ok;
     }
     if (command === "run") return await runCommand(rest, io);
+    if (command === "inspect") return await inspectCommand(rest, io);
     throw new UsageError(`unknown command "${command}" (see --help)`);
   } catch (e) {
     if (

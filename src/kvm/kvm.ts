@@ -21,6 +21,7 @@ import {
 } from "../ffi.ts";
 import { checkIrqLine, checkMsi, type IrqStats, toConsoleBytes } from "../irq.ts";
 import { parseExit, type RawRunResult, type VcpuExit } from "./exit.ts";
+import type { LinuxLayout } from "../linux/layout.ts";
 import {
   decodeFpuState,
   decodeRegisters,
@@ -339,6 +340,21 @@ export class KvmVm implements Disposable {
   }
 
   /**
+   * Loads a Linux kernel by the 64-bit boot protocol: the kernel (bzImage or
+   * `vmlinux` ELF), an initrd and a command line, plus the zero page, the boot
+   * GDT and the identity page tables. Nothing is written unless it all fits.
+   * Point a vCPU at it with {@link KvmVcpu.setupLinuxEntry}.
+   *
+   * @param kernel The kernel image.
+   * @param initrd The initrd (empty: none).
+   * @param cmdline The command line's bytes (no NUL).
+   * @returns Where everything went.
+   */
+  loadLinux(kernel: Uint8Array, initrd: Uint8Array, cmdline: Uint8Array): LinuxLayout {
+    return this.#core.vmLoadLinux<LinuxLayout>(this.#live(), kernel, initrd, cmdline);
+  }
+
+  /**
    * Streams the serial console to a host file descriptor as the guest writes it
    * (the core writes directly; no JavaScript runs per byte). `null` stops.
    *
@@ -545,6 +561,22 @@ export class KvmVcpu {
       code,
       toAddress(entry, "entry"),
       toAddress(stack, "stack"),
+    );
+  }
+
+  /**
+   * Puts the CPU at a Linux kernel's 64-bit entry, as the boot protocol asks:
+   * long mode with identity paging, CS = 0x10 and DS/ES/SS = 0x18 from the boot
+   * GDT, interrupts off, RSI = the zero page. Call after {@link KvmVm.loadLinux}.
+   *
+   * @param entry The entry point (`LinuxLayout.entry`).
+   * @param zeroPage The zero page (`LinuxLayout.zeroPage`).
+   */
+  setupLinuxEntry(entry: number | bigint, zeroPage: number | bigint): void {
+    this.#core.vcpuSetupLinuxEntry(
+      this.#live(),
+      toAddress(entry, "entry"),
+      toAddress(zeroPage, "zero page"),
     );
   }
 
