@@ -30,9 +30,13 @@ export type FetchResult =
 
 interface Output {
   code: number;
+  signal: Deno.Signal | null;
   stdout: string;
   stderr: string;
 }
+
+/** No apt call may take longer than this (a download of ~70 MB included). */
+const APT_TIMEOUT_MS = 300_000;
 
 async function run(command: string, args: string[], cwd?: string): Promise<Output> {
   const output = await new Deno.Command(command, {
@@ -40,10 +44,12 @@ async function run(command: string, args: string[], cwd?: string): Promise<Outpu
     cwd,
     stdin: "null",
     env: { LC_ALL: "C" },
+    signal: AbortSignal.timeout(APT_TIMEOUT_MS),
   }).output();
   const text = new TextDecoder();
   return {
     code: output.code,
+    signal: output.signal,
     stdout: text.decode(output.stdout),
     stderr: text.decode(output.stderr),
   };
@@ -95,6 +101,9 @@ async function kernelPackage(log: (line: string) => void): Promise<string | unde
 /** Downloads `pkg` and extracts its member `pattern` into `dir`. */
 async function downloadAndExtract(pkg: string, pattern: string, dir: string): Promise<void> {
   const download = await run("apt-get", ["download", "-q", pkg], dir);
+  if (download.signal !== null) {
+    throw new Error(`apt-get download ${pkg} did not finish in ${APT_TIMEOUT_MS / 1000} s`);
+  }
   if (download.code !== 0) {
     throw new Error(`apt-get download ${pkg} failed: ${download.stderr.trim()}`);
   }
