@@ -9,6 +9,7 @@
 
 pub mod abi;
 pub mod boot;
+pub mod cpuid;
 pub mod devices;
 pub mod error;
 pub mod handles;
@@ -16,5 +17,6 @@ pub mod hypercall;
 pub mod irq;
 pub mod memory;
 pub mod metrics;
+pub mod msr_filter;
 pub mod vcpu;
 pub mod vm;

@@ -91,6 +91,10 @@ pub enum ExitKind {
     Shutdown,
     InternalError,
     Interrupted,
+    /// An RDMSR the MSR filter denied (the guest got #GP).
+    MsrReadDenied,
+    /// A WRMSR the MSR filter denied (the guest got #GP).
+    MsrWriteDenied,
     Other,
 }
 
@@ -104,6 +108,8 @@ pub struct VcpuMetrics {
     shutdown: AtomicU64,
     internal_error: AtomicU64,
     interrupted: AtomicU64,
+    msr_read_denied: AtomicU64,
+    msr_write_denied: AtomicU64,
     other: AtomicU64,
     io_in_by_port: [AtomicU64; PORT_RANGES],
     io_out_by_port: [AtomicU64; PORT_RANGES],
@@ -127,6 +133,8 @@ pub struct VcpuMetricsSnapshot {
     pub shutdown: u64,
     pub internal_error: u64,
     pub interrupted: u64,
+    pub msr_read_denied: u64,
+    pub msr_write_denied: u64,
     pub other: u64,
     pub exits: u64,
     pub io_in_by_port: PortCounts,
@@ -149,6 +157,8 @@ impl Default for VcpuMetrics {
             shutdown: AtomicU64::new(0),
             internal_error: AtomicU64::new(0),
             interrupted: AtomicU64::new(0),
+            msr_read_denied: AtomicU64::new(0),
+            msr_write_denied: AtomicU64::new(0),
             other: AtomicU64::new(0),
             io_in_by_port: std::array::from_fn(|_| AtomicU64::new(0)),
             io_out_by_port: std::array::from_fn(|_| AtomicU64::new(0)),
@@ -176,6 +186,8 @@ impl VcpuMetrics {
             ExitKind::Shutdown => &self.shutdown,
             ExitKind::InternalError => &self.internal_error,
             ExitKind::Interrupted => &self.interrupted,
+            ExitKind::MsrReadDenied => &self.msr_read_denied,
+            ExitKind::MsrWriteDenied => &self.msr_write_denied,
             ExitKind::Other => &self.other,
         };
         counter.fetch_add(1, Relaxed);
@@ -218,6 +230,8 @@ impl VcpuMetrics {
             shutdown: self.shutdown.load(Relaxed),
             internal_error: self.internal_error.load(Relaxed),
             interrupted: self.interrupted.load(Relaxed),
+            msr_read_denied: self.msr_read_denied.load(Relaxed),
+            msr_write_denied: self.msr_write_denied.load(Relaxed),
             other: self.other.load(Relaxed),
             exits: 0,
             io_in_by_port: PortCounts::from(&self.io_in_by_port),
@@ -247,6 +261,8 @@ impl VcpuMetrics {
             + s.shutdown
             + s.internal_error
             + s.interrupted
+            + s.msr_read_denied
+            + s.msr_write_denied
             + s.other;
         s
     }

@@ -6,7 +6,15 @@
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
-use kvm_bindings::kvm_userspace_memory_region;
+use kvm_bindings::{
+    kvm_cpuid_entry2, kvm_enable_cap, kvm_msr_filter, kvm_userspace_memory_region,
+    KVM_CAP_X86_USER_SPACE_MSR, KVM_MAX_CPUID_ENTRIES, KVM_MSR_EXIT_REASON_FILTER,
+};
+use vmm_sys_util::ioctl::ioctl_with_ref;
+use vmm_sys_util::{ioctl_ioc_nr, ioctl_iow_nr};
+
+use crate::cpuid::{self, CpuidPolicy};
+use crate::msr_filter::MsrFilter;
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestMemory as _, GuestMemoryRegion as _};
 
@@ -22,6 +30,10 @@ use crate::memory::GuestRam;
 use crate::metrics::VcpuMetricsSnapshot;
 use crate::vcpu::exit::UnhandledAccess;
 use crate::vcpu::{wait_all, Control, RunResult, StopRequest, Vcpu};
+
+// KVM_X86_SET_MSR_FILTER = _IOW(KVMIO, 0xc6, struct kvm_msr_filter): kvm-ioctls
+// 0.19 has no wrapper for it.
+ioctl_iow_nr!(KVM_X86_SET_MSR_FILTER, 0xAE, 0xc6, kvm_msr_filter);
 
 /// The largest vCPU count per VM accepted here (KVM's own limit may be lower; it
 /// is checked when the vCPU is created).
@@ -147,7 +159,22 @@ pub struct Vm {
     fd: VmFd,
     shared: Arc<VmShared>,
     vcpus: Mutex<Vec<Arc<Vcpu>>>,
+    cpuid_policy: Mutex<CpuidPolicy>,
     irq: IrqState,
+}
+
+/// KVM's supported CPUID, read once per process (it describes the host).
+fn supported_cpuid() -> Result<Vec<kvm_cpuid_entry2>> {
+    static SUPPORTED: OnceLock<Vec<kvm_cpuid_entry2>> = OnceLock::new();
+    if let Some(entries) = SUPPORTED.get() {
+        return Ok(entries.clone());
+    }
+    let entries = kvm()?
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(Error::kvm("KVM_GET_SUPPORTED_CPUID"))?
+        .as_slice()
+        .to_vec();
+    Ok(SUPPORTED.get_or_init(|| entries).clone())
 }
 
 impl Vm {
@@ -176,6 +203,7 @@ impl Vm {
             fd,
             shared: Arc::new(VmShared::new(ram, unhandled)?),
             vcpus: Mutex::new(Vec::new()),
+            cpuid_policy: Mutex::new(CpuidPolicy::default()),
             irq: IrqState::default(),
         })
     }
@@ -259,17 +287,31 @@ impl Vm {
     pub fn create_vcpu(&self) -> Result<Arc<Vcpu>> {
         let mut vcpus = relock(&self.vcpus);
         let id = vcpus.len() as u32;
-        if id >= MAX_VCPUS {
-            return Err(Error::arg(format!("a VM has at most {MAX_VCPUS} vCPUs")));
+        let host_limit = kvm()?.get_max_vcpus().min(MAX_VCPUS as usize) as u32;
+        if id >= host_limit {
+            return Err(Error::arg(format!(
+                "a VM on this host has at most {host_limit} vCPUs"
+            )));
         }
         let fd = self
             .fd
             .create_vcpu(id as u64)
             .map_err(Error::kvm("KVM_CREATE_VCPU"))?;
         let vcpu = Arc::new(Vcpu::new(id, fd, self.shared.clone()));
+        let policy = relock(&self.cpuid_policy).clone();
+        vcpu.set_cpuid(&cpuid::to_kvm(&cpuid::vcpu_cpuid(
+            &supported_cpuid()?,
+            &policy,
+            id,
+        ))?)?;
         relock(&self.shared.controls).push((id, vcpu.control()));
         vcpus.push(vcpu.clone());
         Ok(vcpu)
+    }
+
+    /// How many vCPUs the VM has.
+    pub fn vcpu_count(&self) -> usize {
+        relock(&self.vcpus).len()
     }
 
     fn vcpu_list(&self) -> Vec<Arc<Vcpu>> {
@@ -298,6 +340,71 @@ impl Vm {
         let results = wait_all(&vcpus, timeout)?;
         let ended = relock(&self.shared.vm_stop).take();
         Ok(ended.unwrap_or_else(|| results[0].clone()))
+    }
+
+    /// Replaces the CPUID policy and applies it to every vCPU (vCPUs created
+    /// later get it too). KVM refuses a CPUID change after a vCPU has run.
+    pub fn set_cpuid_policy(&self, policy: CpuidPolicy) -> Result<()> {
+        let supported = supported_cpuid()?;
+        for vcpu in self.vcpu_list() {
+            vcpu.set_cpuid(&cpuid::to_kvm(&cpuid::vcpu_cpuid(
+                &supported, &policy, vcpu.id,
+            ))?)?;
+        }
+        *relock(&self.cpuid_policy) = policy;
+        Ok(())
+    }
+
+    /// Installs an MSR filter; denied accesses exit to the VMM, which refuses
+    /// them (#GP in the guest) and counts them.
+    pub fn set_msr_filter(&self, mut filter: MsrFilter) -> Result<()> {
+        let cap = kvm_enable_cap {
+            cap: KVM_CAP_X86_USER_SPACE_MSR,
+            args: [KVM_MSR_EXIT_REASON_FILTER as u64, 0, 0, 0],
+            ..Default::default()
+        };
+        self.fd
+            .enable_cap(&cap)
+            .map_err(Error::kvm("KVM_ENABLE_CAP(X86_USER_SPACE_MSR)"))?;
+        let raw = filter.to_kvm();
+        // SAFETY: KVM_X86_SET_MSR_FILTER reads a kvm_msr_filter whose ranges point
+        // at bitmaps owned by `filter`, alive and unmoved for the whole call; the
+        // ioctl number matches the struct passed.
+        let ret = unsafe { ioctl_with_ref(&self.fd, KVM_X86_SET_MSR_FILTER(), &raw) };
+        if ret < 0 {
+            return Err(Error::Kvm {
+                op: "KVM_X86_SET_MSR_FILTER",
+                source: kvm_ioctls::Error::last(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Takes every running vCPU out of KVM_RUN and parks it, without ending the
+    /// run; returns once all are parked (their registers are then accessible).
+    pub fn pause(&self) -> Result<()> {
+        const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+        let vcpus = self.vcpu_list();
+        for vcpu in &vcpus {
+            vcpu.control().request_pause();
+        }
+        for vcpu in &vcpus {
+            if !vcpu.control().wait_parked(PAUSE_TIMEOUT) {
+                return Err(Error::Busy(format!(
+                    "vCPU {} did not pause within {} ms",
+                    vcpu.id,
+                    PAUSE_TIMEOUT.as_millis()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Lets paused vCPUs continue their runs.
+    pub fn resume(&self) {
+        for vcpu in self.vcpu_list() {
+            vcpu.control().resume();
+        }
     }
 
     /// Asks every vCPU to stop; returns at once (a pending run reports `stopped`).

@@ -3,7 +3,7 @@
 //! describing an image without loading it.
 
 use super::{bytes, guarded, guarded_into, json};
-use crate::boot::linux;
+use crate::boot::{linux, mptable};
 use crate::handles;
 
 /// Loads a Linux kernel (bzImage or `vmlinux` ELF), an optional initrd
@@ -37,7 +37,12 @@ pub unsafe extern "C" fn dv_vm_load_linux(
             let kernel = bytes(kernel, kernel_len)?;
             let initrd = bytes(initrd, initrd_len)?;
             let cmdline = bytes(cmdline, cmdline_len)?;
-            json(&linux::load(vm.ram(), kernel, initrd, cmdline)?)
+            let layout = linux::load(vm.ram(), kernel, initrd, cmdline)?;
+            // Without ACPI, Linux finds its CPUs and the I/O APIC in the MP table
+            // (in the EBDA the e820 map reserves); a VM loaded before its vCPUs
+            // exist gets a table for one.
+            mptable::write(vm.ram(), vm.vcpu_count().max(1) as u32)?;
+            json(&layout)
         })
     }
 }

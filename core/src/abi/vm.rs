@@ -220,6 +220,23 @@ pub unsafe extern "C" fn dv_vm_run(
     }
 }
 
+/// Takes every vCPU of the VM out of KVM_RUN and parks it without ending its
+/// run; returns once all are parked, so their registers can be read and
+/// written. Waits at most a few seconds (normally microseconds).
+#[no_mangle]
+pub extern "C" fn dv_vm_pause(vm: u32) -> i32 {
+    guarded(|| handles::vm(vm)?.pause())
+}
+
+/// Lets the VM's paused vCPUs continue their runs.
+#[no_mangle]
+pub extern "C" fn dv_vm_resume(vm: u32) -> i32 {
+    guarded(|| {
+        handles::vm(vm)?.resume();
+        Ok(())
+    })
+}
+
 /// Asks every vCPU of the VM to stop; a pending `dv_vm_run` returns `stopped`.
 #[no_mangle]
 pub extern "C" fn dv_vm_stop(vm: u32) -> i32 {

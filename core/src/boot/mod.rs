@@ -7,6 +7,7 @@ pub mod bzimage;
 pub mod elf;
 pub mod layout;
 pub mod linux;
+pub mod mptable;
 pub mod x86_64;
 pub mod zero_page;
 

@@ -288,6 +288,19 @@ pub fn handle_exit(exit: VcpuExit<'_>, vm: &VmShared, metrics: &VcpuMetrics) -> 
             metrics.count(ExitKind::Interrupted);
             ExitAction::Continue
         }
+        // Only accesses the MSR filter denied reach the VMM (the capability is
+        // enabled for KVM_MSR_EXIT_REASON_FILTER alone): refuse them, so the guest
+        // takes #GP as on a CPU without that MSR.
+        VcpuExit::X86Rdmsr(exit) => {
+            metrics.count(ExitKind::MsrReadDenied);
+            *exit.error = 1;
+            ExitAction::Continue
+        }
+        VcpuExit::X86Wrmsr(exit) => {
+            metrics.count(ExitKind::MsrWriteDenied);
+            *exit.error = 1;
+            ExitAction::Continue
+        }
         other => {
             metrics.count(ExitKind::Other);
             ExitAction::Stop(StopReason::UnexpectedExit {

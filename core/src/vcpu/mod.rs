@@ -11,7 +11,7 @@ pub mod exit;
 pub mod kick;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicU8, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering::SeqCst};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -68,6 +68,9 @@ struct ControlState {
     last: Option<RunResult>,
     /// The vCPU thread, once it has started (for kicking).
     thread: Option<libc::pthread_t>,
+    /// The thread is inside a run but parked out of KVM_RUN by a pause, with the
+    /// vCPU fd unlocked (so the host may read and write its registers).
+    parked: bool,
 }
 
 /// The part of a vCPU other threads use to stop it. Shared with the VM so that a
@@ -76,6 +79,8 @@ pub struct Control {
     state: Mutex<ControlState>,
     changed: Condvar,
     stop_request: AtomicU8,
+    /// Set while the host wants the vCPU out of KVM_RUN without ending its run.
+    pause_request: AtomicBool,
 }
 
 impl Control {
@@ -87,9 +92,11 @@ impl Control {
                 finished: 0,
                 last: None,
                 thread: None,
+                parked: false,
             }),
             changed: Condvar::new(),
             stop_request: AtomicU8::new(StopRequest::None as u8),
+            pause_request: AtomicBool::new(false),
         }
     }
 
@@ -114,7 +121,66 @@ impl Control {
             if let Some(thread) = state.thread {
                 kick::kick_thread(thread);
             }
+            // A parked thread waits on the condvar, not in KVM_RUN.
+            self.changed.notify_all();
         }
+    }
+
+    /// Asks a running vCPU to leave KVM_RUN and park until [`Control::resume`].
+    /// Does not wait; see [`Control::wait_parked`].
+    pub fn request_pause(&self) {
+        self.pause_request.store(true, SeqCst);
+        let state = self.lock();
+        if matches!(state.phase, Phase::Requested | Phase::Running) {
+            if let Some(thread) = state.thread {
+                kick::kick_thread(thread);
+            }
+        }
+    }
+
+    /// Waits until the vCPU is parked or not running, up to `timeout`. Returns
+    /// whether it got there.
+    pub fn wait_parked(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.lock();
+        loop {
+            let running = matches!(state.phase, Phase::Requested | Phase::Running);
+            if !running || state.parked {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            state = self
+                .changed
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Lets a paused vCPU continue.
+    pub fn resume(&self) {
+        self.pause_request.store(false, SeqCst);
+        let _state = self.lock();
+        self.changed.notify_all();
+    }
+
+    /// Whether a pause is requested.
+    fn pause_requested(&self) -> bool {
+        self.pause_request.load(SeqCst)
+    }
+
+    /// Parks the calling vCPU thread while a pause is requested and no stop is.
+    fn park(&self) {
+        let mut state = self.lock();
+        state.parked = true;
+        self.changed.notify_all();
+        while self.pause_requested() && self.pending_stop().is_none() {
+            state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+        state.parked = false;
     }
 
     fn pending_stop(&self) -> Option<StopReason> {
@@ -191,6 +257,13 @@ impl Vcpu {
         self.fd()?
             .set_sregs(sregs)
             .map_err(Error::kvm("KVM_SET_SREGS"))
+    }
+
+    /// Sets the CPUID the guest sees (KVM_SET_CPUID2).
+    pub fn set_cpuid(&self, cpuid: &kvm_bindings::CpuId) -> Result<()> {
+        self.fd()?
+            .set_cpuid2(cpuid)
+            .map_err(Error::kvm("KVM_SET_CPUID2"))
     }
 
     /// Reads the FPU/SSE state.
@@ -365,14 +438,23 @@ fn vcpu_thread(
             state.phase = Phase::Running;
         }
         let began = Instant::now();
-        let stop = {
-            let mut vcpu = fd.lock().unwrap_or_else(|p| p.into_inner());
-            catch_unwind(AssertUnwindSafe(|| {
-                run_until_stop(&mut vcpu, &control, &metrics, &shared)
-            }))
-            .unwrap_or_else(|panic| StopReason::Error {
-                message: format!("the vCPU loop panicked: {}", panic_message(&panic)),
-            })
+        let stop = loop {
+            let outcome = {
+                let mut vcpu = fd.lock().unwrap_or_else(|p| p.into_inner());
+                catch_unwind(AssertUnwindSafe(|| {
+                    run_until_stop(&mut vcpu, &control, &metrics, &shared)
+                }))
+                .unwrap_or_else(|panic| {
+                    LoopEnd::Stop(StopReason::Error {
+                        message: format!("the vCPU loop panicked: {}", panic_message(&panic)),
+                    })
+                })
+            };
+            match outcome {
+                // The fd is unlocked while parked: the host may use the registers.
+                LoopEnd::Paused => control.park(),
+                LoopEnd::Stop(stop) => break stop,
+            }
         };
         let result = RunResult {
             vcpu: id,
@@ -409,13 +491,22 @@ pub fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
     }
 }
 
-/// The exit loop: KVM_RUN, handle the exit, repeat, until something stops it.
+/// Why the exit loop returned.
+enum LoopEnd {
+    /// The run is over.
+    Stop(StopReason),
+    /// The host paused the vCPU; the run continues after a resume.
+    Paused,
+}
+
+/// The exit loop: KVM_RUN, handle the exit, repeat, until something stops or
+/// pauses it.
 fn run_until_stop(
     vcpu: &mut VcpuFd,
     control: &Control,
     metrics: &VcpuMetrics,
     shared: &VmShared,
-) -> StopReason {
+) -> LoopEnd {
     let _published = kick::RunPageGuard::new(vcpu.get_kvm_run());
     // A kick that landed after the previous run finished left immediate_exit set;
     // any stop meant for this run is in `stop_request`, checked below.
@@ -423,7 +514,10 @@ fn run_until_stop(
     let mut mark = Instant::now();
     loop {
         if let Some(stop) = control.pending_stop() {
-            return stop;
+            return LoopEnd::Stop(stop);
+        }
+        if control.pause_requested() {
+            return LoopEnd::Paused;
         }
         let result = vcpu.run();
         let exited = Instant::now();
@@ -444,11 +538,11 @@ fn run_until_stop(
         metrics.record_handling((mark - exited).as_nanos() as u64);
         match action {
             ExitAction::Continue => {}
-            ExitAction::Stop(stop) => return stop,
+            ExitAction::Stop(stop) => return LoopEnd::Stop(stop),
             ExitAction::Crashed => {
-                return StopReason::Shutdown {
+                return LoopEnd::Stop(StopReason::Shutdown {
                     registers: crash_registers(vcpu),
-                }
+                })
             }
         }
     }
