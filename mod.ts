@@ -26,6 +26,7 @@ export {
   type LoadOptions,
   type RunResult,
   type RunTimings,
+  VCPU_STACK_BYTES,
   Vm,
   type VmConfig,
 } from "./src/vm.ts";
@@ -64,6 +65,13 @@ export {
   type ConsoleTarget,
   type EscapeResult,
 } from "./src/console.ts";
+export {
+  type CpuFeature,
+  CPUID_FEATURES,
+  type CpuidBit,
+  type CpuidPolicy,
+  type MsrPolicy,
+} from "./src/cpu/policy.ts";
 export {
   type Address,
   type BzImageInfo,

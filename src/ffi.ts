@@ -17,7 +17,7 @@ import { DenovisorError, errorCodeOfStatus } from "./errors.ts";
 import { locateCoreLibrary } from "./build/remote_core.ts";
 
 /** The ABI version this file is written against (`ABI_VERSION` in `core/src/abi.rs`). */
-export const ABI_VERSION = 2;
+export const ABI_VERSION = 3;
 
 /** `dv_vm_create` flag: stop on port I/O or MMIO that no device claims. */
 export const VM_FLAG_STOP_ON_UNHANDLED = 1;
@@ -67,6 +67,14 @@ const SYMBOLS = {
   },
   /** int32_t dv_vm_stop(uint32_t vm) */
   dv_vm_stop: { parameters: ["u32"], result: "i32" },
+  /** int32_t dv_vm_pause(uint32_t vm) — waits (briefly) for every vCPU to park */
+  dv_vm_pause: { parameters: ["u32"], result: "i32" },
+  /** int32_t dv_vm_resume(uint32_t vm) */
+  dv_vm_resume: { parameters: ["u32"], result: "i32" },
+  /** int32_t dv_vm_set_cpuid_policy(uint32_t vm, const uint8_t *json, size_t len) */
+  dv_vm_set_cpuid_policy: { parameters: ["u32", "buffer", "usize"], result: "i32" },
+  /** int32_t dv_vm_set_msr_filter(uint32_t vm, const uint8_t *json, size_t len) */
+  dv_vm_set_msr_filter: { parameters: ["u32", "buffer", "usize"], result: "i32" },
   /** int32_t dv_vm_inject_irq(uint32_t vm, uint32_t line) */
   dv_vm_inject_irq: { parameters: ["u32", "u32"], result: "i32" },
   /** int32_t dv_vm_send_msi(uint32_t vm, uint64_t address, uint32_t data, uint32_t *out_delivered) */
@@ -287,6 +295,28 @@ export class Core {
   /** `dv_vm_stop`. */
   vmStop(vm: number): void {
     this.#check(this.#sym.dv_vm_stop(vm));
+  }
+
+  /** `dv_vm_pause`. */
+  vmPause(vm: number): void {
+    this.#check(this.#sym.dv_vm_pause(vm));
+  }
+
+  /** `dv_vm_resume`. */
+  vmResume(vm: number): void {
+    this.#check(this.#sym.dv_vm_resume(vm));
+  }
+
+  /** `dv_vm_set_cpuid_policy` from the policy's JSON. */
+  vmSetCpuidPolicy(vm: number, json: string): void {
+    const bytes = new TextEncoder().encode(json);
+    this.#check(this.#sym.dv_vm_set_cpuid_policy(vm, bytes, BigInt(bytes.length)));
+  }
+
+  /** `dv_vm_set_msr_filter` from the policy's JSON. */
+  vmSetMsrFilter(vm: number, json: string): void {
+    const bytes = new TextEncoder().encode(json);
+    this.#check(this.#sym.dv_vm_set_msr_filter(vm, bytes, BigInt(bytes.length)));
   }
 
   /** `dv_vm_inject_irq`: one edge on GSI `line`. */

@@ -112,6 +112,8 @@ export function toPrometheus(
     ["shutdown", "shutdown"],
     ["internal_error", "internalError"],
     ["interrupted", "interrupted"],
+    ["msr_read_denied", "msrReadDenied"],
+    ["msr_write_denied", "msrWriteDenied"],
     ["other", "other"],
   ] as const;
   vcpus.forEach((m, vcpu) => {

@@ -8,6 +8,7 @@
 
 import { DenovisorError } from "./errors.ts";
 import { describeExit, type ExitReason, type VcpuExit } from "./kvm/exit.ts";
+import type { CpuidPolicy, MsrPolicy } from "./cpu/policy.ts";
 import type { IrqStats } from "./irq.ts";
 import {
   type EntryMode,
@@ -36,7 +37,9 @@ const MAX_VCPUS = 254;
 export interface VmConfig {
   /** Guest RAM in MiB (default 16). */
   memoryMiB?: number;
-  /** Number of vCPUs (default 1). Every vCPU enters at the image's entry point. */
+  /** Number of vCPUs (default 1, at most what the host's KVM allows). Every vCPU
+   * enters at the image's entry point on its own stack ({@link VCPU_STACK_BYTES}
+   * apart), one thread each. */
   vcpus?: number;
   /** Port I/O and MMIO no device claims: `ignore` (default) or `stop` the VM. */
   unhandledIo?: UnhandledAccessPolicy;
@@ -50,7 +53,15 @@ export interface VmConfig {
    * an interrupt instead of ending the run; {@link Vm.injectIrq} and
    * {@link Vm.sendMsi} need it. */
   interrupts?: boolean;
+  /** CPUID features to hide from the guest (it always sees the hypervisor leaf
+   * 0x40000000 with the signature "denovisor" and its own APIC id). */
+  cpuid?: CpuidPolicy;
+  /** Which MSRs the guest may access; denied ones give it #GP and are counted. */
+  msrs?: MsrPolicy;
 }
+
+/** Stack space set aside per vCPU below the load's stack top (each vCPU gets its own). */
+export const VCPU_STACK_BYTES = 64 * 1024;
 
 /** How an image is placed and entered. */
 export interface LoadOptions {
@@ -67,8 +78,11 @@ export interface LoadOptions {
   stack?: number;
   /** Values for the first argument registers at entry, in the SysV order
    * rdi, rsi, rdx, rcx, r8, r9 (at most six). The guest runtime reads its
-   * workload argument from rdi and the RAM size from rsi. */
-  arguments?: readonly (number | bigint)[];
+   * workload argument from rdi and the RAM size from rsi. A function gets each
+   * vCPU's index and returns that vCPU's arguments. */
+  arguments?:
+    | readonly (number | bigint)[]
+    | ((vcpu: number) => readonly (number | bigint)[]);
 }
 
 const ARGUMENT_REGISTERS = ["rdi", "rsi", "rdx", "rcx", "r8", "r9"] as const;
@@ -211,6 +225,8 @@ export class Vm implements Disposable {
       irqchip: config.interrupts ?? false,
     });
     try {
+      if (config.cpuid) vm.setCpuidPolicy(config.cpuid);
+      if (config.msrs) vm.setMsrPolicy(config.msrs);
       for (let i = 0; i < vcpus; i++) vm.createVcpu();
       if (consoleMode === "stdout") vm.streamConsoleTo(STDOUT_FD);
     } catch (e) {
@@ -286,15 +302,20 @@ export class Vm implements Disposable {
       options.stack ??
         (mode === "real" ? Number(entry & 0xffffn) : Math.min(this.#memoryBytes, MMIO_GAP_START)),
     );
-    const args = options.arguments ?? [];
-    if (args.length > ARGUMENT_REGISTERS.length) {
-      throw new DenovisorError(
-        "INVALID_ARGUMENT",
-        `at most ${ARGUMENT_REGISTERS.length} arguments fit in registers, got ${args.length}`,
-      );
-    }
+    const argumentsOf = typeof options.arguments === "function"
+      ? options.arguments
+      : () => (options.arguments ?? []) as readonly (number | bigint)[];
     for (const vcpu of this.#vm.vcpus) {
-      vcpu.setupEntry(mode, entry, stack);
+      const args = argumentsOf(vcpu.index);
+      if (args.length > ARGUMENT_REGISTERS.length) {
+        throw new DenovisorError(
+          "INVALID_ARGUMENT",
+          `at most ${ARGUMENT_REGISTERS.length} arguments fit in registers, got ${args.length}`,
+        );
+      }
+      // Every vCPU enters at the same entry point, each on its own stack.
+      const ownStack = stack - BigInt(vcpu.index * VCPU_STACK_BYTES);
+      vcpu.setupEntry(mode, entry, ownStack);
       if (args.length > 0) {
         const regs = vcpu.getRegisters();
         args.forEach((value, i) => regs[ARGUMENT_REGISTERS[i]] = BigInt(value));
@@ -393,6 +414,20 @@ export class Vm implements Disposable {
       exits: after - before,
       timings: { createMs: this.#createMs, runMs, guestNs: runNs },
     };
+  }
+
+  /**
+   * Takes every vCPU out of the guest without ending the run: once this
+   * returns, every vCPU's registers can be read and written
+   * (`vm.vcpus[i].getRegisters()`). {@link Vm.resume} continues.
+   */
+  pause(): void {
+    this.#vm.pause();
+  }
+
+  /** Lets a paused guest continue. */
+  resume(): void {
+    this.#vm.resume();
   }
 
   /**

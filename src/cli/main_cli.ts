@@ -66,6 +66,8 @@ The guest ends the run by writing a byte v to port 0xf4 (exit status
 
 Options:
   --mem MiB          guest RAM in MiB (default 16)
+  --cpus N           vCPUs, one thread each (default 1); every vCPU starts at
+                     the entry point on its own stack, 64 KiB apart
   --mode MODE        real | long | user (default long): 16-bit real mode,
                      64-bit CPL0, or 64-bit CPL3 with port I/O allowed
   --format FORMAT    auto | elf | flat (default auto: ELF by its magic)
@@ -164,6 +166,7 @@ async function runImage(
     memoryMiB: number;
     timeoutMs: number;
     unhandledIo: "ignore" | "stop";
+    vcpus?: number;
     interrupts?: boolean;
   },
   load: LoadOptions | ((vm: Vm) => unknown),
@@ -215,6 +218,7 @@ async function runCommand(args: string[], io: CliIo): Promise<number> {
       kernel: { type: "string" },
       initrd: { type: "string" },
       cmdline: { type: "string" },
+      cpus: { type: "string" },
       quiet: { type: "boolean" },
       irqchip: { type: "boolean" },
       "no-stdin": { type: "boolean" },
@@ -239,6 +243,7 @@ async function runCommand(args: string[], io: CliIo): Promise<number> {
   const path = positionals[0];
   const vmOptions = {
     memoryMiB: parseCount(values.mem, "--mem", 16, 1),
+    vcpus: parseCount(values.cpus, "--cpus", 1, 1),
     interrupts: values.irqchip ?? false,
     timeoutMs: parseCount(values.timeout, "--timeout", 0, 0),
     unhandledIo: oneOf(

@@ -22,6 +22,7 @@ import {
 import { checkIrqLine, checkMsi, type IrqStats, toConsoleBytes } from "../irq.ts";
 import { parseExit, type RawRunResult, type VcpuExit } from "./exit.ts";
 import type { LinuxLayout } from "../linux/layout.ts";
+import { type CpuidPolicy, cpuidPolicyJson, type MsrPolicy, msrPolicyJson } from "../cpu/policy.ts";
 import {
   decodeFpuState,
   decodeRegisters,
@@ -60,6 +61,10 @@ export interface VcpuMetrics {
   internalError: number;
   /** Runs interrupted by a kick (stop, timeout). */
   interrupted: number;
+  /** RDMSRs the MSR filter denied (the guest got #GP). */
+  msrReadDenied: number;
+  /** WRMSRs the MSR filter denied (the guest got #GP). */
+  msrWriteDenied: number;
   /** Every other exit. */
   other: number;
   /** All exits. */
@@ -389,6 +394,39 @@ export class KvmVm implements Disposable {
   /** Asks every vCPU to stop; a pending run resolves with `stopped`. */
   stop(): void {
     this.#core.vmStop(this.#live());
+  }
+
+  /**
+   * Takes every vCPU out of KVM_RUN without ending the run; returns once all
+   * are parked, so their registers can be read and written.
+   */
+  pause(): void {
+    this.#core.vmPause(this.#live());
+  }
+
+  /** Lets paused vCPUs continue. */
+  resume(): void {
+    this.#core.vmResume(this.#live());
+  }
+
+  /**
+   * Sets which CPUID features the guest sees (on every vCPU, and on vCPUs
+   * created later). Call before the first run: KVM refuses changes after it.
+   *
+   * @param policy Features to hide.
+   */
+  setCpuidPolicy(policy: CpuidPolicy): void {
+    this.#core.vmSetCpuidPolicy(this.#live(), cpuidPolicyJson(policy));
+  }
+
+  /**
+   * Installs an MSR filter: denied accesses give the guest #GP and count in
+   * the metrics (`msrReadDenied`, `msrWriteDenied`).
+   *
+   * @param policy Default action and listed MSRs.
+   */
+  setMsrPolicy(policy: MsrPolicy): void {
+    this.#core.vmSetMsrFilter(this.#live(), msrPolicyJson(policy));
   }
 
   /**
