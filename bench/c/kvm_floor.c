@@ -156,7 +156,7 @@ static void write_boot_structures(uint8_t *ram) {
       descriptor(0, 0xfffff, 0xfb, 0xc), /* 0x18 user code32 */
       descriptor(0, 0xfffff, 0xf3, 0xc), /* 0x20 user data */
       descriptor(0, 0xfffff, 0xfb, 0xa), /* 0x28 user code64 */
-      descriptor(TSS_ADDR, tss_limit, 0x89, 0x0), /* 0x30 TSS (low half) */
+      descriptor(TSS_ADDR, tss_limit, 0x8b, 0x0), /* 0x30 busy TSS (low half) */
       0,                                          /* TSS high half: base >> 32 */
   };
   memcpy(ram + GDT_ADDR, gdt, sizeof gdt);

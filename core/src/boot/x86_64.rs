@@ -47,7 +47,9 @@ pub(crate) fn descriptor(base: u32, limit: u32, access: u8, flags: u8) -> u64 {
 /// The GDT the VMM installs: see `layout` for the selector order.
 pub fn gdt() -> [u64; 8] {
     let tss_limit = (TSS_SIZE + IO_BITMAP_SIZE - 1) as u32;
-    let tss_low = descriptor(TSS_ADDR as u32, tss_limit, 0x89, 0x0);
+    // Type 0xb, a *busy* 64-bit TSS: VM entry on Intel VMX refuses a TR that is
+    // not busy, and the guest never runs LTR on it (which would want type 9).
+    let tss_low = descriptor(TSS_ADDR as u32, tss_limit, 0x8b, 0x0);
     [
         0,
         descriptor(0, 0xfffff, 0x9b, 0xa), // kernel code: present, DPL0, exec/read, L, G
@@ -219,7 +221,7 @@ mod tests {
         let tr = segment(TSS_SEL, table[6]);
         assert_eq!(
             (tr.base, tr.limit, tr.type_, tr.s),
-            (TSS_ADDR, (TSS_SIZE + IO_BITMAP_SIZE - 1) as u32, 9, 0)
+            (TSS_ADDR, (TSS_SIZE + IO_BITMAP_SIZE - 1) as u32, 0xb, 0)
         );
         const _: () = assert!(TSS_ADDR + TSS_SIZE + IO_BITMAP_SIZE <= BOOT_KERNEL_STACK_BOTTOM);
         const _: () = assert!(PD_ADDR + PD_COUNT * 4096 <= TSS_ADDR);
