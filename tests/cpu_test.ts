@@ -169,3 +169,31 @@ kvmTest("a Linux load writes an MP table listing every vCPU and the I/O APIC", a
   assert.equal(ioApic[0], 2, "then the bus, then the I/O APIC entry");
   assert.equal(new DataView(ioApic.buffer, ioApic.byteOffset).getUint32(4, true), 0xfec00000);
 });
+
+kvmTest("run --kernel --cpus 2 boots on vCPU 0 while vCPU 1 waits for the kernel", async () => {
+  const { buildConformanceGuest, CONFORMANCE_EXIT_CODE } = await import(
+    "../src/linux/conformance_guest.ts"
+  );
+  const kernel = await Deno.makeTempFile({ suffix: ".bzImage" });
+  try {
+    await Deno.writeFile(kernel, await buildConformanceGuest());
+    const main = new URL("../main.ts", import.meta.url).pathname;
+    const args = ["run", "-A", main, "run", "--kernel", kernel, "--cpus", "2", "--mem", "64"];
+    const output = await new Deno.Command(Deno.execPath(), {
+      args: [...args, "--no-stdin", "--quiet", "--metrics", "-"],
+      stdout: "piped",
+      stderr: "piped",
+    }).output();
+    const stdout = new TextDecoder().decode(output.stdout);
+    assert.equal(
+      output.code,
+      CONFORMANCE_EXIT_CODE & 0xff,
+      new TextDecoder().decode(output.stderr),
+    );
+    const metrics = JSON.parse(stdout.slice(stdout.indexOf("{\n")));
+    assert.equal(metrics.vcpus.length, 2);
+    assert.ok(metrics.vcpus[0].exits > 0, "vCPU 0 ran the kernel");
+  } finally {
+    await Deno.remove(kernel);
+  }
+});

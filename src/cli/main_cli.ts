@@ -283,6 +283,7 @@ async function runCommand(args: string[], io: CliIo): Promise<number> {
 /** The `run` options a Linux boot reads. */
 interface LinuxRunValues {
   kernel?: string;
+  cpus?: string;
   initrd?: string;
   cmdline?: string;
   mem?: string;
@@ -335,6 +336,9 @@ async function runLinuxCommand(
   const cmdline = values.cmdline ?? LINUX_DEFAULT_CMDLINE;
   const vmOptions = {
     memoryMiB: parseCount(values.mem, "--mem", LINUX_DEFAULT_MEMORY_MIB, 1),
+    // vCPU 0 boots; the others wait in KVM for the kernel's INIT/SIPI, and the
+    // kernel finds them in the MP table the loader writes.
+    vcpus: parseCount(values.cpus, "--cpus", 1, 1),
     // A kernel needs its timer and interrupt controllers: the irqchip is always on.
     interrupts: true,
     timeoutMs: parseCount(values.timeout, "--timeout", 0, 0),
