@@ -197,3 +197,24 @@ kvmTest("run --kernel --cpus 2 boots on vCPU 0 while vCPU 1 waits for the kernel
     await Deno.remove(kernel);
   }
 });
+
+kvmTest(
+  "the guest runtime runs one program per vCPU, entered in 64-bit mode on every vCPU",
+  async () => {
+    const { buildRuntimeGuest } = await import("../src/build/workload_build.ts");
+    const image = await buildRuntimeGuest(new URL("./guests/smp_runtime.c", import.meta.url));
+    const n = 3_000_000n;
+    for (const vcpus of [1, 3]) {
+      using vm = await Vm.create({ memoryMiB: 16, vcpus, unhandledIo: "stop" });
+      vm.load(image, { mode: "long", arguments: (i) => [n, 16 << 20, 0, 0, i, vcpus] });
+      const result = await vm.run({ timeoutMs: 60_000 });
+      assert.equal(result.reason, "guest_exit", `${vcpus} vCPUs: ${result.summary}`);
+      assert.equal(result.exitCode, 0);
+      const total = new DataView(result.report!.buffer, result.report!.byteOffset, 8).getBigUint64(
+        0,
+        true,
+      );
+      assert.equal(total, (n * (n + 1n)) / 2n, `${vcpus} vCPUs`);
+    }
+  },
+);

@@ -68,6 +68,12 @@ _Static_assert(sizeof(struct dv_hc_request) == 48, "request block is 48 bytes");
 #endif
 #ifndef DV_NATIVE_RT
 int main(uint64_t arg);
+/* The entry of a program that runs on several vCPUs (guest only): every vCPU
+ * calls it on its own stack with its index and the vCPU count, which the host
+ * passes in r8 and r9 (Vm.load's `arguments`). The first vCPU to return ends
+ * the VM with its status, so the others should wait for it rather than return.
+ * dv_alloc is for single-vCPU programs. */
+int dv_vcpu_main(uint64_t arg, uint64_t vcpu, uint64_t vcpus);
 #endif
 
 /* Allocates `bytes` of fresh (zeroed, never touched) memory, NULL when none is
