@@ -12,6 +12,7 @@
 import { dirname, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { DenovisorError } from "../errors.ts";
+import { runTool, type RunToolOptions, type Toolchain, toolchainProbe } from "./toolchain.ts";
 
 /** Options of {@link buildGuest}. */
 export interface BuildGuestOptions {
@@ -49,18 +50,10 @@ const CACHE_FORMAT = 1;
 const RESERVED_END = 0x10000;
 /** Real mode addresses end at 1 MiB. */
 const REAL_MODE_END = 0x100000;
-/** First ld release that warns about RWX segments (and has the switch to stop it). */
-const LD_RWX_WARNING_VERSION = [2, 39];
-
-/** The build tools, probed once per process. */
-interface Toolchain {
-  /** First line of each tool's `--version`, part of the cache key. */
-  versions: string[];
-  /** Whether ld takes `--no-warn-rwx-segments`. */
-  ldHasRwxSwitch: boolean;
-}
-
-let toolchain: Promise<Toolchain> | undefined;
+/** How the build tools are run: a missing one is reported as needed for guests. */
+const TOOL_OPTIONS: RunToolOptions = { neededFor: "building guests" };
+/** The build tools, probed once per process; their versions are part of the cache key. */
+const probeToolchain = toolchainProbe(["gcc", "as", "ld", "objcopy"], TOOL_OPTIONS);
 
 /**
  * Resolves a file under the repository's `guest/` directory, relative to this
@@ -200,53 +193,6 @@ function cacheDir(): URL {
   return CACHE_DIR;
 }
 
-/** Runs a tool; a missing binary becomes a BUILD_FAILED that names its package. */
-async function run(
-  tool: string,
-  args: string[],
-  cwd?: string,
-): Promise<{ code: number; stdout: string; stderr: string }> {
-  let output: Deno.CommandOutput;
-  try {
-    output = await new Deno.Command(tool, { args, cwd, stdin: "null" }).output();
-  } catch (e) {
-    if (e instanceof Deno.errors.NotFound) {
-      const pkg = tool === "gcc" ? "gcc" : "binutils";
-      throw new DenovisorError(
-        "BUILD_FAILED",
-        `${tool} is not installed or not on PATH; building guests needs it ` +
-          `(Debian/Ubuntu: apt-get install ${pkg})`,
-        { cause: e },
-      );
-    }
-    throw e;
-  }
-  const text = new TextDecoder();
-  return {
-    code: output.code,
-    stdout: text.decode(output.stdout),
-    stderr: text.decode(output.stderr),
-  };
-}
-
-function probeToolchain(): Promise<Toolchain> {
-  toolchain ??= (async () => {
-    const outputs = await Promise.all(
-      ["gcc", "as", "ld", "objcopy"].map((tool) => run(tool, ["--version"])),
-    );
-    const versions = outputs.map((o) => o.stdout.split("\n", 1)[0].trim());
-    const ld = /GNU ld .*?(\d+)\.(\d+)/.exec(versions[2]);
-    const ldHasRwxSwitch = ld !== null &&
-      (Number(ld[1]) > LD_RWX_WARNING_VERSION[0] ||
-        (Number(ld[1]) === LD_RWX_WARNING_VERSION[0] &&
-          Number(ld[2]) >= LD_RWX_WARNING_VERSION[1]));
-    return { versions, ldHasRwxSwitch };
-  })();
-  // A failed probe (say, gcc missing) must not stick: the user may install it.
-  toolchain.catch(() => toolchain = undefined);
-  return toolchain;
-}
-
 interface ResolvedOptions {
   bits: 16 | 64;
   format: "elf" | "flat";
@@ -327,7 +273,7 @@ async function assemble(
       sourcePath,
     ];
     // cwd = the source's directory, so .incbin paths resolve like #include paths.
-    const gcc = await run("gcc", args, dirname(sourcePath));
+    const gcc = await runTool("gcc", args, { ...TOOL_OPTIONS, cwd: dirname(sourcePath) });
     if (gcc.code !== 0) {
       throw new DenovisorError(
         "BUILD_FAILED",
@@ -338,7 +284,7 @@ async function assemble(
     if (options.format === "elf") return await Deno.readFile(elf);
 
     const bin = `${dir}/guest.bin`;
-    const objcopy = await run("objcopy", ["-O", "binary", elf, bin]);
+    const objcopy = await runTool("objcopy", ["-O", "binary", elf, bin], TOOL_OPTIONS);
     if (objcopy.code !== 0) {
       throw new DenovisorError(
         "BUILD_FAILED",

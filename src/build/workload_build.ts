@@ -15,6 +15,7 @@
  */
 
 import { DenovisorError } from "../errors.ts";
+import { runTool, type RunToolOptions, type Toolchain, toolchainProbe } from "./toolchain.ts";
 
 /** The workloads, by name: each is `guest/workloads/<name>.c`. */
 export const WORKLOADS = ["cpu", "memory", "io", "syscall"] as const;
@@ -121,15 +122,14 @@ function guestFlags(tools: Toolchain): string[] {
 
 const NATIVE_FLAGS = [...COMMON_FLAGS, "-DDV_NATIVE"];
 
-/** The build tools, probed once per process. */
-interface Toolchain {
-  /** First line of each tool's `--version`, part of the cache key. */
-  versions: string[];
-  /** Whether ld takes `--no-warn-rwx-segments` (binutils 2.39 and later). */
-  ldHasRwxSwitch: boolean;
-}
-
-let toolchain: Promise<Toolchain> | undefined;
+/** How the build tools are run: a missing one is reported as needed for workloads. */
+const TOOL_OPTIONS: RunToolOptions = {
+  neededFor: "building workloads",
+  // LC_ALL=C: plain ASCII quotes in the messages a BUILD_FAILED carries.
+  env: { LC_ALL: "C" },
+};
+/** The build tools, probed once per process; their versions are part of the cache key. */
+const probeToolchain = toolchainProbe(["gcc", "as", "ld"], TOOL_OPTIONS);
 
 /**
  * The source file of a workload.
@@ -294,7 +294,7 @@ async function build(target: Target, source: URL): Promise<string> {
       ...inputs.map(pathOf),
       ...(target === "guest" ? ["-lgcc"] : []),
     ];
-    const gcc = await run("gcc", args);
+    const gcc = await runTool("gcc", args, TOOL_OPTIONS);
     if (gcc.code !== 0) {
       throw new DenovisorError(
         "BUILD_FAILED",
@@ -380,52 +380,6 @@ async function cacheKey(
 async function sha256Hex(data: Uint8Array): Promise<string> {
   const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", data as BufferSource));
   return Array.from(digest, (b) => b.toString(16).padStart(2, "0")).join("");
-}
-
-/** Runs a tool; a missing binary becomes a BUILD_FAILED that names its package. */
-async function run(
-  tool: string,
-  args: string[],
-): Promise<{ code: number; stdout: string; stderr: string }> {
-  let output: Deno.CommandOutput;
-  try {
-    // LC_ALL=C: plain ASCII quotes in the messages a BUILD_FAILED carries.
-    output = await new Deno.Command(tool, { args, stdin: "null", env: { LC_ALL: "C" } })
-      .output();
-  } catch (e) {
-    if (e instanceof Deno.errors.NotFound) {
-      const pkg = tool === "gcc" ? "gcc" : "binutils";
-      throw new DenovisorError(
-        "BUILD_FAILED",
-        `${tool} is not installed or not on PATH; building workloads needs it ` +
-          `(Debian/Ubuntu: apt-get install ${pkg})`,
-        { cause: e },
-      );
-    }
-    throw e;
-  }
-  const text = new TextDecoder();
-  return {
-    code: output.code,
-    stdout: text.decode(output.stdout),
-    stderr: text.decode(output.stderr),
-  };
-}
-
-function probeToolchain(): Promise<Toolchain> {
-  toolchain ??= (async () => {
-    const outputs = await Promise.all(
-      ["gcc", "as", "ld"].map((tool) => run(tool, ["--version"])),
-    );
-    const versions = outputs.map((o) => o.stdout.split("\n", 1)[0].trim());
-    const ld = /GNU ld .*?(\d+)\.(\d+)/.exec(versions[2]);
-    const ldHasRwxSwitch = ld !== null &&
-      (Number(ld[1]) > 2 || (Number(ld[1]) === 2 && Number(ld[2]) >= 39));
-    return { versions, ldHasRwxSwitch };
-  })();
-  // A failed probe (say, gcc missing) must not stick: the user may install it.
-  toolchain.catch(() => toolchain = undefined);
-  return toolchain;
 }
 
 function cacheDir(): URL {
