@@ -18,6 +18,7 @@ import {
   ensureDebianCrates,
   isDebianCacheReady,
 } from "./debian_crates.ts";
+import { absolutePath, exists, joinPath, lockFile, pathOfFileUrl, readEnv } from "./fs_util.ts";
 
 /** The file name of the core library that cargo produces. */
 export const CORE_LIBRARY_FILE = "libdenovisor_core.so";
@@ -497,24 +498,6 @@ function defaultDebianCacheDir(): string {
   return joinPath(denovisorCacheDir(), "debian-crates");
 }
 
-/** Reads an environment variable; undefined when unset or not permitted. */
-function readEnv(name: string): string | undefined {
-  try {
-    return Deno.env.get(name);
-  } catch {
-    return undefined;
-  }
-}
-
-function exists(path: string): boolean {
-  try {
-    Deno.statSync(path);
-    return true;
-  } catch {
-    return false;
-  }
-}
-
 function readTextIfPresent(path: string): string | undefined {
   try {
     return Deno.readTextFileSync(path);
@@ -533,33 +516,4 @@ function removeIfPresent(path: string): void {
 
 function hex(digest: ArrayBuffer): string {
   return Array.from(new Uint8Array(digest), (byte) => byte.toString(16).padStart(2, "0")).join("");
-}
-
-async function lockFile(path: string): Promise<Disposable> {
-  const file = await Deno.open(path, { create: true, write: true });
-  await file.lock(true);
-  return { [Symbol.dispose]: () => file.close() };
-}
-
-// POSIX path helpers (denovisor is Linux-only). Importing `node:path` would
-// cost every importer of denovisor ~10 ms: the first `node:` module of a
-// process initializes Deno's Node compatibility layer.
-
-function joinPath(...parts: string[]): string {
-  return parts.join("/").replace(/\/{2,}/g, "/");
-}
-
-/** An absolute, normalized path: relative paths are taken from the current folder. */
-function absolutePath(...parts: string[]): string {
-  const joined = joinPath(...parts);
-  const segments: string[] = [];
-  for (const segment of (joined.startsWith("/") ? joined : `${Deno.cwd()}/${joined}`).split("/")) {
-    if (segment === "..") segments.pop();
-    else if (segment !== "" && segment !== ".") segments.push(segment);
-  }
-  return `/${segments.join("/")}`;
-}
-
-function pathOfFileUrl(url: URL): string {
-  return decodeURIComponent(url.pathname);
 }

@@ -11,6 +11,8 @@
  * @module
  */
 
+import { joinPath, lockFile } from "./fs_util.ts";
+
 /** The Debian suite whose crate versions match `core/Cargo.toml`. */
 export const DEBIAN_SUITE = "trixie";
 
@@ -327,15 +329,4 @@ async function run(
     if (error instanceof Deno.errors.NotFound) return undefined;
     throw error;
   }
-}
-
-async function lockFile(path: string): Promise<Disposable> {
-  const file = await Deno.open(path, { create: true, write: true });
-  await file.lock(true);
-  return { [Symbol.dispose]: () => file.close() };
-}
-
-/** Joins path segments (see `core_build.ts` for why not `node:path`). */
-function joinPath(...parts: string[]): string {
-  return parts.join("/").replace(/\/{2,}/g, "/");
 }

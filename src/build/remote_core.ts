@@ -9,6 +9,7 @@
 
 import { DenovisorError } from "../errors.ts";
 import { denovisorCacheDir, ensureCoreLibrary, listCoreSources } from "./core_build.ts";
+import { absolutePath, exists, joinPath, pathOfFileUrl, readEnv } from "./fs_util.ts";
 
 /**
  * `core/MANIFEST.json`: what a remote import downloads to build the core.
@@ -267,43 +268,4 @@ function asFolderUrl(url: URL): URL {
 async function sha256Hex(text: string): Promise<string> {
   const digest = await crypto.subtle.digest("SHA-256", new TextEncoder().encode(text));
   return Array.from(new Uint8Array(digest), (byte) => byte.toString(16).padStart(2, "0")).join("");
-}
-
-function exists(path: string): boolean {
-  try {
-    Deno.statSync(path);
-    return true;
-  } catch {
-    return false;
-  }
-}
-
-/** Reads an environment variable; undefined when unset or not permitted. */
-function readEnv(name: string): string | undefined {
-  try {
-    return Deno.env.get(name);
-  } catch {
-    return undefined;
-  }
-}
-
-// POSIX path helpers, as in `core_build.ts` (which says why not `node:path`).
-
-function joinPath(...parts: string[]): string {
-  return parts.join("/").replace(/\/{2,}/g, "/");
-}
-
-/** An absolute, normalized path: relative paths are taken from the current folder. */
-function absolutePath(...parts: string[]): string {
-  const joined = joinPath(...parts);
-  const segments: string[] = [];
-  for (const segment of (joined.startsWith("/") ? joined : `${Deno.cwd()}/${joined}`).split("/")) {
-    if (segment === "..") segments.pop();
-    else if (segment !== "" && segment !== ".") segments.push(segment);
-  }
-  return `/${segments.join("/")}`;
-}
-
-function pathOfFileUrl(url: URL): string {
-  return decodeURIComponent(url.pathname);
 }

@@ -1,0 +1,122 @@
+/**
+ * Small file, path and environment helpers shared by the core's builders
+ * (`core_build.ts`, `remote_core.ts`, `debian_crates.ts`).
+ *
+ * The path helpers are POSIX-only (denovisor is Linux-only). Importing
+ * `node:path` instead would cost every importer of denovisor ~10 ms: the first
+ * `node:` module of a process initializes Deno's Node compatibility layer.
+ *
+ * @module
+ */
+
+/**
+ * Reads an environment variable without needing `--allow-env` for it.
+ *
+ * @param name The variable.
+ * @returns Its value; undefined when unset or not permitted.
+ * @example
+ * ```ts
+ * import { readEnv } from "./src/build/fs_util.ts";
+ * console.log(readEnv("HOME") ?? "no HOME");
+ * ```
+ */
+export function readEnv(name: string): string | undefined {
+  try {
+    return Deno.env.get(name);
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * Whether a path exists (following links); any error, including a denied
+ * permission, counts as no.
+ *
+ * @param path The path.
+ * @returns True when `stat` succeeds.
+ * @example
+ * ```ts
+ * import { exists } from "./src/build/fs_util.ts";
+ * console.log(exists("/dev/kvm"));
+ * ```
+ */
+export function exists(path: string): boolean {
+  try {
+    Deno.statSync(path);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * Takes an exclusive lock on a file, creating it if needed, and waits for it
+ * while another process holds it. Disposing the result closes the file, which
+ * releases the lock.
+ *
+ * @param path The lock file.
+ * @returns The held lock, for `using`.
+ * @example
+ * ```ts
+ * import { lockFile } from "./src/build/fs_util.ts";
+ * using _lock = await lockFile("/tmp/denovisor-example.lock");
+ * // ... work no other process does at the same time ...
+ * ```
+ */
+export async function lockFile(path: string): Promise<Disposable> {
+  const file = await Deno.open(path, { create: true, write: true });
+  await file.lock(true);
+  return { [Symbol.dispose]: () => file.close() };
+}
+
+/**
+ * Joins path segments with `/`, folding repeated slashes; `.` and `..` are kept.
+ *
+ * @param parts The segments.
+ * @returns The joined path.
+ * @example
+ * ```ts
+ * import { joinPath } from "./src/build/fs_util.ts";
+ * console.log(joinPath("/var/cache/", "/denovisor")); // /var/cache/denovisor
+ * ```
+ */
+export function joinPath(...parts: string[]): string {
+  return parts.join("/").replace(/\/{2,}/g, "/");
+}
+
+/**
+ * An absolute, normalized path: relative paths are taken from the current
+ * folder, and `.`, `..` and empty segments are resolved away.
+ *
+ * @param parts The segments, joined as by {@link joinPath}.
+ * @returns The absolute path, without a trailing slash.
+ * @example
+ * ```ts
+ * import { absolutePath } from "./src/build/fs_util.ts";
+ * console.log(absolutePath("/work/main/core/", "../src")); // /work/main/src
+ * ```
+ */
+export function absolutePath(...parts: string[]): string {
+  const joined = joinPath(...parts);
+  const segments: string[] = [];
+  for (const segment of (joined.startsWith("/") ? joined : `${Deno.cwd()}/${joined}`).split("/")) {
+    if (segment === "..") segments.pop();
+    else if (segment !== "" && segment !== ".") segments.push(segment);
+  }
+  return `/${segments.join("/")}`;
+}
+
+/**
+ * The local path of a `file:` URL, with percent-escapes decoded.
+ *
+ * @param url A `file:` URL.
+ * @returns Its path.
+ * @example
+ * ```ts
+ * import { pathOfFileUrl } from "./src/build/fs_util.ts";
+ * console.log(pathOfFileUrl(new URL("file:///tmp/a%20b"))); // /tmp/a b
+ * ```
+ */
+export function pathOfFileUrl(url: URL): string {
+  return decodeURIComponent(url.pathname);
+}
