@@ -11,6 +11,7 @@
 
 use serde::Serialize;
 
+use super::bytes::{u16_at, u32_at, u64_at, u8_at};
 use crate::error::{Error, Result};
 
 /// Where the setup header starts in the file (and in `boot_params`).
@@ -124,21 +125,6 @@ pub struct BzImage {
     pub header_end: usize,
     /// The kernel's version string, when it has a readable one.
     pub kernel_version: Option<String>,
-}
-
-fn u8_at(b: &[u8], off: usize) -> u8 {
-    b[off]
-}
-fn u16_at(b: &[u8], off: usize) -> u16 {
-    u16::from_le_bytes([b[off], b[off + 1]])
-}
-fn u32_at(b: &[u8], off: usize) -> u32 {
-    u32::from_le_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]])
-}
-fn u64_at(b: &[u8], off: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[off..off + 8]);
-    u64::from_le_bytes(a)
 }
 
 /// Whether `bytes` carry a boot protocol setup header (the `"HdrS"` magic).

@@ -5,6 +5,7 @@
 //! before a single byte of guest memory is written: a refused image leaves the VM
 //! untouched.
 
+use super::bytes::{u16_at, u32_at, u64_at};
 use super::layout::RESERVED_END;
 use crate::error::{Error, Result};
 use crate::memory::GuestRam;
@@ -42,18 +43,6 @@ pub struct ElfImage {
     pub entry: u64,
     /// The loadable segments.
     pub segments: Vec<Segment>,
-}
-
-fn u16_at(b: &[u8], off: usize) -> u16 {
-    u16::from_le_bytes([b[off], b[off + 1]])
-}
-fn u32_at(b: &[u8], off: usize) -> u32 {
-    u32::from_le_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]])
-}
-fn u64_at(b: &[u8], off: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[off..off + 8]);
-    u64::from_le_bytes(a)
 }
 
 /// Whether `bytes` start with the ELF magic.
