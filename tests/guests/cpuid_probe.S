@@ -5,9 +5,7 @@
  * intercept CPUID at CPL3, so user mode there sees the host's CPUID). ELF at
  * 0x100000. The CPUID policy test compares them with what the host set.
  */
-#define HYPERCALL_PORT 0x510
-#define HC_EXIT 2
-#define HC_REPORT 4
+#include "hypercall.inc"
 
 	.text
 	.globl _start
@@ -20,16 +18,8 @@ _start:
 	mov	$7, %eax
 	call	probe
 
-	mov	$HYPERCALL_PORT, %dx
-	lea	block(%rip), %rax
-	movl	$HC_REPORT, block(%rip)
-	lea	out(%rip), %rcx
-	mov	%rcx, block+8(%rip)
-	movq	$48, block+16(%rip)
-	out	%eax, %dx
-	movl	$HC_EXIT, block(%rip)
-	movq	$0, block+8(%rip)
-	out	%eax, %dx
+	hc_report out, 48
+	hc_exit 0
 1:	pause
 	jmp	1b
 

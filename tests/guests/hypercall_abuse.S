@@ -8,10 +8,7 @@
  * then REPORTs the 12 bytes of `results`. How it ends depends on rdi at entry:
  *   0: EXIT(0); 1: a 1-byte out to the port; 2: a request block outside RAM.
  */
-#define HYPERCALL_PORT 0x510
-#define HC_WRITE 1
-#define HC_EXIT 2
-#define HC_REPORT 4
+#include "hypercall.inc"
 
 	.text
 	.globl _start
@@ -37,19 +34,13 @@ _start:
 	mov	block+4(%rip), %ecx
 	mov	%ecx, results+8(%rip)
 
-	movl	$HC_REPORT, block(%rip)
-	lea	results(%rip), %rcx
-	mov	%rcx, block+8(%rip)
-	movq	$12, block+16(%rip)
-	out	%eax, %dx
+	hc_report results, 12
 
 	cmp	$1, %rdi
 	je	1f
 	cmp	$2, %rdi
 	je	2f
-	movl	$HC_EXIT, block(%rip)
-	movq	$0, block+8(%rip)
-	out	%eax, %dx
+	hc_exit 0
 	jmp	3f
 1:	out	%al, %dx			/* a 1-byte hypercall */
 	jmp	3f

@@ -4,9 +4,7 @@
  * Entry mode: user (64-bit, CPL3). Built as an ELF at 0x100000.
  * The hypercall ABI (port 0x510, a 48-byte request block) is in guest/README.md.
  */
-#define HYPERCALL_PORT 0x510
-#define HC_EXIT 2
-#define HC_NOP 6
+#include "hypercall.inc"
 
 	.text
 	.globl _start
@@ -20,9 +18,7 @@ _start:
 	out	%eax, %dx
 	dec	%rbx
 	jmp	1b
-2:	movl	$HC_EXIT, block(%rip)
-	movq	$0, block+8(%rip)
-	out	%eax, %dx
+2:	hc_exit 0
 3:	pause			/* not reached: EXIT stops the VM */
 	jmp	3b
 

@@ -5,9 +5,7 @@
  * FAULT(13, error code, 0, rip), so the host sees a typed guest fault.
  * Entry mode: long (64-bit, CPL0). ELF at 0x100000.
  */
-#define HYPERCALL_PORT 0x510
-#define HC_EXIT 2
-#define HC_FAULT 5
+#include "hypercall.inc"
 
 	.text
 	.globl _start
@@ -28,11 +26,7 @@ _start:
 	mov	%rdi, %rcx
 	rdmsr
 
-	mov	$HYPERCALL_PORT, %dx
-	lea	block(%rip), %rax
-	movl	$HC_EXIT, block(%rip)
-	movq	$0, block+8(%rip)
-	out	%eax, %dx
+	hc_exit 0
 1:	hlt
 	jmp	1b
 

@@ -3,8 +3,7 @@
  * do while the vCPU is paused), then EXITs with status 0. Entry mode: user
  * (64-bit, CPL3). ELF at 0x100000.
  */
-#define HYPERCALL_PORT 0x510
-#define HC_EXIT 2
+#include "hypercall.inc"
 
 	.text
 	.globl _start
@@ -13,11 +12,7 @@ _start:
 1:	inc	%rbx
 	cmp	$1, %r12
 	jne	1b
-	mov	$HYPERCALL_PORT, %dx
-	lea	block(%rip), %rax
-	movl	$HC_EXIT, block(%rip)
-	movq	$0, block+8(%rip)
-	out	%eax, %dx
+	hc_exit 0
 2:	pause
 	jmp	2b
 

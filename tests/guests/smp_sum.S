@@ -5,9 +5,7 @@
  * (at most 64). Entry mode: user (64-bit, CPL3). Built as an ELF at 0x100000.
  * Each vCPU's share is [index*N/count + 1, (index+1)*N/count].
  */
-#define HYPERCALL_PORT 0x510
-#define HC_EXIT 2
-#define HC_REPORT 4
+#include "hypercall.inc"
 
 	.text
 	.globl _start
@@ -46,16 +44,8 @@ _start:
 	cmp	%r8, %rax
 	jb	3b
 	mov	%rcx, total(%rip)
-	mov	$HYPERCALL_PORT, %dx
-	lea	block(%rip), %rax
-	movl	$HC_REPORT, block(%rip)
-	lea	total(%rip), %rcx
-	mov	%rcx, block+8(%rip)
-	movq	$8, block+16(%rip)
-	out	%eax, %dx
-	movl	$HC_EXIT, block(%rip)
-	movq	$0, block+8(%rip)
-	out	%eax, %dx
+	hc_report total, 8
+	hc_exit 0
 4:	pause
 	jmp	4b
 
