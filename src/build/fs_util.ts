@@ -107,6 +107,21 @@ export function absolutePath(...parts: string[]): string {
 }
 
 /**
+ * The folder a path is in (`/` for a file at the root).
+ *
+ * @param path An absolute path.
+ * @returns Its parent folder.
+ * @example
+ * ```ts
+ * import { parentPath } from "./src/build/fs_util.ts";
+ * console.log(parentPath("/work/main/guest/hello.S")); // /work/main/guest
+ * ```
+ */
+export function parentPath(path: string): string {
+  return path.slice(0, path.lastIndexOf("/")) || "/";
+}
+
+/**
  * The local path of a `file:` URL, with percent-escapes decoded.
  *
  * @param url A `file:` URL.

@@ -9,8 +9,7 @@
  * @module
  */
 
-import { dirname, resolve } from "node:path";
-import { fileURLToPath } from "node:url";
+import { absolutePath, parentPath, pathOfFileUrl } from "./fs_util.ts";
 import { DenovisorError } from "../errors.ts";
 import { runTool, type RunToolOptions, type Toolchain, toolchainProbe } from "./toolchain.ts";
 
@@ -161,14 +160,14 @@ function checkOptions(bits: number, format: string, loadAddress: number): void {
 }
 
 function toPath(source: string | URL): string {
-  if (typeof source === "string") return resolve(source);
+  if (typeof source === "string") return absolutePath(source);
   if (source.protocol !== "file:") {
     throw new DenovisorError(
       "BUILD_FAILED",
       `Guest source ${source.href} is not a local file: only file: URLs can be assembled`,
     );
   }
-  return fileURLToPath(source);
+  return pathOfFileUrl(source);
 }
 
 async function readSource(path: string): Promise<Uint8Array> {
@@ -225,7 +224,7 @@ async function cacheKey(
     const [path, bytes] = pending.pop()!;
     const text = new TextDecoder().decode(bytes);
     for (const match of text.matchAll(INCLUDE_PATTERN)) {
-      const included = resolve(dirname(path), match[1]);
+      const included = absolutePath(parentPath(path), match[1]);
       if (seen.has(included)) continue;
       seen.add(included);
       try {
@@ -266,14 +265,14 @@ async function assemble(
       "-Wl,--build-id=none",
       "-Wl,-z,noexecstack",
       ...(tools.ldHasRwxSwitch ? ["-Wl,--no-warn-rwx-segments"] : []),
-      `-Wl,-T,${fileURLToPath(LINKER_SCRIPT)}`,
+      `-Wl,-T,${pathOfFileUrl(LINKER_SCRIPT)}`,
       `-Wl,--defsym=__load_address=${address}`,
       "-o",
       elf,
       sourcePath,
     ];
     // cwd = the source's directory, so .incbin paths resolve like #include paths.
-    const gcc = await runTool("gcc", args, { ...TOOL_OPTIONS, cwd: dirname(sourcePath) });
+    const gcc = await runTool("gcc", args, { ...TOOL_OPTIONS, cwd: parentPath(sourcePath) });
     if (gcc.code !== 0) {
       throw new DenovisorError(
         "BUILD_FAILED",

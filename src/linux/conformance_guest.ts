@@ -9,7 +9,7 @@
  * @module
  */
 
-import { fileURLToPath } from "node:url";
+import { pathOfFileUrl } from "../build/fs_util.ts";
 import { DenovisorError } from "../errors.ts";
 
 const SOURCE_DIR = new URL("../../guest/linux_conformance/", import.meta.url);
@@ -156,7 +156,7 @@ export async function buildConformanceGuest(): Promise<Uint8Array> {
   }
   const dir = await Deno.makeTempDir({ prefix: "denovisor-conformance-" });
   try {
-    const src = (name: string) => fileURLToPath(new URL(name, SOURCE_DIR));
+    const src = (name: string) => pathOfFileUrl(new URL(name, SOURCE_DIR));
     await run("gcc", ["-c", "-o", `${dir}/setup.o`, src("setup.S")]);
     await run("gcc", ["-c", "-o", `${dir}/head.o`, src("head.S")]);
     await run("gcc", ["-c", ...C_FLAGS, "-o", `${dir}/report.o`, src("report.c")]);

@@ -7,7 +7,7 @@
  * @module
  */
 
-import { fileURLToPath } from "node:url";
+import { pathOfFileUrl } from "../build/fs_util.ts";
 
 const CACHE_DIR = new URL("../../.cache/kernels/", import.meta.url);
 /** The metapackage whose dependency names the current kernel package. */
@@ -65,7 +65,7 @@ async function hasTool(tool: string): Promise<boolean> {
 }
 
 function cachePath(): string {
-  return fileURLToPath(CACHE_DIR);
+  return pathOfFileUrl(CACHE_DIR);
 }
 
 /** The cached file whose name starts with `prefix`, newest name last. */
