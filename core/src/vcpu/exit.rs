@@ -24,6 +24,17 @@ pub enum UnhandledAccess {
     Stop,
 }
 
+impl UnhandledAccess {
+    /// The decision for an access no device claims: go on, or stop with the
+    /// reason `stop` builds (only built when it is needed).
+    fn decide(self, stop: impl FnOnce() -> StopReason) -> ExitAction {
+        match self {
+            UnhandledAccess::Ignore => ExitAction::Continue,
+            UnhandledAccess::Stop => ExitAction::Stop(stop()),
+        }
+    }
+}
+
 /// The direction of an I/O or MMIO access.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -213,8 +224,7 @@ pub fn handle_exit(exit: VcpuExit<'_>, vm: &VmShared, metrics: &VcpuMetrics) -> 
                 }
                 Some(DeviceAction::Reset) => ExitAction::Stop(StopReason::Reset),
                 Some(DeviceAction::PowerOff) => ExitAction::Stop(StopReason::PowerOff),
-                None if unhandled == UnhandledAccess::Ignore => ExitAction::Continue,
-                None => ExitAction::Stop(StopReason::UnhandledIo {
+                None => unhandled.decide(|| StopReason::UnhandledIo {
                     port,
                     size: data.len() as u8,
                     direction: Direction::Out,
@@ -229,40 +239,31 @@ pub fn handle_exit(exit: VcpuExit<'_>, vm: &VmShared, metrics: &VcpuMetrics) -> 
                 return ExitAction::Continue;
             }
             data.fill(0xff);
-            match unhandled {
-                UnhandledAccess::Ignore => ExitAction::Continue,
-                UnhandledAccess::Stop => ExitAction::Stop(StopReason::UnhandledIo {
-                    port,
-                    size: data.len() as u8,
-                    direction: Direction::In,
-                    data: 0,
-                }),
-            }
+            unhandled.decide(|| StopReason::UnhandledIo {
+                port,
+                size: data.len() as u8,
+                direction: Direction::In,
+                data: 0,
+            })
         }
         VcpuExit::MmioRead(address, data) => {
             metrics.count(ExitKind::MmioRead);
             data.fill(0xff);
-            match unhandled {
-                UnhandledAccess::Ignore => ExitAction::Continue,
-                UnhandledAccess::Stop => ExitAction::Stop(StopReason::UnhandledMmio {
-                    address,
-                    size: data.len() as u8,
-                    direction: Direction::In,
-                    data: 0,
-                }),
-            }
+            unhandled.decide(|| StopReason::UnhandledMmio {
+                address,
+                size: data.len() as u8,
+                direction: Direction::In,
+                data: 0,
+            })
         }
         VcpuExit::MmioWrite(address, data) => {
             metrics.count(ExitKind::MmioWrite);
-            match unhandled {
-                UnhandledAccess::Ignore => ExitAction::Continue,
-                UnhandledAccess::Stop => ExitAction::Stop(StopReason::UnhandledMmio {
-                    address,
-                    size: data.len() as u8,
-                    direction: Direction::Out,
-                    data: as_u64(data),
-                }),
-            }
+            unhandled.decide(|| StopReason::UnhandledMmio {
+                address,
+                size: data.len() as u8,
+                direction: Direction::Out,
+                data: as_u64(data),
+            })
         }
         VcpuExit::Hlt => {
             metrics.count(ExitKind::Hlt);
