@@ -151,14 +151,6 @@ function isElf(image: Uint8Array): boolean {
     image[3] === 0x46;
 }
 
-/** Whether `address` is guest RAM for a VM with `memoryBytes` of it. */
-function inRam(address: number | bigint, memoryBytes: number): boolean {
-  const a = BigInt(address);
-  const low = BigInt(Math.min(memoryBytes, MMIO_GAP_START));
-  const high = BigInt(Math.max(0, memoryBytes - MMIO_GAP_START));
-  return a < low || (a >= 1n << 32n && a < (1n << 32n) + high);
-}
-
 const decoder = new TextDecoder();
 /** The process's standard output, which the core writes console bytes to directly. */
 const STDOUT_FD = 1;
@@ -292,12 +284,6 @@ export class Vm implements Disposable {
       entry = BigInt(loadAddress);
     }
     if (options.entry !== undefined) entry = BigInt(options.entry);
-    if (!inRam(entry, this.#memoryBytes)) {
-      throw new DenovisorError(
-        "IMAGE",
-        `entry point 0x${entry.toString(16)} is outside guest RAM (${this.#memoryBytes} bytes)`,
-      );
-    }
     const stack = BigInt(
       options.stack ??
         (mode === "real" ? Number(entry & 0xffffn) : Math.min(this.#memoryBytes, MMIO_GAP_START)),

@@ -156,7 +156,15 @@ kvmTest("bad arguments to the low-level API are refused", async () => {
   // deno-lint-ignore no-explicit-any
   assert.throws(() => vcpu.setupEntry("protected" as any, 0), /entry mode must be one of/);
   assert.throws(() => vcpu.setupEntry("real", 0x100000), /above the 1 MiB real-mode address space/);
+  assert.throws(
+    () => vcpu.setupEntry("long", 0x800000),
+    /entry point 0x800000 is outside guest RAM/,
+  );
   using tiny = kvm.createVm({ memoryBytes: 0x8000 });
   assert.throws(() => tiny.createVcpu().setupEntry("long", 0x1000), /need at least 0x10000 bytes/);
+  assert.throws(
+    () => tiny.vcpus[0].setupEntry("real", 0x9000),
+    /entry point 0x9000 is outside guest RAM \(32768 bytes\)/,
+  );
   await assert.rejects(vcpu.run({ timeoutMs: -5 }), /timeoutMs/);
 });

@@ -281,10 +281,26 @@ impl Vcpu {
     pub fn setup_entry(&self, mode: EntryMode, entry: u64, stack: u64) -> Result<()> {
         let fd = self.fd()?;
         let sregs = fd.get_sregs().map_err(Error::kvm("KVM_GET_SREGS"))?;
+        let ram = &self.shared.ram;
+        let check_entry = || {
+            if ram.contains(entry, 1) {
+                Ok(())
+            } else {
+                Err(Error::Image(format!(
+                    "entry point {entry:#x} is outside guest RAM ({} bytes)",
+                    ram.size()
+                )))
+            }
+        };
         let sregs = match mode {
-            EntryMode::Real => x86_64::real_mode_sregs(sregs, entry)?,
+            EntryMode::Real => {
+                let sregs = x86_64::real_mode_sregs(sregs, entry)?;
+                check_entry()?;
+                sregs
+            }
             EntryMode::Long | EntryMode::User => {
-                x86_64::write_boot_structures(&self.shared.ram)?;
+                check_entry()?;
+                x86_64::write_boot_structures(ram)?;
                 x86_64::long_mode_sregs(sregs, mode)
             }
         };
