@@ -21,7 +21,7 @@ use super::layout::{
     BOOT_KERNEL_STACK_TOP, CMDLINE_ADDR, CMDLINE_MAX, IO_BITMAP_SIZE, LINUX_GDT_ADDR,
     LINUX_KERNEL_MIN_ADDR, TSS_ADDR, TSS_SIZE, ZERO_PAGE_ADDR,
 };
-use super::x86_64::{self, descriptor, segment};
+use super::x86_64::{self, descriptor};
 use super::zero_page::{self, E820Entry, ZeroPage};
 use super::EntryMode;
 use crate::error::{Error, Result};
@@ -389,17 +389,14 @@ pub fn boot_gdt() -> [u64; 6] {
 /// (paging, CR0/CR4/EFER) with the boot GDT's segments.
 pub fn linux_sregs(sregs: kvm_sregs) -> kvm_sregs {
     let mut s = x86_64::long_mode_sregs(sregs, EntryMode::Long);
-    let gdt = boot_gdt();
-    let ds = segment(BOOT_DS, gdt[(BOOT_DS >> 3) as usize]);
-    s.cs = segment(BOOT_CS, gdt[(BOOT_CS >> 3) as usize]);
-    s.ds = ds;
-    s.es = ds;
-    s.fs = ds;
-    s.gs = ds;
-    s.ss = ds;
-    s.tr = segment(BOOT_TSS, gdt[(BOOT_TSS >> 3) as usize]);
-    s.gdt.base = LINUX_GDT_ADDR;
-    s.gdt.limit = (gdt.len() * 8 - 1) as u16;
+    x86_64::load_gdt_segments(
+        &mut s,
+        &boot_gdt(),
+        LINUX_GDT_ADDR,
+        BOOT_CS,
+        BOOT_DS,
+        BOOT_TSS,
+    );
     s
 }
 

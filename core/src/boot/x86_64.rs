@@ -125,29 +125,37 @@ pub fn write_boot_structures(ram: &GuestRam) -> Result<()> {
     Ok(())
 }
 
+/// Points `sregs` at a GDT laid out at `gdt_base`: CS from selector `cs`, DS, ES,
+/// FS, GS and SS from `ds`, TR from `tr`, each decoded from `table`'s entries.
+pub(crate) fn load_gdt_segments(
+    sregs: &mut kvm_sregs,
+    table: &[u64],
+    gdt_base: u64,
+    cs: u16,
+    ds: u16,
+    tr: u16,
+) {
+    let entry = |selector: u16| segment(selector, table[(selector >> 3) as usize]);
+    let data = entry(ds);
+    sregs.cs = entry(cs);
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.tr = entry(tr);
+    sregs.gdt.base = gdt_base;
+    sregs.gdt.limit = (table.len() * 8 - 1) as u16;
+}
+
 /// Special registers for a 64-bit entry, starting from the vCPU's reset state.
 pub fn long_mode_sregs(mut sregs: kvm_sregs, mode: EntryMode) -> kvm_sregs {
-    let table = gdt();
     let (cs, ds) = if mode == EntryMode::User {
-        (
-            segment(USER_CS, table[(USER_CS >> 3) as usize]),
-            segment(USER_DS, table[(USER_DS >> 3) as usize]),
-        )
+        (USER_CS, USER_DS)
     } else {
-        (
-            segment(KERNEL_CS, table[(KERNEL_CS >> 3) as usize]),
-            segment(KERNEL_DS, table[(KERNEL_DS >> 3) as usize]),
-        )
+        (KERNEL_CS, KERNEL_DS)
     };
-    sregs.cs = cs;
-    sregs.ds = ds;
-    sregs.es = ds;
-    sregs.fs = ds;
-    sregs.gs = ds;
-    sregs.ss = ds;
-    sregs.tr = segment(TSS_SEL, table[(TSS_SEL >> 3) as usize]);
-    sregs.gdt.base = GDT_ADDR;
-    sregs.gdt.limit = (table.len() * 8 - 1) as u16;
+    load_gdt_segments(&mut sregs, &gdt(), GDT_ADDR, cs, ds, TSS_SEL);
     // No IDT yet: a guest that takes an exception before installing its own IDT
     // triple-faults, which the exit loop reports as a guest crash.
     sregs.idt.base = 0;
