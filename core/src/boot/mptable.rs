@@ -51,9 +51,13 @@ pub fn build(cpus: u32) -> Result<Vec<u8>> {
     entries.extend_from_slice(&IO_APIC_DEFAULT_BASE.to_le_bytes());
     count += 1;
     for pin in 0..IO_APIC_PINS {
-        // Pin 0 is the 8259's ExtINT in virtual-wire mode; the rest are INT.
-        let kind = if pin == 0 { 3 } else { 0 };
-        entries.extend_from_slice(&[3, kind, 0, 0, 0, pin, io_apic_id, pin]);
+        // Every pin is a plain vectored interrupt (mp_INT) from ISA IRQ `pin`,
+        // as KVM's default GSI routing wires them (the PIT raises GSI 0, so
+        // pin 0). The 8259's ExtINT reaches the CPUs through LINT0 below, not
+        // through an I/O APIC pin: an ExtINT entry for pin 0 would leave IRQ 0
+        // (the timer) without a route, and Linux's check_timer() dereferences
+        // the missing route (setup_IO_APIC NULL pointer oops).
+        entries.extend_from_slice(&[3, 0, 0, 0, 0, pin, io_apic_id, pin]);
         count += 1;
     }
     // LINT0 takes ExtINT, LINT1 NMI, on every local APIC (0xff).
@@ -126,6 +130,20 @@ mod tests {
                 .enumerate()
                 .all(|(i, p)| p[0] == 0 && p[1] == i as u8));
             assert_eq!(count as u32, cpus + 1 + 1 + IO_APIC_PINS as u32 + 2);
+        }
+    }
+
+    #[test]
+    fn every_io_apic_pin_is_a_vectored_interrupt_from_its_isa_irq() {
+        let t = build(1).unwrap();
+        let table = &t[16..];
+        // After one processor (20 bytes), the bus (8) and the I/O APIC (8).
+        let entries = &table[44 + 20 + 8 + 8..];
+        let io: Vec<&[u8]> = entries.chunks(8).filter(|e| e[0] == 3).collect();
+        assert_eq!(io.len(), IO_APIC_PINS as usize);
+        for (pin, e) in io.iter().enumerate() {
+            assert_eq!(e[1], 0, "pin {pin} must be mp_INT, not ExtINT");
+            assert_eq!((e[5], e[7]), (pin as u8, pin as u8));
         }
     }
 
