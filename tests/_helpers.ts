@@ -6,39 +6,64 @@
  */
 
 import { buildGuest, type BuildGuestOptions } from "../src/build/guest_build.ts";
+import { detectKvm, TAG } from "./_host.ts";
 
-function kvmProblem(): string | undefined {
-  try {
-    Deno.openSync("/dev/kvm", { read: true, write: true }).close();
-    return undefined;
-  } catch (e) {
-    return `/dev/kvm cannot be opened read-write: ${e instanceof Error ? e.message : e}`;
-  }
-}
+const HOST = detectKvm();
 
 /** Why KVM tests cannot run here, or undefined when they can. */
-export const KVM_PROBLEM = kvmProblem();
+export const KVM_PROBLEM = HOST.problem;
+
+/** Why a Linux kernel cannot boot here in useful time, or undefined when it can. */
+export const SLOW_KERNEL_PROBLEM = HOST.slowKernelProblem;
+
+/** The host's kind of KVM (`hardware`, `pvm` or `none`). */
+export const KVM_KIND = HOST.kind;
 
 const inCi = Deno.env.get("CI") === "true";
 
 if (KVM_PROBLEM && !inCi) {
   console.error(`note: skipping tests that need KVM: ${KVM_PROBLEM}`);
+} else if (SLOW_KERNEL_PROBLEM && !KVM_PROBLEM) {
+  console.error(`note: skipping tests that boot Linux: ${SLOW_KERNEL_PROBLEM}`);
 }
 
-/**
- * Registers a test that runs real guests on /dev/kvm. Without KVM it is
- * skipped, except under CI=true where it fails with the reason.
- */
-export function kvmTest(name: string, fn: (t: Deno.TestContext) => void | Promise<void>): void {
+/** A test that cannot run here: skipped with the reason outside CI, failed in CI. */
+function needs(
+  tag: string,
+  name: string,
+  problem: string | undefined,
+  skipInCi: boolean,
+  fn: (t: Deno.TestContext) => void | Promise<void>,
+): void {
   Deno.test({
-    name,
-    ignore: KVM_PROBLEM !== undefined && !inCi,
-    fn: KVM_PROBLEM && inCi
+    name: `${tag}${name}`,
+    ignore: problem !== undefined && (!inCi || skipInCi),
+    fn: problem && inCi && !skipInCi
       ? () => {
-        throw new Error(`CI requires KVM: ${KVM_PROBLEM}`);
+        throw new Error(`CI requires KVM: ${problem}`);
       }
       : fn,
   });
+}
+
+/**
+ * Registers a test that runs real guests on /dev/kvm (its name is tagged
+ * `[kvm]`, which the test command uses to run it inside kvmbox on a host without
+ * /dev/kvm). Without KVM it is skipped, except under CI=true where it fails with
+ * the reason.
+ */
+export function kvmTest(name: string, fn: (t: Deno.TestContext) => void | Promise<void>): void {
+  needs(TAG.kvm, name, KVM_PROBLEM, false, fn);
+}
+
+/**
+ * Registers a test that boots a Linux kernel (tagged `[linux]`): it needs guest
+ * kernel code at hardware speed (VT-x/AMD-V, or kvmbox). On PVM it is skipped
+ * with the reason, in CI too (the test command runs these tests inside kvmbox
+ * there when kvmbox is available); without KVM it fails under CI=true.
+ */
+export function linuxTest(name: string, fn: (t: Deno.TestContext) => void | Promise<void>): void {
+  needs(TAG.linux, name, SLOW_KERNEL_PROBLEM, KVM_KIND === "pvm", fn);
 }
 
 /** Builds a guest from `tests/guests/`. */

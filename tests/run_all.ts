@@ -1,14 +1,29 @@
 /**
  * The project's test command (`deno task test`, what `.ci/run` runs): builds
  * the core, runs every Deno test in `tests/` and the core's `cargo test`, and
- * closes with one line `N passed, N failed[, N skipped]` summing both, which
- * is what CI reads.
+ * closes with one line `N passed, N failed, N skipped` summing every test
+ * wherever it ran, which is what CI reads.
+ *
+ * Where each test runs depends on the host's KVM (see `tests/_host.ts`):
+ * - hardware virtualization: everything runs here;
+ * - PVM: everything but the Linux boots (`[linux]` tests) runs here, and those
+ *   run inside kvmbox when it is available (skipped with the reason otherwise);
+ * - no /dev/kvm: builds, downloads and the tests that need no KVM run here, then
+ *   the `[kvm]` and `[linux]` tests and the core's KVM tests run inside kvmbox
+ *   with CI=true; without kvmbox they are skipped with the reason (and fail
+ *   under CI=true).
+ *
+ * Options: `--kvmbox auto|always|never` (default auto: only where the host
+ * cannot run a group itself), `--filter TEXT` (only Deno tests whose name
+ * contains TEXT), `--no-cargo`.
  *
  * @module
  */
 
+import { parseArgs } from "node:util";
+
 import { coreCrateSourceArgs, ensureCoreLibrary } from "../src/build/core_build.ts";
-import { KVM_PROBLEM } from "./_helpers.ts";
+import { detectKvm, findKvmbox, TAG } from "./_host.ts";
 
 interface Counts {
   passed: number;
@@ -17,20 +32,40 @@ interface Counts {
 }
 
 const ROOT = new URL("../", import.meta.url);
+const CI = Deno.env.get("CI") === "true";
+/** The whole kvmbox part must end in this time (CI's budget is 90 minutes). */
+const KVMBOX_BUDGET_S = Number(Deno.env.get("DENOVISOR_KVMBOX_TIMEOUT") ?? 3000);
+/** kvmbox's status when the emulated machine froze: rerun once. */
+const KVMBOX_FROZE = 126;
+
+const { values: opts } = parseArgs({
+  args: Deno.args,
+  options: {
+    kvmbox: { type: "string", default: "auto" },
+    filter: { type: "string" },
+    "no-cargo": { type: "boolean", default: false },
+  },
+});
+if (!["auto", "always", "never"].includes(opts.kvmbox!)) {
+  console.error(`--kvmbox must be auto, always or never, got ${JSON.stringify(opts.kvmbox)}`);
+  Deno.exit(2);
+}
 
 /** Runs a command with its output shown live, and returns that output as text. */
 async function runShown(
   command: string,
   args: string[],
   cwd: URL,
+  env: Record<string, string> = {},
 ): Promise<{ code: number; text: string }> {
   // NO_COLOR keeps the summary lines free of escape codes for parsing.
   const child = new Deno.Command(command, {
     args,
     cwd,
+    stdin: "null",
     stdout: "piped",
     stderr: "piped",
-    env: { NO_COLOR: "1" },
+    env: { NO_COLOR: "1", ...env },
   }).spawn();
   const decoder = new TextDecoder();
   let text = "";
@@ -62,48 +97,170 @@ function cargoCounts(text: string): Counts | undefined {
 }
 
 const total: Counts = { passed: 0, failed: 0, skipped: 0 };
-const add = (c: Counts) => {
-  total.passed += c.passed;
-  total.failed += c.failed;
-  total.skipped += c.skipped;
-};
+const problems: string[] = [];
+function add(what: string, c: Counts | undefined, code: number, countSkipped = true): void {
+  if (c) {
+    total.passed += c.passed;
+    total.failed += c.failed;
+    if (countSkipped) total.skipped += c.skipped;
+  }
+  if (!c) {
+    total.failed += 1; // the runner failed before it could report tests
+    problems.push(`${what}: exited ${code} without a test summary`);
+  } else if (code !== 0 && c.failed === 0) {
+    total.failed += 1;
+    problems.push(`${what}: exited ${code} although no test failed`);
+  }
+}
 
-if (KVM_PROBLEM) {
-  const ci = Deno.env.get("CI") === "true";
+/**
+ * A Deno `--filter` regex: tests whose names start (or, negated, do not start)
+ * with one of `tags`, and contain `text` if given.
+ */
+function tagFilter(tags: string[], negate: boolean, text?: string): string {
+  const escape = (s: string) => s.replace(/[\\^$.*+?()[\]{}|/]/g, "\\$&");
+  const alternatives = tags.map((t) => escape(t.trimEnd())).join("|");
+  const rest = text ? `.*${escape(text)}` : "";
+  return negate ? `/^(?!(${alternatives}) )${rest}/` : `/^(${alternatives}) ${rest}/`;
+}
+
+/** `[kvm] and [linux] tests`. */
+function groups(tags: string[]): string {
+  return `${tags.map((t) => t.trim()).join(" and ")} tests`;
+}
+
+const host = detectKvm();
+const kvmbox = opts.kvmbox === "never" ? undefined : findKvmbox(ROOT);
+/** Groups of tests the host cannot run itself, which go to kvmbox when it is there. */
+const elsewhere: string[] = host.kind === "none"
+  ? [TAG.kvm, TAG.linux]
+  : host.kind === "pvm"
+  ? [TAG.linux]
+  : [];
+if (opts.kvmbox === "always") elsewhere.splice(0, elsewhere.length, TAG.kvm, TAG.linux);
+const inKvmbox = kvmbox ? elsewhere : [];
+const rustKvmHere = host.kind !== "none" && !inKvmbox.includes(TAG.kvm);
+
+console.error(`== host: KVM ${host.kind}${host.problem ? ` (${host.problem})` : ""}`);
+if (inKvmbox.length > 0) {
+  console.error(`== ${groups(inKvmbox)} run inside ${kvmbox}`);
+} else if (elsewhere.length > 0) {
+  const reason = opts.kvmbox === "never"
+    ? "--kvmbox never"
+    : "no kvmbox (../shared/kvmbox/kvmbox or $DENOVISOR_KVMBOX)";
   console.error(
-    ci
-      ? `KVM is required in CI and is not usable: ${KVM_PROBLEM}`
-      : `KVM tests will be skipped: ${KVM_PROBLEM}`,
+    `== ${groups(elsewhere)} cannot run on this host and ${reason}: ` +
+      (CI && host.kind === "none" ? "they fail under CI=true" : "they are skipped"),
   );
 }
 
 console.error("== building the Rust core");
 await ensureCoreLibrary();
 
+const denoArgs = ["test", "-A", "--v8-flags=--expose-gc"];
+const nameFilter = opts.filter;
+
 console.error("== deno test");
-const deno = await runShown(
-  Deno.execPath(),
-  ["test", "-A", "--v8-flags=--expose-gc", "tests/"],
-  ROOT,
-);
-const denoResult = denoCounts(deno.text);
-if (denoResult) add(denoResult);
-else if (deno.code !== 0) total.failed += 1; // deno test failed before running tests
+const hostArgs = inKvmbox.length > 0
+  ? ["--filter", tagFilter(inKvmbox, true, nameFilter)]
+  : nameFilter
+  ? ["--filter", nameFilter]
+  : [];
+const deno = await runShown(Deno.execPath(), [...denoArgs, ...hostArgs, "tests/"], ROOT);
+add("deno test", denoCounts(deno.text), deno.code);
 
-console.error("== cargo test (core)");
 const coreDir = new URL("core/", ROOT);
-const lockPath = new URL("Cargo.lock", coreDir);
-const lockBefore = await Deno.readTextFile(lockPath);
-let cargo: { code: number; text: string };
-try {
-  cargo = await runShown("cargo", ["test", "--release", ...coreCrateSourceArgs()], coreDir);
-} finally {
-  // Debian's crates make cargo write placeholder checksums into Cargo.lock.
-  await Deno.writeTextFile(lockPath, lockBefore);
+let rustKvmTestBinary: string | undefined;
+if (!opts["no-cargo"]) {
+  console.error("== cargo test (core)");
+  const lockPath = new URL("Cargo.lock", coreDir);
+  const lockBefore = await Deno.readTextFile(lockPath);
+  try {
+    const extra = rustKvmHere ? ["--", "--include-ignored"] : [];
+    const cargo = await runShown(
+      "cargo",
+      ["test", "--release", ...coreCrateSourceArgs(), ...extra],
+      coreDir,
+    );
+    // The KVM tests cargo ignored here run in kvmbox, counted there.
+    add("cargo test", cargoCounts(cargo.text), cargo.code, !inKvmbox.includes(TAG.kvm));
+    if (inKvmbox.includes(TAG.kvm)) {
+      const built = await new Deno.Command("cargo", {
+        args: [
+          "test",
+          "--release",
+          "--lib",
+          "--no-run",
+          "--message-format=json",
+          ...coreCrateSourceArgs(),
+        ],
+        cwd: coreDir,
+        stdout: "piped",
+        stderr: "null",
+      }).output();
+      for (const line of new TextDecoder().decode(built.stdout).split("\n")) {
+        if (!line.startsWith("{")) continue;
+        const message = JSON.parse(line);
+        if (message.reason === "compiler-artifact" && message.executable && message.profile?.test) {
+          rustKvmTestBinary = message.executable;
+        }
+      }
+      if (!rustKvmTestBinary) {
+        add("cargo test --no-run", undefined, built.code);
+      }
+    }
+  } finally {
+    // Debian's crates make cargo write placeholder checksums into Cargo.lock.
+    await Deno.writeTextFile(lockPath, lockBefore);
+  }
 }
-const cargoResult = cargoCounts(cargo.text);
-if (cargoResult) add(cargoResult);
-else if (cargo.code !== 0) total.failed += 1; // cargo failed to build the tests
 
+/** Runs `command` inside kvmbox with CI=true, once more if the emulator froze. */
+async function inBox(
+  what: string,
+  command: string[],
+  deadline: number,
+): Promise<{ code: number; text: string }> {
+  let result = { code: KVMBOX_FROZE, text: "" };
+  for (const attempt of [1, 2]) {
+    const left = Math.floor((deadline - Date.now()) / 1000);
+    if (left < 60) {
+      problems.push(`${what}: no time left in the kvmbox budget (${KVMBOX_BUDGET_S} s)`);
+      return { code: 124, text: result.text };
+    }
+    console.error(`== ${what} inside kvmbox (attempt ${attempt}, timeout ${left} s)`);
+    result = await runShown(kvmbox!, [
+      "--timeout",
+      String(left),
+      "--env",
+      "CI=true",
+      "--env",
+      "NO_COLOR=1",
+      "--",
+      ...command,
+    ], ROOT);
+    if (result.code !== KVMBOX_FROZE) return result;
+    console.error(`== the emulated machine froze (kvmbox exit ${KVMBOX_FROZE})`);
+  }
+  problems.push(`${what}: the emulated machine froze twice (kvmbox exit ${KVMBOX_FROZE})`);
+  return result;
+}
+
+if (inKvmbox.length > 0) {
+  const deadline = Date.now() + KVMBOX_BUDGET_S * 1000;
+  const boxArgs = ["--filter", tagFilter(inKvmbox, false, nameFilter)];
+  const boxed = await inBox(
+    "deno test",
+    [Deno.execPath(), ...denoArgs, ...boxArgs, "tests/"],
+    deadline,
+  );
+  add("deno test in kvmbox", denoCounts(boxed.text), boxed.code);
+  if (rustKvmTestBinary) {
+    const rust = await inBox("cargo's KVM tests", [rustKvmTestBinary, "--ignored"], deadline);
+    add("cargo's KVM tests in kvmbox", cargoCounts(rust.text), rust.code);
+  }
+}
+
+for (const problem of problems) console.error(`problem: ${problem}`);
 console.log(`\n${total.passed} passed, ${total.failed} failed, ${total.skipped} skipped`);
-Deno.exit(total.failed > 0 || deno.code !== 0 || cargo.code !== 0 ? 1 : 0);
+Deno.exit(total.failed > 0 ? 1 : 0);

@@ -234,9 +234,8 @@ mod tests {
     /// A VM with an irqchip, or None where /dev/kvm cannot be opened.
     fn irqchip_vm() -> Option<crate::vm::Vm> {
         use crate::vcpu::exit::UnhandledAccess;
-        if crate::vm::check_kvm().is_err() {
-            eprintln!("skipping: /dev/kvm is not available");
-            return None;
+        if let Err(e) = crate::vm::check_kvm() {
+            panic!("{e}: this test needs KVM (run it where /dev/kvm works, or in kvmbox)");
         }
         let vm = crate::vm::Vm::new(2 << 20, UnhandledAccess::Stop).unwrap();
         vm.enable_irqchip().unwrap();
@@ -244,6 +243,7 @@ mod tests {
     }
 
     #[test]
+    #[ignore = "needs /dev/kvm: the test command runs it with --ignored where KVM works"]
     fn the_irqchip_takes_edges_and_msis_on_real_kvm() {
         let Some(vm) = irqchip_vm() else {
             return;
@@ -263,10 +263,11 @@ mod tests {
     }
 
     #[test]
+    #[ignore = "needs /dev/kvm: the test command runs it with --ignored where KVM works"]
     fn without_an_irqchip_injection_is_refused() {
         use crate::vcpu::exit::UnhandledAccess;
-        if crate::vm::check_kvm().is_err() {
-            return;
+        if let Err(e) = crate::vm::check_kvm() {
+            panic!("{e}: this test needs KVM (run it where /dev/kvm works, or in kvmbox)");
         }
         let vm = crate::vm::Vm::new(2 << 20, UnhandledAccess::Stop).unwrap();
         let e = vm.inject_irq(4).unwrap_err().to_string();
