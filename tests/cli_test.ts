@@ -56,7 +56,8 @@ kvmTest("a crash, a timeout and an unhandled port each have their own status", a
   try {
     let r = await cli("run", crash);
     assert.equal(r.code, 10, r.stderr);
-    assert.match(r.stderr, /guest crashed \(triple fault\) at rip=0x10/);
+    // Intel reports where; AMD resets the vCPU on the shutdown and says so.
+    assert.match(r.stderr, /guest crashed \(triple fault\)( at rip=0x10|; where is unknown)/);
     r = await cli("run", "--mode", "user", "--timeout", "200", spin);
     assert.equal(r.code, 124, r.stderr);
     assert.match(r.stderr, /timed out/);

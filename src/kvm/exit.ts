@@ -43,6 +43,10 @@ export interface CrashRegisters {
   cs: number;
   /** Stack segment selector. */
   ss: number;
+  /** The registers are the x86 reset state, not the crash's: on AMD SVM, KVM
+   * resets a vCPU on the SHUTDOWN intercept before they can be read, so where
+   * the triple fault happened is lost (Intel keeps it). */
+  resetState: boolean;
 }
 
 /** The ways a run can end. */
@@ -196,9 +200,12 @@ export function describeExit(exit: VcpuExit): string {
     case "hlt":
       return "guest halted";
     case "shutdown":
-      return `guest crashed (triple fault) at rip=${hex(exit.registers.rip)} rsp=${
-        hex(exit.registers.rsp)
-      } cr2=${hex(exit.registers.cr2)}`;
+      return exit.registers.resetState
+        ? "guest crashed (triple fault); where is unknown: KVM reset the vCPU on the " +
+          "shutdown (AMD SVM's SHUTDOWN intercept), so its registers show the reset state"
+        : `guest crashed (triple fault) at rip=${hex(exit.registers.rip)} rsp=${
+          hex(exit.registers.rsp)
+        } cr2=${hex(exit.registers.cr2)}`;
     case "unhandled_io":
       return `unhandled port I/O: ${exit.direction} ${exit.size} byte(s) at port ${hex(exit.port)}`;
     case "unhandled_mmio":

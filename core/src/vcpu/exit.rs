@@ -85,6 +85,20 @@ pub struct CrashRegisters {
     pub efer: u64,
     pub cs: u16,
     pub ss: u16,
+    /// The registers are the architectural reset state, not the faulting
+    /// state: on AMD SVM, KVM resets a vCPU on the SHUTDOWN intercept before
+    /// user space can read it, so where the triple fault happened is lost.
+    /// Intel VMX keeps the faulting state (this is then false).
+    #[serde(rename = "resetState")]
+    pub reset_state: bool,
+}
+
+impl CrashRegisters {
+    /// Whether these registers are the x86 reset state (CS 0xf000, RIP 0xfff0,
+    /// CR0 with only CD/NW/ET set), which no real crash leaves behind.
+    pub fn looks_reset(&self) -> bool {
+        self.rip == 0xfff0 && self.cs == 0xf000 && self.cr0 & 0x8000_0001 == 0 && self.efer == 0
+    }
 }
 
 /// Why a vCPU stopped running. Serialized as `{"reason": "...", ...}` for the host.
@@ -436,6 +450,19 @@ mod tests {
             &m,
         );
         assert_eq!(a, ExitAction::Continue);
+    }
+
+    #[test]
+    fn the_reset_state_is_told_apart_from_a_crash() {
+        let mut r = CrashRegisters {
+            rip: 0xfff0,
+            cs: 0xf000,
+            cr0: 0x6000_0010,
+            ..Default::default()
+        };
+        assert!(r.looks_reset());
+        r.cr0 = 0x8005_0033; // paging on: a real crash in a kernel
+        assert!(!r.looks_reset());
     }
 
     #[test]

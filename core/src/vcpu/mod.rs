@@ -568,7 +568,7 @@ fn run_until_stop(
 fn crash_registers(vcpu: &VcpuFd) -> CrashRegisters {
     let r = vcpu.get_regs().unwrap_or_default();
     let s = vcpu.get_sregs().unwrap_or_default();
-    CrashRegisters {
+    let mut registers = CrashRegisters {
         rip: r.rip,
         rsp: r.rsp,
         rflags: r.rflags,
@@ -586,7 +586,10 @@ fn crash_registers(vcpu: &VcpuFd) -> CrashRegisters {
         efer: s.efer,
         cs: s.cs.selector,
         ss: s.ss.selector,
-    }
+        reset_state: false,
+    };
+    registers.reset_state = registers.looks_reset();
+    registers
 }
 
 /// Waits for every vCPU's current run up to `timeout`; on timeout, stops them
