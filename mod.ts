@@ -96,6 +96,12 @@ export {
 } from "./src/linux/layout.ts";
 export { buildInitramfs, type InitramfsEntry } from "./src/linux/initramfs.ts";
 export {
+  ConsoleDriver,
+  type ExecResult,
+  lastLines,
+  type WaitOptions,
+} from "./src/console_driver.ts";
+export {
   DEFAULT_GUEST_LOAD_OPTIONS,
   DEFAULT_GUEST_SUCCESS_CODE,
   defaultGuestImage,

@@ -24,7 +24,9 @@ export type ErrorCode =
   | "ABI_MISMATCH"
   | "BUILD_FAILED"
   | "CLOSED"
-  | "GUEST_CRASHED";
+  | "GUEST_CRASHED"
+  | "GUEST_UNRESPONSIVE"
+  | "GUEST_STOPPED";
 
 /** Core status codes (negative `i32`s returned by `dv_*` calls), by value. */
 export const CORE_STATUS_CODES: Readonly<Record<number, ErrorCode>> = {

@@ -8,6 +8,7 @@
 
 import { DenovisorError } from "./errors.ts";
 import { describeExit, type ExitReason, type VcpuExit } from "./kvm/exit.ts";
+import { lastLines } from "./console_driver.ts";
 import type { CpuidPolicy, MsrPolicy } from "./cpu/policy.ts";
 import type { IrqStats } from "./irq.ts";
 import {
@@ -130,6 +131,10 @@ export interface RunResult {
   summary: string;
   /** Serial console output of this run (UTF-8 decoded). */
   console: string;
+  /** The message of a Linux kernel panic the console showed (`Kernel panic -
+   * not syncing: ...`), whatever ended the run afterwards (the kernel's own
+   * reboot with `panic=N`, or the timeout while it spins with `panic=0`). */
+  panic?: string;
   /** VM exits during this run, all vCPUs. */
   exits: number;
   /** Timings. */
@@ -152,6 +157,10 @@ function isElf(image: Uint8Array): boolean {
 }
 
 const decoder = new TextDecoder();
+/** A Linux kernel panic's first line on the console. */
+const KERNEL_PANIC = /Kernel panic - not syncing: ([^\r\n]*)/;
+/** How much console text a run's result keeps (its end). */
+const CONSOLE_KEPT_CHARS = 1 << 20;
 /** The process's standard output, which the core writes console bytes to directly. */
 const STDOUT_FD = 1;
 
@@ -173,6 +182,9 @@ export class Vm implements Disposable {
   readonly #config: Required<Pick<VmConfig, "timeoutMs">>;
   readonly #createMs: number;
   #loaded: LoadedImage | undefined;
+  /** Console text {@link Vm.readConsole} took during the current run (its last MiB). */
+  #consoleRead = "";
+  #consoleDecoder = new TextDecoder();
 
   private constructor(vm: KvmVm, memoryBytes: number, timeoutMs: number, createMs: number) {
     this.#vm = vm;
@@ -378,6 +390,7 @@ export class Vm implements Disposable {
       throw new DenovisorError("INVALID_ARGUMENT", "no image is loaded: call load() first");
     }
     const before = this.#vm.metrics().reduce((sum, m) => sum + m.exits, 0);
+    this.#consoleRead = "";
     const started = performance.now();
     const { exit, runNs } = await this.#vm.run({
       timeoutMs: options.timeoutMs ?? this.#config.timeoutMs,
@@ -385,6 +398,12 @@ export class Vm implements Disposable {
     const runMs = performance.now() - started;
     const after = this.#vm.metrics().reduce((sum, m) => sum + m.exits, 0);
     const report = this.#vm.report();
+    const consoleText = this.#takeConsoleText();
+    const panic = KERNEL_PANIC.exec(consoleText)?.[1];
+    const crashed = panic !== undefined || exit.reason === "shutdown";
+    const summary = panic !== undefined
+      ? `guest kernel panic: ${panic} (then ${describeExit(exit)})`
+      : describeExit(exit);
     return {
       exitCode: exit.reason === "debug_exit"
         ? exit.exitCode
@@ -395,8 +414,11 @@ export class Vm implements Disposable {
       reportText: report === undefined ? undefined : decoder.decode(report),
       reason: exit.reason,
       exit,
-      summary: describeExit(exit),
-      console: decoder.decode(this.#vm.takeConsoleOutput()),
+      summary: crashed && consoleText
+        ? `${summary}; last console lines:\n${lastLines(consoleText, 10)}`
+        : summary,
+      console: consoleText,
+      ...(panic === undefined ? {} : { panic }),
       exits: after - before,
       timings: { createMs: this.#createMs, runMs, guestNs: runNs },
     };
@@ -501,6 +523,34 @@ export class Vm implements Disposable {
    */
   sendConsoleInput(input: Uint8Array | string): void {
     this.#vm.sendConsoleInput(input);
+  }
+
+  /**
+   * The console output the guest wrote since the last call (or since the run
+   * began), while the guest runs: what drives a guest over its serial console
+   * (see `ConsoleDriver`). The run's result still holds the whole run's output
+   * (its last MiB).
+   *
+   * @returns The new text (UTF-8 decoded; a character split across calls is
+   *   returned whole by the next call).
+   * @example
+   * ```ts
+   * import { Vm } from "./mod.ts";
+   * using vm = await Vm.create();
+   * console.log(JSON.stringify(vm.readConsole())); // "" before any run
+   * ```
+   */
+  readConsole(): string {
+    const text = this.#consoleDecoder.decode(this.#vm.takeConsoleOutput(), { stream: true });
+    this.#consoleRead = (this.#consoleRead + text).slice(-CONSOLE_KEPT_CHARS);
+    return text;
+  }
+
+  #takeConsoleText(): string {
+    const rest = this.#consoleDecoder.decode(this.#vm.takeConsoleOutput());
+    const text = (this.#consoleRead + rest).slice(-CONSOLE_KEPT_CHARS);
+    this.#consoleRead = "";
+    return text;
   }
 
   /** Asks the running guest to stop; a pending {@link Vm.run} resolves with `stopped`. */
