@@ -18,6 +18,7 @@ use crate::msr_filter::MsrFilter;
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestMemory as _, GuestMemoryRegion as _};
 
+use crate::devices::acpi_pm::{AcpiPm, ACPI_PM_BASE, ACPI_PM_LEN};
 use crate::devices::bus::PioBus;
 use crate::devices::debug_exit::{DebugExit, DEBUG_EXIT_PORT};
 use crate::devices::i8042::{I8042, I8042_PORT, I8042_PORT_LEN};
@@ -74,7 +75,7 @@ impl VmShared {
     /// hypercall interface. Needs no KVM (the exit loop's unit tests use it).
     pub fn new(ram: GuestRam, unhandled: UnhandledAccess) -> Result<VmShared> {
         let console = ConsoleSink::default();
-        let mut bus = PioBus::default();
+        let bus = PioBus::default();
         let serial = Arc::new(Mutex::new(SerialConsole::new(console.clone())?));
         bus.insert(COM1_PORT, COM_PORT_LEN, serial.clone())?;
         bus.insert(DEBUG_EXIT_PORT, 1, Arc::new(Mutex::new(DebugExit)))?;
@@ -271,6 +272,23 @@ impl Vm {
     /// hypercall (empty when it published none).
     pub fn guest_irq_counters(&self) -> Vec<u64> {
         self.shared.hypercalls.irq_counters(&self.shared.ram)
+    }
+
+    /// Attaches the ACPI PM device (power-off and reset through the FADT's
+    /// registers) once; the Linux loader does, as its ACPI tables point at it.
+    pub fn attach_acpi_pm(&self) -> Result<()> {
+        if self.shared.bus.claims(ACPI_PM_BASE) {
+            return Ok(());
+        }
+        match self
+            .shared
+            .bus
+            .insert(ACPI_PM_BASE, ACPI_PM_LEN, Arc::new(Mutex::new(AcpiPm)))
+        {
+            // Another load attached it meanwhile.
+            Err(_) if self.shared.bus.claims(ACPI_PM_BASE) => Ok(()),
+            other => other,
+        }
     }
 
     /// Guest RAM.

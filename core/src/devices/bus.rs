@@ -5,7 +5,7 @@
 //! returned as a [`DeviceAction`] instead of being a side channel, so the exit loop
 //! stays a pure function of (exit, bus) that unit tests can drive.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 
 use crate::error::{Error, Result};
 
@@ -36,21 +36,23 @@ struct Range {
     device: Arc<Mutex<dyn PioDevice>>,
 }
 
-/// The set of devices of one VM, shared by its vCPU threads.
+/// The set of devices of one VM, shared by its vCPU threads. Devices can be
+/// attached after the vCPUs exist (the Linux loader adds the ACPI PM device);
+/// an access takes the read side of the lock, uncontended but for attaches.
 #[derive(Default)]
 pub struct PioBus {
-    ranges: Vec<Range>,
+    ranges: RwLock<Vec<Range>>,
 }
 
 impl PioBus {
     /// Attaches `device` at ports `[base, base + len)`. Overlapping ranges are refused.
-    pub fn insert(&mut self, base: u16, len: u16, device: Arc<Mutex<dyn PioDevice>>) -> Result<()> {
+    pub fn insert(&self, base: u16, len: u16, device: Arc<Mutex<dyn PioDevice>>) -> Result<()> {
         if len == 0 || base.checked_add(len - 1).is_none() {
             return Err(Error::arg(format!("bad port range {base:#x}+{len}")));
         }
         let end = base as u32 + len as u32;
-        if let Some(other) = self
-            .ranges
+        let mut ranges = self.ranges.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(other) = ranges
             .iter()
             .find(|r| (base as u32) < r.base as u32 + r.len as u32 && (r.base as u32) < end)
         {
@@ -59,14 +61,24 @@ impl PioBus {
                 other.base, other.len
             )));
         }
-        self.ranges.push(Range { base, len, device });
-        self.ranges.sort_by_key(|r| r.base);
+        ranges.push(Range { base, len, device });
+        ranges.sort_by_key(|r| r.base);
         Ok(())
     }
 
-    fn find(&self, port: u16) -> Option<(&Range, u16)> {
+    /// Whether a device claims `port`.
+    pub fn claims(&self, port: u16) -> bool {
+        Self::find(&self.ranges(), port).is_some()
+    }
+
+    fn ranges(&self) -> RwLockReadGuard<'_, Vec<Range>> {
+        // Ranges are only ever pushed whole, so a poisoned lock is consistent.
+        self.ranges.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn find(ranges: &[Range], port: u16) -> Option<(&Range, u16)> {
         // Few devices: a linear scan over a sorted Vec beats a tree here.
-        self.ranges
+        ranges
             .iter()
             .find(|r| port >= r.base && (port - r.base) < r.len)
             .map(|r| (r, port - r.base))
@@ -82,7 +94,7 @@ impl PioBus {
 
     /// Dispatches a guest `in`. Returns false when no device claims the port.
     pub fn read(&self, port: u16, data: &mut [u8]) -> bool {
-        match self.find(port) {
+        match Self::find(&self.ranges(), port) {
             Some((range, offset)) => {
                 Self::lock(&range.device).read(offset, data);
                 true
@@ -93,7 +105,7 @@ impl PioBus {
 
     /// Dispatches a guest `out`. Returns `None` when no device claims the port.
     pub fn write(&self, port: u16, data: &[u8]) -> Option<DeviceAction> {
-        self.find(port)
+        Self::find(&self.ranges(), port)
             .map(|(range, offset)| Self::lock(&range.device).write(offset, data))
     }
 }
@@ -115,7 +127,7 @@ mod tests {
 
     #[test]
     fn dispatches_by_port_with_relative_offsets() {
-        let mut bus = PioBus::default();
+        let bus = PioBus::default();
         let dev = Arc::new(Mutex::new(Latch(vec![])));
         bus.insert(0x3f8, 8, dev.clone()).unwrap();
         let mut b = [0u8; 1];
@@ -129,7 +141,7 @@ mod tests {
 
     #[test]
     fn refuses_overlaps_and_empty_ranges() {
-        let mut bus = PioBus::default();
+        let bus = PioBus::default();
         bus.insert(0x10, 4, Arc::new(Mutex::new(Latch(vec![]))))
             .unwrap();
         assert!(bus

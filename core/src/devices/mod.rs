@@ -1,6 +1,7 @@
 //! Devices emulated in the core because the guest touches them on the hot path.
 //! Each one implements [`bus::PioDevice`] and sits on the VM's port-I/O bus.
 
+pub mod acpi_pm;
 pub mod bus;
 pub mod debug_exit;
 pub mod i8042;
