@@ -3,13 +3,14 @@
 //! describing an image without loading it.
 
 use super::{bytes, guarded, guarded_into, json};
-use crate::boot::{linux, mptable};
+use crate::boot::linux;
 use crate::handles;
 
 /// Loads a Linux kernel (bzImage or `vmlinux` ELF), an optional initrd
 /// (`initrd_len` 0: none) and a command line (not NUL-terminated; `cmdline_len`
-/// bytes) into the VM's RAM, with the zero page, the boot GDT and the VMM's page
-/// tables. On success `buf` holds the layout as JSON (entry, zero page, where each
+/// bytes) into the VM's RAM, with the zero page, the boot GDT, the VMM's page
+/// tables, the ACPI and MP tables for the VM's vCPUs, and attaches the ACPI PM
+/// device the tables point at. On success `buf` holds the layout as JSON (entry, zero page, where each
 /// piece went, the e820 map); on error the message. Nothing is written to guest
 /// RAM unless everything fits.
 ///
@@ -37,11 +38,10 @@ pub unsafe extern "C" fn dv_vm_load_linux(
             let kernel = bytes(kernel, kernel_len)?;
             let initrd = bytes(initrd, initrd_len)?;
             let cmdline = bytes(cmdline, cmdline_len)?;
-            let layout = linux::load(vm.ram(), kernel, initrd, cmdline)?;
-            // Without ACPI, Linux finds its CPUs and the I/O APIC in the MP table
-            // (in the EBDA the e820 map reserves); a VM loaded before its vCPUs
-            // exist gets a table for one.
-            mptable::write(vm.ram(), vm.vcpu_count().max(1) as u32)?;
+            // A VM loaded before its vCPUs exist gets tables for one.
+            let cpus = vm.vcpu_count().max(1) as u32;
+            let layout = linux::load(vm.ram(), kernel, initrd, cmdline, cpus)?;
+            vm.attach_acpi_pm()?;
             json(&layout)
         })
     }

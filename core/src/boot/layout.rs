@@ -20,7 +20,9 @@
 //! 0x10000  zero page (struct boot_params, 4 KiB); RSP starts just below it
 //! 0x11000  the boot GDT of the 64-bit boot protocol (__BOOT_CS 0x10, __BOOT_DS 0x18)
 //! 0x20000  .. 0x30000: the kernel command line, NUL-terminated
-//! 0x9fc00  .. 0x100000: legacy EBDA/VGA/ROM area, reserved in the e820 map
+//! 0x9fc00  .. 0x100000: legacy EBDA/VGA/ROM area, reserved in the e820 map:
+//!          0x9fc00 the MP table (`boot::mptable`, 1 KiB),
+//!          0xe0000 the ACPI tables (`boot::acpi`: RSDP, XSDT, FADT, DSDT, MADT)
 //! 0x100000 and up: the kernel (a bzImage at pref_address when relocatable),
 //!          the initrd at the top of RAM below initrd_addr_max and the MMIO gap
 //! ```

@@ -15,12 +15,14 @@
 use kvm_bindings::{kvm_regs, kvm_sregs};
 use serde::Serialize;
 
+use super::acpi;
 use super::bzimage::{self, BzImage, SetupHeader, DEFAULT_LOAD_ADDRESS, STARTUP_64_OFFSET};
 use super::elf::{self, ElfImage};
 use super::layout::{
     BOOT_KERNEL_STACK_TOP, CMDLINE_ADDR, CMDLINE_MAX, IO_BITMAP_SIZE, LINUX_GDT_ADDR,
     LINUX_KERNEL_MIN_ADDR, TSS_ADDR, TSS_SIZE, ZERO_PAGE_ADDR,
 };
+use super::mptable::{self, MAX_MPTABLE_CPUS};
 use super::x86_64::{self, descriptor};
 use super::zero_page::{self, E820Entry, ZeroPage};
 use super::EntryMode;
@@ -332,11 +334,33 @@ pub fn plan(
 }
 
 /// Loads a kernel, its initrd and command line into `ram`, with the zero page,
-/// the boot GDT and the VMM's page tables. Nothing is written unless everything
-/// fits. The vCPU is set up separately ([`linux_sregs`], [`linux_regs`]).
-pub fn load(ram: &GuestRam, bytes: &[u8], initrd: &[u8], cmdline: &[u8]) -> Result<LinuxLayout> {
+/// the boot GDT, the VMM's page tables and the tables describing `cpus` CPUs:
+/// ACPI's (in the BIOS area, pointed at by the zero page) and, for `acpi=off`,
+/// the MP table (up to [`MAX_MPTABLE_CPUS`]; beyond, ACPI alone describes them).
+/// Nothing is written unless everything fits. The vCPU is set up separately
+/// ([`linux_sregs`], [`linux_regs`]).
+pub fn load(
+    ram: &GuestRam,
+    bytes: &[u8],
+    initrd: &[u8],
+    cmdline: &[u8],
+    cpus: u32,
+) -> Result<LinuxLayout> {
     let kernel = parse(bytes)?;
     let layout = plan(&kernel, ram.size(), initrd.len() as u64, cmdline)?;
+    let acpi_tables = acpi::build(cpus)?;
+    let mp_table = match cpus {
+        0..=MAX_MPTABLE_CPUS => Some(mptable::build(cpus)?),
+        _ => None,
+    };
+    for (address, table) in &acpi_tables {
+        if address + table.len() as u64 > ram.size() {
+            return Err(Error::Image(format!(
+                "guest RAM ({} bytes) does not reach the ACPI tables at {address:#x}",
+                ram.size()
+            )));
+        }
+    }
     let header = match &kernel {
         Kernel::BzImage(z) => {
             ram.prefault(layout.kernel.address, layout.kernel.size);
@@ -363,8 +387,15 @@ pub fn load(ram: &GuestRam, bytes: &[u8], initrd: &[u8], cmdline: &[u8]) -> Resu
         cmdline_len: cmdline.len() as u64,
         initrd: layout.initrd.map(|r| (r.address, r.size)),
         e820: &layout.e820,
+        acpi_rsdp_addr: acpi::RSDP_ADDR,
     });
     ram.write(ZERO_PAGE_ADDR, &page)?;
+    for (address, table) in &acpi_tables {
+        ram.write(*address, table)?;
+    }
+    if let Some(table) = mp_table {
+        ram.write(mptable::MPTABLE_START, &table)?;
+    }
     let gdt: Vec<u8> = boot_gdt().iter().flat_map(|d| d.to_le_bytes()).collect();
     ram.write(LINUX_GDT_ADDR, &gdt)?;
     x86_64::write_boot_structures(ram)?;
@@ -610,7 +641,7 @@ mod tests {
         let img = tiny_bzimage(&[0xf4; 0x400]);
         let ram = GuestRam::new(64 << 20).unwrap();
         let initrd = vec![0xab; 5000];
-        let layout = load(&ram, &img, &initrd, b"console=ttyS0").unwrap();
+        let layout = load(&ram, &img, &initrd, b"console=ttyS0", 1).unwrap();
         assert_eq!(layout.format, "bzImage");
         assert_eq!(layout.protocol_version.as_deref(), Some("2.15"));
         assert_eq!(
@@ -646,6 +677,46 @@ mod tests {
     }
 
     #[test]
+    fn writes_the_acpi_tables_and_the_mp_table_for_every_cpu() {
+        let img = tiny_bzimage(&[0xf4; 0x400]);
+        let ram = GuestRam::new(64 << 20).unwrap();
+        load(&ram, &img, &[], b"", 3).unwrap();
+        let mut rsdp_addr = [0u8; 8];
+        ram.read(ZERO_PAGE_ADDR + 0x070, &mut rsdp_addr).unwrap();
+        let rsdp_addr = u64::from_le_bytes(rsdp_addr);
+        assert_eq!(rsdp_addr, acpi::RSDP_ADDR);
+        for (address, table) in acpi::build(3).unwrap() {
+            let mut got = vec![0u8; table.len()];
+            ram.read(address, &mut got).unwrap();
+            assert_eq!(got, table, "table at {address:#x}");
+        }
+        let mut mp = [0u8; 4];
+        ram.read(mptable::MPTABLE_START, &mut mp).unwrap();
+        assert_eq!(&mp, b"_MP_");
+        // Both tables are in memory the e820 map reserves.
+        let e820 = zero_page::e820_map(64 << 20);
+        for at in [
+            acpi::RSDP_ADDR,
+            acpi::ACPI_AREA_END - 1,
+            mptable::MPTABLE_START,
+        ] {
+            let e = e820.iter().find(|e| at >= e.addr && at < e.addr + e.size);
+            assert_eq!(e.map(|e| e.kind), Some(zero_page::E820_RESERVED), "{at:#x}");
+        }
+
+        // More CPUs than an MP table holds: ACPI alone describes them.
+        let ram = GuestRam::new(64 << 20).unwrap();
+        load(&ram, &img, &[], b"", MAX_MPTABLE_CPUS + 1).unwrap();
+        ram.read(mptable::MPTABLE_START, &mut mp).unwrap();
+        assert_eq!(mp, [0; 4]);
+        // Too many for ACPI: refused before anything is written.
+        let ram = GuestRam::new(64 << 20).unwrap();
+        let e = load(&ram, &img, &[], b"", acpi::MAX_ACPI_CPUS + 1).unwrap_err();
+        assert!(e.to_string().contains("1 to 254 CPUs"), "{e}");
+        assert_eq!(read_u32(&ram, ZERO_PAGE_ADDR + 0x202), 0);
+    }
+
+    #[test]
     fn a_fixed_kernel_loads_at_1mib_and_claims_its_runtime_area() {
         let mut img = tiny_bzimage(&[0xf4; 0x400]);
         img[0x234] = 0;
@@ -667,7 +738,7 @@ mod tests {
     fn refuses_what_does_not_fit_with_the_reason() {
         let img = tiny_bzimage(&[0xf4; 0x400]);
         let ram = GuestRam::new(2 << 20).unwrap();
-        let e = load(&ram, &img, &[], b"").unwrap_err().to_string();
+        let e = load(&ram, &img, &[], b"", 1).unwrap_err().to_string();
         assert!(
             e.contains("init_size") && e.contains("at least 3 MiB"),
             "{e}"
@@ -677,23 +748,25 @@ mod tests {
 
         let mut huge = img.clone();
         put(&mut huge, 0x260, &0xffff_f000u32.to_le_bytes());
-        let e = load(&GuestRam::new(64 << 20).unwrap(), &huge, &[], b"").unwrap_err();
+        let e = load(&GuestRam::new(64 << 20).unwrap(), &huge, &[], b"", 1).unwrap_err();
         assert!(e.to_string().contains("MMIO gap"), "{e}");
 
         let ram = GuestRam::new(8 << 20).unwrap();
-        let e = load(&ram, &img, &vec![0; 9 << 20], b"")
+        let e = load(&ram, &img, &vec![0; 9 << 20], b"", 1)
             .unwrap_err()
             .to_string();
         assert!(e.contains("larger than guest RAM"), "{e}");
-        let e = load(&ram, &img, &vec![0; 6 << 20], b"")
+        let e = load(&ram, &img, &vec![0; 6 << 20], b"", 1)
             .unwrap_err()
             .to_string();
         assert!(e.contains("initrd") && e.contains("does not fit"), "{e}");
 
-        let e = load(&ram, &img, &[], &[b'x'; 256]).unwrap_err().to_string();
+        let e = load(&ram, &img, &[], &[b'x'; 256], 1)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("cmdline_size (255)"), "{e}");
-        assert!(load(&ram, &img, &[], &[b'x'; 255]).is_ok());
-        let e = load(&ram, &img, &[], b"a\0b").unwrap_err().to_string();
+        assert!(load(&ram, &img, &[], &[b'x'; 255], 1).is_ok());
+        let e = load(&ram, &img, &[], b"a\0b", 1).unwrap_err().to_string();
         assert!(e.contains("NUL"), "{e}");
     }
 
@@ -715,7 +788,7 @@ mod tests {
         let ph = 64;
         img[ph + 16..ph + 24].copy_from_slice(&0xffff_ffff_8100_0000u64.to_le_bytes());
         let ram = GuestRam::new(32 << 20).unwrap();
-        let layout = load(&ram, &img, &[1, 2, 3], b"root=/dev/vda").unwrap();
+        let layout = load(&ram, &img, &[1, 2, 3], b"root=/dev/vda", 1).unwrap();
         assert_eq!(layout.format, "elf");
         assert_eq!(layout.entry, 0x100_0000);
         assert_eq!(read_u32(&ram, ZERO_PAGE_ADDR + 0x238), 13);
@@ -727,7 +800,7 @@ mod tests {
         );
         // Segments in low memory are refused.
         let low = tiny_elf(0x8_0000, &[0xf4]);
-        let e = load(&ram, &low, &[], b"").unwrap_err().to_string();
+        let e = load(&ram, &low, &[], b"", 1).unwrap_err().to_string();
         assert!(e.contains("below 1 MiB"), "{e}");
     }
 

@@ -3,6 +3,7 @@
 //! image loaders (flat binaries, static ELF64 and Linux kernels by the 64-bit boot
 //! protocol).
 
+pub mod acpi;
 mod bytes;
 pub mod bzimage;
 pub mod elf;

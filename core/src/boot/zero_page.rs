@@ -29,6 +29,7 @@ pub const HIGH_MEMORY_START: u64 = 0x10_0000;
 
 /// Offsets inside `boot_params`.
 mod off {
+    pub const ACPI_RSDP_ADDR: usize = 0x070;
     pub const EXT_RAMDISK_IMAGE: usize = 0x0c0;
     pub const EXT_RAMDISK_SIZE: usize = 0x0c4;
     pub const EXT_CMD_LINE_PTR: usize = 0x0c8;
@@ -104,6 +105,9 @@ pub struct ZeroPage<'a> {
     pub initrd: Option<(u64, u64)>,
     /// The memory map.
     pub e820: &'a [E820Entry],
+    /// Where the ACPI RSDP is (`acpi_rsdp_addr`, boot protocol 2.14+), 0 for
+    /// none: the kernel then scans the BIOS area for it.
+    pub acpi_rsdp_addr: u64,
 }
 
 fn put(page: &mut [u8], at: usize, value: &[u8]) {
@@ -155,6 +159,11 @@ pub fn build(z: &ZeroPage) -> Vec<u8> {
     let (lo, hi) = split(size);
     put(&mut page, off::RAMDISK_SIZE, &lo);
     put(&mut page, off::EXT_RAMDISK_SIZE, &hi);
+    put(
+        &mut page,
+        off::ACPI_RSDP_ADDR,
+        &z.acpi_rsdp_addr.to_le_bytes(),
+    );
     let entries = &z.e820[..z.e820.len().min(E820_MAX_ENTRIES)];
     page[off::E820_ENTRIES] = entries.len() as u8;
     for (i, e) in entries.iter().enumerate() {
@@ -222,6 +231,7 @@ mod tests {
             cmdline_len: 5,
             initrd: Some((0x1_2345_6000, 0x1000)),
             e820: &e820,
+            acpi_rsdp_addr: 0xe_0000,
         });
         assert_eq!(page.len(), BOOT_PARAMS_SIZE);
         assert_eq!(&page[0x202..0x206], b"HdrS");
@@ -234,6 +244,8 @@ mod tests {
         assert_eq!(u32_at(&page, 0x0c0), 1);
         assert_eq!(u32_at(&page, 0x21c), 0x1000);
         assert_eq!(u32_at(&page, 0x214), 0x20_0000);
+        assert_eq!(u32_at(&page, 0x070), 0xe_0000, "acpi_rsdp_addr");
+        assert_eq!(u32_at(&page, 0x074), 0);
         assert_eq!(page[0x1e8] as usize, e820.len());
         assert_eq!(u32_at(&page, 0x2d0 + 20 + 16), E820_RAM);
         // Nothing past the header's end was copied.
@@ -249,6 +261,7 @@ mod tests {
             cmdline_len: 9,
             initrd: None,
             e820: &e820_map(64 << 20),
+            acpi_rsdp_addr: 0,
         });
         assert_eq!(&page[0x1fe..0x200], &[0x55, 0xaa]);
         assert_eq!(&page[0x202..0x206], b"HdrS");
