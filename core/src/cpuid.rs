@@ -1,6 +1,16 @@
 //! The CPUID a guest sees: KVM's supported CPUID, with the features a policy
 //! hides cleared, the hypervisor leaves (0x4000_0000) carrying denovisor's
-//! signature, and each vCPU's own APIC id.
+//! signature, KVM's paravirtual leaves one block up (0x4000_0100), and each
+//! vCPU's own APIC id.
+//!
+//! Why KVM's leaves move rather than go: a Linux guest finds KVM by scanning
+//! 0x4000_0000..0x4001_0000 in steps of 0x100 for the signature `KVMKVMKVM`
+//! (`hypervisor_cpuid_base`), and KVM itself finds the guest's PV feature leaf
+//! the same way (`kvm_get_hypervisor_cpuid`). At 0x4000_0100 both still find
+//! them, so the guest gets kvm-clock, PV EOI, steal time and the other features
+//! KVM implements in the kernel, while leaf 0x4000_0000 names denovisor. Each
+//! 0x100 block has its own maximum leaf in EAX of its first leaf, as with
+//! Hyper-V's leaves below KVM's in QEMU.
 //!
 //! The policy comes from the host as JSON (`{"hide": [{"leaf", "subleaf",
 //! "register", "bit"}]}`); feature names are resolved in TypeScript
@@ -15,6 +25,10 @@ use crate::error::{Error, Result};
 pub const SIGNATURE: &[u8; 12] = b"denovisor\0\0\0";
 /// The first hypervisor leaf.
 pub const HYPERVISOR_LEAF: u32 = 0x4000_0000;
+/// Where KVM's leaves (signature, then PV features) go: the next 0x100 block.
+pub const KVM_LEAVES: u32 = HYPERVISOR_LEAF + 0x100;
+/// The size of one hypervisor leaf block.
+const LEAF_BLOCK: u32 = 0x100;
 /// CPUID.1:ECX bit 31: "running under a hypervisor".
 const HYPERVISOR_PRESENT: u32 = 1 << 31;
 
@@ -86,14 +100,22 @@ pub fn vcpu_cpuid(
     policy: &CpuidPolicy,
     apic_id: u32,
 ) -> Vec<kvm_cpuid_entry2> {
-    // KVM's own paravirtual leaves are replaced by ours: the guest should see
-    // denovisor, and features behind KVM's signature would be promised without
-    // the VMM agreeing to them.
+    let kvm_block = HYPERVISOR_LEAF..HYPERVISOR_LEAF + LEAF_BLOCK;
     let mut entries: Vec<kvm_cpuid_entry2> = supported
         .iter()
-        .filter(|e| !(HYPERVISOR_LEAF..HYPERVISOR_LEAF + 0x100).contains(&e.function))
+        .filter(|e| !kvm_block.contains(&e.function))
         .copied()
         .collect();
+    // KVM's leaves, one block up; the maximum leaf in the signature leaf moves
+    // with them (an EAX of 0 means "features leaf only" and stays).
+    for e in supported.iter().filter(|e| kvm_block.contains(&e.function)) {
+        let mut moved = *e;
+        moved.function += LEAF_BLOCK;
+        if moved.function == KVM_LEAVES && kvm_block.contains(&moved.eax) {
+            moved.eax += LEAF_BLOCK;
+        }
+        entries.push(moved);
+    }
     entries.push(kvm_cpuid_entry2 {
         function: HYPERVISOR_LEAF,
         eax: HYPERVISOR_LEAF + 1,
@@ -167,11 +189,65 @@ mod tests {
             .filter(|e| e.function == HYPERVISOR_LEAF)
             .collect();
         assert_eq!(hv.len(), 1, "KVM's leaf replaced");
+        assert_eq!(
+            hv[0].eax,
+            HYPERVISOR_LEAF + 1,
+            "denovisor's block: two leaves"
+        );
         let mut sig = Vec::new();
         for r in [hv[0].ebx, hv[0].ecx, hv[0].edx] {
             sig.extend_from_slice(&r.to_le_bytes());
         }
         assert_eq!(&sig[..9], b"denovisor");
+    }
+
+    /// What Linux's `hypervisor_cpuid_base` does: the first 0x100 block from
+    /// 0x4000_0000 whose first leaf carries `signature` and whose maximum leaf
+    /// reaches `leaves` leaves past it.
+    fn find_base(entries: &[kvm_cpuid_entry2], signature: &[u8; 12], leaves: u32) -> Option<u32> {
+        (HYPERVISOR_LEAF..0x4001_0000).step_by(0x100).find(|&base| {
+            entries.iter().any(|e| {
+                let mut sig = Vec::new();
+                for r in [e.ebx, e.ecx, e.edx] {
+                    sig.extend_from_slice(&r.to_le_bytes());
+                }
+                e.function == base && sig == signature && (leaves == 0 || e.eax - base >= leaves)
+            })
+        })
+    }
+
+    #[test]
+    fn kvms_leaves_move_one_block_up_where_linux_finds_them() {
+        let kvm_signature = kvm_cpuid_entry2 {
+            function: HYPERVISOR_LEAF,
+            eax: HYPERVISOR_LEAF + 1,
+            ebx: 0x4b4d_564b, // "KVMK"
+            ecx: 0x564b_4d56, // "VMKV"
+            edx: 0x0000_004d, // "M"
+            ..Default::default()
+        };
+        let kvm_features = kvm_cpuid_entry2 {
+            function: HYPERVISOR_LEAF + 1,
+            eax: 1 << 3 | 1 << 24, // KVM_FEATURE_CLOCKSOURCE2, CLOCKSOURCE_STABLE_BIT
+            ..Default::default()
+        };
+        let out = vcpu_cpuid(
+            &[leaf(1, 0), kvm_signature, kvm_features],
+            &CpuidPolicy::default(),
+            0,
+        );
+        assert_eq!(find_base(&out, SIGNATURE, 0), Some(HYPERVISOR_LEAF));
+        let base = find_base(&out, b"KVMKVMKVM\0\0\0", 0);
+        assert_eq!(base, Some(KVM_LEAVES));
+        let kvm = out.iter().find(|e| e.function == KVM_LEAVES).unwrap();
+        assert_eq!(kvm.eax, KVM_LEAVES + 1, "its maximum leaf moved with it");
+        let features = out.iter().find(|e| e.function == KVM_LEAVES + 1).unwrap();
+        assert_eq!(features.eax, kvm_features.eax, "PV features intact");
+        // Denovisor's block keeps its own two leaves.
+        let ours = out
+            .iter()
+            .filter(|e| (HYPERVISOR_LEAF..KVM_LEAVES).contains(&e.function));
+        assert_eq!(ours.count(), 2);
     }
 
     #[test]
