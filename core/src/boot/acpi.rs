@@ -188,7 +188,7 @@ mod aml {
     /// own bytes. One byte holds up to 63; longer lengths take 2-4 bytes, the
     /// first giving the count (bits 6-7) and the low nibble.
     pub fn pkg_length(content: usize) -> Result<Vec<u8>, AcpiError> {
-        if content + 1 <= 0x3f {
+        if content < 0x3f {
             return Ok(vec![(content + 1) as u8]);
         }
         for extra in 1..=3usize {
