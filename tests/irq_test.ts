@@ -117,7 +117,15 @@ kvmTest("the local APIC timer fires at its configured rate within 10%", async ()
       Math.abs(measured - hz) <= hz * 0.1,
       `${halt ? "halted" : "spinning"}: ${measured.toFixed(1)} Hz, wanted ${hz} Hz ± 10%`,
     );
-    assert.equal(vm.guestIrqCounters()[GuestVectors.TIMER_VECTOR], BigInt(report.ticks + 1));
+    // Every tick ran the handler once: the first one, the measured ones, and
+    // at most a couple that landed between the last wait and the timer's stop
+    // (the CLOCK hypercall in between is an exit: ~50 µs on hardware, much
+    // longer under an emulator, where a 1 kHz tick fits in it).
+    const counted = Number(vm.guestIrqCounters()[GuestVectors.TIMER_VECTOR]);
+    assert.ok(
+      counted >= report.ticks + 1 && counted <= report.ticks + 3,
+      `${counted} handler runs for ${report.ticks} measured ticks`,
+    );
   }
 });
 
