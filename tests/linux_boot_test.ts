@@ -17,9 +17,8 @@ import {
   fnv1a64,
   parseConformanceReport,
 } from "../src/linux/conformance_guest.ts";
-import { fetchBusybox, fetchDebianKernel } from "../src/linux/debian_kernel.ts";
+import { fetchBusybox, fetchDebianKernel, fetchDebianVmlinux } from "../src/linux/debian_kernel.ts";
 import { buildInitramfs } from "../src/linux/initramfs.ts";
-import { extractVmlinux } from "../src/linux/vmlinux.ts";
 import { main } from "../src/cli/main_cli.ts";
 import { KVM_KIND, kvmTest, linuxTest } from "./_helpers.ts";
 
@@ -405,21 +404,13 @@ async function busyboxInitramfs(lines: string[]): Promise<Uint8Array> {
   ]);
 }
 
-/** The kernel's vmlinux (ELF), extracted once on the host into the kernel cache. */
+// The kernel's vmlinux (ELF), extracted here, on the host, where the tests that
+// boot it may run in kvmbox.
+const vmlinux = await fetchDebianVmlinux({ log: (line) => console.error(`note: ${line}`) });
 async function debianVmlinux(): Promise<Uint8Array> {
-  const bzImage = debianKernel();
-  const path = bzImage.replace(/vmlinuz-([^/]+)$/, "vmlinux-$1.elf");
-  try {
-    return await Deno.readFile(path);
-  } catch {
-    const elf = await extractVmlinux(await Deno.readFile(bzImage));
-    await Deno.writeFile(`${path}.part`, elf);
-    await Deno.rename(`${path}.part`, path);
-    return elf;
-  }
+  if (!vmlinux.ok) throw new Error(`Debian's vmlinux cannot be had: ${vmlinux.reason}`);
+  return await Deno.readFile(vmlinux.file.path);
 }
-// Extract it here, on the host, where the tests that boot it may run in kvmbox.
-if (debian.ok) await debianVmlinux();
 
 linuxTest(
   "Debian's vmlinux (ELF) boots to a busybox initramfs, prints a marker and reboots",

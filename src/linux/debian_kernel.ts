@@ -8,6 +8,7 @@
  */
 
 import { pathOfFileUrl } from "../build/fs_util.ts";
+import { extractVmlinux } from "./vmlinux.ts";
 
 const CACHE_DIR = new URL("../../.cache/kernels/", import.meta.url);
 /** The metapackage whose dependency names the current kernel package. */
@@ -221,4 +222,42 @@ export function fetchBusybox(
     member: () => "./bin/busybox",
     name: () => "busybox-static",
   }, options.log ?? (() => {}));
+}
+
+/**
+ * Debian's kernel as an uncompressed `vmlinux` ELF: fetches the bzImage
+ * ({@link fetchDebianKernel}) and extracts its payload once into
+ * `.cache/kernels/vmlinux-VERSION.elf`. Booting the ELF skips the kernel's
+ * decompressor (seconds under an emulator).
+ *
+ * @param options `log` receives progress lines (default: none).
+ * @returns The ELF's path, or the reason it is unavailable.
+ * @example
+ * ```ts
+ * import { fetchDebianVmlinux } from "./src/linux/debian_kernel.ts";
+ * const result = await fetchDebianVmlinux();
+ * console.log(result.ok ? result.file.path : result.reason);
+ * ```
+ */
+export async function fetchDebianVmlinux(
+  options: { log?: (line: string) => void } = {},
+): Promise<FetchResult> {
+  const kernel = await fetchDebianKernel(options);
+  if (!kernel.ok) return kernel;
+  const path = kernel.file.path.replace(/vmlinuz-([^/]+)$/, "vmlinux-$1.elf");
+  try {
+    await Deno.stat(path);
+    return { ok: true, file: { path, package: kernel.file.package } };
+  } catch {
+    // Not extracted yet.
+  }
+  try {
+    (options.log ?? (() => {}))(`extracting ${path} from ${kernel.file.path}`);
+    const elf = await extractVmlinux(await Deno.readFile(kernel.file.path));
+    await Deno.writeFile(`${path}.part`, elf);
+    await Deno.rename(`${path}.part`, path);
+    return { ok: true, file: { path, package: kernel.file.package } };
+  } catch (e) {
+    return { ok: false, reason: e instanceof Error ? e.message : String(e) };
+  }
 }
