@@ -26,6 +26,13 @@
 //! mapping of ISA IRQs to I/O APIC pins. The serial port's IRQ 4 then reaches the
 //! 8250 driver only as an ACPI resource of a PNP0501 device.
 //!
+//! Why there is code at the reset vector (0xffff0): with `HW_REDUCED_ACPI` set
+//! and no EFI, Linux reboots by EFI (absent), then by jumping to the BIOS at
+//! F000:FFF0 in real mode (`reboot_init`: `efi_reboot_required()`), and never
+//! gets to the ACPI reset register. A PC's firmware sits there; here nine bytes
+//! write [`RESET_VALUE`] to the reset register ([`RESET_VECTOR_STUB`]), so
+//! `reboot` resets the VM without `reboot=k` on the command line.
+//!
 //! Why the MADT has no interrupt source override: KVM's default GSI routing
 //! wires ISA IRQ n to I/O APIC pin n (the in-kernel PIT raises GSI 0, on pin 0),
 //! all edge-triggered and active high, which is exactly what the ACPI defaults
@@ -58,6 +65,22 @@ pub const S5_SLEEP_TYPE: u8 = 5;
 /// SLP_EN (bit 5) of the sleep control register.
 pub const SLEEP_ENABLE: u8 = 1 << 5;
 
+/// The x86 reset vector, F000:FFF0 in real mode.
+pub const RESET_VECTOR: u64 = 0xf_fff0;
+/// 16-bit code at the reset vector: `mov al, RESET_VALUE; mov dx, 0x600;
+/// out dx, al; hlt; jmp $-3` (the reset register ends the run at the `out`).
+pub const RESET_VECTOR_STUB: [u8; 9] = [
+    0xb0,
+    RESET_VALUE,
+    0xba,
+    SLEEP_CONTROL_PORT as u8,
+    (SLEEP_CONTROL_PORT >> 8) as u8,
+    0xee,
+    0xf4,
+    0xeb,
+    0xfd,
+];
+
 const LOCAL_APIC_BASE: u32 = 0xfee0_0000;
 const IO_APIC_BASE: u32 = 0xfec0_0000;
 const OEM_ID: &[u8; 6] = b"DENOVI";
@@ -85,9 +108,7 @@ pub enum AcpiError {
     #[error("the ACPI tables describe 1 to {MAX_ACPI_CPUS} CPUs, not {0}")]
     CpuCount(u32),
     /// The tables do not fit in the BIOS area
-    #[error(
-        "the ACPI tables ({0} bytes) do not fit between {RSDP_ADDR:#x} and {ACPI_AREA_END:#x}"
-    )]
+    #[error("the ACPI tables ({0} bytes) do not fit between {RSDP_ADDR:#x} and {RESET_VECTOR:#x}")]
     TooLarge(u64),
     /// An AML package is too long for a PkgLength
     #[error("an AML package of {0} bytes is too long to encode")]
@@ -303,7 +324,7 @@ pub fn build(cpus: u32) -> Result<Vec<(u64, Vec<u8>)>, AcpiError> {
     let madt_addr = align(dsdt_addr + dsdt.len() as u64);
     let madt = madt(cpus);
     let end = madt_addr + madt.len() as u64;
-    if end > ACPI_AREA_END {
+    if end > RESET_VECTOR {
         return Err(AcpiError::TooLarge(end - RSDP_ADDR));
     }
     let mut xsdt_body = Vec::new();
@@ -332,9 +353,18 @@ pub fn build(cpus: u32) -> Result<Vec<(u64, Vec<u8>)>, AcpiError> {
     ])
 }
 
-/// Writes the tables for `cpus` CPUs into guest RAM; returns the RSDP's address.
+/// The tables for `cpus` CPUs and the reset vector's code: everything
+/// [`write`] puts in guest RAM, as `(address, bytes)`.
+pub fn build_with_reset_vector(cpus: u32) -> Result<Vec<(u64, Vec<u8>)>, AcpiError> {
+    let mut all = build(cpus)?;
+    all.push((RESET_VECTOR, RESET_VECTOR_STUB.to_vec()));
+    Ok(all)
+}
+
+/// Writes the tables for `cpus` CPUs and the reset vector's code into guest
+/// RAM; returns the RSDP's address.
 pub fn write(ram: &GuestRam, cpus: u32) -> Result<u64, AcpiError> {
-    for (addr, bytes) in build(cpus)? {
+    for (addr, bytes) in build_with_reset_vector(cpus)? {
         ram.write(addr, &bytes)
             .map_err(|e| AcpiError::Write(e.to_string()))?;
     }
@@ -396,7 +426,7 @@ mod tests {
                     "length of {addr:#x}"
                 );
                 assert_eq!(sum(table), 0, "checksum of {addr:#x}");
-                assert!(*addr >= RSDP_ADDR && addr + table.len() as u64 <= ACPI_AREA_END);
+                assert!(*addr >= RSDP_ADDR && addr + table.len() as u64 <= RESET_VECTOR);
             }
             // No two tables overlap.
             for w in t.windows(2) {
@@ -500,6 +530,26 @@ mod tests {
     }
 
     #[test]
+    fn the_reset_vector_writes_the_reset_value_to_the_reset_register() {
+        use crate::devices::acpi_pm::{AcpiPm, ACPI_PM_BASE};
+        use crate::devices::bus::{DeviceAction, PioDevice};
+        let s = RESET_VECTOR_STUB;
+        assert_eq!(RESET_VECTOR + s.len() as u64, ACPI_AREA_END - 7);
+        // mov al, imm8; mov dx, imm16; out dx, al
+        assert_eq!((s[0], s[2], s[5]), (0xb0, 0xba, 0xee));
+        let port = u16::from_le_bytes([s[3], s[4]]);
+        let fadt = &build(1).unwrap()[2].1;
+        assert_eq!(port as u64, u64_at(fadt, 116 + 4), "the FADT's RESET_REG");
+        assert_eq!(s[1], fadt[128], "the FADT's RESET_VALUE");
+        assert_eq!(
+            AcpiPm.write(port - ACPI_PM_BASE, &[s[1]]),
+            DeviceAction::Reset
+        );
+        // hlt; jmp back to the hlt
+        assert_eq!(&s[6..], &[0xf4, 0xeb, 0xfd]);
+    }
+
+    #[test]
     fn refuses_bad_cpu_counts_and_writes_into_guest_ram() {
         assert_eq!(build(0).unwrap_err(), AcpiError::CpuCount(0));
         assert_eq!(
@@ -511,6 +561,9 @@ mod tests {
         let mut sig = [0u8; 8];
         ram.read(RSDP_ADDR, &mut sig).unwrap();
         assert_eq!(&sig, b"RSD PTR ");
+        let mut stub = [0u8; 9];
+        ram.read(RESET_VECTOR, &mut stub).unwrap();
+        assert_eq!(stub, RESET_VECTOR_STUB);
         let small = GuestRam::new(512 << 10).unwrap();
         assert!(matches!(write(&small, 1), Err(AcpiError::Write(_))));
     }

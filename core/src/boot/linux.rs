@@ -335,7 +335,8 @@ pub fn plan(
 
 /// Loads a kernel, its initrd and command line into `ram`, with the zero page,
 /// the boot GDT, the VMM's page tables and the tables describing `cpus` CPUs:
-/// ACPI's (in the BIOS area, pointed at by the zero page) and, for `acpi=off`,
+/// ACPI's (in the BIOS area, pointed at by the zero page, with code at the reset
+/// vector for the kernel's reboot through the BIOS) and, for `acpi=off`,
 /// the MP table (up to [`MAX_MPTABLE_CPUS`]; beyond, ACPI alone describes them).
 /// Nothing is written unless everything fits. The vCPU is set up separately
 /// ([`linux_sregs`], [`linux_regs`]).
@@ -348,7 +349,7 @@ pub fn load(
 ) -> Result<LinuxLayout> {
     let kernel = parse(bytes)?;
     let layout = plan(&kernel, ram.size(), initrd.len() as u64, cmdline)?;
-    let acpi_tables = acpi::build(cpus)?;
+    let acpi_tables = acpi::build_with_reset_vector(cpus)?;
     let mp_table = match cpus {
         0..=MAX_MPTABLE_CPUS => Some(mptable::build(cpus)?),
         _ => None,
@@ -685,7 +686,7 @@ mod tests {
         ram.read(ZERO_PAGE_ADDR + 0x070, &mut rsdp_addr).unwrap();
         let rsdp_addr = u64::from_le_bytes(rsdp_addr);
         assert_eq!(rsdp_addr, acpi::RSDP_ADDR);
-        for (address, table) in acpi::build(3).unwrap() {
+        for (address, table) in acpi::build_with_reset_vector(3).unwrap() {
             let mut got = vec![0u8; table.len()];
             ram.read(address, &mut got).unwrap();
             assert_eq!(got, table, "table at {address:#x}");
