@@ -22,7 +22,8 @@
 //! 0x20000  .. 0x30000: the kernel command line, NUL-terminated
 //! 0x9fc00  .. 0x100000: legacy EBDA/VGA/ROM area, reserved in the e820 map:
 //!          0x9fc00 the MP table (`boot::mptable`, 1 KiB),
-//!          0xe0000 the ACPI tables (`boot::acpi`: RSDP, XSDT, FADT, DSDT, MADT)
+//!          0xe0000 the ACPI tables (`boot::acpi`: RSDP, XSDT, FADT, DSDT, MADT),
+//!          0xffff0 the reset vector's code (writes the ACPI reset register)
 //! 0x100000 and up: the kernel (a bzImage at pref_address when relocatable),
 //!          the initrd at the top of RAM below initrd_addr_max and the MMIO gap
 //! ```
