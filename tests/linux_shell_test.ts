@@ -109,7 +109,7 @@ async function sh(shell: ConsoleDriver, command: string): Promise<string> {
 
 /** `/proc/interrupts` counts of the line named `name` (summed over CPUs). */
 function interruptCount(procInterrupts: string, name: RegExp): number {
-  const line = procInterrupts.split("\n").find((l) => name.test(l));
+  const line = procInterrupts.split("\n").find((l) => name.test(l.trimEnd()));
   assert.ok(line, `no ${name} line in /proc/interrupts:\n${procInterrupts}`);
   const counts = line.split(":")[1].trim().split(/\s+/).filter((w) => /^\d+$/.test(w));
   return counts.reduce((sum, n) => sum + Number(n), 0);
@@ -151,25 +151,26 @@ linuxTest("Debian's kernel boots to a shell that answers typed commands", async 
     assert.ok(kib * 1024 <= 512 * MIB && kib * 1024 > 440 * MIB, meminfo);
   });
 
-  await t.step("the console is the 8250 driver on IRQ 4, interrupt-driven", async () => {
+  await t.step("the console is the 8250 driver on I/O APIC pin 4, interrupt-driven", async () => {
+    // Hardware-reduced ACPI has no 8259, so Linux numbers its interrupts from
+    // 24 up; the line itself is I/O APIC pin 4, ISA IRQ 4's wire.
     const probe = await sh(shell, "dmesg | grep ttyS0");
-    assert.match(probe, /ttyS0 at I\/O 0x3f8 \(irq = 4, base_baud = 115200\) is a 16550A/);
-    const before = interruptCount(await sh(shell, "cat /proc/interrupts"), /^\s*4:/);
-    // Typing and echoing a line raises IRQ 4 for every received and sent chunk.
-    await sh(shell, "echo typed-through-irq-4");
-    const after = interruptCount(await sh(shell, "cat /proc/interrupts"), /^\s*4:/);
-    assert.ok(before > 0 && after > before, `IRQ 4 count ${before} -> ${after}`);
+    assert.match(probe, /ttyS0 at I\/O 0x3f8 \(irq = \d+, base_baud = 115200\) is a 16550A/);
+    const uart = /^\s*\d+:.*IO-APIC\s+4-edge\s+ttyS0$/m;
+    const before = interruptCount(await sh(shell, "cat /proc/interrupts"), uart);
+    // Typing and echoing a line raises the UART's interrupt for every chunk.
+    await sh(shell, "echo typed-through-the-uart-interrupt");
+    const after = interruptCount(await sh(shell, "cat /proc/interrupts"), uart);
+    assert.ok(before > 0 && after > before, `ttyS0 interrupts ${before} -> ${after}`);
   });
 
-  await t.step("timer interrupts tick", async () => {
-    // The kernel ticks through the PIT (IRQ 0) or the local APIC timer (LOC),
-    // whichever clock event device it chose; a busy CPU's tick never stops.
-    const ticks = (text: string) =>
-      interruptCount(text, /^\s*0:/) + interruptCount(text, /^\s*LOC:/);
+  await t.step("the local APIC timer ticks", async () => {
+    // A busy CPU's tick never stops (an idle one's may: NO_HZ).
+    const local = (text: string) => interruptCount(text, /^\s*LOC:/);
     const first = await sh(shell, "cat /proc/interrupts");
     await sh(shell, "timeout 1 sh -c 'while :; do :; done' || true");
     const second = await sh(shell, "cat /proc/interrupts");
-    assert.ok(ticks(second) > ticks(first) + 10, `ticks ${ticks(first)} -> ${ticks(second)}`);
+    assert.ok(local(second) > local(first) + 10, `LOC ${local(first)} -> ${local(second)}`);
   });
 
   await t.step("reboot stops the VM as reset", async () => {

@@ -186,7 +186,7 @@ export function describeExit(exit: VcpuExit): string {
     case "guest_exit":
       return `guest exited with status ${exit.status}`;
     case "reset":
-      return "guest reset the machine (i8042)";
+      return "guest reset the machine";
     case "power_off":
       return "guest powered off";
     case "guest_fault":
