@@ -1,14 +1,22 @@
 /**
  * Importing `mod.ts` over http: the repository is served from 127.0.0.1 and a
  * fresh Deno process imports it with an empty denovisor cache, so the core's
- * sources are downloaded per core/MANIFEST.json, built, and a real-mode guest
- * runs on the result.
+ * sources are downloaded per core/MANIFEST.json, verified, built, and a
+ * real-mode guest runs on the result. The other tests need no KVM: the
+ * checked-in manifest matches the tree, and a tampered file or manifest, or
+ * plain http from a remote host, is refused.
  */
 
 import assert from "node:assert/strict";
 import { join, relative, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
-import { ensureRemoteCore } from "../src/build/remote_core.ts";
+import { CORE_MANIFEST_SHA256 } from "../src/build/_core_manifest_hash.ts";
+import {
+  downloadRemoteCore,
+  ensureRemoteCore,
+  parseCoreManifest,
+  writeCoreManifest,
+} from "../src/build/remote_core.ts";
 import { DenovisorError } from "../src/errors.ts";
 import { kvmTest } from "./_helpers.ts";
 
@@ -22,21 +30,29 @@ const CONTENT_TYPES: Record<string, string> = {
   json: "application/json; charset=utf-8",
 };
 
+/** What {@link serveRepository} serves instead of the file, by URL path. */
+type Overrides = Record<string, Uint8Array<ArrayBuffer>>;
+
 /**
  * Serves files of the repository, nothing outside it, and no hidden paths
- * (`.git/`, `.cache/`).
+ * (`.git/`, `.cache/`); `overrides` replace files, and every requested path is
+ * appended to `requests`.
  */
-function serveRepository(): Deno.HttpServer<Deno.NetAddr> {
+function serveRepository(
+  overrides: Overrides = {},
+  requests: string[] = [],
+): Deno.HttpServer<Deno.NetAddr> {
   return Deno.serve({ hostname: "127.0.0.1", port: 0, onListen() {} }, async (request) => {
-    const segments = decodeURIComponent(new URL(request.url).pathname).split("/")
-      .filter((segment) => segment !== "");
+    const pathname = decodeURIComponent(new URL(request.url).pathname);
+    requests.push(pathname);
+    const segments = pathname.split("/").filter((segment) => segment !== "");
     const path = resolve(repoRoot, ...segments);
     const inside = !relative(repoRoot, path).startsWith("..");
     if (!inside || segments.some((segment) => segment.startsWith("."))) {
       return new Response("not found", { status: 404 });
     }
     try {
-      const content = await Deno.readFile(path);
+      const content = overrides[pathname] ?? await Deno.readFile(path);
       const extension = path.split(".").at(-1) ?? "";
       return new Response(content, {
         headers: { "content-type": CONTENT_TYPES[extension] ?? "text/plain; charset=utf-8" },
@@ -142,5 +158,226 @@ Deno.test("a remote root without a manifest is a clear error", async () => {
     );
   } finally {
     await server.shutdown();
+  }
+});
+
+const REGENERATE =
+  "run `deno task manifest` and commit core/MANIFEST.json and src/build/_core_manifest_hash.ts";
+
+async function sha256Hex(bytes: Uint8Array<ArrayBuffer>): Promise<string> {
+  const digest = await crypto.subtle.digest("SHA-256", bytes);
+  return Array.from(new Uint8Array(digest), (byte) => byte.toString(16).padStart(2, "0")).join("");
+}
+
+/**
+ * What is wrong with the manifest of the tree at `root`, recomputed from the
+ * files on disk (not with the code that writes the manifest): every hash and
+ * size, every file under `core/src/` and every `core/Cargo.*` listed, and the
+ * pinned hash of the manifest itself.
+ */
+async function manifestProblems(root: string): Promise<string[]> {
+  const manifestBytes = Deno.readFileSync(join(root, "core", "MANIFEST.json"));
+  let manifest;
+  try {
+    manifest = parseCoreManifest(
+      JSON.parse(new TextDecoder().decode(manifestBytes)),
+      "core/MANIFEST.json",
+    );
+  } catch (error) {
+    return [(error as Error).message];
+  }
+  const problems: string[] = [];
+  const { version } = JSON.parse(Deno.readTextFileSync(join(root, "deno.json")));
+  if (manifest.version !== version) {
+    problems.push(`the manifest's version ${manifest.version} is not deno.json's ${version}`);
+  }
+
+  const onDisk: string[] = [];
+  for (const entry of Deno.readDirSync(join(root, "core"))) {
+    if (entry.name.startsWith("Cargo.") && !entry.name.endsWith("~")) {
+      onDisk.push(`core/${entry.name}`);
+    }
+  }
+  const walk = (dir: string) => {
+    for (const entry of Deno.readDirSync(join(root, dir))) {
+      if (entry.name.startsWith(".") || entry.name.endsWith("~")) continue;
+      if (entry.isDirectory) walk(`${dir}/${entry.name}`);
+      else onDisk.push(`${dir}/${entry.name}`);
+    }
+  };
+  walk("core/src");
+  const listed = new Set(manifest.files.map((file) => file.path));
+  for (const path of onDisk) {
+    if (!listed.has(path)) problems.push(`${path} exists but is not listed`);
+  }
+  for (const file of manifest.files) {
+    let content;
+    try {
+      content = Deno.readFileSync(join(root, file.path));
+    } catch {
+      problems.push(`${file.path} is listed but does not exist`);
+      continue;
+    }
+    const sha256 = await sha256Hex(content);
+    if (sha256 !== file.sha256 || content.length !== file.size) {
+      problems.push(
+        `${file.path} changed: it has SHA-256 ${sha256} (${content.length} bytes), ` +
+          `the manifest lists ${file.sha256} (${file.size} bytes)`,
+      );
+    }
+  }
+  const paths = manifest.files.map((file) => file.path);
+  if (paths.join("\n") !== [...paths].sort().join("\n")) problems.push("files are not sorted");
+
+  const pinFile = Deno.readTextFileSync(join(root, "src", "build", "_core_manifest_hash.ts"));
+  const pinned = /CORE_MANIFEST_SHA256 =\s*"([0-9a-f]{64})"/.exec(pinFile)?.[1];
+  const actual = await sha256Hex(manifestBytes);
+  if (pinned !== actual) {
+    problems.push(
+      `src/build/_core_manifest_hash.ts pins ${pinned}, core/MANIFEST.json has SHA-256 ${actual}`,
+    );
+  }
+  return problems;
+}
+
+Deno.test("core/MANIFEST.json lists every core source with its SHA-256, and is pinned", async () => {
+  const problems = await manifestProblems(repoRoot);
+  assert.deepEqual(problems, [], `${problems.join("\n")}\n${REGENERATE}`);
+  assert.equal(
+    CORE_MANIFEST_SHA256,
+    await sha256Hex(Deno.readFileSync(join(repoRoot, "core", "MANIFEST.json"))),
+    REGENERATE,
+  );
+
+  // Whatever git tracks under core/ must be listed (or be the manifest itself):
+  // a tracked build.rs or .cargo/config.toml would otherwise be missing remotely.
+  const git = await new Deno.Command("git", {
+    args: ["ls-files", "core/"],
+    cwd: repoRoot,
+    stdout: "piped",
+    stderr: "null",
+  }).output().catch(() => undefined);
+  if (git?.success) {
+    const listed = parseCoreManifest(
+      JSON.parse(Deno.readTextFileSync(join(repoRoot, "core", "MANIFEST.json"))),
+      "core/MANIFEST.json",
+    ).files.map((file) => file.path);
+    const tracked = new TextDecoder().decode(git.stdout).split("\n").filter((line) => line !== "");
+    const unlisted = tracked.filter((file) =>
+      file !== "core/MANIFEST.json" && !listed.includes(file)
+    );
+    assert.deepEqual(unlisted, [], `tracked under core/ but not in the manifest: ${REGENERATE}`);
+  }
+});
+
+Deno.test("the manifest check catches a changed, an unlisted file and a stale pin", async () => {
+  const tmp = await Deno.makeTempDir({ prefix: "denovisor-manifest-test-" });
+  try {
+    const copy = (path: string) => {
+      const from = join(repoRoot, path);
+      if (Deno.statSync(from).isDirectory) {
+        for (const entry of Deno.readDirSync(from)) copy(`${path}/${entry.name}`);
+        return;
+      }
+      Deno.mkdirSync(join(tmp, path, ".."), { recursive: true });
+      Deno.copyFileSync(from, join(tmp, path));
+    };
+    for (const path of ["deno.json", "core/Cargo.toml", "core/Cargo.lock", "core/MANIFEST.json"]) {
+      copy(path);
+    }
+    copy("core/src");
+    copy("src/build/_core_manifest_hash.ts");
+    assert.deepEqual(await manifestProblems(tmp), []);
+
+    const libRs = join(tmp, "core", "src", "lib.rs");
+    Deno.writeTextFileSync(libRs, "// changed\n", { append: true });
+    Deno.writeTextFileSync(join(tmp, "core", "src", "new.rs"), "");
+    Deno.writeTextFileSync(join(tmp, "core", "Cargo.toml.orig"), "");
+    const problems = await manifestProblems(tmp);
+    assert.equal(problems.length, 3, problems.join("\n"));
+    assert.match(problems[0], /^core\/Cargo\.toml\.orig exists but is not listed$/);
+    assert.match(problems[1], /^core\/src\/new\.rs exists but is not listed$/);
+    assert.match(problems[2], /^core\/src\/lib\.rs changed: it has SHA-256 [0-9a-f]{64}/);
+
+    // `deno task manifest` on that tree fixes all three.
+    await writeCoreManifest(tmp);
+    assert.deepEqual(await manifestProblems(tmp), []);
+
+    // An edited manifest no longer matches the pinned hash.
+    Deno.writeTextFileSync(join(tmp, "core", "MANIFEST.json"), "\n", { append: true });
+    assert.match((await manifestProblems(tmp)).join("\n"), /_core_manifest_hash\.ts pins [0-9a-f]/);
+  } finally {
+    await Deno.remove(tmp, { recursive: true });
+  }
+});
+
+Deno.test("a manifest cannot name files outside core/, an unsafe version or a bad hash", () => {
+  const lib = { path: "core/src/lib.rs", sha256: "ab".repeat(32), size: 10 };
+  const toml = { ...lib, path: "core/Cargo.toml" };
+  const valid = { version: "0.1.0", files: [toml, lib] };
+  assert.deepEqual(parseCoreManifest(valid, "test"), valid);
+  for (
+    const bad of [
+      { ...valid, files: [toml, { ...lib, path: "core/../../etc/passwd" }] },
+      { ...valid, files: [toml, { ...lib, path: "/etc/passwd" }] },
+      { ...valid, files: [toml, { ...lib, path: "core//src/lib.rs" }] },
+      { ...valid, files: [toml, { ...lib, path: "core/MANIFEST.json" }] },
+      { ...valid, files: [toml, lib, lib] },
+      { ...valid, files: [lib] },
+      { ...valid, files: [toml, "core/src/lib.rs"] },
+      { ...valid, files: [toml, { ...lib, sha256: "AB".repeat(32) }] },
+      { ...valid, files: [toml, { ...lib, sha256: "ab" }] },
+      { ...valid, files: [toml, { ...lib, size: -1 }] },
+      { ...valid, files: [toml, { ...lib, size: 1.5 }] },
+      { ...valid, files: [toml, { ...lib, size: 1 << 30 }] },
+      { ...valid, version: "../0.1.0" },
+      { files: valid.files },
+      null,
+    ]
+  ) {
+    assert.throws(
+      () => parseCoreManifest(bad, "test"),
+      (error) => error instanceof DenovisorError && error.code === "BUILD_FAILED",
+      JSON.stringify(bad),
+    );
+  }
+});
+
+function cacheEntries(cacheDir: string): string[] {
+  return [...Deno.readDirSync(cacheDir)].map((entry) => entry.name);
+}
+
+Deno.test("http from loopback is allowed: a verified download lands complete in the cache", async () => {
+  const requests: string[] = [];
+  const server = serveRepository({}, requests);
+  const cacheDir = await Deno.makeTempDir({ prefix: "denovisor-remote-test-" });
+  try {
+    const root = new URL(`http://127.0.0.1:${server.addr.port}/`);
+    const coreDir = await downloadRemoteCore(root, { quiet: true, cacheDir });
+    const manifestText = Deno.readTextFileSync(join(repoRoot, "core", "MANIFEST.json"));
+    const manifest = parseCoreManifest(JSON.parse(manifestText), "core/MANIFEST.json");
+    assert.equal(
+      coreDir,
+      join(cacheDir, `${manifest.version}-${CORE_MANIFEST_SHA256.slice(0, 16)}`, "core"),
+    );
+    assert.deepEqual(cacheEntries(cacheDir), [
+      `${manifest.version}-${CORE_MANIFEST_SHA256.slice(0, 16)}`,
+    ]);
+    assert.equal(Deno.readTextFileSync(join(coreDir, "MANIFEST.json")), manifestText);
+    for (const file of manifest.files) {
+      assert.deepEqual(
+        Deno.readFileSync(join(coreDir, "..", file.path)),
+        Deno.readFileSync(join(repoRoot, file.path)),
+        file.path,
+      );
+    }
+    assert.equal(requests.length, manifest.files.length + 1);
+
+    // A complete cache folder is used as it is: no network needed.
+    assert.equal(await downloadRemoteCore(root, { quiet: true, cacheDir }), coreDir);
+    assert.equal(requests.length, manifest.files.length + 1);
+  } finally {
+    await server.shutdown();
+    await Deno.remove(cacheDir, { recursive: true });
   }
 });

@@ -6,7 +6,7 @@
  * ```sh
  * deno task build              # build if needed, print the path
  * deno task build --force      # rebuild even if nothing changed
- * deno task build --manifest   # also rewrite core/MANIFEST.json
+ * deno task build --manifest   # also rewrite core/MANIFEST.json (as deno task manifest)
  * ```
  *
  * @module
@@ -16,7 +16,7 @@ import { parseArgs } from "node:util";
 import { fileURLToPath } from "node:url";
 import { DenovisorError } from "../errors.ts";
 import { checkKvmAccess, type CrateSource, ensureCoreLibrary } from "./core_build.ts";
-import { createCoreManifest, formatCoreManifest } from "./remote_core.ts";
+import { createCoreManifest, formatCoreManifest, writeCoreManifest } from "./remote_core.ts";
 
 const USAGE = `Usage: deno task build [options]
 
@@ -29,9 +29,10 @@ Options:
   --force            rebuild even if nothing changed
   --quiet            print only the path (no progress on stderr)
   --crates SOURCE    where dependencies come from: auto (default), crates-io, debian
-  --manifest         rewrite core/MANIFEST.json, the list of files that remote
-                     imports download (after adding or removing a core file,
-                     or changing the version in deno.json)
+  --manifest         rewrite core/MANIFEST.json, the files and hashes that
+                     remote imports download and check, and its pinned hash
+                     (as \`deno task manifest\`: after changing a core file or
+                     the version in deno.json)
   -h, --help         show this help
 
 Environment:
@@ -89,14 +90,16 @@ export async function main(args: string[]): Promise<number> {
     return 1;
   }
 
-  const manifestPath = `${repoRoot}core/MANIFEST.json`;
-  const manifest = formatCoreManifest(createCoreManifest(repoRoot));
   if (parsed.manifest) {
-    Deno.writeTextFileSync(manifestPath, manifest);
-  } else if (readText(manifestPath) !== manifest) {
+    await writeCoreManifest(repoRoot);
+  } else if (
+    readText(`${repoRoot}core/MANIFEST.json`) !==
+      formatCoreManifest(await createCoreManifest(repoRoot))
+  ) {
     console.error(
-      "denovisor: warning: core/MANIFEST.json is out of date (remote imports would miss files); " +
-        "run `deno task build --manifest` and commit it",
+      "denovisor: warning: core/MANIFEST.json is out of date (remote imports would refuse " +
+        "or miss files); run `deno task manifest` and commit it with " +
+        "src/build/_core_manifest_hash.ts",
     );
   }
   const kvmProblem = checkKvmAccess();

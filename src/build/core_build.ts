@@ -165,8 +165,9 @@ export function denovisorCacheDir(): string {
 
 /**
  * Lists the files the core's build reads, relative to `coreDir` with `/`
- * separators, sorted: `Cargo.toml`, `Cargo.lock` and every file under `src/`
- * (hidden files such as editor swap files excepted).
+ * separators, sorted: `Cargo.toml`, `Cargo.lock` (and any other `Cargo.*`)
+ * and every file under `src/` (hidden files such as editor swap files and
+ * `~` backups excepted).
  *
  * @param coreDir The folder holding `Cargo.toml`.
  * @returns The relative paths.
@@ -178,8 +179,8 @@ export function denovisorCacheDir(): string {
  */
 export function listCoreSources(coreDir: string): string[] {
   const files: string[] = [];
-  for (const name of ["Cargo.toml", "Cargo.lock"]) {
-    if (exists(joinPath(coreDir, name))) files.push(name);
+  for (const entry of Deno.readDirSync(coreDir)) {
+    if (entry.name.startsWith("Cargo.") && !entry.name.endsWith("~")) files.push(entry.name);
   }
   const walk = (relativeDir: string) => {
     for (const entry of Deno.readDirSync(joinPath(coreDir, relativeDir))) {

@@ -10,17 +10,33 @@
 import { DenovisorError } from "../errors.ts";
 import { denovisorCacheDir, ensureCoreLibrary, listCoreSources } from "./core_build.ts";
 import { absolutePath, exists, joinPath, pathOfFileUrl, readEnv } from "./fs_util.ts";
+import { CORE_MANIFEST_SHA256, CORE_MANIFEST_VERSION } from "./_core_manifest_hash.ts";
+
+/** One file of {@link CoreManifest}. */
+export interface CoreManifestFile {
+  /** The path relative to the repository root, under `core/`. */
+  path: string;
+  /** The SHA-256 of its content, lowercase hex. */
+  sha256: string;
+  /** Its size in bytes. */
+  size: number;
+}
 
 /**
- * `core/MANIFEST.json`: what a remote import downloads to build the core.
- * Regenerate it with `deno task build --manifest`.
+ * `core/MANIFEST.json`: what a remote import downloads to build the core, and
+ * the hash each file must have. Regenerate it with `deno task manifest`.
  */
 export interface CoreManifest {
   /** The denovisor version (`version` in `deno.json`). */
   version: string;
-  /** The core's build inputs, relative to the repository root, sorted. */
-  files: string[];
+  /** The core's build inputs, sorted by path. */
+  files: CoreManifestFile[];
 }
+
+/** The largest core source file a manifest may list (a guard, not a limit in practice). */
+const MAX_FILE_BYTES = 16 << 20;
+/** The largest manifest we read. */
+const MAX_MANIFEST_BYTES = 1 << 20;
 
 /**
  * Returns the path of the core library for the denovisor tree rooted at
@@ -73,19 +89,23 @@ export async function locateCoreLibrary(
   );
 }
 
+/** Options of {@link ensureRemoteCore} and {@link downloadRemoteCore}. */
+export interface RemoteCoreOptions {
+  /** Print nothing on stderr (default false). */
+  quiet?: boolean;
+  /** Where downloads go (default {@link denovisorCacheDir}). */
+  cacheDir?: string;
+}
+
 /**
- * For denovisor imported from an http(s) URL: downloads `core/MANIFEST.json`
- * and the files it lists (relative to `moduleUrl`, the repository root) into
- * `<cache>/<version>-<manifest hash>/core/`, where `<cache>` is
- * {@link denovisorCacheDir}, then builds them with `ensureCoreLibrary`.
- *
- * The manifest is loaded through Deno's module loader, so it is cached like
- * the TypeScript modules: later runs work offline and `--reload` refreshes it.
+ * For denovisor imported from an http(s) URL: downloads the core's sources
+ * with {@link downloadRemoteCore}, then builds them with `ensureCoreLibrary`.
  *
  * @param moduleUrl The repository root URL (ending in `/`).
- * @param options `quiet` suppresses progress output.
+ * @param options `quiet` suppresses progress output; `cacheDir` overrides the cache.
  * @returns The absolute path of the built library.
- * @throws {DenovisorError} `BUILD_FAILED` when a download or the build fails.
+ * @throws {DenovisorError} `INVALID_ARGUMENT` for plain http from a host that
+ * is not loopback; `BUILD_FAILED` when a download, a hash check or the build fails.
  * @example
  * ```ts
  * import { ensureRemoteCore } from "./src/build/remote_core.ts";
@@ -95,42 +115,88 @@ export async function locateCoreLibrary(
  */
 export async function ensureRemoteCore(
   moduleUrl: URL,
-  options: { quiet?: boolean } = {},
+  options: RemoteCoreOptions = {},
+): Promise<string> {
+  const coreDir = await downloadRemoteCore(moduleUrl, options);
+  return await ensureCoreLibrary({ coreDir, quiet: options.quiet });
+}
+
+/**
+ * Downloads `core/MANIFEST.json` and the files it lists (relative to
+ * `moduleUrl`, the repository root) into
+ * `<cache>/<version>-<manifest hash>/core/`, unless that folder exists.
+ *
+ * Trust is anchored in this module: `_core_manifest_hash.ts`, written with the
+ * manifest by `deno task manifest`, pins the manifest's SHA-256, and the
+ * manifest pins every file's SHA-256 and size. Each file is checked before it
+ * is written, into a private folder that is renamed into place only when
+ * complete, so the cache folder never holds a partial or tampered download.
+ * Plain `http:` is refused unless the host is loopback.
+ *
+ * @param moduleUrl The repository root URL (ending in `/`).
+ * @param options `quiet` suppresses progress output; `cacheDir` overrides the cache.
+ * @returns The absolute path of the downloaded `core/` folder.
+ * @throws {DenovisorError} `INVALID_ARGUMENT` for plain http from a host that
+ * is not loopback; `BUILD_FAILED` when a download or a hash check fails.
+ * @example
+ * ```ts
+ * import { downloadRemoteCore } from "./src/build/remote_core.ts";
+ * const coreDir = await downloadRemoteCore(new URL("https://example.com/denovisor/v0.1.0/"));
+ * console.log(coreDir);
+ * ```
+ */
+export async function downloadRemoteCore(
+  moduleUrl: URL,
+  options: RemoteCoreOptions = {},
 ): Promise<string> {
   const root = asFolderUrl(moduleUrl);
+  const cacheDir = options.cacheDir === undefined
+    ? denovisorCacheDir()
+    : absolutePath(options.cacheDir);
+  const versionDir = joinPath(
+    cacheDir,
+    `${CORE_MANIFEST_VERSION}-${CORE_MANIFEST_SHA256.slice(0, 16)}`,
+  );
+  const coreDir = joinPath(versionDir, "core");
+  // Complete or absent (see download): no network needed once downloaded.
+  if (exists(versionDir)) return coreDir;
+
   const manifestUrl = new URL("core/MANIFEST.json", root);
+  const manifestBytes = await fetchFile(manifestUrl, MAX_MANIFEST_BYTES);
   let loaded: unknown;
   try {
-    loaded = (await import(manifestUrl.href, { with: { type: "json" } })).default;
+    loaded = JSON.parse(new TextDecoder().decode(manifestBytes));
   } catch (error) {
     throw new DenovisorError(
       "BUILD_FAILED",
-      `cannot load the core's manifest ${manifestUrl.href}: ${(error as Error).message}`,
+      `invalid core manifest ${manifestUrl.href}: ${(error as Error).message}`,
       { cause: error },
     );
   }
   const manifest = parseCoreManifest(loaded, manifestUrl.href);
-  const manifestHash = (await sha256Hex(JSON.stringify(manifest))).slice(0, 16);
-  const versionDir = joinPath(denovisorCacheDir(), `${manifest.version}-${manifestHash}`);
-  if (!exists(versionDir)) await download(root, manifest, versionDir, options.quiet ?? false);
-  return await ensureCoreLibrary({ coreDir: joinPath(versionDir, "core"), ...options });
+  await download(root, manifest, manifestBytes, versionDir, options.quiet ?? false);
+  return coreDir;
 }
 
 /**
  * Computes the manifest of the checkout at `repoRoot`: the version from its
- * `deno.json` and the core's build inputs.
+ * `deno.json` and the core's build inputs with their hashes and sizes.
  *
  * @param repoRoot The repository root folder.
  * @returns The manifest, with paths relative to `repoRoot`.
  * @example
  * ```ts
  * import { createCoreManifest } from "./src/build/remote_core.ts";
- * console.log(createCoreManifest(".").files.length);
+ * console.log((await createCoreManifest(".")).files.length);
  * ```
  */
-export function createCoreManifest(repoRoot: string): CoreManifest {
+export async function createCoreManifest(repoRoot: string): Promise<CoreManifest> {
   const { version } = JSON.parse(Deno.readTextFileSync(joinPath(repoRoot, "deno.json")));
-  const files = listCoreSources(joinPath(repoRoot, "core")).map((path) => `core/${path}`);
+  const files: CoreManifestFile[] = [];
+  for (const path of listCoreSources(joinPath(repoRoot, "core"))) {
+    const content = Deno.readFileSync(joinPath(repoRoot, "core", ...path.split("/")));
+    files.push({ path: `core/${path}`, sha256: await sha256Hex(content), size: content.length });
+  }
   return parseCoreManifest({ version, files }, joinPath(repoRoot, "deno.json"));
 }
 
@@ -142,17 +208,89 @@ export function createCoreManifest(repoRoot: string): CoreManifest {
  * @example
  * ```ts
  * import { createCoreManifest, formatCoreManifest } from "./src/build/remote_core.ts";
- * Deno.writeTextFileSync("core/MANIFEST.json", formatCoreManifest(createCoreManifest(".")));
+ * console.log(formatCoreManifest(await createCoreManifest(".")));
  * ```
  */
 export function formatCoreManifest(manifest: CoreManifest): string {
-  return `${JSON.stringify({ version: manifest.version, files: manifest.files }, null, 2)}\n`;
+  const files = manifest.files.map(({ path, sha256, size }) => ({ path, sha256, size }));
+  return `${JSON.stringify({ version: manifest.version, files }, null, 2)}\n`;
+}
+
+/**
+ * `deno task manifest`: writes `core/MANIFEST.json` for the checkout at
+ * `repoRoot`, and `src/build/_core_manifest_hash.ts`, which pins the
+ * manifest's SHA-256 for remote imports.
+ *
+ * @param repoRoot The repository root folder.
+ * @returns The SHA-256 of the manifest written.
+ * @example
+ * ```ts
+ * import { writeCoreManifest } from "./src/build/remote_core.ts";
+ * console.log(await writeCoreManifest("."));
+ * ```
+ */
+export async function writeCoreManifest(repoRoot: string): Promise<string> {
+  const manifest = await createCoreManifest(repoRoot);
+  const bytes = new TextEncoder().encode(formatCoreManifest(manifest));
+  const sha256 = await sha256Hex(bytes);
+  Deno.writeFileSync(joinPath(repoRoot, "core", "MANIFEST.json"), bytes);
+  Deno.writeTextFileSync(
+    joinPath(repoRoot, "src", "build", "_core_manifest_hash.ts"),
+    formatManifestPin(manifest.version, sha256),
+  );
+  return sha256;
+}
+
+/**
+ * Renders `src/build/_core_manifest_hash.ts` (stable under `deno fmt`).
+ *
+ * @param version The manifest's version.
+ * @param sha256 The manifest's SHA-256, hex.
+ * @returns TypeScript source text.
+ * @example
+ * ```ts
+ * import { formatManifestPin } from "./src/build/remote_core.ts";
+ * console.log(formatManifestPin("0.1.0", "0".repeat(64)));
+ * ```
+ */
+export function formatManifestPin(version: string, sha256: string): string {
+  return `/**
+ * Generated by \`deno task manifest\` with core/MANIFEST.json: do not edit. A
+ * remote import refuses a manifest whose SHA-256 differs from this pin.
+ *
+ * @module
+ */
+
+/**
+ * The SHA-256 (hex) of core/MANIFEST.json.
+ *
+ * @example
+ * \`\`\`ts
+ * import { CORE_MANIFEST_SHA256 } from "./src/build/_core_manifest_hash.ts";
+ * console.log(CORE_MANIFEST_SHA256);
+ * \`\`\`
+ */
+export const CORE_MANIFEST_SHA256 =
+  ${JSON.stringify(sha256)};
+
+/**
+ * The version core/MANIFEST.json names: with the hash, the cache folder's name.
+ *
+ * @example
+ * \`\`\`ts
+ * import { CORE_MANIFEST_VERSION } from "./src/build/_core_manifest_hash.ts";
+ * console.log(CORE_MANIFEST_VERSION);
+ * \`\`\`
+ */
+export const CORE_MANIFEST_VERSION = ${JSON.stringify(version)};
+`;
 }
 
 /**
  * Checks that a value has the manifest's shape, with a version usable in a
- * folder name and paths that stay inside `core/`: a remote manifest must not be
- * able to make us write anywhere else.
+ * folder name, paths that stay inside `core/` (a remote manifest must not be
+ * able to make us write anywhere else), each listed once, with a hex SHA-256
+ * and a bounded size.
  *
  * @param value The parsed JSON.
  * @param source Where it came from, for the error message.
@@ -177,21 +315,42 @@ export function parseCoreManifest(value: unknown, source: string): CoreManifest 
     throw invalid(`version ${JSON.stringify(version)} is not a plain version string`);
   }
   if (!Array.isArray(files)) throw invalid("files is not an array");
+  const seen = new Set<string>();
   for (const file of files) {
-    const safe = typeof file === "string" && /^core\/[0-9A-Za-z._/-]+$/.test(file) &&
-      file.split("/").every((part) => part !== "" && part !== "." && part !== "..");
-    if (!safe) throw invalid(`file ${JSON.stringify(file)} is not a plain path under core/`);
+    if (typeof file !== "object" || file === null) throw invalid("a file is not an object");
+    const { path, sha256, size } = file as Record<string, unknown>;
+    const safe = typeof path === "string" && /^core\/[0-9A-Za-z._/-]+$/.test(path) &&
+      path.split("/").every((part) => part !== "" && part !== "." && part !== "..");
+    if (!safe) throw invalid(`file ${JSON.stringify(path)} is not a plain path under core/`);
+    if (path === "core/MANIFEST.json" || seen.has(path)) {
+      throw invalid(`file ${path} is listed twice or is the manifest itself`);
+    }
+    seen.add(path);
+    if (typeof sha256 !== "string" || !/^[0-9a-f]{64}$/.test(sha256)) {
+      throw invalid(`file ${path} has no lowercase hex sha256`);
+    }
+    if (
+      typeof size !== "number" || !Number.isSafeInteger(size) || size < 0 || size > MAX_FILE_BYTES
+    ) {
+      throw invalid(`file ${path} has no size from 0 to ${MAX_FILE_BYTES} bytes`);
+    }
   }
-  if (!files.includes("core/Cargo.toml")) throw invalid("core/Cargo.toml is not listed");
-  return { version, files: files as string[] };
+  if (!seen.has("core/Cargo.toml")) throw invalid("core/Cargo.toml is not listed");
+  return { version, files: files as CoreManifestFile[] };
 }
 
 /**
- * Downloads every listed file into a private folder, then renames it into
- * place, so `versionDir` either is complete or does not exist, even when
- * several processes race.
+ * Downloads and checks every listed file into a private folder, then renames
+ * it into place, so `versionDir` either is complete or does not exist, even
+ * when several processes race.
  */
-async function download(root: URL, manifest: CoreManifest, versionDir: string, quiet: boolean) {
+async function download(
+  root: URL,
+  manifest: CoreManifest,
+  manifestBytes: Uint8Array,
+  versionDir: string,
+  quiet: boolean,
+) {
   if (!quiet) {
     console.error(
       `denovisor: downloading the Rust core's sources (${manifest.files.length} files) ` +
@@ -205,8 +364,8 @@ async function download(root: URL, manifest: CoreManifest, versionDir: string, q
     const worker = async () => {
       for (let file = queue.shift(); file !== undefined && !failed; file = queue.shift()) {
         try {
-          const target = joinPath(partial, ...file.split("/"));
-          const content = await fetchFile(new URL(file, root));
+          const target = joinPath(partial, ...file.path.split("/"));
+          const content = await fetchFile(new URL(file.path, root), file.size);
           Deno.mkdirSync(target.slice(0, target.lastIndexOf("/")), { recursive: true });
           Deno.writeFileSync(target, content);
         } catch (error) {
@@ -220,10 +379,7 @@ async function download(root: URL, manifest: CoreManifest, versionDir: string, q
     const outcomes = await Promise.allSettled(Array.from({ length: 6 }, worker));
     const failure = outcomes.find((outcome) => outcome.status === "rejected");
     if (failure) throw failure.reason;
-    Deno.writeTextFileSync(
-      joinPath(partial, "core", "MANIFEST.json"),
-      formatCoreManifest(manifest),
-    );
+    Deno.writeFileSync(joinPath(partial, "core", "MANIFEST.json"), manifestBytes);
     try {
       Deno.renameSync(partial, versionDir);
     } catch (error) {
@@ -239,7 +395,11 @@ async function download(root: URL, manifest: CoreManifest, versionDir: string, q
   }
 }
 
-async function fetchFile(url: URL): Promise<Uint8Array> {
+/**
+ * Downloads a file, reading at most `expectedSize` + 1 MiB of its body: enough
+ * to hash a tampered file for the error message, not enough to exhaust memory.
+ */
+async function fetchFile(url: URL, expectedSize: number): Promise<Uint8Array<ArrayBuffer>> {
   let response: Response;
   try {
     response = await fetch(url);
@@ -250,13 +410,35 @@ async function fetchFile(url: URL): Promise<Uint8Array> {
       { cause: error },
     );
   }
-  // Read the body even on errors: an unread body leaks its resource.
-  const content = new Uint8Array(await response.arrayBuffer());
   if (!response.ok) {
+    // Cancel the body: an unread body leaks its resource.
+    await response.body?.cancel();
     throw new DenovisorError(
       "BUILD_FAILED",
       `cannot download ${url.href}: HTTP ${response.status} ${response.statusText}`,
     );
+  }
+  const limit = expectedSize + (1 << 20);
+  const chunks: Uint8Array[] = [];
+  let length = 0;
+  if (response.body) {
+    for await (const chunk of response.body) {
+      length += chunk.length;
+      if (length > limit) {
+        // Leaving the loop early cancels the body.
+        throw new DenovisorError(
+          "BUILD_FAILED",
+          `cannot download ${url.href}: it is larger than ${limit} bytes`,
+        );
+      }
+      chunks.push(chunk);
+    }
+  }
+  const content = new Uint8Array(length);
+  let offset = 0;
+  for (const chunk of chunks) {
+    content.set(chunk, offset);
+    offset += chunk.length;
   }
   return content;
 }
@@ -265,7 +447,7 @@ function asFolderUrl(url: URL): URL {
   return url.href.endsWith("/") ? url : new URL(`${url.href}/`);
 }
 
-async function sha256Hex(text: string): Promise<string> {
-  const digest = await crypto.subtle.digest("SHA-256", new TextEncoder().encode(text));
+async function sha256Hex(bytes: Uint8Array<ArrayBuffer>): Promise<string> {
+  const digest = await crypto.subtle.digest("SHA-256", bytes);
   return Array.from(new Uint8Array(digest), (byte) => byte.toString(16).padStart(2, "0")).join("");
 }
