@@ -343,9 +343,109 @@ Deno.test("a manifest cannot name files outside core/, an unsafe version or a ba
   }
 });
 
+/** Runs `downloadRemoteCore` on the served repository with a fresh cache folder. */
+async function downloadServed(
+  overrides: Overrides,
+  check: (error: unknown, requests: string[], cacheDir: string) => void | Promise<void>,
+): Promise<void> {
+  const requests: string[] = [];
+  const server = serveRepository(overrides, requests);
+  const cacheDir = await Deno.makeTempDir({ prefix: "denovisor-remote-test-" });
+  try {
+    const root = new URL(`http://127.0.0.1:${server.addr.port}/`);
+    const error = await downloadRemoteCore(root, { quiet: true, cacheDir }).then(
+      () => undefined,
+      (error) => error,
+    );
+    await check(error, requests, cacheDir);
+  } finally {
+    await server.shutdown();
+    await Deno.remove(cacheDir, { recursive: true });
+  }
+}
+
 function cacheEntries(cacheDir: string): string[] {
   return [...Deno.readDirSync(cacheDir)].map((entry) => entry.name);
 }
+
+Deno.test("a tampered core source is refused with its name and both hashes", async () => {
+  const original = Deno.readFileSync(join(repoRoot, "core", "src", "lib.rs"));
+  const tampered = new Uint8Array([...original, ...new TextEncoder().encode("// tampered\n")]);
+  await downloadServed({ "/core/src/lib.rs": tampered }, async (error, _requests, cacheDir) => {
+    assert.ok(error instanceof DenovisorError, String(error));
+    assert.equal(error.code, "BUILD_FAILED");
+    assert.match(error.message, /core\/src\/lib\.rs/);
+    assert.ok(error.message.includes(await sha256Hex(original)), error.message);
+    assert.ok(error.message.includes(await sha256Hex(tampered)), error.message);
+    // Nothing of the failed download is left for a later build to use.
+    assert.deepEqual(cacheEntries(cacheDir), []);
+  });
+});
+
+Deno.test("a tampered manifest is refused before any source is downloaded", async () => {
+  // A consistent forgery: the manifest lists the tampered file's real hash.
+  const manifest = JSON.parse(Deno.readTextFileSync(join(repoRoot, "core", "MANIFEST.json")));
+  const tampered = new TextEncoder().encode('compile_error!("tampered");\n');
+  const entry = manifest.files.find((file: { path: string }) => file.path === "core/src/lib.rs");
+  entry.sha256 = await sha256Hex(tampered);
+  entry.size = tampered.length;
+  const forged = new TextEncoder().encode(`${JSON.stringify(manifest, null, 2)}\n`);
+  await downloadServed(
+    { "/core/MANIFEST.json": forged, "/core/src/lib.rs": tampered },
+    async (error, requests, cacheDir) => {
+      assert.ok(error instanceof DenovisorError, String(error));
+      assert.equal(error.code, "BUILD_FAILED");
+      assert.match(error.message, /core\/MANIFEST\.json/);
+      assert.ok(error.message.includes(CORE_MANIFEST_SHA256), error.message);
+      assert.ok(error.message.includes(await sha256Hex(forged)), error.message);
+      assert.deepEqual(requests, ["/core/MANIFEST.json"]);
+      assert.deepEqual(cacheEntries(cacheDir), []);
+    },
+  );
+});
+
+Deno.test({
+  name: "plain http from a host other than loopback is refused before any network access",
+  // Any fetch would fail with NotCapable instead of the refusal checked below.
+  permissions: { net: false, read: true, write: true, env: true },
+  async fn() {
+    const cacheDir = await Deno.makeTempDir({ prefix: "denovisor-remote-test-" });
+    try {
+      for (const url of ["http://example.invalid/", "http://10.0.0.1/denovisor/"]) {
+        for (const attempt of [downloadRemoteCore, ensureRemoteCore]) {
+          await assert.rejects(
+            () => attempt(new URL(url), { quiet: true, cacheDir }),
+            (error) =>
+              error instanceof DenovisorError && error.code === "INVALID_ARGUMENT" &&
+              error.message.includes(url) && error.message.includes("loopback"),
+            `${attempt.name} ${url}`,
+          );
+        }
+      }
+      // Loopback passes the check and gets as far as the network, which this
+      // test may not use (port 1: nothing would answer anyway).
+      for (
+        const url of [
+          "http://127.0.0.1:1/",
+          "http://127.1.2.3:1/",
+          "http://[::1]:1/",
+          "http://localhost:1/",
+        ]
+      ) {
+        await assert.rejects(
+          () => downloadRemoteCore(new URL(url), { quiet: true, cacheDir }),
+          (error) =>
+            error instanceof DenovisorError && error.code === "BUILD_FAILED" &&
+            error.message.includes(`cannot download ${url}core/MANIFEST.json`),
+          url,
+        );
+      }
+      assert.deepEqual(cacheEntries(cacheDir), []);
+    } finally {
+      await Deno.remove(cacheDir, { recursive: true });
+    }
+  },
+});
 
 Deno.test("http from loopback is allowed: a verified download lands complete in the cache", async () => {
   const requests: string[] = [];

@@ -150,6 +150,13 @@ export async function downloadRemoteCore(
   options: RemoteCoreOptions = {},
 ): Promise<string> {
   const root = asFolderUrl(moduleUrl);
+  if (root.protocol === "http:" && !isLoopbackHost(root.hostname)) {
+    throw new DenovisorError(
+      "INVALID_ARGUMENT",
+      `refusing to download the core from ${root.href}: plain http is only allowed from a ` +
+        `loopback host (127.0.0.0/8, ::1, localhost); use https`,
+    );
+  }
   const cacheDir = options.cacheDir === undefined
     ? denovisorCacheDir()
     : absolutePath(options.cacheDir);
@@ -163,6 +170,14 @@ export async function downloadRemoteCore(
 
   const manifestUrl = new URL("core/MANIFEST.json", root);
   const manifestBytes = await fetchFile(manifestUrl, MAX_MANIFEST_BYTES);
+  const manifestHash = await sha256Hex(manifestBytes);
+  if (manifestHash !== CORE_MANIFEST_SHA256) {
+    throw new DenovisorError(
+      "BUILD_FAILED",
+      `refusing the core's manifest ${manifestUrl.href}: its SHA-256 is ${manifestHash}, ` +
+        `but this denovisor pins core/MANIFEST.json to ${CORE_MANIFEST_SHA256}`,
+    );
+  }
   let loaded: unknown;
   try {
     loaded = JSON.parse(new TextDecoder().decode(manifestBytes));
@@ -365,7 +380,17 @@ async function download(
       for (let file = queue.shift(); file !== undefined && !failed; file = queue.shift()) {
         try {
           const target = joinPath(partial, ...file.path.split("/"));
-          const content = await fetchFile(new URL(file.path, root), file.size);
+          const url = new URL(file.path, root);
+          const content = await fetchFile(url, file.size);
+          const sha256 = await sha256Hex(content);
+          if (sha256 !== file.sha256 || content.length !== file.size) {
+            throw new DenovisorError(
+              "BUILD_FAILED",
+              `refusing ${file.path} from ${url.href}: its SHA-256 is ${sha256} ` +
+                `(${content.length} bytes), but core/MANIFEST.json lists ${file.sha256} ` +
+                `(${file.size} bytes)`,
+            );
+          }
           Deno.mkdirSync(target.slice(0, target.lastIndexOf("/")), { recursive: true });
           Deno.writeFileSync(target, content);
         } catch (error) {
@@ -441,6 +466,12 @@ async function fetchFile(url: URL, expectedSize: number): Promise<Uint8Array<Arr
     offset += chunk.length;
   }
   return content;
+}
+
+/** Whether `hostname` (as `URL` normalizes it) is a loopback address or `localhost`. */
+function isLoopbackHost(hostname: string): boolean {
+  return hostname === "localhost" || hostname === "[::1]" ||
+    /^127\.\d{1,3}\.\d{1,3}\.\d{1,3}$/.test(hostname);
 }
 
 function asFolderUrl(url: URL): URL {
