@@ -1,8 +1,10 @@
 /**
  * Finds the core library for wherever denovisor was loaded from: a local
  * checkout builds `core/` in place; an import from an http(s) URL downloads
- * the core's sources (as listed in `core/MANIFEST.json`) into a per-version
- * cache folder and builds them there. `DENOVISOR_LIB` overrides both.
+ * the core's sources (as listed in `core/MANIFEST.json`, each checked against
+ * its SHA-256 there, the manifest against the hash pinned in
+ * `_core_manifest_hash.ts`) into a per-version cache folder and builds them
+ * there. `DENOVISOR_LIB` overrides both.
  *
  * @module
  */
@@ -49,7 +51,8 @@ const MAX_MANIFEST_BYTES = 1 << 20;
  * @param options `quiet` suppresses progress output while building.
  * @returns The absolute path to pass to `Deno.dlopen`.
  * @throws {DenovisorError} `INVALID_ARGUMENT` when `DENOVISOR_LIB` names a
- * missing file or the root's scheme is unsupported; `BUILD_FAILED` otherwise.
+ * missing file, the root's scheme is unsupported or it is plain http from a
+ * host that is not loopback; `BUILD_FAILED` otherwise.
  * @example
  * ```ts
  * import { locateCoreLibrary } from "./src/build/remote_core.ts";
