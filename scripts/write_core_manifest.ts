@@ -15,6 +15,5 @@ import { writeCoreManifest } from "../src/build/remote_core.ts";
 
 if (import.meta.main) {
   const repoRoot = fileURLToPath(new URL("../", import.meta.url));
-  const sha256 = await writeCoreManifest(repoRoot);
-  console.log(`core/MANIFEST.json ${sha256}`);
+  for (const path of await writeCoreManifest(repoRoot)) console.log(`wrote ${path}`);
 }

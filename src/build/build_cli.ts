@@ -16,7 +16,7 @@ import { parseArgs } from "node:util";
 import { fileURLToPath } from "node:url";
 import { DenovisorError } from "../errors.ts";
 import { checkKvmAccess, type CrateSource, ensureCoreLibrary } from "./core_build.ts";
-import { createCoreManifest, formatCoreManifest, writeCoreManifest } from "./remote_core.ts";
+import { renderCoreManifestFiles, writeCoreManifest } from "./remote_core.ts";
 
 const USAGE = `Usage: deno task build [options]
 
@@ -93,8 +93,8 @@ export async function main(args: string[]): Promise<number> {
   if (parsed.manifest) {
     await writeCoreManifest(repoRoot);
   } else if (
-    readText(`${repoRoot}core/MANIFEST.json`) !==
-      formatCoreManifest(await createCoreManifest(repoRoot))
+    Object.entries(await renderCoreManifestFiles(repoRoot))
+      .some(([path, text]) => readText(`${repoRoot}${path}`) !== text)
   ) {
     console.error(
       "denovisor: warning: core/MANIFEST.json is out of date (remote imports would refuse " +

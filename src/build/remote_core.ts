@@ -235,28 +235,46 @@ export function formatCoreManifest(manifest: CoreManifest): string {
 }
 
 /**
- * `deno task manifest`: writes `core/MANIFEST.json` for the checkout at
- * `repoRoot`, and `src/build/_core_manifest_hash.ts`, which pins the
- * manifest's SHA-256 for remote imports.
+ * The files `deno task manifest` writes for the checkout at `repoRoot`, by
+ * path relative to it: `core/MANIFEST.json` and `src/build/_core_manifest_hash.ts`,
+ * which pins the manifest's SHA-256 for remote imports.
  *
  * @param repoRoot The repository root folder.
- * @returns The SHA-256 of the manifest written.
+ * @returns Their texts, by relative path.
+ * @example
+ * ```ts
+ * import { renderCoreManifestFiles } from "./src/build/remote_core.ts";
+ * const files = await renderCoreManifestFiles(".");
+ * console.log(files["core/MANIFEST.json"] === Deno.readTextFileSync("core/MANIFEST.json"));
+ * ```
+ */
+export async function renderCoreManifestFiles(repoRoot: string): Promise<Record<string, string>> {
+  const manifest = await createCoreManifest(repoRoot);
+  const text = formatCoreManifest(manifest);
+  const sha256 = await sha256Hex(new TextEncoder().encode(text));
+  return {
+    "core/MANIFEST.json": text,
+    "src/build/_core_manifest_hash.ts": formatManifestPin(manifest.version, sha256),
+  };
+}
+
+/**
+ * `deno task manifest`: writes the files of {@link renderCoreManifestFiles}.
+ *
+ * @param repoRoot The repository root folder.
+ * @returns The relative paths written.
  * @example
  * ```ts
  * import { writeCoreManifest } from "./src/build/remote_core.ts";
  * console.log(await writeCoreManifest("."));
  * ```
  */
-export async function writeCoreManifest(repoRoot: string): Promise<string> {
-  const manifest = await createCoreManifest(repoRoot);
-  const bytes = new TextEncoder().encode(formatCoreManifest(manifest));
-  const sha256 = await sha256Hex(bytes);
-  Deno.writeFileSync(joinPath(repoRoot, "core", "MANIFEST.json"), bytes);
-  Deno.writeTextFileSync(
-    joinPath(repoRoot, "src", "build", "_core_manifest_hash.ts"),
-    formatManifestPin(manifest.version, sha256),
-  );
-  return sha256;
+export async function writeCoreManifest(repoRoot: string): Promise<string[]> {
+  const files = await renderCoreManifestFiles(repoRoot);
+  for (const [path, text] of Object.entries(files)) {
+    Deno.writeTextFileSync(joinPath(repoRoot, ...path.split("/")), text);
+  }
+  return Object.keys(files);
 }
 
 /**
