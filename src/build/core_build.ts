@@ -179,7 +179,7 @@ export function denovisorCacheDir(): string {
  */
 export function listCoreSources(coreDir: string): string[] {
   const files: string[] = [];
-  for (const entry of Deno.readDirSync(coreDir)) {
+  for (const entry of exists(coreDir) ? Deno.readDirSync(coreDir) : []) {
     if (entry.name.startsWith("Cargo.") && !entry.name.endsWith("~")) files.push(entry.name);
   }
   const walk = (relativeDir: string) => {
