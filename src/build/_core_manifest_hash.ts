@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "5173ad42bd707715975c1f2e0b953407d3cd43bc6034278d3112696297b6f154";
+  "dd41b3304cb09446030ba11da93abd6ee31321cb4b49395e7d4b39764c686b25";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.
