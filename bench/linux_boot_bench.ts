@@ -460,6 +460,7 @@ if (kernel) {
   Deno.bench({
     name:
       `Vm.create → loadLinux → first instruction (${MEMORY_MIB} MiB, Debian kernel, 1 MiB initrd)`,
+    ignore: checkKvmAccess() !== undefined,
     async fn(b) {
       b.start();
       const t0 = performance.now();
