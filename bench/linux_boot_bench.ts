@@ -61,10 +61,12 @@ const BOOT_TIMEOUT_MS = 600_000;
 const EXIT_GRACE_MS = 3_000;
 const QEMU = "qemu-system-x86_64";
 /**
- * The in-process boot polls the console buffer this often. Not faster: every
- * wake-up of the JS thread preempts the vCPU thread on a one-CPU host, and
- * under kvmbox each preemption is an emulated nested world switch; with a 2 ms
- * poll the in-process boot took 187 s against 87 s for the subprocess.
+ * The in-process boot polls the console buffer this often: the marker's time
+ * is late by up to this much, negligible against a boot of seconds. Not much
+ * faster: on a one-CPU host every wake-up of the JS thread preempts the vCPU
+ * thread (a 2 ms poll was tried first; its one in-process sample, 187 s against
+ * 87 s for the subprocess, did not repeat clearly enough to blame the poll:
+ * with 50 ms the in-process samples were 83–160 s).
  */
 const CONSOLE_POLL_MS = 50;
 /** Boots to the first instruction (milliseconds each): more samples than full boots. */
