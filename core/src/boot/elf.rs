@@ -203,14 +203,27 @@ pub fn load(ram: &GuestRam, bytes: &[u8], reserve_low: bool) -> Result<u64> {
 }
 
 /// Copies the segments of a parsed image into guest RAM at their physical
-/// addresses (their placement must have been checked).
+/// addresses. Each segment's whole `[paddr, paddr + memsz)` is checked against
+/// guest RAM first (overflow-safe), so nothing is written for an image that does
+/// not fit.
+///
+/// Only the `filesz` bytes are copied, straight from the file. The BSS (`memsz -
+/// filesz`) is never allocated on the host: [`GuestRam::zero`] drops its whole
+/// pages (fresh RAM is untouched, so this costs nothing) and writes zeros only
+/// into the partial pages at its ends. So a re-load into a used VM does zero the
+/// BSS again, in guest memory, page-wise, whatever `memsz` the file claims.
 pub fn write_segments(ram: &GuestRam, bytes: &[u8], image: &ElfImage) -> Result<()> {
+    for (i, s) in image.segments.iter().enumerate() {
+        check_placement(ram, &format!("segment {i}"), s.paddr, s.memsz, false)?;
+    }
     for s in &image.segments {
-        let data = &bytes[s.offset as usize..(s.offset + s.filesz) as usize];
+        let data = usize::try_from(s.offset)
+            .ok()
+            .zip(usize::try_from(s.offset.saturating_add(s.filesz)).ok())
+            .and_then(|(start, end)| bytes.get(start..end))
+            .ok_or_else(|| Error::Image("ELF segment runs past the end of the file".into()))?;
         ram.write(s.paddr, data)?;
-        // Zero the tail explicitly: a VM may be loaded into RAM that is not fresh.
-        let zeros = vec![0u8; (s.memsz - s.filesz) as usize];
-        ram.write(s.paddr + s.filesz, &zeros)?;
+        ram.zero(s.paddr + s.filesz, s.memsz - s.filesz)?;
     }
     Ok(())
 }
@@ -285,6 +298,57 @@ pub(crate) mod tests {
         let ram = GuestRam::new(2 << 20).unwrap();
         let e = load(&ram, &tiny_elf(0x1000, &[0xf4]), true).unwrap_err();
         assert!(e.to_string().contains("reserved"), "{e}");
+    }
+
+    /// Resident set size of this process in bytes (`VmRSS`).
+    fn rss_bytes() -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+        kib * 1024
+    }
+
+    #[test]
+    fn a_huge_bss_costs_neither_host_memory_nor_time() {
+        // 120 bytes of ELF whose one segment is 1 byte in the file and 1.5 GiB in memory.
+        let mut img = tiny_elf(0x10_0000, &[0xf4]);
+        let memsz: u64 = 3 << 29;
+        img[EHDR_SIZE + 40..EHDR_SIZE + 48].copy_from_slice(&memsz.to_le_bytes());
+        assert_eq!(img.len(), 121);
+        let ram = GuestRam::new(2 << 30).unwrap();
+        let rss = rss_bytes();
+        let started = std::time::Instant::now();
+        assert_eq!(load(&ram, &img, true).unwrap(), 0x10_0000);
+        let elapsed = started.elapsed();
+        let grown = rss_bytes().saturating_sub(rss);
+        assert!(elapsed.as_millis() < 500, "loading took {elapsed:?}");
+        assert!(grown < 256 << 20, "RSS grew by {grown} bytes");
+        let mut b = [0xaau8; 2];
+        ram.read(0x10_0000, &mut b).unwrap();
+        assert_eq!(b, [0xf4, 0]);
+        ram.read(0x10_0000 + memsz - 2, &mut b).unwrap();
+        assert_eq!(b, [0, 0]);
+    }
+
+    #[test]
+    fn a_reload_zeroes_the_bss_in_guest_memory() {
+        let mut img = tiny_elf(0x10_0800, &[0xf4]);
+        let memsz: u64 = 3 << 20; // starts mid-page, ends mid-page
+        img[EHDR_SIZE + 40..EHDR_SIZE + 48].copy_from_slice(&(memsz + 0x123).to_le_bytes());
+        let ram = GuestRam::new(8 << 20).unwrap();
+        ram.write(0x10_0000, &vec![0x55; 5 << 20]).unwrap();
+        load(&ram, &img, true).unwrap();
+        let mut all = vec![0u8; (6 << 20) - 0x10_0000];
+        ram.read(0x10_0000, &mut all).unwrap();
+        let bss_start = 0x801; // offsets from 0x100000
+        let bss_end = 0x800 + memsz as usize + 0x123;
+        assert!(
+            all[..0x800].iter().all(|&b| b == 0x55),
+            "before the segment"
+        );
+        assert_eq!(all[0x800], 0xf4);
+        assert!(all[bss_start..bss_end].iter().all(|&b| b == 0), "the BSS");
+        assert!(all[bss_end..].iter().all(|&b| b == 0x55), "after the BSS");
     }
 
     #[test]
