@@ -24,6 +24,10 @@ pub enum Status {
     Panic = -9,
     BufferTooSmall = -10,
     Io = -11,
+    Initrd = -12,
+    CmdlineTooLong = -13,
+    DoesNotFit = -14,
+    VcpuLimit = -15,
 }
 
 /// Everything that can go wrong inside the core.
@@ -68,6 +72,18 @@ pub enum Error {
         op: &'static str,
         source: std::io::Error,
     },
+    /// The initrd is truncated or not an initramfs the kernel accepts
+    #[error("{0}")]
+    Initrd(String),
+    /// The kernel command line is longer than the kernel accepts
+    #[error("{0}")]
+    CmdlineTooLong(String),
+    /// The kernel or initrd does not fit in guest RAM
+    #[error("{0}")]
+    DoesNotFit(String),
+    /// More vCPUs than the host's KVM allows
+    #[error("{0}")]
+    VcpuLimit(String),
 }
 
 impl Error {
@@ -85,6 +101,10 @@ impl Error {
             Error::Panic(_) => Status::Panic,
             Error::BufferTooSmall { .. } => Status::BufferTooSmall,
             Error::Io { .. } => Status::Io,
+            Error::Initrd(_) => Status::Initrd,
+            Error::CmdlineTooLong(_) => Status::CmdlineTooLong,
+            Error::DoesNotFit(_) => Status::DoesNotFit,
+            Error::VcpuLimit(_) => Status::VcpuLimit,
         }
     }
 
@@ -116,9 +136,15 @@ mod tests {
             },
             Error::Timeout(5),
             Error::BufferTooSmall { need: 2, got: 1 },
+            Error::Initrd("x".into()),
+            Error::CmdlineTooLong("x".into()),
+            Error::DoesNotFit("x".into()),
+            Error::VcpuLimit("x".into()),
         ];
+        let mut seen = std::collections::BTreeSet::new();
         for e in errors {
             assert!((e.status() as i32) < 0, "{e}");
+            assert!(seen.insert(e.status() as i32), "distinct: {e}");
         }
     }
 

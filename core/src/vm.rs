@@ -307,7 +307,7 @@ impl Vm {
         let id = vcpus.len() as u32;
         let host_limit = kvm()?.get_max_vcpus().min(MAX_VCPUS as usize) as u32;
         if id >= host_limit {
-            return Err(Error::arg(format!(
+            return Err(Error::VcpuLimit(format!(
                 "a VM on this host has at most {host_limit} vCPUs"
             )));
         }

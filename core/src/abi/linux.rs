@@ -4,7 +4,9 @@
 
 use super::{bytes, guarded, guarded_into, json};
 use crate::boot::linux;
+use crate::error::Error;
 use crate::handles;
+use crate::memory::MAX_RAM_BYTES;
 
 /// Loads a Linux kernel (bzImage or `vmlinux` ELF), an optional initrd
 /// (`initrd_len` 0: none) and a command line (not NUL-terminated; `cmdline_len`
@@ -42,6 +44,46 @@ pub unsafe extern "C" fn dv_vm_load_linux(
             let cpus = vm.vcpu_count().max(1) as u32;
             let layout = linux::load(vm.ram(), kernel, initrd, cmdline, cpus)?;
             vm.attach_acpi_pm()?;
+            json(&layout)
+        })
+    }
+}
+
+/// Makes every check of [`dv_vm_load_linux`] without a VM (and so without
+/// `/dev/kvm`): the kernel, the initrd's format, the command line's length and
+/// whether everything fits in `ram_size` bytes of guest RAM. On success `buf`
+/// holds the layout a load would produce, as JSON; on error the message, with a
+/// status per problem (`Image`, `Initrd`, `CmdlineTooLong`, `DoesNotFit`).
+///
+/// # Safety
+/// `kernel`, `initrd` and `cmdline` must be valid for their lengths; `buf` for
+/// `cap` writable bytes; `out_len` for a `usize` write.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn dv_linux_check(
+    kernel: *const u8,
+    kernel_len: usize,
+    initrd: *const u8,
+    initrd_len: usize,
+    cmdline: *const u8,
+    cmdline_len: usize,
+    ram_size: u64,
+    buf: *mut u8,
+    cap: usize,
+    out_len: *mut usize,
+) -> i32 {
+    // SAFETY: per this function's contract.
+    unsafe {
+        guarded_into(buf, cap, out_len, || {
+            if ram_size == 0 || !ram_size.is_multiple_of(4096) || ram_size > MAX_RAM_BYTES {
+                return Err(Error::arg(format!(
+                    "guest RAM size {ram_size} is not a positive multiple of 4 KiB up to {MAX_RAM_BYTES}"
+                )));
+            }
+            let kernel = bytes(kernel, kernel_len)?;
+            let initrd = bytes(initrd, initrd_len)?;
+            let cmdline = bytes(cmdline, cmdline_len)?;
+            let (_, layout) = linux::check(kernel, ram_size, initrd, cmdline)?;
             json(&layout)
         })
     }
@@ -104,6 +146,52 @@ mod tests {
         let status =
             unsafe { dv_inspect_image(std::ptr::null(), 4, buf.as_mut_ptr(), buf.len(), &mut n) };
         assert_eq!(status, Status::InvalidArgument as i32);
+    }
+
+    #[test]
+    fn check_classifies_each_problem_without_a_vm() {
+        let kernel = crate::boot::bzimage::tests::tiny_bzimage(&[0xf4; 0x400]);
+        let cpio = crate::boot::initrd::tests::tiny_cpio();
+        let mut buf = vec![0u8; 4096];
+        let mut n = 0usize;
+        let mut status = |k: &[u8], i: &[u8], c: &[u8], ram: u64| {
+            // SAFETY: valid buffers of their lengths.
+            unsafe {
+                dv_linux_check(
+                    k.as_ptr(),
+                    k.len(),
+                    i.as_ptr(),
+                    i.len(),
+                    c.as_ptr(),
+                    c.len(),
+                    ram,
+                    buf.as_mut_ptr(),
+                    buf.len(),
+                    &mut n,
+                )
+            }
+        };
+        assert_eq!(status(&kernel, &cpio, b"console=ttyS0", 64 << 20), 0);
+        assert_eq!(
+            status(b"root:x:0:0", &[], b"", 64 << 20),
+            Status::Image as i32
+        );
+        assert_eq!(
+            status(&kernel, b"junk", b"", 64 << 20),
+            Status::Initrd as i32
+        );
+        assert_eq!(
+            status(&kernel, &[], &[b'x'; 300], 64 << 20),
+            Status::CmdlineTooLong as i32
+        );
+        assert_eq!(
+            status(&kernel, &[], b"", 1 << 20),
+            Status::DoesNotFit as i32
+        );
+        assert_eq!(
+            status(&kernel, &[], b"", 4095),
+            Status::InvalidArgument as i32
+        );
     }
 
     #[test]

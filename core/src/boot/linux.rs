@@ -207,16 +207,22 @@ pub fn check_fits(kernel: &Kernel, placement: &Placement, ram_size: u64) -> Resu
             f.end()
         )));
     }
-    let advice = if f.end() <= MMIO_GAP_START {
-        format!("; give the VM at least {} MiB", f.end().div_ceil(MIB))
-    } else {
-        format!(", past the MMIO gap at {MMIO_GAP_START:#x}: no RAM size fits it")
-    };
-    Err(Error::Image(format!(
-        "the kernel does not fit in guest RAM: it needs {:#x}..{:#x} ({what}) but RAM below 4 GiB ends at {low_end:#x}{advice}",
+    let needs = format!(
+        "the kernel does not fit in guest RAM: it needs {:#x}..{:#x} ({what}) but RAM below 4 GiB ends at {low_end:#x}",
         f.address,
         f.end()
-    )))
+    );
+    if f.end() <= MMIO_GAP_START {
+        let mib = f.end().div_ceil(MIB);
+        Err(Error::DoesNotFit(format!(
+            "{needs}; give the VM at least {mib} MiB"
+        )))
+    } else {
+        // No RAM size fits it: the image itself is at fault.
+        Err(Error::Image(format!(
+            "{needs}, past the MMIO gap at {MMIO_GAP_START:#x}: no RAM size fits it"
+        )))
+    }
 }
 
 /// Where everything went: the `dv_vm_load_linux` result.
@@ -254,14 +260,14 @@ fn check_cmdline(kernel: &Kernel, cmdline: &[u8]) -> Result<()> {
     let len = cmdline.len() as u64;
     if let Kernel::BzImage(z) = kernel {
         if len > z.header.cmdline_size as u64 {
-            return Err(Error::Image(format!(
+            return Err(Error::CmdlineTooLong(format!(
                 "the command line is {len} bytes, longer than the kernel's cmdline_size ({})",
                 z.header.cmdline_size
             )));
         }
     }
     if len >= CMDLINE_MAX {
-        return Err(Error::Image(format!(
+        return Err(Error::CmdlineTooLong(format!(
             "the command line is {len} bytes; at most {} fit at {CMDLINE_ADDR:#x}",
             CMDLINE_MAX - 1
         )));
@@ -281,7 +287,7 @@ fn place_initrd(
         return Ok(None);
     }
     if len > ram_size {
-        return Err(Error::Image(format!(
+        return Err(Error::DoesNotFit(format!(
             "the initrd is {len} bytes, larger than guest RAM ({ram_size} bytes)"
         )));
     }
@@ -292,7 +298,7 @@ fn place_initrd(
     let top = (max + 1).min(low_ram_end(ram_size));
     match top.checked_sub(len).map(|a| a & !(PAGE - 1)) {
         Some(address) if address >= footprint.end() => Ok(Some(Region { address, size: len })),
-        _ => Err(Error::Image(format!(
+        _ => Err(Error::DoesNotFit(format!(
             "the initrd ({len} bytes) does not fit between the kernel's end {:#x} and {top:#x} (the lower of initrd_addr_max + 1 and the top of RAM below 4 GiB)",
             footprint.end()
         ))),
@@ -333,6 +339,25 @@ pub fn plan(
     })
 }
 
+/// Every check [`load`] makes, without guest RAM (and so without KVM): the kernel
+/// parses, the initrd is an initramfs the kernel accepts, the command line is
+/// short enough, and everything fits in `ram_size` bytes. Each failure has its
+/// own error: `Image` (a malformed kernel), `Initrd`, `CmdlineTooLong`,
+/// `DoesNotFit`.
+pub fn check(
+    bytes: &[u8],
+    ram_size: u64,
+    initrd: &[u8],
+    cmdline: &[u8],
+) -> Result<(Kernel, LinuxLayout)> {
+    let kernel = parse(bytes)?;
+    if !initrd.is_empty() {
+        super::initrd::check(initrd)?;
+    }
+    let layout = plan(&kernel, ram_size, initrd.len() as u64, cmdline)?;
+    Ok((kernel, layout))
+}
+
 /// Loads a kernel, its initrd and command line into `ram`, with the zero page,
 /// the boot GDT, the VMM's page tables and the tables describing `cpus` CPUs:
 /// ACPI's (in the BIOS area, pointed at by the zero page, with code at the reset
@@ -347,8 +372,7 @@ pub fn load(
     cmdline: &[u8],
     cpus: u32,
 ) -> Result<LinuxLayout> {
-    let kernel = parse(bytes)?;
-    let layout = plan(&kernel, ram.size(), initrd.len() as u64, cmdline)?;
+    let (kernel, layout) = check(bytes, ram.size(), initrd, cmdline)?;
     let acpi_tables = acpi::build_with_reset_vector(cpus)?;
     let mp_table = match cpus {
         0..=MAX_MPTABLE_CPUS => Some(mptable::build(cpus)?),
@@ -637,11 +661,18 @@ mod tests {
         u32::from_le_bytes(b)
     }
 
+    /// `len` bytes that pass as a gzip'd initramfs.
+    fn gzip_initrd(len: usize) -> Vec<u8> {
+        let mut v = vec![0xab; len];
+        v[..3].copy_from_slice(&[0x1f, 0x8b, 8]);
+        v
+    }
+
     #[test]
     fn loads_a_bzimage_with_initrd_and_cmdline() {
         let img = tiny_bzimage(&[0xf4; 0x400]);
         let ram = GuestRam::new(64 << 20).unwrap();
-        let initrd = vec![0xab; 5000];
+        let initrd = gzip_initrd(5000);
         let layout = load(&ram, &img, &initrd, b"console=ttyS0", 1).unwrap();
         assert_eq!(layout.format, "bzImage");
         assert_eq!(layout.protocol_version.as_deref(), Some("2.15"));
@@ -753,18 +784,27 @@ mod tests {
         assert!(e.to_string().contains("MMIO gap"), "{e}");
 
         let ram = GuestRam::new(8 << 20).unwrap();
-        let e = load(&ram, &img, &vec![0; 9 << 20], b"", 1)
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("larger than guest RAM"), "{e}");
-        let e = load(&ram, &img, &vec![0; 6 << 20], b"", 1)
-            .unwrap_err()
-            .to_string();
+        let e = load(&ram, &img, &gzip_initrd(9 << 20), b"", 1).unwrap_err();
+        assert!(matches!(e, Error::DoesNotFit(_)), "{e}");
+        assert!(e.to_string().contains("larger than guest RAM"), "{e}");
+        let e = load(&ram, &img, &gzip_initrd(6 << 20), b"", 1).unwrap_err();
+        assert!(matches!(e, Error::DoesNotFit(_)), "{e}");
+        let e = e.to_string();
         assert!(e.contains("initrd") && e.contains("does not fit"), "{e}");
+        let e = load(&ram, &img, &vec![0; 6 << 20], b"", 1).unwrap_err();
+        assert!(matches!(e, Error::Initrd(_)), "{e}");
+        let e = load(
+            &ram,
+            &img,
+            &crate::boot::initrd::tests::tiny_cpio()[..200],
+            b"",
+            1,
+        );
+        assert!(matches!(e, Err(Error::Initrd(_))), "{e:?}");
 
-        let e = load(&ram, &img, &[], &[b'x'; 256], 1)
-            .unwrap_err()
-            .to_string();
+        let e = load(&ram, &img, &[], &[b'x'; 256], 1).unwrap_err();
+        assert!(matches!(e, Error::CmdlineTooLong(_)), "{e}");
+        let e = e.to_string();
         assert!(e.contains("cmdline_size (255)"), "{e}");
         assert!(load(&ram, &img, &[], &[b'x'; 255], 1).is_ok());
         let e = load(&ram, &img, &[], b"a\0b", 1).unwrap_err().to_string();
@@ -789,7 +829,7 @@ mod tests {
         let ph = 64;
         img[ph + 16..ph + 24].copy_from_slice(&0xffff_ffff_8100_0000u64.to_le_bytes());
         let ram = GuestRam::new(32 << 20).unwrap();
-        let layout = load(&ram, &img, &[1, 2, 3], b"root=/dev/vda", 1).unwrap();
+        let layout = load(&ram, &img, &gzip_initrd(30), b"root=/dev/vda", 1).unwrap();
         assert_eq!(layout.format, "elf");
         assert_eq!(layout.entry, 0x100_0000);
         assert_eq!(read_u32(&ram, ZERO_PAGE_ADDR + 0x238), 13);

@@ -7,6 +7,7 @@ pub mod acpi;
 mod bytes;
 pub mod bzimage;
 pub mod elf;
+pub mod initrd;
 pub mod layout;
 pub mod linux;
 pub mod mptable;
