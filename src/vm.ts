@@ -9,7 +9,7 @@
 import { DenovisorError } from "./errors.ts";
 import { describeExit, type ExitReason, type VcpuExit } from "./kvm/exit.ts";
 import { lastLines } from "./console_driver.ts";
-import type { CpuidPolicy, MsrPolicy } from "./cpu/policy.ts";
+import { type CpuidPolicy, cpuidPolicyJson, type MsrPolicy, msrPolicyJson } from "./cpu/policy.ts";
 import type { IrqStats } from "./irq.ts";
 import {
   type EntryMode,
@@ -219,14 +219,32 @@ export class Vm implements Disposable {
         `console must be "capture" or "stdout", got ${JSON.stringify(consoleMode)}`,
       );
     }
+    const unhandledIo = config.unhandledIo ?? "ignore";
+    if (unhandledIo !== "ignore" && unhandledIo !== "stop") {
+      throw new DenovisorError(
+        "INVALID_ARGUMENT",
+        `unhandledIo must be "ignore" or "stop", got ${JSON.stringify(unhandledIo)}`,
+      );
+    }
+    const interrupts = config.interrupts ?? false;
+    if (typeof interrupts !== "boolean") {
+      throw new DenovisorError(
+        "INVALID_ARGUMENT",
+        `interrupts must be a boolean, got ${JSON.stringify(interrupts)}`,
+      );
+    }
+    // The policies are checked (and thrown away) here so that every bad
+    // configuration is refused before /dev/kvm is opened.
+    if (config.cpuid !== undefined) cpuidPolicyJson(config.cpuid);
+    if (config.msrs !== undefined) msrPolicyJson(config.msrs);
     const kvm = await Kvm.open();
     // Loading the core is a once-per-process cost; the VM's own creation starts here.
     const started = performance.now();
     const memoryBytes = memoryMiB * 1024 * 1024;
     const vm = kvm.createVm({
       memoryBytes,
-      unhandledIo: config.unhandledIo ?? "ignore",
-      irqchip: config.interrupts ?? false,
+      unhandledIo,
+      irqchip: interrupts,
     });
     try {
       if (config.cpuid) vm.setCpuidPolicy(config.cpuid);

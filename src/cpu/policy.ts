@@ -89,6 +89,11 @@ export interface MsrPolicy {
   deny?: readonly number[];
 }
 
+/** `KVM_MSR_FILTER_MAX_RANGES`: the ranges one MSR filter holds. */
+const MSR_FILTER_MAX_RANGES = 16;
+/** The most MSRs the core puts in one filter range (`MAX_RANGE_MSRS`). */
+const MSR_FILTER_RANGE_MSRS = 1536 * 8;
+
 function checkBit(b: CpuidBit): CpuidBit {
   const u32 = (v: number) => Number.isInteger(v) && v >= 0 && v <= 0xffff_ffff;
   if (
@@ -112,6 +117,14 @@ function checkBit(b: CpuidBit): CpuidBit {
  * ```
  */
 export function cpuidPolicyJson(policy: CpuidPolicy): string {
+  if (typeof policy !== "object" || policy === null) {
+    throw new DenovisorError("INVALID_ARGUMENT", "cpuid must be an object");
+  }
+  for (const key of ["hide", "hideBits"] as const) {
+    if (policy[key] !== undefined && !Array.isArray(policy[key])) {
+      throw new DenovisorError("INVALID_ARGUMENT", `cpuid.${key} must be an array`);
+    }
+  }
   const bits: CpuidBit[] = [];
   for (const name of policy.hide ?? []) {
     const bit: CpuidBit | undefined = (CPUID_FEATURES as Record<string, CpuidBit>)[name];
@@ -146,10 +159,45 @@ export function cpuidPolicyJson(policy: CpuidPolicy): string {
  * ```
  */
 export function msrPolicyJson(policy: MsrPolicy): string {
+  const fail = (message: string) => new DenovisorError("INVALID_ARGUMENT", message);
+  if (typeof policy !== "object" || policy === null) throw fail("msrs must be an object");
+  const action = policy.default ?? "allow";
+  if (action !== "allow" && action !== "deny") {
+    throw fail(`bad MSR policy: default must be "allow" or "deny", got ${JSON.stringify(action)}`);
+  }
+  for (const key of ["allow", "deny"] as const) {
+    if (policy[key] !== undefined && !Array.isArray(policy[key])) {
+      throw fail(`msrs.${key} must be an array`);
+    }
+  }
   const indices = [...policy.allow ?? [], ...policy.deny ?? []];
   const bad = indices.find((i) => !Number.isInteger(i) || i < 0 || i > 0xffff_ffff);
-  if (bad !== undefined) {
-    throw new DenovisorError("INVALID_ARGUMENT", `bad MSR index ${bad}`);
+  if (bad !== undefined) throw fail(`bad MSR index ${bad}`);
+  // The core's rules (core/src/msr_filter.rs), checked here too so that a bad
+  // policy is refused before /dev/kvm is opened.
+  const allowed = new Set(policy.allow ?? []);
+  const both = (policy.deny ?? []).find((i) => allowed.has(i));
+  if (both !== undefined) {
+    throw fail(`bad MSR policy: MSR 0x${both.toString(16)} is both allowed and denied`);
+  }
+  const listed = [...new Set(indices)].sort((a, b) => a - b);
+  let ranges = 0;
+  let base = -2;
+  let count = 0;
+  for (const msr of listed) {
+    if (msr === base + count && count < MSR_FILTER_RANGE_MSRS) {
+      count++;
+    } else {
+      ranges++;
+      base = msr;
+      count = 1;
+    }
+  }
+  if (ranges > MSR_FILTER_MAX_RANGES) {
+    throw fail(
+      `bad MSR policy: the listed MSRs form ${ranges} separate ranges; KVM takes at most ` +
+        MSR_FILTER_MAX_RANGES,
+    );
   }
   return JSON.stringify({
     default: policy.default ?? "allow",
