@@ -26,7 +26,11 @@ export type ErrorCode =
   | "CLOSED"
   | "GUEST_CRASHED"
   | "GUEST_UNRESPONSIVE"
-  | "GUEST_STOPPED";
+  | "GUEST_STOPPED"
+  | "INITRD"
+  | "CMDLINE_TOO_LONG"
+  | "DOES_NOT_FIT"
+  | "VCPU_LIMIT";
 
 /** Core status codes (negative `i32`s returned by `dv_*` calls), by value. */
 export const CORE_STATUS_CODES: Readonly<Record<number, ErrorCode>> = {
@@ -41,6 +45,10 @@ export const CORE_STATUS_CODES: Readonly<Record<number, ErrorCode>> = {
   [-9]: "PANIC",
   [-10]: "BUFFER_TOO_SMALL",
   [-11]: "IO",
+  [-12]: "INITRD",
+  [-13]: "CMDLINE_TOO_LONG",
+  [-14]: "DOES_NOT_FIT",
+  [-15]: "VCPU_LIMIT",
 };
 
 /**

@@ -1,32 +1,77 @@
 /**
- * Process exit statuses of the CLI. A guest's debug-exit code `(v << 1) | 1` is
- * always odd, so denovisor's own statuses are even and never collide with it.
+ * Process exit statuses of the CLI, in one place (README's "The command line"
+ * lists them). Three families that never collide:
+ *
+ * - odd: a guest's debug-exit code `(v << 1) | 1` (QEMU's `isa-debug-exit`);
+ * - 130..254, even: a guest's EXIT hypercall with status `s != 0`, as
+ *   `128 + 2 * min(s, 63)` (254 means 63 or more; the exact `u32` is in the
+ *   summary line and in `RunResult.exitCode`); `s == 0` is 0;
+ * - every other even number below 130: denovisor's own {@link ExitStatus}.
  *
  * @module
  */
 
+import type { ErrorCode } from "../errors.ts";
 import type { VcpuExit } from "../kvm/exit.ts";
 
-/** The CLI's own exit statuses. */
+/** denovisor's own exit statuses: even, and outside 130..254. */
 export const ExitStatus = {
-  /** The default guest succeeded, or a guest halted, reset or powered off. */
+  /** The default guest succeeded, a guest halted, reset or powered off, or its
+   * EXIT hypercall's status was 0. */
   ok: 0,
-  /** Bad command-line arguments, or an image that cannot be loaded. */
+  /** Bad command-line arguments, or a kernel or image that is malformed. */
   usage: 2,
-  /** The guest crashed (triple fault, internal error, failed entry, unhandled I/O). */
+  /** The guest crashed (an exception reported by the guest runtime, internal
+   * error, failed entry, malformed hypercall, unhandled I/O under `stop`). */
   guestCrashed: 10,
+  /** The guest triple-faulted (the vCPU shut down). */
+  guestTripleFault: 12,
+  /** The guest kernel panicked (reserved: set by panic detection). */
+  guestPanic: 14,
+  /** The guest stopped answering (reserved: set by a watchdog). */
+  guestUnresponsive: 16,
+  /** The initrd is truncated or not an initramfs the kernel accepts. */
+  badInitrd: 20,
+  /** The kernel command line is longer than the kernel accepts. */
+  cmdlineTooLong: 22,
+  /** The kernel or the initrd does not fit in guest RAM (`--mem`). */
+  doesNotFit: 24,
+  /** More vCPUs than the host's KVM allows (`KVM_CAP_MAX_VCPUS`). */
+  vcpuLimit: 26,
   /** The VMM itself failed (no /dev/kvm, the core could not be built, ...). */
   vmmError: 70,
   /** The run's timeout passed. */
   timeout: 124,
 } as const;
 
+/** The first status of the range reserved for guests' EXIT hypercalls. */
+export const GUEST_EXIT_STATUS_BASE = 128;
+/** EXIT statuses from this value up share the range's last status, 254. */
+export const GUEST_EXIT_STATUS_CAP = 63;
+
+/**
+ * The process exit status for a guest's EXIT hypercall status.
+ *
+ * @param status The guest's `u32` status.
+ * @returns 0 for 0, else `128 + 2 * min(status, 63)` (130..254).
+ * @example
+ * ```ts
+ * import { statusOfGuestExit } from "./src/cli/exit_status.ts";
+ * console.log(statusOfGuestExit(1), statusOfGuestExit(1000)); // 130 254
+ * ```
+ */
+export function statusOfGuestExit(status: number): number {
+  if (status === 0) return ExitStatus.ok;
+  return GUEST_EXIT_STATUS_BASE + 2 * Math.min(status, GUEST_EXIT_STATUS_CAP);
+}
+
 /**
  * The process exit status for a run that ended with `exit`.
  *
  * @param exit How the run ended.
- * @returns The guest's debug-exit code (low 8 bits, always odd), the status of
- *   its EXIT hypercall (low 8 bits), or one of {@link ExitStatus}.
+ * @returns The guest's debug-exit code (low 8 bits, always odd), its EXIT
+ *   hypercall status mapped by {@link statusOfGuestExit}, or one of
+ *   {@link ExitStatus}.
  * @example
  * ```ts
  * import { statusOfExit } from "./src/cli/exit_status.ts";
@@ -38,7 +83,7 @@ export function statusOfExit(exit: VcpuExit): number {
     case "debug_exit":
       return exit.exitCode & 0xff;
     case "guest_exit":
-      return exit.status & 0xff;
+      return statusOfGuestExit(exit.status);
     case "hlt":
     case "stopped":
     case "reset":
@@ -46,9 +91,38 @@ export function statusOfExit(exit: VcpuExit): number {
       return ExitStatus.ok;
     case "timed_out":
       return ExitStatus.timeout;
+    case "shutdown":
+      return ExitStatus.guestTripleFault;
     case "error":
       return ExitStatus.vmmError;
     default:
       return ExitStatus.guestCrashed;
   }
+}
+
+const STATUS_OF_CODE: Partial<Record<ErrorCode, number>> = {
+  INVALID_ARGUMENT: ExitStatus.usage,
+  IMAGE: ExitStatus.usage,
+  MEMORY: ExitStatus.usage,
+  INITRD: ExitStatus.badInitrd,
+  CMDLINE_TOO_LONG: ExitStatus.cmdlineTooLong,
+  DOES_NOT_FIT: ExitStatus.doesNotFit,
+  VCPU_LIMIT: ExitStatus.vcpuLimit,
+};
+
+/**
+ * The process exit status for an error that ended the command before or
+ * instead of a run.
+ *
+ * @param error A `DenovisorError` (or anything with its `code`).
+ * @returns The status of its code; {@link ExitStatus.vmmError} for the rest.
+ * @example
+ * ```ts
+ * import { statusOfError } from "./src/cli/exit_status.ts";
+ * import { DenovisorError } from "./src/errors.ts";
+ * console.log(statusOfError(new DenovisorError("INITRD", "bad magic"))); // 20
+ * ```
+ */
+export function statusOfError(error: { code: ErrorCode }): number {
+  return STATUS_OF_CODE[error.code] ?? ExitStatus.vmmError;
 }
