@@ -75,6 +75,7 @@ export {
 export {
   type Address,
   type BzImageInfo,
+  checkLinuxLoad,
   type ElfInfo,
   type ElfSegment,
   formatInspection,

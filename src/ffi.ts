@@ -122,6 +122,22 @@ const SYMBOLS = {
   dv_vcpu_setup_linux_entry: { parameters: ["u32", "u64", "u64"], result: "i32" },
   /** int32_t dv_inspect_image(const uint8_t *data, size_t len, uint8_t *buf, size_t cap, size_t *out_len) */
   dv_inspect_image: { parameters: ["buffer", "usize", "buffer", "usize", "buffer"], result: "i32" },
+  /** int32_t dv_linux_check(const uint8_t *kernel, size_t kernel_len, const uint8_t *initrd, size_t initrd_len, const uint8_t *cmdline, size_t cmdline_len, uint64_t ram_size, uint8_t *buf, size_t cap, size_t *out_len) */
+  dv_linux_check: {
+    parameters: [
+      "buffer",
+      "usize",
+      "buffer",
+      "usize",
+      "buffer",
+      "usize",
+      "u64",
+      "buffer",
+      "usize",
+      "buffer",
+    ],
+    result: "i32",
+  },
 } as const satisfies Deno.ForeignLibraryInterface;
 
 type Symbols = Deno.DynamicLibrary<typeof SYMBOLS>["symbols"];
@@ -407,6 +423,25 @@ export class Core {
   /** `dv_vcpu_setup_linux_entry`: RIP = `entry`, RSI = `zeroPage`, boot GDT. */
   vcpuSetupLinuxEntry(vcpu: number, entry: bigint, zeroPage: bigint): void {
     this.#check(this.#sym.dv_vcpu_setup_linux_entry(vcpu, entry, zeroPage));
+  }
+
+  /** `dv_linux_check`: every check of `vmLoadLinux` without a VM (no /dev/kvm);
+   * the layout a load would produce. */
+  linuxCheck<T>(kernel: Uint8Array, initrd: Uint8Array, cmdline: Uint8Array, ramBytes: bigint): T {
+    return this.#json((buf, cap, outLen) =>
+      this.#sym.dv_linux_check(
+        kernel,
+        BigInt(kernel.length),
+        initrd,
+        BigInt(initrd.length),
+        cmdline,
+        BigInt(cmdline.length),
+        ramBytes,
+        buf,
+        cap,
+        outLen,
+      )
+    );
   }
 
   /** `dv_inspect_image`: what the loaders see in an image, as parsed JSON;

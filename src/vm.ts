@@ -20,6 +20,7 @@ import {
   type VcpuMetrics,
 } from "./kvm/kvm.ts";
 import type { LinuxLayout, LinuxLoadOptions } from "./linux/layout.ts";
+import { linuxInputs } from "./linux/inspect.ts";
 
 /** Guest-physical start of the MMIO hole below 4 GiB (RAM above it moves past 4 GiB). */
 const MMIO_GAP_START = 0xd000_0000;
@@ -87,6 +88,28 @@ export interface LoadOptions {
 }
 
 const ARGUMENT_REGISTERS = ["rdi", "rsi", "rdx", "rcx", "r8", "r9"] as const;
+
+function checkArguments(args: unknown): readonly (number | bigint)[] {
+  if (!Array.isArray(args)) {
+    throw new DenovisorError("INVALID_ARGUMENT", "arguments must be an array of integers");
+  }
+  if (args.length > ARGUMENT_REGISTERS.length) {
+    throw new DenovisorError(
+      "INVALID_ARGUMENT",
+      `at most ${ARGUMENT_REGISTERS.length} arguments fit in registers, got ${args.length}`,
+    );
+  }
+  for (const a of args) {
+    const ok = typeof a === "bigint" ? a >= 0n && a < 1n << 64n : Number.isSafeInteger(a) && a >= 0;
+    if (!ok) {
+      throw new DenovisorError(
+        "INVALID_ARGUMENT",
+        `arguments must be integers from 0 to 2^64 - 1, got ${String(a)}`,
+      );
+    }
+  }
+  return args;
+}
 
 /** Where and how an image was loaded. */
 export interface LoadedImage {
@@ -302,6 +325,22 @@ export class Vm implements Disposable {
         `format must be "auto", "elf" or "flat", got ${JSON.stringify(requested)}`,
       );
     }
+    if (!(image instanceof Uint8Array)) {
+      throw new DenovisorError("INVALID_ARGUMENT", "image must be a Uint8Array");
+    }
+    for (const key of ["loadAddress", "entry", "stack"] as const) {
+      const value = options[key];
+      if (value !== undefined && (!Number.isSafeInteger(value) || value < 0)) {
+        throw new DenovisorError(
+          "INVALID_ARGUMENT",
+          `${key} must be a non-negative integer, got ${value}`,
+        );
+      }
+    }
+    if (typeof options.arguments === "object") checkArguments(options.arguments);
+    else if (options.arguments !== undefined && typeof options.arguments !== "function") {
+      throw new DenovisorError("INVALID_ARGUMENT", "arguments must be an array or a function");
+    }
     const format = requested === "auto" ? (isElf(image) ? "elf" : "flat") : requested;
     const reserveLow = mode !== "real";
     let entry: bigint;
@@ -321,14 +360,10 @@ export class Vm implements Disposable {
     const argumentsOf = typeof options.arguments === "function"
       ? options.arguments
       : () => (options.arguments ?? []) as readonly (number | bigint)[];
+    // Every vCPU's arguments are checked before the first vCPU is touched.
+    const perVcpu = this.#vm.vcpus.map((vcpu) => checkArguments(argumentsOf(vcpu.index)));
     for (const vcpu of this.#vm.vcpus) {
-      const args = argumentsOf(vcpu.index);
-      if (args.length > ARGUMENT_REGISTERS.length) {
-        throw new DenovisorError(
-          "INVALID_ARGUMENT",
-          `at most ${ARGUMENT_REGISTERS.length} arguments fit in registers, got ${args.length}`,
-        );
-      }
+      const args = perVcpu[vcpu.index];
       // Every vCPU enters at the same entry point, each on its own stack.
       const ownStack = stack - BigInt(vcpu.index * VCPU_STACK_BYTES);
       vcpu.setupEntry(mode, entry, ownStack);
@@ -356,9 +391,12 @@ export class Vm implements Disposable {
    *
    * @param options The kernel, initrd and command line.
    * @returns Where everything went.
-   * @throws {DenovisorError} `IMAGE` when the kernel is malformed, does not fit in
-   *   guest RAM, the initrd does not fit, or the command line is longer than the
-   *   kernel's `cmdline_size`; `INVALID_ARGUMENT` for arguments of the wrong type.
+   * @throws {DenovisorError} `IMAGE` when the kernel is malformed, `INITRD` when
+   *   the initrd is truncated or not an initramfs the kernel accepts,
+   *   `DOES_NOT_FIT` when the kernel or initrd does not fit in guest RAM,
+   *   `CMDLINE_TOO_LONG` when the command line is longer than the kernel's
+   *   `cmdline_size`; `INVALID_ARGUMENT` for arguments of the wrong type.
+   *   `checkLinuxLoad` makes the same checks without a VM.
    * @example
    * ```ts
    * import { Vm } from "./mod.ts";
@@ -373,18 +411,8 @@ export class Vm implements Disposable {
    * ```
    */
   loadLinux(options: LinuxLoadOptions): LinuxLayout {
-    const { kernel, initrd = new Uint8Array(), cmdline = "" } = options ?? {};
-    if (!(kernel instanceof Uint8Array)) {
-      throw new DenovisorError("INVALID_ARGUMENT", "kernel must be a Uint8Array");
-    }
-    if (!(initrd instanceof Uint8Array)) {
-      throw new DenovisorError("INVALID_ARGUMENT", "initrd must be a Uint8Array");
-    }
-    if (typeof cmdline !== "string") {
-      throw new DenovisorError("INVALID_ARGUMENT", "cmdline must be a string");
-    }
-    if (kernel.length === 0) throw new DenovisorError("IMAGE", "the kernel image is empty");
-    const layout = this.#vm.loadLinux(kernel, initrd, new TextEncoder().encode(cmdline));
+    const { kernel, initrd, cmdline } = linuxInputs(options);
+    const layout = this.#vm.loadLinux(kernel, initrd, cmdline);
     this.#vm.vcpus[0].setupLinuxEntry(layout.entry, layout.zeroPage);
     this.#loaded = {
       format: "linux",

@@ -7,8 +7,9 @@
  * @module
  */
 
+import { DenovisorError } from "../errors.ts";
 import { openCore } from "../ffi.ts";
-import type { MemoryRegion } from "./layout.ts";
+import type { LinuxLayout, LinuxLoadOptions, MemoryRegion } from "./layout.ts";
 
 /** A 64-bit value: a `number` when it is a safe integer, else a `bigint`. */
 export type Address = number | bigint;
@@ -150,6 +151,85 @@ export interface ImageInspection {
 export async function inspectImage(image: Uint8Array): Promise<ImageInspection> {
   const core = await openCore();
   return core.inspectImage<ImageInspection>(image);
+}
+
+/** The validated bytes of a {@link LinuxLoadOptions}. */
+export interface LinuxInputs {
+  /** The kernel image. */
+  kernel: Uint8Array;
+  /** The initrd (empty: none). */
+  initrd: Uint8Array;
+  /** The command line as bytes, without a NUL. */
+  cmdline: Uint8Array;
+}
+
+/**
+ * Checks the types of a Linux load's options (what `Vm.loadLinux` takes).
+ *
+ * @param options The kernel, initrd and command line.
+ * @returns Their bytes.
+ * @throws {DenovisorError} `INVALID_ARGUMENT` for a wrong type, `IMAGE` for an
+ *   empty kernel.
+ * @example
+ * ```ts
+ * import { linuxInputs } from "./src/linux/inspect.ts";
+ * const { cmdline } = linuxInputs({ kernel: new Uint8Array(1), cmdline: "quiet" });
+ * console.log(cmdline.length); // 5
+ * ```
+ */
+export function linuxInputs(options: LinuxLoadOptions): LinuxInputs {
+  if (typeof options !== "object" || options === null) {
+    throw new DenovisorError("INVALID_ARGUMENT", "the Linux load options must be an object");
+  }
+  const { kernel, initrd = new Uint8Array(), cmdline = "" } = options;
+  if (!(kernel instanceof Uint8Array)) {
+    throw new DenovisorError("INVALID_ARGUMENT", "kernel must be a Uint8Array");
+  }
+  if (!(initrd instanceof Uint8Array)) {
+    throw new DenovisorError("INVALID_ARGUMENT", "initrd must be a Uint8Array");
+  }
+  if (typeof cmdline !== "string") {
+    throw new DenovisorError("INVALID_ARGUMENT", "cmdline must be a string");
+  }
+  if (kernel.length === 0) throw new DenovisorError("IMAGE", "the kernel image is empty");
+  return { kernel, initrd, cmdline: new TextEncoder().encode(cmdline) };
+}
+
+/**
+ * Makes every check `Vm.loadLinux` makes, without a VM and so without
+ * `/dev/kvm`: the kernel is a bzImage or vmlinux the loader accepts, the initrd
+ * is an initramfs the kernel accepts (a `newc` cpio archive walked to its
+ * trailer, or gzip, bzip2, lzma, xz, lzo, lz4 or zstd by its magic), the command
+ * line fits the kernel's `cmdline_size`, and the kernel and initrd fit in
+ * `memoryMiB` of RAM.
+ *
+ * @param options The kernel, initrd and command line.
+ * @param memoryMiB The guest RAM they must fit in.
+ * @returns The layout the load would produce.
+ * @throws {DenovisorError} `IMAGE` (a malformed kernel), `INITRD`,
+ *   `CMDLINE_TOO_LONG`, `DOES_NOT_FIT` or `INVALID_ARGUMENT`, each with a
+ *   one-line message.
+ * @example
+ * ```ts
+ * import { checkLinuxLoad } from "./mod.ts";
+ * const kernel = await Deno.readFile("bzImage");
+ * const layout = await checkLinuxLoad({ kernel, cmdline: "console=ttyS0" }, 256);
+ * console.log(layout.entry.toString(16));
+ * ```
+ */
+export async function checkLinuxLoad(
+  options: LinuxLoadOptions,
+  memoryMiB: number,
+): Promise<LinuxLayout> {
+  if (!Number.isSafeInteger(memoryMiB) || memoryMiB <= 0) {
+    throw new DenovisorError(
+      "INVALID_ARGUMENT",
+      `memoryMiB must be a positive integer, got ${memoryMiB}`,
+    );
+  }
+  const { kernel, initrd, cmdline } = linuxInputs(options);
+  const core = await openCore();
+  return core.linuxCheck<LinuxLayout>(kernel, initrd, cmdline, BigInt(memoryMiB) << 20n);
 }
 
 function hex(value: Address): string {
