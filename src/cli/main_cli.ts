@@ -17,9 +17,16 @@ import type { EntryMode } from "../kvm/kvm.ts";
 import { type MetricsReport, metricsReport, toPrometheus } from "../metrics.ts";
 import { type LoadOptions, type RunResult, Vm } from "../vm.ts";
 import { formatOverheadTable, measureOverhead, type WorkloadName, WORKLOADS } from "../overhead.ts";
-import { ExitStatus, statusOfExit } from "./exit_status.ts";
+import { ExitStatus, statusOfError, statusOfExit } from "./exit_status.ts";
 import { attachStdin } from "../console.ts";
-import { formatInspection, inspectImage, inspectionJson } from "../linux/inspect.ts";
+import {
+  checkLinuxLoad,
+  formatInspection,
+  inspectImage,
+  inspectionJson,
+} from "../linux/inspect.ts";
+import { ABI_VERSION } from "../ffi.ts";
+import denoConfig from "../../deno.json" with { type: "json" };
 
 const MAIN_HELP = `denovisor — a KVM hypervisor driven from TypeScript
 
@@ -35,10 +42,25 @@ Usage:
   deno run -A main.ts inspect IMAGE [--json]
                                       show what the loaders see in an image
   deno run -A main.ts <command> --help
+  deno run -A main.ts --version
 
-Exit status: a guest's debug-exit code (always odd) or EXIT hypercall status;
-0 when the hello guest succeeds or a guest halts; 2 bad arguments or image; 10 guest crashed;
+Exit status: odd = the guest's debug-exit code (v << 1) | 1; 130..254 = the
+guest's EXIT hypercall status s != 0 as 128 + 2*min(s, 63) (0 for s = 0);
+0 the hello guest succeeded or a guest halted; 2 bad arguments or a malformed
+image or kernel; 10 guest crashed; 12 guest triple fault; 14 guest kernel
+panic; 16 guest stopped answering; 20 bad initrd; 22 command line too long;
+24 kernel or initrd does not fit in RAM; 26 more vCPUs than the host allows;
 70 VMM error; 124 timeout.
+`;
+
+const HELLO_HELP = `Usage: deno run -A main.ts hello
+
+Runs the built-in hello guest (guest/hello/hello.S) in a 16 MiB VM: it prints
+a banner over the serial port and exits through the debug-exit port. Exit
+status 0 when it succeeded.
+
+Options:
+  -h, --help     this help
 `;
 
 const OVERHEAD_HELP = `Usage: deno run -A main.ts overhead [options]
@@ -103,13 +125,34 @@ Linux (instead of IMAGE; the 64-bit boot protocol, no firmware):
 export interface CliIo {
   /** Writes to standard error. */
   error(text: string): void;
+  /** Writes help and version text (default: standard output). */
+  output?(text: string): void;
 }
 
 const stderrIo: CliIo = {
   error: (text) => Deno.stderr.writeSync(new TextEncoder().encode(text)),
 };
 
+function output(io: CliIo, text: string): number {
+  if (io.output) io.output(text);
+  else writeAllSync(Deno.stdout, new TextEncoder().encode(text));
+  return ExitStatus.ok;
+}
+
+function writeAllSync(w: { writeSync(p: Uint8Array): number }, bytes: Uint8Array): void {
+  for (let at = 0; at < bytes.length;) at += w.writeSync(bytes.subarray(at));
+}
+
 class UsageError extends Error {}
+
+/** The largest kernel, initrd or image file the CLI reads. */
+export const MAX_INPUT_FILE_BYTES = 512 * 1024 * 1024;
+/** The largest --mem, in MiB (as `Vm.create` accepts). */
+const MAX_MEMORY_MIB = 1 << 20;
+/** The most --cpus (as `Vm.create` accepts; the host's KVM may allow fewer). */
+const MAX_VCPUS = 254;
+/** Argument registers (rdi, rsi, rdx, rcx, r8, r9). */
+const MAX_ARGUMENTS = 6;
 
 function parseAddress(value: string | undefined, what: string): number | undefined {
   if (value === undefined) return undefined;
@@ -127,11 +170,16 @@ function parseCount(
   what: string,
   fallback: number,
   min: number,
+  max?: number,
 ): number {
   if (value === undefined) return fallback;
   const n = /^[0-9]+$/.test(value) ? Number(value) : NaN;
-  if (!Number.isSafeInteger(n) || n < min) {
-    throw new UsageError(`${what} must be an integer >= ${min}, got "${value}"`);
+  if (!Number.isSafeInteger(n) || n < min || (max !== undefined && n > max)) {
+    throw new UsageError(
+      max === undefined
+        ? `${what} must be an integer >= ${min}, got "${value}"`
+        : `${what} must be an integer from ${min} to ${max}, got "${value}"`,
+    );
   }
   return n;
 }
@@ -228,10 +276,7 @@ async function runCommand(args: string[], io: CliIo): Promise<number> {
       help: { type: "boolean", short: "h" },
     },
   });
-  if (values.help) {
-    io.error(RUN_HELP);
-    return ExitStatus.ok;
-  }
+  if (values.help) return output(io, RUN_HELP);
   if (values.kernel !== undefined) return await runLinuxCommand(values, positionals, io);
   if (positionals.length !== 1) {
     throw new UsageError(
@@ -242,8 +287,8 @@ async function runCommand(args: string[], io: CliIo): Promise<number> {
   }
   const path = positionals[0];
   const vmOptions = {
-    memoryMiB: parseCount(values.mem, "--mem", 16, 1),
-    vcpus: parseCount(values.cpus, "--cpus", 1, 1),
+    memoryMiB: parseCount(values.mem, "--mem", 16, 1, MAX_MEMORY_MIB),
+    vcpus: parseCount(values.cpus, "--cpus", 1, 1, MAX_VCPUS),
     interrupts: values.irqchip ?? false,
     timeoutMs: parseCount(values.timeout, "--timeout", 0, 0),
     unhandledIo: oneOf(
@@ -260,18 +305,21 @@ async function runCommand(args: string[], io: CliIo): Promise<number> {
     entry: parseAddress(values.entry, "--entry"),
     arguments: (values.arg ?? []).map((a) => parseAddress(a, "--arg")!),
   };
+  if (load.arguments!.length > MAX_ARGUMENTS) {
+    throw new UsageError(
+      `at most ${MAX_ARGUMENTS} arguments fit in registers (rdi ... r9), got ${
+        load.arguments!.length
+      } --arg`,
+    );
+  }
   const metricsFormat = oneOf(
     values["metrics-format"],
     "--metrics-format",
     ["json", "prometheus"] as const,
     "json",
   );
-  let image: Uint8Array;
-  try {
-    image = await Deno.readFile(path);
-  } catch (e) {
-    throw new UsageError(`cannot read image ${path}: ${e instanceof Error ? e.message : e}`);
-  }
+  const image = await readInput(path, "image");
+  await checkImage(image, load.format!);
   const { result, metrics } = await runImage(image, vmOptions, load, {
     stdin: !values["no-stdin"],
   });
@@ -307,11 +355,53 @@ const LINUX_DEFAULT_MEMORY_MIB = 256;
  * on COM1, and a reboot (or a panic, at once) ends the VM through the i8042. */
 const LINUX_DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=-1";
 
+/**
+ * Reads a kernel, initrd or image: only a regular file (a device such as
+ * /dev/zero, a FIFO or a directory would be read forever or not at all), and at
+ * most {@link MAX_INPUT_FILE_BYTES}. The type and size come from the open file
+ * itself, and the read stops at the cap even if the file grows meanwhile.
+ */
 async function readInput(path: string, what: string): Promise<Uint8Array> {
+  const fail = (why: string) => new UsageError(`cannot read ${what} ${path}: ${why}`);
+  let file: Deno.FsFile;
   try {
-    return await Deno.readFile(path);
+    // A FIFO would block in open(2) until a writer came: refuse it by its type first.
+    const info = await Deno.stat(path);
+    if (!info.isFile) throw fail("not a regular file");
+    file = await Deno.open(path, { read: true });
   } catch (e) {
-    throw new UsageError(`cannot read ${what} ${path}: ${e instanceof Error ? e.message : e}`);
+    if (e instanceof UsageError) throw e;
+    throw fail(e instanceof Error ? e.message : String(e));
+  }
+  using f = file;
+  const info = await f.stat();
+  if (!info.isFile) throw fail("not a regular file");
+  if (info.size > MAX_INPUT_FILE_BYTES) {
+    throw fail(`${info.size} bytes, more than the ${MAX_INPUT_FILE_BYTES >> 20} MiB limit`);
+  }
+  const bytes = new Uint8Array(info.size);
+  let at = 0;
+  while (at < bytes.length) {
+    const n = await f.read(bytes.subarray(at));
+    if (n === null) break;
+    at += n;
+  }
+  return bytes.subarray(0, at);
+}
+
+/** Refuses a malformed ELF image before a VM exists (the core parses it
+ * without KVM); flat images have no format to check. */
+async function checkImage(image: Uint8Array, format: "auto" | "elf" | "flat"): Promise<void> {
+  if (image.length === 0) throw new DenovisorError("IMAGE", "the image is empty");
+  const elfMagic = image[0] === 0x7f && image[1] === 0x45 && image[2] === 0x4c &&
+    image[3] === 0x46;
+  if (format === "flat" || (format === "auto" && !elfMagic)) return;
+  const inspection = await inspectImage(image);
+  if (inspection.format !== "elf") {
+    throw new DenovisorError("IMAGE", "image: not an ELF file (bad magic)");
+  }
+  if (inspection.elf === null) {
+    throw new DenovisorError("IMAGE", `image: ${inspection.problem ?? "malformed ELF"}`);
   }
 }
 
@@ -331,14 +421,12 @@ async function runLinuxCommand(
       );
     }
   }
-  const kernel = await readInput(values.kernel!, "kernel");
-  const initrd = values.initrd === undefined ? undefined : await readInput(values.initrd, "initrd");
   const cmdline = values.cmdline ?? LINUX_DEFAULT_CMDLINE;
   const vmOptions = {
-    memoryMiB: parseCount(values.mem, "--mem", LINUX_DEFAULT_MEMORY_MIB, 1),
+    memoryMiB: parseCount(values.mem, "--mem", LINUX_DEFAULT_MEMORY_MIB, 1, MAX_MEMORY_MIB),
     // vCPU 0 boots; the others wait in KVM for the kernel's INIT/SIPI, and the
     // kernel finds them in the MP table the loader writes.
-    vcpus: parseCount(values.cpus, "--cpus", 1, 1),
+    vcpus: parseCount(values.cpus, "--cpus", 1, 1, MAX_VCPUS),
     // A kernel needs its timer and interrupt controllers: the irqchip is always on.
     interrupts: true,
     timeoutMs: parseCount(values.timeout, "--timeout", 0, 0),
@@ -355,6 +443,10 @@ async function runLinuxCommand(
     ["json", "prometheus"] as const,
     "json",
   );
+  const kernel = await readInput(values.kernel!, "kernel");
+  const initrd = values.initrd === undefined ? undefined : await readInput(values.initrd, "initrd");
+  // Every check of the load, before /dev/kvm is opened.
+  await checkLinuxLoad({ kernel, initrd, cmdline }, vmOptions.memoryMiB);
   const { result, metrics } = await runImage(kernel, vmOptions, (vm) => {
     const layout = vm.loadLinux({ kernel, initrd, cmdline });
     if (!values.quiet) {
@@ -392,10 +484,7 @@ async function inspectCommand(args: string[], io: CliIo): Promise<number> {
     allowPositionals: true,
     options: { json: { type: "boolean" }, help: { type: "boolean", short: "h" } },
   });
-  if (values.help) {
-    io.error(INSPECT_HELP);
-    return ExitStatus.ok;
-  }
+  if (values.help) return output(io, INSPECT_HELP);
   if (positionals.length !== 1) {
     throw new UsageError(
       positionals.length === 0
@@ -424,10 +513,7 @@ async function overheadCommand(args: string[], io: CliIo): Promise<number> {
       help: { type: "boolean", short: "h" },
     },
   });
-  if (values.help) {
-    io.error(OVERHEAD_HELP);
-    return ExitStatus.ok;
-  }
+  if (values.help) return output(io, OVERHEAD_HELP);
   if (positionals.length > 0) throw new UsageError(`unexpected argument "${positionals[0]}"`);
   const workloads = (values.workload ?? []).map((w) =>
     oneOf<WorkloadName>(w, "--workload", WORKLOADS, "cpu")
@@ -453,7 +539,14 @@ overhead = T_virt - T_native. time/exit = (time in KVM_RUN + time in the VMM) / 
 the exit round trip for exit-bound workloads. VMM/exit: the VMM's own share of it.
 `;
 
-async function helloCommand(io: CliIo): Promise<number> {
+async function helloCommand(args: string[], io: CliIo): Promise<number> {
+  const { values } = parseArgs({
+    args,
+    strict: true,
+    allowPositionals: false,
+    options: { help: { type: "boolean", short: "h" } },
+  });
+  if (values.help) return output(io, HELLO_HELP);
   io.error("denovisor: running the built-in hello guest (guest/hello/hello.S) in a new VM\n");
   const { result } = await runImage(await defaultGuestImage(), {
     memoryMiB: 16,
@@ -482,10 +575,15 @@ export async function main(args: string[], io: CliIo = stderrIo): Promise<number
     const [command, ...rest] = args;
     if (command === undefined) return await overheadCommand([], io);
     if (command === "overhead") return await overheadCommand(rest, io);
-    if (command === "hello") return await helloCommand(io);
+    if (command === "hello") return await helloCommand(rest, io);
     if (command === "-h" || command === "--help" || command === "help") {
-      io.error(MAIN_HELP);
-      return ExitStatus.ok;
+      return output(io, MAIN_HELP);
+    }
+    if (command === "--version" || command === "-V" || command === "version") {
+      return output(
+        io,
+        `denovisor ${denoConfig.version}\ncore ABI ${ABI_VERSION}\ndeno ${Deno.version.deno}\n`,
+      );
     }
     if (command === "run") return await runCommand(rest, io);
     if (command === "inspect") return await inspectCommand(rest, io);
@@ -499,9 +597,9 @@ export async function main(args: string[], io: CliIo = stderrIo): Promise<number
       return ExitStatus.usage;
     }
     if (e instanceof DenovisorError) {
-      io.error(`denovisor: ${e.message}\n`);
-      const usage = e.code === "IMAGE" || e.code === "INVALID_ARGUMENT" || e.code === "MEMORY";
-      return usage ? ExitStatus.usage : ExitStatus.vmmError;
+      // One line: a core message never spans lines, but a host error might.
+      io.error(`denovisor: ${e.message.split("\n")[0]}\n`);
+      return statusOfError(e);
     }
     throw e;
   }
