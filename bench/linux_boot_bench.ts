@@ -51,7 +51,10 @@ import {
 } from "./_boot_compare.ts";
 
 const MEMORY_MIB = 256;
+// Filler behind a gzip magic: the loader checks an initrd's format, the kernel
+// does not get as far as unpacking it.
 const INITRD = new Uint8Array(1 << 20).fill(0x5a);
+INITRD.set([0x1f, 0x8b, 0x08]);
 const CMDLINE = "console=ttyS0 earlyprintk=serial reboot=k panic=-1 root=/dev/ram0";
 /** `out %al, $0xf4`: the debug-exit port ends the run at the first instruction. */
 const EXIT_AT_ENTRY = new Uint8Array([0xe6, 0xf4]);

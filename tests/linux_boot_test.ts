@@ -22,6 +22,13 @@ import { buildInitramfs } from "../src/linux/initramfs.ts";
 import { main } from "../src/cli/main_cli.ts";
 import { KVM_KIND, kvmTest, linuxTest } from "./_helpers.ts";
 
+/** `bytes` with a gzip magic in front, so the loader's initramfs check accepts
+ * them (the conformance guest only hashes the initrd; no kernel unpacks it). */
+function gzipMagic(bytes: Uint8Array): Uint8Array {
+  bytes.set([0x1f, 0x8b, 0x08]);
+  return bytes;
+}
+
 const MIB = 1 << 20;
 const guest = await buildConformanceGuest();
 
@@ -200,7 +207,7 @@ kvmTest(
   "the conformance guest receives every zero page field (initrd capped by initrd_addr_max)",
   async () => {
     // 64 MiB of RAM, an initrd_addr_max of 56 MiB: the initrd goes under the cap.
-    const initrd = Uint8Array.from({ length: 1021 }, (_, i) => (i * 7 + 3) & 0xff);
+    const initrd = gzipMagic(Uint8Array.from({ length: 1021 }, (_, i) => (i * 7 + 3) & 0xff));
     await conformance(64, initrd, "console=ttyS0 denovisor.test=conformance root=/dev/ram0");
   },
 );
@@ -208,7 +215,7 @@ kvmTest(
 kvmTest("the conformance guest in a small VM, without initrd or command line", async () => {
   // 8 MiB: the initrd cap is above RAM; no initrd and an empty command line.
   await conformance(8, undefined, undefined);
-  const initrd = new Uint8Array(4096 + 13).fill(0x5a);
+  const initrd = gzipMagic(new Uint8Array(4096 + 13).fill(0x5a));
   await conformance(8, initrd, "x".repeat(255)); // the longest cmdline_size allows
 });
 
@@ -249,26 +256,40 @@ kvmTest(
   "malformed kernels and inputs are refused with a clear message, the VM untouched",
   async () => {
     using vm = await Vm.create({ memoryMiB: 64 });
-    const refused = (options: Parameters<Vm["loadLinux"]>[0], message: RegExp) => {
+    const refused = (
+      options: Parameters<Vm["loadLinux"]>[0],
+      message: RegExp,
+      code: DenovisorError["code"] = "IMAGE",
+    ) => {
       assert.throws(
         () => vm.loadLinux(options),
-        (e: unknown) =>
-          e instanceof DenovisorError && e.code === "IMAGE" && message.test(e.message),
-        String(message),
+        (e: unknown) => e instanceof DenovisorError && e.code === code && message.test(e.message),
+        `${code} ${message}`,
       );
     };
     refused(
       { kernel: guest, cmdline: "x".repeat(256) },
       /256 bytes, longer .* cmdline_size \(255\)/,
+      "CMDLINE_TOO_LONG",
     );
     refused({ kernel: guest, cmdline: "a\0b" }, /contains a NUL byte/);
-    refused({ kernel: guest, initrd: new Uint8Array(65 * MIB) }, /larger than guest RAM/);
-    refused({ kernel: guest, initrd: new Uint8Array(56 * MIB) }, /initrd .* does not fit/);
+    refused(
+      { kernel: guest, initrd: gzipMagic(new Uint8Array(65 * MIB)) },
+      /larger than guest RAM/,
+      "DOES_NOT_FIT",
+    );
+    refused(
+      { kernel: guest, initrd: gzipMagic(new Uint8Array(56 * MIB)) },
+      /initrd .* does not fit/,
+      "DOES_NOT_FIT",
+    );
+    refused({ kernel: guest, initrd: new Uint8Array(56 * MIB) }, /all zero/, "INITRD");
     refused({ kernel: guest.subarray(0, 3000) }, /truncated/);
     refused({ kernel: guest.subarray(0, 0x300) }, /setup_sects 1 .* past the end/);
     refused(
       { kernel: patched(guest, 0x260, 0x8000000, 4) },
       /does not fit .* init_size 0x8000000\) .* at least 130 MiB/,
+      "DOES_NOT_FIT",
     );
     refused({ kernel: patched(guest, 0x260, 0xfff00000, 4) }, /past the MMIO gap/);
     refused({ kernel: patched(guest, 0x236, 0, 2) }, /XLF_KERNEL_64/);
@@ -300,7 +321,7 @@ kvmTest("main.ts inspect and run --kernel", async () => {
     assert.equal(await main(["inspect", "--json", bad], io), 2);
     assert.equal(await main(["inspect"], io), 2);
     assert.match(messages.join(""), /missing IMAGE/);
-    await Deno.writeFile(`${dir}/initrd`, new Uint8Array(100).fill(1));
+    await Deno.writeFile(`${dir}/initrd`, gzipMagic(new Uint8Array(100).fill(1)));
     assert.equal(
       await main([
         "run",
@@ -318,7 +339,7 @@ kvmTest("main.ts inspect and run --kernel", async () => {
       CONFORMANCE_EXIT_CODE,
     );
     messages.length = 0;
-    assert.equal(await main(["run", "--no-stdin", "--kernel", good, "--mem", "2"], io), 2);
+    assert.equal(await main(["run", "--no-stdin", "--kernel", good, "--mem", "2"], io), 24);
     assert.match(messages.join(""), /give the VM at least 3 MiB/);
     assert.equal(await main(["run", "--kernel", good, "--entry", "0x1000"], io), 2);
     assert.equal(await main(["run", "--kernel", good, "image"], io), 2);
@@ -351,7 +372,7 @@ kvmTest(
     assert.match(info.bzImage!.kernelVersion ?? "", /^\d+\.\d+/);
 
     using vm = await Vm.create({ memoryMiB: 256, interrupts: true });
-    const initrd = new Uint8Array(MIB).fill(0xa5);
+    const initrd = gzipMagic(new Uint8Array(MIB).fill(0xa5));
     const layout = vm.loadLinux({ kernel, initrd, cmdline: "console=ttyS0 earlyprintk=serial" });
     assert.equal(layout.kernel.address, Number(info.bzImage!.header.prefAddress));
     assert.equal(layout.entry, layout.kernel.address + 0x200);
