@@ -140,9 +140,16 @@ Deno.test("inspect refuses devices, FIFOs and directories instead of reading for
   try {
     const fifo = `${dir}/fifo`;
     await new Deno.Command("mkfifo", { args: [fifo] }).output();
-    const r = await cli("inspect", fifo);
+    let r = await cli("inspect", fifo);
     assert.equal(r.code, ExitStatus.usage, r.stderr);
     assert.match(r.stderr, /not a regular file/);
+    const huge = `${dir}/huge`; // sparse: no disk space used
+    await Deno.writeFile(huge, new Uint8Array());
+    await Deno.truncate(huge, 513 * 2 ** 20);
+    r = await cli("inspect", huge);
+    assert.equal(r.code, ExitStatus.usage, r.stderr);
+    assert.match(r.stderr, /more than the 512 MiB limit/);
+    oneLine(r);
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
