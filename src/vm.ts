@@ -158,6 +158,9 @@ export interface RunResult {
    * not syncing: ...`), whatever ended the run afterwards (the kernel's own
    * reboot with `panic=N`, or the timeout while it spins with `panic=0`). */
   panic?: string;
+  /** Set by a watchdog that stopped a guest which stopped answering (the CLI's
+   * `--watchdog`). */
+  unresponsive?: boolean;
   /** VM exits during this run, all vCPUs. */
   exits: number;
   /** Timings. */

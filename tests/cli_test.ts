@@ -61,6 +61,10 @@ kvmTest("a crash, a timeout and an unhandled port each have their own status", a
     r = await cli("run", "--mode", "user", "--timeout", "200", spin);
     assert.equal(r.code, 124, r.stderr);
     assert.match(r.stderr, /timed out/);
+    // A guest that prints nothing: the watchdog ends it with its own status.
+    r = await cli("run", "--mode", "user", "--watchdog", "300", "--timeout", "60000", spin);
+    assert.equal(r.code, 16, r.stderr);
+    assert.match(r.stderr, /the guest stopped answering: no console output for \d+ ms/);
     r = await cli("run", "--mode", "real", "--unhandled-io", "stop", probe);
     assert.equal(r.code, 10, r.stderr);
     assert.match(r.stderr, /unhandled port I\/O: out 1 byte\(s\) at port 0x80/);

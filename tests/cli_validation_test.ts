@@ -5,7 +5,7 @@
 
 import assert from "node:assert/strict";
 
-import { ExitStatus, statusOfError, statusOfExit } from "../src/cli/exit_status.ts";
+import { ExitStatus, statusOfError, statusOfExit, statusOfResult } from "../src/cli/exit_status.ts";
 import { buildConformanceGuest } from "../src/linux/conformance_guest.ts";
 import { buildInitramfs } from "../src/linux/initramfs.ts";
 import { DenovisorError, Vm } from "../mod.ts";
@@ -229,4 +229,12 @@ Deno.test("Vm.create validates its whole configuration before /dev/kvm", async (
       return true;
     });
   }
+});
+
+Deno.test("a panic and a guest that stopped answering have their own statuses", () => {
+  assert.equal(statusOfResult({ exit: { reason: "reset" }, panic: "sysrq triggered crash" }), 14);
+  assert.equal(statusOfResult({ exit: { reason: "timed_out" }, panic: "Fatal exception" }), 14);
+  assert.equal(statusOfResult({ exit: { reason: "stopped" }, unresponsive: true }), 16);
+  assert.equal(statusOfResult({ exit: { reason: "reset" } }), 0);
+  assert.equal(statusOfResult({ exit: { reason: "timed_out" } }), 124);
 });

@@ -455,21 +455,46 @@ linuxTest(
 );
 
 linuxTest(
-  "a kernel panic ends the run with the panic message and the last console lines",
+  "a kernel panic ends the run with status 14, the panic message and the last console lines",
   async () => {
-    using vm = await Vm.create({ memoryMiB: 256, interrupts: true });
-    vm.loadLinux({
-      kernel: await Deno.readFile(debianKernel()),
-      initrd: await busyboxInitramfs([
-        "/bin/busybox echo DENOVISOR-ABOUT-TO-PANIC",
-        "/bin/busybox echo c > /proc/sysrq-trigger",
-      ]),
-      cmdline: "console=ttyS0 panic=-1 rdinit=/init",
-    });
-    const result = await vm.run({ timeoutMs: 300_000 });
-    assert.equal(result.panic, "sysrq triggered crash", `${result.summary}\n${result.console}`);
-    assert.match(result.summary, /^guest kernel panic: sysrq triggered crash/);
-    assert.match(result.summary, /last console lines:\n\[ *\d+\.\d+\] /);
-    assert.match(result.console, /DENOVISOR-ABOUT-TO-PANIC/);
+    const dir = await Deno.makeTempDir({ prefix: "denovisor-panic-" });
+    try {
+      const initrd = `${dir}/initrd.img`;
+      await Deno.writeFile(
+        initrd,
+        await busyboxInitramfs([
+          "/bin/busybox echo DENOVISOR-ABOUT-TO-PANIC",
+          "/bin/busybox echo c > /proc/sysrq-trigger",
+        ]),
+      );
+      if (!vmlinux.ok) throw new Error(`Debian's vmlinux cannot be had: ${vmlinux.reason}`);
+      const output = await new Deno.Command(Deno.execPath(), {
+        args: [
+          "run",
+          "-A",
+          new URL("../main.ts", import.meta.url).pathname,
+          "run",
+          "--no-stdin",
+          "--kernel",
+          vmlinux.file.path,
+          "--initrd",
+          initrd,
+          "--cmdline",
+          "console=ttyS0 panic=-1 rdinit=/init",
+          "--timeout",
+          "300000",
+        ],
+        stdout: "piped",
+        stderr: "piped",
+      }).output();
+      const stdout = new TextDecoder().decode(output.stdout);
+      const stderr = new TextDecoder().decode(output.stderr);
+      assert.equal(output.code, 14, `${stderr}\n${stdout.slice(-3000)}`);
+      assert.match(stdout, /DENOVISOR-ABOUT-TO-PANIC/);
+      assert.match(stderr, /guest kernel panic: sysrq triggered crash/);
+      assert.match(stderr, /last console lines:\n\[ *\d+\.\d+\] /);
+    } finally {
+      await Deno.remove(dir, { recursive: true });
+    }
   },
 );

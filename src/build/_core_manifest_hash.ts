@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "dd41b3304cb09446030ba11da93abd6ee31321cb4b49395e7d4b39764c686b25";
+  "e7fbaf257f933b34fb88054ea68f8893b2d1c158a4ea961d8062c68a42f07793";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

@@ -26,9 +26,9 @@ export const ExitStatus = {
   guestCrashed: 10,
   /** The guest triple-faulted (the vCPU shut down). */
   guestTripleFault: 12,
-  /** The guest kernel panicked (reserved: set by panic detection). */
+  /** The guest kernel panicked (its console showed "Kernel panic - not syncing"). */
   guestPanic: 14,
-  /** The guest stopped answering (reserved: set by a watchdog). */
+  /** The guest stopped answering (`--watchdog`: its console stayed silent). */
   guestUnresponsive: 16,
   /** The initrd is truncated or not an initramfs the kernel accepts. */
   badInitrd: 20,
@@ -98,6 +98,27 @@ export function statusOfExit(exit: VcpuExit): number {
     default:
       return ExitStatus.guestCrashed;
   }
+}
+
+/**
+ * The process exit status for a whole run: a kernel panic or a guest that
+ * stopped answering first, then how the run ended ({@link statusOfExit}).
+ *
+ * @param result The run's exit, its panic message and whether the watchdog
+ *   stopped it.
+ * @returns One of {@link ExitStatus}, or the guest's own code.
+ * @example
+ * ```ts
+ * import { statusOfResult } from "./src/cli/exit_status.ts";
+ * console.log(statusOfResult({ exit: { reason: "reset" }, panic: "oops" })); // 14
+ * ```
+ */
+export function statusOfResult(
+  result: { exit: VcpuExit; panic?: string; unresponsive?: boolean },
+): number {
+  if (result.unresponsive) return ExitStatus.guestUnresponsive;
+  if (result.panic !== undefined) return ExitStatus.guestPanic;
+  return statusOfExit(result.exit);
 }
 
 const STATUS_OF_CODE: Partial<Record<ErrorCode, number>> = {

@@ -17,7 +17,8 @@ import type { EntryMode } from "../kvm/kvm.ts";
 import { type MetricsReport, metricsReport, toPrometheus } from "../metrics.ts";
 import { type LoadOptions, type RunResult, Vm } from "../vm.ts";
 import { formatOverheadTable, measureOverhead, type WorkloadName, WORKLOADS } from "../overhead.ts";
-import { ExitStatus, statusOfError, statusOfExit } from "./exit_status.ts";
+import { ExitStatus, statusOfError, statusOfExit, statusOfResult } from "./exit_status.ts";
+import { lastLines } from "../console_driver.ts";
 import { attachStdin } from "../console.ts";
 import {
   checkLinuxLoad,
@@ -106,6 +107,8 @@ Options:
                      local APICs and PIT, COM1 on IRQ 4 (hlt then waits for
                      an interrupt instead of ending the run)
   --no-stdin         do not forward standard input to the guest
+  --watchdog MS      end the run (status 16) when the guest prints nothing on
+                     its console for MS milliseconds (default 0: never)
   -h, --help         this help
 
 Standard input goes to the guest's COM1 receive side. On a terminal it is put
@@ -218,7 +221,7 @@ async function runImage(
     interrupts?: boolean;
   },
   load: LoadOptions | ((vm: Vm) => unknown),
-  input: { stdin: boolean } = { stdin: false },
+  input: { stdin: boolean; watchdogMs?: number } = { stdin: false },
 ): Promise<ImageRun> {
   using vm = await Vm.create({ ...vmOptions, console: "stdout" });
   if (typeof load === "function") load(vm);
@@ -226,8 +229,42 @@ async function runImage(
   // Forwarding starts once the image is loaded, so a load error leaves the
   // terminal as it was; `using` restores it however the run ends.
   using _stdin = input.stdin ? attachStdin(vm) : undefined;
-  const result = await vm.run();
+  const running = vm.run();
+  const watchdog = input.watchdogMs ? watchConsole(vm, running, input.watchdogMs) : undefined;
+  const result = await running;
+  const silentMs = await watchdog;
+  if (silentMs !== undefined) {
+    result.unresponsive = true;
+    result.summary = `the guest stopped answering: no console output for ${silentMs} ms` +
+      (result.console ? `; last console lines:\n${lastLines(result.console, 10)}` : "");
+  }
   return { result, metrics: metricsReport(vm) };
+}
+
+/**
+ * The `--watchdog`: stops the VM when its console stays silent for `limitMs`.
+ * Resolves with the silence that stopped it, or undefined when the run ended
+ * by itself.
+ */
+async function watchConsole(
+  vm: Vm,
+  run: Promise<RunResult>,
+  limitMs: number,
+): Promise<number | undefined> {
+  let ended = false;
+  run.finally(() => (ended = true)).catch(() => {});
+  let lastOutput = performance.now();
+  while (!ended) {
+    await new Promise((resolve) => setTimeout(resolve, Math.min(250, limitMs)));
+    if (ended) return undefined;
+    if (vm.readConsole().length > 0) lastOutput = performance.now();
+    const silent = performance.now() - lastOutput;
+    if (silent >= limitMs) {
+      vm.stop();
+      return Math.round(silent);
+    }
+  }
+  return undefined;
 }
 
 async function writeMetrics(
@@ -270,6 +307,7 @@ async function runCommand(args: string[], io: CliIo): Promise<number> {
       quiet: { type: "boolean" },
       irqchip: { type: "boolean" },
       "no-stdin": { type: "boolean" },
+      watchdog: { type: "string" },
       arg: { type: "string", multiple: true },
       metrics: { type: "string" },
       "metrics-format": { type: "string" },
@@ -322,10 +360,11 @@ async function runCommand(args: string[], io: CliIo): Promise<number> {
   await checkImage(image, load.format!);
   const { result, metrics } = await runImage(image, vmOptions, load, {
     stdin: !values["no-stdin"],
+    watchdogMs: parseCount(values.watchdog, "--watchdog", 0, 0),
   });
   if (values.metrics !== undefined) await writeMetrics(values.metrics, metricsFormat, metrics);
   if (!values.quiet) io.error(summaryLine(result));
-  return statusOfExit(result.exit);
+  return statusOfResult(result);
 }
 
 /** The `run` options a Linux boot reads. */
@@ -347,6 +386,7 @@ interface LinuxRunValues {
   arg?: string[];
   irqchip?: boolean;
   "no-stdin"?: boolean;
+  watchdog?: string;
 }
 
 /** Guest RAM of a Linux boot unless --mem says otherwise. */
@@ -443,6 +483,7 @@ async function runLinuxCommand(
     ["json", "prometheus"] as const,
     "json",
   );
+  const watchdogMs = parseCount(values.watchdog, "--watchdog", 0, 0);
   const kernel = await readInput(values.kernel!, "kernel");
   const initrd = values.initrd === undefined ? undefined : await readInput(values.initrd, "initrd");
   // Every check of the load, before /dev/kvm is opened.
@@ -457,10 +498,10 @@ async function runLinuxCommand(
           (layout.initrd ? `, initrd at ${hex(layout.initrd.address)}` : "") + "\n",
       );
     }
-  }, { stdin: !values["no-stdin"] });
+  }, { stdin: !values["no-stdin"], watchdogMs });
   if (values.metrics !== undefined) await writeMetrics(values.metrics, metricsFormat, metrics);
   if (!values.quiet) io.error(summaryLine(result));
-  return statusOfExit(result.exit);
+  return statusOfResult(result);
 }
 
 const INSPECT_HELP = `Usage: deno run -A main.ts inspect IMAGE [--json]
