@@ -303,7 +303,7 @@ mod tests {
         let (outcome, status, ret) = call(&ram, &h, nr::WRITE, [0x2000, 5, 0, 0]);
         assert_eq!(outcome, HypercallOutcome::Continue(HypercallKind::Write));
         assert_eq!((status, ret), (0, 5));
-        assert_eq!(console.0.lock().unwrap().take().0, b"hello");
+        assert_eq!(console.0.lock().unwrap().take(), b"hello");
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use serde::Serialize;
 
+use crate::devices::console::ConsoleTally;
 use crate::hypercall::HypercallKind;
 
 /// The port ranges exits are counted by.
@@ -119,6 +120,11 @@ pub struct VcpuMetrics {
     /// Nanoseconds spent in the VMM handling exits, between two KVM_RUNs.
     vmm_ns: AtomicU64,
     latency: [AtomicU64; LATENCY_BUCKETS],
+    /// Console bytes this vCPU wrote, and how many of them (or of older output)
+    /// the capture and the stream dropped at that moment.
+    console_bytes: AtomicU64,
+    console_capture_dropped: AtomicU64,
+    console_stream_dropped: AtomicU64,
 }
 
 /// A point-in-time copy of [`VcpuMetrics`], as serialized for the host.
@@ -144,6 +150,10 @@ pub struct VcpuMetricsSnapshot {
     pub vmm_ns: u64,
     /// `handlingLatencyLog2Ns[i]` counts exits handled in `[2^i, 2^(i+1))` ns.
     pub handling_latency_log2_ns: Vec<u64>,
+    /// Console output of this vCPU (COM1 and the WRITE hypercall): bytes, and
+    /// bytes dropped by the in-memory capture (older output beyond 1 MiB) and by
+    /// the stream to a host fd (it did not drain) as this vCPU wrote.
+    pub console: ConsoleTally,
 }
 
 impl Default for VcpuMetrics {
@@ -166,6 +176,9 @@ impl Default for VcpuMetrics {
             kvm_run_ns: AtomicU64::new(0),
             vmm_ns: AtomicU64::new(0),
             latency: std::array::from_fn(|_| AtomicU64::new(0)),
+            console_bytes: AtomicU64::new(0),
+            console_capture_dropped: AtomicU64::new(0),
+            console_stream_dropped: AtomicU64::new(0),
         }
     }
 }
@@ -219,6 +232,21 @@ impl VcpuMetrics {
         self.latency[bucket(ns)].fetch_add(1, Relaxed);
     }
 
+    /// Adds console output this vCPU wrote (see [`ConsoleTally`]).
+    pub fn add_console(&self, tally: ConsoleTally) {
+        if tally.bytes != 0 {
+            self.console_bytes.fetch_add(tally.bytes, Relaxed);
+        }
+        if tally.capture_dropped != 0 {
+            self.console_capture_dropped
+                .fetch_add(tally.capture_dropped, Relaxed);
+        }
+        if tally.stream_dropped != 0 {
+            self.console_stream_dropped
+                .fetch_add(tally.stream_dropped, Relaxed);
+        }
+    }
+
     /// A consistent-enough copy for reporting.
     pub fn snapshot(&self) -> VcpuMetricsSnapshot {
         let mut s = VcpuMetricsSnapshot {
@@ -252,6 +280,11 @@ impl VcpuMetrics {
             kvm_run_ns: self.kvm_run_ns.load(Relaxed),
             vmm_ns: self.vmm_ns.load(Relaxed),
             handling_latency_log2_ns: self.latency.iter().map(|b| b.load(Relaxed)).collect(),
+            console: ConsoleTally {
+                bytes: self.console_bytes.load(Relaxed),
+                capture_dropped: self.console_capture_dropped.load(Relaxed),
+                stream_dropped: self.console_stream_dropped.load(Relaxed),
+            },
         };
         s.exits = s.io_in
             + s.io_out

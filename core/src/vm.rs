@@ -20,6 +20,7 @@ use vm_memory::{GuestMemory as _, GuestMemoryRegion as _};
 
 use crate::devices::acpi_pm::{AcpiPm, ACPI_PM_BASE, ACPI_PM_LEN};
 use crate::devices::bus::PioBus;
+use crate::devices::console::STREAM_STALL;
 use crate::devices::debug_exit::{DebugExit, DEBUG_EXIT_PORT};
 use crate::devices::i8042::{I8042, I8042_PORT, I8042_PORT_LEN};
 use crate::devices::power_off::{PowerOff, POWER_OFF_PORT, POWER_OFF_PORT_LEN};
@@ -356,6 +357,9 @@ impl Vm {
             }
         }
         let results = wait_all(&vcpus, timeout)?;
+        // The run's output reaches a streamed fd before the run returns, as long
+        // as the fd keeps taking it (a stalled fd costs at most STREAM_STALL).
+        self.shared.console.drain_stream(STREAM_STALL);
         let ended = relock(&self.shared.vm_stop).take();
         Ok(ended.unwrap_or_else(|| results[0].clone()))
     }
@@ -509,7 +513,7 @@ mod tests {
                 StopReason::DebugExit { exit_code: 11 },
                 "{mode:?}"
             );
-            let (out, _) = vm.console().0.lock().unwrap().take();
+            let out = vm.console().0.lock().unwrap().take();
             assert_eq!(out, b"A", "{mode:?}");
         }
     }

@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "e7fbaf257f933b34fb88054ea68f8893b2d1c158a4ea961d8062c68a42f07793";
+  "912f904278b23572a722acffbf68d6c17868c14b1e930cb36f5757aff06e5099";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

@@ -155,8 +155,10 @@ pub unsafe extern "C" fn dv_vm_load_flat(
     })
 }
 
-/// Streams console output to host fd `fd` as well as buffering it (`-1`: stop
-/// streaming). The caller keeps the fd open while it is set.
+/// Streams console output to a duplicate of host fd `fd` as well as buffering
+/// it (`-1`: stop streaming). A writer thread of the core writes to it: the
+/// guest never waits on the fd, and output it does not take in time (1 MiB
+/// queued) is dropped and counted (`dv_vm_console_stats`).
 #[no_mangle]
 pub extern "C" fn dv_vm_set_console_fd(vm: u32, fd: i32) -> i32 {
     guarded(|| {
@@ -164,10 +166,30 @@ pub extern "C" fn dv_vm_set_console_fd(vm: u32, fd: i32) -> i32 {
         if fd < -1 {
             return Err(Error::arg(format!("bad file descriptor {fd}")));
         }
-        let mut out = vm.console().0.lock().unwrap_or_else(|p| p.into_inner());
-        out.set_stream_fd((fd >= 0).then_some(fd));
-        Ok(())
+        vm.console().set_stream_fd((fd >= 0).then_some(fd))
     })
+}
+
+/// Writes the console's cumulative counts as JSON into `buf`: `bytes` written
+/// by the guest, `captureDropped` (older bytes beyond the buffered 1 MiB),
+/// `streamDropped` (bytes the streamed fd did not take in time),
+/// `streamPending` (bytes waiting for it).
+///
+/// # Safety
+/// `buf` must be valid for `cap` writable bytes; `out_len` for a `usize` write.
+#[no_mangle]
+pub unsafe extern "C" fn dv_vm_console_stats(
+    vm: u32,
+    buf: *mut u8,
+    cap: usize,
+    out_len: *mut usize,
+) -> i32 {
+    // SAFETY: per this function's contract.
+    unsafe {
+        guarded_into(buf, cap, out_len, || {
+            json(&handles::vm(vm)?.console().stats())
+        })
+    }
 }
 
 /// Moves up to `cap` bytes of buffered console output into `buf`; `*out_len` is

@@ -92,21 +92,37 @@ impl PioBus {
         device.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Dispatches a guest `in`. Returns false when no device claims the port.
-    pub fn read(&self, port: u16, data: &mut [u8]) -> bool {
+    /// Dispatches a guest `in` of `data.len() / width` accesses of `width`
+    /// bytes each (a string instruction, `rep insb`, hands over several), in
+    /// order. Returns false when no device claims the port.
+    pub fn read(&self, port: u16, width: usize, data: &mut [u8]) -> bool {
         match Self::find(&self.ranges(), port) {
             Some((range, offset)) => {
-                Self::lock(&range.device).read(offset, data);
+                let mut device = Self::lock(&range.device);
+                for access in data.chunks_mut(width.max(1)) {
+                    device.read(offset, access);
+                }
                 true
             }
             None => false,
         }
     }
 
-    /// Dispatches a guest `out`. Returns `None` when no device claims the port.
-    pub fn write(&self, port: u16, data: &[u8]) -> Option<DeviceAction> {
-        Self::find(&self.ranges(), port)
-            .map(|(range, offset)| Self::lock(&range.device).write(offset, data))
+    /// Dispatches a guest `out` of `data.len() / width` accesses of `width`
+    /// bytes each (a string instruction, `rep outsb`, hands over several), in
+    /// order, until one asks for more than [`DeviceAction::Continue`]. Returns
+    /// `None` when no device claims the port.
+    pub fn write(&self, port: u16, width: usize, data: &[u8]) -> Option<DeviceAction> {
+        let ranges = self.ranges();
+        let (range, offset) = Self::find(&ranges, port)?;
+        let mut device = Self::lock(&range.device);
+        for access in data.chunks(width.max(1)) {
+            let action = device.write(offset, access);
+            if action != DeviceAction::Continue {
+                return Some(action);
+            }
+        }
+        Some(DeviceAction::Continue)
     }
 }
 
@@ -131,12 +147,58 @@ mod tests {
         let dev = Arc::new(Mutex::new(Latch(vec![])));
         bus.insert(0x3f8, 8, dev.clone()).unwrap();
         let mut b = [0u8; 1];
-        assert!(bus.read(0x3fa, &mut b));
+        assert!(bus.read(0x3fa, 1, &mut b));
         assert_eq!(b[0], 2);
-        assert_eq!(bus.write(0x3f8, b"x"), Some(DeviceAction::Continue));
+        assert_eq!(bus.write(0x3f8, 1, b"x"), Some(DeviceAction::Continue));
         assert_eq!(dev.lock().unwrap().0, b"x");
-        assert!(!bus.read(0x400, &mut b));
-        assert_eq!(bus.write(0x3f7, b"x"), None);
+        assert!(!bus.read(0x400, 1, &mut b));
+        assert_eq!(bus.write(0x3f7, 1, b"x"), None);
+    }
+
+    /// Feeds each access of a string instruction separately, in order.
+    struct Accesses(Vec<Vec<u8>>, u8);
+    impl PioDevice for Accesses {
+        fn read(&mut self, _offset: u16, data: &mut [u8]) {
+            self.1 += 1;
+            data.fill(self.1);
+        }
+        fn write(&mut self, _offset: u16, data: &[u8]) -> DeviceAction {
+            self.0.push(data.to_vec());
+            if data[0] == b'!' {
+                DeviceAction::Exit(1)
+            } else {
+                DeviceAction::Continue
+            }
+        }
+    }
+
+    #[test]
+    fn string_io_reaches_the_device_one_access_at_a_time() {
+        let bus = PioBus::default();
+        let dev = Arc::new(Mutex::new(Accesses(vec![], 0)));
+        bus.insert(0x3f8, 8, dev.clone()).unwrap();
+        assert_eq!(bus.write(0x3f8, 1, b"abc"), Some(DeviceAction::Continue));
+        assert_eq!(bus.write(0x3f8, 2, b"dexy"), Some(DeviceAction::Continue));
+        assert_eq!(bus.write(0x3f8, 1, b"g!h"), Some(DeviceAction::Exit(1)));
+        let expected: Vec<Vec<u8>> = vec![
+            b"a".to_vec(),
+            b"b".to_vec(),
+            b"c".to_vec(),
+            b"de".to_vec(),
+            b"xy".to_vec(),
+            b"g".to_vec(),
+            b"!".to_vec(),
+        ];
+        assert_eq!(
+            dev.lock().unwrap().0,
+            expected,
+            "stops at the access that ends the VM"
+        );
+        let mut data = [0u8; 6];
+        assert!(bus.read(0x3f8, 1, &mut data));
+        assert_eq!(data, [1, 2, 3, 4, 5, 6]);
+        assert!(bus.read(0x3f8, 4, &mut data[..4]));
+        assert_eq!(data[..4], [7; 4]);
     }
 
     #[test]

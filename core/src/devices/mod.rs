@@ -3,6 +3,7 @@
 
 pub mod acpi_pm;
 pub mod bus;
+pub mod console;
 pub mod debug_exit;
 pub mod i8042;
 pub mod power_off;

@@ -1,6 +1,7 @@
 //! COM1: a 16550A UART (the `vm-superio` model) whose transmitter feeds a
 //! [`ConsoleSink`], which keeps a bounded copy of the output for the host API and
-//! optionally streams it to a host file descriptor (the CLI's stdout).
+//! optionally streams it to a host file descriptor (the CLI's stdout) without
+//! ever blocking the vCPU (see [`super::console`]).
 //!
 //! Host input goes the other way through the UART's 64-byte receive FIFO: the
 //! host queues any amount with [`SerialConsole::enqueue_input`], the FIFO is kept
@@ -9,14 +10,12 @@
 //! has an irqchip) if the guest enabled it in the IER.
 
 use std::collections::VecDeque;
-use std::io::{self, Write};
-use std::os::fd::{BorrowedFd, RawFd};
-use std::sync::{Arc, Mutex};
 
 use vm_superio::serial::NoEvents;
 use vm_superio::Serial;
 
 use super::bus::{DeviceAction, PioDevice};
+pub use super::console::ConsoleSink;
 use crate::error::{Error, Result};
 use crate::irq::IrqLine;
 
@@ -24,8 +23,6 @@ use crate::irq::IrqLine;
 pub const COM1_PORT: u16 = 0x3f8;
 /// Number of ports a 16550 occupies.
 pub const COM_PORT_LEN: u16 = 8;
-/// The most console output kept in memory; older bytes are dropped first.
-pub const CONSOLE_CAPACITY: usize = 1 << 20;
 /// The most host input queued for the guest beyond the UART's FIFO.
 pub const INPUT_CAPACITY: usize = 1 << 20;
 /// The UART's receive FIFO size (vm-superio's, a 16550A's).
@@ -39,85 +36,6 @@ const IER_RECEIVED_DATA: u8 = 0x01;
 /// The line control register's offset and its divisor-latch access bit.
 const LCR_OFFSET: u8 = 3;
 const LCR_DLAB: u8 = 0x80;
-
-/// The shared output of the console: a bounded buffer plus an optional host fd.
-#[derive(Default)]
-pub struct ConsoleOutput {
-    buffer: Vec<u8>,
-    dropped: u64,
-    stream_fd: Option<RawFd>,
-}
-
-impl ConsoleOutput {
-    /// Takes (and clears) the buffered output; returns it with the count of bytes
-    /// that were dropped because the buffer was full.
-    pub fn take(&mut self) -> (Vec<u8>, u64) {
-        let dropped = std::mem::take(&mut self.dropped);
-        (std::mem::take(&mut self.buffer), dropped)
-    }
-
-    /// Moves up to `dst.len()` of the oldest buffered bytes into `dst`; returns how
-    /// many.
-    pub fn take_into(&mut self, dst: &mut [u8]) -> usize {
-        let n = self.buffer.len().min(dst.len());
-        dst[..n].copy_from_slice(&self.buffer[..n]);
-        self.buffer.drain(..n);
-        n
-    }
-
-    /// Streams future output to `fd` as well (`None` stops streaming). The caller
-    /// keeps `fd` open for as long as it is set.
-    pub fn set_stream_fd(&mut self, fd: Option<RawFd>) {
-        self.stream_fd = fd;
-    }
-
-    fn push(&mut self, data: &[u8]) {
-        if let Some(fd) = self.stream_fd {
-            // SAFETY: the caller of `set_stream_fd` promised the fd stays open while set.
-            let fd = unsafe { BorrowedFd::borrow_raw(fd) };
-            // Console streaming is best effort: a closed pipe must not stop the guest.
-            let _ = write_all_fd(fd, data);
-        }
-        self.buffer.extend_from_slice(data);
-        if self.buffer.len() > CONSOLE_CAPACITY {
-            let excess = self.buffer.len() - CONSOLE_CAPACITY;
-            self.buffer.drain(..excess);
-            self.dropped += excess as u64;
-        }
-    }
-}
-
-fn write_all_fd(fd: BorrowedFd<'_>, mut data: &[u8]) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    while !data.is_empty() {
-        // SAFETY: `data` is a valid slice for its length; fd is borrowed and open.
-        let n = unsafe { libc::write(fd.as_raw_fd(), data.as_ptr().cast(), data.len()) };
-        if n < 0 {
-            let err = io::Error::last_os_error();
-            if err.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(err);
-        }
-        data = &data[n as usize..];
-    }
-    Ok(())
-}
-
-/// The `Write` end the UART transmits into.
-#[derive(Clone, Default)]
-pub struct ConsoleSink(pub Arc<Mutex<ConsoleOutput>>);
-
-impl Write for ConsoleSink {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).push(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
 
 /// COM1 as a bus device.
 pub struct SerialConsole {
@@ -241,9 +159,7 @@ mod tests {
         for b in b"hi\n" {
             com1.write(0, &[*b]);
         }
-        let (out, dropped) = sink.0.lock().unwrap().take();
-        assert_eq!(out, b"hi\n");
-        assert_eq!(dropped, 0);
+        assert_eq!(sink.0.lock().unwrap().take(), b"hi\n");
     }
 
     #[test]
@@ -303,16 +219,5 @@ mod tests {
         assert_eq!(read_reg(&mut com1, 5) & 0x01, 0);
         assert!(com1.enqueue_input(&vec![0; INPUT_CAPACITY + 1]).is_err());
         assert_eq!(com1.input_pending(), 0);
-    }
-
-    #[test]
-    fn buffer_is_bounded() {
-        let mut out = ConsoleOutput::default();
-        out.push(&vec![b'a'; CONSOLE_CAPACITY]);
-        out.push(b"bc");
-        let (buf, dropped) = out.take();
-        assert_eq!(buf.len(), CONSOLE_CAPACITY);
-        assert_eq!(dropped, 2);
-        assert!(buf.ends_with(b"bc"));
     }
 }

@@ -8,6 +8,7 @@ use kvm_ioctls::VcpuExit;
 use serde::Serialize;
 
 use crate::devices::bus::DeviceAction;
+use crate::devices::console::take_thread_tally;
 use crate::devices::debug_exit::DEBUG_EXIT_PORT;
 use crate::devices::serial::{COM1_PORT, COM_PORT_LEN};
 use crate::hypercall::{GuestFault, HypercallKind, HypercallOutcome, HYPERCALL_PORT};
@@ -199,7 +200,7 @@ fn port_range(port: u16) -> PortRange {
 
 /// Handles a hypercall and counts it.
 fn hypercall(vm: &VmShared, data: &[u8], metrics: &VcpuMetrics) -> ExitAction {
-    match vm.hypercalls.handle(&vm.ram, data) {
+    let action = match vm.hypercalls.handle(&vm.ram, data) {
         HypercallOutcome::Continue(kind) => {
             metrics.count_hypercall(kind);
             ExitAction::Continue
@@ -216,22 +217,57 @@ fn hypercall(vm: &VmShared, data: &[u8], metrics: &VcpuMetrics) -> ExitAction {
             metrics.count_hypercall(HypercallKind::Invalid);
             ExitAction::Stop(StopReason::BadHypercall { message })
         }
+    };
+    metrics.add_console(take_thread_tally());
+    action
+}
+
+/// The width of one access of a port-I/O exit whose data is `len` bytes:
+/// kvm-ioctls hands over `count * size` bytes (`count` > 1 for a string
+/// instruction such as `rep outsb`) and the caller reads `size` from the run
+/// page. A size that does not divide the data (never from KVM) makes the data
+/// one access.
+fn access_width(size: usize, len: usize) -> usize {
+    if size == 0 || len % size != 0 {
+        len.max(1)
+    } else {
+        size
     }
 }
 
 /// Handles one exit: dispatches I/O to devices and hypercalls, and turns
-/// everything else into a decision. Counts the exit in `metrics`.
-pub fn handle_exit(exit: VcpuExit<'_>, vm: &VmShared, metrics: &VcpuMetrics) -> ExitAction {
+/// everything else into a decision. Counts the exit in `metrics`. `io_size` is
+/// the size of one port access (`kvm_run.io.size`; see [`access_width`]),
+/// ignored for other exits.
+pub fn handle_exit(
+    exit: VcpuExit<'_>,
+    io_size: usize,
+    vm: &VmShared,
+    metrics: &VcpuMetrics,
+) -> ExitAction {
     let bus = &vm.bus;
     let unhandled = vm.unhandled;
     match exit {
         VcpuExit::IoOut(port, data) => {
             metrics.count(ExitKind::IoOut);
-            metrics.count_port(true, port_range(port));
+            let range = port_range(port);
+            metrics.count_port(true, range);
+            let width = access_width(io_size, data.len());
             if port == HYPERCALL_PORT {
-                return hypercall(vm, data, metrics);
+                // `rep outsd` to the hypercall port: one call per address.
+                for access in data.chunks(width) {
+                    let action = hypercall(vm, access, metrics);
+                    if action != ExitAction::Continue {
+                        return action;
+                    }
+                }
+                return ExitAction::Continue;
             }
-            match bus.write(port, data) {
+            let action = bus.write(port, width, data);
+            if range == PortRange::Serial {
+                metrics.add_console(take_thread_tally());
+            }
+            match action {
                 Some(DeviceAction::Continue) => ExitAction::Continue,
                 Some(DeviceAction::Exit(code)) => {
                     ExitAction::Stop(StopReason::DebugExit { exit_code: code })
@@ -240,22 +276,23 @@ pub fn handle_exit(exit: VcpuExit<'_>, vm: &VmShared, metrics: &VcpuMetrics) -> 
                 Some(DeviceAction::PowerOff) => ExitAction::Stop(StopReason::PowerOff),
                 None => unhandled.decide(|| StopReason::UnhandledIo {
                     port,
-                    size: data.len() as u8,
+                    size: width as u8,
                     direction: Direction::Out,
-                    data: as_u64(data),
+                    data: as_u64(&data[..width.min(data.len())]),
                 }),
             }
         }
         VcpuExit::IoIn(port, data) => {
             metrics.count(ExitKind::IoIn);
             metrics.count_port(false, port_range(port));
-            if bus.read(port, data) {
+            let width = access_width(io_size, data.len());
+            if bus.read(port, width, data) {
                 return ExitAction::Continue;
             }
             data.fill(0xff);
             unhandled.decide(|| StopReason::UnhandledIo {
                 port,
-                size: data.len() as u8,
+                size: width as u8,
                 direction: Direction::In,
                 data: 0,
             })
@@ -330,6 +367,16 @@ mod tests {
     use super::*;
     use crate::memory::GuestRam;
 
+    /// One exit whose I/O data is a single access (no string instruction).
+    fn handle(exit: VcpuExit<'_>, vm: &VmShared, metrics: &VcpuMetrics) -> ExitAction {
+        let size = match &exit {
+            VcpuExit::IoOut(_, data) => data.len(),
+            VcpuExit::IoIn(_, data) => data.len(),
+            _ => 0,
+        };
+        handle_exit(exit, size, vm, metrics)
+    }
+
     fn vm(unhandled: UnhandledAccess) -> VmShared {
         VmShared::new(GuestRam::new(1 << 20).unwrap(), unhandled).unwrap()
     }
@@ -337,7 +384,7 @@ mod tests {
     #[test]
     fn debug_exit_stops_with_qemu_code() {
         let m = VcpuMetrics::default();
-        let action = handle_exit(VcpuExit::IoOut(0xf4, &[3]), &vm(UnhandledAccess::Stop), &m);
+        let action = handle(VcpuExit::IoOut(0xf4, &[3]), &vm(UnhandledAccess::Stop), &m);
         assert_eq!(
             action,
             ExitAction::Stop(StopReason::DebugExit { exit_code: 7 })
@@ -351,25 +398,59 @@ mod tests {
         let m = VcpuMetrics::default();
         let v = vm(UnhandledAccess::Stop);
         assert_eq!(
-            handle_exit(VcpuExit::IoOut(0x3f8, b"x"), &v, &m),
+            handle(VcpuExit::IoOut(0x3f8, b"x"), &v, &m),
             ExitAction::Continue
         );
-        assert_eq!(v.console.0.lock().unwrap().take().0, b"x");
+        assert_eq!(v.console.0.lock().unwrap().take(), b"x");
         assert_eq!(m.snapshot().io_out_by_port.serial, 1);
+    }
+
+    #[test]
+    fn string_io_on_com1_moves_every_byte_in_order() {
+        let m = VcpuMetrics::default();
+        let v = vm(UnhandledAccess::Stop);
+        // `rep outsb` of 5 bytes: one exit, count 5, size 1.
+        assert_eq!(
+            handle_exit(VcpuExit::IoOut(0x3f8, b"hello"), 1, &v, &m),
+            ExitAction::Continue
+        );
+        assert_eq!(v.console.0.lock().unwrap().take(), b"hello");
+        let s = m.snapshot();
+        assert_eq!((s.io_out, s.console.bytes), (1, 5));
+        // `rep insb` of 70 bytes: past the 64-byte FIFO, refilled on the way.
+        let typed: Vec<u8> = (0..70u8).map(|i| b'0' + i % 10).collect();
+        v.serial.lock().unwrap().enqueue_input(&typed).unwrap();
+        let mut data = [0u8; 70];
+        assert_eq!(
+            handle_exit(VcpuExit::IoIn(0x3f8, &mut data), 1, &v, &m),
+            ExitAction::Continue
+        );
+        assert_eq!(data.to_vec(), typed);
+        // A 2-byte `out` is one access of 2 bytes: the UART takes the low byte.
+        assert_eq!(
+            handle_exit(VcpuExit::IoOut(0x3f8, b"xy"), 2, &v, &m),
+            ExitAction::Continue
+        );
+        assert_eq!(v.console.0.lock().unwrap().take(), b"x");
+        // `rep outsb` to the debug-exit port stops at its first byte.
+        assert_eq!(
+            handle_exit(VcpuExit::IoOut(0xf4, &[1, 2, 3]), 1, &v, &m),
+            ExitAction::Stop(StopReason::DebugExit { exit_code: 3 })
+        );
     }
 
     #[test]
     fn unhandled_io_follows_policy() {
         let m = VcpuMetrics::default();
         assert_eq!(
-            handle_exit(
+            handle(
                 VcpuExit::IoOut(0x80, &[1, 2]),
                 &vm(UnhandledAccess::Ignore),
                 &m
             ),
             ExitAction::Continue
         );
-        let stop = handle_exit(
+        let stop = handle(
             VcpuExit::IoOut(0x80, &[1, 2]),
             &vm(UnhandledAccess::Stop),
             &m,
@@ -385,7 +466,7 @@ mod tests {
         );
         let mut data = [0u8; 4];
         assert_eq!(
-            handle_exit(
+            handle(
                 VcpuExit::IoIn(0x71, &mut data),
                 &vm(UnhandledAccess::Ignore),
                 &m
@@ -405,17 +486,17 @@ mod tests {
         v.ram.write(0x1000, &block).unwrap();
         let addr = 0x1000u32.to_le_bytes();
         assert_eq!(
-            handle_exit(VcpuExit::IoOut(0x510, &addr), &v, &m),
+            handle(VcpuExit::IoOut(0x510, &addr), &v, &m),
             ExitAction::Continue
         );
         block[0] = 2; // EXIT(9)
         block[8] = 9;
         v.ram.write(0x1000, &block).unwrap();
         assert_eq!(
-            handle_exit(VcpuExit::IoOut(0x510, &addr), &v, &m),
+            handle(VcpuExit::IoOut(0x510, &addr), &v, &m),
             ExitAction::Stop(StopReason::GuestExit { status: 9 })
         );
-        let bad = handle_exit(VcpuExit::IoOut(0x510, &[0]), &v, &m);
+        let bad = handle(VcpuExit::IoOut(0x510, &[0]), &v, &m);
         assert!(matches!(
             bad,
             ExitAction::Stop(StopReason::BadHypercall { .. })
@@ -432,7 +513,7 @@ mod tests {
     fn mmio_follows_policy() {
         let m = VcpuMetrics::default();
         let mut data = [0u8; 4];
-        let a = handle_exit(
+        let a = handle(
             VcpuExit::MmioRead(0xfee0_0000, &mut data),
             &vm(UnhandledAccess::Stop),
             &m,
@@ -444,7 +525,7 @@ mod tests {
                 ..
             })
         ));
-        let a = handle_exit(
+        let a = handle(
             VcpuExit::MmioWrite(0xd000_0000, &[1]),
             &vm(UnhandledAccess::Ignore),
             &m,
@@ -470,17 +551,17 @@ mod tests {
         let m = VcpuMetrics::default();
         let v = vm(UnhandledAccess::Stop);
         assert_eq!(
-            handle_exit(VcpuExit::Hlt, &v, &m),
+            handle(VcpuExit::Hlt, &v, &m),
             ExitAction::Stop(StopReason::Hlt)
         );
-        assert_eq!(handle_exit(VcpuExit::Shutdown, &v, &m), ExitAction::Crashed);
+        assert_eq!(handle(VcpuExit::Shutdown, &v, &m), ExitAction::Crashed);
         assert!(matches!(
-            handle_exit(VcpuExit::FailEntry(0x21, 0), &v, &m),
+            handle(VcpuExit::FailEntry(0x21, 0), &v, &m),
             ExitAction::Stop(StopReason::FailEntry {
                 hardware_reason: 0x21
             })
         ));
-        assert_eq!(handle_exit(VcpuExit::Intr, &v, &m), ExitAction::Continue);
+        assert_eq!(handle(VcpuExit::Intr, &v, &m), ExitAction::Continue);
         let s = m.snapshot();
         assert_eq!((s.hlt, s.shutdown, s.other, s.interrupted), (1, 1, 1, 1));
     }
@@ -490,11 +571,11 @@ mod tests {
         let m = VcpuMetrics::default();
         let v = vm(UnhandledAccess::Stop);
         assert_eq!(
-            handle_exit(VcpuExit::IoOut(0x64, &[0xfe]), &v, &m),
+            handle(VcpuExit::IoOut(0x64, &[0xfe]), &v, &m),
             ExitAction::Stop(StopReason::Reset)
         );
         assert_eq!(
-            handle_exit(VcpuExit::IoOut(0x604, &0x2000u16.to_le_bytes()), &v, &m),
+            handle(VcpuExit::IoOut(0x604, &0x2000u16.to_le_bytes()), &v, &m),
             ExitAction::Stop(StopReason::PowerOff)
         );
         let json = serde_json::to_string(&StopReason::PowerOff).unwrap();

@@ -16,8 +16,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_fpu, kvm_regs, kvm_sregs};
-use kvm_ioctls::VcpuFd;
+use kvm_bindings::{kvm_fpu, kvm_regs, kvm_run, kvm_sregs};
+use kvm_ioctls::{VcpuExit, VcpuFd};
 use serde::Serialize;
 
 use crate::boot::{x86_64, EntryMode};
@@ -524,6 +524,7 @@ fn run_until_stop(
     shared: &VmShared,
 ) -> LoopEnd {
     let _published = kick::RunPageGuard::new(vcpu.get_kvm_run());
+    let run_page: *const kvm_run = vcpu.get_kvm_run();
     // A kick that landed after the previous run finished left immediate_exit set;
     // any stop meant for this run is in `stop_request`, checked below.
     vcpu.set_kvm_immediate_exit(0);
@@ -539,7 +540,21 @@ fn run_until_stop(
         let exited = Instant::now();
         metrics.add_kvm_run_ns((exited - mark).as_nanos() as u64);
         let action = match result {
-            Ok(exit) => handle_exit(exit, shared, metrics),
+            Ok(exit) => {
+                let io_size = match exit {
+                    // SAFETY: `run_page` is this vCPU's kvm_run mapping, alive as
+                    // long as `vcpu`; after an I/O exit the kernel has filled the
+                    // union's `io` member. The exit's data slice lies elsewhere in
+                    // the page (at `io.data_offset`), so this byte is not aliased.
+                    VcpuExit::IoIn(..) | VcpuExit::IoOut(..) => usize::from(unsafe {
+                        std::ptr::read_volatile(std::ptr::addr_of!(
+                            (*run_page).__bindgen_anon_1.io.size
+                        ))
+                    }),
+                    _ => 0,
+                };
+                handle_exit(exit, io_size, shared, metrics)
+            }
             Err(e) if e.errno() == libc::EINTR => {
                 vcpu.set_kvm_immediate_exit(0);
                 metrics.count(ExitKind::Interrupted);
