@@ -31,6 +31,8 @@ export {
   type VmConfig,
 } from "./src/vm.ts";
 export {
+  type ConsoleCounts,
+  type ConsoleStats,
   type EntryMode,
   type HypercallCounts,
   Kvm,

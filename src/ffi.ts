@@ -59,6 +59,8 @@ const SYMBOLS = {
   dv_vm_set_console_fd: { parameters: ["u32", "i32"], result: "i32" },
   /** int32_t dv_vm_console_take(uint32_t vm, uint8_t *buf, size_t cap, size_t *out_len) */
   dv_vm_console_take: { parameters: ["u32", "buffer", "usize", "buffer"], result: "i32" },
+  /** int32_t dv_vm_console_stats(uint32_t vm, uint8_t *buf, size_t cap, size_t *out_len) — JSON */
+  dv_vm_console_stats: { parameters: ["u32", "buffer", "usize", "buffer"], result: "i32" },
   /** int32_t dv_vm_run(uint32_t vm, uint64_t timeout_ms, uint8_t *buf, size_t cap, size_t *out_len) — blocks */
   dv_vm_run: {
     parameters: ["u32", "u64", "buffer", "usize", "buffer"],
@@ -277,6 +279,11 @@ export class Core {
   /** `dv_vm_set_console_fd` (`-1` stops streaming). */
   vmSetConsoleFd(vm: number, fd: number): void {
     this.#check(this.#sym.dv_vm_set_console_fd(vm, fd));
+  }
+
+  /** `dv_vm_console_stats`: the console's cumulative counts as parsed JSON. */
+  vmConsoleStats<T>(vm: number): T {
+    return this.#json((buf, cap, outLen) => this.#sym.dv_vm_console_stats(vm, buf, cap, outLen));
   }
 
   /** `dv_vm_console_take`, repeated until the buffer is drained. */

@@ -145,6 +145,23 @@ export function toPrometheus(
   });
 
   family(
+    "denovisor_vcpu_console_bytes_total",
+    "counter",
+    "Console bytes by what became of them: written by the guest, dropped by the " +
+      "in-memory capture (beyond its newest 1 MiB), dropped by the stream (the fd did not drain).",
+  );
+  vcpus.forEach((m, vcpu) => {
+    const kinds = [
+      ["written", m.console.bytes],
+      ["capture_dropped", m.console.captureDropped],
+      ["stream_dropped", m.console.streamDropped],
+    ] as const;
+    for (const [kind, n] of kinds) {
+      lines.push(`denovisor_vcpu_console_bytes_total${labelText({ vcpu: `${vcpu}`, kind })} ${n}`);
+    }
+  });
+
+  family(
     "denovisor_vcpu_kvm_run_seconds_total",
     "counter",
     "Time inside KVM_RUN: guest execution plus KVM's own exit handling.",

@@ -152,7 +152,7 @@ export interface RunResult {
   exit: VcpuExit;
   /** A one-line description of the exit. */
   summary: string;
-  /** Serial console output of this run (UTF-8 decoded). */
+  /** Serial console output of this run (UTF-8 decoded): its newest 1 MiB. */
   console: string;
   /** The message of a Linux kernel panic the console showed (`Kernel panic -
    * not syncing: ...`), whatever ended the run afterwards (the kernel's own
@@ -161,6 +161,12 @@ export interface RunResult {
   /** Set by a watchdog that stopped a guest which stopped answering (the CLI's
    * `--watchdog`). */
   unresponsive?: boolean;
+  /** Console bytes of this run missing from {@link RunResult.console}: the
+   * oldest output beyond the newest 1 MiB kept (0 when all of it is there). */
+  consoleDropped: number;
+  /** Console bytes of this run never written to stdout (with `console:
+   * "stdout"`) because stdout did not take them in time; 0 otherwise. */
+  consoleStreamDropped: number;
   /** VM exits during this run, all vCPUs. */
   exits: number;
   /** Timings. */
@@ -440,12 +446,14 @@ export class Vm implements Disposable {
     }
     const before = this.#vm.metrics().reduce((sum, m) => sum + m.exits, 0);
     this.#consoleRead = "";
+    const consoleBefore = this.#vm.consoleStats();
     const started = performance.now();
     const { exit, runNs } = await this.#vm.run({
       timeoutMs: options.timeoutMs ?? this.#config.timeoutMs,
     });
     const runMs = performance.now() - started;
     const after = this.#vm.metrics().reduce((sum, m) => sum + m.exits, 0);
+    const consoleAfter = this.#vm.consoleStats();
     const report = this.#vm.report();
     const consoleText = this.#takeConsoleText();
     const panic = KERNEL_PANIC.exec(consoleText)?.[1];
@@ -468,6 +476,8 @@ export class Vm implements Disposable {
         : summary,
       console: consoleText,
       ...(panic === undefined ? {} : { panic }),
+      consoleDropped: consoleAfter.captureDropped - consoleBefore.captureDropped,
+      consoleStreamDropped: consoleAfter.streamDropped - consoleBefore.streamDropped,
       exits: after - before,
       timings: { createMs: this.#createMs, runMs, guestNs: runNs },
     };
@@ -608,9 +618,16 @@ export class Vm implements Disposable {
   }
 
   /**
-   * Per-vCPU exit metrics, read in one call.
+   * Per-vCPU exit metrics, read in one call; `console` counts each vCPU's
+   * console output and the bytes dropped as it wrote them.
    *
    * @returns One entry per vCPU.
+   * @example
+   * ```ts
+   * import { Vm } from "./mod.ts";
+   * using vm = await Vm.create();
+   * console.log(vm.metrics()[0].console); // { bytes: 0, captureDropped: 0, streamDropped: 0 }
+   * ```
    */
   metrics(): VcpuMetrics[] {
     return this.#vm.metrics();

@@ -202,8 +202,11 @@ function oneOf<T extends string>(
 
 function summaryLine(result: RunResult): string {
   const ms = (v: number) => `${v.toFixed(2)} ms`;
+  const dropped = result.consoleStreamDropped > 0
+    ? ` · ${result.consoleStreamDropped} console bytes dropped (stdout did not drain)`
+    : "";
   return `denovisor: ${result.summary} · ${result.exits} exits · run ${ms(result.timings.runMs)} ` +
-    `(VM created in ${ms(result.timings.createMs)})\n`;
+    `(VM created in ${ms(result.timings.createMs)})${dropped}\n`;
 }
 
 interface ImageRun {

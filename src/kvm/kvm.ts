@@ -81,6 +81,27 @@ export interface VcpuMetrics {
   vmmNs: number;
   /** `handlingLatencyLog2Ns[i]` counts exits handled in `[2^i, 2^(i+1))` ns. */
   handlingLatencyLog2Ns: number[];
+  /** Console output this vCPU wrote (COM1 and the WRITE hypercall), and the bytes
+   * dropped as it wrote them. */
+  console: ConsoleCounts;
+}
+
+/** Console byte counts: written, and dropped on either side of the console. */
+export interface ConsoleCounts {
+  /** Bytes the guest wrote to its console. */
+  bytes: number;
+  /** Bytes the in-memory capture dropped: the oldest output beyond the newest
+   * 1 MiB it keeps for {@link KvmVm.takeConsoleOutput}. */
+  captureDropped: number;
+  /** Bytes never written to the streamed fd ({@link KvmVm.streamConsoleTo})
+   * because it did not take them in time (1 MiB waits at most). */
+  streamDropped: number;
+}
+
+/** The console's cumulative counts since the VM was created. */
+export interface ConsoleStats extends ConsoleCounts {
+  /** Bytes queued for the streamed fd and not written yet. */
+  streamPending: number;
 }
 
 /** Port-I/O exit counts by the device range the port belongs to. */
@@ -361,12 +382,26 @@ export class KvmVm implements Disposable {
 
   /**
    * Streams the serial console to a host file descriptor as the guest writes it
-   * (the core writes directly; no JavaScript runs per byte). `null` stops.
+   * (a writer thread of the core writes a duplicate of it; no JavaScript runs
+   * per byte). The guest never waits for the fd: output it does not take in
+   * time (1 MiB waiting) is dropped and counted ({@link KvmVm.consoleStats}).
+   * A run returns once its output is written, or after the fd made no progress
+   * for a second. `null` stops.
    *
-   * @param fd An open fd the caller keeps open while set (1 = stdout).
+   * @param fd An open fd (1 = stdout); the core keeps its own duplicate.
    */
   streamConsoleTo(fd: number | null): void {
     this.#core.vmSetConsoleFd(this.#live(), fd ?? -1);
+  }
+
+  /**
+   * The console's cumulative byte counts: written, dropped by the capture and
+   * by the stream, and waiting for the stream.
+   *
+   * @returns The counts since the VM was created.
+   */
+  consoleStats(): ConsoleStats {
+    return this.#core.vmConsoleStats<ConsoleStats>(this.#live());
   }
 
   /**
