@@ -228,7 +228,7 @@ fn hypercall(vm: &VmShared, data: &[u8], metrics: &VcpuMetrics) -> ExitAction {
 /// page. A size that does not divide the data (never from KVM) makes the data
 /// one access.
 fn access_width(size: usize, len: usize) -> usize {
-    if size == 0 || len % size != 0 {
+    if size == 0 || !len.is_multiple_of(size) {
         len.max(1)
     } else {
         size
