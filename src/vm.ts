@@ -46,7 +46,9 @@ export interface VmConfig {
   /** Port I/O and MMIO no device claims: `ignore` (default) or `stop` the VM. */
   unhandledIo?: UnhandledAccessPolicy;
   /** Where the serial console goes: kept in memory (`capture`, default) or also
-   * streamed to the process's stdout as the guest writes (`stdout`). */
+   * streamed to the process's stdout as the guest writes (`stdout`). Streaming
+   * never makes the guest wait: bytes a stdout that does not drain cannot take
+   * are dropped and counted ({@link RunResult.consoleStreamDropped}). */
   console?: "capture" | "stdout";
   /** Default timeout of {@link Vm.run} in milliseconds (0: none). */
   timeoutMs?: number;
