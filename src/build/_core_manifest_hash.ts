@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "912f904278b23572a722acffbf68d6c17868c14b1e930cb36f5757aff06e5099";
+  "03d780a50f1788119fc69fd3d2d9983b2415366d771335db5d81a8c2e3a4fa8f";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.
