@@ -4,9 +4,10 @@
 //! Guests written for QEMU power it off with `outw(0x604, 0x2000)`: SLP_EN (bit
 //! 13) with sleep type 0, which QEMU's DSDT declares as S5, soft-off. A guest here
 //! does the same and the VM stops as `power_off`. There are no sleep states, so
-//! SLP_EN with any other sleep type is ignored. (A Linux guest without ACPI has no
-//! power-off method of its own; it stops the VM through the i8042 with
-//! `reboot=k`, see [`super::i8042`].)
+//! SLP_EN with any other sleep type is ignored. (Linux guests get ACPI tables
+//! from the loader and power off through [`super::acpi_pm`]; with `acpi=off`
+//! Linux has no power-off method of its own and stops the VM through the i8042
+//! with `reboot=k`, see [`super::i8042`].)
 
 use super::bus::{DeviceAction, PioDevice};
 
