@@ -30,7 +30,7 @@
  */
 
 import { Vm } from "../mod.ts";
-import { fetchBusybox, fetchDebianKernel } from "../src/linux/debian_kernel.ts";
+import { fetchBusybox, fetchDebianKernel, fetchDebianVmlinux } from "../src/linux/debian_kernel.ts";
 import { checkKvmAccess, hashCoreSources } from "../src/build/core_build.ts";
 import { pathOfFileUrl } from "../src/build/fs_util.ts";
 import type { VcpuMetrics } from "../src/kvm/kvm.ts";
@@ -96,6 +96,10 @@ const note = (line: string) => console.error(`note: ${line}`);
 const fetched = await fetchDebianKernel({ log: note });
 if (!fetched.ok) console.error(`linux_boot_bench: no Debian kernel (${fetched.reason})`);
 const kernel = fetched.ok ? await Deno.readFile(fetched.file.path) : undefined;
+// The same kernel as its vmlinux ELF: its load copies the uncompressed image
+// (and never touches its BSS), where the bzImage's copies the compressed one.
+const elfFetched = await fetchDebianVmlinux({ log: note });
+const vmlinux = elfFetched.ok ? await Deno.readFile(elfFetched.file.path) : undefined;
 
 /** One boot to the first instruction; returns the phases in milliseconds. */
 interface Phases {
@@ -358,6 +362,9 @@ async function compare(args: BenchArgs): Promise<void> {
     coreSourceHashMs: coreHashMs,
   };
   const firstInstruction = kernel ? await firstInstructionSamples(kernel, FIRST_INSN_RUNS) : [];
+  const firstInstructionElf = vmlinux
+    ? await firstInstructionSamples(vmlinux, FIRST_INSN_RUNS)
+    : [];
   if (args.json) {
     console.log(JSON.stringify(
       {
@@ -373,6 +380,10 @@ async function compare(args: BenchArgs): Promise<void> {
           create: summarize(firstInstruction.map((p) => p.create)),
           load: summarize(firstInstruction.map((p) => p.load)),
           run: summarize(firstInstruction.map((p) => p.run)),
+        },
+        firstInstructionElf: {
+          total: summarize(firstInstructionElf.map((p) => p.total)),
+          load: summarize(firstInstructionElf.map((p) => p.load)),
         },
       },
       null,
@@ -418,7 +429,11 @@ async function compare(args: BenchArgs): Promise<void> {
   }
   if (firstInstruction.length) {
     console.log();
-    printFirstInstruction(firstInstruction);
+    printFirstInstruction(firstInstruction, "bzImage");
+  }
+  if (firstInstructionElf.length) {
+    console.log();
+    printFirstInstruction(firstInstructionElf, "vmlinux ELF");
   }
 }
 
@@ -445,14 +460,15 @@ async function firstInstructionSamples(image: Uint8Array, runs: number): Promise
   return samples;
 }
 
-function printFirstInstruction(all: Phases[]): void {
+function printFirstInstruction(all: Phases[], format: string): void {
   const [cold, ...samples] = all;
   const stat = (key: keyof Phases) => {
     const s = summarize(samples.map((p) => p[key]))!;
     return `median ${ms(s.median)}  p90 ${ms(s.p90)}  min ${ms(s.min)}`;
   };
   console.log(
-    `Vm creation → first kernel instruction, ${samples.length} runs (+1 cold run not counted)`,
+    `Vm creation → first kernel instruction (${format}), ${samples.length} runs ` +
+      "(+1 cold run not counted)",
   );
   console.log(`  Vm.create            ${stat("create")}`);
   console.log(`  loadLinux            ${stat("load")}`);
