@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "03d780a50f1788119fc69fd3d2d9983b2415366d771335db5d81a8c2e3a4fa8f";
+  "9ecf9c1922eea26a9daaf6316a9910df7987bc2e75877610aed69170fab2cb25";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.
