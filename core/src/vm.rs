@@ -24,6 +24,7 @@ use crate::devices::console::STREAM_STALL;
 use crate::devices::debug_exit::{DebugExit, DEBUG_EXIT_PORT};
 use crate::devices::i8042::{I8042, I8042_PORT, I8042_PORT_LEN};
 use crate::devices::power_off::{PowerOff, POWER_OFF_PORT, POWER_OFF_PORT_LEN};
+use crate::devices::rtc::{Rtc, RTC_PORT, RTC_PORT_LEN};
 use crate::devices::serial::{ConsoleSink, SerialConsole, COM1_PORT, COM_PORT_LEN};
 use crate::error::{Error, Result};
 use crate::hypercall::Hypercalls;
@@ -90,6 +91,8 @@ impl VmShared {
             POWER_OFF_PORT_LEN,
             Arc::new(Mutex::new(PowerOff::default())),
         )?;
+        // Every VM has the clock, not only Linux guests: see `devices::rtc`.
+        bus.insert(RTC_PORT, RTC_PORT_LEN, Arc::new(Mutex::new(Rtc::default())))?;
         Ok(VmShared {
             ram,
             bus,

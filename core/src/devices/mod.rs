@@ -7,4 +7,5 @@ pub mod console;
 pub mod debug_exit;
 pub mod i8042;
 pub mod power_off;
+pub mod rtc;
 pub mod serial;

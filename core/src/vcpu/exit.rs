@@ -467,7 +467,7 @@ mod tests {
         let mut data = [0u8; 4];
         assert_eq!(
             handle(
-                VcpuExit::IoIn(0x71, &mut data),
+                VcpuExit::IoIn(0x2e8, &mut data),
                 &vm(UnhandledAccess::Ignore),
                 &m
             ),
