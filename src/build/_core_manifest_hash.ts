@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "9ecf9c1922eea26a9daaf6316a9910df7987bc2e75877610aed69170fab2cb25";
+  "63f7e969a42a40388600f1e00e312ba443460959b305007d17e5b69269e40235";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

@@ -13,7 +13,8 @@
 //! 0xe0000  RSDP (ACPI 2.0+, revision 2): only the XSDT pointer is used
 //! 0xe0040  XSDT: FADT, MADT
 //!          FADT (revision 6): X_DSDT, flags, the sleep and reset registers
-//!          DSDT: Name(_S5, Package(){5, 0}) and COM1 (PNP0501, 0x3f8, IRQ 4)
+//!          DSDT: Name(_S5, Package(){5, 0}), COM1 (PNP0501, 0x3f8, IRQ 4) and
+//!                the RTC (PNP0B00, 0x70-0x71, no IRQ)
 //!          MADT: a local APIC per vCPU, the I/O APIC, LINT1 = NMI
 //! ```
 //!
@@ -25,6 +26,18 @@
 //! legacy 8259 PIC (`acpi_generic_reduced_hw_init`), and with it the identity
 //! mapping of ISA IRQs to I/O APIC pins. The serial port's IRQ 4 then reaches the
 //! 8250 driver only as an ACPI resource of a PNP0501 device.
+//!
+//! Why the RTC is in the DSDT: Linux's `rtc_cmos` binds either to a PNP0B00
+//! device or to a fallback platform device that `add_rtc_cmos`
+//! (arch/x86/kernel/rtc.c) registers with the fixed IRQ 8. On this platform IRQ 8
+//! has no legacy mapping either (as for COM1 above) and the RTC raises no
+//! interrupts ([`crate::devices::rtc`]); a PNP0B00 device whose `_CRS` lists only
+//! the ports makes `cmos_pnp_probe` use no IRQ at all (no legacy PIC, so it does
+//! not assume IRQ 8), and the driver registers `rtc0` without alarms. The FADT
+//! leaves "CMOS RTC Not Present" clear (with it set, Linux's FADT parsing
+//! turns `x86_platform.legacy.rtc` off) and names the century register
+//! ([`crate::devices::rtc::REG_CENTURY`]) in `CENTURY`, which Linux's
+//! `mc146818_get_time` reads.
 //!
 //! Why there is code at the reset vector (0xffff0): with `HW_REDUCED_ACPI` set
 //! and no EFI, Linux reboots by EFI (absent), then by jumping to the BIOS at
@@ -41,6 +54,7 @@
 
 use thiserror::Error;
 
+use crate::devices::rtc::REG_CENTURY;
 use crate::error::Error as CoreError;
 use crate::memory::GuestRam;
 
@@ -95,9 +109,9 @@ const FADT_PWR_BUTTON: u32 = 1 << 4;
 const FADT_SLP_BUTTON: u32 = 1 << 5;
 const FADT_RESET_REG_SUP: u32 = 1 << 10;
 const FADT_HW_REDUCED_ACPI: u32 = 1 << 20;
-/// IA-PC boot architecture flags: no VGA, no CMOS RTC (neither is emulated).
+/// IA-PC boot architecture flags: no VGA (not emulated). "CMOS RTC Not
+/// Present" (bit 5) stays clear: the RTC is at 0x70.
 const IAPC_VGA_NOT_PRESENT: u16 = 1 << 2;
-const IAPC_CMOS_RTC_NOT_PRESENT: u16 = 1 << 5;
 /// MADT flags: the platform also has dual 8259s (KVM's in-kernel PIC).
 const MADT_PCAT_COMPAT: u32 = 1;
 
@@ -171,10 +185,8 @@ fn fadt(dsdt: u64) -> Vec<u8> {
         let at = at - HEADER_LEN;
         b[at..at + v.len()].copy_from_slice(v);
     };
-    put(
-        109,
-        &(IAPC_VGA_NOT_PRESENT | IAPC_CMOS_RTC_NOT_PRESENT).to_le_bytes(),
-    );
+    put(108, &[REG_CENTURY]); // CENTURY: the RTC's century register
+    put(109, &IAPC_VGA_NOT_PRESENT.to_le_bytes());
     put(
         112,
         &(FADT_HW_REDUCED_ACPI | FADT_RESET_REG_SUP | FADT_PWR_BUTTON | FADT_SLP_BUTTON)
@@ -266,7 +278,8 @@ mod aml {
     }
 }
 
-/// The DSDT's AML: `_S5` (so Linux registers its ACPI power-off) and COM1.
+/// The DSDT's AML: `_S5` (so Linux registers its ACPI power-off), COM1 and
+/// the RTC.
 fn dsdt_aml() -> Result<Vec<u8>, AcpiError> {
     use aml::*;
     // Name(_S5_, Package(){5, 0}): SLP_TYPa 5, SLP_TYPb 0.
@@ -287,6 +300,20 @@ fn dsdt_aml() -> Result<Vec<u8>, AcpiError> {
     device.extend_from_slice(b"_SB_COM1");
     device.extend_from_slice(&name(b"_HID", &integer(eisa_id(b"PNP0501"))));
     device.extend_from_slice(&name(b"_UID", &integer(0)));
+    device.extend_from_slice(&name(b"_CRS", &with_pkg_length(&[BUFFER_OP], &buffer)?));
+    out.extend_from_slice(&with_pkg_length(&[EXT_OP_PREFIX, DEVICE_OP], &device)?);
+
+    // Device(\_SB_.RTC_) { _HID PNP0B00, _CRS: IO 0x70/2 } and no IRQ: see the
+    // module doc.
+    let rtc_crs: &[u8] = &[
+        0x47, 0x01, 0x70, 0x00, 0x70, 0x00, 0x01, 0x02, // IO(Decode16, 0x70, 0x70, 1, 2)
+        0x79, 0x00, // end tag
+    ];
+    let mut buffer = integer(rtc_crs.len() as u32);
+    buffer.extend_from_slice(rtc_crs);
+    let mut device = vec![ROOT_CHAR, DUAL_NAME_PREFIX];
+    device.extend_from_slice(b"_SB_RTC_");
+    device.extend_from_slice(&name(b"_HID", &integer(eisa_id(b"PNP0B00"))));
     device.extend_from_slice(&name(b"_CRS", &with_pkg_length(&[BUFFER_OP], &buffer)?));
     out.extend_from_slice(&with_pkg_length(&[EXT_OP_PREFIX, DEVICE_OP], &device)?);
     Ok(out)
@@ -454,6 +481,36 @@ mod tests {
     }
 
     #[test]
+    fn fadt_says_there_is_a_cmos_rtc_with_a_century_register() {
+        let t = build(1).unwrap();
+        let f = &t[2].1;
+        let iapc = u16::from_le_bytes([f[109], f[110]]);
+        assert_eq!(iapc & (1 << 5), 0, "CMOS RTC Not Present must be clear");
+        assert_ne!(iapc & (1 << 2), 0, "VGA Not Present");
+        assert_eq!(f[108], 0x32, "CENTURY: the RTC's century register");
+    }
+
+    #[test]
+    fn dsdt_declares_the_rtc_as_pnp0b00_with_ports_0x70_0x71_and_no_irq() {
+        let aml = dsdt_aml().unwrap();
+        let at = aml
+            .windows(8)
+            .position(|w| w == b"_SB_RTC_")
+            .expect("a \\_SB_.RTC_ device");
+        let dev = &aml[at..];
+        // _HID: DWordConst 0x000bd041, what iasl emits for EisaId("PNP0B00").
+        let hid = dev.windows(4).position(|w| w == b"_HID").unwrap();
+        assert_eq!(&dev[hid + 4..hid + 9], &[0x0c, 0x41, 0xd0, 0x0b, 0x00]);
+        let crs = dev.windows(4).position(|w| w == b"_CRS").unwrap();
+        // BufferOp PkgLength BufferSize(10): IO(Decode16, 0x70, 0x70, 1, 2), end tag.
+        assert_eq!(
+            &dev[crs + 4..crs + 18],
+            &[0x11, 0x0d, 0x0a, 0x0a, 0x47, 0x01, 0x70, 0x00, 0x70, 0x00, 0x01, 0x02, 0x79, 0x00]
+        );
+        assert_eq!(crs + 18, dev.len(), "the buffer ends the device");
+    }
+
+    #[test]
     fn dsdt_declares_s5_and_com1_in_aml() {
         let aml = dsdt_aml().unwrap();
         // NameOp "_S5_" PackageOp PkgLength(5) NumElements(2) BytePrefix 5, ZeroOp
@@ -461,9 +518,15 @@ mod tests {
             &aml[..11],
             &[0x08, b'_', b'S', b'5', b'_', 0x12, 0x05, 0x02, 0x0a, 0x05, 0x00]
         );
+        // COM1 is the first device; the RTC follows it.
         let dev = &aml[11..];
         assert_eq!(&dev[..2], &[0x5b, 0x82]);
-        assert_eq!(dev[2] as usize, dev.len() - 2, "the device's PkgLength");
+        let dev = &dev[..2 + dev[2] as usize];
+        assert_eq!(
+            &aml[11 + dev.len()..][..2],
+            &[0x5b, 0x82],
+            "the next device"
+        );
         assert_eq!(
             &dev[3..13],
             b"\\._SB_COM1".map(|c| if c == b'.' { 0x2e } else { c })
