@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "63f7e969a42a40388600f1e00e312ba443460959b305007d17e5b69269e40235";
+  "fb2eac45b759e6da273fe64e860a128ce14093ea9add8978e0ffa3c45ab7b816";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

@@ -12,8 +12,8 @@
 //! 0x03, 0x05) are stored. Status A's update-in-progress bit always reads 0:
 //! every read is consistent on its own, so the guest never has to wait for an
 //! update to end. Status C reads 0 (no interrupt is ever pending) and D reads
-//! 0x80 (the battery is good, RAM and time are valid). The other 114 bytes are
-//! plain CMOS RAM.
+//! 0x80 (the battery is good, RAM and time are valid). The other bytes (0x0e-0x7f
+//! but the century) are plain CMOS RAM.
 //!
 //! Status B's SET bit works as on the chip: while it is set, the time registers
 //! hold what the guest writes (that is how Linux sets the clock, field by field);
