@@ -178,6 +178,8 @@ async function conformance(
     );
   }
   assert.deepEqual([r.extRamdiskImage, r.extRamdiskSize, r.extCmdLinePtr], [0, 0, 0]);
+  // The ACPI tables' root, also in the BIOS area where Linux scans for it.
+  assert.equal(r.acpiRsdpAddr, 0xe0000n);
 
   // The memory map, as the guest walked it.
   assert.deepEqual(r.e820, expectedE820(memoryMiB * MIB));

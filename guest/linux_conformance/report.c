@@ -14,7 +14,7 @@
  *   entry rsi=<16> load=<16> rsp=<16> rflags=<16> cr0=<16> cr3=<16> cr4=<16>
  *         efer=<16> cs=<4> ds=<4> es=<4> ss=<4> fs=<4> gs=<4>   (one line)
  *   hdr=<bytes 0x1f1..0x26c of the zero page, two hex digits each>
- *   ext ramdisk_image=<8> ramdisk_size=<8> cmd_line_ptr=<8>
+ *   ext ramdisk_image=<8> ramdisk_size=<8> cmd_line_ptr=<8> acpi_rsdp_addr=<16>
  *   e820_entries=<2>
  *   e820 addr=<16> size=<16> type=<8>                        (one per entry)
  *   cmdline=<the bytes up to the NUL>
@@ -86,6 +86,8 @@ static int reported(u32 at, u32 e820_entries)
 {
 	if (at >= 0x0c0 && at < 0x0cc)	/* ext_ramdisk_image/size, ext_cmd_line_ptr */
 		return 1;
+	if (at >= 0x070 && at < 0x078)	/* acpi_rsdp_addr */
+		return 1;
 	if (at == 0x1e8)		/* e820_entries */
 		return 1;
 	if (at >= HDR_START && at < HDR_END)
@@ -123,6 +125,7 @@ void report(const struct entry_state *s)
 	field("ramdisk_image", rd(bp + 0x0c0, 4), 8);
 	field("ramdisk_size", rd(bp + 0x0c4, 4), 8);
 	field("cmd_line_ptr", rd(bp + 0x0c8, 4), 8);
+	field("acpi_rsdp_addr", rd(bp + 0x070, 8), 16);
 
 	u32 entries = bp[0x1e8];
 	puts_("\ne820_entries=");

@@ -84,6 +84,8 @@ export interface ConformanceReport {
   extRamdiskSize: number;
   /** `ext_cmd_line_ptr`. */
   extCmdLinePtr: number;
+  /** `acpi_rsdp_addr` (boot protocol 2.14+): where the loader put the RSDP. */
+  acpiRsdpAddr: bigint;
   /** The e820 map as read through `e820_entries`. */
   e820: { addr: bigint; size: bigint; type: number }[];
   /** The command line read through its pointer. */
@@ -246,6 +248,7 @@ export function parseConformanceReport(output: string): ConformanceReport {
     extRamdiskImage: num(ext, "ramdisk_image"),
     extRamdiskSize: num(ext, "ramdisk_size"),
     extCmdLinePtr: num(ext, "cmd_line_ptr"),
+    acpiRsdpAddr: big(ext, "acpi_rsdp_addr"),
     e820: lines.filter((l) => l.startsWith("e820 ")).map((l) => {
       const f = fieldsOf(l);
       return { addr: big(f, "addr"), size: big(f, "size"), type: num(f, "type") };
