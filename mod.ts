@@ -10,7 +10,7 @@
  *
  * @example
  * ```ts
- * import { defaultGuestImage, Vm } from "./mod.ts";
+ * import { defaultGuestImage, Vm } from "denovisor";
  * using vm = await Vm.create({ memoryMiB: 16 });
  * vm.load(await defaultGuestImage(), { mode: "user" });
  * const { console: output, exitCode } = await vm.run({ timeoutMs: 5000 });

@@ -53,7 +53,7 @@ function positiveInt(name: string, text: string, min: number, max: number): numb
  *   argument or a value out of range.
  * @example
  * ```ts
- * import { parseBenchArgs } from "./bench/_boot_compare.ts";
+ * import { parseBenchArgs } from "denovisor/bench/_boot_compare.ts";
  * console.log(parseBenchArgs(["--runs", "3"])); // { runs: 3, memMiB: 256, cpus: 1, json: false }
  * ```
  */
@@ -99,7 +99,7 @@ export interface ProcessMemory {
  *   process has neither) or not in kB.
  * @example
  * ```ts
- * import { parseProcStatusMemory } from "./bench/_boot_compare.ts";
+ * import { parseProcStatusMemory } from "denovisor/bench/_boot_compare.ts";
  * console.log(parseProcStatusMemory("VmHWM:\t 20 kB\nVmRSS:\t 10 kB\n")); // { rssKiB: 10, hwmKiB: 20 }
  * ```
  */
@@ -134,7 +134,7 @@ export interface Summary {
  * @returns The statistics, or `undefined` for no samples.
  * @example
  * ```ts
- * import { summarize } from "./bench/_boot_compare.ts";
+ * import { summarize } from "denovisor/bench/_boot_compare.ts";
  * console.log(summarize([3, 1, 2])?.median); // 2
  * ```
  */
@@ -154,7 +154,7 @@ export function summarize(values: readonly number[]): Summary | undefined {
  *
  * @example
  * ```ts
- * import { MarkerScanner } from "./bench/_boot_compare.ts";
+ * import { MarkerScanner } from "denovisor/bench/_boot_compare.ts";
  * const scanner = new MarkerScanner("READY");
  * scanner.push(new TextEncoder().encode("...REA"));
  * console.log(scanner.push(new TextEncoder().encode("DY\n"))); // true
@@ -223,7 +223,7 @@ function indexOf(haystack: Uint8Array, needle: Uint8Array): number {
  * @returns The script's text.
  * @example
  * ```ts
- * import { bootInit } from "./bench/_boot_compare.ts";
+ * import { bootInit } from "denovisor/bench/_boot_compare.ts";
  * console.log(bootInit("HELLO-MARKER"));
  * ```
  */
@@ -248,7 +248,7 @@ export function bootInit(marker: string): string {
  * @returns A `newc` cpio archive.
  * @example
  * ```ts
- * import { bootInitramfs, BOOT_MARKER } from "./bench/_boot_compare.ts";
+ * import { bootInitramfs, BOOT_MARKER } from "denovisor/bench/_boot_compare.ts";
  * const cpio = bootInitramfs(await Deno.readFile(".cache/kernels/busybox-static"), BOOT_MARKER);
  * console.log(cpio.length);
  * ```
@@ -293,7 +293,7 @@ export interface BootSpec {
  * @returns The arguments after `qemu-system-x86_64`.
  * @example
  * ```ts
- * import { qemuArgs } from "./bench/_boot_compare.ts";
+ * import { qemuArgs } from "denovisor/bench/_boot_compare.ts";
  * const spec = { kernel: "bzImage", initrd: "initrd", cmdline: "console=ttyS0", memMiB: 256, cpus: 1 };
  * console.log(["qemu-system-x86_64", ...qemuArgs("microvm", spec)].join(" "));
  * ```
@@ -377,7 +377,7 @@ async function drain(
  *   `GUEST_CRASHED` when the child ends without printing it.
  * @example
  * ```ts
- * import { bootProcess } from "./bench/_boot_compare.ts";
+ * import { bootProcess } from "denovisor/bench/_boot_compare.ts";
  * const boot = await bootProcess("sh", ["-c", "echo READY"], {
  *   marker: "READY",
  *   timeoutMs: 5000,
@@ -498,7 +498,7 @@ export interface InProcessBoot {
  * @returns The phases, the reason the run ended and the exit metrics.
  * @example
  * ```ts
- * import { bootInProcess, BOOT_MARKER } from "./bench/_boot_compare.ts";
+ * import { bootInProcess, BOOT_MARKER } from "denovisor/bench/_boot_compare.ts";
  * const kernel = await Deno.readFile(".cache/kernels/vmlinuz-6.1.0-50-amd64");
  * const initrd = await Deno.readFile("/tmp/initrd.cpio");
  * const spec = { kernel: "", initrd: "", cmdline: "console=ttyS0", memMiB: 256, cpus: 1 };

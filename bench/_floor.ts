@@ -67,8 +67,8 @@ export interface Floor {
  *   compile.
  * @example
  * ```ts
- * import { openFloor } from "./bench/_floor.ts";
- * import { buildGuest } from "./src/build/guest_build.ts";
+ * import { openFloor } from "denovisor/bench/_floor.ts";
+ * import { buildGuest } from "denovisor/src/build/guest_build.ts";
  * const guest = await buildGuest("tests/guests/io_loop.S", { format: "flat" });
  * using floor = await openFloor();
  * const { ns, exits } = floor.exitLoop(guest, 10_000);

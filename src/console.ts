@@ -39,7 +39,7 @@ C-a h    this help
  *
  * @example
  * ```ts
- * import { ConsoleEscape } from "./src/console.ts";
+ * import { ConsoleEscape } from "denovisor/src/console.ts";
  * const escape = new ConsoleEscape();
  * console.log(escape.feed(new Uint8Array([0x68, 0x01, 0x01, 0x69])).bytes); // [104, 1, 105]
  * console.log(escape.feed(new Uint8Array([0x01, 0x78])).quit); // true
@@ -122,7 +122,7 @@ const STOP_RETRY_MS = 20;
  * @returns The session.
  * @example
  * ```ts
- * import { attachStdin, Vm } from "./mod.ts";
+ * import { attachStdin, Vm } from "denovisor";
  * using vm = await Vm.create({ console: "stdout", interrupts: true });
  * // vm.load(...)
  * using _console = attachStdin(vm);

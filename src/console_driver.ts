@@ -45,7 +45,7 @@ export function lastLines(text: string, n = QUOTED_LINES): string {
  *
  * @example
  * ```ts ignore
- * import { ConsoleDriver, Vm } from "./mod.ts";
+ * import { ConsoleDriver, Vm } from "denovisor";
  * using vm = await Vm.create({ memoryMiB: 256, interrupts: true });
  * vm.loadLinux({ kernel, initrd, cmdline: "console=ttyS0 rdinit=/init" });
  * const session = new ConsoleDriver(vm);

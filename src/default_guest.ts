@@ -20,7 +20,7 @@ export const DEFAULT_GUEST_SUCCESS_CODE = 1;
  * @returns A static ELF64 image to load with {@link DEFAULT_GUEST_LOAD_OPTIONS}.
  * @example
  * ```ts
- * import { defaultGuestImage, Vm } from "./mod.ts";
+ * import { defaultGuestImage, Vm } from "denovisor";
  * using vm = await Vm.create();
  * vm.load(await defaultGuestImage(), { mode: "user" });
  * console.log((await vm.run({ timeoutMs: 5000 })).console);

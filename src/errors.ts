@@ -56,7 +56,7 @@ export const CORE_STATUS_CODES: Readonly<Record<number, ErrorCode>> = {
  *
  * @example Branching on the code
  * ```ts
- * import { DenovisorError, Vm } from "./mod.ts";
+ * import { DenovisorError, Vm } from "denovisor";
  * try {
  *   await Vm.create({ memoryMiB: 0 });
  * } catch (e) {
@@ -92,7 +92,7 @@ export class DenovisorError extends Error {
  * @returns The matching error code.
  * @example
  * ```ts
- * import { errorCodeOfStatus } from "./src/errors.ts";
+ * import { errorCodeOfStatus } from "denovisor/src/errors.ts";
  * console.log(errorCodeOfStatus(-2)); // "INVALID_HANDLE"
  * ```
  */

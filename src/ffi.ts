@@ -476,7 +476,7 @@ let opening: Promise<Core> | undefined;
  * @returns The loaded core.
  * @example
  * ```ts
- * import { openCore } from "./src/ffi.ts";
+ * import { openCore } from "denovisor/src/ffi.ts";
  * const core = await openCore();
  * console.log(core.abiVersion());
  * ```

@@ -57,7 +57,7 @@ export interface IrqStats {
  * @returns `0xfee00000 | apicId << 12`.
  * @example
  * ```ts
- * import { msiAddress } from "./src/irq.ts";
+ * import { msiAddress } from "denovisor/src/irq.ts";
  * console.log(msiAddress(1).toString(16)); // "fee01000"
  * ```
  */
@@ -78,7 +78,7 @@ export function msiAddress(apicId = 0): number {
  * @returns The line.
  * @example
  * ```ts
- * import { checkIrqLine } from "./src/irq.ts";
+ * import { checkIrqLine } from "denovisor/src/irq.ts";
  * checkIrqLine(4); // 4; checkIrqLine(24) throws INVALID_ARGUMENT
  * ```
  */
@@ -100,7 +100,7 @@ export function checkIrqLine(line: number): number {
  * @returns Both, the address as a bigint.
  * @example
  * ```ts
- * import { checkMsi, msiAddress } from "./src/irq.ts";
+ * import { checkMsi, msiAddress } from "denovisor/src/irq.ts";
  * const [address, data] = checkMsi(msiAddress(0), 0x40);
  * ```
  */
@@ -132,7 +132,7 @@ const encoder = new TextEncoder();
  * @returns The bytes.
  * @example
  * ```ts
- * import { toConsoleBytes } from "./src/irq.ts";
+ * import { toConsoleBytes } from "denovisor/src/irq.ts";
  * console.log(toConsoleBytes("hi")); // Uint8Array(2) [ 104, 105 ]
  * ```
  */

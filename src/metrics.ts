@@ -42,7 +42,7 @@ function sumInto(into: Record<string, unknown>, from: Record<string, unknown>): 
  * @returns Their sum (histogram buckets summed bucket by bucket).
  * @example
  * ```ts
- * import { sumMetrics, Vm } from "./mod.ts";
+ * import { sumMetrics, Vm } from "denovisor";
  * using vm = await Vm.create();
  * console.log(sumMetrics(vm.metrics()).exits); // 0
  * ```
@@ -60,7 +60,7 @@ export function sumMetrics(vcpus: readonly VcpuMetrics[]): VcpuMetrics {
  * @returns Per-vCPU metrics and their total.
  * @example
  * ```ts
- * import { metricsReport, Vm } from "./mod.ts";
+ * import { metricsReport, Vm } from "denovisor";
  * using vm = await Vm.create();
  * console.log(JSON.stringify(metricsReport(vm), null, 2));
  * ```
@@ -83,7 +83,7 @@ function label(value: string): string {
  * @returns The exposition text, ending with a newline.
  * @example
  * ```ts
- * import { toPrometheus, Vm } from "./mod.ts";
+ * import { toPrometheus, Vm } from "denovisor";
  * using vm = await Vm.create();
  * console.log(toPrometheus(vm.metrics(), { vm: "demo" }));
  * ```

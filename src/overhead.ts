@@ -119,7 +119,7 @@ function median(values: number[]): number {
  * @returns Its report.
  * @example
  * ```ts
- * import { runNative } from "./src/overhead.ts";
+ * import { runNative } from "denovisor/src/overhead.ts";
  * console.log(await runNative("cpu", 1));
  * ```
  */
@@ -148,7 +148,7 @@ export async function runNative(workload: WorkloadName, size: number): Promise<W
  * @returns Its report and the run's exit metrics.
  * @example
  * ```ts
- * import { runVirtual } from "./src/overhead.ts";
+ * import { runVirtual } from "denovisor/src/overhead.ts";
  * const run = await runVirtual("io", 1);
  * console.log(run.ns, run.exits);
  * ```
@@ -180,7 +180,7 @@ export async function runVirtual(workload: WorkloadName, size: number): Promise<
  *   `INVALID_ARGUMENT` when native and virtual checksums differ.
  * @example
  * ```ts
- * import { measureOverhead } from "./src/overhead.ts";
+ * import { measureOverhead } from "denovisor/src/overhead.ts";
  * const [cpu] = await measureOverhead({ workloads: ["cpu"], runs: 1 });
  * console.log(`${cpu.overheadPercent.toFixed(1)} %`);
  * ```
@@ -253,7 +253,7 @@ export async function measureOverhead(options: OverheadOptions = {}): Promise<Wo
  * @returns The table, one line per workload, with a header.
  * @example
  * ```ts
- * import { formatOverheadTable, measureOverhead } from "./src/overhead.ts";
+ * import { formatOverheadTable, measureOverhead } from "denovisor/src/overhead.ts";
  * console.log(formatOverheadTable(await measureOverhead({ runs: 1 })));
  * ```
  */

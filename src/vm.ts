@@ -203,7 +203,7 @@ const STDOUT_FD = 1;
  *
  * @example Run the built-in default guest
  * ```ts
- * import { defaultGuestImage, Vm } from "./mod.ts";
+ * import { defaultGuestImage, Vm } from "denovisor";
  * using vm = await Vm.create({ memoryMiB: 16 });
  * vm.load(await defaultGuestImage(), { mode: "user" });
  * const result = await vm.run({ timeoutMs: 5000 });
@@ -410,7 +410,7 @@ export class Vm implements Disposable {
    *   `checkLinuxLoad` makes the same checks without a VM.
    * @example
    * ```ts
-   * import { Vm } from "./mod.ts";
+   * import { Vm } from "denovisor";
    * using vm = await Vm.create({ memoryMiB: 256 });
    * const layout = vm.loadLinux({
    *   kernel: await Deno.readFile("bzImage"),
@@ -508,7 +508,7 @@ export class Vm implements Disposable {
    * @throws {DenovisorError} `INVALID_ARGUMENT` without an irqchip or for a bad line.
    * @example
    * ```ts
-   * import { Vm } from "./mod.ts";
+   * import { Vm } from "denovisor";
    * using vm = await Vm.create({ interrupts: true });
    * vm.injectIrq(5); // pending until the guest enables interrupts
    * ```
@@ -527,7 +527,7 @@ export class Vm implements Disposable {
    *   APIC is software-disabled).
    * @example
    * ```ts
-   * import { msiAddress, Vm } from "./mod.ts";
+   * import { msiAddress, Vm } from "denovisor";
    * using vm = await Vm.create({ interrupts: true });
    * console.log(vm.sendMsi(msiAddress(0), 0x41)); // false: the APIC is not enabled yet
    * ```
@@ -542,7 +542,7 @@ export class Vm implements Disposable {
    * @returns The counters and whether the VM has an irqchip.
    * @example
    * ```ts
-   * import { Vm } from "./mod.ts";
+   * import { Vm } from "denovisor";
    * using vm = await Vm.create({ interrupts: true });
    * console.log(vm.irqStats()); // { irqchip: true, injected: 0, ... }
    * ```
@@ -559,7 +559,7 @@ export class Vm implements Disposable {
    * @returns Counts by vector (empty when the guest published none).
    * @example
    * ```ts
-   * import { Vm } from "./mod.ts";
+   * import { Vm } from "denovisor";
    * using vm = await Vm.create({ interrupts: true });
    * console.log(vm.guestIrqCounters().length); // 0 until the guest publishes them
    * ```
@@ -577,7 +577,7 @@ export class Vm implements Disposable {
    * @throws {DenovisorError} `BUSY` when over 1 MiB would be waiting unread.
    * @example
    * ```ts
-   * import { Vm } from "./mod.ts";
+   * import { Vm } from "denovisor";
    * using vm = await Vm.create();
    * vm.sendConsoleInput("hello\n");
    * ```
@@ -596,7 +596,7 @@ export class Vm implements Disposable {
    *   returned whole by the next call).
    * @example
    * ```ts
-   * import { Vm } from "./mod.ts";
+   * import { Vm } from "denovisor";
    * using vm = await Vm.create();
    * console.log(JSON.stringify(vm.readConsole())); // "" before any run
    * ```
@@ -626,7 +626,7 @@ export class Vm implements Disposable {
    * @returns One entry per vCPU.
    * @example
    * ```ts
-   * import { Vm } from "./mod.ts";
+   * import { Vm } from "denovisor";
    * using vm = await Vm.create();
    * console.log(vm.metrics()[0].console); // { bytes: 0, captureDropped: 0, streamDropped: 0 }
    * ```

@@ -43,7 +43,7 @@ function exists(path: string): boolean {
  * @returns The host's kind of KVM.
  * @example
  * ```ts
- * import { detectKvm } from "./tests/_host.ts";
+ * import { detectKvm } from "denovisor/tests/_host.ts";
  * console.log(detectKvm().kind); // "hardware", "pvm" or "none"
  * ```
  */
@@ -73,7 +73,7 @@ export function detectKvm(): HostKvm {
  * @returns The path of the kvmbox script.
  * @example
  * ```ts
- * import { findKvmbox } from "./tests/_host.ts";
+ * import { findKvmbox } from "denovisor/tests/_host.ts";
  * console.log(findKvmbox(new URL("../", import.meta.url)) ?? "no kvmbox");
  * ```
  */

@@ -10,7 +10,7 @@
  *
  * @example
  * ```ts
- * import { CORE_MANIFEST_SHA256 } from "./src/build/_core_manifest_hash.ts";
+ * import { CORE_MANIFEST_SHA256 } from "denovisor/src/build/_core_manifest_hash.ts";
  * console.log(CORE_MANIFEST_SHA256);
  * ```
  */
@@ -22,7 +22,7 @@ export const CORE_MANIFEST_SHA256 =
  *
  * @example
  * ```ts
- * import { CORE_MANIFEST_VERSION } from "./src/build/_core_manifest_hash.ts";
+ * import { CORE_MANIFEST_VERSION } from "denovisor/src/build/_core_manifest_hash.ts";
  * console.log(CORE_MANIFEST_VERSION);
  * ```
  */

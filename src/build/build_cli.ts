@@ -45,7 +45,7 @@ Environment:
  * @returns The process exit code: 0 built, 1 failed, 2 bad usage.
  * @example
  * ```ts
- * import { main } from "./src/build/build_cli.ts";
+ * import { main } from "denovisor/src/build/build_cli.ts";
  * Deno.exit(await main(["--quiet"]));
  * ```
  */

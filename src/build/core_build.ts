@@ -55,7 +55,7 @@ export interface EnsureCoreOptions {
  * reachable crate source, apt, or the tail of cargo's output.
  * @example
  * ```ts
- * import { ensureCoreLibrary } from "./src/build/core_build.ts";
+ * import { ensureCoreLibrary } from "denovisor/src/build/core_build.ts";
  * const path = await ensureCoreLibrary();
  * const lib = Deno.dlopen(path, { dv_abi_version: { parameters: [], result: "u32" } });
  * console.log(lib.symbols.dv_abi_version());
@@ -113,7 +113,7 @@ export async function ensureCoreLibrary(options: EnsureCoreOptions = {}): Promis
  * @returns undefined, or why KVM cannot be used.
  * @example
  * ```ts
- * import { checkKvmAccess } from "./src/build/core_build.ts";
+ * import { checkKvmAccess } from "denovisor/src/build/core_build.ts";
  * const problem = checkKvmAccess();
  * if (problem) console.error(problem);
  * ```
@@ -146,7 +146,7 @@ export function checkKvmAccess(): string | undefined {
  * @returns An absolute path (not created).
  * @example
  * ```ts
- * import { denovisorCacheDir } from "./src/build/core_build.ts";
+ * import { denovisorCacheDir } from "denovisor/src/build/core_build.ts";
  * console.log(denovisorCacheDir()); // e.g. /home/me/.cache/denovisor
  * ```
  */
@@ -173,7 +173,7 @@ export function denovisorCacheDir(): string {
  * @returns The relative paths.
  * @example
  * ```ts
- * import { listCoreSources } from "./src/build/core_build.ts";
+ * import { listCoreSources } from "denovisor/src/build/core_build.ts";
  * console.log(listCoreSources("core")); // ["Cargo.lock", "Cargo.toml", "src/abi.rs", ...]
  * ```
  */
@@ -204,7 +204,7 @@ export function listCoreSources(coreDir: string): string[] {
  * @throws {DenovisorError} `BUILD_FAILED` when `coreDir` has no `Cargo.toml`.
  * @example
  * ```ts
- * import { hashCoreSources } from "./src/build/core_build.ts";
+ * import { hashCoreSources } from "denovisor/src/build/core_build.ts";
  * console.log(await hashCoreSources("core"));
  * ```
  */
@@ -474,7 +474,7 @@ function defaultCoreDir(): string {
  * @returns Arguments to put after cargo's subcommand.
  * @example
  * ```ts
- * import { coreCrateSourceArgs } from "./src/build/core_build.ts";
+ * import { coreCrateSourceArgs } from "denovisor/src/build/core_build.ts";
  * const args = ["test", "--release", ...coreCrateSourceArgs()];
  * console.log(args);
  * ```

@@ -87,7 +87,7 @@ export type DebianCratesResult =
  * @returns Where the crates are, or why they are not.
  * @example
  * ```ts
- * import { ensureDebianCrates } from "./src/build/debian_crates.ts";
+ * import { ensureDebianCrates } from "denovisor/src/build/debian_crates.ts";
  * const crates = await ensureDebianCrates(".cache/debian-crates");
  * if (crates.ok) console.log(crates.registryDir);
  * else console.error(crates.problem, crates.detail);
@@ -123,7 +123,7 @@ export async function ensureDebianCrates(
  * @returns True when the crates can be used without downloading.
  * @example
  * ```ts
- * import { isDebianCacheReady } from "./src/build/debian_crates.ts";
+ * import { isDebianCacheReady } from "denovisor/src/build/debian_crates.ts";
  * console.log(isDebianCacheReady(".cache/debian-crates"));
  * ```
  */

@@ -16,7 +16,7 @@
  * @returns Its value; undefined when unset or not permitted.
  * @example
  * ```ts
- * import { readEnv } from "./src/build/fs_util.ts";
+ * import { readEnv } from "denovisor/src/build/fs_util.ts";
  * console.log(readEnv("HOME") ?? "no HOME");
  * ```
  */
@@ -36,7 +36,7 @@ export function readEnv(name: string): string | undefined {
  * @returns True when `stat` succeeds.
  * @example
  * ```ts
- * import { exists } from "./src/build/fs_util.ts";
+ * import { exists } from "denovisor/src/build/fs_util.ts";
  * console.log(exists("/dev/kvm"));
  * ```
  */
@@ -58,7 +58,7 @@ export function exists(path: string): boolean {
  * @returns The held lock, for `using`.
  * @example
  * ```ts
- * import { lockFile } from "./src/build/fs_util.ts";
+ * import { lockFile } from "denovisor/src/build/fs_util.ts";
  * using _lock = await lockFile("/tmp/denovisor-example.lock");
  * // ... work no other process does at the same time ...
  * ```
@@ -76,7 +76,7 @@ export async function lockFile(path: string): Promise<Disposable> {
  * @returns The joined path.
  * @example
  * ```ts
- * import { joinPath } from "./src/build/fs_util.ts";
+ * import { joinPath } from "denovisor/src/build/fs_util.ts";
  * console.log(joinPath("/var/cache/", "/denovisor")); // /var/cache/denovisor
  * ```
  */
@@ -92,7 +92,7 @@ export function joinPath(...parts: string[]): string {
  * @returns The absolute path, without a trailing slash.
  * @example
  * ```ts
- * import { absolutePath } from "./src/build/fs_util.ts";
+ * import { absolutePath } from "denovisor/src/build/fs_util.ts";
  * console.log(absolutePath("/work/main/core/", "../src")); // /work/main/src
  * ```
  */
@@ -113,7 +113,7 @@ export function absolutePath(...parts: string[]): string {
  * @returns Its parent folder.
  * @example
  * ```ts
- * import { parentPath } from "./src/build/fs_util.ts";
+ * import { parentPath } from "denovisor/src/build/fs_util.ts";
  * console.log(parentPath("/work/main/guest/hello.S")); // /work/main/guest
  * ```
  */
@@ -128,7 +128,7 @@ export function parentPath(path: string): string {
  * @returns Its path.
  * @example
  * ```ts
- * import { pathOfFileUrl } from "./src/build/fs_util.ts";
+ * import { pathOfFileUrl } from "denovisor/src/build/fs_util.ts";
  * console.log(pathOfFileUrl(new URL("file:///tmp/a%20b"))); // /tmp/a b
  * ```
  */

@@ -63,7 +63,7 @@ const probeToolchain = toolchainProbe(["gcc", "as", "ld", "objcopy"], TOOL_OPTIO
  * @throws {DenovisorError} `INVALID_ARGUMENT` when `name` leaves `guest/`.
  * @example
  * ```ts
- * import { buildGuest, guestSourceUrl } from "./src/build/guest_build.ts";
+ * import { buildGuest, guestSourceUrl } from "denovisor/src/build/guest_build.ts";
  * const image = await buildGuest(guestSourceUrl("hello/hello.S"));
  * console.log(`hello guest: ${image.length} bytes`);
  * ```
@@ -100,7 +100,7 @@ export function guestSourceUrl(name: string): URL {
  *   `INVALID_ARGUMENT` for an impossible load address.
  * @example Build the built-in guest and a flat real-mode test guest
  * ```ts
- * import { buildGuest, guestSourceUrl } from "./src/build/guest_build.ts";
+ * import { buildGuest, guestSourceUrl } from "denovisor/src/build/guest_build.ts";
  * const hello = await buildGuest(guestSourceUrl("hello/hello.S"));
  * const boot = await buildGuest("tests/guests/real_hello.S", { bits: 16, format: "flat" });
  * console.log(hello.length, boot.length);

@@ -55,7 +55,7 @@ const MAX_MANIFEST_BYTES = 1 << 20;
  * host that is not loopback; `BUILD_FAILED` otherwise.
  * @example
  * ```ts
- * import { locateCoreLibrary } from "./src/build/remote_core.ts";
+ * import { locateCoreLibrary } from "denovisor/src/build/remote_core.ts";
  * const path = await locateCoreLibrary(new URL("./", import.meta.url));
  * console.log(path);
  * ```
@@ -111,7 +111,7 @@ export interface RemoteCoreOptions {
  * is not loopback; `BUILD_FAILED` when a download, a hash check or the build fails.
  * @example
  * ```ts
- * import { ensureRemoteCore } from "./src/build/remote_core.ts";
+ * import { ensureRemoteCore } from "denovisor/src/build/remote_core.ts";
  * const path = await ensureRemoteCore(new URL("https://example.com/denovisor/v0.1.0/"));
  * console.log(path);
  * ```
@@ -143,7 +143,7 @@ export async function ensureRemoteCore(
  * is not loopback; `BUILD_FAILED` when a download or a hash check fails.
  * @example
  * ```ts
- * import { downloadRemoteCore } from "./src/build/remote_core.ts";
+ * import { downloadRemoteCore } from "denovisor/src/build/remote_core.ts";
  * const coreDir = await downloadRemoteCore(new URL("https://example.com/denovisor/v0.1.0/"));
  * console.log(coreDir);
  * ```
@@ -204,7 +204,7 @@ export async function downloadRemoteCore(
  * @returns The manifest, with paths relative to `repoRoot`.
  * @example
  * ```ts
- * import { createCoreManifest } from "./src/build/remote_core.ts";
+ * import { createCoreManifest } from "denovisor/src/build/remote_core.ts";
  * console.log((await createCoreManifest(".")).files.length);
  * ```
  */
@@ -225,7 +225,7 @@ export async function createCoreManifest(repoRoot: string): Promise<CoreManifest
  * @returns JSON text ending in a newline.
  * @example
  * ```ts
- * import { createCoreManifest, formatCoreManifest } from "./src/build/remote_core.ts";
+ * import { createCoreManifest, formatCoreManifest } from "denovisor/src/build/remote_core.ts";
  * console.log(formatCoreManifest(await createCoreManifest(".")));
  * ```
  */
@@ -243,7 +243,7 @@ export function formatCoreManifest(manifest: CoreManifest): string {
  * @returns Their texts, by relative path.
  * @example
  * ```ts
- * import { renderCoreManifestFiles } from "./src/build/remote_core.ts";
+ * import { renderCoreManifestFiles } from "denovisor/src/build/remote_core.ts";
  * const files = await renderCoreManifestFiles(".");
  * console.log(files["core/MANIFEST.json"] === Deno.readTextFileSync("core/MANIFEST.json"));
  * ```
@@ -265,7 +265,7 @@ export async function renderCoreManifestFiles(repoRoot: string): Promise<Record<
  * @returns The relative paths written.
  * @example
  * ```ts
- * import { writeCoreManifest } from "./src/build/remote_core.ts";
+ * import { writeCoreManifest } from "denovisor/src/build/remote_core.ts";
  * console.log(await writeCoreManifest("."));
  * ```
  */
@@ -285,7 +285,7 @@ export async function writeCoreManifest(repoRoot: string): Promise<string[]> {
  * @returns TypeScript source text.
  * @example
  * ```ts
- * import { formatManifestPin } from "./src/build/remote_core.ts";
+ * import { formatManifestPin } from "denovisor/src/build/remote_core.ts";
  * console.log(formatManifestPin("0.1.0", "0".repeat(64)));
  * ```
  */
@@ -302,7 +302,7 @@ export function formatManifestPin(version: string, sha256: string): string {
  *
  * @example
  * \`\`\`ts
- * import { CORE_MANIFEST_SHA256 } from "./src/build/_core_manifest_hash.ts";
+ * import { CORE_MANIFEST_SHA256 } from "denovisor/src/build/_core_manifest_hash.ts";
  * console.log(CORE_MANIFEST_SHA256);
  * \`\`\`
  */
@@ -314,7 +314,7 @@ export const CORE_MANIFEST_SHA256 =
  *
  * @example
  * \`\`\`ts
- * import { CORE_MANIFEST_VERSION } from "./src/build/_core_manifest_hash.ts";
+ * import { CORE_MANIFEST_VERSION } from "denovisor/src/build/_core_manifest_hash.ts";
  * console.log(CORE_MANIFEST_VERSION);
  * \`\`\`
  */
@@ -334,7 +334,7 @@ export const CORE_MANIFEST_VERSION = ${JSON.stringify(version)};
  * @throws {DenovisorError} `BUILD_FAILED` naming the first problem.
  * @example
  * ```ts
- * import { parseCoreManifest } from "./src/build/remote_core.ts";
+ * import { parseCoreManifest } from "denovisor/src/build/remote_core.ts";
  * const manifest = parseCoreManifest(
  *   JSON.parse(Deno.readTextFileSync("core/MANIFEST.json")),
  *   "core/MANIFEST.json",

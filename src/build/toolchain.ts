@@ -54,7 +54,7 @@ const LD_RWX_WARNING_VERSION = [2, 39];
  *   its Debian package (`gcc` for gcc, `binutils` for the others).
  * @example
  * ```ts
- * import { runTool } from "./src/build/toolchain.ts";
+ * import { runTool } from "denovisor/src/build/toolchain.ts";
  * const gcc = await runTool("gcc", ["--version"], { neededFor: "building guests" });
  * console.log(gcc.stdout.split("\n", 1)[0]);
  * ```
@@ -104,7 +104,7 @@ export async function runTool(
  * @returns A function that resolves to the tools' versions and abilities.
  * @example
  * ```ts
- * import { toolchainProbe } from "./src/build/toolchain.ts";
+ * import { toolchainProbe } from "denovisor/src/build/toolchain.ts";
  * const probe = toolchainProbe(["gcc", "as", "ld"], { neededFor: "building workloads" });
  * const { versions, ldHasRwxSwitch } = await probe();
  * console.log(versions, ldHasRwxSwitch);

@@ -139,7 +139,7 @@ const probeToolchain = toolchainProbe(["gcc", "as", "ld"], TOOL_OPTIONS);
  * @throws {DenovisorError} `INVALID_ARGUMENT` for an unknown workload.
  * @example
  * ```ts
- * import { workloadSourceUrl } from "./src/build/workload_build.ts";
+ * import { workloadSourceUrl } from "denovisor/src/build/workload_build.ts";
  * console.log(workloadSourceUrl("cpu").pathname); // .../guest/workloads/cpu.c
  * ```
  */
@@ -158,7 +158,7 @@ export function workloadSourceUrl(name: WorkloadName): URL {
  * @returns MiB of guest RAM to create the VM with.
  * @example
  * ```ts
- * import { workloadMemoryMiB } from "./src/build/workload_build.ts";
+ * import { workloadMemoryMiB } from "denovisor/src/build/workload_build.ts";
  * console.log(workloadMemoryMiB("memory", 64)); // 68
  * ```
  */
@@ -179,8 +179,8 @@ export function workloadMemoryMiB(name: WorkloadName, arg = 0): number {
  *   (with the compiler's output).
  * @example Run the cpu workload in a VM
  * ```ts
- * import { Vm } from "./mod.ts";
- * import { buildWorkloadGuest } from "./src/build/workload_build.ts";
+ * import { Vm } from "denovisor";
+ * import { buildWorkloadGuest } from "denovisor/src/build/workload_build.ts";
  * using vm = await Vm.create({ memoryMiB: 16 });
  * vm.load(await buildWorkloadGuest("cpu"), { mode: "long", arguments: [8, 16 << 20] });
  * const result = await vm.run();
@@ -201,7 +201,7 @@ export async function buildWorkloadGuest(name: WorkloadName): Promise<Uint8Array
  * @throws {DenovisorError} `BUILD_FAILED` when gcc is missing or the build fails.
  * @example
  * ```ts
- * import { buildWorkloadNative } from "./src/build/workload_build.ts";
+ * import { buildWorkloadNative } from "denovisor/src/build/workload_build.ts";
  * const path = await buildWorkloadNative("cpu");
  * const out = await new Deno.Command(path, { args: ["8"] }).output();
  * console.log(new TextDecoder().decode(out.stdout)); // {"workload":"cpu","arg":8,...}
@@ -224,7 +224,7 @@ export async function buildWorkloadNative(name: WorkloadName): Promise<string> {
  *   be read or the build fails.
  * @example Build a test guest that faults
  * ```ts
- * import { buildRuntimeGuest } from "./src/build/workload_build.ts";
+ * import { buildRuntimeGuest } from "denovisor/src/build/workload_build.ts";
  * const image = await buildRuntimeGuest("tests/guests/fault_ud.c");
  * console.log(image.length);
  * ```
@@ -246,7 +246,7 @@ export async function buildRuntimeGuest(source: string | URL): Promise<Uint8Arra
  *   be read or the build fails.
  * @example
  * ```ts
- * import { buildRuntimeNative, workloadSourceUrl } from "./src/build/workload_build.ts";
+ * import { buildRuntimeNative, workloadSourceUrl } from "denovisor/src/build/workload_build.ts";
  * console.log(await buildRuntimeNative(workloadSourceUrl("io")));
  * ```
  */

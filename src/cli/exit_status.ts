@@ -56,7 +56,7 @@ export const GUEST_EXIT_STATUS_CAP = 63;
  * @returns 0 for 0, else `128 + 2 * min(status, 63)` (130..254).
  * @example
  * ```ts
- * import { statusOfGuestExit } from "./src/cli/exit_status.ts";
+ * import { statusOfGuestExit } from "denovisor/src/cli/exit_status.ts";
  * console.log(statusOfGuestExit(1), statusOfGuestExit(1000)); // 130 254
  * ```
  */
@@ -74,7 +74,7 @@ export function statusOfGuestExit(status: number): number {
  *   {@link ExitStatus}.
  * @example
  * ```ts
- * import { statusOfExit } from "./src/cli/exit_status.ts";
+ * import { statusOfExit } from "denovisor/src/cli/exit_status.ts";
  * console.log(statusOfExit({ reason: "debug_exit", exitCode: 7 })); // 7
  * ```
  */
@@ -109,7 +109,7 @@ export function statusOfExit(exit: VcpuExit): number {
  * @returns One of {@link ExitStatus}, or the guest's own code.
  * @example
  * ```ts
- * import { statusOfResult } from "./src/cli/exit_status.ts";
+ * import { statusOfResult } from "denovisor/src/cli/exit_status.ts";
  * console.log(statusOfResult({ exit: { reason: "reset" }, panic: "oops" })); // 14
  * ```
  */
@@ -139,8 +139,8 @@ const STATUS_OF_CODE: Partial<Record<ErrorCode, number>> = {
  * @returns The status of its code; {@link ExitStatus.vmmError} for the rest.
  * @example
  * ```ts
- * import { statusOfError } from "./src/cli/exit_status.ts";
- * import { DenovisorError } from "./src/errors.ts";
+ * import { statusOfError } from "denovisor/src/cli/exit_status.ts";
+ * import { DenovisorError } from "denovisor/src/errors.ts";
  * console.log(statusOfError(new DenovisorError("INITRD", "bad magic"))); // 20
  * ```
  */

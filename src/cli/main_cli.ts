@@ -610,7 +610,7 @@ async function helloCommand(args: string[], io: CliIo): Promise<number> {
  * @returns The process exit status.
  * @example
  * ```ts
- * import { main } from "./src/cli/main_cli.ts";
+ * import { main } from "denovisor/src/cli/main_cli.ts";
  * Deno.exit(await main(["run", "--mode", "real", "boot.bin"]));
  * ```
  */

@@ -112,7 +112,7 @@ function checkBit(b: CpuidBit): CpuidBit {
  * @returns The core's policy document.
  * @example
  * ```ts
- * import { cpuidPolicyJson } from "./src/cpu/policy.ts";
+ * import { cpuidPolicyJson } from "denovisor/src/cpu/policy.ts";
  * console.log(cpuidPolicyJson({ hide: ["avx2"] }));
  * ```
  */
@@ -154,7 +154,7 @@ export function cpuidPolicyJson(policy: CpuidPolicy): string {
  * @returns The core's policy document.
  * @example
  * ```ts
- * import { msrPolicyJson } from "./src/cpu/policy.ts";
+ * import { msrPolicyJson } from "denovisor/src/cpu/policy.ts";
  * console.log(msrPolicyJson({ deny: [0x1b] }));
  * ```
  */

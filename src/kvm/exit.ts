@@ -124,7 +124,7 @@ const HEX_FIELDS = new Set(["address", "data", "hardwareReason", "rip"]);
  * @returns The typed exit.
  * @example
  * ```ts
- * import { parseExit } from "./src/kvm/exit.ts";
+ * import { parseExit } from "denovisor/src/kvm/exit.ts";
  * const exit = parseExit({ vcpu: 0, runNs: 1, reason: "debug_exit", exitCode: 3 });
  * console.log(exit.reason); // "debug_exit"
  * ```
@@ -174,7 +174,7 @@ const EXCEPTION_NAMES: Record<number, string> = {
  * @returns A sentence-case description without a trailing period.
  * @example
  * ```ts
- * import { describeExit } from "./src/kvm/exit.ts";
+ * import { describeExit } from "denovisor/src/kvm/exit.ts";
  * console.log(describeExit({ reason: "hlt" })); // "guest halted"
  * ```
  */

@@ -186,7 +186,7 @@ function outcome(raw: RawRunResult): RunOutcome {
  *
  * @example Running three instructions in real mode
  * ```ts
- * import { Kvm } from "./mod.ts";
+ * import { Kvm } from "denovisor";
  * const kvm = await Kvm.open();
  * using vm = kvm.createVm({ memoryBytes: 1 << 20 });
  * const vcpu = vm.createVcpu();
@@ -257,7 +257,7 @@ export class Kvm {
  *
  * @example
  * ```ts
- * import { Kvm } from "./mod.ts";
+ * import { Kvm } from "denovisor";
  * using vm = (await Kvm.open()).createVm({ memoryBytes: 2 << 20 });
  * vm.writeMemory(0x1000, new Uint8Array([1, 2, 3]));
  * console.log(vm.readMemory(0x1000, 3)); // Uint8Array(3) [ 1, 2, 3 ]
@@ -551,7 +551,7 @@ export class KvmVm implements Disposable {
  *
  * @example
  * ```ts
- * import { Kvm } from "./mod.ts";
+ * import { Kvm } from "denovisor";
  * using vm = (await Kvm.open()).createVm({ memoryBytes: 2 << 20 });
  * const vcpu = vm.createVcpu();
  * const regs = vcpu.getRegisters();

@@ -181,7 +181,7 @@ const SEGMENT_NAMES = ["cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt"] as const
  * @returns The registers.
  * @example
  * ```ts
- * import { decodeRegisters } from "./src/kvm/registers.ts";
+ * import { decodeRegisters } from "denovisor/src/kvm/registers.ts";
  * console.log(decodeRegisters(new Uint8Array(144)).rip); // 0n
  * ```
  */
@@ -199,7 +199,7 @@ export function decodeRegisters(bytes: Uint8Array): Registers {
  * @returns The 144 raw bytes.
  * @example
  * ```ts
- * import { decodeRegisters, encodeRegisters } from "./src/kvm/registers.ts";
+ * import { decodeRegisters, encodeRegisters } from "denovisor/src/kvm/registers.ts";
  * const regs = decodeRegisters(new Uint8Array(144));
  * regs.rip = 0x100000n;
  * console.log(encodeRegisters(regs).length); // 144
@@ -246,7 +246,7 @@ function writeSegment(view: DataView, at: number, s: Segment): void {
  * @returns The special registers.
  * @example
  * ```ts
- * import { decodeSpecialRegisters } from "./src/kvm/registers.ts";
+ * import { decodeSpecialRegisters } from "denovisor/src/kvm/registers.ts";
  * console.log(decodeSpecialRegisters(new Uint8Array(312)).cr0); // 0n
  * ```
  */
@@ -278,7 +278,7 @@ export function decodeSpecialRegisters(bytes: Uint8Array): SpecialRegisters {
  * @returns The 312 raw bytes.
  * @example
  * ```ts
- * import { decodeSpecialRegisters, encodeSpecialRegisters } from "./src/kvm/registers.ts";
+ * import { decodeSpecialRegisters, encodeSpecialRegisters } from "denovisor/src/kvm/registers.ts";
  * const sregs = decodeSpecialRegisters(new Uint8Array(312));
  * console.log(encodeSpecialRegisters(sregs).length); // 312
  * ```
@@ -305,7 +305,7 @@ export function encodeSpecialRegisters(sregs: SpecialRegisters): Uint8Array {
  * @returns The FPU/SSE state.
  * @example
  * ```ts
- * import { decodeFpuState } from "./src/kvm/registers.ts";
+ * import { decodeFpuState } from "denovisor/src/kvm/registers.ts";
  * console.log(decodeFpuState(new Uint8Array(416)).xmm.length); // 16
  * ```
  */
@@ -332,7 +332,7 @@ export function decodeFpuState(bytes: Uint8Array): FpuState {
  * @returns The 416 raw bytes.
  * @example
  * ```ts
- * import { decodeFpuState, encodeFpuState } from "./src/kvm/registers.ts";
+ * import { decodeFpuState, encodeFpuState } from "denovisor/src/kvm/registers.ts";
  * console.log(encodeFpuState(decodeFpuState(new Uint8Array(416))).length); // 416
  * ```
  */

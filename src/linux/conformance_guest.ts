@@ -134,8 +134,8 @@ async function sha256Hex(data: Uint8Array): Promise<string> {
  * @throws {DenovisorError} `BUILD_FAILED` when gcc, ld or objcopy are missing or fail.
  * @example
  * ```ts
- * import { buildConformanceGuest } from "./src/linux/conformance_guest.ts";
- * import { Vm } from "./mod.ts";
+ * import { buildConformanceGuest } from "denovisor/src/linux/conformance_guest.ts";
+ * import { Vm } from "denovisor";
  * using vm = await Vm.create({ memoryMiB: 64 });
  * vm.loadLinux({ kernel: await buildConformanceGuest(), cmdline: "console=ttyS0" });
  * console.log((await vm.run({ timeoutMs: 10_000 })).console);
@@ -203,7 +203,7 @@ function fieldsOf(line: string): Map<string, string> {
  * @throws {Error} When a line is missing or malformed (the report is incomplete).
  * @example
  * ```ts
- * import { parseConformanceReport } from "./src/linux/conformance_guest.ts";
+ * import { parseConformanceReport } from "denovisor/src/linux/conformance_guest.ts";
  * const report = parseConformanceReport("protocol=020f\n...");
  * console.log(report.cmdline);
  * ```
@@ -266,7 +266,7 @@ export function parseConformanceReport(output: string): ConformanceReport {
  * @returns The hash.
  * @example
  * ```ts
- * import { fnv1a64 } from "./src/linux/conformance_guest.ts";
+ * import { fnv1a64 } from "denovisor/src/linux/conformance_guest.ts";
  * console.log(fnv1a64(new Uint8Array([1, 2, 3])).toString(16));
  * ```
  */

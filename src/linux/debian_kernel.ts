@@ -182,7 +182,7 @@ async function fetchInto(plan: FetchPlan, log: (line: string) => void): Promise<
  * @returns The bzImage's path, or the reason it is unavailable.
  * @example
  * ```ts
- * import { fetchDebianKernel } from "./src/linux/debian_kernel.ts";
+ * import { fetchDebianKernel } from "denovisor/src/linux/debian_kernel.ts";
  * const result = await fetchDebianKernel({ log: console.error });
  * if (result.ok) console.log(result.file.path);
  * else console.error(`no Debian kernel: ${result.reason}`);
@@ -208,7 +208,7 @@ export function fetchDebianKernel(
  * @returns The executable's path, or the reason it is unavailable.
  * @example
  * ```ts
- * import { fetchBusybox } from "./src/linux/debian_kernel.ts";
+ * import { fetchBusybox } from "denovisor/src/linux/debian_kernel.ts";
  * const result = await fetchBusybox();
  * console.log(result.ok ? result.file.path : result.reason);
  * ```
@@ -234,7 +234,7 @@ export function fetchBusybox(
  * @returns The ELF's path, or the reason it is unavailable.
  * @example
  * ```ts
- * import { fetchDebianVmlinux } from "./src/linux/debian_kernel.ts";
+ * import { fetchDebianVmlinux } from "denovisor/src/linux/debian_kernel.ts";
  * const result = await fetchDebianVmlinux();
  * console.log(result.ok ? result.file.path : result.reason);
  * ```

@@ -36,7 +36,7 @@ function hex8(value: number): string {
  * @returns The archive's bytes.
  * @example
  * ```ts
- * import { buildInitramfs } from "./src/linux/initramfs.ts";
+ * import { buildInitramfs } from "denovisor/src/linux/initramfs.ts";
  * const init = new TextEncoder().encode("#!/bin/busybox sh\necho hi\n");
  * const image = buildInitramfs([
  *   { path: "dev", kind: "dir" },

@@ -143,7 +143,7 @@ export interface ImageInspection {
  * @throws {DenovisorError} Only when the core cannot be loaded.
  * @example
  * ```ts
- * import { inspectImage } from "./mod.ts";
+ * import { inspectImage } from "denovisor";
  * const info = await inspectImage(await Deno.readFile("/boot/vmlinuz"));
  * console.log(info.format, info.bzImage?.protocolVersion, info.loadable, info.problem);
  * ```
@@ -172,7 +172,7 @@ export interface LinuxInputs {
  *   empty kernel.
  * @example
  * ```ts
- * import { linuxInputs } from "./src/linux/inspect.ts";
+ * import { linuxInputs } from "denovisor/src/linux/inspect.ts";
  * const { cmdline } = linuxInputs({ kernel: new Uint8Array(1), cmdline: "quiet" });
  * console.log(cmdline.length); // 5
  * ```
@@ -211,7 +211,7 @@ export function linuxInputs(options: LinuxLoadOptions): LinuxInputs {
  *   one-line message.
  * @example
  * ```ts
- * import { checkLinuxLoad } from "./mod.ts";
+ * import { checkLinuxLoad } from "denovisor";
  * const kernel = await Deno.readFile("bzImage");
  * const layout = await checkLinuxLoad({ kernel, cmdline: "console=ttyS0" }, 256);
  * console.log(layout.entry.toString(16));
@@ -248,7 +248,7 @@ function mib(bytes: number): string {
  * @returns The text, ending with a newline.
  * @example
  * ```ts
- * import { formatInspection, inspectImage } from "./mod.ts";
+ * import { formatInspection, inspectImage } from "denovisor";
  * const bytes = await Deno.readFile("bzImage");
  * console.log(formatInspection(await inspectImage(bytes), "bzImage"));
  * ```
@@ -338,7 +338,7 @@ const rawJson = (JSON as unknown as { rawJSON(text: string): unknown }).rawJSON;
  * @returns Indented JSON, ending with a newline.
  * @example
  * ```ts
- * import { inspectImage, inspectionJson } from "./mod.ts";
+ * import { inspectImage, inspectionJson } from "denovisor";
  * console.log(inspectionJson(await inspectImage(await Deno.readFile("vmlinux"))));
  * ```
  */

@@ -39,7 +39,7 @@ function startsWith(bytes: Uint8Array, magic: readonly number[]): boolean {
  *   payload, `IO` when the decompressor is missing or fails.
  * @example
  * ```ts ignore
- * import { extractVmlinux } from "./src/linux/vmlinux.ts";
+ * import { extractVmlinux } from "denovisor/src/linux/vmlinux.ts";
  * const elf = await extractVmlinux(await Deno.readFile("vmlinuz"));
  * ```
  */
