@@ -85,3 +85,21 @@ export function testGuest(name: string, options?: BuildGuestOptions): Promise<Ui
 export function text(bytes: Uint8Array): string {
   return new TextDecoder().decode(bytes);
 }
+
+/** `main.ts`, for tests that run the CLI as a subprocess. */
+export const MAIN = new URL("../main.ts", import.meta.url).pathname;
+
+/** Runs `main.ts` with `args` (no standard input) and returns its status and output. */
+export async function cli(
+  ...args: string[]
+): Promise<{ code: number; stdout: string; stderr: string }> {
+  const output = await new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", MAIN, ...args],
+    stdout: "piped",
+    stderr: "piped",
+    stdin: "null",
+    env: { NO_COLOR: "1" },
+  }).output();
+  const decode = (b: Uint8Array) => new TextDecoder().decode(b);
+  return { code: output.code, stdout: decode(output.stdout), stderr: decode(output.stderr) };
+}

@@ -5,20 +5,7 @@
 
 import assert from "node:assert/strict";
 
-import { kvmTest, testGuest } from "./_helpers.ts";
-
-const MAIN = new URL("../main.ts", import.meta.url).pathname;
-
-async function cli(...args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
-  const output = await new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", MAIN, ...args],
-    stdout: "piped",
-    stderr: "piped",
-    env: { NO_COLOR: "1" },
-  }).output();
-  const decode = (b: Uint8Array) => new TextDecoder().decode(b);
-  return { code: output.code, stdout: decode(output.stdout), stderr: decode(output.stderr) };
-}
+import { cli, kvmTest, testGuest } from "./_helpers.ts";
 
 async function tempImage(bytes: Uint8Array): Promise<string> {
   const path = await Deno.makeTempFile({ suffix: ".img" });

@@ -10,23 +10,10 @@ import { buildConformanceGuest } from "../src/linux/conformance_guest.ts";
 import { buildInitramfs } from "../src/linux/initramfs.ts";
 import { DenovisorError, Vm } from "../mod.ts";
 import { openCore } from "../src/ffi.ts";
+import { cli } from "./_helpers.ts";
 
 // Build the core (if needed) here, so that no CLI run below prints the build.
 await openCore();
-
-const MAIN = new URL("../main.ts", import.meta.url).pathname;
-
-async function cli(...args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
-  const output = await new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", MAIN, ...args],
-    stdout: "piped",
-    stderr: "piped",
-    stdin: "null",
-    env: { NO_COLOR: "1" },
-  }).output();
-  const decode = (b: Uint8Array) => new TextDecoder().decode(b);
-  return { code: output.code, stdout: decode(output.stdout), stderr: decode(output.stderr) };
-}
 
 function oneLine(r: { stderr: string }): void {
   assert.equal(r.stderr.trim().split("\n").length, 1, `one line: ${r.stderr}`);

@@ -8,9 +8,8 @@
 import assert from "node:assert/strict";
 
 import { Vm } from "../mod.ts";
-import { kvmTest, testGuest } from "./_helpers.ts";
+import { kvmTest, MAIN, testGuest } from "./_helpers.ts";
 
-const MAIN = new URL("../main.ts", import.meta.url).pathname;
 const STUCK_STDOUT_RUN = new URL("./_stuck_stdout_run.ts", import.meta.url).pathname;
 const MIB = 1 << 20;
 const CHUNK = 4096;

@@ -9,9 +9,8 @@ import assert from "node:assert/strict";
 import { DenovisorError, Vm } from "../mod.ts";
 import { buildRuntimeGuest } from "../src/build/workload_build.ts";
 import { ConsoleEscape } from "../src/console.ts";
-import { kvmTest } from "./_helpers.ts";
+import { kvmTest, MAIN } from "./_helpers.ts";
 
-const MAIN = new URL("../main.ts", import.meta.url).pathname;
 const RAM_MIB = 16;
 const EOT = "\x04";
 

@@ -9,10 +9,9 @@ import assert from "node:assert/strict";
 
 import { DenovisorError, GuestVectors, msiAddress, Vm } from "../mod.ts";
 import { buildRuntimeGuest } from "../src/build/workload_build.ts";
-import { kvmTest, testGuest } from "./_helpers.ts";
+import { kvmTest, MAIN, testGuest } from "./_helpers.ts";
 
 const GUESTS = new URL("./guests/", import.meta.url);
-const MAIN = new URL("../main.ts", import.meta.url).pathname;
 const HALT = 1n << 32n;
 const RAM_MIB = 16;
 

@@ -17,8 +17,7 @@ import {
   fnv1a64,
   parseConformanceReport,
 } from "../src/linux/conformance_guest.ts";
-import { fetchBusybox, fetchDebianKernel, fetchDebianVmlinux } from "../src/linux/debian_kernel.ts";
-import { buildInitramfs } from "../src/linux/initramfs.ts";
+import { busyboxInitramfs, debianKernel, debianVmlinux, fetchedPath } from "./_linux.ts";
 import { main } from "../src/cli/main_cli.ts";
 import { KVM_KIND, kvmTest, linuxTest } from "./_helpers.ts";
 
@@ -350,22 +349,17 @@ kvmTest("main.ts inspect and run --kernel", async () => {
   }
 });
 
-// Debian's kernel: fetched once into .cache/kernels/ (apt-get download), on the
-// host even where the tests that boot it run elsewhere (kvmbox has no network).
-const debian = await fetchDebianKernel({ log: (line) => console.error(`note: ${line}`) });
-const debianProblem = debian.ok ? undefined : `Debian's kernel cannot be fetched: ${debian.reason}`;
 const onPvm = KVM_KIND === "pvm";
 
 /** The Debian kernel's path; a test needing it fails with the reason it is missing. */
-function debianKernel(): string {
-  if (!debian.ok) throw new Error(debianProblem);
-  return debian.file.path;
+function debianKernelPath(): string {
+  return fetchedPath(debianKernel, "Debian's kernel");
 }
 
 kvmTest(
   "Debian's kernel is parsed, loaded into 256 MiB and runs inside its own image",
   async () => {
-    const kernel = await Deno.readFile(debianKernel());
+    const kernel = await Deno.readFile(debianKernelPath());
     const info = await inspectImage(kernel);
     assert.equal(info.format, "bzImage");
     assert.equal(info.loadable, true, info.problem ?? "");
@@ -412,33 +406,14 @@ kvmTest(
   },
 );
 
-/** A busybox initramfs whose /init runs `lines` (busybox applets by full path). */
-async function busyboxInitramfs(lines: string[]): Promise<Uint8Array> {
-  const busybox = await fetchBusybox();
-  if (!busybox.ok) throw new Error(`busybox-static cannot be fetched: ${busybox.reason}`);
-  const init = ["#!/bin/busybox sh", "/bin/busybox mount -t proc proc /proc", ...lines];
-  return buildInitramfs([
-    { path: "dev", kind: "dir" },
-    { path: "dev/console", kind: "char", device: [5, 1] },
-    { path: "proc", kind: "dir" },
-    { path: "bin", kind: "dir" },
-    { path: "bin/busybox", data: await Deno.readFile(busybox.file.path) },
-    { path: "init", data: new TextEncoder().encode(init.join("\n") + "\n") },
-  ]);
-}
-
-// The kernel's vmlinux (ELF), extracted here, on the host, where the tests that
-// boot it may run in kvmbox.
-const vmlinux = await fetchDebianVmlinux({ log: (line) => console.error(`note: ${line}`) });
-async function debianVmlinux(): Promise<Uint8Array> {
-  if (!vmlinux.ok) throw new Error(`Debian's vmlinux cannot be had: ${vmlinux.reason}`);
-  return await Deno.readFile(vmlinux.file.path);
+async function debianVmlinuxBytes(): Promise<Uint8Array> {
+  return await Deno.readFile(fetchedPath(debianVmlinux, "Debian's vmlinux"));
 }
 
 linuxTest(
   "Debian's vmlinux (ELF) boots to a busybox initramfs, prints a marker and reboots",
   async () => {
-    const elf = await debianVmlinux();
+    const elf = await debianVmlinuxBytes();
     const info = await inspectImage(elf);
     assert.equal(info.format, "elf", info.problem ?? "");
     using vm = await Vm.create({ memoryMiB: 256, interrupts: true });
@@ -469,7 +444,6 @@ linuxTest(
           "/bin/busybox echo c > /proc/sysrq-trigger",
         ]),
       );
-      if (!vmlinux.ok) throw new Error(`Debian's vmlinux cannot be had: ${vmlinux.reason}`);
       const output = await new Deno.Command(Deno.execPath(), {
         args: [
           "run",
@@ -478,7 +452,7 @@ linuxTest(
           "run",
           "--no-stdin",
           "--kernel",
-          vmlinux.file.path,
+          fetchedPath(debianVmlinux, "Debian's vmlinux"),
           "--initrd",
           initrd,
           "--cmdline",

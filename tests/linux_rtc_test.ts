@@ -7,36 +7,16 @@
 import assert from "node:assert/strict";
 
 import { Vm } from "../mod.ts";
-import { fetchBusybox, fetchDebianVmlinux } from "../src/linux/debian_kernel.ts";
-import { buildInitramfs } from "../src/linux/initramfs.ts";
 import { linuxTest } from "./_helpers.ts";
+import { busyboxInitramfs, debianVmlinux, fetchedPath } from "./_linux.ts";
 
 /** How far the guest's clock may be from the host's, in seconds. */
 const TOLERANCE_S = 60;
 
-async function busyboxInitramfs(lines: string[]): Promise<Uint8Array> {
-  const busybox = await fetchBusybox();
-  if (!busybox.ok) throw new Error(`busybox-static cannot be fetched: ${busybox.reason}`);
-  const init = ["#!/bin/busybox sh", "/bin/busybox mount -t proc proc /proc", ...lines];
-  return buildInitramfs([
-    { path: "dev", kind: "dir" },
-    { path: "dev/console", kind: "char", device: [5, 1] },
-    { path: "proc", kind: "dir" },
-    { path: "sys", kind: "dir" },
-    { path: "bin", kind: "dir" },
-    { path: "bin/busybox", data: await Deno.readFile(busybox.file.path) },
-    { path: "init", data: new TextEncoder().encode(init.join("\n") + "\n") },
-  ]);
-}
-
-// Extracted here, on the host, where the test may run in kvmbox (no network).
-const vmlinux = await fetchDebianVmlinux({ log: (line) => console.error(`note: ${line}`) });
-
 linuxTest("a Linux guest reads the host's time from the CMOS RTC", async () => {
-  if (!vmlinux.ok) throw new Error(`Debian's vmlinux cannot be had: ${vmlinux.reason}`);
   using vm = await Vm.create({ memoryMiB: 256, interrupts: true });
   vm.loadLinux({
-    kernel: await Deno.readFile(vmlinux.file.path),
+    kernel: await Deno.readFile(fetchedPath(debianVmlinux, "Debian's vmlinux")),
     initrd: await busyboxInitramfs([
       "/bin/busybox mount -t sysfs sysfs /sys",
       "/bin/busybox echo RTC-EPOCH=$(/bin/busybox date +%s)",

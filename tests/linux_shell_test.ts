@@ -9,9 +9,8 @@
 import assert from "node:assert/strict";
 
 import { ConsoleDriver, type RunResult, Vm, type VmConfig } from "../mod.ts";
-import { fetchBusybox, fetchDebianKernel, fetchDebianVmlinux } from "../src/linux/debian_kernel.ts";
-import { buildInitramfs } from "../src/linux/initramfs.ts";
 import { linuxTest } from "./_helpers.ts";
+import { busyboxInitramfs, debianKernel, debianVmlinux, fetchedPath } from "./_linux.ts";
 
 const MIB = 1 << 20;
 /** Boot to the shell: ~10-25 s inside kvmbox for one vCPU (several vCPUs share its
@@ -23,40 +22,25 @@ const COMMAND_MS = 60_000;
 // deno-lint-ignore no-control-regex -- ESC is what the terminal query starts with
 const PROMPT = /dv# (?:\x1b\[[0-9;]*[A-Za-z])*$/;
 
-// Downloads happen here, on the host, even when the tests run inside kvmbox.
-const kernelFile = await fetchDebianKernel({ log: (l) => console.error(`note: ${l}`) });
-// The same kernel as an ELF: the API tests boot it (no decompressor: seconds
-// saved under an emulator); the CLI test boots the bzImage.
-const vmlinuxFile = await fetchDebianVmlinux({ log: (l) => console.error(`note: ${l}`) });
-const busyboxFile = await fetchBusybox({ log: (l) => console.error(`note: ${l}`) });
+// The API tests boot the vmlinux ELF (no decompressor: seconds saved under an
+// emulator); the CLI test boots the bzImage.
+const kernelPath = () => fetchedPath(debianKernel, "Debian's kernel");
+const vmlinuxPath = () => fetchedPath(debianVmlinux, "Debian's vmlinux");
 
 /** The kernel's version as `uname -r` prints it, from the file name (vmlinuz-VERSION). */
 function kernelRelease(): string {
-  if (!kernelFile.ok) throw new Error(`Debian's kernel cannot be fetched: ${kernelFile.reason}`);
-  return kernelFile.file.path.replace(/^.*vmlinuz-/, "");
+  return kernelPath().replace(/^.*vmlinuz-/, "");
 }
 
 /** An initramfs whose /init mounts the pseudo file systems and starts a shell on ttyS0. */
-async function shellInitramfs(): Promise<Uint8Array> {
-  if (!busyboxFile.ok) throw new Error(`busybox cannot be fetched: ${busyboxFile.reason}`);
-  const init = [
-    "#!/bin/busybox sh",
+function shellInitramfs(): Promise<Uint8Array> {
+  return busyboxInitramfs([
     "/bin/busybox --install -s /bin",
-    "mount -t proc proc /proc",
     "mount -t sysfs sys /sys",
     "mount -t devtmpfs dev /dev",
     "echo DENOVISOR-SHELL-READY",
     "export PS1='dv# '",
     "exec setsid cttyhack /bin/sh",
-  ].join("\n") + "\n";
-  return buildInitramfs([
-    { path: "dev", kind: "dir" },
-    { path: "dev/console", kind: "char", device: [5, 1] },
-    { path: "proc", kind: "dir" },
-    { path: "sys", kind: "dir" },
-    { path: "bin", kind: "dir" },
-    { path: "bin/busybox", data: await Deno.readFile(busyboxFile.file.path) },
-    { path: "init", data: new TextEncoder().encode(init) },
   ]);
 }
 
@@ -71,11 +55,10 @@ interface Booted {
 async function bootShell(
   config: VmConfig & { cmdline?: string } = {},
 ): Promise<Booted> {
-  if (!vmlinuxFile.ok) throw new Error(`Debian's vmlinux cannot be had: ${vmlinuxFile.reason}`);
   const vm = await Vm.create({ memoryMiB: 512, interrupts: true, ...config });
   try {
     vm.loadLinux({
-      kernel: await Deno.readFile(vmlinuxFile.file.path),
+      kernel: await Deno.readFile(vmlinuxPath()),
       initrd: await shellInitramfs(),
       cmdline: config.cmdline ?? "console=ttyS0 panic=-1 rdinit=/init",
     });
@@ -211,7 +194,6 @@ linuxTest("main.ts run --kernel: a user types at the shell and poweroff -f exits
   try {
     const initrd = `${dir}/initrd.img`;
     await Deno.writeFile(initrd, await shellInitramfs());
-    if (!kernelFile.ok) throw new Error(`Debian's kernel cannot be fetched: ${kernelFile.reason}`);
     const child = new Deno.Command(Deno.execPath(), {
       args: [
         "run",
@@ -219,7 +201,7 @@ linuxTest("main.ts run --kernel: a user types at the shell and poweroff -f exits
         new URL("../main.ts", import.meta.url).pathname,
         "run",
         "--kernel",
-        kernelFile.file.path,
+        kernelPath(),
         "--initrd",
         initrd,
         "--cmdline",
