@@ -32,8 +32,10 @@ pub fn ram_ranges(size: u64) -> Vec<(u64, u64)> {
 }
 
 impl GuestRam {
-    /// Maps `size` bytes of anonymous, zeroed guest RAM.
-    pub fn new(size: u64) -> Result<GuestRam> {
+    /// Whether `size` bytes is a RAM size [`GuestRam::new`] accepts: positive,
+    /// page-aligned and at most [`MAX_RAM_BYTES`]. Also for checks made
+    /// without mapping anything (a Linux load checked before a VM exists).
+    pub fn check_size(size: u64) -> Result<()> {
         if size == 0 {
             return Err(Error::arg("guest memory size must be greater than zero"));
         }
@@ -47,6 +49,12 @@ impl GuestRam {
                 "guest memory size {size} exceeds the maximum of {MAX_RAM_BYTES} bytes"
             )));
         }
+        Ok(())
+    }
+
+    /// Maps `size` bytes of anonymous, zeroed guest RAM.
+    pub fn new(size: u64) -> Result<GuestRam> {
+        Self::check_size(size)?;
         let ranges: Vec<(GuestAddress, usize)> = ram_ranges(size)
             .into_iter()
             .map(|(start, len)| (GuestAddress(start), len as usize))

@@ -4,9 +4,8 @@
 
 use super::{bytes, guarded, guarded_into, json};
 use crate::boot::linux;
-use crate::error::Error;
 use crate::handles;
-use crate::memory::MAX_RAM_BYTES;
+use crate::memory::GuestRam;
 
 /// Loads a Linux kernel (bzImage or `vmlinux` ELF), an optional initrd
 /// (`initrd_len` 0: none) and a command line (not NUL-terminated; `cmdline_len`
@@ -75,11 +74,7 @@ pub unsafe extern "C" fn dv_linux_check(
     // SAFETY: per this function's contract.
     unsafe {
         guarded_into(buf, cap, out_len, || {
-            if ram_size == 0 || !ram_size.is_multiple_of(4096) || ram_size > MAX_RAM_BYTES {
-                return Err(Error::arg(format!(
-                    "guest RAM size {ram_size} is not a positive multiple of 4 KiB up to {MAX_RAM_BYTES}"
-                )));
-            }
+            GuestRam::check_size(ram_size)?;
             let kernel = bytes(kernel, kernel_len)?;
             let initrd = bytes(initrd, initrd_len)?;
             let cmdline = bytes(cmdline, cmdline_len)?;
