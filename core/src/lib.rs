@@ -20,3 +20,6 @@ pub mod metrics;
 pub mod msr_filter;
 pub mod vcpu;
 pub mod vm;
+
+#[cfg(test)]
+mod test_rng;

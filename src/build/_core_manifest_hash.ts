@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "fb2eac45b759e6da273fe64e860a128ce14093ea9add8978e0ffa3c45ab7b816";
+  "2a49c6dc1d4d598c0d44590b0e0112c5545e56aff6d4557d842ecdee7a7907fa";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

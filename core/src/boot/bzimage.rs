@@ -508,13 +508,8 @@ pub(crate) mod tests {
         // Deterministic xorshift fuzzing: random bytes over the header, random
         // truncation. Every outcome is Ok or an error; never a panic.
         let base = tiny_bzimage(&[0x90; 0x400]);
-        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-        let mut next = || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let mut rng = crate::test_rng::XorShift::new(0x2545_f491_4f6c_dd1d);
+        let mut next = || rng.next_u64();
         let mut accepted = 0;
         for round in 0..50_000 {
             let mut img = base.clone();

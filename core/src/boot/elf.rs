@@ -355,13 +355,12 @@ pub(crate) mod tests {
     fn never_panics_on_random_bytes() {
         // A cheap deterministic fuzz: xorshift bytes spliced over a valid header.
         let base = tiny_elf(0x10_0000, &[0xf4; 8]);
-        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut rng = crate::test_rng::XorShift::new(0x9e37_79b9_7f4a_7c15);
+        let mut x = 0;
         for _ in 0..20_000 {
             let mut img = base.clone();
             for _ in 0..4 {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
+                x = rng.next_u64();
                 let pos = (x as usize) % img.len();
                 img[pos] = (x >> 32) as u8;
             }

@@ -894,13 +894,8 @@ mod tests {
     #[test]
     fn never_panics_on_mutated_kernels() {
         let base = tiny_bzimage(&[0xf4; 0x400]);
-        let mut x: u64 = 0x1234_5678_9abc_def1;
-        let mut next = || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let mut rng = crate::test_rng::XorShift::new(0x1234_5678_9abc_def1);
+        let mut next = || rng.next_u64();
         for _ in 0..20_000 {
             let mut img = base.clone();
             for _ in 0..1 + next() % 4 {
