@@ -19,7 +19,7 @@ import {
 } from "../src/linux/conformance_guest.ts";
 import { busyboxInitramfs, debianKernel, debianVmlinux, fetchedPath } from "./_linux.ts";
 import { main } from "../src/cli/main_cli.ts";
-import { KVM_KIND, kvmTest, linuxTest } from "./_helpers.ts";
+import { cli, KVM_KIND, kvmTest, linuxTest } from "./_helpers.ts";
 
 /** `bytes` with a gzip magic in front, so the loader's initramfs check accepts
  * them (the conformance guest only hashes the initrd; no kernel unpacks it). */
@@ -444,28 +444,19 @@ linuxTest(
           "/bin/busybox echo c > /proc/sysrq-trigger",
         ]),
       );
-      const output = await new Deno.Command(Deno.execPath(), {
-        args: [
-          "run",
-          "-A",
-          new URL("../main.ts", import.meta.url).pathname,
-          "run",
-          "--no-stdin",
-          "--kernel",
-          fetchedPath(debianVmlinux, "Debian's vmlinux"),
-          "--initrd",
-          initrd,
-          "--cmdline",
-          "console=ttyS0 panic=-1 rdinit=/init",
-          "--timeout",
-          "300000",
-        ],
-        stdout: "piped",
-        stderr: "piped",
-      }).output();
-      const stdout = new TextDecoder().decode(output.stdout);
-      const stderr = new TextDecoder().decode(output.stderr);
-      assert.equal(output.code, 14, `${stderr}\n${stdout.slice(-3000)}`);
+      const { code, stdout, stderr } = await cli(
+        "run",
+        "--no-stdin",
+        "--kernel",
+        fetchedPath(debianVmlinux, "Debian's vmlinux"),
+        "--initrd",
+        initrd,
+        "--cmdline",
+        "console=ttyS0 panic=-1 rdinit=/init",
+        "--timeout",
+        "300000",
+      );
+      assert.equal(code, 14, `${stderr}\n${stdout.slice(-3000)}`);
       assert.match(stdout, /DENOVISOR-ABOUT-TO-PANIC/);
       assert.match(stderr, /guest kernel panic: sysrq triggered crash/);
       assert.match(stderr, /last console lines:\n\[ *\d+\.\d+\] /);
