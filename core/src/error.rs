@@ -84,6 +84,9 @@ pub enum Error {
     /// More vCPUs than the host's KVM allows
     #[error("{0}")]
     VcpuLimit(String),
+    /// A device range cannot be attached
+    #[error("device bus: {0}")]
+    Bus(#[from] crate::devices::bus::BusError),
 }
 
 impl Error {
@@ -105,6 +108,7 @@ impl Error {
             Error::CmdlineTooLong(_) => Status::CmdlineTooLong,
             Error::DoesNotFit(_) => Status::DoesNotFit,
             Error::VcpuLimit(_) => Status::VcpuLimit,
+            Error::Bus(_) => Status::InvalidArgument,
         }
     }
 

@@ -17,10 +17,11 @@
 //! against guest RAM before use: a bad argument is an error status for the
 //! guest, a bad request block stops the VM with a typed error.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
+use crate::devices::bus::{BusDevice, VmEvent, VmEvents};
 use crate::devices::serial::ConsoleSink;
 use crate::memory::GuestRam;
 
@@ -261,6 +262,64 @@ impl Hypercalls {
         let _ = ram.write(address + 4, &status.to_le_bytes());
         let _ = ram.write_u64(address + 40, ret);
         HypercallOutcome::Continue(kind)
+    }
+}
+
+thread_local! {
+    /// The kinds of the hypercalls this thread made since the last
+    /// [`take_thread_calls`] (a `rep outsd` makes several in one exit).
+    static THREAD_CALLS: std::cell::RefCell<Vec<HypercallKind>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Takes (and clears) the kinds of the hypercalls this thread made since the
+/// last call, handing each to `count`: the exit handler adds them to its
+/// vCPU's metrics.
+pub fn take_thread_calls(mut count: impl FnMut(HypercallKind)) {
+    THREAD_CALLS.with(|calls| {
+        for kind in calls.borrow_mut().drain(..) {
+            count(kind);
+        }
+    });
+}
+
+/// The hypercall port as an ordinary device on the port-I/O bus: each 4-byte
+/// `out` is one call; EXIT, FAULT and malformed calls raise a [`VmEvent`].
+pub struct HypercallPort {
+    calls: Arc<Hypercalls>,
+    ram: GuestRam,
+    events: VmEvents,
+}
+
+impl HypercallPort {
+    /// The port serving `calls` on `ram`, raising VM events on `events`.
+    pub fn new(calls: Arc<Hypercalls>, ram: GuestRam, events: VmEvents) -> HypercallPort {
+        HypercallPort { calls, ram, events }
+    }
+}
+
+impl BusDevice for HypercallPort {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+
+    fn write(&mut self, _offset: u64, data: &[u8]) {
+        let (kind, event) = match self.calls.handle(&self.ram, data) {
+            HypercallOutcome::Continue(kind) => (kind, None),
+            HypercallOutcome::Exit(status) => {
+                (HypercallKind::Exit, Some(VmEvent::GuestExit(status)))
+            }
+            HypercallOutcome::Fault(fault) => {
+                (HypercallKind::Fault, Some(VmEvent::GuestFault(fault)))
+            }
+            HypercallOutcome::Malformed(message) => {
+                (HypercallKind::Invalid, Some(VmEvent::BadHypercall(message)))
+            }
+        };
+        THREAD_CALLS.with(|calls| calls.borrow_mut().push(kind));
+        if let Some(event) = event {
+            self.events.raise(event);
+        }
     }
 }
 

@@ -16,7 +16,9 @@ pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
 /// The largest guest RAM accepted (a sanity bound, not a host limit).
 pub const MAX_RAM_BYTES: u64 = 1 << 40;
 
-/// Guest RAM of one VM.
+/// Guest RAM of one VM. Clones share the mapping (devices that reach guest
+/// memory from their own threads hold one).
+#[derive(Clone)]
 pub struct GuestRam {
     mem: GuestMemoryMmap<()>,
     size: u64,

@@ -19,7 +19,7 @@ use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestMemory as _, GuestMemoryRegion as _};
 
 use crate::devices::acpi_pm::{AcpiPm, ACPI_PM_BASE, ACPI_PM_LEN};
-use crate::devices::bus::PioBus;
+use crate::devices::bus::{Bus, Space, VmEvents};
 use crate::devices::console::STREAM_STALL;
 use crate::devices::debug_exit::{DebugExit, DEBUG_EXIT_PORT};
 use crate::devices::i8042::{I8042, I8042_PORT, I8042_PORT_LEN};
@@ -27,7 +27,7 @@ use crate::devices::power_off::{PowerOff, POWER_OFF_PORT, POWER_OFF_PORT_LEN};
 use crate::devices::rtc::{Rtc, RTC_PORT, RTC_PORT_LEN};
 use crate::devices::serial::{ConsoleSink, SerialConsole, COM1_PORT, COM_PORT_LEN};
 use crate::error::{Error, Result};
-use crate::hypercall::Hypercalls;
+use crate::hypercall::{HypercallPort, Hypercalls, HYPERCALL_PORT};
 use crate::irq::{self, IrqState, IrqStatsSnapshot, SERIAL_GSI};
 use crate::memory::GuestRam;
 use crate::metrics::VcpuMetricsSnapshot;
@@ -51,13 +51,17 @@ pub struct VmShared {
     /// Guest RAM.
     pub ram: GuestRam,
     /// Port-I/O devices.
-    pub bus: PioBus,
+    pub pio: Arc<Bus>,
+    /// MMIO devices.
+    pub mmio: Arc<Bus>,
+    /// Where devices raise the events that end the VM.
+    pub events: VmEvents,
     /// What to do with I/O and MMIO no device claims.
     pub unhandled: UnhandledAccess,
     /// The serial console's output.
     pub console: ConsoleSink,
     /// Hypercall state (the run's report).
-    pub hypercalls: Hypercalls,
+    pub hypercalls: Arc<Hypercalls>,
     /// COM1, also reached from the host (console input).
     pub serial: Arc<Mutex<SerialConsole>>,
     /// Every vCPU's stop handle, for stopping siblings.
@@ -77,28 +81,56 @@ impl VmShared {
     /// hypercall interface. Needs no KVM (the exit loop's unit tests use it).
     pub fn new(ram: GuestRam, unhandled: UnhandledAccess) -> Result<VmShared> {
         let console = ConsoleSink::default();
-        let bus = PioBus::default();
+        let events = VmEvents::default();
+        let pio = Arc::new(Bus::new(Space::Pio));
         let serial = Arc::new(Mutex::new(SerialConsole::new(console.clone())?));
-        bus.insert(COM1_PORT, COM_PORT_LEN, serial.clone())?;
-        bus.insert(DEBUG_EXIT_PORT, 1, Arc::new(Mutex::new(DebugExit)))?;
-        bus.insert(
-            I8042_PORT,
-            I8042_PORT_LEN,
-            Arc::new(Mutex::new(I8042::default())),
+        let hypercalls = Arc::new(Hypercalls::new(console.clone()));
+        let port = |p: u16| u64::from(p);
+        let len = |l: u16| u64::from(l);
+        pio.insert("com1", port(COM1_PORT), len(COM_PORT_LEN), serial.clone())?;
+        pio.insert(
+            "debug-exit",
+            port(DEBUG_EXIT_PORT),
+            1,
+            Arc::new(Mutex::new(DebugExit::new(events.clone()))),
         )?;
-        bus.insert(
-            POWER_OFF_PORT,
-            POWER_OFF_PORT_LEN,
-            Arc::new(Mutex::new(PowerOff::default())),
+        pio.insert(
+            "i8042",
+            port(I8042_PORT),
+            len(I8042_PORT_LEN),
+            Arc::new(Mutex::new(I8042::new(events.clone()))),
+        )?;
+        pio.insert(
+            "pm1a-control",
+            port(POWER_OFF_PORT),
+            len(POWER_OFF_PORT_LEN),
+            Arc::new(Mutex::new(PowerOff::new(events.clone()))),
         )?;
         // Every VM has the clock, not only Linux guests: see `devices::rtc`.
-        bus.insert(RTC_PORT, RTC_PORT_LEN, Arc::new(Mutex::new(Rtc::default())))?;
+        pio.insert(
+            "rtc",
+            port(RTC_PORT),
+            len(RTC_PORT_LEN),
+            Arc::new(Mutex::new(Rtc::default())),
+        )?;
+        pio.insert(
+            "hypercall",
+            port(HYPERCALL_PORT),
+            4,
+            Arc::new(Mutex::new(HypercallPort::new(
+                hypercalls.clone(),
+                ram.clone(),
+                events.clone(),
+            ))),
+        )?;
         Ok(VmShared {
             ram,
-            bus,
+            pio,
+            mmio: Arc::new(Bus::new(Space::Mmio)),
+            events,
             unhandled,
             serial,
-            hypercalls: Hypercalls::new(console.clone()),
+            hypercalls,
             console,
             controls: Mutex::new(Vec::new()),
             vm_stop: Mutex::new(None),
@@ -281,17 +313,20 @@ impl Vm {
     /// Attaches the ACPI PM device (power-off and reset through the FADT's
     /// registers) once; the Linux loader does, as its ACPI tables point at it.
     pub fn attach_acpi_pm(&self) -> Result<()> {
-        if self.shared.bus.claims(ACPI_PM_BASE) {
+        let base = u64::from(ACPI_PM_BASE);
+        if self.shared.pio.claims(base) {
             return Ok(());
         }
-        match self
-            .shared
-            .bus
-            .insert(ACPI_PM_BASE, ACPI_PM_LEN, Arc::new(Mutex::new(AcpiPm)))
-        {
+        let device = AcpiPm::new(self.shared.events.clone());
+        match self.shared.pio.insert(
+            "acpi-pm",
+            base,
+            u64::from(ACPI_PM_LEN),
+            Arc::new(Mutex::new(device)),
+        ) {
             // Another load attached it meanwhile.
-            Err(_) if self.shared.bus.claims(ACPI_PM_BASE) => Ok(()),
-            other => other,
+            Err(_) if self.shared.pio.claims(base) => Ok(()),
+            other => Ok(other?),
         }
     }
 

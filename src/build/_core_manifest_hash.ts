@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "2a49c6dc1d4d598c0d44590b0e0112c5545e56aff6d4557d842ecdee7a7907fa";
+  "1eb2cec692034fe104763795d07efe0939bfd3cae83941594884ac060e867078";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

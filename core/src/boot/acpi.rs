@@ -595,7 +595,7 @@ mod tests {
     #[test]
     fn the_reset_vector_writes_the_reset_value_to_the_reset_register() {
         use crate::devices::acpi_pm::{AcpiPm, ACPI_PM_BASE};
-        use crate::devices::bus::{DeviceAction, PioDevice};
+        use crate::devices::bus::{BusDevice, VmEvent, VmEvents};
         let s = RESET_VECTOR_STUB;
         assert_eq!(RESET_VECTOR + s.len() as u64, ACPI_AREA_END - 7);
         // mov al, imm8; mov dx, imm16; out dx, al
@@ -604,10 +604,9 @@ mod tests {
         let fadt = &build(1).unwrap()[2].1;
         assert_eq!(port as u64, u64_at(fadt, 116 + 4), "the FADT's RESET_REG");
         assert_eq!(s[1], fadt[128], "the FADT's RESET_VALUE");
-        assert_eq!(
-            AcpiPm.write(port - ACPI_PM_BASE, &[s[1]]),
-            DeviceAction::Reset
-        );
+        let events = VmEvents::default();
+        AcpiPm::new(events.clone()).write((port - ACPI_PM_BASE) as u64, &[s[1]]);
+        assert_eq!(events.take(), Some(VmEvent::Reset));
         // hlt; jmp back to the hlt
         assert_eq!(&s[6..], &[0xf4, 0xeb, 0xfd]);
     }

@@ -10,7 +10,7 @@
 //! write of 0x80 to the status register) has no state behind it. Both registers
 //! read as 0.
 
-use super::bus::{DeviceAction, PioDevice};
+use super::bus::{BusDevice, VmEvent, VmEvents};
 use crate::boot::acpi::{
     ACPI_PM_PORT, RESET_VALUE, S5_SLEEP_TYPE, SLEEP_CONTROL_PORT, SLEEP_ENABLE,
 };
@@ -25,31 +25,41 @@ const SLEEP_TYPE_SHIFT: u8 = 2;
 const SLEEP_TYPE_MASK: u8 = 0x7;
 
 /// The ACPI PM registers; stateless.
-#[derive(Default)]
-pub struct AcpiPm;
+pub struct AcpiPm {
+    events: VmEvents,
+}
 
-impl PioDevice for AcpiPm {
-    fn read(&mut self, _offset: u16, data: &mut [u8]) {
+impl AcpiPm {
+    /// The block, raising power-off and reset on `events`.
+    pub fn new(events: VmEvents) -> AcpiPm {
+        AcpiPm { events }
+    }
+
+    /// What a write of `data` at `offset` asks of the machine.
+    fn event(offset: u64, data: &[u8]) -> Option<VmEvent> {
+        let (Some(&value), 1) = (data.first(), data.len()) else {
+            return None;
+        };
+        if offset != (SLEEP_CONTROL_PORT - ACPI_PM_BASE) as u64 {
+            return None;
+        }
+        if value == RESET_VALUE {
+            return Some(VmEvent::Reset);
+        }
+        let sleep_type = (value >> SLEEP_TYPE_SHIFT) & SLEEP_TYPE_MASK;
+        (value & SLEEP_ENABLE != 0 && sleep_type == S5_SLEEP_TYPE).then_some(VmEvent::PowerOff)
+    }
+}
+
+impl BusDevice for AcpiPm {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
         data.fill(0);
     }
 
-    fn write(&mut self, offset: u16, data: &[u8]) -> DeviceAction {
-        // Only a byte write to the control register means anything: the GAS
-        // says byte access, and a wider write would reach the status register.
-        let (Some(&value), 1) = (data.first(), data.len()) else {
-            return DeviceAction::Continue;
-        };
-        if offset != SLEEP_CONTROL_PORT - ACPI_PM_BASE {
-            return DeviceAction::Continue;
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let Some(event) = Self::event(offset, data) {
+            self.events.raise(event);
         }
-        if value == RESET_VALUE {
-            return DeviceAction::Reset;
-        }
-        let sleep_type = (value >> SLEEP_TYPE_SHIFT) & SLEEP_TYPE_MASK;
-        if value & SLEEP_ENABLE != 0 && sleep_type == S5_SLEEP_TYPE {
-            return DeviceAction::PowerOff;
-        }
-        DeviceAction::Continue
     }
 }
 
@@ -59,18 +69,22 @@ mod tests {
 
     #[test]
     fn s5_powers_off_and_the_reset_value_resets() {
-        let mut dev = AcpiPm;
-        assert_eq!(dev.write(0, &[(5 << 2) | 0x20]), DeviceAction::PowerOff);
-        assert_eq!(dev.write(0, &[RESET_VALUE]), DeviceAction::Reset);
+        let events = VmEvents::default();
+        let mut dev = AcpiPm::new(events.clone());
+        dev.write(0, &[(5 << 2) | 0x20]);
+        assert_eq!(events.take(), Some(VmEvent::PowerOff));
+        dev.write(0, &[RESET_VALUE]);
+        assert_eq!(events.take(), Some(VmEvent::Reset));
     }
 
     #[test]
     fn everything_else_is_ignored_and_reads_are_zero() {
-        let mut dev = AcpiPm;
+        let events = VmEvents::default();
+        let mut dev = AcpiPm::new(events.clone());
         // Other sleep types, S5 without SLP_EN, the wake-status clear, writes
         // to the status register, wide writes.
         for (offset, data) in [
-            (0u16, vec![(3 << 2) | 0x20]),
+            (0u64, vec![(3 << 2) | 0x20]),
             (0, vec![5 << 2]),
             (0, vec![0]),
             (1, vec![0x80]),
@@ -79,11 +93,8 @@ mod tests {
             (0, vec![(5 << 2) | 0x20, 0]),
             (0, vec![]),
         ] {
-            assert_eq!(
-                dev.write(offset, &data),
-                DeviceAction::Continue,
-                "{offset} {data:?}"
-            );
+            dev.write(offset, &data);
+            assert_eq!(events.take(), None, "{offset} {data:?}");
         }
         for offset in [0, 1] {
             let mut b = [0xffu8; 2];

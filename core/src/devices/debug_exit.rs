@@ -1,24 +1,32 @@
 //! QEMU's `isa-debug-exit` device: a guest writes a byte `v` to its port and the VM
 //! stops with exit code `(v << 1) | 1` (so a guest can never exit 0 by accident).
 
-use super::bus::{DeviceAction, PioDevice};
+use super::bus::{BusDevice, VmEvent, VmEvents};
 
 /// The port QEMU's `isa-debug-exit` uses by default.
 pub const DEBUG_EXIT_PORT: u16 = 0xf4;
 
 /// The debug-exit device.
-#[derive(Default)]
-pub struct DebugExit;
+pub struct DebugExit {
+    events: VmEvents,
+}
 
-impl PioDevice for DebugExit {
-    fn read(&mut self, _offset: u16, data: &mut [u8]) {
+impl DebugExit {
+    /// The port, raising its exits on `events`.
+    pub fn new(events: VmEvents) -> DebugExit {
+        DebugExit { events }
+    }
+}
+
+impl BusDevice for DebugExit {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
         data.fill(0xff);
     }
 
-    fn write(&mut self, _offset: u16, data: &[u8]) -> DeviceAction {
+    fn write(&mut self, _offset: u64, data: &[u8]) {
         // QEMU's device is 1 byte wide; wider writes use their low byte, as there.
         let value = data.first().copied().unwrap_or(0) as u32;
-        DeviceAction::Exit((value << 1) | 1)
+        self.events.raise(VmEvent::DebugExit((value << 1) | 1));
     }
 }
 
@@ -28,9 +36,11 @@ mod tests {
 
     #[test]
     fn exit_code_follows_qemu() {
-        let mut dev = DebugExit;
-        assert_eq!(dev.write(0, &[0]), DeviceAction::Exit(1));
-        assert_eq!(dev.write(0, &[0x10]), DeviceAction::Exit(0x21));
-        assert_eq!(dev.write(0, &[0xff]), DeviceAction::Exit(0x1ff));
+        let events = VmEvents::default();
+        let mut dev = DebugExit::new(events.clone());
+        for (value, code) in [(0, 1), (0x10, 0x21), (0xff, 0x1ff)] {
+            dev.write(0, &[value]);
+            assert_eq!(events.take(), Some(VmEvent::DebugExit(code)));
+        }
     }
 }

@@ -11,7 +11,7 @@
 //! Offsets 1-3 (0x61-0x63) are an open bus here; with the in-kernel PIT, KVM
 //! answers port 0x61 itself.
 
-use super::bus::{DeviceAction, PioDevice};
+use super::bus::{BusDevice, VmEvent, VmEvents};
 
 /// The controller's base port (its data port).
 pub const I8042_PORT: u16 = 0x60;
@@ -64,11 +64,14 @@ pub struct I8042 {
     output: Option<u8>,
     /// The command waiting for its data byte (0x60 or 0xD1).
     pending_command: Option<u8>,
+    events: VmEvents,
 }
 
-impl Default for I8042 {
-    fn default() -> Self {
+impl I8042 {
+    /// The controller as firmware leaves it, raising resets on `events`.
+    pub fn new(events: VmEvents) -> Self {
         I8042 {
+            events,
             status: SB_SYSTEM_FLAG | SB_KEYBOARD_UNLOCKED,
             // Translation and the system flag set, interrupts off, as firmware
             // leaves it.
@@ -85,7 +88,7 @@ impl I8042 {
         self.output = Some(byte);
     }
 
-    fn command(&mut self, command: u8) -> DeviceAction {
+    fn command(&mut self, command: u8) -> Option<VmEvent> {
         match command {
             CMD_READ_CTR => self.respond(self.ctr),
             CMD_WRITE_CTR | CMD_WRITE_OUTPUT_PORT => self.pending_command = Some(command),
@@ -97,32 +100,33 @@ impl I8042 {
             CMD_ENABLE_KEYBOARD => self.ctr &= !CTR_KEYBOARD_DISABLED,
             CMD_READ_OUTPUT_PORT => self.respond(self.output_port),
             c if c >= CMD_PULSE_FIRST && c & OUTPUT_PORT_RESET_LINE == 0 => {
-                return DeviceAction::Reset
+                return Some(VmEvent::Reset)
             }
             // Everything else (pulses of other lines, vendor commands) does nothing.
             _ => {}
         }
-        DeviceAction::Continue
+        None
     }
 
-    fn data(&mut self, value: u8) -> DeviceAction {
+    fn data(&mut self, value: u8) -> Option<VmEvent> {
         match self.pending_command.take() {
             Some(CMD_WRITE_CTR) => self.ctr = value,
             Some(CMD_WRITE_OUTPUT_PORT) => {
                 self.output_port = value;
                 if value & OUTPUT_PORT_RESET_LINE == 0 {
-                    return DeviceAction::Reset;
+                    return Some(VmEvent::Reset);
                 }
             }
             // A byte for the keyboard, which is not there.
             _ => {}
         }
-        DeviceAction::Continue
+        None
     }
 }
 
-impl PioDevice for I8042 {
-    fn read(&mut self, offset: u16, data: &mut [u8]) {
+impl BusDevice for I8042 {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let offset = offset as u16;
         data.fill(0xff);
         let Some(first) = data.first_mut() else {
             return;
@@ -141,11 +145,11 @@ impl PioDevice for I8042 {
         }
     }
 
-    fn write(&mut self, offset: u16, data: &[u8]) -> DeviceAction {
+    fn write(&mut self, offset: u64, data: &[u8]) {
         let Some(&value) = data.first() else {
-            return DeviceAction::Continue;
+            return;
         };
-        match offset {
+        let event = match offset as u16 {
             OFS_DATA => {
                 self.status &= !SB_LAST_WAS_COMMAND;
                 self.data(value)
@@ -154,7 +158,10 @@ impl PioDevice for I8042 {
                 self.status |= SB_LAST_WAS_COMMAND;
                 self.command(value)
             }
-            _ => DeviceAction::Continue,
+            _ => None,
+        };
+        if let Some(event) = event {
+            self.events.raise(event);
         }
     }
 }
@@ -165,49 +172,57 @@ mod tests {
 
     fn read(dev: &mut I8042, offset: u16) -> u8 {
         let mut b = [0u8];
-        dev.read(offset, &mut b);
+        dev.read(offset as u64, &mut b);
         b[0]
     }
 
     #[test]
     fn command_0xfe_resets() {
-        let mut dev = I8042::default();
+        let events = VmEvents::default();
+        let mut dev = I8042::new(events.clone());
         assert_eq!(read(&mut dev, OFS_COMMAND) & 0x02, 0, "input buffer empty");
-        assert_eq!(dev.write(OFS_COMMAND, &[0xfe]), DeviceAction::Reset);
-        assert_eq!(dev.write(OFS_COMMAND, &[0xff]), DeviceAction::Continue);
+        dev.write(OFS_COMMAND as u64, &[0xfe]);
+        assert_eq!(events.take(), Some(VmEvent::Reset));
+        dev.write(OFS_COMMAND as u64, &[0xff]);
+        assert_eq!(events.take(), None);
     }
 
     #[test]
     fn clearing_the_reset_line_through_the_output_port_resets() {
-        let mut dev = I8042::default();
-        dev.write(OFS_COMMAND, &[CMD_READ_OUTPUT_PORT]);
+        let events = VmEvents::default();
+        let mut dev = I8042::new(events.clone());
+        dev.write(OFS_COMMAND as u64, &[CMD_READ_OUTPUT_PORT]);
         let port = read(&mut dev, OFS_DATA);
         assert_eq!(port & OUTPUT_PORT_RESET_LINE, 1);
-        dev.write(OFS_COMMAND, &[CMD_WRITE_OUTPUT_PORT]);
-        assert_eq!(dev.write(OFS_DATA, &[port]), DeviceAction::Continue);
-        dev.write(OFS_COMMAND, &[CMD_WRITE_OUTPUT_PORT]);
-        assert_eq!(dev.write(OFS_DATA, &[port & !1]), DeviceAction::Reset);
+        dev.write(OFS_COMMAND as u64, &[CMD_WRITE_OUTPUT_PORT]);
+        dev.write(OFS_DATA as u64, &[port]);
+        assert_eq!(events.take(), None);
+        dev.write(OFS_COMMAND as u64, &[CMD_WRITE_OUTPUT_PORT]);
+        dev.write(OFS_DATA as u64, &[port & !1]);
+        assert_eq!(events.take(), Some(VmEvent::Reset));
     }
 
     #[test]
     fn a_driver_can_probe_it() {
-        let mut dev = I8042::default();
-        dev.write(OFS_COMMAND, &[CMD_SELF_TEST]);
+        let events = VmEvents::default();
+        let mut dev = I8042::new(events.clone());
+        dev.write(OFS_COMMAND as u64, &[CMD_SELF_TEST]);
         assert_eq!(read(&mut dev, OFS_COMMAND) & SB_OUTPUT_FULL, 1);
         assert_eq!(read(&mut dev, OFS_DATA), 0x55);
         assert_eq!(read(&mut dev, OFS_COMMAND) & SB_OUTPUT_FULL, 0);
-        dev.write(OFS_COMMAND, &[CMD_WRITE_CTR]);
-        dev.write(OFS_DATA, &[0x47]);
-        dev.write(OFS_COMMAND, &[CMD_READ_CTR]);
+        dev.write(OFS_COMMAND as u64, &[CMD_WRITE_CTR]);
+        dev.write(OFS_DATA as u64, &[0x47]);
+        dev.write(OFS_COMMAND as u64, &[CMD_READ_CTR]);
         assert_eq!(read(&mut dev, OFS_DATA), 0x47);
-        dev.write(OFS_COMMAND, &[CMD_DISABLE_KEYBOARD]);
-        dev.write(OFS_COMMAND, &[CMD_READ_CTR]);
+        dev.write(OFS_COMMAND as u64, &[CMD_DISABLE_KEYBOARD]);
+        dev.write(OFS_COMMAND as u64, &[CMD_READ_CTR]);
         assert_eq!(
             read(&mut dev, OFS_DATA) & CTR_KEYBOARD_DISABLED,
             CTR_KEYBOARD_DISABLED
         );
         // Keyboard bytes go nowhere and are not an error.
-        assert_eq!(dev.write(OFS_DATA, &[0xff]), DeviceAction::Continue);
+        dev.write(OFS_DATA as u64, &[0xff]);
+        assert_eq!(events.take(), None);
         assert_eq!(read(&mut dev, 1), 0xff, "0x61 is not the controller's");
     }
 }

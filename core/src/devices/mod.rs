@@ -1,5 +1,6 @@
 //! Devices emulated in the core because the guest touches them on the hot path.
-//! Each one implements [`bus::PioDevice`] and sits on the VM's port-I/O bus.
+//! Each one implements [`bus::BusDevice`] and sits on one of the VM's buses
+//! (port I/O or MMIO).
 
 pub mod acpi_pm;
 pub mod bus;

@@ -9,7 +9,7 @@
 //! Linux has no power-off method of its own and stops the VM through the i8042
 //! with `reboot=k`, see [`super::i8042`].)
 
-use super::bus::{DeviceAction, PioDevice};
+use super::bus::{BusDevice, VmEvent, VmEvents};
 
 /// The PM1a control register's port.
 pub const POWER_OFF_PORT: u16 = 0x604;
@@ -24,20 +24,27 @@ const SLP_TYP_MASK: u16 = 0x7;
 const SLP_TYP_S5: u16 = 0;
 
 /// The PM1a control register.
-#[derive(Default)]
 pub struct PowerOff {
     value: u16,
+    events: VmEvents,
 }
 
-impl PioDevice for PowerOff {
-    fn read(&mut self, offset: u16, data: &mut [u8]) {
+impl PowerOff {
+    /// The register, raising power-off on `events`.
+    pub fn new(events: VmEvents) -> PowerOff {
+        PowerOff { value: 0, events }
+    }
+}
+
+impl BusDevice for PowerOff {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
         let bytes = self.value.to_le_bytes();
         for (i, b) in data.iter_mut().enumerate() {
             *b = bytes.get(offset as usize + i).copied().unwrap_or(0xff);
         }
     }
 
-    fn write(&mut self, offset: u16, data: &[u8]) -> DeviceAction {
+    fn write(&mut self, offset: u64, data: &[u8]) {
         let mut bytes = self.value.to_le_bytes();
         for (i, &b) in data.iter().enumerate() {
             if let Some(slot) = bytes.get_mut(offset as usize + i) {
@@ -48,9 +55,8 @@ impl PioDevice for PowerOff {
         let value = u16::from_le_bytes(bytes);
         self.value = value & !SLP_EN;
         if value & SLP_EN != 0 && (value >> SLP_TYP_SHIFT) & SLP_TYP_MASK == SLP_TYP_S5 {
-            return DeviceAction::PowerOff;
+            self.events.raise(VmEvent::PowerOff);
         }
-        DeviceAction::Continue
     }
 }
 
@@ -60,29 +66,26 @@ mod tests {
 
     #[test]
     fn qemus_shutdown_value_powers_off() {
-        let mut dev = PowerOff::default();
-        assert_eq!(
-            dev.write(0, &0x2000u16.to_le_bytes()),
-            DeviceAction::PowerOff
-        );
+        let events = VmEvents::default();
+        let mut dev = PowerOff::new(events.clone());
+        dev.write(0, &0x2000u16.to_le_bytes());
+        assert_eq!(events.take(), Some(VmEvent::PowerOff));
         // A byte write of the high half does the same.
-        assert_eq!(dev.write(1, &[0x20]), DeviceAction::PowerOff);
+        dev.write(1, &[0x20]);
+        assert_eq!(events.take(), Some(VmEvent::PowerOff));
     }
 
     #[test]
     fn other_values_and_sleep_types_do_not() {
-        let mut dev = PowerOff::default();
-        assert_eq!(
-            dev.write(0, &0x0001u16.to_le_bytes()),
-            DeviceAction::Continue
-        );
+        let events = VmEvents::default();
+        let mut dev = PowerOff::new(events.clone());
+        dev.write(0, &0x0001u16.to_le_bytes());
+        assert_eq!(events.take(), None);
         let mut back = [0u8; 2];
         dev.read(0, &mut back);
         assert_eq!(u16::from_le_bytes(back), 1);
         // SLP_EN with sleep type 1 (S3 in QEMU's DSDT): no sleep states here.
-        assert_eq!(
-            dev.write(0, &0x2400u16.to_le_bytes()),
-            DeviceAction::Continue
-        );
+        dev.write(0, &0x2400u16.to_le_bytes());
+        assert_eq!(events.take(), None);
     }
 }

@@ -32,7 +32,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use super::bus::{DeviceAction, PioDevice};
+use super::bus::BusDevice;
 use crate::error::{Error, Result};
 
 /// The index port (0x70) and the data port (0x71).
@@ -374,8 +374,10 @@ impl Rtc {
     }
 }
 
-impl PioDevice for Rtc {
-    fn read(&mut self, offset: u16, data: &mut [u8]) {
+impl BusDevice for Rtc {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        // Its registers span a few ports: the offset fits.
+        let offset = offset as u16;
         data.fill(0xff);
         let Some(first) = data.first_mut() else {
             return;
@@ -388,16 +390,16 @@ impl PioDevice for Rtc {
         }
     }
 
-    fn write(&mut self, offset: u16, data: &[u8]) -> DeviceAction {
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let offset = offset as u16;
         let Some(&value) = data.first() else {
-            return DeviceAction::Continue;
+            return;
         };
         match offset {
             OFS_INDEX => self.state.index = value & INDEX_MASK,
             OFS_DATA => self.write_register(self.state.index, value),
             _ => {}
         }
-        DeviceAction::Continue
     }
 }
 
@@ -418,15 +420,15 @@ mod tests {
     }
 
     fn read(rtc: &mut Rtc, reg: u8) -> u8 {
-        rtc.write(OFS_INDEX, &[reg]);
+        rtc.write(u64::from(OFS_INDEX), &[reg]);
         let mut b = [0u8];
-        rtc.read(OFS_DATA, &mut b);
+        rtc.read(u64::from(OFS_DATA), &mut b);
         b[0]
     }
 
     fn write(rtc: &mut Rtc, reg: u8, value: u8) {
-        rtc.write(OFS_INDEX, &[reg]);
-        rtc.write(OFS_DATA, &[value]);
+        rtc.write(u64::from(OFS_INDEX), &[reg]);
+        rtc.write(u64::from(OFS_DATA), &[value]);
     }
 
     fn time_regs(rtc: &mut Rtc) -> [u8; 8] {
@@ -479,7 +481,7 @@ mod tests {
         assert_eq!(read(&mut r, 0x80 | 0x40), 0xab);
         assert_eq!(read(&mut r, 0x80 | REG_D), 0x80);
         let mut b = [0u8];
-        r.read(OFS_INDEX, &mut b);
+        r.read(u64::from(OFS_INDEX), &mut b);
         assert_eq!(b[0], 0xff);
         assert_eq!(r.state().index, 0x0d);
     }
@@ -504,9 +506,9 @@ mod tests {
         write(&mut r, REG_A, 0xa6);
         assert_eq!(read(&mut r, REG_A), 0x26, "UIP cannot be set");
         // Wide and empty accesses are harmless.
-        r.write(OFS_DATA, &[]);
+        r.write(u64::from(OFS_DATA), &[]);
         let mut wide = [0u8; 4];
-        r.read(OFS_DATA, &mut wide);
+        r.read(u64::from(OFS_DATA), &mut wide);
         assert_eq!(&wide[1..], &[0xff; 3]);
     }
 
@@ -606,7 +608,7 @@ mod tests {
         let mut r = rtc();
         write(&mut r, 0x20, 0x42);
         write(&mut r, REG_MINUTES, 0x50);
-        r.write(OFS_INDEX, &[0x20]);
+        r.write(u64::from(OFS_INDEX), &[0x20]);
         let json = serde_json::to_string(r.state()).unwrap();
         let state: RtcState = serde_json::from_str(&json).unwrap();
         let mut back = Rtc::from_state(state.clone(), fixed_now).unwrap();

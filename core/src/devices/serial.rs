@@ -14,7 +14,7 @@ use std::collections::VecDeque;
 use vm_superio::serial::NoEvents;
 use vm_superio::Serial;
 
-use super::bus::{DeviceAction, PioDevice};
+use super::bus::BusDevice;
 pub use super::console::ConsoleSink;
 use crate::error::{Error, Result};
 use crate::irq::IrqLine;
@@ -116,8 +116,10 @@ impl SerialConsole {
     }
 }
 
-impl PioDevice for SerialConsole {
-    fn read(&mut self, offset: u16, data: &mut [u8]) {
+impl BusDevice for SerialConsole {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        // Its registers span a few ports: the offset fits.
+        let offset = offset as u16;
         // The UART's registers are 1 byte wide; a wider access reads the first
         // register and leaves the rest as an open bus.
         data.fill(0xff);
@@ -132,7 +134,8 @@ impl PioDevice for SerialConsole {
         }
     }
 
-    fn write(&mut self, offset: u16, data: &[u8]) -> DeviceAction {
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let offset = offset as u16;
         if let Some(&value) = data.first() {
             let enables_rda = offset == IER_OFFSET
                 && !self.dlab()
@@ -144,7 +147,6 @@ impl PioDevice for SerialConsole {
                 self.raise_pending_input();
             }
         }
-        DeviceAction::Continue
     }
 }
 
@@ -172,7 +174,7 @@ mod tests {
 
     fn read_reg(com1: &mut SerialConsole, offset: u16) -> u8 {
         let mut b = [0u8; 1];
-        com1.read(offset, &mut b);
+        com1.read(u64::from(offset), &mut b);
         b[0]
     }
 

@@ -7,11 +7,11 @@
 use kvm_ioctls::VcpuExit;
 use serde::Serialize;
 
-use crate::devices::bus::DeviceAction;
+use crate::devices::bus::VmEvent;
 use crate::devices::console::take_thread_tally;
 use crate::devices::debug_exit::DEBUG_EXIT_PORT;
 use crate::devices::serial::{COM1_PORT, COM_PORT_LEN};
-use crate::hypercall::{GuestFault, HypercallKind, HypercallOutcome, HYPERCALL_PORT};
+use crate::hypercall::{take_thread_calls, GuestFault, HYPERCALL_PORT};
 use crate::metrics::{ExitKind, PortRange, VcpuMetrics};
 use crate::vm::VmShared;
 
@@ -198,28 +198,29 @@ fn port_range(port: u16) -> PortRange {
     }
 }
 
-/// Handles a hypercall and counts it.
-fn hypercall(vm: &VmShared, data: &[u8], metrics: &VcpuMetrics) -> ExitAction {
-    let action = match vm.hypercalls.handle(&vm.ram, data) {
-        HypercallOutcome::Continue(kind) => {
-            metrics.count_hypercall(kind);
-            ExitAction::Continue
+impl From<VmEvent> for StopReason {
+    fn from(event: VmEvent) -> StopReason {
+        match event {
+            VmEvent::DebugExit(exit_code) => StopReason::DebugExit { exit_code },
+            VmEvent::GuestExit(status) => StopReason::GuestExit { status },
+            VmEvent::GuestFault(fault) => StopReason::GuestFault(fault),
+            VmEvent::BadHypercall(message) => StopReason::BadHypercall { message },
+            VmEvent::Reset => StopReason::Reset,
+            VmEvent::PowerOff => StopReason::PowerOff,
         }
-        HypercallOutcome::Exit(status) => {
-            metrics.count_hypercall(HypercallKind::Exit);
-            ExitAction::Stop(StopReason::GuestExit { status })
-        }
-        HypercallOutcome::Fault(fault) => {
-            metrics.count_hypercall(HypercallKind::Fault);
-            ExitAction::Stop(StopReason::GuestFault(fault))
-        }
-        HypercallOutcome::Malformed(message) => {
-            metrics.count_hypercall(HypercallKind::Invalid);
-            ExitAction::Stop(StopReason::BadHypercall { message })
-        }
-    };
+    }
+}
+
+/// After a device access: adds what the devices tallied on this thread
+/// (console bytes, hypercalls) to the vCPU's metrics, and stops the vCPU when
+/// a device raised a VM event.
+fn after_access(vm: &VmShared, metrics: &VcpuMetrics) -> ExitAction {
     metrics.add_console(take_thread_tally());
-    action
+    take_thread_calls(|kind| metrics.count_hypercall(kind));
+    match vm.events.take() {
+        Some(event) => ExitAction::Stop(event.into()),
+        None => ExitAction::Continue,
+    }
 }
 
 /// The width of one access of a port-I/O exit whose data is `len` bytes:
@@ -245,49 +246,28 @@ pub fn handle_exit(
     vm: &VmShared,
     metrics: &VcpuMetrics,
 ) -> ExitAction {
-    let bus = &vm.bus;
     let unhandled = vm.unhandled;
     match exit {
         VcpuExit::IoOut(port, data) => {
             metrics.count(ExitKind::IoOut);
-            let range = port_range(port);
-            metrics.count_port(true, range);
+            metrics.count_port(true, port_range(port));
             let width = access_width(io_size, data.len());
-            if port == HYPERCALL_PORT {
-                // `rep outsd` to the hypercall port: one call per address.
-                for access in data.chunks(width) {
-                    let action = hypercall(vm, access, metrics);
-                    if action != ExitAction::Continue {
-                        return action;
-                    }
-                }
-                return ExitAction::Continue;
+            if vm.pio.write(u64::from(port), width, data, &vm.events) {
+                return after_access(vm, metrics);
             }
-            let action = bus.write(port, width, data);
-            if range == PortRange::Serial {
-                metrics.add_console(take_thread_tally());
-            }
-            match action {
-                Some(DeviceAction::Continue) => ExitAction::Continue,
-                Some(DeviceAction::Exit(code)) => {
-                    ExitAction::Stop(StopReason::DebugExit { exit_code: code })
-                }
-                Some(DeviceAction::Reset) => ExitAction::Stop(StopReason::Reset),
-                Some(DeviceAction::PowerOff) => ExitAction::Stop(StopReason::PowerOff),
-                None => unhandled.decide(|| StopReason::UnhandledIo {
-                    port,
-                    size: width as u8,
-                    direction: Direction::Out,
-                    data: as_u64(&data[..width.min(data.len())]),
-                }),
-            }
+            unhandled.decide(|| StopReason::UnhandledIo {
+                port,
+                size: width as u8,
+                direction: Direction::Out,
+                data: as_u64(&data[..width.min(data.len())]),
+            })
         }
         VcpuExit::IoIn(port, data) => {
             metrics.count(ExitKind::IoIn);
             metrics.count_port(false, port_range(port));
             let width = access_width(io_size, data.len());
-            if bus.read(port, width, data) {
-                return ExitAction::Continue;
+            if vm.pio.read(u64::from(port), width, data) {
+                return after_access(vm, metrics);
             }
             data.fill(0xff);
             unhandled.decide(|| StopReason::UnhandledIo {
@@ -299,6 +279,10 @@ pub fn handle_exit(
         }
         VcpuExit::MmioRead(address, data) => {
             metrics.count(ExitKind::MmioRead);
+            let width = data.len();
+            if vm.mmio.read(address, width, data) {
+                return after_access(vm, metrics);
+            }
             data.fill(0xff);
             unhandled.decide(|| StopReason::UnhandledMmio {
                 address,
@@ -309,6 +293,9 @@ pub fn handle_exit(
         }
         VcpuExit::MmioWrite(address, data) => {
             metrics.count(ExitKind::MmioWrite);
+            if vm.mmio.write(address, data.len(), data, &vm.events) {
+                return after_access(vm, metrics);
+            }
             unhandled.decide(|| StopReason::UnhandledMmio {
                 address,
                 size: data.len() as u8,
