@@ -30,6 +30,8 @@ export const DEBIAN_CRATE_PACKAGES: readonly string[] = [
   "librust-thiserror-dev",
   "librust-serde-dev",
   "librust-serde-json-dev",
+  "librust-virtio-queue-dev",
+  "librust-virtio-bindings-dev",
 ];
 
 /** Options of {@link ensureDebianCrates}. */
