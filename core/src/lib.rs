@@ -18,7 +18,9 @@ pub mod irq;
 pub mod memory;
 pub mod metrics;
 pub mod msr_filter;
+pub mod pci;
 pub mod vcpu;
+pub mod virtio;
 pub mod vm;
 
 #[cfg(test)]

@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "1eb2cec692034fe104763795d07efe0939bfd3cae83941594884ac060e867078";
+  "e014771859b4197f2b484b510eedd770769a9caba469be8eddcd9c75879328a2";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

@@ -1,0 +1,171 @@
+//! VIRTIO 1.x devices over PCI.
+//!
+//! A device ([`VirtioDevice`]) owns its function (blk, net, rng...) and knows
+//! nothing of PCI; [`pci::VirtioPci`] is the transport: the modern virtio-pci
+//! capabilities, feature negotiation, the queues' configuration and MSI-X.
+//! When the driver sets DRIVER_OK the transport hands the device its queues,
+//! one kick eventfd per queue (registered with KVM as an ioeventfd on the
+//! queue's notify address, so a kick never exits to the vCPU thread) and an
+//! [`Interrupt`] (MSI-X through irqfds), and the device runs them on its own
+//! worker thread ([`worker::Worker`]).
+//!
+//! Every value the driver writes is checked: queue sizes, ring addresses
+//! (inside guest RAM, aligned), descriptor chains (virtio-queue bounds them to
+//! guest RAM and the queue size and refuses loops). A device that finds its
+//! queue broken stops and sets DEVICE_NEEDS_RESET instead of touching anything
+//! outside guest RAM.
+
+pub mod pci;
+pub mod rng;
+#[cfg(test)]
+pub mod test_driver;
+pub mod worker;
+
+use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};
+use std::sync::Arc;
+
+use thiserror::Error;
+use virtio_queue::Queue;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::memory::GuestRam;
+use crate::pci::msix::Msix;
+
+/// Device types (virtio spec 5).
+pub mod device_type {
+    pub const NET: u16 = 1;
+    pub const BLOCK: u16 = 2;
+    pub const RNG: u16 = 4;
+    pub const BALLOON: u16 = 5;
+    pub const VSOCK: u16 = 19;
+}
+
+/// Feature bits every device here offers.
+pub mod features {
+    /// VIRTIO 1.x (modern) device.
+    pub const VERSION_1: u64 = 1 << 32;
+    /// Descriptors may point at indirect tables.
+    pub const RING_INDIRECT_DESC: u64 = 1 << 28;
+    /// used_event / avail_event notification suppression.
+    pub const RING_EVENT_IDX: u64 = 1 << 29;
+}
+
+/// Device status bits (virtio spec 2.1).
+pub mod status {
+    pub const ACKNOWLEDGE: u8 = 1;
+    pub const DRIVER: u8 = 2;
+    pub const DRIVER_OK: u8 = 4;
+    pub const FEATURES_OK: u8 = 8;
+    pub const NEEDS_RESET: u8 = 0x40;
+    pub const FAILED: u8 = 0x80;
+}
+
+/// "No MSI-X vector" in the vector registers.
+pub const NO_VECTOR: u16 = 0xffff;
+
+/// Why a device cannot start or run.
+#[derive(Debug, Error)]
+pub enum VirtioError {
+    /// A queue the driver configured is unusable (bad size or address).
+    #[error("queue {0} is not valid (size, alignment or address outside guest RAM)")]
+    BadQueue(usize),
+    /// The device needs a queue the driver did not enable.
+    #[error("queue {0} is required but not enabled")]
+    QueueNotEnabled(usize),
+    /// A host resource failed (eventfd, thread, file).
+    #[error("{op}: {source}")]
+    Io {
+        op: &'static str,
+        source: std::io::Error,
+    },
+    /// A descriptor chain breaks the device's rules.
+    #[error("malformed request: {0}")]
+    Malformed(String),
+}
+
+/// Raises a device's interrupts (MSI-X vectors the driver chose per queue).
+pub struct Interrupt {
+    msix: Arc<Msix>,
+    queue_vectors: Arc<[AtomicU16]>,
+    config_vector: Arc<AtomicU16>,
+    isr: Arc<AtomicU8>,
+}
+
+impl Interrupt {
+    /// Signals that queue `queue` has used buffers.
+    pub fn queue(&self, queue: usize) {
+        self.isr.fetch_or(1, Ordering::AcqRel);
+        if let Some(v) = self.queue_vectors.get(queue) {
+            let vector = v.load(Ordering::Acquire);
+            if vector != NO_VECTOR {
+                self.msix.notify(vector);
+            }
+        }
+    }
+
+    /// Signals a configuration change.
+    pub fn config(&self) {
+        self.isr.fetch_or(2, Ordering::AcqRel);
+        let vector = self.config_vector.load(Ordering::Acquire);
+        if vector != NO_VECTOR {
+            self.msix.notify(vector);
+        }
+    }
+}
+
+/// What a device gets when the driver sets DRIVER_OK.
+pub struct Activation {
+    /// Guest RAM (every queue access is bounded to it).
+    pub mem: GuestRam,
+    /// The enabled queues, by index (`None`: not enabled by the driver).
+    pub queues: Vec<Option<Queue>>,
+    /// One kick eventfd per queue (signalled by KVM on a notify write).
+    pub kicks: Vec<EventFd>,
+    /// The interrupt line to the driver.
+    pub interrupt: Interrupt,
+    /// The features the driver accepted.
+    pub features: u64,
+    /// Set by the device when it stops because the driver broke a rule.
+    pub needs_reset: Arc<AtomicU8>,
+}
+
+impl Activation {
+    /// Marks the device broken (the transport then reports
+    /// DEVICE_NEEDS_RESET and raises a configuration interrupt).
+    pub fn fail(&self) {
+        self.needs_reset.store(1, Ordering::Release);
+        self.interrupt.config();
+    }
+}
+
+/// A virtio device function.
+pub trait VirtioDevice: Send {
+    /// Its virtio device type ([`device_type`]).
+    fn device_type(&self) -> u16;
+    /// The maximum size of each of its queues.
+    fn queue_sizes(&self) -> Vec<u16>;
+    /// The features it offers ([`features::VERSION_1`] is added).
+    fn features(&self) -> u64;
+    /// Reads its configuration space at `offset` (bytes past it read as 0).
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes its configuration space (most are read-only).
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    /// Starts the device on its queues (spawns its worker).
+    fn activate(&mut self, activation: Activation) -> Result<(), VirtioError>;
+    /// Stops the device (the driver reset it): the worker exits and drops the
+    /// queues; the device may be activated again.
+    fn reset(&mut self);
+    /// A JSON description for listings.
+    fn describe(&self) -> serde_json::Value;
+}
+
+/// Reads `data.len()` bytes of a config image at `offset`; beyond it, 0.
+pub fn read_config_bytes(image: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = usize::try_from(offset)
+            .ok()
+            .and_then(|o| image.get(o + i))
+            .copied()
+            .unwrap_or(0);
+    }
+}
