@@ -99,8 +99,21 @@ async function kernelPackage(log: (line: string) => void): Promise<string | unde
   return undefined;
 }
 
-/** Downloads `pkg` and extracts its member `pattern` into `dir`. */
-async function downloadAndExtract(pkg: string, pattern: string, dir: string): Promise<void> {
+/**
+ * Downloads the Debian package `pkg` into `dir` with `apt-get download` (the
+ * system's apt configuration is only read).
+ *
+ * @param pkg The package's name, e.g. `linux-image-6.1.0-50-amd64`.
+ * @param dir An existing directory to download into.
+ * @returns The `.deb`'s path.
+ * @throws {Error} When apt-get fails, times out or produces no `.deb`.
+ * @example
+ * ```ts ignore
+ * import { downloadDeb } from "denovisor/src/linux/debian_kernel.ts";
+ * const deb = await downloadDeb("busybox-static", await Deno.makeTempDir());
+ * ```
+ */
+export async function downloadDeb(pkg: string, dir: string): Promise<string> {
   const download = await run("apt-get", ["download", "-q", pkg], dir);
   if (download.signal !== null) {
     throw new Error(`apt-get download ${pkg} did not finish in ${APT_TIMEOUT_MS / 1000} s`);
@@ -108,11 +121,50 @@ async function downloadAndExtract(pkg: string, pattern: string, dir: string): Pr
   if (download.code !== 0) {
     throw new Error(`apt-get download ${pkg} failed: ${download.stderr.trim()}`);
   }
-  let deb: string | undefined;
   for await (const entry of Deno.readDir(dir)) {
-    if (entry.name.endsWith(".deb")) deb = `${dir}/${entry.name}`;
+    if (entry.name.startsWith(`${pkg}_`) && entry.name.endsWith(".deb")) {
+      return `${dir}/${entry.name}`;
+    }
   }
-  if (!deb) throw new Error(`apt-get download ${pkg} produced no .deb`);
+  throw new Error(`apt-get download ${pkg} produced no .deb`);
+}
+
+/**
+ * Why packages cannot be downloaded and unpacked here (a tool apt-get download
+ * and dpkg-deb need is missing), or undefined when they can.
+ *
+ * @returns The problem, or undefined.
+ * @example
+ * ```ts
+ * import { debianToolsProblem } from "denovisor/src/linux/debian_kernel.ts";
+ * console.log((await debianToolsProblem()) ?? "apt-get and dpkg-deb are here");
+ * ```
+ */
+export async function debianToolsProblem(): Promise<string | undefined> {
+  for (const tool of ["apt-get", "apt-cache", "dpkg-deb", "tar"]) {
+    if (!(await hasTool(tool))) return `${tool} is not installed (not a Debian-like host)`;
+  }
+  return undefined;
+}
+
+/**
+ * The directory the fetched kernels, busybox and modules are cached in
+ * (`.cache/kernels/` in the repository), with a trailing slash.
+ *
+ * @returns Its path.
+ * @example
+ * ```ts
+ * import { kernelCacheDir } from "denovisor/src/linux/debian_kernel.ts";
+ * console.log(kernelCacheDir()); // .../.cache/kernels/
+ * ```
+ */
+export function kernelCacheDir(): string {
+  return cachePath();
+}
+
+/** Downloads `pkg` and extracts its member `pattern` into `dir`. */
+async function downloadAndExtract(pkg: string, pattern: string, dir: string): Promise<void> {
+  const deb = await downloadDeb(pkg, dir);
   // dpkg-deb --fsys-tarfile | tar -x: only the wanted member, not the whole package.
   const dpkg = new Deno.Command("dpkg-deb", {
     args: ["--fsys-tarfile", deb],
@@ -149,11 +201,8 @@ interface FetchPlan {
 async function fetchInto(plan: FetchPlan, log: (line: string) => void): Promise<FetchResult> {
   const have = await cached(plan.prefix);
   if (have) return { ok: true, file: { path: have, package: "(cached)" } };
-  for (const tool of ["apt-get", "apt-cache", "dpkg-deb", "tar"]) {
-    if (!(await hasTool(tool))) {
-      return { ok: false, reason: `${tool} is not installed (not a Debian-like host)` };
-    }
-  }
+  const problem = await debianToolsProblem();
+  if (problem) return { ok: false, reason: problem };
   const pkg = await plan.pkg(log);
   if (!pkg) return { ok: false, reason: "apt knows no package to download it from" };
   await Deno.mkdir(CACHE_DIR, { recursive: true });
