@@ -1,0 +1,93 @@
+/**
+ * The host side of the disk tests: ext4 images made with `mkfs.ext4 -d` and
+ * read back with `debugfs` (pure: no KVM).
+ */
+
+import assert from "node:assert/strict";
+
+import { DenovisorError } from "../src/errors.ts";
+import { debugfsCat, debugfsLs, makeExt4Image } from "./_disk.ts";
+
+const text = (bytes: Uint8Array) => new TextDecoder().decode(bytes);
+
+Deno.test("makeExt4Image writes files that debugfs reads back byte for byte", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "denovisor-disk-test-" });
+  try {
+    const image = `${dir}/disk.img`;
+    const binary = new Uint8Array(300_000).map((_, i) => (i * 7919) & 0xff);
+    await makeExt4Image(image, 16, {
+      "hello.txt": "hello from the host\n",
+      "/etc/motd": "welcome\n",
+      "data/deep/blob.bin": binary,
+      "empty": "",
+    });
+    assert.equal((await Deno.stat(image)).size, 16 << 20);
+    assert.equal(text(await debugfsCat(image, "hello.txt")), "hello from the host\n");
+    assert.equal(text(await debugfsCat(image, "/etc/motd")), "welcome\n");
+    assert.deepEqual(await debugfsCat(image, "data/deep/blob.bin"), binary);
+    assert.equal((await debugfsCat(image, "empty")).length, 0);
+
+    const root = await debugfsLs(image, "/");
+    const byName = new Map(root.map((e) => [e.name, e]));
+    assert.deepEqual(
+      [...byName.keys()].sort(),
+      ["data", "empty", "etc", "hello.txt", "lost+found"],
+    );
+    assert.equal(byName.get("etc")?.type, "dir");
+    assert.equal(byName.get("hello.txt")?.type, "file");
+    assert.equal(byName.get("hello.txt")?.size, 20);
+    assert.equal(byName.get("hello.txt")?.mode, 0o100644);
+    const deep = await debugfsLs(image, "data/deep");
+    assert.deepEqual(deep.map((e) => [e.name, e.size]), [["blob.bin", 300_000]]);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("debugfs helpers report a missing file or directory instead of empty output", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "denovisor-disk-test-" });
+  try {
+    const image = `${dir}/disk.img`;
+    await makeExt4Image(image, 4, { "a": "x" });
+    await assert.rejects(
+      () => debugfsCat(image, "missing.txt"),
+      (e) =>
+        e instanceof DenovisorError && e.code === "IO" && /missing\.txt.*not found/.test(e.message),
+    );
+    await assert.rejects(
+      () => debugfsCat(image, "lost+found"),
+      (e) => e instanceof DenovisorError && /not a regular file/.test(e.message),
+    );
+    await assert.rejects(
+      () => debugfsLs(image, "nope"),
+      (e) => e instanceof DenovisorError && e.code === "IO" && /not found/.test(e.message),
+    );
+    await assert.rejects(
+      () => debugfsCat(`${dir}/no-such-image`, "a"),
+      (e) => e instanceof DenovisorError && e.code === "IO",
+    );
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("makeExt4Image refuses paths that leave the image and bad sizes", async () => {
+  for (const path of ["../escape", "a/../../b", "/", ""]) {
+    await assert.rejects(
+      () => makeExt4Image("/nonexistent/never-written.img", 4, { [path]: "x" }),
+      (e) => e instanceof DenovisorError && e.code === "INVALID_ARGUMENT",
+      path,
+    );
+  }
+  for (const size of [0, -1, 1.5, Number.NaN]) {
+    await assert.rejects(
+      () => makeExt4Image("/nonexistent/never-written.img", size, {}),
+      (e) => e instanceof DenovisorError && e.code === "INVALID_ARGUMENT",
+      String(size),
+    );
+  }
+  await assert.rejects(
+    () => makeExt4Image("/nonexistent-dir/disk.img", 4, { "a": "x" }),
+    (e) => e instanceof DenovisorError && e.code === "IO" && /mkfs\.ext4/.test(e.message),
+  );
+});
