@@ -1,6 +1,6 @@
 /**
  * What the Linux tests share: Debian's kernel (as a bzImage and as its vmlinux
- * ELF) and busybox, fetched and extracted here, on the host, even where the
+ * ELF), busybox and the kernel's virtio and ext4 modules, fetched and extracted here, on the host, even where the
  * tests that boot them run inside kvmbox (which has no network); and the
  * busybox initramfs they boot.
  *
@@ -13,7 +13,12 @@ import {
   fetchDebianVmlinux,
   type FetchResult,
 } from "../src/linux/debian_kernel.ts";
-import { buildInitramfs } from "../src/linux/initramfs.ts";
+import { buildInitramfs, type InitramfsEntry } from "../src/linux/initramfs.ts";
+import {
+  fetchDebianModules,
+  type KernelModule,
+  type ModulesFetchResult,
+} from "../src/linux/modules.ts";
 
 const log = (line: string) => console.error(`note: ${line}`);
 
@@ -23,6 +28,54 @@ export const debianKernel: FetchResult = await fetchDebianKernel({ log });
 export const debianVmlinux: FetchResult = await fetchDebianVmlinux({ log });
 /** Debian's static busybox, or why it cannot be had. */
 export const busybox: FetchResult = await fetchBusybox({ log });
+
+/**
+ * The modules the virtio device tests load into Debian's kernel (which builds
+ * them as modules): the virtio-pci transport, the block, network, entropy and
+ * balloon drivers, vsock over virtio, and ext4 with crc32c (ext4's checksums
+ * need the crypto driver, which nothing would load on demand).
+ */
+export const VIRTIO_MODULE_NAMES: readonly string[] = [
+  "virtio",
+  "virtio_ring",
+  "virtio_pci_modern_dev",
+  "virtio_pci_legacy_dev",
+  "virtio_pci",
+  "virtio_blk",
+  "failover",
+  "net_failover",
+  "virtio_net",
+  "virtio_rng",
+  "virtio_balloon",
+  "vsock",
+  "vmw_vsock_virtio_transport_common",
+  "vmw_vsock_virtio_transport",
+  "crc16",
+  "mbcache",
+  "jbd2",
+  "crc32c_generic",
+  "ext4",
+];
+
+/** {@link VIRTIO_MODULE_NAMES} and their dependencies, in load order, or why they cannot be had. */
+export const VIRTIO_MODULES: ModulesFetchResult = await fetchDebianModules(VIRTIO_MODULE_NAMES, {
+  log,
+}).catch((e) => ({ ok: false, reason: e instanceof Error ? e.message : String(e) }));
+
+/**
+ * The modules of a fetch; a test that needs them fails with the reason they
+ * are missing.
+ *
+ * @param result What {@link fetchDebianModules} returned.
+ * @returns The modules, in load order.
+ */
+export function fetchedModules(result: ModulesFetchResult): KernelModule[] {
+  if (!result.ok) throw new Error(`Debian's kernel modules cannot be had: ${result.reason}`);
+  return result.modules;
+}
+
+/** Printed on the console for each module `insmod` refuses, before insmod's own message. */
+export const INSMOD_FAILED = "DENOVISOR-INSMOD-FAILED";
 
 /**
  * The path of a fetched file; a test that needs it fails with the reason it is
@@ -37,15 +90,50 @@ export function fetchedPath(result: FetchResult, what: string): string {
   return result.file.path;
 }
 
+/** What goes into a busybox initramfs besides `/init`. */
+export interface BusyboxInitramfsOptions {
+  /**
+   * Kernel modules, in load order (as {@link fetchDebianModules} returns them):
+   * put into `/lib/modules/` and inserted with `insmod` before the rest of
+   * `/init`. A module insmod refuses prints `DENOVISOR-INSMOD-FAILED NAME
+   * STATUS` and insmod's message on the console, and `/init` goes on.
+   */
+  modules?: readonly KernelModule[];
+}
+
 /**
- * A busybox initramfs whose `/init` mounts /proc, then runs `lines` (busybox
- * applets by full path, or plain names after `/bin/busybox --install -s /bin`).
+ * A busybox initramfs whose `/init` mounts /proc, inserts `modules`, then runs
+ * `lines` (busybox applets by full path, or plain names after
+ * `/bin/busybox --install -s /bin`).
  *
  * @param lines The rest of `/init`.
+ * @param options The modules to insert first.
  * @returns The newc archive.
  */
-export async function busyboxInitramfs(lines: string[]): Promise<Uint8Array> {
-  const init = ["#!/bin/busybox sh", "/bin/busybox mount -t proc proc /proc", ...lines];
+export async function busyboxInitramfs(
+  lines: string[],
+  options: BusyboxInitramfsOptions = {},
+): Promise<Uint8Array> {
+  const modules = options.modules ?? [];
+  const insmod = modules.map((m) => {
+    if (!/^[A-Za-z0-9_]+$/.test(m.name)) throw new Error(`bad module name ${m.name}`);
+    return `/bin/busybox insmod /lib/modules/${m.name}.ko || echo "${INSMOD_FAILED} ${m.name} $?"`;
+  });
+  const init = [
+    "#!/bin/busybox sh",
+    "/bin/busybox mount -t proc proc /proc",
+    ...insmod,
+    ...lines,
+  ];
+  const moduleEntries: InitramfsEntry[] = modules.length === 0 ? [] : [
+    { path: "lib", kind: "dir" },
+    { path: "lib/modules", kind: "dir" },
+    ...await Promise.all(modules.map(async (m) => ({
+      path: `lib/modules/${m.name}.ko`,
+      mode: 0o644,
+      data: await Deno.readFile(m.path),
+    }))),
+  ];
   return buildInitramfs([
     { path: "dev", kind: "dir" },
     { path: "dev/console", kind: "char", device: [5, 1] },
@@ -53,6 +141,7 @@ export async function busyboxInitramfs(lines: string[]): Promise<Uint8Array> {
     { path: "sys", kind: "dir" },
     { path: "bin", kind: "dir" },
     { path: "bin/busybox", data: await Deno.readFile(fetchedPath(busybox, "busybox-static")) },
+    ...moduleEntries,
     { path: "init", data: new TextEncoder().encode(init.join("\n") + "\n") },
   ]);
 }
