@@ -67,7 +67,18 @@ export type ModulesFetchResult =
   }
   | { ok: false; reason: string };
 
-/** The name a module is known by: `virtio-rng.ko` and `virtio-rng` are `virtio_rng`. */
+/**
+ * The name a module is known by (`/proc/modules`, `depends=`): its file name
+ * without the directory and `.ko`, with `-` read as `_`.
+ *
+ * @param nameOrFile A module's name, file name or path.
+ * @returns Its name.
+ * @example
+ * ```ts
+ * import { moduleName } from "denovisor/src/linux/modules.ts";
+ * console.log(moduleName("kernel/drivers/char/hw_random/virtio-rng.ko")); // virtio_rng
+ * ```
+ */
 export function moduleName(nameOrFile: string): string {
   return nameOrFile.replace(/^.*\//, "").replace(/\.ko$/, "").replaceAll("-", "_");
 }
