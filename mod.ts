@@ -22,6 +22,15 @@
 
 export { DenovisorError, type ErrorCode } from "./src/errors.ts";
 export {
+  type BusRange,
+  DEVICE_KINDS,
+  type DeviceConfig,
+  deviceConfigJson,
+  type DeviceListing,
+  type PciFunction,
+  type RngDevice,
+} from "./src/devices.ts";
+export {
   type LoadedImage,
   type LoadOptions,
   type RunResult,

@@ -30,7 +30,8 @@ export type ErrorCode =
   | "INITRD"
   | "CMDLINE_TOO_LONG"
   | "DOES_NOT_FIT"
-  | "VCPU_LIMIT";
+  | "VCPU_LIMIT"
+  | "DEVICE";
 
 /** Core status codes (negative `i32`s returned by `dv_*` calls), by value. */
 export const CORE_STATUS_CODES: Readonly<Record<number, ErrorCode>> = {
@@ -49,6 +50,7 @@ export const CORE_STATUS_CODES: Readonly<Record<number, ErrorCode>> = {
   [-13]: "CMDLINE_TOO_LONG",
   [-14]: "DOES_NOT_FIT",
   [-15]: "VCPU_LIMIT",
+  [-16]: "DEVICE",
 };
 
 /**

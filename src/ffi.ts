@@ -17,7 +17,7 @@ import { DenovisorError, errorCodeOfStatus } from "./errors.ts";
 import { locateCoreLibrary } from "./build/remote_core.ts";
 
 /** The ABI version this file is written against (`ABI_VERSION` in `core/src/abi.rs`). */
-export const ABI_VERSION = 3;
+export const ABI_VERSION = 4;
 
 /** `dv_vm_create` flag: stop on port I/O or MMIO that no device claims. */
 export const VM_FLAG_STOP_ON_UNHANDLED = 1;
@@ -87,6 +87,18 @@ const SYMBOLS = {
   dv_vm_guest_irq_counters: { parameters: ["u32", "buffer", "usize", "buffer"], result: "i32" },
   /** int32_t dv_vm_console_input(uint32_t vm, const uint8_t *data, size_t len) */
   dv_vm_console_input: { parameters: ["u32", "buffer", "usize"], result: "i32" },
+  /** int32_t dv_vm_add_device(uint32_t vm, const uint8_t *json, size_t len, uint8_t *buf, size_t cap, size_t *out_len) */
+  dv_vm_add_device: {
+    parameters: ["u32", "buffer", "usize", "buffer", "usize", "buffer"],
+    result: "i32",
+  },
+  /** int32_t dv_vm_devices(uint32_t vm, uint8_t *buf, size_t cap, size_t *out_len) */
+  dv_vm_devices: { parameters: ["u32", "buffer", "usize", "buffer"], result: "i32" },
+  /** int32_t dv_vm_device_control(uint32_t vm, const uint8_t *name, size_t name_len, const uint8_t *json, size_t len, uint8_t *buf, size_t cap, size_t *out_len) */
+  dv_vm_device_control: {
+    parameters: ["u32", "buffer", "usize", "buffer", "usize", "buffer", "usize", "buffer"],
+    result: "i32",
+  },
   /** int32_t dv_vm_report(uint32_t vm, uint8_t *buf, size_t cap, size_t *out_len) */
   dv_vm_report: { parameters: ["u32", "buffer", "usize", "buffer"], result: "i32" },
   /** int32_t dv_vm_metrics(uint32_t vm, uint8_t *buf, size_t cap, size_t *out_len) */
@@ -357,6 +369,38 @@ export class Core {
   /** `dv_vm_irq_stats`: the host's interrupt counters as parsed JSON. */
   vmIrqStats<T>(vm: number): T {
     return this.#json((buf, cap, outLen) => this.#sym.dv_vm_irq_stats(vm, buf, cap, outLen));
+  }
+
+  /** `dv_vm_add_device` from the device's JSON configuration; returns its name. */
+  vmAddDevice(vm: number, json: string): string {
+    const config = new TextEncoder().encode(json);
+    const name = this.#bytes((buf, cap, outLen) =>
+      this.#sym.dv_vm_add_device(vm, config, BigInt(config.length), buf, cap, outLen)
+    );
+    return new TextDecoder().decode(name);
+  }
+
+  /** `dv_vm_devices`: the VM's devices as parsed JSON. */
+  vmDevices<T>(vm: number): T {
+    return this.#json((buf, cap, outLen) => this.#sym.dv_vm_devices(vm, buf, cap, outLen));
+  }
+
+  /** `dv_vm_device_control`: a device's answer to a JSON request, parsed. */
+  vmDeviceControl<T>(vm: number, name: string, json: string): T {
+    const n = new TextEncoder().encode(name);
+    const request = new TextEncoder().encode(json);
+    return this.#json((buf, cap, outLen) =>
+      this.#sym.dv_vm_device_control(
+        vm,
+        n,
+        BigInt(n.length),
+        request,
+        BigInt(request.length),
+        buf,
+        cap,
+        outLen,
+      )
+    );
   }
 
   /** `dv_vm_guest_irq_counters`: the guest's published counters, by vector. */

@@ -6,6 +6,7 @@
  * @module
  */
 
+import { type DeviceConfig, deviceConfigJson, type DeviceListing } from "./devices.ts";
 import { DenovisorError } from "./errors.ts";
 import { describeExit, type ExitReason, type VcpuExit } from "./kvm/exit.ts";
 import { lastLines } from "./console_driver.ts";
@@ -62,6 +63,9 @@ export interface VmConfig {
   cpuid?: CpuidPolicy;
   /** Which MSRs the guest may access; denied ones give it #GP and are counted. */
   msrs?: MsrPolicy;
+  /** virtio devices on PCI bus 0 (they interrupt through MSI-X, so they need
+   * `interrupts: true`). More can be added later with {@link Vm.addDevice}. */
+  devices?: DeviceConfig[];
 }
 
 /** Stack space set aside per vCPU below the load's stack top (each vCPU gets its own). */
@@ -271,6 +275,13 @@ export class Vm implements Disposable {
     // configuration is refused before /dev/kvm is opened.
     if (config.cpuid !== undefined) cpuidPolicyJson(config.cpuid);
     if (config.msrs !== undefined) msrPolicyJson(config.msrs);
+    const devices = (config.devices ?? []).map(deviceConfigJson);
+    if (devices.length > 0 && !interrupts) {
+      throw new DenovisorError(
+        "INVALID_ARGUMENT",
+        "devices interrupt through MSI-X: create the VM with interrupts: true",
+      );
+    }
     const kvm = await Kvm.open();
     // Loading the core is a once-per-process cost; the VM's own creation starts here.
     const started = performance.now();
@@ -283,6 +294,7 @@ export class Vm implements Disposable {
     try {
       if (config.cpuid) vm.setCpuidPolicy(config.cpuid);
       if (config.msrs) vm.setMsrPolicy(config.msrs);
+      for (const device of devices) vm.addDevice(device);
       for (let i = 0; i < vcpus; i++) vm.createVcpu();
       if (consoleMode === "stdout") vm.streamConsoleTo(STDOUT_FD);
     } catch (e) {
@@ -305,6 +317,62 @@ export class Vm implements Disposable {
   /** Guest RAM in bytes. */
   get memoryBytes(): number {
     return this.#memoryBytes;
+  }
+
+  /**
+   * Attaches a virtio device on PCI bus 0; the guest finds it when it scans
+   * the bus (so add devices before booting the guest that should see them).
+   *
+   * @example
+   * ```ts
+   * import { Vm } from "denovisor";
+   * using vm = await Vm.create({ interrupts: true });
+   * console.log(vm.addDevice({ kind: "rng" })); // "rng0"
+   * ```
+   *
+   * @param device The device.
+   * @returns Its name.
+   * @throws {DenovisorError} `INVALID_ARGUMENT` for a bad configuration,
+   *   `DEVICE` when its host side (a file, a socket) is unusable or it cannot
+   *   be attached.
+   */
+  addDevice(device: DeviceConfig): string {
+    return this.#vm.addDevice(deviceConfigJson(device));
+  }
+
+  /**
+   * The VM's devices: the PCI functions (IDs, BARs, virtio status and queues,
+   * each device's counters) and what each port and MMIO range handled.
+   *
+   * @example
+   * ```ts
+   * import { Vm } from "denovisor";
+   * using vm = await Vm.create({ interrupts: true, devices: [{ kind: "rng" }] });
+   * for (const f of vm.devices().pci) console.log(f.address, f.name);
+   * ```
+   *
+   * @returns The listing.
+   */
+  devices(): DeviceListing {
+    return this.#vm.devices<DeviceListing>();
+  }
+
+  /**
+   * Sends a runtime request to a device (`{ op: ... }`, per device kind).
+   *
+   * @example
+   * ```ts ignore
+   * const stats = vm.deviceControl("balloon0", { op: "stats" });
+   * ```
+   *
+   * @param name The device's name (see {@link Vm.devices}).
+   * @param request The request.
+   * @returns The device's answer.
+   * @throws {DenovisorError} `INVALID_ARGUMENT` for an unknown device,
+   *   `DEVICE` for a request the device does not take.
+   */
+  deviceControl(name: string, request: Record<string, unknown>): unknown {
+    return this.#vm.deviceControl(name, JSON.stringify(request));
   }
 
   /** The image loaded last, if any. */

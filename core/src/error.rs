@@ -28,6 +28,7 @@ pub enum Status {
     CmdlineTooLong = -13,
     DoesNotFit = -14,
     VcpuLimit = -15,
+    Device = -16,
 }
 
 /// Everything that can go wrong inside the core.
@@ -87,6 +88,9 @@ pub enum Error {
     /// A device range cannot be attached
     #[error("device bus: {0}")]
     Bus(#[from] crate::devices::bus::BusError),
+    /// A virtio device cannot be configured, attached or asked
+    #[error("{0}")]
+    Device(#[from] crate::virtio::VirtioError),
 }
 
 impl Error {
@@ -109,6 +113,7 @@ impl Error {
             Error::DoesNotFit(_) => Status::DoesNotFit,
             Error::VcpuLimit(_) => Status::VcpuLimit,
             Error::Bus(_) => Status::InvalidArgument,
+            Error::Device(_) => Status::Device,
         }
     }
 
@@ -144,6 +149,7 @@ mod tests {
             Error::CmdlineTooLong("x".into()),
             Error::DoesNotFit("x".into()),
             Error::VcpuLimit("x".into()),
+            Error::Device(crate::virtio::VirtioError::Attach("x".into())),
         ];
         let mut seen = std::collections::BTreeSet::new();
         for e in errors {

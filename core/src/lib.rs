@@ -17,6 +17,7 @@ pub mod hypercall;
 pub mod irq;
 pub mod memory;
 pub mod metrics;
+pub mod msi;
 pub mod msr_filter;
 pub mod pci;
 pub mod vcpu;

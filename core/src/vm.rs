@@ -31,8 +31,13 @@ use crate::hypercall::{HypercallPort, Hypercalls, HYPERCALL_PORT};
 use crate::irq::{self, IrqState, IrqStatsSnapshot, SERIAL_GSI};
 use crate::memory::GuestRam;
 use crate::metrics::VcpuMetricsSnapshot;
+use crate::msi::{GsiRoutes, KvmMsiSink};
+use crate::pci::root::{PciRoot, PCI_CONFIG_PORT, PCI_CONFIG_PORT_LEN};
 use crate::vcpu::exit::UnhandledAccess;
 use crate::vcpu::{wait_all, Control, RunResult, StopRequest, Vcpu};
+use crate::virtio::devices::DeviceConfig;
+use crate::virtio::pci::{VirtioPci, BAR_SIZE};
+use crate::virtio::VirtioError;
 
 // KVM_X86_SET_MSR_FILTER = _IOW(KVMIO, 0xc6, struct kvm_msr_filter): kvm-ioctls
 // 0.19 has no wrapper for it.
@@ -54,6 +59,8 @@ pub struct VmShared {
     pub pio: Arc<Bus>,
     /// MMIO devices.
     pub mmio: Arc<Bus>,
+    /// PCI bus 0 (its config ports are on `pio`, its BARs on `mmio`).
+    pub pci: Arc<Mutex<PciRoot>>,
     /// Where devices raise the events that end the VM.
     pub events: VmEvents,
     /// What to do with I/O and MMIO no device claims.
@@ -123,10 +130,19 @@ impl VmShared {
                 events.clone(),
             ))),
         )?;
+        let mmio = Arc::new(Bus::new(Space::Mmio));
+        let pci = Arc::new(Mutex::new(PciRoot::new(mmio.clone())));
+        pio.insert(
+            "pci-config",
+            port(PCI_CONFIG_PORT),
+            len(PCI_CONFIG_PORT_LEN),
+            pci.clone(),
+        )?;
         Ok(VmShared {
             ram,
             pio,
-            mmio: Arc::new(Bus::new(Space::Mmio)),
+            mmio,
+            pci,
             events,
             unhandled,
             serial,
@@ -193,11 +209,18 @@ pub fn check_kvm() -> Result<()> {
 pub struct Vm {
     // Field order matters: the VM fd closes before the shared state, so guest RAM
     // outlives every KVM reference to it (vCPUs hold their own `Arc<VmShared>`).
-    fd: VmFd,
+    // Devices hold the VM fd too (ioeventfds, MSI routes); they live in the
+    // shared state, whose guest RAM mapping each of them also holds (a
+    // `GuestRam` clone), so RAM outlives every KVM reference either way.
+    fd: Arc<VmFd>,
     shared: Arc<VmShared>,
     vcpus: Mutex<Vec<Arc<Vcpu>>>,
     cpuid_policy: Mutex<CpuidPolicy>,
     irq: IrqState,
+    /// The MSI routing table, made when the first device needs it.
+    routes: OnceLock<Arc<GsiRoutes>>,
+    /// The virtio devices, by name, for listings and runtime requests.
+    virtio: Mutex<Vec<(String, Arc<Mutex<VirtioPci>>)>>,
 }
 
 /// KVM's supported CPUID, read once per process (it describes the host).
@@ -237,7 +260,9 @@ impl Vm {
                 .map_err(Error::kvm("KVM_SET_USER_MEMORY_REGION"))?;
         }
         Ok(Vm {
-            fd,
+            fd: Arc::new(fd),
+            routes: OnceLock::new(),
+            virtio: Mutex::new(Vec::new()),
             shared: Arc::new(VmShared::new(ram, unhandled)?),
             vcpus: Mutex::new(Vec::new()),
             cpuid_policy: Mutex::new(CpuidPolicy::default()),
@@ -482,6 +507,86 @@ impl Vm {
     /// Per-vCPU exit metrics.
     pub fn metrics(&self) -> Vec<VcpuMetricsSnapshot> {
         self.vcpu_list().iter().map(|v| v.metrics()).collect()
+    }
+
+    /// Attaches a virtio device on PCI bus 0 (needs the irqchip: interrupts
+    /// are MSI-X). Returns its name (`config`'s, or the kind and a number).
+    /// Devices may be added before or between runs; the guest finds them when
+    /// it scans the bus.
+    pub fn add_device(&self, config: &DeviceConfig) -> Result<String> {
+        let attach = |m: String| Error::from(VirtioError::Attach(m));
+        if !self.irq.irqchip() {
+            return Err(attach(format!(
+                "a {} device needs the in-kernel irqchip (create the VM with interrupts)",
+                config.kind()
+            )));
+        }
+        let mut list = relock(&self.virtio);
+        let name = match config.name() {
+            Some(n) => n.to_string(),
+            None => {
+                let same = list
+                    .iter()
+                    .filter(|(n, _)| n.starts_with(config.kind()))
+                    .count();
+                format!("{}{same}", config.kind())
+            }
+        };
+        if name.is_empty() || name.len() > 64 || list.iter().any(|(n, _)| *n == name) {
+            return Err(Error::arg(format!(
+                "device name {name:?} is empty, too long or already taken"
+            )));
+        }
+        let device = config.build()?;
+        let routes = self
+            .routes
+            .get_or_init(|| Arc::new(GsiRoutes::new(self.fd.clone())))
+            .clone();
+        let vectors = device.queue_sizes().len() as u16 + 1;
+        let sink = KvmMsiSink::new(&self.fd, routes, vectors).map_err(|e| attach(e.to_string()))?;
+        let mut pci = relock(&self.shared.pci);
+        let bar = pci
+            .allocate_bar(BAR_SIZE)
+            .map_err(|e| attach(e.to_string()))?;
+        let transport = Arc::new(Mutex::new(VirtioPci::new(
+            device,
+            self.shared.ram.clone(),
+            Some(self.fd.clone()),
+            Arc::new(sink),
+            bar,
+        )?));
+        pci.add(&name, transport.clone())
+            .map_err(|e| attach(e.to_string()))?;
+        list.push((name.clone(), transport));
+        Ok(name)
+    }
+
+    /// The VM's devices: PCI functions and what each bus range handled.
+    pub fn devices(&self) -> serde_json::Value {
+        let (pio, pio_unclaimed) = self.shared.pio.accesses();
+        let (mmio, mmio_unclaimed) = self.shared.mmio.accesses();
+        serde_json::json!({
+            "pci": relock(&self.shared.pci).list(),
+            "buses": {
+                "pio": { "devices": pio, "unclaimed": { "reads": pio_unclaimed.0, "writes": pio_unclaimed.1 } },
+                "mmio": { "devices": mmio, "unclaimed": { "reads": mmio_unclaimed.0, "writes": mmio_unclaimed.1 } },
+            },
+        })
+    }
+
+    /// Passes a runtime request (`{"op": ...}`) to the virtio device `name`.
+    pub fn device_control(
+        &self,
+        name: &str,
+        request: &serde_json::Value,
+    ) -> Result<serde_json::Value> {
+        let device = relock(&self.virtio)
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, d)| d.clone())
+            .ok_or_else(|| Error::arg(format!("the VM has no device named {name:?}")))?;
+        let answer = relock(&device).control(request)?;
+        Ok(answer)
     }
 
     /// Stops and joins every vCPU thread. The VM's memory and fds are released when

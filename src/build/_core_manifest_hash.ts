@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "e014771859b4197f2b484b510eedd770769a9caba469be8eddcd9c75879328a2";
+  "3714da1859f5b7602262dd84f62924e3c0728e83247bd200f2762073e66fbd07";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

@@ -5,6 +5,14 @@
  * @module
  */
 
+import type { DeviceConfig } from "../devices.ts";
+import {
+  DEVICE_FLAG_OPTIONS,
+  DEVICE_FLAGS_HELP,
+  DeviceFlagError,
+  deviceFlags,
+  type DeviceFlagValues,
+} from "./device_flags.ts";
 import { parseArgs } from "node:util";
 
 import {
@@ -115,6 +123,7 @@ Standard input goes to the guest's COM1 receive side. On a terminal it is put
 in raw mode for the run (restored at the end): every key reaches the guest,
 Ctrl-A x quits, Ctrl-A Ctrl-A sends Ctrl-A, Ctrl-A h lists the keys (as QEMU).
 
+${DEVICE_FLAGS_HELP}
 Linux (instead of IMAGE; the 64-bit boot protocol, no firmware):
   --kernel FILE      a bzImage (boot protocol 2.12+) or vmlinux ELF; --mem
                      defaults to 256, the irqchip is always on, and --mode,
@@ -147,6 +156,16 @@ function writeAllSync(w: { writeSync(p: Uint8Array): number }, bytes: Uint8Array
 }
 
 class UsageError extends Error {}
+
+/** The devices the run's flags ask for (a bad flag is a usage error). */
+function cliDevices(values: DeviceFlagValues, linux: boolean): DeviceConfig[] {
+  try {
+    return deviceFlags(values, { linux });
+  } catch (e) {
+    if (e instanceof DeviceFlagError) throw new UsageError(e.message);
+    throw e;
+  }
+}
 
 /** The largest kernel, initrd or image file the CLI reads. */
 export const MAX_INPUT_FILE_BYTES = 512 * 1024 * 1024;
@@ -222,10 +241,14 @@ async function runImage(
     unhandledIo: "ignore" | "stop";
     vcpus?: number;
     interrupts?: boolean;
+    devices?: DeviceConfig[];
   },
   load: LoadOptions | ((vm: Vm) => unknown),
   input: { stdin: boolean; watchdogMs?: number } = { stdin: false },
 ): Promise<ImageRun> {
+  if (vmOptions.devices?.length && !vmOptions.interrupts) {
+    throw new UsageError("devices interrupt through MSI-X: add --irqchip");
+  }
   using vm = await Vm.create({ ...vmOptions, console: "stdout" });
   if (typeof load === "function") load(vm);
   else vm.load(image, load);
@@ -315,6 +338,7 @@ async function runCommand(args: string[], io: CliIo): Promise<number> {
       metrics: { type: "string" },
       "metrics-format": { type: "string" },
       help: { type: "boolean", short: "h" },
+      ...DEVICE_FLAG_OPTIONS,
     },
   });
   if (values.help) return output(io, RUN_HELP);
@@ -331,6 +355,7 @@ async function runCommand(args: string[], io: CliIo): Promise<number> {
     memoryMiB: parseCount(values.mem, "--mem", 16, 1, MAX_MEMORY_MIB),
     vcpus: parseCount(values.cpus, "--cpus", 1, 1, MAX_VCPUS),
     interrupts: values.irqchip ?? false,
+    devices: cliDevices(values, false),
     timeoutMs: parseCount(values.timeout, "--timeout", 0, 0),
     unhandledIo: oneOf(
       values["unhandled-io"],
@@ -371,7 +396,7 @@ async function runCommand(args: string[], io: CliIo): Promise<number> {
 }
 
 /** The `run` options a Linux boot reads. */
-interface LinuxRunValues {
+interface LinuxRunValues extends DeviceFlagValues {
   kernel?: string;
   cpus?: string;
   initrd?: string;
@@ -472,6 +497,7 @@ async function runLinuxCommand(
     vcpus: parseCount(values.cpus, "--cpus", 1, 1, MAX_VCPUS),
     // A kernel needs its timer and interrupt controllers: the irqchip is always on.
     interrupts: true,
+    devices: cliDevices(values, true),
     timeoutMs: parseCount(values.timeout, "--timeout", 0, 0),
     unhandledIo: oneOf(
       values["unhandled-io"],

@@ -496,6 +496,54 @@ export class KvmVm implements Disposable {
   }
 
   /**
+   * Attaches a virtio device on PCI bus 0 from its JSON configuration (see
+   * `src/devices.ts` for the shapes). Needs the irqchip.
+   *
+   * @example
+   * ```ts ignore
+   * const name = vm.addDevice('{"kind":"rng"}'); // "rng0"
+   * ```
+   *
+   * @param json The device's configuration.
+   * @returns The device's name.
+   * @throws {DenovisorError} `DEVICE` when it cannot be built or attached.
+   */
+  addDevice(json: string): string {
+    return this.#core.vmAddDevice(this.#live(), json);
+  }
+
+  /**
+   * The VM's devices: PCI functions and each bus's ranges with their accesses.
+   *
+   * @example
+   * ```ts ignore
+   * const listing = vm.devices<{ pci: unknown[] }>();
+   * ```
+   *
+   * @returns The listing's parsed JSON.
+   */
+  devices<T>(): T {
+    return this.#core.vmDevices<T>(this.#live());
+  }
+
+  /**
+   * Passes a runtime request (`{"op": ...}` as JSON) to the device `name`.
+   *
+   * @example
+   * ```ts ignore
+   * const stats = vm.deviceControl("balloon0", '{"op":"stats"}');
+   * ```
+   *
+   * @param name The device's name.
+   * @param json The request.
+   * @returns The device's answer, parsed.
+   * @throws {DenovisorError} `DEVICE` when the device does not take the request.
+   */
+  deviceControl<T>(name: string, json: string): T {
+    return this.#core.vmDeviceControl<T>(this.#live(), name, json);
+  }
+
+  /**
    * The guest's interrupt counters by vector, as the guest published them with
    * the IRQ_COUNTERS hypercall; read from guest RAM, at no cost to the guest.
    *

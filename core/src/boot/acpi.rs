@@ -316,7 +316,53 @@ fn dsdt_aml() -> Result<Vec<u8>, AcpiError> {
     device.extend_from_slice(&name(b"_HID", &integer(eisa_id(b"PNP0B00"))));
     device.extend_from_slice(&name(b"_CRS", &with_pkg_length(&[BUFFER_OP], &buffer)?));
     out.extend_from_slice(&with_pkg_length(&[EXT_OP_PREFIX, DEVICE_OP], &device)?);
+
+    out.extend_from_slice(&pci_root_aml()?);
     Ok(out)
+}
+
+/// `Device(\_SB_.PCI0)`: PCI bus 0's host bridge (PNP0A03), so Linux scans the
+/// bus through configuration mechanism #1. Its `_CRS` hands the bus the
+/// configuration ports, the rest of the port space and the MMIO window BARs
+/// live in. No `_PRT`: the devices here interrupt through MSI-X only.
+fn pci_root_aml() -> Result<Vec<u8>, AcpiError> {
+    use crate::pci::root::PCI_MMIO_WINDOW;
+    use aml::*;
+    let word = |v: u16| v.to_le_bytes();
+    let dword = |v: u32| v.to_le_bytes();
+    let mut crs = Vec::new();
+    // WordBusNumber(ResourceProducer, MinFixed, MaxFixed, PosDecode, 0, 0, 0, 0, 1)
+    crs.extend_from_slice(&[0x88, 0x0d, 0x00, 0x02, 0x0c, 0x00]);
+    for v in [0u16, 0, 0, 0, 1] {
+        crs.extend_from_slice(&word(v));
+    }
+    // IO(Decode16, 0xcf8, 0xcf8, 1, 8): the configuration ports themselves.
+    crs.extend_from_slice(&[0x47, 0x01, 0xf8, 0x0c, 0xf8, 0x0c, 0x01, 0x08]);
+    // WordIO windows 0x0000-0x0cf7 and 0x0d00-0xffff (EntireRange).
+    for (min, max) in [(0x0000u16, 0x0cf7u16), (0x0d00, 0xffff)] {
+        crs.extend_from_slice(&[0x88, 0x0d, 0x00, 0x01, 0x0c, 0x03]);
+        for v in [0, min, max, 0, max - min + 1] {
+            crs.extend_from_slice(&word(v));
+        }
+    }
+    // DWordMemory(ResourceProducer, PosDecode, MinFixed, MaxFixed, NonCacheable,
+    // ReadWrite, 0, window start, window end, 0, length)
+    let (start, end) = (PCI_MMIO_WINDOW.0 as u32, (PCI_MMIO_WINDOW.1 - 1) as u32);
+    crs.extend_from_slice(&[0x87, 0x17, 0x00, 0x00, 0x0c, 0x01]);
+    for v in [0, start, end, 0, end - start + 1] {
+        crs.extend_from_slice(&dword(v));
+    }
+    crs.extend_from_slice(&[0x79, 0x00]);
+    let mut buffer = integer(crs.len() as u32);
+    buffer.extend_from_slice(&crs);
+    let mut device = vec![ROOT_CHAR, DUAL_NAME_PREFIX];
+    device.extend_from_slice(b"_SB_PCI0");
+    device.extend_from_slice(&name(b"_HID", &integer(eisa_id(b"PNP0A03"))));
+    device.extend_from_slice(&name(b"_SEG", &integer(0)));
+    device.extend_from_slice(&name(b"_BBN", &integer(0)));
+    device.extend_from_slice(&name(b"_UID", &integer(0)));
+    device.extend_from_slice(&name(b"_CRS", &with_pkg_length(&[BUFFER_OP], &buffer)?));
+    with_pkg_length(&[EXT_OP_PREFIX, DEVICE_OP], &device)
 }
 
 /// The MADT: one enabled local APIC per CPU (APIC id = processor UID = index),
@@ -507,7 +553,44 @@ mod tests {
             &dev[crs + 4..crs + 18],
             &[0x11, 0x0d, 0x0a, 0x0a, 0x47, 0x01, 0x70, 0x00, 0x70, 0x00, 0x01, 0x02, 0x79, 0x00]
         );
-        assert_eq!(crs + 18, dev.len(), "the buffer ends the device");
+        let pci = dev.windows(8).position(|w| w == b"_SB_PCI0").unwrap();
+        // The PCI root's DeviceOp (ExtOpPrefix DeviceOp PkgLength(2) \ DualNamePrefix).
+        assert_eq!(crs + 18, pci - 6, "the buffer ends the device");
+    }
+
+    #[test]
+    fn dsdt_declares_the_pci_root_with_a_well_formed_crs() {
+        let aml = pci_root_aml().unwrap();
+        let find = |needle: &[u8]| aml.windows(needle.len()).position(|w| w == needle);
+        assert!(find(b"_SB_PCI0").is_some());
+        let hid = aml::eisa_id(b"PNP0A03").to_le_bytes();
+        assert!(find(&hid).is_some(), "_HID PNP0A03");
+        // Walk the _CRS descriptors: large ones (bit 7) carry a 16-bit length.
+        let crs = find(b"_CRS").unwrap();
+        let mut at = crs + 4;
+        assert_eq!(aml[at], 0x11, "BufferOp");
+        at += 1;
+        at += 1 + (aml[at] >> 6) as usize; // PkgLength
+        assert_eq!(aml[at], 0x0a, "BytePrefix of the buffer size");
+        at += 2;
+        let mut kinds = vec![];
+        loop {
+            let tag = aml[at];
+            if tag == 0x79 {
+                break;
+            }
+            if tag & 0x80 != 0 {
+                let len = u16::from_le_bytes([aml[at + 1], aml[at + 2]]) as usize;
+                kinds.push(tag);
+                at += 3 + len;
+            } else {
+                kinds.push(tag >> 3);
+                at += 1 + (tag & 7) as usize;
+            }
+        }
+        // Bus numbers, the config ports, two I/O windows, the MMIO window.
+        assert_eq!(kinds, vec![0x88, 0x47 >> 3, 0x88, 0x88, 0x87]);
+        assert_eq!(at + 2, aml.len(), "the end tag closes the device");
     }
 
     #[test]

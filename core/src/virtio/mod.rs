@@ -15,6 +15,7 @@
 //! queue broken stops and sets DEVICE_NEEDS_RESET instead of touching anything
 //! outside guest RAM.
 
+pub mod devices;
 pub mod pci;
 pub mod rng;
 #[cfg(test)]
@@ -78,9 +79,15 @@ pub enum VirtioError {
         op: &'static str,
         source: std::io::Error,
     },
-    /// A descriptor chain breaks the device's rules.
-    #[error("malformed request: {0}")]
+    /// A descriptor chain, configuration or request breaks the device's rules.
+    #[error("{0}")]
     Malformed(String),
+    /// The device has no such runtime request.
+    #[error("this device does not take the request {0}")]
+    Unsupported(String),
+    /// The device cannot be attached (no irqchip, bus full, no BAR space).
+    #[error("cannot attach the device: {0}")]
+    Attach(String),
 }
 
 /// Raises a device's interrupts (MSI-X vectors the driver chose per queue).
@@ -157,6 +164,10 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self);
     /// A JSON description for listings.
     fn describe(&self) -> serde_json::Value;
+    /// A runtime request from the host (`{"op": ...}`), answered in JSON.
+    fn control(&mut self, request: &serde_json::Value) -> Result<serde_json::Value, VirtioError> {
+        Err(VirtioError::Unsupported(request.to_string()))
+    }
 }
 
 /// Reads `data.len()` bytes of a config image at `offset`; beyond it, 0.

@@ -476,6 +476,14 @@ impl VirtioPci {
         }
     }
 
+    /// Passes a runtime request to the device.
+    pub fn control(
+        &mut self,
+        request: &serde_json::Value,
+    ) -> Result<serde_json::Value, super::VirtioError> {
+        self.device.control(request)
+    }
+
     /// How many kick eventfds are live (for leak checks).
     pub fn kick_fds(&self) -> Vec<i32> {
         self.kicks.iter().map(|k| k.as_raw_fd()).collect()

@@ -1,0 +1,80 @@
+//! Device functions of the C ABI (see the contract in `abi/mod.rs`): attach a
+//! virtio device from its JSON configuration, list a VM's devices, and pass a
+//! runtime request to one. They only marshal; `Vm` does the work.
+
+use super::{bytes, guarded_into, json};
+use crate::error::Error;
+use crate::handles;
+use crate::virtio::devices::DeviceConfig;
+
+/// Attaches the device `json` describes (`{"kind": "rng", ...}`) and writes
+/// its name into `buf`.
+///
+/// # Safety
+/// `config` must be valid for `len` bytes, `buf` for `cap` writable bytes and
+/// `out_len` for a `usize` write.
+#[no_mangle]
+pub unsafe extern "C" fn dv_vm_add_device(
+    vm: u32,
+    config: *const u8,
+    len: usize,
+    buf: *mut u8,
+    cap: usize,
+    out_len: *mut usize,
+) -> i32 {
+    // SAFETY: per this function's contract (the closure reads `config`).
+    unsafe {
+        guarded_into(buf, cap, out_len, || {
+            let vm = handles::vm(vm)?;
+            let config = DeviceConfig::from_json(bytes(config, len)?)?;
+            Ok(vm.add_device(&config)?.into_bytes())
+        })
+    }
+}
+
+/// Writes the VM's devices as JSON into `buf`: the PCI functions (address,
+/// IDs, class, BARs, the device's own details) and each bus's ranges with the
+/// accesses they handled.
+///
+/// # Safety
+/// `buf` must be valid for `cap` writable bytes; `out_len` for a `usize` write.
+#[no_mangle]
+pub unsafe extern "C" fn dv_vm_devices(
+    vm: u32,
+    buf: *mut u8,
+    cap: usize,
+    out_len: *mut usize,
+) -> i32 {
+    // SAFETY: per this function's contract.
+    unsafe { guarded_into(buf, cap, out_len, || json(&handles::vm(vm)?.devices())) }
+}
+
+/// Passes the JSON request `request` to the device named by the UTF-8 string
+/// `name`, and writes its JSON answer into `buf`.
+///
+/// # Safety
+/// `name` must be valid for `name_len` bytes, `request` for `len` bytes, `buf`
+/// for `cap` writable bytes and `out_len` for a `usize` write.
+#[no_mangle]
+pub unsafe extern "C" fn dv_vm_device_control(
+    vm: u32,
+    name: *const u8,
+    name_len: usize,
+    request: *const u8,
+    len: usize,
+    buf: *mut u8,
+    cap: usize,
+    out_len: *mut usize,
+) -> i32 {
+    // SAFETY: per this function's contract (the closure reads `name` and `request`).
+    unsafe {
+        guarded_into(buf, cap, out_len, || {
+            let vm = handles::vm(vm)?;
+            let name = std::str::from_utf8(bytes(name, name_len)?)
+                .map_err(|_| Error::arg("the device name is not UTF-8"))?;
+            let request: serde_json::Value = serde_json::from_slice(bytes(request, len)?)
+                .map_err(|e| Error::arg(format!("device request: {e}")))?;
+            json(&vm.device_control(name, &request)?)
+        })
+    }
+}

@@ -1,0 +1,68 @@
+/**
+ * The CLI's device flags (`--rng`, `--device JSON`, ...) turned into
+ * {@link DeviceConfig}s: one table, so each device kind adds its flag here.
+ *
+ * @module
+ */
+
+import { type DeviceConfig, deviceConfigJson } from "../devices.ts";
+
+/** The `parseArgs` option specs of the device flags. */
+export const DEVICE_FLAG_OPTIONS = {
+  rng: { type: "boolean" },
+  "no-rng": { type: "boolean" },
+  device: { type: "string", multiple: true },
+} as const;
+
+/** The values `parseArgs` gives for {@link DEVICE_FLAG_OPTIONS}. */
+export interface DeviceFlagValues {
+  rng?: boolean;
+  "no-rng"?: boolean;
+  device?: string[];
+}
+
+/** The device flags' lines in `run --help`. */
+export const DEVICE_FLAGS_HELP = `Devices (virtio on PCI bus 0, MSI-X: a micro-VM needs --irqchip):
+  --rng              a virtio-rng entropy device (default on with --kernel)
+  --no-rng           no virtio-rng device with --kernel
+  --device JSON      any device as JSON, e.g. '{"kind":"rng","name":"rng9"}'
+                     (repeatable; the kinds: see the README's Devices section)
+`;
+
+/** A bad device flag (the CLI prints it and exits with status 2). */
+export class DeviceFlagError extends Error {}
+
+/**
+ * The devices the flags ask for.
+ *
+ * @example
+ * ```ts
+ * import { deviceFlags } from "./device_flags.ts";
+ * console.log(deviceFlags({ rng: true }, { linux: false })); // [{ kind: "rng" }]
+ * ```
+ *
+ * @param values The parsed flags.
+ * @param context Whether Linux boots (the rng is then on by default).
+ * @returns The devices, in flag order (rng first).
+ * @throws {DeviceFlagError} for a malformed or contradictory flag.
+ */
+export function deviceFlags(values: DeviceFlagValues, context: { linux: boolean }): DeviceConfig[] {
+  if (values.rng && values["no-rng"]) throw new DeviceFlagError("--rng and --no-rng contradict");
+  const devices: DeviceConfig[] = [];
+  if (values.rng || (context.linux && !values["no-rng"])) devices.push({ kind: "rng" });
+  for (const json of values.device ?? []) {
+    let parsed: unknown;
+    try {
+      parsed = JSON.parse(json);
+    } catch (e) {
+      throw new DeviceFlagError(`--device ${json}: not JSON (${(e as Error).message})`);
+    }
+    try {
+      deviceConfigJson(parsed as DeviceConfig);
+    } catch (e) {
+      throw new DeviceFlagError(`--device ${json}: ${(e as Error).message}`);
+    }
+    devices.push(parsed as DeviceConfig);
+  }
+  return devices;
+}

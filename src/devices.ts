@@ -1,0 +1,100 @@
+/**
+ * The virtio devices a VM can have, as plain JSON-able objects: the same
+ * shapes `Vm.create({ devices })`, {@link Vm.addDevice}, the CLI and the core
+ * (`core/src/virtio/devices.rs`) take. Every device sits on PCI bus 0 and
+ * interrupts through MSI-X, so a VM with devices needs `interrupts: true`.
+ *
+ * @module
+ */
+
+import { DenovisorError } from "./errors.ts";
+
+/** virtio-rng: an entropy source the guest reads as `/dev/hwrng`. */
+export interface RngDevice {
+  /** The device kind. */
+  kind: "rng";
+  /** Its name in listings (default `rng0`, `rng1`...). */
+  name?: string;
+}
+
+/** A device's configuration. */
+export type DeviceConfig = RngDevice;
+
+/** The device kinds, as in {@link DeviceConfig}'s `kind`. */
+export const DEVICE_KINDS: readonly DeviceConfig["kind"][] = ["rng"];
+
+/** A PCI function in a {@link DeviceListing}. */
+export interface PciFunction {
+  /** `00:SS.0`: bus 0, slot, function 0. */
+  address: string;
+  /** The device's name. */
+  name: string;
+  /** PCI vendor ID (0x1af4 for virtio). */
+  vendor: number;
+  /** PCI device ID (0x1040 + the virtio type for modern virtio devices). */
+  device: number;
+  /** Class code (class, subclass, interface). */
+  class: number;
+  /** Memory BARs: size, and the address the guest decodes them at (null: off). */
+  bars: { index: number; size: number; address: number | null }[];
+  /** The device's own state (virtio status, queues, counters), or null. */
+  details: Record<string, unknown> | null;
+}
+
+/** What one bus range handled. */
+export interface BusRange {
+  /** The device's name. */
+  name: string;
+  /** Port I/O or MMIO. */
+  space: "pio" | "mmio";
+  /** The first address of its range. */
+  base: number;
+  /** The range's length in bytes. */
+  len: number;
+  /** Guest reads it handled (one per exit). */
+  reads: number;
+  /** Guest writes it handled. */
+  writes: number;
+}
+
+/** A VM's devices, as {@link Vm.devices} returns them. */
+export interface DeviceListing {
+  /** PCI bus 0: the host bridge and every virtio device. */
+  pci: PciFunction[];
+  /** Each bus's ranges and the accesses no device claimed. */
+  buses: Record<
+    "pio" | "mmio",
+    { devices: BusRange[]; unclaimed: { reads: number; writes: number } }
+  >;
+}
+
+function fail(message: string): never {
+  throw new DenovisorError("INVALID_ARGUMENT", message);
+}
+
+/**
+ * Checks a device configuration and returns the JSON the core takes.
+ *
+ * @example
+ * ```ts
+ * import { deviceConfigJson } from "denovisor";
+ * console.log(deviceConfigJson({ kind: "rng" })); // {"kind":"rng"}
+ * ```
+ *
+ * @param config The device.
+ * @returns Its JSON.
+ * @throws {DenovisorError} `INVALID_ARGUMENT` for an unknown kind or field.
+ */
+export function deviceConfigJson(config: DeviceConfig): string {
+  if (typeof config !== "object" || config === null) {
+    fail(`a device must be an object, got ${JSON.stringify(config)}`);
+  }
+  const kind = (config as { kind?: unknown }).kind;
+  if (!DEVICE_KINDS.includes(kind as DeviceConfig["kind"])) {
+    fail(`unknown device kind ${JSON.stringify(kind)} (known: ${DEVICE_KINDS.join(", ")})`);
+  }
+  if (config.name !== undefined && (typeof config.name !== "string" || config.name === "")) {
+    fail(`a device name must be a non-empty string, got ${JSON.stringify(config.name)}`);
+  }
+  return JSON.stringify(config);
+}
