@@ -6,28 +6,75 @@
 
 use thiserror::Error;
 
-/// Stable status codes returned by every `dv_*` function. `Ok` is 0; errors are
-/// negative so that functions returning a length can use non-negative values.
-/// The TypeScript side mirrors this table in `src/errors.ts`; keep them in sync.
-#[repr(i32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Status {
+/// Declares [`Status`] and its table [`Status::ALL`] from one list, so the
+/// contract (`crate::contract`) sees every status by construction.
+macro_rules! statuses {
+    ($($(#[doc = $doc:literal])+ $name:ident = $value:literal,)+) => {
+        /// Stable status codes returned by every `dv_*` function. `Ok` is 0; errors are
+        /// negative so that functions returning a length can use non-negative values.
+        /// The TypeScript side reads this table from `src/_contract.generated.ts`
+        /// (`deno task contract` writes it; see `crate::contract`).
+        #[repr(i32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum Status {
+            $($(#[doc = $doc])+ $name = $value,)+
+        }
+
+        impl Status {
+            /// Every status, in declaration order.
+            pub const ALL: &'static [Status] = &[$(Status::$name,)+];
+
+            /// The variant's name (`"InvalidArgument"`).
+            pub fn name(self) -> &'static str {
+                match self {
+                    $(Status::$name => stringify!($name),)+
+                }
+            }
+
+            /// What the status means, from its doc comment.
+            pub fn summary(self) -> &'static str {
+                match self {
+                    $(Status::$name => concat!($($doc),+).trim_ascii(),)+
+                }
+            }
+        }
+    };
+}
+
+statuses! {
+    /// Success
     Ok = 0,
+    /// An argument is out of range, malformed or inconsistent
     InvalidArgument = -1,
+    /// A handle is stale, closed or of another kind
     InvalidHandle = -2,
+    /// /dev/kvm cannot be opened or speaks another API
     KvmUnavailable = -3,
+    /// A KVM ioctl failed
     Kvm = -4,
+    /// Guest memory could not be created, read or written
     Memory = -5,
+    /// The guest image is malformed or does not fit
     Image = -6,
+    /// The object is in use by a running vCPU
     Busy = -7,
+    /// A wait ran out of time
     Timeout = -8,
+    /// A panic was caught at the ABI boundary
     Panic = -9,
+    /// The caller's buffer is too small (the size needed is in the out length)
     BufferTooSmall = -10,
+    /// Host I/O failed
     Io = -11,
+    /// The initrd is truncated or not an initramfs the kernel accepts
     Initrd = -12,
+    /// The kernel command line is longer than the kernel accepts
     CmdlineTooLong = -13,
+    /// The kernel or initrd does not fit in guest RAM
     DoesNotFit = -14,
+    /// More vCPUs than the host's KVM allows
     VcpuLimit = -15,
+    /// A virtio device cannot be configured, attached or asked
     Device = -16,
 }
 

@@ -9,6 +9,7 @@
 
 pub mod abi;
 pub mod boot;
+pub mod contract;
 pub mod cpuid;
 pub mod devices;
 pub mod error;

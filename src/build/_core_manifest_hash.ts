@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "3714da1859f5b7602262dd84f62924e3c0728e83247bd200f2762073e66fbd07";
+  "32fa40b8cbca605e12073e318aa9e0472f4faf0496ebb9893456cc813d5d3fdc";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.
