@@ -5,9 +5,13 @@
  * @module
  */
 
+import { STATUSES } from "./_contract.generated.ts";
+
 /**
- * Stable error codes. The first group mirrors the Rust core's status codes
- * (`core/src/error.rs`); the rest are raised by the TypeScript side.
+ * Stable error codes. The first group is the Rust core's statuses
+ * (`core/src/error.rs`, read from the generated contract: a status the core
+ * adds or renames is a type error in {@link coreErrorCode} until it is listed
+ * here); the rest are raised by the TypeScript side.
  */
 export type ErrorCode =
   | "INVALID_ARGUMENT"
@@ -33,25 +37,34 @@ export type ErrorCode =
   | "VCPU_LIMIT"
   | "DEVICE";
 
+/** The code of a core error status, which must be an {@link ErrorCode}. */
+function coreErrorCode(code: Exclude<(typeof STATUSES)[number]["code"], "OK">): ErrorCode {
+  return code;
+}
+
 /** Core status codes (negative `i32`s returned by `dv_*` calls), by value. */
-export const CORE_STATUS_CODES: Readonly<Record<number, ErrorCode>> = {
-  [-1]: "INVALID_ARGUMENT",
-  [-2]: "INVALID_HANDLE",
-  [-3]: "KVM_UNAVAILABLE",
-  [-4]: "KVM",
-  [-5]: "MEMORY",
-  [-6]: "IMAGE",
-  [-7]: "BUSY",
-  [-8]: "TIMEOUT",
-  [-9]: "PANIC",
-  [-10]: "BUFFER_TOO_SMALL",
-  [-11]: "IO",
-  [-12]: "INITRD",
-  [-13]: "CMDLINE_TOO_LONG",
-  [-14]: "DOES_NOT_FIT",
-  [-15]: "VCPU_LIMIT",
-  [-16]: "DEVICE",
-};
+export const CORE_STATUS_CODES: Readonly<Record<number, ErrorCode>> = Object.freeze(
+  Object.fromEntries(
+    STATUSES.flatMap((s) => s.code === "OK" ? [] : [[s.value, coreErrorCode(s.code)]]),
+  ),
+);
+
+/**
+ * The core's status value for an error code it returns.
+ *
+ * @param code A code of the core's statuses.
+ * @returns The negative status the core returns for it.
+ * @example
+ * ```ts
+ * import { statusOf } from "denovisor/src/errors.ts";
+ * console.log(statusOf("BUFFER_TOO_SMALL")); // -10
+ * ```
+ */
+export function statusOf(code: (typeof STATUSES)[number]["code"]): number {
+  const status = STATUSES.find((s) => s.code === code);
+  if (!status) throw new DenovisorError("PANIC", `the core has no status ${code}`);
+  return status.value;
+}
 
 /**
  * The error every denovisor API throws.

@@ -13,21 +13,54 @@
  * @module
  */
 
-import { DenovisorError, errorCodeOfStatus } from "./errors.ts";
+import { DenovisorError, errorCodeOfStatus, statusOf } from "./errors.ts";
 import { locateCoreLibrary } from "./build/remote_core.ts";
+import * as contract from "./_contract.generated.ts";
 
-/** The ABI version this file is written against (`ABI_VERSION` in `core/src/abi.rs`). */
-export const ABI_VERSION = 4;
+/** The ABI version this file is written against (`ABI_VERSION` in `core/src/abi/mod.rs`,
+ * through the generated contract). */
+export const ABI_VERSION: number = contract.ABI_VERSION;
 
 /** `dv_vm_create` flag: stop on port I/O or MMIO that no device claims. */
-export const VM_FLAG_STOP_ON_UNHANDLED = 1;
+export const VM_FLAG_STOP_ON_UNHANDLED: number = contract.CONSTANTS.VM_FLAG_STOP_ON_UNHANDLED;
 /** `dv_vm_create` flag: KVM's in-kernel irqchip (PIC, IOAPIC, local APICs) and PIT. */
-export const VM_FLAG_IRQCHIP = 2;
+export const VM_FLAG_IRQCHIP: number = contract.CONSTANTS.VM_FLAG_IRQCHIP;
 /** Load flag: keep the image clear of the VMM's boot structures. */
-export const LOAD_FLAG_RESERVE_LOW = 1;
+export const LOAD_FLAG_RESERVE_LOW: number = contract.CONSTANTS.LOAD_FLAG_RESERVE_LOW;
 
 /** Register sets of `dv_vcpu_get_state` / `dv_vcpu_set_state`. */
-export const StateKind = { regs: 0, sregs: 1, fpu: 2 } as const;
+export const StateKind = {
+  regs: contract.CONSTANTS.STATE_REGS,
+  sregs: contract.CONSTANTS.STATE_SREGS,
+  fpu: contract.CONSTANTS.STATE_FPU,
+} as const;
+
+/** The status a sync call returns when its buffer is too small (`*out_len` is then
+ * the size it needs). */
+const BUFFER_TOO_SMALL = statusOf("BUFFER_TOO_SMALL");
+
+/**
+ * Parses JSON the core returned. Integers beyond 2^53 (ELF virtual addresses,
+ * for instance) come back as `bigint`s instead of losing precision; the core
+ * writes other 64-bit values as `"0x..."` strings.
+ *
+ * @param text The core's JSON.
+ * @returns The parsed value.
+ * @example
+ * ```ts
+ * import { parseCoreJson } from "denovisor/src/ffi.ts";
+ * console.log(parseCoreJson('{"entry": 18446744071578845184}')); // { entry: 18446744071578845184n }
+ * ```
+ */
+export function parseCoreJson<T>(text: string): T {
+  return JSON.parse(
+    text,
+    (_key, value, context?: { source: string }) =>
+      typeof value === "number" && !Number.isSafeInteger(value) && context
+        ? BigInt(context.source)
+        : value,
+  ) as T;
+}
 
 /** The core's symbols, with their C signatures as comments. */
 const SYMBOLS = {
@@ -199,7 +232,7 @@ export class Core {
       const buf = new Uint8Array(cap);
       const outLen = new BigUint64Array(1);
       const status = call(buf, BigInt(cap), outLen);
-      if (status === -10 && Number(outLen[0]) > cap) {
+      if (status === BUFFER_TOO_SMALL && Number(outLen[0]) > cap) {
         cap = Number(outLen[0]);
         continue;
       }
@@ -501,13 +534,7 @@ export class Core {
     const bytes = this.#bytes((buf, cap, outLen) =>
       this.#sym.dv_inspect_image(image, BigInt(image.length), buf, cap, outLen)
     );
-    return JSON.parse(
-      decoder.decode(bytes),
-      (_key, value, context?: { source: string }) =>
-        typeof value === "number" && !Number.isSafeInteger(value) && context
-          ? BigInt(context.source)
-          : value,
-    ) as T;
+    return parseCoreJson<T>(decoder.decode(bytes));
   }
 }
 

@@ -14,12 +14,13 @@
  */
 
 import { DenovisorError } from "./errors.ts";
+import { CONSTANTS } from "./_contract.generated.ts";
 
 /** Interrupt lines the host can raise: GSIs 0 to 23 (the IOAPIC's pins). */
-export const IRQ_LINES = 24;
+export const IRQ_LINES: number = CONSTANTS.IRQ_LINES;
 
 /** The line COM1 raises (ISA IRQ 4). */
-export const SERIAL_IRQ_LINE = 4;
+export const SERIAL_IRQ_LINE: number = CONSTANTS.SERIAL_IRQ_LINE;
 
 /**
  * The guest runtime's vectors (`dv_guest.h`): `dv_irq_init()` routes interrupt

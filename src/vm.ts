@@ -22,19 +22,20 @@ import {
 } from "./kvm/kvm.ts";
 import type { LinuxLayout, LinuxLoadOptions } from "./linux/layout.ts";
 import { linuxInputs } from "./linux/inspect.ts";
+import { CONSTANTS } from "./_contract.generated.ts";
 
 /** Guest-physical start of the MMIO hole below 4 GiB (RAM above it moves past 4 GiB). */
-const MMIO_GAP_START = 0xd000_0000;
+const MMIO_GAP_START: number = CONSTANTS.MMIO_GAP_START;
 /** Guest-physical region the VMM's boot structures use in the 64-bit modes. */
-export const RESERVED_LOW_END = 0x10000;
+export const RESERVED_LOW_END: number = CONSTANTS.RESERVED_LOW_END;
 /** Default load address of flat images in real mode. */
-export const DEFAULT_REAL_LOAD_ADDRESS = 0x7c00;
+export const DEFAULT_REAL_LOAD_ADDRESS: number = CONSTANTS.DEFAULT_REAL_LOAD_ADDR;
 /** Default load address of flat images in the 64-bit modes. */
-export const DEFAULT_LONG_LOAD_ADDRESS = 0x10_0000;
+export const DEFAULT_LONG_LOAD_ADDRESS: number = CONSTANTS.DEFAULT_LONG_LOAD_ADDR;
 /** The largest RAM accepted, in MiB (1 TiB). */
 const MAX_MEMORY_MIB = 1 << 20;
 /** The most vCPUs per VM accepted (KVM may allow fewer). */
-const MAX_VCPUS = 254;
+const MAX_VCPUS: number = CONSTANTS.MAX_VCPUS;
 
 /** How a VM is built. */
 export interface VmConfig {

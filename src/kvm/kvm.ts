@@ -21,6 +21,7 @@ import {
 } from "../ffi.ts";
 import { checkIrqLine, checkMsi, type IrqStats, toConsoleBytes } from "../irq.ts";
 import { parseExit, type RawRunResult, type VcpuExit } from "./exit.ts";
+import { CONSTANTS } from "../_contract.generated.ts";
 import type { LinuxLayout } from "../linux/layout.ts";
 import { type CpuidPolicy, cpuidPolicyJson, type MsrPolicy, msrPolicyJson } from "../cpu/policy.ts";
 import {
@@ -38,7 +39,11 @@ import {
 /** How a vCPU enters the guest; see `guest/README.md` for the CPU state of each. */
 export type EntryMode = "real" | "long" | "user";
 
-const ENTRY_MODES: Record<EntryMode, number> = { real: 0, long: 1, user: 2 };
+const ENTRY_MODES: Record<EntryMode, number> = {
+  real: CONSTANTS.ENTRY_MODE_REAL,
+  long: CONSTANTS.ENTRY_MODE_LONG,
+  user: CONSTANTS.ENTRY_MODE_USER,
+};
 
 /** What to do with port I/O and MMIO that no device claims. */
 export type UnhandledAccessPolicy = "ignore" | "stop";

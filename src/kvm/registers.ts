@@ -1,10 +1,14 @@
 /**
  * x86-64 register sets as KVM defines them (`struct kvm_regs`, `kvm_sregs`,
  * `kvm_fpu` from `<linux/kvm.h>`), with their byte layouts. 64-bit values are
- * `bigint`s: registers use all 64 bits.
+ * `bigint`s: registers use all 64 bits. The offsets and sizes come from the
+ * core (`LAYOUTS` in the generated contract, from `offset_of!`): a field whose
+ * width changes there is a type error in the readers below.
  *
  * @module
  */
+
+import { LAYOUTS } from "../_contract.generated.ts";
 
 /** General-purpose registers (`struct kvm_regs`, 144 bytes). */
 export interface Registers {
@@ -165,14 +169,48 @@ export interface FpuState {
   mxcsr: number;
 }
 
-/** Byte sizes of the KVM structs. */
-export const REGISTERS_SIZE = 144;
+/** Byte size of `struct kvm_regs`. */
+export const REGISTERS_SIZE: number = LAYOUTS.kvm_regs.size;
 /** Byte size of `struct kvm_sregs`. */
-export const SPECIAL_REGISTERS_SIZE = 312;
+export const SPECIAL_REGISTERS_SIZE: number = LAYOUTS.kvm_sregs.size;
 /** Byte size of `struct kvm_fpu`. */
-export const FPU_STATE_SIZE = 416;
+export const FPU_STATE_SIZE: number = LAYOUTS.kvm_fpu.size;
 
 const SEGMENT_NAMES = ["cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt"] as const;
+
+/** A field of a layout whose width is `S` bytes. */
+interface Field<S extends number> {
+  readonly offset: number;
+  readonly size: S;
+}
+
+const REGS = LAYOUTS.kvm_regs.fields;
+const SEG = LAYOUTS.kvm_segment.fields;
+const DTABLE = LAYOUTS.kvm_dtable.fields;
+const SREGS = LAYOUTS.kvm_sregs.fields;
+const FPU = LAYOUTS.kvm_fpu.fields;
+
+const u64 = (view: DataView, at: number, f: Field<8>) => view.getBigUint64(at + f.offset, true);
+const u32 = (view: DataView, at: number, f: Field<4>) => view.getUint32(at + f.offset, true);
+const u16 = (view: DataView, at: number, f: Field<2>) => view.getUint16(at + f.offset, true);
+const u8 = (view: DataView, at: number, f: Field<1>) => view.getUint8(at + f.offset);
+const setU64 = (view: DataView, at: number, f: Field<8>, v: bigint) =>
+  view.setBigUint64(at + f.offset, BigInt.asUintN(64, v), true);
+const setU32 = (view: DataView, at: number, f: Field<4>, v: number) =>
+  view.setUint32(at + f.offset, v, true);
+const setU16 = (view: DataView, at: number, f: Field<2>, v: number) =>
+  view.setUint16(at + f.offset, v, true);
+const setU8 = (view: DataView, at: number, f: Field<1>, v: number) =>
+  view.setUint8(at + f.offset, v);
+
+/** The `count` 16-byte registers of a `count * 16`-byte array field. */
+function registers16(bytes: Uint8Array, f: Field<number>, count: number): Uint8Array[] {
+  if (f.size !== count * 16) throw new RangeError(`a ${f.size}-byte field is not ${count} x 16`);
+  return Array.from(
+    { length: count },
+    (_, i) => bytes.slice(f.offset + i * 16, f.offset + i * 16 + 16),
+  );
+}
 
 /**
  * Decodes `struct kvm_regs`.
@@ -188,7 +226,7 @@ const SEGMENT_NAMES = ["cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt"] as const
 export function decodeRegisters(bytes: Uint8Array): Registers {
   const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
   const regs = {} as Registers;
-  REGISTER_NAMES.forEach((name, i) => regs[name] = view.getBigUint64(i * 8, true));
+  for (const name of REGISTER_NAMES) regs[name] = u64(view, 0, REGS[name]);
   return regs;
 }
 
@@ -208,36 +246,56 @@ export function decodeRegisters(bytes: Uint8Array): Registers {
 export function encodeRegisters(regs: Registers): Uint8Array {
   const bytes = new Uint8Array(REGISTERS_SIZE);
   const view = new DataView(bytes.buffer);
-  REGISTER_NAMES.forEach((name, i) =>
-    view.setBigUint64(i * 8, BigInt.asUintN(64, regs[name]), true)
-  );
+  for (const name of REGISTER_NAMES) setU64(view, 0, REGS[name], regs[name]);
   return bytes;
 }
 
 function readSegment(view: DataView, at: number): Segment {
   return {
-    base: view.getBigUint64(at, true),
-    limit: view.getUint32(at + 8, true),
-    selector: view.getUint16(at + 12, true),
-    type: view.getUint8(at + 14),
-    present: view.getUint8(at + 15),
-    dpl: view.getUint8(at + 16),
-    db: view.getUint8(at + 17),
-    s: view.getUint8(at + 18),
-    l: view.getUint8(at + 19),
-    g: view.getUint8(at + 20),
-    avl: view.getUint8(at + 21),
-    unusable: view.getUint8(at + 22),
+    base: u64(view, at, SEG.base),
+    limit: u32(view, at, SEG.limit),
+    selector: u16(view, at, SEG.selector),
+    type: u8(view, at, SEG.type),
+    present: u8(view, at, SEG.present),
+    dpl: u8(view, at, SEG.dpl),
+    db: u8(view, at, SEG.db),
+    s: u8(view, at, SEG.s),
+    l: u8(view, at, SEG.l),
+    g: u8(view, at, SEG.g),
+    avl: u8(view, at, SEG.avl),
+    unusable: u8(view, at, SEG.unusable),
   };
 }
 
 function writeSegment(view: DataView, at: number, s: Segment): void {
-  view.setBigUint64(at, s.base, true);
-  view.setUint32(at + 8, s.limit, true);
-  view.setUint16(at + 12, s.selector, true);
-  const bytes = [s.type, s.present, s.dpl, s.db, s.s, s.l, s.g, s.avl, s.unusable];
-  bytes.forEach((b, i) => view.setUint8(at + 14 + i, b));
+  setU64(view, at, SEG.base, s.base);
+  setU32(view, at, SEG.limit, s.limit);
+  setU16(view, at, SEG.selector, s.selector);
+  setU8(view, at, SEG.type, s.type);
+  setU8(view, at, SEG.present, s.present);
+  setU8(view, at, SEG.dpl, s.dpl);
+  setU8(view, at, SEG.db, s.db);
+  setU8(view, at, SEG.s, s.s);
+  setU8(view, at, SEG.l, s.l);
+  setU8(view, at, SEG.g, s.g);
+  setU8(view, at, SEG.avl, s.avl);
+  setU8(view, at, SEG.unusable, s.unusable);
 }
+
+function readTable(view: DataView, f: Field<16>): DescriptorTable {
+  return { base: u64(view, f.offset, DTABLE.base), limit: u16(view, f.offset, DTABLE.limit) };
+}
+
+function writeTable(view: DataView, f: Field<16>, t: DescriptorTable): void {
+  setU64(view, f.offset, DTABLE.base, t.base);
+  setU16(view, f.offset, DTABLE.limit, t.limit);
+}
+
+/** The four 64-bit words of `interrupt_bitmap`. */
+const BITMAP_WORDS = [0, 1, 2, 3].map((i) => ({
+  offset: SREGS.interrupt_bitmap.offset + i * 8,
+  size: 8,
+})) satisfies Field<8>[];
 
 /**
  * Decodes `struct kvm_sregs`.
@@ -253,21 +311,22 @@ function writeSegment(view: DataView, at: number, s: Segment): void {
 export function decodeSpecialRegisters(bytes: Uint8Array): SpecialRegisters {
   const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
   const seg = Object.fromEntries(
-    SEGMENT_NAMES.map((name, i) => [name, readSegment(view, i * 24)]),
+    SEGMENT_NAMES.map((name) => [name, readSegment(view, SREGS[name].offset)]),
   ) as Record<(typeof SEGMENT_NAMES)[number], Segment>;
-  const u64 = (at: number) => view.getBigUint64(at, true);
   return {
     ...seg,
-    gdt: { base: u64(192), limit: view.getUint16(200, true) },
-    idt: { base: u64(208), limit: view.getUint16(216, true) },
-    cr0: u64(224),
-    cr2: u64(232),
-    cr3: u64(240),
-    cr4: u64(248),
-    cr8: u64(256),
-    efer: u64(264),
-    apicBase: u64(272),
-    interruptBitmap: [u64(280), u64(288), u64(296), u64(304)],
+    gdt: readTable(view, SREGS.gdt),
+    idt: readTable(view, SREGS.idt),
+    cr0: u64(view, 0, SREGS.cr0),
+    cr2: u64(view, 0, SREGS.cr2),
+    cr3: u64(view, 0, SREGS.cr3),
+    cr4: u64(view, 0, SREGS.cr4),
+    cr8: u64(view, 0, SREGS.cr8),
+    efer: u64(view, 0, SREGS.efer),
+    apicBase: u64(view, 0, SREGS.apic_base),
+    interruptBitmap: BITMAP_WORDS.map((w) => u64(view, 0, w)) as SpecialRegisters[
+      "interruptBitmap"
+    ],
   };
 }
 
@@ -286,15 +345,17 @@ export function decodeSpecialRegisters(bytes: Uint8Array): SpecialRegisters {
 export function encodeSpecialRegisters(sregs: SpecialRegisters): Uint8Array {
   const bytes = new Uint8Array(SPECIAL_REGISTERS_SIZE);
   const view = new DataView(bytes.buffer);
-  SEGMENT_NAMES.forEach((name, i) => writeSegment(view, i * 24, sregs[name]));
-  const u64 = (at: number, v: bigint) => view.setBigUint64(at, BigInt.asUintN(64, v), true);
-  u64(192, sregs.gdt.base);
-  view.setUint16(200, sregs.gdt.limit, true);
-  u64(208, sregs.idt.base);
-  view.setUint16(216, sregs.idt.limit, true);
-  const tail = [sregs.cr0, sregs.cr2, sregs.cr3, sregs.cr4, sregs.cr8, sregs.efer, sregs.apicBase];
-  tail.forEach((v, i) => u64(224 + i * 8, v));
-  sregs.interruptBitmap.forEach((v, i) => u64(280 + i * 8, v));
+  for (const name of SEGMENT_NAMES) writeSegment(view, SREGS[name].offset, sregs[name]);
+  writeTable(view, SREGS.gdt, sregs.gdt);
+  writeTable(view, SREGS.idt, sregs.idt);
+  setU64(view, 0, SREGS.cr0, sregs.cr0);
+  setU64(view, 0, SREGS.cr2, sregs.cr2);
+  setU64(view, 0, SREGS.cr3, sregs.cr3);
+  setU64(view, 0, SREGS.cr4, sregs.cr4);
+  setU64(view, 0, SREGS.cr8, sregs.cr8);
+  setU64(view, 0, SREGS.efer, sregs.efer);
+  setU64(view, 0, SREGS.apic_base, sregs.apicBase);
+  BITMAP_WORDS.forEach((w, i) => setU64(view, 0, w, sregs.interruptBitmap[i]));
   return bytes;
 }
 
@@ -311,17 +372,16 @@ export function encodeSpecialRegisters(sregs: SpecialRegisters): Uint8Array {
  */
 export function decodeFpuState(bytes: Uint8Array): FpuState {
   const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
-  const slice = (at: number) => bytes.slice(at, at + 16);
   return {
-    fpr: Array.from({ length: 8 }, (_, i) => slice(i * 16)),
-    fcw: view.getUint16(128, true),
-    fsw: view.getUint16(130, true),
-    ftwx: view.getUint8(132),
-    lastOpcode: view.getUint16(134, true),
-    lastIp: view.getBigUint64(136, true),
-    lastDp: view.getBigUint64(144, true),
-    xmm: Array.from({ length: 16 }, (_, i) => slice(152 + i * 16)),
-    mxcsr: view.getUint32(408, true),
+    fpr: registers16(bytes, FPU.fpr, 8),
+    fcw: u16(view, 0, FPU.fcw),
+    fsw: u16(view, 0, FPU.fsw),
+    ftwx: u8(view, 0, FPU.ftwx),
+    lastOpcode: u16(view, 0, FPU.last_opcode),
+    lastIp: u64(view, 0, FPU.last_ip),
+    lastDp: u64(view, 0, FPU.last_dp),
+    xmm: registers16(bytes, FPU.xmm, 16),
+    mxcsr: u32(view, 0, FPU.mxcsr),
   };
 }
 
@@ -339,14 +399,14 @@ export function decodeFpuState(bytes: Uint8Array): FpuState {
 export function encodeFpuState(fpu: FpuState): Uint8Array {
   const bytes = new Uint8Array(FPU_STATE_SIZE);
   const view = new DataView(bytes.buffer);
-  fpu.fpr.slice(0, 8).forEach((r, i) => bytes.set(r.subarray(0, 16), i * 16));
-  view.setUint16(128, fpu.fcw, true);
-  view.setUint16(130, fpu.fsw, true);
-  view.setUint8(132, fpu.ftwx);
-  view.setUint16(134, fpu.lastOpcode, true);
-  view.setBigUint64(136, fpu.lastIp, true);
-  view.setBigUint64(144, fpu.lastDp, true);
-  fpu.xmm.slice(0, 16).forEach((r, i) => bytes.set(r.subarray(0, 16), 152 + i * 16));
-  view.setUint32(408, fpu.mxcsr, true);
+  fpu.fpr.slice(0, 8).forEach((r, i) => bytes.set(r.subarray(0, 16), FPU.fpr.offset + i * 16));
+  setU16(view, 0, FPU.fcw, fpu.fcw);
+  setU16(view, 0, FPU.fsw, fpu.fsw);
+  setU8(view, 0, FPU.ftwx, fpu.ftwx);
+  setU16(view, 0, FPU.last_opcode, fpu.lastOpcode);
+  setU64(view, 0, FPU.last_ip, fpu.lastIp);
+  setU64(view, 0, FPU.last_dp, fpu.lastDp);
+  fpu.xmm.slice(0, 16).forEach((r, i) => bytes.set(r.subarray(0, 16), FPU.xmm.offset + i * 16));
+  setU32(view, 0, FPU.mxcsr, fpu.mxcsr);
   return bytes;
 }

@@ -6,6 +6,8 @@
  * @module
  */
 
+import { CONSTANTS } from "../_contract.generated.ts";
+
 /** A range of guest-physical memory. */
 export interface MemoryRegion {
   /** First byte. */
@@ -64,11 +66,11 @@ export interface LinuxLayout {
 }
 
 /** The `type` of a usable e820 entry. */
-export const E820_RAM = 1;
+export const E820_RAM: number = CONSTANTS.E820_RAM;
 /** The `type` of a reserved e820 entry. */
-export const E820_RESERVED = 2;
+export const E820_RESERVED: number = CONSTANTS.E820_RESERVED;
 
 /** The Linux boot protocol's code segment selector at the 64-bit entry. */
-export const BOOT_CS = 0x10;
+export const BOOT_CS: number = CONSTANTS.BOOT_CS;
 /** The Linux boot protocol's data segment selector at the 64-bit entry. */
-export const BOOT_DS = 0x18;
+export const BOOT_DS: number = CONSTANTS.BOOT_DS;
