@@ -6,6 +6,8 @@
 
 use thiserror::Error;
 
+use crate::ksm::KsmError;
+
 /// Declares [`Status`] and its table [`Status::ALL`] from one list, so the
 /// contract (`crate::contract`) sees every status by construction.
 macro_rules! statuses {
@@ -76,6 +78,8 @@ statuses! {
     VcpuLimit = -15,
     /// A virtio device cannot be configured, attached or asked
     Device = -16,
+    /// Memory deduplication (KSM) is not available in this kernel
+    KsmUnavailable = -17,
 }
 
 /// Everything that can go wrong inside the core.
@@ -138,6 +142,9 @@ pub enum Error {
     /// A virtio device cannot be configured, attached or asked
     #[error("{0}")]
     Device(#[from] crate::virtio::VirtioError),
+    /// Memory deduplication (KSM) failed
+    #[error(transparent)]
+    Ksm(#[from] KsmError),
 }
 
 impl Error {
@@ -161,6 +168,9 @@ impl Error {
             Error::VcpuLimit(_) => Status::VcpuLimit,
             Error::Bus(_) => Status::InvalidArgument,
             Error::Device(_) => Status::Device,
+            Error::Ksm(KsmError::Unsupported(_)) => Status::KsmUnavailable,
+            Error::Ksm(KsmError::Madvise { .. }) => Status::Memory,
+            Error::Ksm(KsmError::Read { .. } | KsmError::Malformed { .. }) => Status::Io,
         }
     }
 
@@ -197,6 +207,9 @@ mod tests {
             Error::DoesNotFit("x".into()),
             Error::VcpuLimit("x".into()),
             Error::Device(crate::virtio::VirtioError::Attach("x".into())),
+            Error::Ksm(KsmError::Unsupported(std::io::Error::from_raw_os_error(
+                libc::EINVAL,
+            ))),
         ];
         let mut seen = std::collections::BTreeSet::new();
         for e in errors {

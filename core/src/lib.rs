@@ -16,6 +16,7 @@ pub mod error;
 pub mod handles;
 pub mod hypercall;
 pub mod irq;
+pub mod ksm;
 pub mod memory;
 pub mod metrics;
 pub mod msi;

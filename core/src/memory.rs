@@ -5,9 +5,12 @@
 //! left as an MMIO hole (for devices, the LAPIC and IOAPIC), so a guest with more RAM
 //! than fits below the hole gets the rest above 4 GiB.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use vm_memory::{Bytes, GuestAddress, GuestMemory as _, GuestMemoryMmap, GuestMemoryRegion as _};
 
 use crate::error::{Error, Result};
+use crate::ksm::KsmError;
 
 /// Start of the MMIO hole below 4 GiB (3.25 GiB), as in Firecracker and QEMU's q35.
 pub const MMIO_GAP_START: u64 = 0xd000_0000;
@@ -22,6 +25,8 @@ pub const MAX_RAM_BYTES: u64 = 1 << 40;
 pub struct GuestRam {
     mem: GuestMemoryMmap<()>,
     size: u64,
+    /// Whether every region is `MADV_MERGEABLE` (KSM dedup, see [`crate::ksm`]).
+    mergeable: AtomicBool,
 }
 
 /// The guest-physical ranges `(start, len)` that `size` bytes of RAM occupy.
@@ -63,7 +68,40 @@ impl GuestRam {
             .collect();
         let mem = GuestMemoryMmap::from_ranges(&ranges)
             .map_err(|e| Error::Memory(format!("cannot map {size} bytes of guest RAM: {e}")))?;
-        Ok(GuestRam { mem, size })
+        Ok(GuestRam {
+            mem,
+            size,
+            mergeable: AtomicBool::new(false),
+        })
+    }
+
+    /// Opts every RAM region into KSM deduplication (`MADV_MERGEABLE`): the
+    /// host's `ksmd`, when it runs, may then back identical pages of this and
+    /// other mergeable memory with one copy, copied again on a write. Guest
+    /// contents are unchanged. A kernel without KSM is
+    /// [`KsmError::Unsupported`], never silently ignored.
+    pub fn set_mergeable(&self) -> std::result::Result<(), KsmError> {
+        for region in self.mem.iter() {
+            let len = region.len();
+            // SAFETY: `region` is one of this RAM's own mappings: `as_ptr()` is
+            // its page-aligned start and `len` its length, alive as long as
+            // `self`. MADV_MERGEABLE only lets ksmd share identical pages
+            // copy-on-write; contents and the address range stay as they are
+            // (KVM's MMU notifier follows the kernel's page replacements).
+            let rc = unsafe {
+                libc::madvise(region.as_ptr().cast(), len as usize, libc::MADV_MERGEABLE)
+            };
+            if rc != 0 {
+                return Err(KsmError::from_madvise(len, std::io::Error::last_os_error()));
+            }
+        }
+        self.mergeable.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Whether [`GuestRam::set_mergeable`] marked this RAM.
+    pub fn is_mergeable(&self) -> bool {
+        self.mergeable.load(Ordering::Relaxed)
     }
 
     /// Total RAM in bytes.
@@ -268,6 +306,59 @@ mod tests {
         assert_eq!(&buf, b"keep");
         ram.read(0x20_0000, &mut buf).unwrap();
         assert_eq!(buf, [0; 4]);
+    }
+
+    /// The `VmFlags` of the mapping at `host` in this process's smaps.
+    fn vm_flags_at(host: usize) -> String {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut inside = false;
+        for line in smaps.lines() {
+            if let Some((range, _)) = line.split_once(' ') {
+                if let Some((start, end)) = range.split_once('-') {
+                    if let (Ok(start), Ok(end)) = (
+                        usize::from_str_radix(start, 16),
+                        usize::from_str_radix(end, 16),
+                    ) {
+                        inside = start <= host && host < end;
+                        continue;
+                    }
+                }
+            }
+            if inside {
+                if let Some(flags) = line.strip_prefix("VmFlags:") {
+                    return flags.trim().to_owned();
+                }
+            }
+        }
+        panic!("no mapping at {host:#x} in /proc/self/smaps");
+    }
+
+    #[test]
+    fn set_mergeable_marks_every_region_for_ksm() {
+        if !std::path::Path::new(crate::ksm::SYS_KSM_DIR).exists() {
+            // A kernel without KSM refuses the advice, with the typed error.
+            let ram = GuestRam::new(64 << 10).unwrap();
+            assert!(matches!(ram.set_mergeable(), Err(KsmError::Unsupported(_))));
+            return;
+        }
+        // Two regions: RAM above the MMIO gap (reserved, never touched here).
+        let ram = GuestRam::new(MMIO_GAP_START + (2 << 20)).unwrap();
+        ram.write(0x1000, b"keep").unwrap();
+        assert!(!ram.is_mergeable());
+        for region in ram.mmap().iter() {
+            let flags = vm_flags_at(region.as_ptr() as usize);
+            assert!(!flags.split(' ').any(|f| f == "mg"), "before: {flags}");
+        }
+        ram.set_mergeable().unwrap();
+        assert!(ram.is_mergeable());
+        assert_eq!(ram.mmap().iter().count(), 2);
+        for region in ram.mmap().iter() {
+            let flags = vm_flags_at(region.as_ptr() as usize);
+            assert!(flags.split(' ').any(|f| f == "mg"), "after: {flags}");
+        }
+        let mut buf = [0u8; 4];
+        ram.read(0x1000, &mut buf).unwrap();
+        assert_eq!(&buf, b"keep");
     }
 
     #[test]

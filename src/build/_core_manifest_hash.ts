@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "32fa40b8cbca605e12073e318aa9e0472f4faf0496ebb9893456cc813d5d3fdc";
+  "04df55967cb2abe2658ab1ee2b337e205dd3baff8e62dbaaf3912bd4f2edc20e";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

@@ -25,6 +25,7 @@ mod console;
 mod cpu;
 mod devices;
 mod irq;
+mod ksm;
 mod linux;
 mod vcpu;
 mod vm;
@@ -32,6 +33,7 @@ mod vm;
 pub use console::*;
 pub use cpu::*;
 pub use irq::*;
+pub use ksm::*;
 pub use linux::*;
 pub use vcpu::*;
 pub use vm::*;
@@ -49,6 +51,10 @@ pub const VM_FLAG_STOP_ON_UNHANDLED: u32 = 1;
 /// `dv_vm_create` flag: give the VM KVM's in-kernel irqchip (PIC, IOAPIC, local
 /// APICs) and PIT, with COM1 on IRQ 4. HLT then stays in KVM (see `irq.rs`).
 pub const VM_FLAG_IRQCHIP: u32 = 2;
+/// `dv_vm_create` flag: mark guest RAM mergeable for KSM (`MADV_MERGEABLE`), so
+/// the host's ksmd may share its identical pages; fails with `KsmUnavailable`
+/// on a kernel without KSM (see `ksm.rs`).
+pub const VM_FLAG_DEDUP: u32 = 4;
 /// Load flag: keep the image clear of the VMM's boot structures (64-bit modes).
 pub const LOAD_FLAG_RESERVE_LOW: u32 = 1;
 

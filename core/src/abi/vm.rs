@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use super::{
     bytes, bytes_mut, guarded, guarded_into, json, put, timeout, LOAD_FLAG_RESERVE_LOW,
-    VM_FLAG_IRQCHIP, VM_FLAG_STOP_ON_UNHANDLED,
+    VM_FLAG_DEDUP, VM_FLAG_IRQCHIP, VM_FLAG_STOP_ON_UNHANDLED,
 };
 use crate::boot::elf;
 use crate::error::Error;
@@ -13,14 +13,14 @@ use crate::vcpu::exit::UnhandledAccess;
 use crate::vm::Vm;
 
 /// Creates a VM with `mem_bytes` of RAM (`flags`: [`VM_FLAG_STOP_ON_UNHANDLED`],
-/// [`VM_FLAG_IRQCHIP`]).
+/// [`VM_FLAG_IRQCHIP`], [`VM_FLAG_DEDUP`]).
 ///
 /// # Safety
 /// `out_vm` must be valid for a `u32` write.
 #[no_mangle]
 pub unsafe extern "C" fn dv_vm_create(mem_bytes: u64, flags: u32, out_vm: *mut u32) -> i32 {
     guarded(|| {
-        if flags & !(VM_FLAG_STOP_ON_UNHANDLED | VM_FLAG_IRQCHIP) != 0 {
+        if flags & !(VM_FLAG_STOP_ON_UNHANDLED | VM_FLAG_IRQCHIP | VM_FLAG_DEDUP) != 0 {
             return Err(Error::arg(format!("unknown VM flags {flags:#x}")));
         }
         if out_vm.is_null() {
@@ -32,6 +32,9 @@ pub unsafe extern "C" fn dv_vm_create(mem_bytes: u64, flags: u32, out_vm: *mut u
             UnhandledAccess::Ignore
         };
         let vm = Arc::new(Vm::new(mem_bytes, unhandled)?);
+        if flags & VM_FLAG_DEDUP != 0 {
+            vm.ram().set_mergeable()?;
+        }
         if flags & VM_FLAG_IRQCHIP != 0 {
             vm.enable_irqchip()?;
         }
