@@ -67,6 +67,13 @@ export type {
   SpecialRegisters,
 } from "./src/kvm/registers.ts";
 export { type MetricsReport, metricsReport, sumMetrics, toPrometheus } from "./src/metrics.ts";
+export {
+  type KsmCounters,
+  type KsmHostCounters,
+  type KsmMetrics,
+  ksmMetrics,
+  type KsmProcessCounters,
+} from "./src/ksm.ts";
 export { GuestVectors, IRQ_LINES, type IrqStats, msiAddress, SERIAL_IRQ_LINE } from "./src/irq.ts";
 export {
   type AttachOptions,

@@ -35,7 +35,8 @@ export type ErrorCode =
   | "CMDLINE_TOO_LONG"
   | "DOES_NOT_FIT"
   | "VCPU_LIMIT"
-  | "DEVICE";
+  | "DEVICE"
+  | "KSM_UNAVAILABLE";
 
 /** The code of a core error status, which must be an {@link ErrorCode}. */
 function coreErrorCode(code: Exclude<(typeof STATUSES)[number]["code"], "OK">): ErrorCode {

@@ -25,6 +25,8 @@ export const ABI_VERSION: number = contract.ABI_VERSION;
 export const VM_FLAG_STOP_ON_UNHANDLED: number = contract.CONSTANTS.VM_FLAG_STOP_ON_UNHANDLED;
 /** `dv_vm_create` flag: KVM's in-kernel irqchip (PIC, IOAPIC, local APICs) and PIT. */
 export const VM_FLAG_IRQCHIP: number = contract.CONSTANTS.VM_FLAG_IRQCHIP;
+/** `dv_vm_create` flag: guest RAM `MADV_MERGEABLE`, for KSM deduplication. */
+export const VM_FLAG_DEDUP: number = contract.CONSTANTS.VM_FLAG_DEDUP;
 /** Load flag: keep the image clear of the VMM's boot structures. */
 export const LOAD_FLAG_RESERVE_LOW: number = contract.CONSTANTS.LOAD_FLAG_RESERVE_LOW;
 
@@ -136,6 +138,8 @@ const SYMBOLS = {
   dv_vm_report: { parameters: ["u32", "buffer", "usize", "buffer"], result: "i32" },
   /** int32_t dv_vm_metrics(uint32_t vm, uint8_t *buf, size_t cap, size_t *out_len) */
   dv_vm_metrics: { parameters: ["u32", "buffer", "usize", "buffer"], result: "i32" },
+  /** int32_t dv_vm_ksm(uint32_t vm, uint8_t *buf, size_t cap, size_t *out_len) — JSON */
+  dv_vm_ksm: { parameters: ["u32", "buffer", "usize", "buffer"], result: "i32" },
   /** int32_t dv_vcpu_run(uint32_t vcpu, uint64_t timeout_ms, uint8_t *buf, size_t cap, size_t *out_len) — blocks */
   dv_vcpu_run: {
     parameters: ["u32", "u64", "buffer", "usize", "buffer"],
@@ -457,6 +461,11 @@ export class Core {
   /** `dv_vm_metrics`: per-vCPU metrics as parsed JSON. */
   vmMetrics<T>(vm: number): T {
     return this.#json((buf, cap, outLen) => this.#sym.dv_vm_metrics(vm, buf, cap, outLen));
+  }
+
+  /** `dv_vm_ksm`: the VM's dedup flag and KSM's counters as parsed JSON. */
+  vmKsm<T>(vm: number): T {
+    return this.#json((buf, cap, outLen) => this.#sym.dv_vm_ksm(vm, buf, cap, outLen));
   }
 
   /** `dv_vcpu_run` (off the JS thread): the run result as parsed JSON. */

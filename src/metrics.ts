@@ -7,6 +7,7 @@
  */
 
 import type { VcpuMetrics } from "./kvm/kvm.ts";
+import type { KsmMetrics } from "./ksm.ts";
 import type { Vm } from "./vm.ts";
 
 /** A VM's metrics at one moment, as `main.ts run --metrics FILE` writes them. */
@@ -17,6 +18,9 @@ export interface MetricsReport {
   total: VcpuMetrics;
   /** One entry per vCPU, by index. */
   vcpus: VcpuMetrics[];
+  /** Memory deduplication: whether the VM has it, what KSM saves the host and
+   * this process ({@link Vm.ksm}). */
+  ksm: KsmMetrics;
 }
 
 function sumInto(into: Record<string, unknown>, from: Record<string, unknown>): void {
@@ -57,7 +61,7 @@ export function sumMetrics(vcpus: readonly VcpuMetrics[]): VcpuMetrics {
  * Takes a metrics report of a VM.
  *
  * @param vm The VM.
- * @returns Per-vCPU metrics and their total.
+ * @returns Per-vCPU metrics, their total and the VM's KSM section.
  * @example
  * ```ts
  * import { metricsReport, Vm } from "denovisor";
@@ -67,7 +71,7 @@ export function sumMetrics(vcpus: readonly VcpuMetrics[]): VcpuMetrics {
  */
 export function metricsReport(vm: Vm): MetricsReport {
   const vcpus = vm.metrics();
-  return { takenAt: new Date().toISOString(), total: sumMetrics(vcpus), vcpus };
+  return { takenAt: new Date().toISOString(), total: sumMetrics(vcpus), vcpus, ksm: vm.ksm() };
 }
 
 /** Escapes a Prometheus label value. */
@@ -78,7 +82,9 @@ function label(value: string): string {
 /**
  * Renders metrics in the Prometheus text exposition format (version 0.0.4).
  *
- * @param vcpus Per-vCPU metrics.
+ * @param metrics Per-vCPU metrics, or a whole {@link MetricsReport}, whose KSM
+ *   section adds `denovisor_vm_dedup` and the `denovisor_ksm_*` gauges (a
+ *   count the kernel does not report is left out).
  * @param labels Extra labels for every sample (for example `{ vm: "web-1" }`).
  * @returns The exposition text, ending with a newline.
  * @example
@@ -89,9 +95,10 @@ function label(value: string): string {
  * ```
  */
 export function toPrometheus(
-  vcpus: readonly VcpuMetrics[],
+  metrics: readonly VcpuMetrics[] | MetricsReport,
   labels: Readonly<Record<string, string>> = {},
 ): string {
+  const vcpus = "vcpus" in metrics ? metrics.vcpus : metrics;
   const lines: string[] = [];
   const labelText = (extra: Record<string, string>) => {
     const all = { ...labels, ...extra };
@@ -197,5 +204,35 @@ export function toPrometheus(
       `denovisor_vcpu_exit_handling_seconds_count${labelText({ vcpu: `${vcpu}` })} ${cumulative}`,
     );
   });
+
+  if ("ksm" in metrics) {
+    const ksm = metrics.ksm;
+    family("denovisor_vm_dedup", "gauge", "1 when the VM's RAM is mergeable for KSM.");
+    lines.push(`denovisor_vm_dedup${labelText({})} ${ksm.dedup ? 1 : 0}`);
+    const gauge = (name: string, help: string, samples: [string, number | null][]) => {
+      const known = samples.filter(([, v]) => v !== null);
+      if (known.length === 0) return;
+      family(name, "gauge", help);
+      for (const [scope, v] of known) lines.push(`${name}${labelText({ scope })} ${v}`);
+    };
+    gauge(
+      "denovisor_ksm_saved_bytes",
+      "Memory KSM saves: the host's pages_sharing, this process's merging pages, in bytes.",
+      [["host", ksm.host.savedBytes], ["process", ksm.process.savedBytes]],
+    );
+    gauge("denovisor_ksm_pages_shared", "KSM pages in use on the host.", [[
+      "host",
+      ksm.host.pagesShared,
+    ]]);
+    gauge("denovisor_ksm_pages_sharing", "Pages sharing a KSM page on the host.", [[
+      "host",
+      ksm.host.pagesSharing,
+    ]]);
+    gauge("denovisor_ksm_merging_pages", "This process's pages backed by a KSM page.", [[
+      "process",
+      ksm.process.mergingPages,
+    ]]);
+    gauge("denovisor_ksm_full_scans", "Full scans ksmd has made.", [["host", ksm.host.fullScans]]);
+  }
   return lines.join("\n") + "\n";
 }

@@ -12,6 +12,7 @@ import { describeExit, type ExitReason, type VcpuExit } from "./kvm/exit.ts";
 import { lastLines } from "./console_driver.ts";
 import { type CpuidPolicy, cpuidPolicyJson, type MsrPolicy, msrPolicyJson } from "./cpu/policy.ts";
 import type { IrqStats } from "./irq.ts";
+import { type KsmMetrics, ksmMetrics } from "./ksm.ts";
 import {
   type EntryMode,
   Kvm,
@@ -67,6 +68,12 @@ export interface VmConfig {
   /** virtio devices on PCI bus 0 (they interrupt through MSI-X, so they need
    * `interrupts: true`). More can be added later with {@link Vm.addDevice}. */
   devices?: DeviceConfig[];
+  /** Memory deduplication (default false): guest RAM is marked mergeable for
+   * the host's KSM, which shares identical pages between this and other such
+   * VMs (and inside each) while its `ksmd` runs (`/sys/kernel/mm/ksm/run`,
+   * the host's setting). What it saves is in {@link Vm.ksm} and the metrics
+   * report. A kernel without KSM refuses it with `KSM_UNAVAILABLE`. */
+  dedup?: boolean;
 }
 
 /** Stack space set aside per vCPU below the load's stack top (each vCPU gets its own). */
@@ -239,7 +246,8 @@ export class Vm implements Disposable {
    * @param config Memory, vCPUs, policies.
    * @returns The VM, ready for {@link Vm.load}.
    * @throws {DenovisorError} `INVALID_ARGUMENT` for a bad config,
-   *   `KVM_UNAVAILABLE` when /dev/kvm cannot be used.
+   *   `KVM_UNAVAILABLE` when /dev/kvm cannot be used, `KSM_UNAVAILABLE` for
+   *   `dedup` on a kernel without KSM.
    */
   static async create(config: VmConfig = {}): Promise<Vm> {
     const memoryMiB = positiveInteger(config.memoryMiB ?? 16, "memoryMiB", MAX_MEMORY_MIB);
@@ -272,6 +280,13 @@ export class Vm implements Disposable {
         `interrupts must be a boolean, got ${JSON.stringify(interrupts)}`,
       );
     }
+    const dedup = config.dedup ?? false;
+    if (typeof dedup !== "boolean") {
+      throw new DenovisorError(
+        "INVALID_ARGUMENT",
+        `dedup must be a boolean, got ${JSON.stringify(dedup)}`,
+      );
+    }
     // The policies are checked (and thrown away) here so that every bad
     // configuration is refused before /dev/kvm is opened.
     if (config.cpuid !== undefined) cpuidPolicyJson(config.cpuid);
@@ -291,6 +306,7 @@ export class Vm implements Disposable {
       memoryBytes,
       unhandledIo,
       irqchip: interrupts,
+      dedup,
     });
     try {
       if (config.cpuid) vm.setCpuidPolicy(config.cpuid);
@@ -702,6 +718,26 @@ export class Vm implements Disposable {
    */
   metrics(): VcpuMetrics[] {
     return this.#vm.metrics();
+  }
+
+  /**
+   * What KSM deduplication saves: whether this VM's RAM is mergeable
+   * ({@link VmConfig.dedup}), the host's counters with the bytes saved
+   * (`pagesSharing` × page size) and this process's (`mergingPages` × page
+   * size, every VM of the process with dedup together). Null where the
+   * host's kernel does not report a count.
+   *
+   * @returns The `ksm` section of {@link metricsReport}.
+   * @example
+   * ```ts
+   * import { Vm } from "denovisor";
+   * using vm = await Vm.create({ dedup: true });
+   * const { dedup, host, process } = vm.ksm();
+   * console.log(dedup, host.run, host.savedBytes, process.savedBytes); // true 1 ...
+   * ```
+   */
+  ksm(): KsmMetrics {
+    return ksmMetrics(this.#vm.ksm());
   }
 
   /**

@@ -18,8 +18,8 @@ use kvm_bindings::{kvm_dtable, kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
 use serde_json::{json, Map, Value};
 
 use crate::abi::{
-    ABI_VERSION, LOAD_FLAG_RESERVE_LOW, STATE_FPU, STATE_REGS, STATE_SREGS, VM_FLAG_IRQCHIP,
-    VM_FLAG_STOP_ON_UNHANDLED,
+    ABI_VERSION, LOAD_FLAG_RESERVE_LOW, STATE_FPU, STATE_REGS, STATE_SREGS, VM_FLAG_DEDUP,
+    VM_FLAG_IRQCHIP, VM_FLAG_STOP_ON_UNHANDLED,
 };
 use crate::boot::{layout, linux, zero_page};
 use crate::error::Status;
@@ -58,6 +58,7 @@ pub fn constants() -> Value {
         // dv_vm_create flags.
         "VM_FLAG_STOP_ON_UNHANDLED": VM_FLAG_STOP_ON_UNHANDLED,
         "VM_FLAG_IRQCHIP": VM_FLAG_IRQCHIP,
+        "VM_FLAG_DEDUP": VM_FLAG_DEDUP,
         // dv_vm_load_elf / dv_vm_load_flat flags.
         "LOAD_FLAG_RESERVE_LOW": LOAD_FLAG_RESERVE_LOW,
         // dv_vcpu_get_state / dv_vcpu_set_state kinds.

@@ -114,6 +114,10 @@ Options:
   --irqchip          interrupt virtualization: KVM's in-kernel PIC, IOAPIC,
                      local APICs and PIT, COM1 on IRQ 4 (hlt then waits for
                      an interrupt instead of ending the run)
+  --dedup            memory deduplication: guest RAM is marked mergeable for
+                     the host's KSM, which shares identical pages while ksmd
+                     runs (/sys/kernel/mm/ksm/run = 1); what it saved is in
+                     --metrics (the "ksm" section)
   --no-stdin         do not forward standard input to the guest
   --watchdog MS      end the run (status 16) when the guest prints nothing on
                      its console for MS milliseconds (default 0: never)
@@ -242,6 +246,7 @@ async function runImage(
     vcpus?: number;
     interrupts?: boolean;
     devices?: DeviceConfig[];
+    dedup?: boolean;
   },
   load: LoadOptions | ((vm: Vm) => unknown),
   input: { stdin: boolean; watchdogMs?: number } = { stdin: false },
@@ -298,9 +303,7 @@ async function writeMetrics(
   format: "json" | "prometheus",
   report: MetricsReport,
 ): Promise<void> {
-  const text = format === "json"
-    ? JSON.stringify(report, null, 2) + "\n"
-    : toPrometheus(report.vcpus);
+  const text = format === "json" ? JSON.stringify(report, null, 2) + "\n" : toPrometheus(report);
   const bytes = new TextEncoder().encode(text);
   if (path === "-") {
     await Deno.stdout.write(bytes);
@@ -332,6 +335,7 @@ async function runCommand(args: string[], io: CliIo): Promise<number> {
       cpus: { type: "string" },
       quiet: { type: "boolean" },
       irqchip: { type: "boolean" },
+      dedup: { type: "boolean" },
       "no-stdin": { type: "boolean" },
       watchdog: { type: "string" },
       arg: { type: "string", multiple: true },
@@ -356,6 +360,7 @@ async function runCommand(args: string[], io: CliIo): Promise<number> {
     vcpus: parseCount(values.cpus, "--cpus", 1, 1, MAX_VCPUS),
     interrupts: values.irqchip ?? false,
     devices: cliDevices(values, false),
+    dedup: values.dedup ?? false,
     timeoutMs: parseCount(values.timeout, "--timeout", 0, 0),
     unhandledIo: oneOf(
       values["unhandled-io"],
@@ -413,6 +418,7 @@ interface LinuxRunValues extends DeviceFlagValues {
   entry?: string;
   arg?: string[];
   irqchip?: boolean;
+  dedup?: boolean;
   "no-stdin"?: boolean;
   watchdog?: string;
 }
@@ -498,6 +504,7 @@ async function runLinuxCommand(
     // A kernel needs its timer and interrupt controllers: the irqchip is always on.
     interrupts: true,
     devices: cliDevices(values, true),
+    dedup: values.dedup ?? false,
     timeoutMs: parseCount(values.timeout, "--timeout", 0, 0),
     unhandledIo: oneOf(
       values["unhandled-io"],

@@ -16,10 +16,12 @@ import {
   LOAD_FLAG_RESERVE_LOW,
   openCore,
   StateKind,
+  VM_FLAG_DEDUP,
   VM_FLAG_IRQCHIP,
   VM_FLAG_STOP_ON_UNHANDLED,
 } from "../ffi.ts";
 import { checkIrqLine, checkMsi, type IrqStats, toConsoleBytes } from "../irq.ts";
+import type { KsmCounters } from "../ksm.ts";
 import { parseExit, type RawRunResult, type VcpuExit } from "./exit.ts";
 import { CONSTANTS } from "../_contract.generated.ts";
 import type { LinuxLayout } from "../linux/layout.ts";
@@ -227,13 +229,20 @@ export class Kvm {
    * @param options RAM size in bytes (a multiple of 4 KiB), the policy for
    *   port I/O and MMIO no device claims (default `ignore`), and `irqchip`:
    *   `KVM_CREATE_IRQCHIP` + `KVM_CREATE_PIT2` (default false; HLT then sleeps
-   *   in KVM until an interrupt instead of ending the run).
+   *   in KVM until an interrupt instead of ending the run), and `dedup`: RAM
+   *   `MADV_MERGEABLE` for KSM (default false).
    * @returns The VM; close it (or `using`) to free its memory and threads.
+   * @throws {DenovisorError} `KSM_UNAVAILABLE` for `dedup` on a kernel without KSM.
    */
   createVm(
-    options: { memoryBytes: number; unhandledIo?: UnhandledAccessPolicy; irqchip?: boolean },
+    options: {
+      memoryBytes: number;
+      unhandledIo?: UnhandledAccessPolicy;
+      irqchip?: boolean;
+      dedup?: boolean;
+    },
   ): KvmVm {
-    const { memoryBytes, unhandledIo = "ignore", irqchip = false } = options;
+    const { memoryBytes, unhandledIo = "ignore", irqchip = false, dedup = false } = options;
     if (!Number.isSafeInteger(memoryBytes) || memoryBytes <= 0) {
       throw new DenovisorError(
         "INVALID_ARGUMENT",
@@ -246,8 +255,14 @@ export class Kvm {
         `unhandledIo must be "ignore" or "stop", got ${JSON.stringify(unhandledIo)}`,
       );
     }
+    if (typeof dedup !== "boolean") {
+      throw new DenovisorError(
+        "INVALID_ARGUMENT",
+        `dedup must be a boolean, got ${JSON.stringify(dedup)}`,
+      );
+    }
     const flags = (unhandledIo === "stop" ? VM_FLAG_STOP_ON_UNHANDLED : 0) |
-      (irqchip ? VM_FLAG_IRQCHIP : 0);
+      (irqchip ? VM_FLAG_IRQCHIP : 0) | (dedup ? VM_FLAG_DEDUP : 0);
     return new KvmVm(this.#core, this.#core.vmCreate(memoryBytes, flags));
   }
 
@@ -584,6 +599,17 @@ export class KvmVm implements Disposable {
    */
   metrics(): VcpuMetrics[] {
     return this.#core.vmMetrics<VcpuMetrics[]>(this.#live());
+  }
+
+  /**
+   * Reads KSM's counters: the host's (`/sys/kernel/mm/ksm/`) and this
+   * process's (`/proc/self/ksm_stat`), beside whether this VM's RAM is
+   * mergeable. Fields the kernel does not report are null.
+   *
+   * @returns The counters, as the core read them.
+   */
+  ksm(): KsmCounters {
+    return this.#core.vmKsm<KsmCounters>(this.#live());
   }
 
   /** Stops the vCPUs, joins their threads, frees RAM and fds. Idempotent. */
