@@ -14,6 +14,8 @@ export const KSM_DIR = "/sys/kernel/mm/ksm";
 
 /** Where a fill guest's pattern starts (above its image at 1 MiB). */
 export const FILL_START = 0x20_0000;
+/** A fill guest's RAM beyond what it fills (its image, boot structures, stack). */
+export const EXTRA_MIB = 4;
 
 /** How fast ksmd scans while {@link withKsmRunning} holds it. */
 export interface KsmTuning {
@@ -110,7 +112,7 @@ export class FilledGuests {
       format: "flat",
     });
     const image = await fillImage;
-    const memoryMiB = options.fillMiB + 4;
+    const memoryMiB = options.fillMiB + EXTRA_MIB;
     const guests = new FilledGuests([], []);
     try {
       for (let i = 0; i < count; i++) {
