@@ -607,6 +607,12 @@ export class KvmVm implements Disposable {
    * mergeable. Fields the kernel does not report are null.
    *
    * @returns The counters, as the core read them.
+   * @example
+   * ```ts
+   * import { Kvm } from "denovisor";
+   * using vm = (await Kvm.open()).createVm({ memoryBytes: 2 << 20, dedup: true });
+   * console.log(vm.ksm().process.mergingPages); // 0 until ksmd merges something
+   * ```
    */
   ksm(): KsmCounters {
     return this.#core.vmKsm<KsmCounters>(this.#live());
