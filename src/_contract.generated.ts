@@ -17,7 +17,7 @@
  * console.log(ABI_VERSION);
  * ```
  */
-export const ABI_VERSION = 3;
+export const ABI_VERSION = 4;
 
 /**
  * Every status a `dv_*` call returns (`Status` in `core/src/error.rs`).
@@ -110,6 +110,18 @@ export const STATUSES = [
     summary: "More vCPUs than the host's KVM allows",
     value: -15,
   },
+  {
+    code: "DEVICE",
+    name: "Device",
+    summary: "A virtio device cannot be configured, attached or asked",
+    value: -16,
+  },
+  {
+    code: "KSM_UNAVAILABLE",
+    name: "KsmUnavailable",
+    summary: "Memory deduplication (KSM) is not available in this kernel",
+    value: -17,
+  },
 ] as const;
 
 /**
@@ -141,6 +153,7 @@ export const CONSTANTS = {
   STATE_FPU: 2,
   STATE_REGS: 0,
   STATE_SREGS: 1,
+  VM_FLAG_DEDUP: 4,
   VM_FLAG_IRQCHIP: 2,
   VM_FLAG_STOP_ON_UNHANDLED: 1,
 } as const;

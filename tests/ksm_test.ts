@@ -9,7 +9,7 @@ import assert from "node:assert/strict";
 
 import { DenovisorError, ksmMetrics, metricsReport, toPrometheus, Vm } from "../mod.ts";
 import type { KsmCounters } from "../mod.ts";
-import { errorCodeOfStatus } from "../src/errors.ts";
+import { errorCodeOfStatus, statusOf } from "../src/errors.ts";
 import { cli, kvmTest, testGuest } from "./_helpers.ts";
 import { EXTRA_MIB, FilledGuests, withKsmRunning } from "./_ksm.ts";
 
@@ -70,7 +70,7 @@ Deno.test("dedup must be a boolean, checked before /dev/kvm is opened", async ()
     assert.match(e.message, /dedup must be a boolean, got "yes"/);
     return true;
   });
-  assert.equal(errorCodeOfStatus(-16), "KSM_UNAVAILABLE");
+  assert.equal(errorCodeOfStatus(statusOf("KSM_UNAVAILABLE")), "KSM_UNAVAILABLE");
 });
 
 Deno.test("run --help documents --dedup", async () => {

@@ -6,6 +6,7 @@
 //! than fits below the hole gets the rest above 4 GiB.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemory as _, GuestMemoryMmap, GuestMemoryRegion as _};
 
@@ -26,7 +27,8 @@ pub struct GuestRam {
     mem: GuestMemoryMmap<()>,
     size: u64,
     /// Whether every region is `MADV_MERGEABLE` (KSM dedup, see [`crate::ksm`]).
-    mergeable: AtomicBool,
+    /// Shared by clones: it describes the one mapping they share.
+    mergeable: Arc<AtomicBool>,
 }
 
 /// The guest-physical ranges `(start, len)` that `size` bytes of RAM occupy.
@@ -71,7 +73,7 @@ impl GuestRam {
         Ok(GuestRam {
             mem,
             size,
-            mergeable: AtomicBool::new(false),
+            mergeable: Arc::new(AtomicBool::new(false)),
         })
     }
 

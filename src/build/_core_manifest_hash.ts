@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "04df55967cb2abe2658ab1ee2b337e205dd3baff8e62dbaaf3912bd4f2edc20e";
+  "1492bc48abd5e60dcfd1b5ebb4c58cda88ca2b193741ab866b22ae23e0233b25";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.
