@@ -50,6 +50,9 @@ Usage:
                                       boot a Linux kernel (64-bit boot protocol)
   deno run -A main.ts inspect IMAGE [--json]
                                       show what the loaders see in an image
+  deno run -A main.ts devices [device options] [--json]
+                                      list the PCI devices a VM with these
+                                      options gets (checks their host side)
   deno run -A main.ts <command> --help
   deno run -A main.ts --version
 
@@ -540,6 +543,46 @@ async function runLinuxCommand(
   return statusOfResult(result);
 }
 
+const DEVICES_HELP = `Usage: deno run -A main.ts devices [device options] [--json]
+
+Creates a VM (with the irqchip) carrying the devices the options ask for,
+without running a guest, and lists its PCI bus: address, vendor:device, class,
+name and where each BAR is decoded. Every device's host side (image files,
+sockets, TAP devices) is checked as \`run\` would check it.
+
+${DEVICE_FLAGS_HELP}
+  --json             print the whole listing as JSON (bus ranges included)
+  -h, --help         this help
+`;
+
+async function devicesCommand(args: string[], io: CliIo): Promise<number> {
+  const { values, positionals } = parseArgs({
+    args,
+    allowPositionals: true,
+    options: {
+      json: { type: "boolean" },
+      help: { type: "boolean", short: "h" },
+      ...DEVICE_FLAG_OPTIONS,
+    },
+  });
+  if (values.help) return output(io, DEVICES_HELP);
+  if (positionals.length > 0) throw new UsageError(`unexpected argument "${positionals[0]}"`);
+  using vm = await Vm.create({ interrupts: true, devices: cliDevices(values, false) });
+  const listing = vm.devices();
+  if (values.json) return output(io, JSON.stringify(listing, null, 2) + "\n");
+  const hex = (n: number, width: number) => n.toString(16).padStart(width, "0");
+  const lines = listing.pci.map((f) => {
+    const bars = f.bars.map((b) =>
+      `BAR${b.index} ${b.size / 1024} KiB @ ${
+        b.address === null ? "off" : `0x${hex(b.address, 8)}`
+      }`
+    );
+    return `${f.address} ${hex(f.vendor, 4)}:${hex(f.device, 4)} ${hex(f.class, 6)} ` +
+      `${f.name.padEnd(12)} ${bars.join(", ")}`.trimEnd();
+  });
+  return output(io, lines.join("\n") + "\n");
+}
+
 const INSPECT_HELP = `Usage: deno run -A main.ts inspect IMAGE [--json]
 
 Shows what denovisor's loaders see in IMAGE, without running it: the format
@@ -664,6 +707,7 @@ export async function main(args: string[], io: CliIo = stderrIo): Promise<number
     }
     if (command === "run") return await runCommand(rest, io);
     if (command === "inspect") return await inspectCommand(rest, io);
+    if (command === "devices") return await devicesCommand(rest, io);
     throw new UsageError(`unknown command "${command}" (see --help)`);
   } catch (e) {
     if (
