@@ -66,7 +66,13 @@ export type {
   Segment,
   SpecialRegisters,
 } from "./src/kvm/registers.ts";
-export { type MetricsReport, metricsReport, sumMetrics, toPrometheus } from "./src/metrics.ts";
+export {
+  type DeviceExits,
+  type MetricsReport,
+  metricsReport,
+  sumMetrics,
+  toPrometheus,
+} from "./src/metrics.ts";
 export {
   type KsmCounters,
   type KsmHostCounters,

@@ -7,6 +7,7 @@
  */
 
 import type { VcpuMetrics } from "./kvm/kvm.ts";
+import type { BusRange } from "./devices.ts";
 import type { KsmMetrics } from "./ksm.ts";
 import type { Vm } from "./vm.ts";
 
@@ -21,6 +22,17 @@ export interface MetricsReport {
   /** Memory deduplication: whether the VM has it, what KSM saves the host and
    * this process ({@link Vm.ksm}). */
   ksm: KsmMetrics;
+  /** Exits by the device that claimed the access (port and MMIO ranges, all
+   * vCPUs), and the accesses no device claimed. */
+  devices: DeviceExits;
+}
+
+/** Exits attributed to devices: every bus range with its reads and writes. */
+export interface DeviceExits {
+  /** Each range, port I/O first, by address. */
+  ranges: BusRange[];
+  /** Accesses no device claimed (open bus), by space. */
+  unclaimed: Record<"pio" | "mmio", { reads: number; writes: number }>;
 }
 
 function sumInto(into: Record<string, unknown>, from: Record<string, unknown>): void {
@@ -71,7 +83,17 @@ export function sumMetrics(vcpus: readonly VcpuMetrics[]): VcpuMetrics {
  */
 export function metricsReport(vm: Vm): MetricsReport {
   const vcpus = vm.metrics();
-  return { takenAt: new Date().toISOString(), total: sumMetrics(vcpus), vcpus, ksm: vm.ksm() };
+  const { buses } = vm.devices();
+  return {
+    takenAt: new Date().toISOString(),
+    total: sumMetrics(vcpus),
+    vcpus,
+    ksm: vm.ksm(),
+    devices: {
+      ranges: [...buses.pio.devices, ...buses.mmio.devices],
+      unclaimed: { pio: buses.pio.unclaimed, mmio: buses.mmio.unclaimed },
+    },
+  };
 }
 
 /** Escapes a Prometheus label value. */
@@ -233,6 +255,31 @@ export function toPrometheus(
       ksm.process.mergingPages,
     ]]);
     gauge("denovisor_ksm_full_scans", "Full scans ksmd has made.", [["host", ksm.host.fullScans]]);
+  }
+  if ("devices" in metrics) {
+    family(
+      "denovisor_device_exits_total",
+      "counter",
+      "VM exits by the device that claimed the access (reads and writes of its port or MMIO range).",
+    );
+    for (const r of metrics.devices.ranges) {
+      for (const op of ["read", "write"] as const) {
+        const value = op === "read" ? r.reads : r.writes;
+        lines.push(
+          `denovisor_device_exits_total${
+            labelText({ device: r.name, space: r.space, op })
+          } ${value}`,
+        );
+      }
+    }
+    for (const space of ["pio", "mmio"] as const) {
+      const u = metrics.devices.unclaimed[space];
+      for (const [op, value] of [["read", u.reads], ["write", u.writes]] as const) {
+        lines.push(
+          `denovisor_device_exits_total${labelText({ device: "(none)", space, op })} ${value}`,
+        );
+      }
+    }
   }
   return lines.join("\n") + "\n";
 }

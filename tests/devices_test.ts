@@ -6,7 +6,7 @@
 
 import assert from "node:assert/strict";
 
-import { DenovisorError, deviceConfigJson, Vm } from "../mod.ts";
+import { DenovisorError, deviceConfigJson, metricsReport, toPrometheus, Vm } from "../mod.ts";
 import { deviceFlags } from "../src/cli/device_flags.ts";
 import { openCore } from "../src/ffi.ts";
 import { cli, kvmTest } from "./_helpers.ts";
@@ -77,6 +77,18 @@ kvmTest("a VM lists its devices on PCI bus 0 with their BARs", async () => {
     (e) => e instanceof DenovisorError && e.code === "DEVICE",
   );
   assert.throws(() => vm.deviceControl("nothing", {}), /no device named/);
+  // The metrics attribute exits to devices (none ran yet: all zero, all listed).
+  const report = metricsReport(vm);
+  assert.ok(report.devices.ranges.some((r) => r.name === "com1" && r.space === "pio"));
+  const text = toPrometheus(report);
+  assert.match(
+    text,
+    /^denovisor_device_exits_total\{device="rng0-bar0",space="mmio",op="read"\} 0$/m,
+  );
+  assert.match(
+    text,
+    /^denovisor_device_exits_total\{device="\(none\)",space="pio",op="write"\} 0$/m,
+  );
   // Without the irqchip there is no MSI-X: refused with the reason.
   using bare = await Vm.create({});
   assert.throws(() => bare.addDevice({ kind: "rng" }), /irqchip/);

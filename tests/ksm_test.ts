@@ -49,6 +49,10 @@ Deno.test("Prometheus text of a report carries the dedup flag and KSM gauges", (
     total: {} as never,
     vcpus: [],
     ksm: ksmMetrics({ ...COUNTERS, host: { ...COUNTERS.host, pagesShared: null } }),
+    devices: {
+      ranges: [],
+      unclaimed: { pio: { reads: 0, writes: 0 }, mmio: { reads: 0, writes: 0 } },
+    },
   };
   const text = toPrometheus(report, { vm: "a" });
   assert.match(text, /^denovisor_vm_dedup\{vm="a"\} 1$/m);
