@@ -19,7 +19,21 @@
 use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_CPUID_FLAG_SIGNIFCANT_INDEX};
 use serde::Deserialize;
 
-use crate::error::{Error, Result};
+use thiserror::Error;
+
+/// Why a CPUID policy or table is refused.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum CpuidError {
+    /// Not the policy's JSON shape.
+    #[error("bad CPUID policy: {0}")]
+    Json(String),
+    /// A bit number past a 32-bit register.
+    #[error("bad CPUID policy: bit {bit} of leaf {leaf:#x} is not a bit of a 32-bit register")]
+    Bit { leaf: u32, bit: u32 },
+    /// More entries than KVM_SET_CPUID2 takes.
+    #[error("too many CPUID entries ({0})")]
+    TooMany(usize),
+}
 
 /// The hypervisor signature in leaf 0x4000_0000 (EBX, ECX, EDX), NUL-padded.
 pub const SIGNATURE: &[u8; 12] = b"denovisor\0\0\0";
@@ -63,14 +77,14 @@ pub struct CpuidPolicy {
 
 impl CpuidPolicy {
     /// Parses and validates a policy.
-    pub fn from_json(json: &[u8]) -> Result<CpuidPolicy> {
-        let policy: CpuidPolicy = serde_json::from_slice(json)
-            .map_err(|e| Error::arg(format!("bad CPUID policy: {e}")))?;
+    pub fn from_json(json: &[u8]) -> Result<CpuidPolicy, CpuidError> {
+        let policy: CpuidPolicy =
+            serde_json::from_slice(json).map_err(|e| CpuidError::Json(e.to_string()))?;
         if let Some(bad) = policy.hide.iter().find(|f| f.bit > 31) {
-            return Err(Error::arg(format!(
-                "bad CPUID policy: bit {} of leaf {:#x} is not a bit of a 32-bit register",
-                bad.bit, bad.leaf
-            )));
+            return Err(CpuidError::Bit {
+                leaf: bad.leaf,
+                bit: bad.bit as u32,
+            });
         }
         Ok(policy)
     }
@@ -149,9 +163,8 @@ pub fn vcpu_cpuid(
 }
 
 /// Wraps entries for KVM_SET_CPUID2.
-pub fn to_kvm(entries: &[kvm_cpuid_entry2]) -> Result<CpuId> {
-    CpuId::from_entries(entries)
-        .map_err(|e| Error::arg(format!("too many CPUID entries ({}): {e:?}", entries.len())))
+pub fn to_kvm(entries: &[kvm_cpuid_entry2]) -> Result<CpuId, CpuidError> {
+    CpuId::from_entries(entries).map_err(|_| CpuidError::TooMany(entries.len()))
 }
 
 #[cfg(test)]

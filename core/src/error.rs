@@ -6,8 +6,6 @@
 
 use thiserror::Error;
 
-use crate::ksm::KsmError;
-
 /// Declares [`Status`] and its table [`Status::ALL`] from one list, so the
 /// contract (`crate::contract`) sees every status by construction.
 macro_rules! statuses {
@@ -142,38 +140,18 @@ pub enum Error {
     /// A virtio device cannot be configured, attached or asked
     #[error("{0}")]
     Device(#[from] crate::virtio::VirtioError),
+    /// A CPUID policy or table is refused
+    #[error(transparent)]
+    Cpuid(#[from] crate::cpuid::CpuidError),
+    /// An MSR policy is refused
+    #[error(transparent)]
+    MsrPolicy(#[from] crate::msr_filter::MsrPolicyError),
     /// Memory deduplication (KSM) failed
     #[error(transparent)]
-    Ksm(#[from] KsmError),
+    Ksm(#[from] crate::ksm::KsmError),
 }
 
 impl Error {
-    /// The ABI status code for this error.
-    pub fn status(&self) -> Status {
-        match self {
-            Error::InvalidArgument(_) => Status::InvalidArgument,
-            Error::InvalidHandle { .. } => Status::InvalidHandle,
-            Error::KvmUnavailable(_) => Status::KvmUnavailable,
-            Error::Kvm { .. } => Status::Kvm,
-            Error::Memory(_) => Status::Memory,
-            Error::Image(_) => Status::Image,
-            Error::Busy(_) => Status::Busy,
-            Error::Timeout(_) => Status::Timeout,
-            Error::Panic(_) => Status::Panic,
-            Error::BufferTooSmall { .. } => Status::BufferTooSmall,
-            Error::Io { .. } => Status::Io,
-            Error::Initrd(_) => Status::Initrd,
-            Error::CmdlineTooLong(_) => Status::CmdlineTooLong,
-            Error::DoesNotFit(_) => Status::DoesNotFit,
-            Error::VcpuLimit(_) => Status::VcpuLimit,
-            Error::Bus(_) => Status::InvalidArgument,
-            Error::Device(_) => Status::Device,
-            Error::Ksm(KsmError::Unsupported(_)) => Status::KsmUnavailable,
-            Error::Ksm(KsmError::Madvise { .. }) => Status::Memory,
-            Error::Ksm(KsmError::Read { .. } | KsmError::Malformed { .. }) => Status::Io,
-        }
-    }
-
     /// Shorthand for wrapping a failed KVM ioctl with the operation's name.
     pub fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
         move |source| Error::Kvm { op, source }
@@ -191,32 +169,6 @@ pub type Result<T> = std::result::Result<T, Error>;
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn every_error_maps_to_a_negative_status() {
-        let errors = [
-            Error::arg("x"),
-            Error::InvalidHandle {
-                handle: 1,
-                expected: "VM",
-            },
-            Error::Timeout(5),
-            Error::BufferTooSmall { need: 2, got: 1 },
-            Error::Initrd("x".into()),
-            Error::CmdlineTooLong("x".into()),
-            Error::DoesNotFit("x".into()),
-            Error::VcpuLimit("x".into()),
-            Error::Device(crate::virtio::VirtioError::Attach("x".into())),
-            Error::Ksm(KsmError::Unsupported(std::io::Error::from_raw_os_error(
-                libc::EINVAL,
-            ))),
-        ];
-        let mut seen = std::collections::BTreeSet::new();
-        for e in errors {
-            assert!((e.status() as i32) < 0, "{e}");
-            assert!(seen.insert(e.status() as i32), "distinct: {e}");
-        }
-    }
 
     #[test]
     fn messages_name_the_problem() {

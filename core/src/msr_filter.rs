@@ -15,7 +15,24 @@ use kvm_bindings::{
 };
 use serde::Deserialize;
 
-use crate::error::{Error, Result};
+use thiserror::Error;
+
+/// Why an MSR policy is refused.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum MsrPolicyError {
+    /// Not the policy's JSON shape.
+    #[error("bad MSR policy: {0}")]
+    Json(String),
+    /// A default other than allow or deny.
+    #[error("bad MSR policy: default must be \"allow\" or \"deny\", got {0:?}")]
+    Default(String),
+    /// An MSR in both lists.
+    #[error("bad MSR policy: MSR {0:#x} is both allowed and denied")]
+    Both(u32),
+    /// More separate ranges than KVM takes.
+    #[error("bad MSR policy: the listed MSRs form {0} separate ranges; KVM takes at most {max}", max = KVM_MSR_FILTER_MAX_RANGES)]
+    TooManyRanges(usize),
+}
 
 /// The most MSRs one range may cover (KVM_MSR_FILTER_MAX_BITMAP_SIZE bytes of bits).
 const MAX_RANGE_MSRS: u32 = 1536 * 8;
@@ -56,24 +73,18 @@ pub struct MsrFilter {
 
 impl MsrFilter {
     /// Parses and validates a policy.
-    pub fn from_json(json: &[u8]) -> Result<MsrFilter> {
+    pub fn from_json(json: &[u8]) -> Result<MsrFilter, MsrPolicyError> {
         let policy: MsrPolicy =
-            serde_json::from_slice(json).map_err(|e| Error::arg(format!("bad MSR policy: {e}")))?;
+            serde_json::from_slice(json).map_err(|e| MsrPolicyError::Json(e.to_string()))?;
         let default_allow = match policy.default.as_str() {
             "allow" => true,
             "deny" => false,
-            other => {
-                return Err(Error::arg(format!(
-                    "bad MSR policy: default must be \"allow\" or \"deny\", got {other:?}"
-                )))
-            }
+            other => return Err(MsrPolicyError::Default(other.to_string())),
         };
         let allow: BTreeSet<u32> = policy.allow.iter().copied().collect();
         let deny: BTreeSet<u32> = policy.deny.iter().copied().collect();
         if let Some(both) = allow.intersection(&deny).next() {
-            return Err(Error::arg(format!(
-                "bad MSR policy: MSR {both:#x} is both allowed and denied"
-            )));
+            return Err(MsrPolicyError::Both(*both));
         }
         let listed: BTreeSet<u32> = allow.union(&deny).copied().collect();
         // Group listed MSRs into contiguous runs; unlisted gaps inside a run
@@ -86,11 +97,7 @@ impl MsrFilter {
             }
         }
         if runs.len() > KVM_MSR_FILTER_MAX_RANGES as usize {
-            return Err(Error::arg(format!(
-                "bad MSR policy: the listed MSRs form {} separate ranges; KVM takes at most {}",
-                runs.len(),
-                KVM_MSR_FILTER_MAX_RANGES
-            )));
+            return Err(MsrPolicyError::TooManyRanges(runs.len()));
         }
         let ranges = runs
             .into_iter()
@@ -155,11 +162,23 @@ mod tests {
 
     #[test]
     fn bad_policies_are_refused() {
-        assert!(MsrFilter::from_json(br#"{"default":"maybe"}"#).is_err());
-        assert!(MsrFilter::from_json(br#"{"allow":[1],"deny":[1]}"#).is_err());
+        assert_eq!(
+            MsrFilter::from_json(br#"{"default":"maybe"}"#).unwrap_err(),
+            MsrPolicyError::Default("maybe".into())
+        );
+        assert_eq!(
+            MsrFilter::from_json(br#"{"allow":[1],"deny":[1]}"#).unwrap_err(),
+            MsrPolicyError::Both(1)
+        );
         let many: Vec<u32> = (0..17).map(|i| i * 100).collect();
         let json = format!(r#"{{"deny":{many:?}}}"#);
-        assert!(MsrFilter::from_json(json.as_bytes()).is_err());
-        assert!(MsrFilter::from_json(br#"{"deny":[-1]}"#).is_err());
+        assert!(matches!(
+            MsrFilter::from_json(json.as_bytes()),
+            Err(MsrPolicyError::TooManyRanges(_))
+        ));
+        assert!(matches!(
+            MsrFilter::from_json(br#"{"deny":[-1]}"#),
+            Err(MsrPolicyError::Json(_))
+        ));
     }
 }

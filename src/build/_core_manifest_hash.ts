@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "1492bc48abd5e60dcfd1b5ebb4c58cda88ca2b193741ab866b22ae23e0233b25";
+  "e4c52a04da549467b33a3f525fe03479986dfcaf7825b9e66cace9948f43960a";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

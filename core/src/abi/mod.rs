@@ -27,6 +27,7 @@ mod devices;
 mod irq;
 mod ksm;
 mod linux;
+mod status;
 mod vcpu;
 mod vm;
 
@@ -78,7 +79,7 @@ pub(crate) fn guarded(f: impl FnOnce() -> Result<()>) -> i32 {
     match outcome {
         Ok(()) => Status::Ok as i32,
         Err(e) => {
-            let status = e.status() as i32;
+            let status = status::status(&e) as i32;
             set_last_error(e.to_string());
             status
         }
@@ -113,7 +114,7 @@ pub(crate) unsafe fn guarded_into(
         Err(e) => {
             let message = e.to_string();
             set_last_error(message.clone());
-            (e.status(), message.into_bytes())
+            (status::status(&e), message.into_bytes())
         }
     };
     let n = bytes.len().min(cap);
