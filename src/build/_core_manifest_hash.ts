@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "e4c52a04da549467b33a3f525fe03479986dfcaf7825b9e66cace9948f43960a";
+  "92e1b35bf1905ce365c1d2b8e5a58e6f096a6d15ac5599854afcd9428fa16bff";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

@@ -68,10 +68,18 @@ fn serve(queue: &mut Queue, mem: &GuestRam, interrupt: &Interrupt, stats: &Stats
         while let Some(chain) = queue.pop_descriptor_chain(m) {
             let head = chain.head_index();
             let mut written = 0usize;
-            for desc in chain.writable() {
+            let mut ended = true;
+            for desc in chain {
+                // virtio-queue stops a chain that loops or whose `next` is
+                // past the queue after `size` descriptors: the last one it
+                // yields then still says NEXT. That chain is a driver bug.
+                ended = !desc.has_next();
+                if !desc.is_write_only() {
+                    continue;
+                }
                 let len = (desc.len() as usize).min(MAX_REQUEST - written);
                 if len == 0 {
-                    break;
+                    continue;
                 }
                 if !fill_random(&mut scratch[..len])
                     || m.write_slice(&scratch[..len], desc.addr()).is_err()
@@ -79,6 +87,9 @@ fn serve(queue: &mut Queue, mem: &GuestRam, interrupt: &Interrupt, stats: &Stats
                     return false;
                 }
                 written += len;
+            }
+            if !ended {
+                return false;
             }
             if queue.add_used(m, head, written as u32).is_err() {
                 return false;
@@ -196,6 +207,31 @@ mod tests {
             }],
         );
         assert_eq!(d.wait_used(0), Some((head as u32, MAX_REQUEST as u32)));
+    }
+
+    #[test]
+    fn a_chain_that_does_not_end_stops_the_device_with_needs_reset() {
+        // 0 -> 1 -> 0: a loop; then a `next` past the queue's size.
+        for (first_next, second_next) in [(1u16, 0u16), (QUEUE_SIZE, 0)] {
+            let mut d = TestDriver::new(Box::new(Rng::default()));
+            d.start(0);
+            d.set_desc(0, 0, BUFFERS, 16, 1 | 2, first_next);
+            d.set_desc(0, 1, BUFFERS + 16, 16, 1 | 2, second_next);
+            d.publish(0, 0);
+            assert!(d.wait_needs_reset(), "next {first_next}");
+            assert_eq!(d.wait_used(0), None, "no used element for a broken chain");
+            // A reset brings it back.
+            d.start(0);
+            let head = d.post(
+                0,
+                &[Buf {
+                    addr: BUFFERS,
+                    len: 8,
+                    write: true,
+                }],
+            );
+            assert_eq!(d.wait_used(0), Some((head as u32, 8)));
+        }
     }
 
     #[test]
