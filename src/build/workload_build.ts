@@ -79,9 +79,17 @@ const LOAD_ADDRESS = "0x100000";
 const BASE_MEMORY_MIB = 4;
 
 /** The runtime's files, by target; every one of them is part of the cache key. */
-const GUEST_RUNTIME = ["kernel.S", "crt0.S", "guest_rt.c", "irq.c", "dv_common.c"];
+const GUEST_RUNTIME = [
+  "kernel.S",
+  "crt0.S",
+  "guest_rt.c",
+  "irq.c",
+  "pci.c",
+  "virtio.c",
+  "dv_common.c",
+];
 const NATIVE_RUNTIME = ["native_rt.c", "dv_common.c"];
-const RUNTIME_HEADERS = ["dv_guest.h"];
+const RUNTIME_HEADERS = ["dv_guest.h", "dv_pci.h", "dv_virtio.h"];
 
 /**
  * Code generation flags shared by both targets, so the workload's own code is the
