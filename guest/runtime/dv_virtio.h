@@ -11,8 +11,8 @@
  *   dv_virtq_kick(&q);                       // write the queue's notify address
  *   dv_virtq_wait(&q, &len, timeout_ns);     // poll the used ring
  *
- * Queues run without interrupts (MSI-X vectors stay VIRTIO_MSI_NO_VECTOR and the
- * avail ring asks for none); a kick is one MMIO write that KVM turns into an
+ * Queues run without interrupts unless dv_virtq_use_msix asks for them (MSI-X
+ * vectors stay VIRTIO_MSI_NO_VECTOR and the avail ring asks for none); a kick is one MMIO write that KVM turns into an
  * ioeventfd signal without leaving the kernel. The structures are reached through
  * the identity map of the first 4 GiB, so BARs must lie below 4 GiB.
  */
@@ -114,6 +114,7 @@ struct dv_virtio {
 	uint16_t num_queues;
 	uint8_t msix_capability; /* 0: none */
 	uint16_t msix_vectors;   /* the MSI-X table's size */
+	volatile uint8_t *msix_table;
 	uint64_t device_features;
 	uint64_t features; /* negotiated */
 };
@@ -171,6 +172,16 @@ int dv_virtio_init(struct dv_virtio *v, uint64_t wanted);
  * (the device must refuse it), so tests can use it.
  */
 int dv_virtq_setup(struct dv_virtio *v, struct dv_virtq *q, uint16_t index, uint16_t size);
+
+/*
+ * Optional interrupts: turns MSI-X on (function unmasked), points table entry
+ * `entry` at this CPU's local APIC with `cpu_vector` (fixed, edge), unmasks it,
+ * assigns it to the queue and asks for interrupts in the avail ring. Returns
+ * the vector the device read back: `entry`, or DV_VIRTIO_NO_VECTOR when it
+ * refused it (an entry past the table), or DV_VIRTIO_ENODEV without MSI-X.
+ * The program counts the interrupts with dv_irq_init()'s dv_irq_counts.
+ */
+int dv_virtq_use_msix(struct dv_virtq *q, uint16_t entry, uint8_t cpu_vector);
 
 /* Sets DRIVER_OK; returns the status read back. */
 uint8_t dv_virtio_driver_ok(struct dv_virtio *v);

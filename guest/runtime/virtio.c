@@ -1,6 +1,7 @@
 /*
  * virtio.c: the modern virtio-pci init sequence and split virtqueues for
- * runtime guests (see dv_virtio.h). Polling only: no interrupts are set up.
+ * runtime guests (see dv_virtio.h). Queues are polled; MSI-X interrupts are
+ * optional (dv_virtq_use_msix).
  *
  * x86 keeps stores in order and loads in order, so the ring protocol needs only
  * compiler barriers between writing a descriptor and publishing it; the kick is
@@ -85,6 +86,11 @@ int dv_virtio_open(struct dv_virtio *v, uint16_t bdf)
 		if (id == DV_PCI_CAP_MSIX) {
 			v->msix_capability = at;
 			v->msix_vectors = (dv_pci_read16(bdf, at + 2) & 0x7ff) + 1;
+			uint32_t table = dv_pci_read32(bdf, at + 4);
+			uint64_t base = bar_address(bdf, table & 7);
+			uint64_t end = (uint64_t)(table & ~7u) + 16u * v->msix_vectors;
+			if (base != 0 && end <= f.bars[table & 7].size && base + end <= (1ull << 32))
+				v->msix_table = (volatile uint8_t *)(uintptr_t)(base + (table & ~7u));
 			continue;
 		}
 		if (id != DV_PCI_CAP_VENDOR)
@@ -240,6 +246,29 @@ int dv_virtq_setup(struct dv_virtio *v, struct dv_virtq *q, uint16_t index, uint
 	q->notify_address = (volatile uint16_t *)(v->notify + notify_at);
 	w16(v->common, DV_VIRTIO_COMMON_Q_ENABLE, 1);
 	return 0;
+}
+
+int dv_virtq_use_msix(struct dv_virtq *q, uint16_t entry, uint8_t cpu_vector)
+{
+	struct dv_virtio *v = q->dev;
+	if (!v->msix_capability || !v->msix_table)
+		return DV_VIRTIO_ENODEV;
+	uint8_t control = (uint8_t)(v->msix_capability + 2);
+	/* Enable on, function mask off (bits 15 and 14 of message control). */
+	dv_pci_write16(v->bdf, control, (dv_pci_read16(v->bdf, control) | 0x8000) & ~0x4000);
+	if (entry < v->msix_vectors) {
+		volatile uint8_t *e = v->msix_table + 16u * entry;
+		uint32_t apic_id;
+		__asm__ volatile("cpuid" : "=b"(apic_id) : "a"(1), "c"(0) : "edx");
+		w32(e, 0, 0xfee00000u | (apic_id >> 24) << 12); /* physical destination */
+		w32(e, 4, 0);
+		w32(e, 8, cpu_vector); /* fixed delivery, edge */
+		w32(e, 12, 0);         /* unmasked */
+	}
+	w16(v->common, DV_VIRTIO_COMMON_Q_SELECT, q->index);
+	w16(v->common, DV_VIRTIO_COMMON_Q_MSIX, entry);
+	q->avail[0] = 0; /* interrupts wanted */
+	return r16(v->common, DV_VIRTIO_COMMON_Q_MSIX);
 }
 
 uint8_t dv_virtio_driver_ok(struct dv_virtio *v)

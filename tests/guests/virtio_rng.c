@@ -10,6 +10,9 @@
  * the bad act (NEEDS_RESET expected), U how many used elements the device
  * posted for it, S2 the status after the reset and re-initialization, L the
  * bytes the next read got and D how many distinct byte values they held.
+ * Bit 33 set: with MSI-X: a queue vector past the table (read back), then
+ * entry 0 to vector 0x40, a read, and its interrupt counted; REPORT
+ * {"badEntry":B,"entry":E,"len":L,"irqs":N,"distinct":D}.
  * One case hands the device the last 8 bytes of RAM (and 56 past it), so load
  * this guest with its stack below the last page of RAM.
  */
@@ -131,6 +134,40 @@ static void hostile(enum hostile c)
 	    got > 0 ? distinct(buffer, (uint32_t)got) : 0);
 }
 
+/* The read again, completed by an MSI-X interrupt. */
+static int with_msix(void)
+{
+	const uint8_t vector = 0x40;
+	if (dv_irq_init() != 0)
+		return 3;
+	int e = dv_virtio_init(&dev, 0);
+	if (e == 0)
+		e = dv_virtq_setup(&dev, &queue, 0, 0);
+	if (e < 0)
+		return 4;
+	/* An entry past the table reads back as NO_VECTOR; then entry 0. */
+	int bad = dv_virtq_use_msix(&queue, dev.msix_vectors, vector);
+	int entry = dv_virtq_use_msix(&queue, 0, vector);
+	int status = dv_virtio_driver_ok(&dev);
+	struct dv_virtq_buf b = { (uintptr_t)buffer, 256, 1 };
+	int head = dv_virtq_add(&queue, &b, 1);
+	dv_virtq_kick(&queue);
+	/* Wait for the interrupt, not the used ring (bounded: the clock every 20,000 polls). */
+	uint64_t deadline = dv_clock_ns() + TIMEOUT_NS;
+	while (dv_irq_counts[vector] == 0 && dv_clock_ns() < deadline)
+		for (int i = 0; i < 20000 && dv_irq_counts[vector] == 0; i++)
+			__asm__ volatile("pause");
+	uint64_t irqs = dv_irq_counts[vector];
+	uint32_t got = 0;
+	int used = dv_virtq_used(&queue, &got);
+	PUT("{\"status\":%d,\"badEntry\":%d,\"entry\":%d,\"head\":%d,\"used\":%d,\"len\":%u,"
+	    "\"irqs\":%llu,\"distinct\":%d}",
+	    status, bad, entry, head, used, got, (unsigned long long)irqs,
+	    distinct(buffer, got <= MAX_BYTES ? got : 0));
+	dv_report(out, len);
+	return 0;
+}
+
 int main(uint64_t arg)
 {
 	uint32_t n = (uint32_t)arg;
@@ -141,6 +178,8 @@ int main(uint64_t arg)
 		dv_printf("no virtio-rng device\n");
 		return 2;
 	}
+	if (arg >> 33 & 1)
+		return with_msix();
 	if (arg >> 32 & 1) {
 		PUT("{\"cases\":[");
 		for (int c = 0; c < CASES; c++)
