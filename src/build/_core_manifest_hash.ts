@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "92e1b35bf1905ce365c1d2b8e5a58e6f096a6d15ac5599854afcd9428fa16bff";
+  "82d8b159024c1608a4d31bef3a3f5dde03d967e35e75e7cddb37631c44f613e0";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.
