@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "82d8b159024c1608a4d31bef3a3f5dde03d967e35e75e7cddb37631c44f613e0";
+  "94f39e949db9c10834bb2614a5bd748f3a33726a19c73c72db7263cf49372ef3";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

@@ -214,6 +214,28 @@ impl TestDriver {
         ))
     }
 
+    /// Waits for whichever comes first on queue `q`: a used element
+    /// (`Some(Ok((id, len)))`) or NEEDS_RESET (`Some(Err(()))`); `None` when
+    /// neither comes within 5 s (the device hung).
+    pub fn wait_used_or_reset(&mut self, q: usize) -> Option<Result<(u32, u32), ()>> {
+        let used = RINGS + q as u64 * RING_STRIDE + 0x8000;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let mut idx = [0u8; 2];
+            self.mem.read(used + 2, &mut idx).unwrap();
+            if u16::from_le_bytes(idx) != self.used_seen[q] {
+                return self.wait_used(q).map(Ok);
+            }
+            if self.read8(0x14) & status::NEEDS_RESET != 0 {
+                return Some(Err(()));
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
+    }
+
     /// Waits until the device sets NEEDS_RESET.
     pub fn wait_needs_reset(&mut self) -> bool {
         let deadline = Instant::now() + Duration::from_secs(5);
