@@ -817,6 +817,15 @@ impl VirtioDevice for Block {
         self.worker = None;
     }
 
+    /// `{"op": "state"}`: the device's [`BlockState`].
+    fn control(&mut self, request: &serde_json::Value) -> Result<serde_json::Value, VirtioError> {
+        match request.get("op").and_then(|o| o.as_str()) {
+            Some("state") => serde_json::to_value(self.state())
+                .map_err(|e| VirtioError::Malformed(e.to_string())),
+            _ => Err(VirtioError::Unsupported(request.to_string())),
+        }
+    }
+
     fn describe(&self) -> serde_json::Value {
         let s = self.stats.snapshot();
         serde_json::json!({
