@@ -17,11 +17,30 @@ export interface RngDevice {
   name?: string;
 }
 
+/**
+ * virtio-blk: a disk backed by a raw image file (or a block device), `/dev/vda`,
+ * `/dev/vdb`... in a Linux guest in the order given. The image is checked (it
+ * exists, is not a directory, is at least one 512-byte sector) and locked
+ * (exclusively, or shared when read-only) when the device is added.
+ */
+export interface BlockDevice {
+  /** The device kind. */
+  kind: "block";
+  /** Its name in listings (default `block0`, `block1`...). */
+  name?: string;
+  /** The image's path. */
+  path: string;
+  /** Offer the disk read-only: the guest sees it read-only and every write fails. */
+  readonly?: boolean;
+  /** What the guest reads as the disk's serial: up to 20 printable ASCII characters. */
+  serial?: string;
+}
+
 /** A device's configuration. */
-export type DeviceConfig = RngDevice;
+export type DeviceConfig = RngDevice | BlockDevice;
 
 /** The device kinds, as in {@link DeviceConfig}'s `kind`. */
-export const DEVICE_KINDS: readonly DeviceConfig["kind"][] = ["rng"];
+export const DEVICE_KINDS: readonly DeviceConfig["kind"][] = ["rng", "block"];
 
 /** A PCI function in a {@link DeviceListing}. */
 export interface PciFunction {
@@ -72,6 +91,24 @@ function fail(message: string): never {
   throw new DenovisorError("INVALID_ARGUMENT", message);
 }
 
+function checkBlock(config: BlockDevice): void {
+  if (typeof config.path !== "string" || config.path === "") {
+    fail(`a block device needs a path, got ${JSON.stringify(config.path)}`);
+  }
+  if (config.readonly !== undefined && typeof config.readonly !== "boolean") {
+    fail(`a block device's readonly must be a boolean, got ${JSON.stringify(config.readonly)}`);
+  }
+  if (
+    config.serial !== undefined &&
+    (typeof config.serial !== "string" || !/^[\x21-\x2b\x2d-\x7e]{0,20}$/.test(config.serial))
+  ) {
+    fail(
+      `a block device's serial must be at most 20 printable ASCII characters without spaces ` +
+        `or commas, got ${JSON.stringify(config.serial)}`,
+    );
+  }
+}
+
 /**
  * Checks a device configuration and returns the JSON the core takes.
  *
@@ -96,5 +133,6 @@ export function deviceConfigJson(config: DeviceConfig): string {
   if (config.name !== undefined && (typeof config.name !== "string" || config.name === "")) {
     fail(`a device name must be a non-empty string, got ${JSON.stringify(config.name)}`);
   }
+  if (config.kind === "block") checkBlock(config);
   return JSON.stringify(config);
 }

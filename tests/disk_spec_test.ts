@@ -2,7 +2,8 @@
 
 import assert from "node:assert/strict";
 
-import { parseDiskSpec } from "../src/cli/disk_spec.ts";
+import { DeviceFlagError, deviceFlags } from "../src/cli/device_flags.ts";
+import { checkDiskImage, parseDiskSpec } from "../src/cli/disk_spec.ts";
 import { DenovisorError } from "../src/errors.ts";
 
 Deno.test("--disk: a path, readonly and a serial, in any order after the path", () => {
@@ -49,5 +50,39 @@ Deno.test("--disk: bad specs are one-line INVALID_ARGUMENT errors", () => {
         !e.message.includes("\n") && e.message.includes("--disk"),
       bad,
     );
+  }
+});
+
+Deno.test("--disk: a missing image, a directory or a device file is refused before any VM", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "denovisor-disk-spec-" });
+  try {
+    const image = `${dir}/disk.img`;
+    await Deno.writeFile(image, new Uint8Array(4096));
+    checkDiskImage(image);
+    const cases: [string, RegExp][] = [
+      [`${dir}/missing.img`, /^disk image .*missing\.img does not exist$/],
+      [dir, /^disk image .* is a directory$/],
+      ["/dev/null", /^disk image \/dev\/null is not a regular file or block device$/],
+    ];
+    for (const [path, message] of cases) {
+      assert.throws(
+        () => checkDiskImage(path),
+        (e) =>
+          e instanceof DenovisorError && e.code === "INVALID_ARGUMENT" && message.test(e.message),
+        path,
+      );
+      assert.throws(
+        () => deviceFlags({ disk: [`${path},serial=x`] }, { linux: true }),
+        (e) => e instanceof DeviceFlagError && message.test(e.message),
+        path,
+      );
+    }
+    assert.deepEqual(deviceFlags({ disk: [image, `${image},readonly`] }, { linux: true }), [
+      { kind: "rng" },
+      { kind: "block", path: image, readonly: false, serial: "" },
+      { kind: "block", path: image, readonly: true, serial: "" },
+    ]);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
   }
 });

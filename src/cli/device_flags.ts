@@ -6,12 +6,14 @@
  */
 
 import { type DeviceConfig, deviceConfigJson } from "../devices.ts";
+import { checkDiskImage, parseDiskSpec } from "./disk_spec.ts";
 
 /** The `parseArgs` option specs of the device flags. */
 export const DEVICE_FLAG_OPTIONS = {
   rng: { type: "boolean" },
   "no-rng": { type: "boolean" },
   device: { type: "string", multiple: true },
+  disk: { type: "string", multiple: true },
 } as const;
 
 /** The values `parseArgs` gives for {@link DEVICE_FLAG_OPTIONS}. */
@@ -19,12 +21,16 @@ export interface DeviceFlagValues {
   rng?: boolean;
   "no-rng"?: boolean;
   device?: string[];
+  disk?: string[];
 }
 
 /** The device flags' lines in `run --help`. */
 export const DEVICE_FLAGS_HELP = `Devices (virtio on PCI bus 0, MSI-X: a micro-VM needs --irqchip):
   --rng              a virtio-rng entropy device (default on with --kernel)
   --no-rng           no virtio-rng device with --kernel
+  --disk PATH[,readonly][,serial=ID]
+                     a virtio-blk disk on a raw image (repeatable: /dev/vda,
+                     /dev/vdb... in order)
   --device JSON      any device as JSON, e.g. '{"kind":"rng","name":"rng9"}'
                      (repeatable; the kinds: see the README's Devices section)
 `;
@@ -43,13 +49,23 @@ export class DeviceFlagError extends Error {}
  *
  * @param values The parsed flags.
  * @param context Whether Linux boots (the rng is then on by default).
- * @returns The devices, in flag order (rng first).
- * @throws {DeviceFlagError} for a malformed or contradictory flag.
+ * @returns The devices, in flag order (rng first, then the disks).
+ * @throws {DeviceFlagError} for a malformed or contradictory flag, or a disk
+ *   image that is missing, a directory or not a file.
  */
 export function deviceFlags(values: DeviceFlagValues, context: { linux: boolean }): DeviceConfig[] {
   if (values.rng && values["no-rng"]) throw new DeviceFlagError("--rng and --no-rng contradict");
   const devices: DeviceConfig[] = [];
   if (values.rng || (context.linux && !values["no-rng"])) devices.push({ kind: "rng" });
+  for (const spec of values.disk ?? []) {
+    try {
+      const disk = parseDiskSpec(spec);
+      checkDiskImage(disk.path);
+      devices.push(disk);
+    } catch (e) {
+      throw new DeviceFlagError((e as Error).message);
+    }
+  }
   for (const json of values.device ?? []) {
     let parsed: unknown;
     try {

@@ -70,3 +70,42 @@ export function parseDiskSpec(spec: string): DiskSpec {
   }
   return { kind: "block", path, readonly: readonly ?? false, serial: serial ?? "" };
 }
+
+/**
+ * Checks a disk image on the host before any VM exists, so a bad path is a
+ * one-line usage error even where `/dev/kvm` is missing (the core checks it
+ * again, and locks it, when the device is added).
+ *
+ * @param path The image's path.
+ * @throws {DenovisorError} `INVALID_ARGUMENT` when it does not exist, is a
+ *   directory, or is neither a regular file nor a block device.
+ * @example
+ * ```ts
+ * import { checkDiskImage } from "denovisor/src/cli/disk_spec.ts";
+ * try {
+ *   checkDiskImage("/nonexistent.img");
+ * } catch (e) {
+ *   console.log((e as Error).message); // disk image /nonexistent.img does not exist
+ * }
+ * ```
+ */
+export function checkDiskImage(path: string): void {
+  let info: Deno.FileInfo;
+  try {
+    info = Deno.statSync(path);
+  } catch (e) {
+    if (e instanceof Deno.errors.NotFound) {
+      throw new DenovisorError("INVALID_ARGUMENT", `disk image ${path} does not exist`);
+    }
+    throw new DenovisorError("INVALID_ARGUMENT", `disk image ${path}: ${(e as Error).message}`);
+  }
+  if (info.isDirectory) {
+    throw new DenovisorError("INVALID_ARGUMENT", `disk image ${path} is a directory`);
+  }
+  if (!info.isFile && !info.isBlockDevice) {
+    throw new DenovisorError(
+      "INVALID_ARGUMENT",
+      `disk image ${path} is not a regular file or block device`,
+    );
+  }
+}
