@@ -5,6 +5,8 @@ import assert from "node:assert/strict";
 import { DeviceFlagError, deviceFlags } from "../src/cli/device_flags.ts";
 import { checkDiskImage, parseDiskSpec } from "../src/cli/disk_spec.ts";
 import { DenovisorError } from "../src/errors.ts";
+import { cli } from "./_helpers.ts";
+import { debianKernel, fetchedPath } from "./_linux.ts";
 
 Deno.test("--disk: a path, readonly and a serial, in any order after the path", () => {
   assert.deepEqual(parseDiskSpec("disk.img"), {
@@ -84,5 +86,21 @@ Deno.test("--disk: a missing image, a directory or a device file is refused befo
     ]);
   } finally {
     await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("run --disk with a bad image or spec is status 2 and one line, before /dev/kvm", async () => {
+  const kernel = fetchedPath(debianKernel, "Debian's kernel");
+  for (
+    const [spec, message] of [
+      ["/nonexistent/disk.img", /^denovisor: disk image \/nonexistent\/disk\.img does not exist$/],
+      ["/tmp,readonly", /^denovisor: disk image \/tmp is a directory$/],
+      ["x.img,rw", /unknown option "rw"/],
+    ] as const
+  ) {
+    const r = await cli("run", "--kernel", kernel, "--disk", spec);
+    assert.equal(r.code, 2, r.stderr);
+    assert.equal(r.stderr.trim().split("\n").length, 1, r.stderr);
+    assert.match(r.stderr.trim(), message);
   }
 });
