@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "94f39e949db9c10834bb2614a5bd748f3a33726a19c73c72db7263cf49372ef3";
+  "b2fc6142429ff48d5feb6e27a001ac2e8ae35956dba53f81b263e51dcab65249";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

@@ -418,6 +418,11 @@ where
             addr: d.addr().0,
             len: u64::from(d.len()),
         };
+        // An empty buffer carries nothing (and must not become the one
+        // whose last byte takes the status).
+        if seg.len == 0 {
+            continue;
+        }
         if !mem.contains(seg.addr, seg.len) {
             return Err(ChainError::OutsideRam);
         }
@@ -435,7 +440,7 @@ where
     if last_has_next {
         return Err(ChainError::Truncated);
     }
-    if r.writable.iter().all(|s| s.len == 0) {
+    if r.writable.is_empty() {
         return Err(ChainError::NoStatus);
     }
     Ok(r)
@@ -1225,6 +1230,44 @@ mod tests {
         // After a reset it serves again.
         d.start(0);
         assert_eq!(request(&mut d, vb::VIRTIO_BLK_T_IN, 0, 512, true).0, S_OK);
+    }
+
+    #[test]
+    fn a_zero_length_last_buffer_does_not_move_the_status_byte() {
+        let img = Image::new(&pattern(8 * 512, 4));
+        let mut d = TestDriver::new(Box::new(disk(&img, false, "")));
+        d.start(0);
+        let mut h = [0u8; 16];
+        h[..4].copy_from_slice(&vb::VIRTIO_BLK_T_IN.to_le_bytes());
+        d.mem.write(HEADER, &h).unwrap();
+        d.mem.write(DATA, &[0xee; 513]).unwrap();
+        d.mem.write(STATUS - 1, &[0xee; 2]).unwrap();
+        // The status goes in the last byte of the last non-empty writable
+        // buffer: 511 data bytes are left, not whole sectors, so IOERR there.
+        let bufs = [
+            Buf {
+                addr: HEADER,
+                len: 16,
+                write: false,
+            },
+            Buf {
+                addr: DATA,
+                len: 512,
+                write: true,
+            },
+            Buf {
+                addr: STATUS,
+                len: 0,
+                write: true,
+            },
+        ];
+        d.post(0, &bufs);
+        assert_eq!(d.wait_used(0).map(|u| u.1), Some(1));
+        let mut b = [0u8; 2];
+        d.mem.read(DATA + 511, &mut b).unwrap();
+        assert_eq!(b, [S_IOERR, 0xee]);
+        d.mem.read(STATUS - 1, &mut b).unwrap();
+        assert_eq!(b, [0xee, 0xee], "nothing written around the empty buffer");
     }
 
     #[test]
