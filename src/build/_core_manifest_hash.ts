@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "b2fc6142429ff48d5feb6e27a001ac2e8ae35956dba53f81b263e51dcab65249";
+  "bc38f43b49485084dcec3dad0e9c37edcbc39e4d628bb8275303681ca92f727c";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.
