@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "bc38f43b49485084dcec3dad0e9c37edcbc39e4d628bb8275303681ca92f727c";
+  "5bbb28487e3f722f79f7bd730ecd41cd783c1d95c35d977a55ea0a63107c3da4";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

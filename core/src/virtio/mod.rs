@@ -15,6 +15,7 @@
 //! queue broken stops and sets DEVICE_NEEDS_RESET instead of touching anything
 //! outside guest RAM.
 
+pub mod balloon;
 pub mod block;
 pub mod devices;
 pub mod pci;
