@@ -128,6 +128,21 @@ export {
   type WaitOptions,
 } from "./src/console_driver.ts";
 export {
+  type BalloonControl,
+  type BalloonStats,
+  type GuestMemoryStats,
+  parseBalloonStats,
+  VmBalloon,
+} from "./src/balloon.ts";
+export {
+  type ManagedGuest,
+  type ManagedGuestView,
+  type MemoryDecision,
+  MemoryManager,
+  type MemoryManagerMetrics,
+  type MemoryManagerOptions,
+} from "./src/memory_manager.ts";
+export {
   DEFAULT_GUEST_LOAD_OPTIONS,
   DEFAULT_GUEST_SUCCESS_CODE,
   defaultGuestImage,
