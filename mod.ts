@@ -22,6 +22,7 @@
 
 export { DenovisorError, type ErrorCode } from "./src/errors.ts";
 export {
+  type BalloonDevice,
   type BlockDevice,
   type BusRange,
   DEVICE_KINDS,

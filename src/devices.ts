@@ -36,11 +36,28 @@ export interface BlockDevice {
   serial?: string;
 }
 
+/**
+ * virtio-balloon: the host asks the guest for memory back ({@link Vm.balloon}),
+ * reads its memory statistics, and gets its free pages reported.
+ */
+export interface BalloonDevice {
+  /** The device kind. */
+  kind: "balloon";
+  /** Its name in listings (default `balloon0`). */
+  name?: string;
+  /** How often the guest is asked for fresh statistics, in ms (default 1000; 0: only on request). */
+  statsIntervalMs?: number;
+  /** Let the guest deflate when it runs out of memory (VIRTIO_BALLOON_F_DEFLATE_ON_OOM, default false). */
+  deflateOnOom?: boolean;
+  /** Free page reporting: the guest returns free memory on its own (default true). */
+  freePageReporting?: boolean;
+}
+
 /** A device's configuration. */
-export type DeviceConfig = RngDevice | BlockDevice;
+export type DeviceConfig = RngDevice | BlockDevice | BalloonDevice;
 
 /** The device kinds, as in {@link DeviceConfig}'s `kind`. */
-export const DEVICE_KINDS: readonly DeviceConfig["kind"][] = ["rng", "block"];
+export const DEVICE_KINDS: readonly DeviceConfig["kind"][] = ["rng", "block", "balloon"];
 
 /** A PCI function in a {@link DeviceListing}. */
 export interface PciFunction {
@@ -134,5 +151,16 @@ export function deviceConfigJson(config: DeviceConfig): string {
     fail(`a device name must be a non-empty string, got ${JSON.stringify(config.name)}`);
   }
   if (config.kind === "block") checkBlock(config);
+  if (config.kind === "balloon") {
+    const ms = config.statsIntervalMs;
+    if (ms !== undefined && (!Number.isSafeInteger(ms) || ms < 0 || ms > 0xffff_ffff)) {
+      fail(`statsIntervalMs must be an integer from 0 to 2^32 - 1, got ${JSON.stringify(ms)}`);
+    }
+    for (const flag of ["deflateOnOom", "freePageReporting"] as const) {
+      if (config[flag] !== undefined && typeof config[flag] !== "boolean") {
+        fail(`${flag} must be a boolean, got ${JSON.stringify(config[flag])}`);
+      }
+    }
+  }
   return JSON.stringify(config);
 }

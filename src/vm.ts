@@ -7,6 +7,7 @@
  */
 
 import { type DeviceConfig, deviceConfigJson, type DeviceListing } from "./devices.ts";
+import { VmBalloon } from "./balloon.ts";
 import { DenovisorError } from "./errors.ts";
 import { describeExit, type ExitReason, type VcpuExit } from "./kvm/exit.ts";
 import { lastLines } from "./console_driver.ts";
@@ -225,6 +226,7 @@ const STDOUT_FD = 1;
 export class Vm implements Disposable {
   readonly #vm: KvmVm;
   readonly #memoryBytes: number;
+  #balloon: VmBalloon | undefined;
   readonly #config: Required<Pick<VmConfig, "timeoutMs">>;
   readonly #createMs: number;
   #loaded: LoadedImage | undefined;
@@ -390,6 +392,38 @@ export class Vm implements Disposable {
    */
   deviceControl(name: string, request: Record<string, unknown>): unknown {
     return this.#vm.deviceControl(name, JSON.stringify(request));
+  }
+
+  /**
+   * The VM's virtio-balloon (the first, if several): set its target, read
+   * the guest's memory statistics.
+   *
+   * @example
+   * ```ts
+   * import { Vm } from "denovisor";
+   * using vm = await Vm.create({ memoryMiB: 64, interrupts: true, devices: [{ kind: "balloon" }] });
+   * console.log(vm.balloon.stats().targetMib); // 0
+   * ```
+   *
+   * @throws {DenovisorError} `INVALID_ARGUMENT` when the VM has no balloon device.
+   */
+  get balloon(): VmBalloon {
+    if (!this.#balloon) {
+      // virtio-pci modern device ID: 0x1040 + the virtio type (5, balloon).
+      const f = this.devices().pci.find((f) => f.vendor === 0x1af4 && f.device === 0x1045);
+      if (!f) {
+        throw new DenovisorError(
+          "INVALID_ARGUMENT",
+          'this VM has no balloon device (add { kind: "balloon" } to its devices)',
+        );
+      }
+      const name = f.name;
+      this.#balloon = new VmBalloon(
+        (request) => this.deviceControl(name, request),
+        this.#memoryBytes / (1024 * 1024),
+      );
+    }
+    return this.#balloon;
   }
 
   /** The image loaded last, if any. */

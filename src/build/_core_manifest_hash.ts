@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "5bbb28487e3f722f79f7bd730ecd41cd783c1d95c35d977a55ea0a63107c3da4";
+  "2e5483444adccbd4058bbe952233f0c81325e3944c21e09672dc819c8be16fe1";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

@@ -12,6 +12,7 @@ import { checkDiskImage, parseDiskSpec } from "./disk_spec.ts";
 export const DEVICE_FLAG_OPTIONS = {
   rng: { type: "boolean" },
   "no-rng": { type: "boolean" },
+  balloon: { type: "boolean" },
   device: { type: "string", multiple: true },
   disk: { type: "string", multiple: true },
 } as const;
@@ -20,6 +21,7 @@ export const DEVICE_FLAG_OPTIONS = {
 export interface DeviceFlagValues {
   rng?: boolean;
   "no-rng"?: boolean;
+  balloon?: boolean;
   device?: string[];
   disk?: string[];
 }
@@ -31,6 +33,7 @@ export const DEVICE_FLAGS_HELP = `Devices (virtio on PCI bus 0, MSI-X: a micro-V
   --disk PATH[,readonly][,serial=ID]
                      a virtio-blk disk on a raw image (repeatable: /dev/vda,
                      /dev/vdb... in order)
+  --balloon          a virtio-balloon (statistics every second, free page reporting)
   --device JSON      any device as JSON, e.g. '{"kind":"rng","name":"rng9"}'
                      (repeatable; the kinds: see the README's Devices section)
 `;
@@ -49,7 +52,7 @@ export class DeviceFlagError extends Error {}
  *
  * @param values The parsed flags.
  * @param context Whether Linux boots (the rng is then on by default).
- * @returns The devices, in flag order (rng first, then the disks).
+ * @returns The devices, in flag order (rng, the disks, the balloon, then `--device`s).
  * @throws {DeviceFlagError} for a malformed or contradictory flag, or a disk
  *   image that is missing, a directory or not a file.
  */
@@ -66,6 +69,7 @@ export function deviceFlags(values: DeviceFlagValues, context: { linux: boolean 
       throw new DeviceFlagError((e as Error).message);
     }
   }
+  if (values.balloon) devices.push({ kind: "balloon" });
   for (const json of values.device ?? []) {
     let parsed: unknown;
     try {

@@ -24,7 +24,7 @@
 
 use std::collections::BTreeMap;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -225,13 +225,14 @@ struct Control {
 struct Shared {
     state: Mutex<BalloonState>,
     control: Mutex<Option<Control>>,
+    /// Guest RAM in bytes, known once the driver starts the device (0 before).
+    ram_bytes: AtomicU64,
 }
 
 /// The host's side of a balloon: set the target, read the statistics. Clones
 /// share the device (the VM keeps one while the device sits on the bus).
 #[derive(Clone)]
 pub struct BalloonHandle {
-    ram_bytes: u64,
     shared: Arc<Shared>,
 }
 
@@ -248,8 +249,14 @@ impl BalloonHandle {
 
     /// Sets the target to `mib` MiB and tells the driver (a configuration
     /// change interrupt) if it runs.
+    /// Before the driver starts the device the guest's RAM is unknown here:
+    /// only the 32-bit page count bounds the target (the TypeScript API
+    /// checks it against the VM's RAM).
     pub fn set_target(&self, mib: u64) -> Result<(), BalloonError> {
-        let ram_mib = self.ram_bytes >> 20;
+        let ram_mib = match self.shared.ram_bytes.load(Ordering::Acquire) {
+            0 => u64::MAX,
+            bytes => bytes >> 20,
+        };
         if mib > ram_mib {
             return Err(BalloonError::BadRequest(format!(
                 "balloon target {mib} MiB exceeds guest RAM ({ram_mib} MiB)"
@@ -319,12 +326,11 @@ pub struct Balloon {
 }
 
 impl Balloon {
-    /// A balloon for a guest with `ram_bytes` of RAM, initially empty (target 0).
-    pub fn new(config: BalloonConfig, ram_bytes: u64) -> Balloon {
+    /// A balloon, initially empty (target 0).
+    pub fn new(config: BalloonConfig) -> Balloon {
         Balloon {
             config,
             handle: BalloonHandle {
-                ram_bytes,
                 shared: Arc::default(),
             },
             worker: None,
@@ -334,14 +340,6 @@ impl Balloon {
     /// The host's handle on this device.
     pub fn handle(&self) -> BalloonHandle {
         self.handle.clone()
-    }
-
-    /// See [`BalloonHandle::control`].
-    pub fn control(
-        &mut self,
-        request: &serde_json::Value,
-    ) -> Result<serde_json::Value, BalloonError> {
-        self.handle.control(request)
     }
 
     fn config_image(&self) -> [u8; CONFIG_LEN] {
@@ -656,6 +654,10 @@ impl VirtioDevice for Balloon {
                 .reset(every, Some(every))
                 .map_err(errno("arming the statistics timer"))?;
         }
+        self.handle
+            .shared
+            .ram_bytes
+            .store(a.mem.size(), Ordering::Release);
         let interrupt = Arc::new(a.interrupt);
         let mut runner = Runner {
             mem: a.mem,
@@ -699,6 +701,12 @@ impl VirtioDevice for Balloon {
         lock(&self.handle.shared.state).actual = 0;
     }
 
+    fn control(&mut self, request: &serde_json::Value) -> Result<serde_json::Value, VirtioError> {
+        self.handle
+            .control(request)
+            .map_err(|e| VirtioError::Malformed(e.to_string()))
+    }
+
     fn describe(&self) -> serde_json::Value {
         let mut d = self.handle.report();
         d["kind"] = "balloon".into();
@@ -724,7 +732,7 @@ mod tests {
     const PAGES: u64 = BUFFERS + 0x10_0000;
 
     fn driver(config: BalloonConfig) -> (TestDriver, BalloonHandle) {
-        let b = Balloon::new(config, 16 * MIB);
+        let b = Balloon::new(config);
         let h = b.handle();
         (TestDriver::new(Box::new(b)), h)
     }
@@ -820,6 +828,21 @@ mod tests {
         ));
         assert!(h.control(&serde_json::json!({"op": "setTarget"})).is_err());
         assert!(h.control(&serde_json::json!({"op": "grow"})).is_err());
+        // The same requests through the transport, as the VM passes them.
+        let r = d
+            .dev
+            .control(&serde_json::json!({"op": "setTarget", "mib": 4}))
+            .unwrap();
+        assert_eq!(r["targetPages"], 4 * 256);
+        assert!(matches!(
+            d.dev
+                .control(&serde_json::json!({"op": "setTarget", "mib": -1})),
+            Err(VirtioError::Malformed(_))
+        ));
+        let r = d
+            .dev
+            .control(&serde_json::json!({"op": "setTarget", "mib": 5}));
+        assert_eq!(r.unwrap()["targetMib"], 5);
         assert_eq!(h.state().num_pages, 5 * 256);
     }
 
@@ -1033,7 +1056,7 @@ mod tests {
         let json = serde_json::to_string(&state).unwrap();
         let back: BalloonState = serde_json::from_str(&json).unwrap();
         assert_eq!(back, state);
-        let b = Balloon::new(BalloonConfig::default(), 16 * MIB);
+        let b = Balloon::new(BalloonConfig::default());
         b.handle().restore(back);
         assert_eq!(b.handle().state(), state);
         let c: BalloonConfig = serde_json::from_str("{}").unwrap();
@@ -1043,7 +1066,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(serde_json::to_value(&c).unwrap()["deflateOnOom"], true);
-        let b = Balloon::new(c, 16 * MIB);
+        let b = Balloon::new(c);
         assert_eq!(b.queue_sizes().len(), 3);
         assert_eq!(b.features(), feature::STATS_VQ | feature::DEFLATE_ON_OOM);
     }

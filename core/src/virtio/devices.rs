@@ -5,6 +5,7 @@
 
 use serde::Deserialize;
 
+use super::balloon::{Balloon, BalloonConfig, DEFAULT_STATS_INTERVAL_MS};
 use super::block::{Block, BlockConfig};
 use super::rng::Rng;
 use super::{VirtioDevice, VirtioError};
@@ -32,6 +33,31 @@ pub enum DeviceConfig {
         #[serde(default)]
         serial: String,
     },
+    /// virtio-balloon: memory back from the guest at a target the host sets,
+    /// statistics and free page reporting (see `balloon`).
+    #[serde(rename_all = "camelCase")]
+    Balloon {
+        /// The device's name in listings (default: the kind and a number).
+        #[serde(default)]
+        name: Option<String>,
+        /// How often the guest is asked for statistics (0: only on request).
+        #[serde(default = "default_stats_interval")]
+        stats_interval_ms: u32,
+        /// Offer VIRTIO_BALLOON_F_DEFLATE_ON_OOM.
+        #[serde(default)]
+        deflate_on_oom: bool,
+        /// Offer VIRTIO_BALLOON_F_REPORTING.
+        #[serde(default = "default_true")]
+        free_page_reporting: bool,
+    },
+}
+
+fn default_stats_interval() -> u32 {
+    DEFAULT_STATS_INTERVAL_MS
+}
+
+fn default_true() -> bool {
+    true
 }
 
 impl DeviceConfig {
@@ -46,13 +72,16 @@ impl DeviceConfig {
         match self {
             DeviceConfig::Rng { .. } => "rng",
             DeviceConfig::Block { .. } => "block",
+            DeviceConfig::Balloon { .. } => "balloon",
         }
     }
 
     /// The name the user gave, if any.
     pub fn name(&self) -> Option<&str> {
         match self {
-            DeviceConfig::Rng { name } | DeviceConfig::Block { name, .. } => name.as_deref(),
+            DeviceConfig::Rng { name }
+            | DeviceConfig::Block { name, .. }
+            | DeviceConfig::Balloon { name, .. } => name.as_deref(),
         }
     }
 
@@ -72,6 +101,16 @@ impl DeviceConfig {
             })
             .map(|b| Box::new(b) as Box<dyn VirtioDevice>)
             .map_err(|e| VirtioError::Malformed(e.to_string())),
+            DeviceConfig::Balloon {
+                stats_interval_ms,
+                deflate_on_oom,
+                free_page_reporting,
+                ..
+            } => Ok(Box::new(Balloon::new(BalloonConfig {
+                stats_interval_ms: *stats_interval_ms,
+                deflate_on_oom: *deflate_on_oom,
+                free_page_reporting: *free_page_reporting,
+            }))),
         }
     }
 }
@@ -114,8 +153,21 @@ mod tests {
         assert_eq!(c.kind(), "rng");
         let named = DeviceConfig::from_json(br#"{"kind":"rng","name":"entropy"}"#).unwrap();
         assert_eq!(named.name(), Some("entropy"));
+        let b = DeviceConfig::from_json(br#"{"kind":"balloon","statsIntervalMs":0}"#).unwrap();
+        assert_eq!(
+            b,
+            DeviceConfig::Balloon {
+                name: None,
+                stats_interval_ms: 0,
+                deflate_on_oom: false,
+                free_page_reporting: true
+            }
+        );
+        assert_eq!(b.kind(), "balloon");
         for bad in [
             &br#"{"kind":"floppy"}"#[..],
+            br#"{"kind":"balloon","statsIntervalMs":-1}"#,
+            br#"{"kind":"balloon","stats_interval_ms":5}"#,
             br#"{"kind":"rng","x":1}"#,
             b"[",
             b"{}",
