@@ -94,22 +94,39 @@ export async function sh(shell: ConsoleDriver, command: string): Promise<string>
 }
 
 /**
- * Makes the guest touch all but `leaveMiB` of its free memory (a tmpfs file
- * of that size, written, then removed): afterwards the host holds those pages
- * although the guest has them free again.
+ * Fills all but `leaveMiB` of the guest's free memory with a tmpfs file at
+ * `/mnt/f` (every page written, so the host holds it).
  *
  * @returns How many MiB were written.
  */
-export async function touchFreeMemory(shell: ConsoleDriver, leaveMiB: number): Promise<number> {
+export async function fillMemory(shell: ConsoleDriver, leaveMiB: number): Promise<number> {
   const out = await sh(
     shell,
     `N=$(( $(sed -n 's/^MemFree: *\\([0-9]*\\) kB/\\1/p' /proc/meminfo) / 1024 - ${leaveMiB} )); ` +
       `mount -t tmpfs -o size=$((N + 1))m fill /mnt && dd if=/dev/zero of=/mnt/f bs=1M count=$N 2>/dev/null; ` +
-      `rm -f /mnt/f; umount /mnt; echo FILLED=$N`,
+      `echo FILLED=$N`,
   );
   const m = /FILLED=(\d+)/.exec(out);
   if (!m) throw new Error(`no fill size in ${out}`);
   return Number(m[1]);
+}
+
+/** Frees what {@link fillMemory} wrote (the guest's memory is free again). */
+export async function freeFill(shell: ConsoleDriver): Promise<void> {
+  await sh(shell, "rm -f /mnt/f; umount /mnt");
+}
+
+/**
+ * Makes the guest touch all but `leaveMiB` of its free memory and free it
+ * again: afterwards the host holds those pages although the guest has them
+ * free.
+ *
+ * @returns How many MiB were written.
+ */
+export async function touchFreeMemory(shell: ConsoleDriver, leaveMiB: number): Promise<number> {
+  const filled = await fillMemory(shell, leaveMiB);
+  await freeFill(shell);
+  return filled;
 }
 
 /** This process's resident set (the VMM's: the VM runs in it), bytes. */
