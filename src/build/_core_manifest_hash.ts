@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "2e5483444adccbd4058bbe952233f0c81325e3944c21e09672dc819c8be16fe1";
+  "907a81c219653da2721e74ffb5fd3778bef6eba39528e4095494d144a4cc7f96";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

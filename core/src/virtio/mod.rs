@@ -22,6 +22,7 @@ pub mod pci;
 pub mod rng;
 #[cfg(test)]
 pub mod test_driver;
+pub mod vsock;
 pub mod worker;
 
 use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};

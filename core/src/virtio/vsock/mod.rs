@@ -1,0 +1,409 @@
+//! virtio-vsock with Firecracker's Unix-socket host side: guest `AF_VSOCK`
+//! stream sockets reach host programs through `PATH` (host → guest, with a
+//! `CONNECT <port>\n` line answered `OK <hostport>\n`) and `PATH_<port>`
+//! (guest → host port), as [`muxer`] describes.
+//!
+//! Three queues: rx (device → guest packets), tx (guest → device), event
+//! (transport resets, unused until snapshots). The worker thread owns an
+//! [`Engine`]: it takes guest packets from tx while the control backlog has
+//! room, and fills rx buffers with control packets and host bytes. A broken
+//! chain (wrong direction, a loop, outside RAM, a short header, an oversized
+//! length) stops the device with DEVICE_NEEDS_RESET.
+
+pub mod muxer;
+pub mod packet;
+
+use std::os::unix::net::UnixListener;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::EventSet;
+
+use self::muxer::{ConnectionState, Muxer, Stats};
+use self::packet::{RxBuffer, MAX_PAYLOAD};
+use super::worker::{Wake, Worker};
+use super::{device_type, Activation, VirtioDevice, VirtioError};
+use crate::memory::GuestRam;
+
+/// Each queue's size.
+const QUEUE_SIZE: u16 = 256;
+const RX: usize = 0;
+const TX: usize = 1;
+/// The longest `PATH_<port>` must fit a `sockaddr_un` (107 bytes and a NUL).
+const SUN_PATH_MAX: usize = 107;
+/// The longest port suffix, `_4294967295`.
+const PORT_SUFFIX_MAX: usize = 11;
+
+/// What can go wrong with a vsock device: its host side (before the VM runs)
+/// or a guest packet (the device then needs a reset).
+#[derive(Debug, Error)]
+pub enum VsockError {
+    /// CIDs 0-2 are reserved (hypervisor, local, host); -1 is "any".
+    #[error("vsock cid {0} is reserved or out of range: use 3 to 4294967294")]
+    BadCid(u64),
+    /// An empty socket path.
+    #[error("the vsock path is empty")]
+    EmptyPath,
+    /// The socket's directory does not exist.
+    #[error("vsock path {0}: its directory does not exist")]
+    MissingDirectory(String),
+    /// Something is already at the path.
+    #[error("vsock path {0} already exists (remove a stale socket first)")]
+    PathExists(String),
+    /// `PATH_<port>` would not fit a Unix socket address.
+    #[error("vsock path {0} is too long: at most {max} bytes, so PATH_<port> fits a Unix socket address", max = SUN_PATH_MAX - PORT_SUFFIX_MAX)]
+    PathTooLong(String),
+    /// bind(2) or listen(2) failed.
+    #[error("vsock path {path}: {source}")]
+    Bind {
+        path: String,
+        source: std::io::Error,
+    },
+    /// A host resource failed.
+    #[error("{op}: {source}")]
+    Io {
+        op: &'static str,
+        source: std::io::Error,
+    },
+    /// A descriptor chain that loops, outgrows its queue or is empty.
+    #[error("descriptor chain: {0}")]
+    Chain(&'static str),
+    /// A device-writable descriptor on tx or a readable one on rx.
+    #[error("a descriptor has the wrong direction for its queue")]
+    WrongDirection,
+    /// A buffer too small for a packet header.
+    #[error("a {0}-byte buffer cannot hold a 44-byte packet header")]
+    ShortBuffer(usize),
+    /// A payload length over 64 KiB.
+    #[error("a packet claims {0} payload bytes (at most 65536)")]
+    Oversized(u32),
+    /// A payload length past the end of its chain.
+    #[error("a packet needs {needed} bytes but its chain holds {available}")]
+    Truncated { needed: usize, available: usize },
+    /// A buffer outside guest RAM.
+    #[error("guest address {0:#x} is outside guest RAM")]
+    OutsideRam(u64),
+    /// The queue's rings are unusable (avail index out of range...).
+    #[error("queue: {0}")]
+    Queue(virtio_queue::Error),
+}
+
+impl From<VsockError> for VirtioError {
+    fn from(e: VsockError) -> VirtioError {
+        match e {
+            VsockError::Io { op, source } => VirtioError::Io { op, source },
+            e => VirtioError::Malformed(e.to_string()),
+        }
+    }
+}
+
+/// The device's state as plain data (sockets themselves are not state: a
+/// restored device starts with no connections, as after a transport reset).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VsockState {
+    pub cid: u64,
+    pub path: String,
+    pub connections: Vec<ConnectionState>,
+}
+
+/// The queue handling: tx into the muxer, the muxer into rx.
+pub struct Engine {
+    mem: GuestRam,
+    rx: Queue,
+    tx: Queue,
+    pub muxer: Muxer,
+    payload: Vec<u8>,
+    scratch: Vec<u8>,
+}
+
+/// The next chain of `queue`, or the ring's own error (an avail index
+/// further ahead than the queue is long).
+fn pop<'m>(
+    queue: &mut Queue,
+    m: &'m GuestMemoryMmap,
+) -> Result<Option<DescriptorChain<&'m GuestMemoryMmap>>, VsockError> {
+    Ok(queue.iter(m).map_err(VsockError::Queue)?.next())
+}
+
+impl Engine {
+    /// Handling for `rx`/`tx` over `mem`, served by `muxer`.
+    pub fn new(mem: GuestRam, rx: Queue, tx: Queue, muxer: Muxer) -> Engine {
+        Engine {
+            mem,
+            rx,
+            tx,
+            muxer,
+            payload: Vec::with_capacity(MAX_PAYLOAD),
+            scratch: vec![0u8; MAX_PAYLOAD],
+        }
+    }
+
+    /// Serves one wake; `notify(q)` raises queue `q`'s interrupt. An error
+    /// means the guest broke a rule and the device must stop.
+    pub fn handle(&mut self, wake: Wake, notify: &mut dyn FnMut(usize)) -> Result<(), VsockError> {
+        if let Wake::Fd(..) = wake {
+            self.muxer.handle_events();
+        }
+        let (mut tx_used, mut rx_used) = (false, false);
+        loop {
+            let took = self.process_tx(&mut tx_used)?;
+            let gave = self.process_rx(&mut rx_used)?;
+            if !took && !gave {
+                break;
+            }
+        }
+        let m = self.mem.mmap();
+        if tx_used && self.tx.needs_notification(m).map_err(VsockError::Queue)? {
+            notify(TX);
+        }
+        if rx_used && self.rx.needs_notification(m).map_err(VsockError::Queue)? {
+            notify(RX);
+        }
+        Ok(())
+    }
+
+    /// Takes guest packets until tx is empty or the control backlog is
+    /// full; true if any was taken.
+    fn process_tx(&mut self, used: &mut bool) -> Result<bool, VsockError> {
+        let m = self.mem.mmap();
+        let mut took = false;
+        loop {
+            self.tx.disable_notification(m).map_err(VsockError::Queue)?;
+            while !self.muxer.backlog_full() {
+                let Some(chain) = pop(&mut self.tx, m)? else {
+                    break;
+                };
+                let head = chain.head_index();
+                let hdr = packet::read_tx(chain, m, &mut self.payload)?;
+                self.muxer.send_pkt(&hdr, &self.payload);
+                self.tx.add_used(m, head, 0).map_err(VsockError::Queue)?;
+                *used = true;
+                took = true;
+            }
+            if self.muxer.backlog_full() {
+                // Resumed once rx takes control packets (a kick on rx or tx).
+                return Ok(took);
+            }
+            if !self.tx.enable_notification(m).map_err(VsockError::Queue)? {
+                return Ok(took);
+            }
+        }
+    }
+
+    /// Fills guest rx buffers while there is something to send; true if any
+    /// was filled.
+    fn process_rx(&mut self, used: &mut bool) -> Result<bool, VsockError> {
+        let m = self.mem.mmap();
+        let mut gave = false;
+        while self.muxer.has_rx() {
+            self.rx.disable_notification(m).map_err(VsockError::Queue)?;
+            while self.muxer.has_rx() {
+                let Some(chain) = pop(&mut self.rx, m)? else {
+                    break;
+                };
+                let head = chain.head_index();
+                let buf = RxBuffer::new(chain)?;
+                let room = buf.payload_room();
+                let Some((hdr, n)) = self.muxer.recv_pkt(&mut self.scratch, room) else {
+                    // Nothing after all (a socket had no bytes): keep the buffer.
+                    self.rx.go_to_previous_position();
+                    break;
+                };
+                let len = buf.write(m, &hdr, &self.scratch[..n])?;
+                self.rx.add_used(m, head, len).map_err(VsockError::Queue)?;
+                *used = true;
+                gave = true;
+            }
+            if !self.muxer.has_rx() {
+                break;
+            }
+            // Out of buffers: the driver's next rx kick resumes.
+            if !self.rx.enable_notification(m).map_err(VsockError::Queue)? {
+                break;
+            }
+        }
+        Ok(gave)
+    }
+}
+
+/// The vsock device.
+pub struct Vsock {
+    cid: u64,
+    path: String,
+    listener: UnixListener,
+    engine: Arc<Mutex<Option<Engine>>>,
+    stats: Arc<Stats>,
+    worker: Option<Worker>,
+}
+
+/// Checks a socket path the way `bind(2)` would see it, with one-line
+/// answers for the usual mistakes.
+fn check_path(path: &str) -> Result<(), VsockError> {
+    if path.is_empty() {
+        return Err(VsockError::EmptyPath);
+    }
+    if path.len() > SUN_PATH_MAX - PORT_SUFFIX_MAX {
+        return Err(VsockError::PathTooLong(path.to_string()));
+    }
+    let p = Path::new(path);
+    let dir = match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        return Err(VsockError::MissingDirectory(path.to_string()));
+    }
+    if p.symlink_metadata().is_ok() {
+        return Err(VsockError::PathExists(path.to_string()));
+    }
+    Ok(())
+}
+
+impl Vsock {
+    /// A device for guest `cid` that listens on `path` now (so a bad path is
+    /// an error before the VM runs) and connects to `path_<port>` for the
+    /// guest.
+    pub fn new(cid: u64, path: &str) -> Result<Vsock, VsockError> {
+        if !(3..u64::from(u32::MAX)).contains(&cid) {
+            return Err(VsockError::BadCid(cid));
+        }
+        check_path(path)?;
+        let listener = UnixListener::bind(path).map_err(|source| VsockError::Bind {
+            path: path.to_string(),
+            source,
+        })?;
+        Ok(Vsock {
+            cid,
+            path: path.to_string(),
+            listener,
+            engine: Arc::new(Mutex::new(None)),
+            stats: Arc::new(Stats::default()),
+            worker: None,
+        })
+    }
+
+    /// The device's state as plain data.
+    pub fn state(&self) -> VsockState {
+        let connections = match self.engine.lock() {
+            Ok(e) => e.as_ref().map(|e| e.muxer.state()).unwrap_or_default(),
+            Err(_) => Vec::new(),
+        };
+        VsockState {
+            cid: self.cid,
+            path: self.path.clone(),
+            connections,
+        }
+    }
+}
+
+impl Drop for Vsock {
+    fn drop(&mut self) {
+        self.worker = None;
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl VirtioDevice for Vsock {
+    fn device_type(&self) -> u16 {
+        device_type::VSOCK
+    }
+
+    fn queue_sizes(&self) -> Vec<u16> {
+        vec![QUEUE_SIZE; 3]
+    }
+
+    fn features(&self) -> u64 {
+        // Stream sockets only: with no feature bit, that is what is offered.
+        0
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        super::read_config_bytes(&self.cid.to_le_bytes(), offset, data);
+    }
+
+    fn activate(&mut self, mut a: Activation) -> Result<(), VirtioError> {
+        let mut take = |q: usize| {
+            a.queues
+                .get_mut(q)
+                .and_then(Option::take)
+                .ok_or(VirtioError::QueueNotEnabled(q))
+        };
+        let rx = take(RX)?;
+        let tx = take(TX)?;
+        // The event queue (2) stays idle: nothing is sent on it yet.
+        let listener = self
+            .listener
+            .try_clone()
+            .map_err(|source| VirtioError::Io {
+                op: "duplicating the vsock listener",
+                source,
+            })?;
+        let muxer = Muxer::new(self.cid, self.path.clone(), listener, self.stats.clone()).map_err(
+            |source| VirtioError::Io {
+                op: "creating the vsock epoll set",
+                source,
+            },
+        )?;
+        let epoll_fd = muxer.epoll_fd();
+        let engine = Engine::new(a.mem.clone(), rx, tx, muxer);
+        let shared = self.engine.clone();
+        *shared
+            .lock()
+            .map_err(|_| VirtioError::Malformed("vsock state lock poisoned".into()))? =
+            Some(engine);
+        let kicks = std::mem::take(&mut a.kicks);
+        self.worker = Some(Worker::spawn(
+            "virtio-vsock",
+            kicks,
+            vec![(epoll_fd, EventSet::IN)],
+            move |wake| {
+                let Ok(mut guard) = shared.lock() else {
+                    return false;
+                };
+                let Some(engine) = guard.as_mut() else {
+                    return false;
+                };
+                match engine.handle(wake, &mut |q| a.interrupt.queue(q)) {
+                    Ok(()) => true,
+                    Err(_) => {
+                        *guard = None;
+                        a.fail();
+                        false
+                    }
+                }
+            },
+        )?);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.worker = None;
+        if let Ok(mut e) = self.engine.lock() {
+            // Closes every connection's host stream.
+            *e = None;
+        }
+    }
+
+    fn describe(&self) -> serde_json::Value {
+        let s = self.state();
+        serde_json::json!({
+            "kind": "vsock",
+            "cid": s.cid,
+            "path": s.path,
+            "connections": s.connections,
+            "opened": self.stats.connections.load(Ordering::Relaxed),
+            "resets": self.stats.resets.load(Ordering::Relaxed),
+            "bytesToHost": self.stats.bytes_to_host.load(Ordering::Relaxed),
+            "bytesToGuest": self.stats.bytes_to_guest.load(Ordering::Relaxed),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;
