@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "907a81c219653da2721e74ffb5fd3778bef6eba39528e4095494d144a4cc7f96";
+  "40ca18b10d712d143770c34d4fb447dbab479a347ff7e46e9fe333229cd6aa4d";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

@@ -25,17 +25,21 @@ use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::packet::{op, Header, HOST_CID, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM};
 
 /// The guest→host bytes a connection may have in flight (its `buf_alloc`):
 /// the most the VMM ever holds for one connection.
 pub const CONN_BUF: u32 = 256 << 10;
-/// When the guest believes less than this is free, a credit update is due...
-const CREDIT_LOW: u32 = 64 << 10;
+/// When the guest believes less than this is free, a credit update is due
+/// (half the buffer: Linux sends 64 KiB packets, so it hears of new room
+/// before it runs out)...
+const CREDIT_LOW: u32 = CONN_BUF / 2;
 /// ...once at least this much has been forwarded since the last one.
 const CREDIT_STEP: u32 = 16 << 10;
 /// Connections (and host streams still sending their CONNECT line) at once.
@@ -47,6 +51,9 @@ pub const CONTROL_LIMIT: usize = 256;
 const CONNECT_LINE_MAX: usize = 32;
 /// Host ports for host-initiated connections: [2^30, 2^31), round robin.
 const LOCAL_PORT_FIRST: u32 = 1 << 30;
+/// How long a host stream may take to send its CONNECT line, and the guest
+/// to answer the REQUEST that follows (Firecracker's 2 s).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A connection: the host-side port and the guest-side port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -114,6 +121,9 @@ struct Connection {
     credit_requested: bool,
     /// The host socket's sending side was shut down after the guest's SEND.
     host_write_shut: bool,
+    /// When it was created (a REQUEST unanswered for [`REQUEST_TIMEOUT`]
+    /// is given up).
+    since: Instant,
 }
 
 impl Connection {
@@ -130,6 +140,8 @@ impl Connection {
 /// What an epoll token (the fd) stands for.
 enum Target {
     Listener,
+    /// The request timer.
+    Timer,
     /// A host stream that has not finished its CONNECT line.
     Waiting,
     Conn(ConnKey),
@@ -158,7 +170,8 @@ pub struct Muxer {
     listener: UnixListener,
     conns: HashMap<ConnKey, Connection>,
     fds: HashMap<RawFd, Target>,
-    waiting: HashMap<RawFd, (UnixStream, Vec<u8>)>,
+    waiting: HashMap<RawFd, (UnixStream, Vec<u8>, Instant)>,
+    timer: TimerFd,
     local_ports: HashSet<u32>,
     next_local_port: u32,
     control: VecDeque<Header>,
@@ -263,6 +276,14 @@ impl Muxer {
         )?;
         let mut fds = HashMap::new();
         fds.insert(fd, Target::Listener);
+        let timer = TimerFd::new()?;
+        let tfd = timer.as_raw_fd();
+        epoll.ctl(
+            ControlOperation::Add,
+            tfd,
+            EpollEvent::new(EventSet::IN, tfd as u64),
+        )?;
+        fds.insert(tfd, Target::Timer);
         Ok(Muxer {
             cid,
             path,
@@ -271,6 +292,7 @@ impl Muxer {
             conns: HashMap::new(),
             fds,
             waiting: HashMap::new(),
+            timer,
             local_ports: HashSet::new(),
             next_local_port: LOCAL_PORT_FIRST,
             control: VecDeque::new(),
@@ -526,6 +548,7 @@ impl Muxer {
                 queued: false,
                 credit_requested: false,
                 host_write_shut: false,
+                since: Instant::now(),
             },
         );
         self.stats.connections.fetch_add(1, Ordering::Relaxed);
@@ -652,6 +675,10 @@ impl Muxer {
     fn handle_event(&mut self, fd: RawFd, set: EventSet) {
         match self.fds.get(&fd) {
             Some(Target::Listener) => self.accept_all(),
+            Some(Target::Timer) => {
+                let _ = self.timer.wait();
+                self.expire(Instant::now());
+            }
             Some(Target::Waiting) => self.read_connect_line(fd),
             Some(Target::Conn(key)) => {
                 let key = *key;
@@ -705,7 +732,9 @@ impl Muxer {
                 continue;
             }
             self.fds.insert(fd, Target::Waiting);
-            self.waiting.insert(fd, (stream, Vec::new()));
+            self.waiting
+                .insert(fd, (stream, Vec::new(), Instant::now()));
+            self.arm_timer(REQUEST_TIMEOUT);
         }
     }
 
@@ -721,7 +750,7 @@ impl Muxer {
     /// data after it is taken early.
     fn read_connect_line(&mut self, fd: RawFd) {
         let port = {
-            let Some((stream, line)) = self.waiting.get_mut(&fd) else {
+            let Some((stream, line, _)) = self.waiting.get_mut(&fd) else {
                 return;
             };
             loop {
@@ -747,7 +776,7 @@ impl Muxer {
             self.drop_waiting(fd);
             return;
         };
-        let Some((stream, _)) = self.waiting.remove(&fd) else {
+        let Some((stream, _, _)) = self.waiting.remove(&fd) else {
             return;
         };
         let local_port = self.allocate_local_port();
@@ -793,10 +822,56 @@ impl Muxer {
                 queued: false,
                 credit_requested: false,
                 host_write_shut: false,
+                since: Instant::now(),
             },
         );
         self.stats.connections.fetch_add(1, Ordering::Relaxed);
         self.control_for(key, op::REQUEST, 0);
+        self.arm_timer(REQUEST_TIMEOUT);
+    }
+
+    fn arm_timer(&mut self, after: Duration) {
+        if !self.timer.is_armed().unwrap_or(false) {
+            let _ = self.timer.reset(after.max(Duration::from_millis(1)), None);
+        }
+    }
+
+    /// Gives up host streams that never sent their CONNECT line and REQUESTs
+    /// the guest never answered; re-arms for the next deadline.
+    pub fn expire(&mut self, now: Instant) {
+        let late = |since: Instant| now.saturating_duration_since(since) >= REQUEST_TIMEOUT;
+        let streams: Vec<RawFd> = self
+            .waiting
+            .iter()
+            .filter(|(_, w)| late(w.2))
+            .map(|(fd, _)| *fd)
+            .collect();
+        for fd in streams {
+            self.drop_waiting(fd);
+        }
+        let requests: Vec<ConnKey> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.state.phase == Phase::LocalInit && late(c.since))
+            .map(|(k, _)| *k)
+            .collect();
+        for key in requests {
+            self.kill(key);
+        }
+        let next = self
+            .waiting
+            .values()
+            .map(|w| w.2)
+            .chain(
+                self.conns
+                    .values()
+                    .filter(|c| c.state.phase == Phase::LocalInit)
+                    .map(|c| c.since),
+            )
+            .min();
+        if let Some(oldest) = next {
+            self.arm_timer(REQUEST_TIMEOUT.saturating_sub(now.saturating_duration_since(oldest)));
+        }
     }
 
     fn allocate_local_port(&mut self) -> u32 {

@@ -263,6 +263,37 @@ fn a_host_program_connects_with_connect_p_and_reads_ok_and_its_port() {
 }
 
 #[test]
+fn a_request_the_guest_never_answers_and_a_silent_host_stream_are_given_up() {
+    let dir = scratch_dir("timeout");
+    let path = dir.join("v.sock").to_str().unwrap().to_string();
+    let mut g = Guest::new(&path);
+    let start = std::time::Instant::now();
+    let mut silent = UnixStream::connect(&path).unwrap();
+    silent
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut s = UnixStream::connect(&path).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"CONNECT 52\n").unwrap();
+    let (h, _) = g.recv();
+    assert_eq!(h.op, op::REQUEST);
+    // The guest never answers: after REQUEST_TIMEOUT it is told RST and the
+    // host stream ends without an OK.
+    let (r, _) = g.recv();
+    assert_eq!(
+        (r.op, r.src_port, r.dst_port),
+        (op::RST, h.src_port, h.dst_port)
+    );
+    assert!(start.elapsed() >= super::muxer::REQUEST_TIMEOUT);
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty(), "{rest:?}");
+    silent.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
+    assert!(g.state().is_empty());
+}
+
+#[test]
 fn a_slow_host_reader_bounds_what_the_vmm_holds_and_an_overrun_is_reset() {
     let dir = scratch_dir("credit-in");
     let path = dir.join("v.sock").to_str().unwrap().to_string();
