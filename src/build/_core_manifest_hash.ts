@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "40ca18b10d712d143770c34d4fb447dbab479a347ff7e46e9fe333229cd6aa4d";
+  "2f6b3062e2043b4b471b873a6d488dd269b7049be248e1f53a332f34a6ef2c16";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

@@ -8,6 +8,7 @@ use serde::Deserialize;
 use super::balloon::{Balloon, BalloonConfig, DEFAULT_STATS_INTERVAL_MS};
 use super::block::{Block, BlockConfig};
 use super::rng::Rng;
+use super::vsock::Vsock;
 use super::{VirtioDevice, VirtioError};
 
 /// A device's configuration.
@@ -58,6 +59,18 @@ fn default_stats_interval() -> u32 {
 
 fn default_true() -> bool {
     true
+    /// virtio-vsock: guest streams to host Unix sockets (Firecracker's
+    /// convention: `path` for host-initiated connections, `path_<port>` for
+    /// the guest's).
+    Vsock {
+        /// The device's name in listings.
+        #[serde(default)]
+        name: Option<String>,
+        /// The guest's context id (3 to 2^32 - 2).
+        cid: u64,
+        /// The host socket the device listens on.
+        path: String,
+    },
 }
 
 impl DeviceConfig {
@@ -73,6 +86,7 @@ impl DeviceConfig {
             DeviceConfig::Rng { .. } => "rng",
             DeviceConfig::Block { .. } => "block",
             DeviceConfig::Balloon { .. } => "balloon",
+            DeviceConfig::Vsock { .. } => "vsock",
         }
     }
 
@@ -81,7 +95,8 @@ impl DeviceConfig {
         match self {
             DeviceConfig::Rng { name }
             | DeviceConfig::Block { name, .. }
-            | DeviceConfig::Balloon { name, .. } => name.as_deref(),
+            | DeviceConfig::Balloon { name, .. }
+            | DeviceConfig::Vsock { name, .. } => name.as_deref(),
         }
     }
 
@@ -111,6 +126,7 @@ impl DeviceConfig {
                 deflate_on_oom: *deflate_on_oom,
                 free_page_reporting: *free_page_reporting,
             }))),
+            DeviceConfig::Vsock { cid, path, .. } => Ok(Box::new(Vsock::new(*cid, path)?)),
         }
     }
 }
@@ -177,5 +193,29 @@ mod tests {
                 Err(VirtioError::Malformed(_))
             ));
         }
+    }
+
+    #[test]
+    fn a_vsock_device_needs_a_cid_and_a_path_whose_directory_exists() {
+        let c =
+            DeviceConfig::from_json(br#"{"kind":"vsock","cid":3,"path":"/tmp/x.sock"}"#).unwrap();
+        assert_eq!(c.kind(), "vsock");
+        for bad in [
+            &br#"{"kind":"vsock","cid":3}"#[..],
+            br#"{"kind":"vsock","path":"/tmp/x"}"#,
+            br#"{"kind":"vsock","cid":-1,"path":"/tmp/x"}"#,
+            br#"{"kind":"vsock","cid":3,"path":"/tmp/x","port":1}"#,
+        ] {
+            assert!(DeviceConfig::from_json(bad).is_err());
+        }
+        let missing = DeviceConfig::from_json(
+            br#"{"kind":"vsock","cid":3,"path":"/nonexistent-dv-dir/v.sock"}"#,
+        )
+        .unwrap();
+        let e = missing.build().err().unwrap();
+        assert_eq!(
+            e.to_string(),
+            "vsock path /nonexistent-dv-dir/v.sock: its directory does not exist"
+        );
     }
 }
