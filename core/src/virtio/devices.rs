@@ -51,14 +51,6 @@ pub enum DeviceConfig {
         #[serde(default = "default_true")]
         free_page_reporting: bool,
     },
-}
-
-fn default_stats_interval() -> u32 {
-    DEFAULT_STATS_INTERVAL_MS
-}
-
-fn default_true() -> bool {
-    true
     /// virtio-vsock: guest streams to host Unix sockets (Firecracker's
     /// convention: `path` for host-initiated connections, `path_<port>` for
     /// the guest's).
@@ -71,6 +63,14 @@ fn default_true() -> bool {
         /// The host socket the device listens on.
         path: String,
     },
+}
+
+fn default_stats_interval() -> u32 {
+    DEFAULT_STATS_INTERVAL_MS
+}
+
+fn default_true() -> bool {
+    true
 }
 
 impl DeviceConfig {
