@@ -31,6 +31,8 @@ export {
   type DeviceListing,
   type PciFunction,
   type RngDevice,
+  VSOCK_PATH_MAX,
+  type VsockDevice,
 } from "./src/devices.ts";
 export {
   type LoadedImage,

@@ -53,11 +53,31 @@ export interface BalloonDevice {
   freePageReporting?: boolean;
 }
 
+/**
+ * virtio-vsock with Firecracker's Unix-socket host side: the guest's
+ * connection to CID 2 port P reaches the host socket `PATH_P` (a host program
+ * listens there); a host program connects to `PATH`, writes `CONNECT P\n` and
+ * reads `OK <hostport>\n` once the guest's listener on port P accepted.
+ */
+export interface VsockDevice {
+  /** The device kind. */
+  kind: "vsock";
+  /** Its name in listings (default `vsock0`). */
+  name?: string;
+  /** The guest's context id: 3 to 4294967294. */
+  cid: number;
+  /** The host socket the device listens on; its directory must exist and the path must not. */
+  path: string;
+}
+
+/** The longest vsock `path`: `PATH_<port>` must fit a Unix socket address. */
+export const VSOCK_PATH_MAX = 96;
+
 /** A device's configuration. */
-export type DeviceConfig = RngDevice | BlockDevice | BalloonDevice;
+export type DeviceConfig = RngDevice | BlockDevice | BalloonDevice | VsockDevice;
 
 /** The device kinds, as in {@link DeviceConfig}'s `kind`. */
-export const DEVICE_KINDS: readonly DeviceConfig["kind"][] = ["rng", "block", "balloon"];
+export const DEVICE_KINDS: readonly DeviceConfig["kind"][] = ["rng", "block", "balloon", "vsock"];
 
 /** A PCI function in a {@link DeviceListing}. */
 export interface PciFunction {
@@ -160,6 +180,16 @@ export function deviceConfigJson(config: DeviceConfig): string {
       if (config[flag] !== undefined && typeof config[flag] !== "boolean") {
         fail(`${flag} must be a boolean, got ${JSON.stringify(config[flag])}`);
       }
+    }
+  }
+  if (config.kind === "vsock") {
+    const { cid, path } = config;
+    if (!Number.isInteger(cid) || cid < 3 || cid > 0xffff_fffe) {
+      fail(`vsock cid ${JSON.stringify(cid)} is reserved or out of range: use 3 to 4294967294`);
+    }
+    if (typeof path !== "string" || path === "") fail("vsock needs a socket path");
+    if (new TextEncoder().encode(path).length > VSOCK_PATH_MAX) {
+      fail(`vsock path ${path} is too long: at most ${VSOCK_PATH_MAX} bytes`);
     }
   }
   return JSON.stringify(config);

@@ -5,7 +5,7 @@
  * @module
  */
 
-import { type DeviceConfig, deviceConfigJson } from "../devices.ts";
+import { type DeviceConfig, deviceConfigJson, type VsockDevice } from "../devices.ts";
 import { checkDiskImage, parseDiskSpec } from "./disk_spec.ts";
 
 /** The `parseArgs` option specs of the device flags. */
@@ -15,6 +15,7 @@ export const DEVICE_FLAG_OPTIONS = {
   balloon: { type: "boolean" },
   device: { type: "string", multiple: true },
   disk: { type: "string", multiple: true },
+  vsock: { type: "string" },
 } as const;
 
 /** The values `parseArgs` gives for {@link DEVICE_FLAG_OPTIONS}. */
@@ -24,6 +25,7 @@ export interface DeviceFlagValues {
   balloon?: boolean;
   device?: string[];
   disk?: string[];
+  vsock?: string;
 }
 
 /** The device flags' lines in `run --help`. */
@@ -34,6 +36,10 @@ export const DEVICE_FLAGS_HELP = `Devices (virtio on PCI bus 0, MSI-X: a micro-V
                      a virtio-blk disk on a raw image (repeatable: /dev/vda,
                      /dev/vdb... in order)
   --balloon          a virtio-balloon (statistics every second, free page reporting)
+  --vsock cid=N,path=PATH
+                     a virtio-vsock device: the guest is CID N; its connections
+                     to host port P reach the Unix socket PATH_P, and host
+                     programs reach guest ports through PATH ("CONNECT P\n")
   --device JSON      any device as JSON, e.g. '{"kind":"rng","name":"rng9"}'
                      (repeatable; the kinds: see the README's Devices section)
 `;
@@ -84,5 +90,58 @@ export function deviceFlags(values: DeviceFlagValues, context: { linux: boolean 
     }
     devices.push(parsed as DeviceConfig);
   }
+  if (values.vsock !== undefined) devices.push(vsockFlag(values.vsock));
+  for (const d of devices) {
+    if (d.kind === "vsock") checkVsockPath(d.path);
+  }
   return devices;
+}
+
+/** `--vsock cid=N,path=PATH` as a device. */
+function vsockFlag(value: string): VsockDevice {
+  const fields = new Map<string, string>();
+  for (const part of value.split(",")) {
+    const eq = part.indexOf("=");
+    const key = eq < 0 ? part : part.slice(0, eq);
+    if (eq < 0 || !["cid", "path", "name"].includes(key) || fields.has(key)) {
+      throw new DeviceFlagError(`--vsock ${value}: expected cid=N,path=PATH[,name=NAME]`);
+    }
+    fields.set(key, part.slice(eq + 1));
+  }
+  const cid = fields.get("cid");
+  const path = fields.get("path");
+  if (cid === undefined || path === undefined || !/^\d+$/.test(cid)) {
+    throw new DeviceFlagError(`--vsock ${value}: expected cid=N,path=PATH[,name=NAME]`);
+  }
+  const device: VsockDevice = { kind: "vsock", cid: Number(cid), path };
+  const name = fields.get("name");
+  if (name !== undefined) device.name = name;
+  try {
+    deviceConfigJson(device);
+  } catch (e) {
+    throw new DeviceFlagError(`--vsock ${value}: ${(e as Error).message}`);
+  }
+  return device;
+}
+
+/** The vsock socket's directory must exist and its path be free, before the VM starts. */
+function checkVsockPath(path: string): void {
+  const slash = path.lastIndexOf("/");
+  const dir = slash < 0 ? "." : slash === 0 ? "/" : path.slice(0, slash);
+  let isDir = false;
+  try {
+    isDir = Deno.statSync(dir).isDirectory;
+  } catch {
+    isDir = false;
+  }
+  if (!isDir) throw new DeviceFlagError(`vsock path ${path}: its directory does not exist`);
+  let exists = true;
+  try {
+    Deno.lstatSync(path);
+  } catch {
+    exists = false;
+  }
+  if (exists) {
+    throw new DeviceFlagError(`vsock path ${path} already exists (remove a stale socket first)`);
+  }
 }
