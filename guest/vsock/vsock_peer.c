@@ -13,6 +13,12 @@
  *                                 the echo
  *   vsock_peer partial PORT K     connect, read K bytes, close (mid-stream)
  *   vsock_peer flood PORT         connect, write until the host goes away
+ *   vsock_peer source PORT BYTES RUNS
+ *                                 RUNS times: connect to the host's PORT, send
+ *                                 BYTES, shut down writing, wait for its answer;
+ *                                 prints "BENCH g2h BYTES NS" for each (the bench)
+ *   vsock_peer sink PORT RUNS     listen on PORT; RUNS connections one after the
+ *                                 other, each read to EOF: "BENCH h2g BYTES NS"
  *
  * A listener prints "VSOCK-READY PORT" on stderr once it listens. Failures
  * print "vsock_peer: what: why" on stderr and exit 1.
@@ -25,6 +31,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 #include <linux/vm_sockets.h>
 
@@ -221,6 +228,53 @@ static int cmd_flood(unsigned port) {
   return 0;
 }
 
+static long long now_ns(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return t.tv_sec * 1000000000LL + t.tv_nsec;
+}
+
+static int cmd_source(unsigned port, long long bytes, int runs) {
+  static char buf[BUF];
+  memset(buf, 's', sizeof buf);
+  for (int run = 0; run < runs; run++) {
+    long long start = now_ns();
+    int fd = connect_host(port);
+    for (long long left = bytes; left > 0;) {
+      ssize_t w = write(fd, buf, (size_t)(left < BUF ? left : BUF));
+      if (w < 0 && errno == EINTR) continue;
+      if (w < 0) die("write");
+      left -= w;
+    }
+    if (shutdown(fd, SHUT_WR) < 0) die("shutdown");
+    while (read(fd, buf, sizeof buf) > 0) {
+    }
+    close(fd);
+    printf("BENCH g2h %lld %lld\n", bytes, now_ns() - start);
+  }
+  return 0;
+}
+
+static int cmd_sink(unsigned port, int runs) {
+  int l = listen_on(port, 1);
+  static char buf[BUF];
+  for (int run = 0; run < runs; run++) {
+    int fd = accept(l, NULL, NULL);
+    if (fd < 0) die("accept");
+    long long start = now_ns(), got = 0;
+    for (;;) {
+      ssize_t r = read(fd, buf, sizeof buf);
+      if (r < 0 && errno == EINTR) continue;
+      if (r <= 0) break;
+      got += r;
+    }
+    long long ns = now_ns() - start;
+    close(fd);
+    printf("BENCH h2g %lld %lld\n", got, ns);
+  }
+  return 0;
+}
+
 int main(int argc, char **argv) {
   signal(SIGPIPE, SIG_IGN);
   setvbuf(stdout, NULL, _IOLBF, 0);
@@ -231,6 +285,9 @@ int main(int argc, char **argv) {
     return cmd_multi(port_arg(argv[2]), atoi(argv[3]), atoll(argv[4]));
   if (argc == 4 && !strcmp(argv[1], "partial")) return cmd_partial(port_arg(argv[2]), atoll(argv[3]));
   if (argc == 3 && !strcmp(argv[1], "flood")) return cmd_flood(port_arg(argv[2]));
-  fprintf(stderr, "usage: vsock_peer send|recv|echo|multi|partial|flood PORT ...\n");
+  if (argc == 5 && !strcmp(argv[1], "source"))
+    return cmd_source(port_arg(argv[2]), atoll(argv[3]), atoi(argv[4]));
+  if (argc == 4 && !strcmp(argv[1], "sink")) return cmd_sink(port_arg(argv[2]), atoi(argv[3]));
+  fprintf(stderr, "usage: vsock_peer send|recv|echo|multi|partial|flood|source|sink PORT ...\n");
   return 2;
 }
