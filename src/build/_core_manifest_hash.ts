@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "2f6b3062e2043b4b471b873a6d488dd269b7049be248e1f53a332f34a6ef2c16";
+  "f53527aa862b022ba303bb6938694c5a404f56e0013855b2a801cf27e553c607";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

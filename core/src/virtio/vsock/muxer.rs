@@ -587,7 +587,26 @@ impl Muxer {
             return;
         }
         c.state.rx_cnt = c.state.rx_cnt.wrapping_add(payload.len() as u32);
-        c.pending.extend(payload);
+        let mut rest = payload;
+        if c.pending.is_empty() && c.writable {
+            // The usual case: the socket takes it straight from the packet.
+            match send_nosignal(c.stream.as_raw_fd(), payload) {
+                Ok(n) => {
+                    c.state.fwd_cnt = c.state.fwd_cnt.wrapping_add(n as u32);
+                    stats.bytes_to_host.fetch_add(n as u64, Ordering::Relaxed);
+                    rest = &payload[n..];
+                    if !rest.is_empty() {
+                        c.writable = false;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => c.writable = false,
+                Err(_) => {
+                    self.kill(key);
+                    return;
+                }
+            }
+        }
+        c.pending.extend(rest);
         if !Self::flush(c, &stats) {
             self.kill(key);
             return;
