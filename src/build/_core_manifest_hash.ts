@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "f53527aa862b022ba303bb6938694c5a404f56e0013855b2a801cf27e553c607";
+  "be6860992b04529bd8c9ab45dba2817a771eea9a76c834f53ac9fdc33446970d";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

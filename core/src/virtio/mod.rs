@@ -18,8 +18,10 @@
 pub mod balloon;
 pub mod block;
 pub mod devices;
+pub mod net;
 pub mod pci;
 pub mod rng;
+pub mod tap;
 #[cfg(test)]
 pub mod test_driver;
 pub mod vsock;
