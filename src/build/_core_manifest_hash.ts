@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "be6860992b04529bd8c9ab45dba2817a771eea9a76c834f53ac9fdc33446970d";
+  "f34599d969eddae7872214d605558de750a9edb1e7ec44f6e497025d0f130e06";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

@@ -7,6 +7,7 @@ use serde::Deserialize;
 
 use super::balloon::{Balloon, BalloonConfig, DEFAULT_STATS_INTERVAL_MS};
 use super::block::{Block, BlockConfig};
+use super::net::{Net, NetConfig};
 use super::rng::Rng;
 use super::vsock::Vsock;
 use super::{VirtioDevice, VirtioError};
@@ -63,6 +64,9 @@ pub enum DeviceConfig {
         /// The host socket the device listens on.
         path: String,
     },
+    /// virtio-net on a TAP (`{"kind": "net", "tap": "tap0"}` or
+    /// `{"kind": "net", "netns": "ns1", "hostAddress": "10.0.2.1/24"}`).
+    Net(NetConfig),
 }
 
 fn default_stats_interval() -> u32 {
@@ -87,6 +91,7 @@ impl DeviceConfig {
             DeviceConfig::Block { .. } => "block",
             DeviceConfig::Balloon { .. } => "balloon",
             DeviceConfig::Vsock { .. } => "vsock",
+            DeviceConfig::Net(_) => "net",
         }
     }
 
@@ -97,6 +102,7 @@ impl DeviceConfig {
             | DeviceConfig::Block { name, .. }
             | DeviceConfig::Balloon { name, .. }
             | DeviceConfig::Vsock { name, .. } => name.as_deref(),
+            DeviceConfig::Net(c) => c.name.as_deref(),
         }
     }
 
@@ -127,6 +133,7 @@ impl DeviceConfig {
                 free_page_reporting: *free_page_reporting,
             }))),
             DeviceConfig::Vsock { cid, path, .. } => Ok(Box::new(Vsock::new(*cid, path)?)),
+            DeviceConfig::Net(c) => Ok(Box::new(Net::new(c)?)),
         }
     }
 }
@@ -180,10 +187,13 @@ mod tests {
             }
         );
         assert_eq!(b.kind(), "balloon");
+        let net = DeviceConfig::from_json(br#"{"kind":"net","tap":"tap0","name":"eth"}"#).unwrap();
+        assert_eq!((net.kind(), net.name()), ("net", Some("eth")));
         for bad in [
-            &br#"{"kind":"floppy"}"#[..],
+            &br#"{"kind":"net","tap":"tap0","bogus":1}"#[..],
             br#"{"kind":"balloon","statsIntervalMs":-1}"#,
             br#"{"kind":"balloon","stats_interval_ms":5}"#,
+            br#"{"kind":"floppy"}"#,
             br#"{"kind":"rng","x":1}"#,
             b"[",
             b"{}",
