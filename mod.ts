@@ -29,6 +29,8 @@ export {
   type DeviceConfig,
   deviceConfigJson,
   type DeviceListing,
+  type NetDevice,
+  netHostProblem,
   type PciFunction,
   type RngDevice,
   VSOCK_PATH_MAX,

@@ -73,11 +73,45 @@ export interface VsockDevice {
 /** The longest vsock `path`: `PATH_<port>` must fit a Unix socket address. */
 export const VSOCK_PATH_MAX = 96;
 
+/**
+ * virtio-net on a TAP device: either an existing TAP (`tap`) or one denovisor
+ * creates inside a network namespace (`netns`, as `ip netns add` makes it),
+ * up and with `hostAddress` on the host side. Frames carry the virtio-net
+ * header through the TAP (`IFF_VNET_HDR`), so checksum and TSO offloads pass
+ * through.
+ */
+export interface NetDevice {
+  /** The device kind. */
+  kind: "net";
+  /** Its name in listings (default `net0`, `net1`...). */
+  name?: string;
+  /** Attach this existing TAP device (exclusive with `netns`). */
+  tap?: string;
+  /** Create a TAP in this network namespace (`/run/netns/NAME`, or a path). */
+  netns?: string;
+  /** With `netns`: the created TAP's name (default: the kernel picks `dvN`). */
+  tapName?: string;
+  /** With `netns`: the TAP's IPv4 address and prefix, e.g. `10.0.2.1/24`. */
+  hostAddress?: string;
+  /** The guest's MAC address (default: random, locally administered). */
+  mac?: string;
+  /** Offer checksum and TSO offloads (default true). */
+  offload?: boolean;
+  /** Offer mergeable receive buffers (default true). */
+  mrgRxbuf?: boolean;
+}
+
 /** A device's configuration. */
-export type DeviceConfig = RngDevice | BlockDevice | BalloonDevice | VsockDevice;
+export type DeviceConfig = RngDevice | BlockDevice | BalloonDevice | VsockDevice | NetDevice;
 
 /** The device kinds, as in {@link DeviceConfig}'s `kind`. */
-export const DEVICE_KINDS: readonly DeviceConfig["kind"][] = ["rng", "block", "balloon", "vsock"];
+export const DEVICE_KINDS: readonly DeviceConfig["kind"][] = [
+  "rng",
+  "block",
+  "balloon",
+  "vsock",
+  "net",
+];
 
 /** A PCI function in a {@link DeviceListing}. */
 export interface PciFunction {
@@ -192,5 +226,71 @@ export function deviceConfigJson(config: DeviceConfig): string {
       fail(`vsock path ${path} is too long: at most ${VSOCK_PATH_MAX} bytes`);
     }
   }
+  if (config.kind === "net") checkNetDevice(config);
   return JSON.stringify(config);
+}
+
+const NET_STRINGS = ["tap", "netns", "tapName", "hostAddress", "mac"] as const;
+const NET_FIELDS = new Set<string>(["kind", "name", ...NET_STRINGS, "offload", "mrgRxbuf"]);
+
+function checkNetDevice(config: NetDevice): void {
+  for (const key of Object.keys(config)) {
+    if (!NET_FIELDS.has(key)) fail(`a net device has no field ${JSON.stringify(key)}`);
+  }
+  for (const key of NET_STRINGS) {
+    const v = config[key];
+    if (v !== undefined && (typeof v !== "string" || v === "")) {
+      fail(`a net device's ${key} must be a non-empty string, got ${JSON.stringify(v)}`);
+    }
+  }
+  for (const key of ["offload", "mrgRxbuf"] as const) {
+    const v = config[key];
+    if (v !== undefined && typeof v !== "boolean") {
+      fail(`a net device's ${key} must be true or false, got ${JSON.stringify(v)}`);
+    }
+  }
+  if ((config.tap === undefined) === (config.netns === undefined)) {
+    fail("a net device needs exactly one of tap (an existing TAP) or netns (a namespace)");
+  }
+  if (config.tap !== undefined && (config.tapName ?? config.hostAddress) !== undefined) {
+    fail("tapName and hostAddress go with netns (denovisor creates that TAP), not with tap");
+  }
+}
+
+/**
+ * Checks that a net device's host side exists, without opening anything: the
+ * TAP (in `/sys/class/net`) or the network namespace (`/run/netns/NAME`). The
+ * core checks again when the device is added; this lets the CLI refuse before
+ * it opens `/dev/kvm`.
+ *
+ * @example
+ * ```ts
+ * import { netHostProblem } from "denovisor";
+ * console.log(netHostProblem({ kind: "net", netns: "no-such-ns" }));
+ * // network namespace no-such-ns does not exist (no /run/netns/no-such-ns; ...)
+ * ```
+ *
+ * @param config The device.
+ * @returns Why it cannot be had, or null.
+ */
+export function netHostProblem(config: NetDevice): string | null {
+  const exists = (path: string) => {
+    try {
+      Deno.statSync(path);
+      return true;
+    } catch {
+      return false;
+    }
+  };
+  if (config.tap !== undefined) {
+    if (config.tap.includes("/") || !exists(`/sys/class/net/${config.tap}`)) {
+      return `TAP device ${config.tap} does not exist (create it with \`ip tuntap add dev ${config.tap} mode tap\`)`;
+    }
+  } else if (config.netns !== undefined) {
+    const path = config.netns.includes("/") ? config.netns : `/run/netns/${config.netns}`;
+    if (!exists(path)) {
+      return `network namespace ${config.netns} does not exist (no ${path}; create it with \`ip netns add ${config.netns}\`)`;
+    }
+  }
+  return null;
 }

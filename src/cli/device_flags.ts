@@ -5,7 +5,13 @@
  * @module
  */
 
-import { type DeviceConfig, deviceConfigJson, type VsockDevice } from "../devices.ts";
+import {
+  type DeviceConfig,
+  deviceConfigJson,
+  type NetDevice,
+  netHostProblem,
+  type VsockDevice,
+} from "../devices.ts";
 import { checkDiskImage, parseDiskSpec } from "./disk_spec.ts";
 
 /** The `parseArgs` option specs of the device flags. */
@@ -16,6 +22,7 @@ export const DEVICE_FLAG_OPTIONS = {
   device: { type: "string", multiple: true },
   disk: { type: "string", multiple: true },
   vsock: { type: "string" },
+  net: { type: "string", multiple: true },
 } as const;
 
 /** The values `parseArgs` gives for {@link DEVICE_FLAG_OPTIONS}. */
@@ -26,6 +33,7 @@ export interface DeviceFlagValues {
   device?: string[];
   disk?: string[];
   vsock?: string;
+  net?: string[];
 }
 
 /** The device flags' lines in `run --help`. */
@@ -40,6 +48,13 @@ export const DEVICE_FLAGS_HELP = `Devices (virtio on PCI bus 0, MSI-X: a micro-V
                      a virtio-vsock device: the guest is CID N; its connections
                      to host port P reach the Unix socket PATH_P, and host
                      programs reach guest ports through PATH ("CONNECT P\n")
+  --net SPEC         a virtio-net device on a TAP (repeatable). SPEC is
+                     tap=NAME[,mac=M] to attach an existing TAP, or
+                     netns=NS[,tap=NAME][,host=A.B.C.D/N][,mac=M] to have
+                     denovisor create the TAP in network namespace NS (up,
+                     with the host address; gone when the VM ends); also
+                     offload=off (no checksum/TSO offloads), mrg=off
+                     (no mergeable RX buffers), name=N
   --device JSON      any device as JSON, e.g. '{"kind":"rng","name":"rng9"}'
                      (repeatable; the kinds: see the README's Devices section)
 `;
@@ -76,6 +91,7 @@ export function deviceFlags(values: DeviceFlagValues, context: { linux: boolean 
     }
   }
   if (values.balloon) devices.push({ kind: "balloon" });
+  for (const spec of values.net ?? []) devices.push(netFlag(spec));
   for (const json of values.device ?? []) {
     let parsed: unknown;
     try {
@@ -93,6 +109,8 @@ export function deviceFlags(values: DeviceFlagValues, context: { linux: boolean 
   if (values.vsock !== undefined) devices.push(vsockFlag(values.vsock));
   for (const d of devices) {
     if (d.kind === "vsock") checkVsockPath(d.path);
+    const problem = d.kind === "net" ? netHostProblem(d) : null;
+    if (problem) throw new DeviceFlagError(problem);
   }
   return devices;
 }
@@ -144,4 +162,62 @@ function checkVsockPath(path: string): void {
   if (exists) {
     throw new DeviceFlagError(`vsock path ${path} already exists (remove a stale socket first)`);
   }
+}
+function onOff(flag: string, key: string, value: string): boolean {
+  if (value === "on") return true;
+  if (value === "off") return false;
+  throw new DeviceFlagError(
+    `--net ${flag}: ${key} must be on or off, got ${JSON.stringify(value)}`,
+  );
+}
+
+/**
+ * One `--net` flag as a {@link NetDevice}.
+ *
+ * @example
+ * ```ts
+ * import { netFlag } from "./device_flags.ts";
+ * console.log(netFlag("netns=ns1,host=10.0.2.1/24"));
+ * // { kind: "net", netns: "ns1", hostAddress: "10.0.2.1/24" }
+ * ```
+ *
+ * @param spec `tap=NAME[,mac=M]` or `netns=NS[,tap=NAME][,host=A/N][,mac=M]`,
+ *   plus `offload=on|off`, `mrg=on|off`, `name=N`.
+ * @returns The device.
+ * @throws {DeviceFlagError} for an unknown key or a malformed value.
+ */
+export function netFlag(spec: string): NetDevice {
+  const pairs = spec.split(",").map((kv) => {
+    const eq = kv.indexOf("=");
+    if (eq <= 0) {
+      throw new DeviceFlagError(`--net ${spec}: expected key=value, got ${JSON.stringify(kv)}`);
+    }
+    return [kv.slice(0, eq), kv.slice(eq + 1)] as const;
+  });
+  const keys = new Map(pairs);
+  if (keys.size !== pairs.length) throw new DeviceFlagError(`--net ${spec}: a key is repeated`);
+  const device: NetDevice = { kind: "net" };
+  const netns = keys.get("netns");
+  for (const [key, value] of pairs) {
+    if (key === "tap") {
+      if (netns !== undefined) device.tapName = value;
+      else device.tap = value;
+    } else if (key === "netns") device.netns = value;
+    else if (key === "host") device.hostAddress = value;
+    else if (key === "mac") device.mac = value;
+    else if (key === "name") device.name = value;
+    else if (key === "offload") device.offload = onOff(spec, key, value);
+    else if (key === "mrg") device.mrgRxbuf = onOff(spec, key, value);
+    else {
+      throw new DeviceFlagError(
+        `--net ${spec}: unknown key ${key} (tap, netns, host, mac, offload, mrg, name)`,
+      );
+    }
+  }
+  try {
+    deviceConfigJson(device);
+  } catch (e) {
+    throw new DeviceFlagError(`--net ${spec}: ${(e as Error).message}`);
+  }
+  return device;
 }
