@@ -1,0 +1,212 @@
+/**
+ * virtio-net with Debian's kernel: the test makes its own network namespace,
+ * denovisor creates a TAP inside it (`netns`), the guest takes an address,
+ * pings the host side and moves a few MiB over TCP each way (busybox `nc` in
+ * the guest, a Deno peer in the namespace), both sides comparing SHA-256. A
+ * second NIC attaches an existing TAP by name (`tap`). Everything stays in
+ * the test's namespace (the `tap` TAP has no address and no route), and the
+ * namespace and TAP are removed even when the test fails. Bad host input (a
+ * TAP or a namespace that does not exist) is a one-line error before the VM
+ * runs. Runs as root where `/dev/net/tun` is (kvmbox: Debian's `tun` module
+ * is inserted first).
+ */
+
+import assert from "node:assert/strict";
+
+import { DenovisorError, Vm } from "../mod.ts";
+import { fetchDebianModules } from "../src/linux/modules.ts";
+import { cli, kvmTest, linuxTest } from "./_helpers.ts";
+import { busybox, fetchedModules, fetchedPath } from "./_linux.ts";
+import { bootLinuxShell } from "./_linux_shell.ts";
+
+/** Debian's `tun` module, for a kernel (kvmbox's) that has no `/dev/net/tun` yet. */
+const TUN_MODULE = await fetchDebianModules(["tun"]).catch((e) => ({
+  ok: false as const,
+  reason: String(e),
+}));
+
+const PEER = new URL("./_net_peer.ts", import.meta.url).pathname;
+
+async function run(cmd: string, ...args: string[]): Promise<string> {
+  const out = await new Deno.Command(cmd, { args, stdout: "piped", stderr: "piped" }).output();
+  const text = new TextDecoder().decode(out.stdout) + new TextDecoder().decode(out.stderr);
+  if (!out.success) throw new Error(`${cmd} ${args.join(" ")} failed: ${text}`);
+  return text;
+}
+
+async function ensureTun(): Promise<void> {
+  try {
+    Deno.statSync("/dev/net/tun");
+    return;
+  } catch {
+    // Not there: insert Debian's module (same kernel as kvmbox's).
+  }
+  const bb = fetchedPath(busybox, "busybox");
+  for (const m of fetchedModules(TUN_MODULE)) await run(bb, "insmod", m.path);
+  for (let i = 0; i < 100; i++) {
+    try {
+      Deno.statSync("/dev/net/tun");
+      return;
+    } catch {
+      await new Promise((r) => setTimeout(r, 20));
+    }
+  }
+  throw new Error("/dev/net/tun did not appear after inserting tun.ko");
+}
+
+/** Starts the peer in `ns`; resolves when it listens; `.done` is its output line. */
+async function peer(ns: string, mode: "sink" | "source", port: number, bytes: number) {
+  const child = new Deno.Command("ip", {
+    args: [
+      "netns",
+      "exec",
+      ns,
+      Deno.execPath(),
+      "run",
+      "--allow-net",
+      PEER,
+      mode,
+      "10.77.0.1",
+      `${port}`,
+      `${bytes}`,
+    ],
+    stdout: "piped",
+    stderr: "inherit",
+  }).spawn();
+  const reader = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
+  let text = "";
+  while (!text.includes("LISTENING\n")) {
+    const { value, done } = await reader.read();
+    if (done) throw new Error(`the ${mode} peer ended before listening: ${text}`);
+    text += value;
+  }
+  const done = (async () => {
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      text += value;
+    }
+    await child.status;
+    const line = text.split("\n").find((l) => /^\d+ [0-9a-f]{64}$/.test(l));
+    if (!line) throw new Error(`the ${mode} peer said: ${text}`);
+    const [n, sha] = line.split(" ");
+    return { bytes: Number(n), sha };
+  })();
+  return { child, done };
+}
+
+linuxTest("Linux on virtio-net pings the host side and moves data over TCP both ways", async () => {
+  await ensureTun();
+  const ns = `dvnet${Deno.pid}`;
+  const tap = `dvtap${Deno.pid % 10000}`;
+  await run("ip", "netns", "add", ns);
+  try {
+    // An existing TAP for the second NIC (tap=NAME): in our namespace,
+    // without an address or route, so nothing it carries goes anywhere.
+    await run("ip", "tuntap", "add", "dev", tap, "mode", "tap");
+    await run("ip", "link", "set", tap, "up");
+    await using guest = await bootLinuxShell({
+      devices: [
+        {
+          kind: "net",
+          netns: ns,
+          tapName: "dv0",
+          hostAddress: "10.77.0.1/24",
+          mac: "52:54:00:77:00:02",
+        },
+        { kind: "net", tap, mac: "52:54:00:77:00:03" },
+      ],
+      memoryMiB: 256,
+    });
+    const { sh, vm } = guest;
+    assert.match(await sh("cat /sys/class/net/eth0/address"), /52:54:00:77:00:02/);
+    assert.match(await sh("cat /sys/class/net/eth1/address"), /52:54:00:77:00:03/);
+    await sh("ip link set lo up && ip link set eth0 up && ip addr add 10.77.0.2/24 dev eth0");
+    assert.match(await sh("ping -c 3 -W 5 10.77.0.1"), /3 packets received/);
+    // Guest -> host: 4 MiB through nc, checked on both sides.
+    const size = 4 << 20;
+    await sh(`dd if=/dev/urandom of=/tmp/out bs=65536 count=${size >> 16} 2>/dev/null`);
+    const sink = await peer(ns, "sink", 5001, size);
+    await sh("nc 10.77.0.1 5001 < /tmp/out", 300_000);
+    const received = await sink.done;
+    const sent = (await sh("sha256sum /tmp/out")).trim().split(/\s+/)[0];
+    assert.equal(received.bytes, size);
+    assert.equal(received.sha, sent.slice(-64));
+    // Host -> guest: 4 MiB the other way.
+    const source = await peer(ns, "source", 5002, size);
+    await sh("nc 10.77.0.1 5002 < /dev/null > /tmp/in", 300_000);
+    const served = await source.done;
+    assert.equal((await sh("wc -c < /tmp/in")).trim().split(/\s+/).pop(), `${size}`);
+    const got = (await sh("sha256sum /tmp/in")).trim().split(/\s+/)[0];
+    assert.equal(got.slice(-64), served.sha);
+    // The second NIC carries frames to the TAP it attached by name.
+    await sh("ip link set eth1 up && ip addr add 10.78.0.2/24 dev eth1");
+    await guest.exec("ping -c 2 -W 1 10.78.0.9");
+    const tapRx = Number(await Deno.readTextFile(`/sys/class/net/${tap}/statistics/rx_packets`));
+    assert.ok(tapRx > 0, "the existing TAP received the guest's frames");
+    // The host sees both devices and their counters.
+    const listing = vm.devices().pci;
+    const net0 = listing.find((f) => f.name === "net0")?.details as {
+      device: { txFrames: number; rxFrames: number; tap: string; ackedFeatures: number };
+    };
+    assert.ok(net0.device.txFrames > 1000 && net0.device.rxFrames > 1000, JSON.stringify(net0));
+    assert.equal(net0.device.tap, "dv0");
+    const net1 = listing.find((f) => f.name === "net1")?.details as { device: { tap: string } };
+    assert.equal(net1.device.tap, tap);
+    await guest.powerOff();
+  } finally {
+    await run("ip", "tuntap", "del", "dev", tap, "mode", "tap").catch(() => {});
+    await run("ip", "netns", "del", ns).catch(() => {});
+  }
+  // Gone: the namespace, and with the VM the TAP denovisor created in it.
+  assert.ok(!(await run("ip", "netns", "list")).includes(ns));
+});
+
+kvmTest(
+  "a TAP or a network namespace that does not exist is an error when the device is added",
+  async () => {
+    for (
+      const [device, message] of [
+        [{ kind: "net", tap: "dvnothere0" }, /TAP device dvnothere0 does not exist/],
+        [{ kind: "net", netns: "dv-no-such-ns" }, /network namespace dv-no-such-ns does not exist/],
+      ] as const
+    ) {
+      await assert.rejects(
+        Vm.create({ interrupts: true, devices: [device] }),
+        (e) => e instanceof DenovisorError && message.test(e.message),
+      );
+    }
+  },
+);
+
+Deno.test("run --net with a TAP or namespace that does not exist: one line, status 2, before /dev/kvm", async () => {
+  for (
+    const [flag, message] of [
+      [
+        "tap=dvnothere0",
+        "TAP device dvnothere0 does not exist (create it with `ip tuntap add dev dvnothere0 mode tap`)",
+      ],
+      [
+        "netns=dv-no-such-ns,host=10.0.0.1/24",
+        "network namespace dv-no-such-ns does not exist (no /run/netns/dv-no-such-ns; create it with `ip netns add dv-no-such-ns`)",
+      ],
+      [
+        "tap=x,bogus=1",
+        "--net tap=x,bogus=1: unknown key bogus (tap, netns, host, mac, offload, mrg, name)",
+      ],
+      [
+        "tap=x,host=10.0.0.1/24",
+        "--net tap=x,host=10.0.0.1/24: tapName and hostAddress go with netns (denovisor creates that TAP), not with tap",
+      ],
+      [
+        "mac=52:54:00:00:00:01",
+        "--net mac=52:54:00:00:00:01: a net device needs exactly one of tap (an existing TAP) or netns (a namespace)",
+      ],
+    ]
+  ) {
+    const { code, stdout, stderr } = await cli("run", "--kernel", "/nonexistent", "--net", flag);
+    assert.equal(code, 2, stderr);
+    assert.equal(stdout, "");
+    assert.equal(stderr, `denovisor: ${message}\n`);
+  }
+});
