@@ -125,7 +125,7 @@ linuxTest("Linux on virtio-net pings the host side and moves data over TCP both 
     assert.match(await sh("ping -c 3 -W 5 10.77.0.1"), /3 packets received/);
     // Guest -> host: 4 MiB through nc, checked on both sides.
     const size = 4 << 20;
-    await sh(`dd if=/dev/urandom of=/tmp/out bs=65536 count=${size >> 16} 2>/dev/null`);
+    await sh(`mkdir -p /tmp && dd if=/dev/urandom of=/tmp/out bs=65536 count=${size >> 16} 2>&1`);
     const sink = await peer(ns, "sink", 5001, size);
     await sh("nc 10.77.0.1 5001 < /tmp/out", 300_000);
     const received = await sink.done;
