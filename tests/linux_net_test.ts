@@ -87,9 +87,10 @@ async function peer(ns: string, mode: "sink" | "source", port: number, bytes: nu
       text += value;
     }
     await child.status;
-    const line = text.split("\n").find((l) => /^\d+ [0-9a-f]{64}$/.test(l));
+    const line = text.split("\n").find((l) => /^\d+ [0-9a-f]{64} [\d.]+$/.test(l));
     if (!line) throw new Error(`the ${mode} peer said: ${text}`);
-    const [n, sha] = line.split(" ");
+    const [n, sha, ms] = line.split(" ");
+    console.error(`note: ${mode}: ${n} bytes in ${ms} ms`);
     return { bytes: Number(n), sha };
   })();
   return { child, done };
@@ -134,7 +135,7 @@ linuxTest("Linux on virtio-net pings the host side and moves data over TCP both 
     assert.equal(received.sha, sent.slice(-64));
     // Host -> guest: 4 MiB the other way.
     const source = await peer(ns, "source", 5002, size);
-    await sh("nc 10.77.0.1 5002 < /dev/null > /tmp/in", 300_000);
+    await sh("nc 10.77.0.1 5002 < /dev/null > /tmp/in && nc 10.77.0.1 5003 < /dev/null", 300_000);
     const served = await source.done;
     assert.equal((await sh("wc -c < /tmp/in")).trim().split(/\s+/).pop(), `${size}`);
     const got = (await sh("sha256sum /tmp/in")).trim().split(/\s+/)[0];
