@@ -6,7 +6,7 @@
  * The bench makes a network namespace with a TAP (`10.77.0.1/24` on the host
  * side) and runs each VMM inside it (`ip netns exec`), attached to that TAP
  * (denovisor: `--net tap=NAME`). The guest's `/init` sets `10.77.0.2/24`,
- * sends MiB bytes to the host (`dd | nc`: guest → host), then receives MiB
+ * sends MiB bytes to the host (`nc < file`: guest → host), then receives MiB
  * bytes (`nc > /dev/null`: host → guest), and powers off. The host ends are
  * Deno peers in the namespace (`tests/_net_peer.ts`), which time each
  * transfer: guest → host from the first byte to the last; host → guest from
@@ -53,7 +53,8 @@ function initLines(mib: number): string[] {
     "ip link set lo up; ip link set eth0 up; ip addr add 10.77.0.2/24 dev eth0",
     // The host side answers ARP once the link is up; wait for it.
     `for i in 1 2 3 4 5 6 7 8 9 10; do ping -c 1 -W 2 ${HOST} >/dev/null && break; done`,
-    `dd if=/dev/zero bs=65536 count=${mib * 16} 2>/dev/null | nc ${HOST} 5001`,
+    `mkdir -p /tmp && dd if=/dev/zero of=/tmp/out bs=65536 count=${mib * 16} 2>/dev/null`,
+    `nc ${HOST} 5001 < /tmp/out`,
     `nc ${HOST} 5002 </dev/null >/dev/null; nc ${HOST} 5003 </dev/null`,
     "echo NET-BENCH-DONE",
     "poweroff -f",
@@ -198,8 +199,18 @@ async function sample(
     source.child.kill();
     throw new Error(`${vmm} did not finish:\n${console.slice(-3000)}`);
   }
-  const [up, down] = [await sink.done, await source.done];
-  if (up.bytes !== bytes || down.bytes !== bytes) throw new Error(`${vmm}: short transfer`);
+  const tail = `\n${vmm}'s console:\n${console.slice(-2000)}`;
+  const up = await sink.done.catch((e) => {
+    throw new Error(`${e.message}${tail}`);
+  });
+  const down = await source.done.catch((e) => {
+    throw new Error(`${e.message}${tail}`);
+  });
+  if (up.bytes !== bytes || down.bytes !== bytes) {
+    throw new Error(
+      `${vmm}: short transfer: ${up.bytes} and ${down.bytes} of ${bytes}\n${console.slice(-2000)}`,
+    );
+  }
   const mbps = (ms: number) => bytes / 1e6 / (ms / 1000);
   return { vmm, guestToHostMBps: mbps(up.ms), hostToGuestMBps: mbps(down.ms) };
 }

@@ -22,7 +22,7 @@ async function sha256(data: Uint8Array<ArrayBuffer>): Promise<string> {
 }
 
 /** Deterministic bytes (xorshift32), so a run can be reproduced. */
-function pattern(n: number): Uint8Array {
+function pattern(n: number): Uint8Array<ArrayBuffer> {
   const out = new Uint8Array(n);
   let x = 0x9e3779b9;
   for (let i = 0; i < n; i++) {
@@ -46,11 +46,16 @@ if (import.meta.main) {
     const data = new Uint8Array(total);
     let got = 0;
     let start = 0;
-    while (got < total) {
-      const n = await conn.read(data.subarray(got));
-      if (n === null) break;
-      if (got === 0) start = performance.now();
-      got += n;
+    try {
+      while (got < total) {
+        const n = await conn.read(data.subarray(got));
+        if (n === null) break;
+        if (got === 0) start = performance.now();
+        got += n;
+      }
+    } catch (e) {
+      // A reset: report what arrived (the caller compares the count).
+      console.error(`sink: ${e}`);
     }
     const ms = performance.now() - start;
     conn.close();
