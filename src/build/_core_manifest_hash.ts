@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "f34599d969eddae7872214d605558de750a9edb1e7ec44f6e497025d0f130e06";
+  "15b622532970579ee285f417bc97ef3a0bd2b83a83f9a855f36ac5a4f53d0300";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

@@ -65,7 +65,9 @@ fn serve(queue: &mut Queue, mem: &GuestRam, interrupt: &Interrupt, stats: &Stats
         if queue.disable_notification(m).is_err() {
             return false;
         }
+        let mut served = 0usize;
         while let Some(chain) = queue.pop_descriptor_chain(m) {
+            served += 1;
             let head = chain.head_index();
             let mut written = 0usize;
             let mut ended = true;
@@ -98,6 +100,10 @@ fn serve(queue: &mut Queue, mem: &GuestRam, interrupt: &Interrupt, stats: &Stats
             stats.bytes.fetch_add(written as u64, Ordering::Relaxed);
         }
         match queue.enable_notification(m) {
+            // More is available, yet nothing could be taken: the avail index
+            // is more than a queue ahead (virtio-queue refuses to pop then).
+            // A broken queue, not a reason to spin.
+            Ok(true) if served == 0 => return false,
             Ok(true) => continue,
             Ok(false) => break,
             Err(_) => return false,
@@ -232,6 +238,22 @@ mod tests {
             );
             assert_eq!(d.wait_used(0), Some((head as u32, 8)));
         }
+    }
+
+    #[test]
+    fn an_avail_index_more_than_a_queue_ahead_stops_the_device_instead_of_spinning() {
+        let mut d = TestDriver::new(Box::new(Rng::default()));
+        d.start(0);
+        d.set_desc(0, 0, BUFFERS, 16, 2, 0);
+        // The ring's index claims QUEUE_SIZE + 5 new entries.
+        d.mem
+            .write(
+                0x10_0000 + 16 * QUEUE_SIZE as u64 + 2,
+                &(QUEUE_SIZE + 5).to_le_bytes(),
+            )
+            .unwrap();
+        d.write(0x3000, &0u16.to_le_bytes());
+        assert!(d.wait_needs_reset());
     }
 
     #[test]
