@@ -507,7 +507,9 @@ impl Runner {
         let m = self.mem.mmap();
         loop {
             queue.disable_notification(m)?;
+            let mut served = 0usize;
             while let Some(chain) = queue.pop_descriptor_chain(m) {
+                served += 1;
                 let head = chain.head_index();
                 match role {
                     Role::Inflate => {
@@ -549,6 +551,11 @@ impl Runner {
             }
             if !queue.enable_notification(m)? {
                 break;
+            }
+            if served == 0 {
+                // More available but nothing to take: the avail index is more
+                // than a queue ahead. A broken queue, not a reason to spin.
+                return Err(virtio_queue::Error::InvalidAvailRingIndex.into());
             }
         }
         if queue.needs_notification(m)? {

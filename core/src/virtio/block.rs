@@ -728,7 +728,9 @@ fn serve(queue: &mut Queue, ctx: &Ctx, interrupt: &Interrupt) -> bool {
         if queue.disable_notification(m).is_err() {
             return false;
         }
+        let mut served = 0usize;
         while let Some(chain) = queue.pop_descriptor_chain(m) {
+            served += 1;
             let head = chain.head_index();
             let Ok(req) = collect(chain, &ctx.mem) else {
                 return false;
@@ -750,6 +752,9 @@ fn serve(queue: &mut Queue, ctx: &Ctx, interrupt: &Interrupt) -> bool {
             }
         }
         match queue.enable_notification(m) {
+            // More available but nothing to take: the avail index is more
+            // than a queue ahead. A broken queue, not a reason to spin.
+            Ok(true) if served == 0 => return false,
             Ok(true) => continue,
             Ok(false) => break,
             Err(_) => return false,
