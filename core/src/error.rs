@@ -149,6 +149,9 @@ pub enum Error {
     /// Memory deduplication (KSM) failed
     #[error(transparent)]
     Ksm(#[from] crate::ksm::KsmError),
+    /// A device state read back is not one the device can hold
+    #[error("device state: {0}")]
+    State(#[from] crate::state::StateError),
 }
 
 impl Error {

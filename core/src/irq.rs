@@ -129,6 +129,20 @@ impl IrqLine {
     pub fn raised(&self) -> u64 {
         self.raised.load(Relaxed)
     }
+
+    /// The same line through a duplicated eventfd (an irqfd attached to this
+    /// one fires for both), with the same count: for a device rebuilt from a
+    /// saved state in place of the one holding this line.
+    pub fn try_clone(&self) -> Result<IrqLine> {
+        let event = self.event.try_clone().map_err(|source| Error::Io {
+            op: "duplicating an interrupt eventfd",
+            source,
+        })?;
+        Ok(IrqLine {
+            event,
+            raised: AtomicU64::new(self.raised()),
+        })
+    }
 }
 
 impl Trigger for IrqLine {

@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "15b622532970579ee285f417bc97ef3a0bd2b83a83f9a855f36ac5a4f53d0300";
+  "a6aa1d1191bdd69a275d0c4db0521195a57f44e1a39609efcf4532299c155ab6";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

@@ -24,7 +24,9 @@ pub(crate) fn status(e: &Error) -> Status {
         Error::CmdlineTooLong(_) => Status::CmdlineTooLong,
         Error::DoesNotFit(_) => Status::DoesNotFit,
         Error::VcpuLimit(_) => Status::VcpuLimit,
-        Error::Bus(_) | Error::Cpuid(_) | Error::MsrPolicy(_) => Status::InvalidArgument,
+        Error::Bus(_) | Error::Cpuid(_) | Error::MsrPolicy(_) | Error::State(_) => {
+            Status::InvalidArgument
+        }
         Error::Device(_) => Status::Device,
         Error::Ksm(KsmError::Unsupported(_)) => Status::KsmUnavailable,
         Error::Ksm(KsmError::Madvise { .. }) => Status::Memory,

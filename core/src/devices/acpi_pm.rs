@@ -10,10 +10,13 @@
 //! write of 0x80 to the status register) has no state behind it. Both registers
 //! read as 0.
 
+use serde::{Deserialize, Serialize};
+
 use super::bus::{BusDevice, VmEvent, VmEvents};
 use crate::boot::acpi::{
     ACPI_PM_PORT, RESET_VALUE, S5_SLEEP_TYPE, SLEEP_CONTROL_PORT, SLEEP_ENABLE,
 };
+use crate::state::StateError;
 
 /// The device's first port (sleep control).
 pub const ACPI_PM_BASE: u16 = ACPI_PM_PORT;
@@ -24,6 +27,12 @@ pub const ACPI_PM_LEN: u16 = 2;
 const SLEEP_TYPE_SHIFT: u8 = 2;
 const SLEEP_TYPE_MASK: u8 = 0x7;
 
+/// The ACPI PM registers' state: they keep none (writes act at once, reads are
+/// constant), so the state is empty; it exists so that every device has one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcpiPmState {}
+
 /// The ACPI PM registers; stateless.
 pub struct AcpiPm {
     events: VmEvents,
@@ -33,6 +42,16 @@ impl AcpiPm {
     /// The block, raising power-off and reset on `events`.
     pub fn new(events: VmEvents) -> AcpiPm {
         AcpiPm { events }
+    }
+
+    /// The (empty) state.
+    pub fn state(&self) -> AcpiPmState {
+        AcpiPmState {}
+    }
+
+    /// Restores the (empty) state: nothing to check or apply.
+    pub fn restore(&mut self, _state: &AcpiPmState) -> Result<(), StateError> {
+        Ok(())
     }
 
     /// What a write of `data` at `offset` asks of the machine.
@@ -101,5 +120,14 @@ mod tests {
             dev.read(offset, &mut b);
             assert_eq!(b, [0, 0]);
         }
+    }
+
+    #[test]
+    fn the_empty_state_round_trips_and_nothing_else_parses() {
+        let mut dev = AcpiPm::new(VmEvents::default());
+        let json = serde_json::to_string(&dev.state()).unwrap();
+        assert_eq!(json, "{}");
+        dev.restore(&serde_json::from_str(&json).unwrap()).unwrap();
+        assert!(serde_json::from_str::<AcpiPmState>(r#"{"value":1}"#).is_err());
     }
 }

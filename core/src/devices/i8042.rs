@@ -11,7 +11,10 @@
 //! Offsets 1-3 (0x61-0x63) are an open bus here; with the in-kernel PIT, KVM
 //! answers port 0x61 itself.
 
+use serde::{Deserialize, Serialize};
+
 use super::bus::{BusDevice, VmEvent, VmEvents};
+use crate::state::{check_bits, StateError};
 
 /// The controller's base port (its data port).
 pub const I8042_PORT: u16 = 0x60;
@@ -53,6 +56,24 @@ const OUTPUT_PORT_RESET_LINE: u8 = 0x01;
 const SELF_TEST_PASSED: u8 = 0x55;
 const INTERFACE_OK: u8 = 0x00;
 
+/// Status bits kept in [`I8042State::status`] (output-full follows `output`).
+const SB_STORED: u8 = SB_SYSTEM_FLAG | SB_LAST_WAS_COMMAND | SB_KEYBOARD_UNLOCKED;
+
+/// The controller's state as plain data (for snapshots).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct I8042State {
+    /// The status register without its output-full bit.
+    pub status: u8,
+    /// The configuration byte.
+    pub ctr: u8,
+    /// The output port.
+    pub output_port: u8,
+    /// The byte waiting in the output buffer.
+    pub output: Option<u8>,
+    /// The command waiting for its data byte: 0x60 or 0xD1.
+    pub pending_command: Option<u8>,
+}
+
 /// The i8042 controller.
 pub struct I8042 {
     status: u8,
@@ -84,6 +105,37 @@ impl I8042 {
 }
 
 impl I8042 {
+    /// The controller's state.
+    pub fn state(&self) -> I8042State {
+        I8042State {
+            status: self.status,
+            ctr: self.ctr,
+            output_port: self.output_port,
+            output: self.output,
+            pending_command: self.pending_command,
+        }
+    }
+
+    /// Restores a saved state; refused when it has status bits the controller
+    /// never keeps or a pending command that takes no data byte.
+    pub fn restore(&mut self, state: &I8042State) -> Result<(), StateError> {
+        check_bits("i8042 status", state.status.into(), SB_STORED.into())?;
+        if let Some(c) = state.pending_command {
+            if c != CMD_WRITE_CTR && c != CMD_WRITE_OUTPUT_PORT {
+                return Err(StateError::invalid(
+                    "i8042 pending command",
+                    format!("{c:#x} takes no data byte"),
+                ));
+            }
+        }
+        self.status = state.status;
+        self.ctr = state.ctr;
+        self.output_port = state.output_port;
+        self.output = state.output;
+        self.pending_command = state.pending_command;
+        Ok(())
+    }
+
     fn respond(&mut self, byte: u8) {
         self.output = Some(byte);
     }
@@ -224,5 +276,58 @@ mod tests {
         dev.write(OFS_DATA as u64, &[0xff]);
         assert_eq!(events.take(), None);
         assert_eq!(read(&mut dev, 1), 0xff, "0x61 is not the controller's");
+    }
+
+    #[test]
+    fn state_round_trips_through_json_mid_command() {
+        let events = VmEvents::default();
+        let restored = |d: &I8042| {
+            let json = serde_json::to_string(&d.state()).unwrap();
+            let mut back = I8042::new(events.clone());
+            back.restore(&serde_json::from_str(&json).unwrap()).unwrap();
+            back
+        };
+        // A response waiting in the output buffer.
+        let mut dev = I8042::new(events.clone());
+        dev.write(OFS_COMMAND as u64, &[CMD_DISABLE_AUX]);
+        dev.write(OFS_COMMAND as u64, &[CMD_SELF_TEST]);
+        let mut back = restored(&dev);
+        assert_eq!(back.state(), dev.state());
+        assert_eq!(read(&mut back, OFS_COMMAND), read(&mut dev, OFS_COMMAND));
+        assert_eq!(read(&mut back, OFS_DATA), 0x55);
+        assert_eq!(read(&mut back, OFS_COMMAND) & SB_OUTPUT_FULL, 0);
+        back.write(OFS_COMMAND as u64, &[CMD_READ_CTR]);
+        assert_eq!(
+            read(&mut back, OFS_DATA) & CTR_AUX_DISABLED,
+            CTR_AUX_DISABLED
+        );
+        // A command waiting for its data byte.
+        let mut dev = I8042::new(events.clone());
+        dev.write(OFS_COMMAND as u64, &[CMD_WRITE_CTR]);
+        let mut back = restored(&dev);
+        back.write(OFS_DATA as u64, &[0x03]);
+        back.write(OFS_COMMAND as u64, &[CMD_READ_CTR]);
+        assert_eq!(
+            read(&mut back, OFS_DATA),
+            0x03,
+            "the data byte ends the command"
+        );
+        let mut dev = I8042::new(events.clone());
+        dev.write(OFS_COMMAND as u64, &[CMD_WRITE_OUTPUT_PORT]);
+        restored(&dev).write(OFS_DATA as u64, &[0x02]);
+        assert_eq!(events.take(), Some(VmEvent::Reset), "the reset line pulled");
+    }
+
+    #[test]
+    fn hostile_states_are_refused_and_change_nothing() {
+        let mut dev = I8042::new(VmEvents::default());
+        let good = dev.state();
+        let mut bad = good.clone();
+        bad.status |= SB_OUTPUT_FULL;
+        assert!(matches!(dev.restore(&bad), Err(StateError::Invalid { .. })));
+        let mut bad = good.clone();
+        bad.pending_command = Some(CMD_SELF_TEST);
+        assert!(matches!(dev.restore(&bad), Err(StateError::Invalid { .. })));
+        assert_eq!(dev.state(), good);
     }
 }

@@ -9,7 +9,10 @@
 //! Linux has no power-off method of its own and stops the VM through the i8042
 //! with `reboot=k`, see [`super::i8042`].)
 
+use serde::{Deserialize, Serialize};
+
 use super::bus::{BusDevice, VmEvent, VmEvents};
+use crate::state::{check_bits, StateError};
 
 /// The PM1a control register's port.
 pub const POWER_OFF_PORT: u16 = 0x604;
@@ -23,6 +26,13 @@ const SLP_TYP_MASK: u16 = 0x7;
 /// The sleep type QEMU's DSDT gives S5 (soft-off).
 const SLP_TYP_S5: u16 = 0;
 
+/// The register's state as plain data (for snapshots).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PowerOffState {
+    /// What the register reads (SLP_EN, write-only, is never set).
+    pub value: u16,
+}
+
 /// The PM1a control register.
 pub struct PowerOff {
     value: u16,
@@ -33,6 +43,18 @@ impl PowerOff {
     /// The register, raising power-off on `events`.
     pub fn new(events: VmEvents) -> PowerOff {
         PowerOff { value: 0, events }
+    }
+
+    /// The register's state.
+    pub fn state(&self) -> PowerOffState {
+        PowerOffState { value: self.value }
+    }
+
+    /// Restores a saved state; refused when SLP_EN, which reads as 0, is set.
+    pub fn restore(&mut self, state: &PowerOffState) -> Result<(), StateError> {
+        check_bits("PM1a control", state.value.into(), (!SLP_EN).into())?;
+        self.value = state.value;
+        Ok(())
     }
 }
 
@@ -87,5 +109,31 @@ mod tests {
         // SLP_EN with sleep type 1 (S3 in QEMU's DSDT): no sleep states here.
         dev.write(0, &0x2400u16.to_le_bytes());
         assert_eq!(events.take(), None);
+    }
+
+    #[test]
+    fn state_round_trips_and_slp_en_is_refused() {
+        let events = VmEvents::default();
+        let mut dev = PowerOff::new(events.clone());
+        dev.write(0, &0x0c01u16.to_le_bytes()); // sleep type 3, SCI_EN
+        let json = serde_json::to_string(&dev.state()).unwrap();
+        let mut back = PowerOff::new(events.clone());
+        back.restore(&serde_json::from_str(&json).unwrap()).unwrap();
+        let mut b = [0u8; 2];
+        back.read(0, &mut b);
+        assert_eq!(u16::from_le_bytes(b), 0x0c01);
+        // A byte write of SLP_EN keeps the restored low byte's sleep type (3):
+        // no power-off, exactly as on the original.
+        back.write(1, &[0x2c]);
+        dev.write(1, &[0x2c]);
+        assert_eq!(events.take(), None);
+        assert_eq!(back.state(), dev.state());
+        let before = back.state();
+        let bad = PowerOffState { value: SLP_EN };
+        assert!(matches!(
+            back.restore(&bad),
+            Err(StateError::Invalid { .. })
+        ));
+        assert_eq!(back.state(), before);
     }
 }

@@ -33,7 +33,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use super::bus::BusDevice;
-use crate::error::{Error, Result};
+use crate::state::{check_len, check_max, StateError};
 
 /// The index port (0x70) and the data port (0x71).
 pub const RTC_PORT: u16 = 0x70;
@@ -93,6 +93,9 @@ const D_VRT: u8 = 0x80;
 const HOUR_PM: u8 = 0x80;
 
 const SECONDS_PER_DAY: i64 = 86_400;
+/// The largest guest-minus-host offset a restored state may carry: beyond
+/// any the guest can set (its years run 0-9999) and far from overflowing.
+const MAX_OFFSET_SECS: i64 = 1 << 40;
 
 /// The state of the RTC, all plain data (for snapshots).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -243,17 +246,32 @@ impl Rtc {
         }
     }
 
-    /// An RTC with a saved `state`; refused when the CMOS is not 128 bytes.
-    pub fn from_state(state: RtcState, now: fn() -> SystemTime) -> Result<Rtc> {
-        if state.cmos.len() != CMOS_LEN {
-            return Err(Error::arg(format!(
-                "RTC state has {} CMOS bytes, not {CMOS_LEN}",
-                state.cmos.len()
-            )));
+    /// An RTC with a saved `state` (see [`Rtc::restore`]).
+    pub fn from_state(state: RtcState, now: fn() -> SystemTime) -> Result<Rtc, StateError> {
+        let mut rtc = Rtc::new(now);
+        rtc.restore(&state)?;
+        Ok(rtc)
+    }
+
+    /// Restores a saved state; refused when the CMOS is not 128 bytes, the
+    /// index is past it, status A has its update-in-progress bit (never
+    /// stored) or the offset is beyond any a guest can set.
+    pub fn restore(&mut self, state: &RtcState) -> Result<(), StateError> {
+        check_len("RTC CMOS", state.cmos.len(), CMOS_LEN)?;
+        check_max("RTC index", state.index.into(), INDEX_MASK.into())?;
+        if state.cmos[REG_A as usize] & A_UIP != 0 {
+            return Err(StateError::invalid(
+                "RTC status A",
+                "the update-in-progress bit is never stored",
+            ));
         }
-        let mut state = state;
-        state.index &= INDEX_MASK;
-        Ok(Rtc { state, now })
+        check_max(
+            "RTC offset",
+            state.offset_secs.unsigned_abs(),
+            MAX_OFFSET_SECS as u64,
+        )?;
+        self.state = state.clone();
+        Ok(())
     }
 
     /// The device's state, for a snapshot.
@@ -614,8 +632,61 @@ mod tests {
         let mut back = Rtc::from_state(state.clone(), fixed_now).unwrap();
         assert_eq!(back.state(), r.state());
         assert_eq!(read(&mut back, REG_MINUTES), 0x50);
-        let mut bad = state;
+        let mut bad = state.clone();
         bad.cmos.pop();
-        assert!(Rtc::from_state(bad, fixed_now).is_err());
+        assert!(matches!(
+            Rtc::from_state(bad, fixed_now),
+            Err(StateError::Length { .. })
+        ));
+        for hostile in [
+            RtcState {
+                index: 0x80,
+                ..state.clone()
+            },
+            RtcState {
+                offset_secs: i64::MIN,
+                ..state.clone()
+            },
+        ] {
+            assert!(Rtc::from_state(hostile, fixed_now).is_err());
+        }
+        let before = back.state().clone();
+        let mut uip = state.clone();
+        uip.cmos[REG_A as usize] |= A_UIP;
+        assert!(matches!(
+            back.restore(&uip),
+            Err(StateError::Invalid { .. })
+        ));
+        assert_eq!(back.state(), &before, "a refused state changes nothing");
+    }
+
+    #[test]
+    fn a_restored_clock_keeps_the_time_the_guest_set_and_its_mode() {
+        let mut r = rtc();
+        // Binary mode, 12-hour, and the clock set forward by hand.
+        write(&mut r, REG_B, B_SET | B_DM_BINARY);
+        write(&mut r, REG_HOURS, 0x80 | 3); // 3 PM
+        write(&mut r, REG_YEAR, 30);
+        write(&mut r, REG_B, B_DM_BINARY);
+        let json = serde_json::to_string(r.state()).unwrap();
+        let mut back = Rtc::from_state(serde_json::from_str(&json).unwrap(), fixed_now).unwrap();
+        for reg in [
+            REG_SECONDS,
+            REG_MINUTES,
+            REG_HOURS,
+            REG_DAY,
+            REG_MONTH,
+            REG_YEAR,
+            REG_CENTURY,
+            REG_A,
+            REG_B,
+            REG_C,
+            REG_D,
+            0x20,
+        ] {
+            assert_eq!(read(&mut back, reg), read(&mut r, reg), "register {reg:#x}");
+        }
+        assert_eq!(read(&mut back, REG_HOURS), 0x80 | 3);
+        assert_eq!(read(&mut back, REG_YEAR), 30);
     }
 }
