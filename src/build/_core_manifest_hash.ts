@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "a6aa1d1191bdd69a275d0c4db0521195a57f44e1a39609efcf4532299c155ab6";
+  "f57c234c0870bfe81d3cd13d0c127fbec44b23ac495c6656f0352571723a69f7";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

@@ -8,6 +8,8 @@
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::state::{check_len, StateError};
+
 /// The size of the (conventional) configuration space.
 pub const CONFIG_SIZE: usize = 256;
 /// Where the capability list starts.
@@ -117,10 +119,54 @@ impl PciConfig {
         c
     }
 
-    /// Restores a configuration space from its state.
-    pub fn from_state(state: ConfigState) -> Option<PciConfig> {
-        (state.regs.len() == CONFIG_SIZE && state.wmask.len() == CONFIG_SIZE)
-            .then_some(PciConfig { state })
+    /// Restores a configuration space from its state, checked as
+    /// [`PciConfig::restore`] checks it against this one.
+    pub fn from_state(&self, state: &ConfigState) -> Result<PciConfig, StateError> {
+        let mut c = self.clone();
+        c.restore(state)?;
+        Ok(c)
+    }
+
+    /// Restores the registers of a saved `state` of this same function.
+    /// What the device built (write masks, BARs, the capability layout, the
+    /// identity and every other read-only header byte but the status
+    /// register, each capability's ID and next pointer) must be exactly this
+    /// space's: only what a guest or the device could have changed is taken.
+    /// A refused state changes nothing.
+    pub fn restore(&mut self, state: &ConfigState) -> Result<(), StateError> {
+        check_len("PCI config registers", state.regs.len(), CONFIG_SIZE)?;
+        check_len("PCI config write mask", state.wmask.len(), CONFIG_SIZE)?;
+        let mine = &self.state;
+        if state.wmask != mine.wmask
+            || state.bars != mine.bars
+            || state.next_capability != mine.next_capability
+            || state.last_capability != mine.last_capability
+        {
+            return Err(StateError::mismatch(
+                "PCI config",
+                "write masks, BARs or capability layout differ",
+            ));
+        }
+        let mut fixed: Vec<usize> = (0..FIRST_CAPABILITY)
+            .filter(|&i| i != REG_STATUS && i != REG_STATUS + 1)
+            .collect();
+        let mut at = mine.regs[REG_CAPABILITIES] as usize;
+        // The chain was built here: it ends, and every link is in range.
+        while at != 0 && at + 1 < CONFIG_SIZE && fixed.len() < CONFIG_SIZE {
+            fixed.extend([at, at + 1]);
+            at = mine.regs[at + 1] as usize;
+        }
+        if let Some(i) = fixed
+            .into_iter()
+            .find(|&i| (state.regs[i] ^ mine.regs[i]) & !mine.wmask[i] != 0)
+        {
+            return Err(StateError::mismatch(
+                "PCI config",
+                format!("read-only byte {i:#x} differs"),
+            ));
+        }
+        self.state.regs.copy_from_slice(&state.regs);
+        Ok(())
     }
 
     /// The state as plain data.
@@ -341,6 +387,68 @@ mod tests {
             Err(ConfigError::CapabilitySpace(24))
         );
         let state = c.state().clone();
-        assert_eq!(PciConfig::from_state(state).unwrap(), c);
+        assert_eq!(
+            config().from_state(&state),
+            Err(StateError::mismatch(
+                "PCI config",
+                "write masks, BARs or capability layout differ"
+            ))
+        );
+        let mut twin = config();
+        twin.add_capability(0x11, &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], &[0, 0xc0])
+            .unwrap();
+        twin.add_capability(0x09, &[0; 14], &[]).unwrap();
+        assert_eq!(twin.from_state(&state).unwrap(), c);
+    }
+
+    #[test]
+    fn a_restored_space_reads_and_writes_like_the_saved_one() {
+        let mut c = config();
+        c.add_bar64(0, 0x8000, 0xd000_0000).unwrap();
+        c.add_capability(0x11, &[0; 10], &[0, 0xc0]).unwrap();
+        let fresh = c.clone();
+        c.write(0x10, &0xe000_0000u32.to_le_bytes());
+        c.write(4, &0x0406u16.to_le_bytes());
+        c.write(0x3c, &[11]);
+        c.write(0x43, &[0x80]);
+        let json = serde_json::to_string(c.state()).unwrap();
+        let state: ConfigState = serde_json::from_str(&json).unwrap();
+        let mut back = fresh.clone();
+        back.restore(&state).unwrap();
+        assert_eq!(back, c);
+        for at in (0..CONFIG_SIZE).step_by(4) {
+            assert_eq!(back.u32_at(at), c.u32_at(at), "{at:#x}");
+        }
+        // Sizing after the restore works as on the original.
+        for d in [&mut back, &mut c] {
+            d.write(0x10, &[0xff; 4]);
+        }
+        assert_eq!(back.u32_at(0x10), 0xffff_8004);
+        assert_eq!(back.bar_address(0), c.bar_address(0));
+    }
+
+    #[test]
+    fn hostile_config_states_are_refused() {
+        let mut c = config();
+        c.add_bar64(0, 0x8000, 0xd000_0000).unwrap();
+        c.add_capability(0x11, &[0; 10], &[0, 0xc0]).unwrap();
+        let good = c.state().clone();
+        let spoilers: Vec<fn(&mut ConfigState)> = vec![
+            |s| s.regs.truncate(255),
+            |s| s.wmask.push(0),
+            |s| s.wmask[0] = 0xff,       // the guest could rewrite the vendor
+            |s| s.bars[1].size = 0x1000, // a BAR the device does not have
+            |s| s.regs[0] ^= 1,          // another vendor
+            |s| s.regs[0x10] ^= 0x4,     // a 32-bit BAR
+            |s| s.regs[0x34] = 0x80,     // the capability list moved
+            |s| s.regs[0x41] = 0x44,     // a capability's next pointer
+            |s| s.next_capability = 0x100,
+        ];
+        for (i, spoil) in spoilers.iter().enumerate() {
+            let mut bad = good.clone();
+            spoil(&mut bad);
+            assert!(c.restore(&bad).is_err(), "case {i}");
+            assert_eq!(c.state(), &good, "case {i} changed the space");
+        }
     }
 }

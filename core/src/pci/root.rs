@@ -5,11 +5,12 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use super::config::{PciConfig, PciIdentity, COMMAND_MEMORY};
+use super::config::{ConfigState, PciConfig, PciIdentity, COMMAND_MEMORY};
 use crate::devices::bus::{Bus, BusDevice, BusError};
+use crate::state::{from_json, to_json, StateError};
 
 /// The configuration mechanism's ports: address at 0xCF8, data at 0xCFC.
 pub const PCI_CONFIG_PORT: u16 = 0xcf8;
@@ -39,6 +40,17 @@ pub trait PciDevice: Send {
     /// What the device is, for listings (`serde_json` value).
     fn describe(&self) -> serde_json::Value {
         serde_json::Value::Null
+    }
+    /// The function's state as plain data (for snapshots); by default its
+    /// configuration space ([`ConfigState`]).
+    fn save_state(&self) -> serde_json::Value {
+        to_json(self.config().state())
+    }
+    /// Restores what [`PciDevice::save_state`] gave, checked field by field; a
+    /// refused state changes nothing.
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), StateError> {
+        let config: ConfigState = from_json("PCI function", state)?;
+        self.config_mut().restore(&config)
     }
 }
 
@@ -124,6 +136,27 @@ pub struct PciBarInfo {
     pub size: u64,
     /// Where it is decoded now (`None`: memory decoding off).
     pub address: Option<u64>,
+}
+
+/// One function's saved state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PciFunctionState {
+    /// Its slot (device number) on bus 0.
+    pub slot: u8,
+    /// The name it was added with.
+    pub name: String,
+    /// What its [`PciDevice::save_state`] gave.
+    pub state: serde_json::Value,
+}
+
+/// Bus 0's state as plain data (for snapshots): the configuration address
+/// register and every function's state, host bridge included.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PciRootState {
+    /// The value at 0xCF8.
+    pub address: u32,
+    /// The functions, by slot.
+    pub functions: Vec<PciFunctionState>,
 }
 
 /// Bus 0 and the configuration mechanism.
@@ -249,6 +282,77 @@ impl PciRoot {
             return None;
         }
         Some((device, (self.address & 0xfc) as usize))
+    }
+
+    /// The bus's state.
+    pub fn state(&self) -> PciRootState {
+        let functions = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.as_ref().map(|s| (i, s)))
+            .map(|(i, s)| PciFunctionState {
+                slot: i as u8,
+                name: s.name.clone(),
+                state: lock(&s.device).save_state(),
+            })
+            .collect();
+        PciRootState {
+            address: self.address,
+            functions,
+        }
+    }
+
+    /// Restores a saved state onto a bus with the same functions in the same
+    /// slots (a VM rebuilt from the same configuration), then maps the BARs
+    /// where the restored registers put them. Refused when the functions
+    /// differ; when one function refuses its state, the ones already restored
+    /// get their previous state back, so a refused state changes nothing.
+    pub fn restore(&mut self, state: &PciRootState) -> Result<(), StateError> {
+        let present: Vec<(usize, &str)> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.as_ref().map(|s| (i, s.name.as_str())))
+            .collect();
+        let saved: Vec<(usize, &str)> = state
+            .functions
+            .iter()
+            .map(|f| (f.slot as usize, f.name.as_str()))
+            .collect();
+        if present != saved {
+            return Err(StateError::mismatch(
+                "PCI bus",
+                format!("the bus has {present:?}, the state {saved:?}"),
+            ));
+        }
+        let mut done: Vec<(usize, serde_json::Value)> = Vec::new();
+        for f in &state.functions {
+            let slot = f.slot as usize;
+            let Some(s) = self.slots[slot].as_ref() else {
+                continue;
+            };
+            let mut d = lock(&s.device);
+            let before = d.save_state();
+            if let Err(e) = d.restore_state(&f.state) {
+                drop(d);
+                for (slot, previous) in done.into_iter().rev() {
+                    if let Some(s) = self.slots[slot].as_ref() {
+                        // A state the function itself gave: it takes it back.
+                        let _ = lock(&s.device).restore_state(&previous);
+                    }
+                }
+                return Err(e);
+            }
+            done.push((slot, before));
+        }
+        self.address = state.address;
+        for slot in 0..SLOTS {
+            // Overlapping BARs leave the later one unmapped, as when a guest
+            // programs them so.
+            let _ = self.remap(slot);
+        }
+        Ok(())
     }
 
     /// The functions on the bus, for listings.
@@ -458,5 +562,56 @@ mod tests {
             root.allocate_bar(window.next_power_of_two()),
             Err(PciError::NoBarSpace(_))
         ));
+    }
+
+    #[test]
+    fn bus_state_round_trips_and_restored_bars_map_where_the_guest_put_them() {
+        let (mut root, _, _) = setup();
+        cfg_write(&mut root, 1, 0x10, 0xe000_0000);
+        cfg_write(&mut root, 1, 0x3c, 9);
+        root.write(0, &(ENABLE | 1 << 11 | 0x3c).to_le_bytes());
+        let json = serde_json::to_string(&root.state()).unwrap();
+        let state: PciRootState = serde_json::from_str(&json).unwrap();
+        let (mut back, mmio, dev) = setup();
+        back.restore(&state).unwrap();
+        assert_eq!(back.state(), root.state());
+        // The address register survived: a data read needs no new address.
+        let mut d = [0u8; 4];
+        back.read(4, &mut d);
+        assert_eq!(u32::from_le_bytes(d) & 0xff, 9);
+        assert_eq!(cfg_read(&mut back, 1, 0x10), cfg_read(&mut root, 1, 0x10));
+        assert!(mmio.claims(0xe000_0000) && !mmio.claims(PCI_MMIO_WINDOW.0));
+        assert!(mmio.write(0xe000_0004, 1, &[7], &VmEvents::default()));
+        assert_eq!(dev.lock().unwrap().1, vec![(0, 4, vec![7])]);
+    }
+
+    #[test]
+    fn hostile_bus_states_are_refused_and_change_nothing() {
+        let (mut root, mmio, _) = setup();
+        let good = root.state();
+        let mut bad = good.clone();
+        bad.functions.pop();
+        assert!(matches!(
+            root.restore(&bad),
+            Err(StateError::Mismatch { .. })
+        ));
+        let mut bad = good.clone();
+        bad.functions[1].slot = 2;
+        assert!(matches!(
+            root.restore(&bad),
+            Err(StateError::Mismatch { .. })
+        ));
+        let mut bad = good.clone();
+        bad.functions[1].name = "other".into();
+        assert!(root.restore(&bad).is_err());
+        // The first function restores, the second refuses: the first is rolled back.
+        let mut bad = good.clone();
+        let mut bridge: ConfigState = from_json("x", &bad.functions[0].state).unwrap();
+        bridge.regs[0x3c] = 5;
+        bad.functions[0].state = to_json(&bridge);
+        bad.functions[1].state = serde_json::json!({"regs": [1, 2]});
+        assert!(matches!(root.restore(&bad), Err(StateError::Json { .. })));
+        assert_eq!(root.state(), good);
+        assert!(mmio.claims(PCI_MMIO_WINDOW.0));
     }
 }
