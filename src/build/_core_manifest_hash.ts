@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "f57c234c0870bfe81d3cd13d0c127fbec44b23ac495c6656f0352571723a69f7";
+  "4b01fc85536a9c89d3c7173b2120aa1671fc7e6e4920b34ad7d81868a14922d9";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

@@ -173,6 +173,23 @@ pub trait VirtioDevice: Send {
     fn control(&mut self, request: &serde_json::Value) -> Result<serde_json::Value, VirtioError> {
         Err(VirtioError::Unsupported(request.to_string()))
     }
+    /// The device's own guest-visible state as plain data (its configuration
+    /// space, anything beyond its queues), for snapshots; the transport saves
+    /// the queues. Default: none (`null`).
+    fn save_state(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+    /// Restores what [`VirtioDevice::save_state`] gave, while the device is
+    /// not activated; every field is checked. Default: only `null`.
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), VirtioError> {
+        if state.is_null() {
+            Ok(())
+        } else {
+            Err(VirtioError::Malformed(format!(
+                "this device keeps no state of its own, the state has {state}"
+            )))
+        }
+    }
 }
 
 /// Reads `data.len()` bytes of a config image at `offset`; beyond it, 0.

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use crate::memory::GuestRam;
 use crate::pci::msix::tests::Recorder;
 use crate::pci::root::PciDevice;
-use crate::virtio::pci::VirtioPci;
+use crate::state::StateError;
+use crate::virtio::pci::{TransportState, VirtioPci};
 use crate::virtio::{features, status, VirtioDevice};
 
 /// Where each queue's rings go: queue `q` at `RINGS + q * RING_STRIDE`.
@@ -158,8 +159,49 @@ impl TestDriver {
         self.mem.write(at, &d).unwrap();
     }
 
+    /// The same guest and driver on a new transport for `device` restored
+    /// from `state` (this transport is dropped first: its worker stops), as a
+    /// VM restored from a snapshot would have it.
+    pub fn restored(
+        self,
+        device: Box<dyn VirtioDevice>,
+        state: &TransportState,
+    ) -> Result<TestDriver, StateError> {
+        let TestDriver {
+            dev,
+            mem,
+            sizes,
+            next_desc,
+            avail_idx,
+            used_seen,
+            ..
+        } = self;
+        drop(dev);
+        let irqs = Arc::new(Recorder::default());
+        let mut dev = VirtioPci::new(device, mem.clone(), None, irqs.clone(), 0xd000_0000).unwrap();
+        dev.restore(state)?;
+        Ok(TestDriver {
+            dev,
+            mem,
+            irqs,
+            sizes,
+            next_desc,
+            avail_idx,
+            used_seen,
+        })
+    }
+
+    /// Posts `bufs` as one chain on queue `q` without kicking; returns the head.
+    pub fn post_quietly(&mut self, q: usize, bufs: &[Buf]) -> u16 {
+        self.post_inner(q, bufs, false)
+    }
+
     /// Publishes head `head` in queue `q`'s avail ring and kicks.
     pub fn publish(&mut self, q: usize, head: u16) {
+        self.publish_inner(q, head, true)
+    }
+
+    fn publish_inner(&mut self, q: usize, head: u16, kick: bool) {
         let size = self.sizes[q] as u64;
         let avail = RINGS + q as u64 * RING_STRIDE + 16 * size;
         let slot = self.avail_idx[q] as u64 % size;
@@ -170,11 +212,17 @@ impl TestDriver {
         self.mem
             .write(avail + 2, &self.avail_idx[q].to_le_bytes())
             .unwrap();
-        self.write(0x3000 + 4 * q as u64, &(q as u16).to_le_bytes());
+        if kick {
+            self.write(0x3000 + 4 * q as u64, &(q as u16).to_le_bytes());
+        }
     }
 
     /// Posts `bufs` as one chain on queue `q` and kicks; returns the head.
     pub fn post(&mut self, q: usize, bufs: &[Buf]) -> u16 {
+        self.post_inner(q, bufs, true)
+    }
+
+    fn post_inner(&mut self, q: usize, bufs: &[Buf], kick: bool) -> u16 {
         let size = self.sizes[q];
         let head = self.next_desc[q];
         for (i, b) in bufs.iter().enumerate() {
@@ -184,7 +232,7 @@ impl TestDriver {
             self.set_desc(q, idx, b.addr, b.len, flags, (idx + 1) % size);
         }
         self.next_desc[q] = (head + bufs.len() as u16) % size;
-        self.publish(q, head);
+        self.publish_inner(q, head, kick);
         head
     }
 
