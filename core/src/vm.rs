@@ -23,6 +23,7 @@ use crate::devices::bus::{Bus, Space, VmEvents};
 use crate::devices::console::STREAM_STALL;
 use crate::devices::debug_exit::{DebugExit, DEBUG_EXIT_PORT};
 use crate::devices::i8042::{I8042, I8042_PORT, I8042_PORT_LEN};
+use crate::devices::platform::{DeviceStates, PlatformDevices};
 use crate::devices::power_off::{PowerOff, POWER_OFF_PORT, POWER_OFF_PORT_LEN};
 use crate::devices::rtc::{Rtc, RTC_PORT, RTC_PORT_LEN};
 use crate::devices::serial::{ConsoleSink, SerialConsole, COM1_PORT, COM_PORT_LEN};
@@ -71,6 +72,8 @@ pub struct VmShared {
     pub hypercalls: Arc<Hypercalls>,
     /// COM1, also reached from the host (console input).
     pub serial: Arc<Mutex<SerialConsole>>,
+    /// The devices every VM has, for their states.
+    pub platform: PlatformDevices,
     /// Every vCPU's stop handle, for stopping siblings.
     controls: Mutex<Vec<(u32, Arc<Control>)>>,
     /// The first stop of the current run that ends the VM (debug exit, crash...).
@@ -95,31 +98,30 @@ impl VmShared {
         let port = |p: u16| u64::from(p);
         let len = |l: u16| u64::from(l);
         pio.insert("com1", port(COM1_PORT), len(COM_PORT_LEN), serial.clone())?;
-        pio.insert(
-            "debug-exit",
-            port(DEBUG_EXIT_PORT),
-            1,
-            Arc::new(Mutex::new(DebugExit::new(events.clone()))),
-        )?;
+        let platform = PlatformDevices {
+            serial: serial.clone(),
+            i8042: Arc::new(Mutex::new(I8042::new(events.clone()))),
+            pm1a_control: Arc::new(Mutex::new(PowerOff::new(events.clone()))),
+            rtc: Arc::new(Mutex::new(Rtc::default())),
+            debug_exit: Arc::new(Mutex::new(DebugExit::new(events.clone()))),
+            acpi_pm: OnceLock::new(),
+        };
+        let p = &platform;
+        pio.insert("debug-exit", port(DEBUG_EXIT_PORT), 1, p.debug_exit.clone())?;
         pio.insert(
             "i8042",
             port(I8042_PORT),
             len(I8042_PORT_LEN),
-            Arc::new(Mutex::new(I8042::new(events.clone()))),
+            p.i8042.clone(),
         )?;
         pio.insert(
             "pm1a-control",
             port(POWER_OFF_PORT),
             len(POWER_OFF_PORT_LEN),
-            Arc::new(Mutex::new(PowerOff::new(events.clone()))),
+            p.pm1a_control.clone(),
         )?;
         // Every VM has the clock, not only Linux guests: see `devices::rtc`.
-        pio.insert(
-            "rtc",
-            port(RTC_PORT),
-            len(RTC_PORT_LEN),
-            Arc::new(Mutex::new(Rtc::default())),
-        )?;
+        pio.insert("rtc", port(RTC_PORT), len(RTC_PORT_LEN), p.rtc.clone())?;
         pio.insert(
             "hypercall",
             port(HYPERCALL_PORT),
@@ -146,6 +148,7 @@ impl VmShared {
             events,
             unhandled,
             serial,
+            platform,
             hypercalls,
             console,
             controls: Mutex::new(Vec::new()),
@@ -159,6 +162,16 @@ impl VmShared {
         if stop.is_none() {
             *stop = Some(result.clone());
         }
+    }
+
+    /// Every device's state as plain data (see [`DeviceStates`]).
+    pub fn device_states(&self) -> DeviceStates {
+        self.platform.states(&self.pci)
+    }
+
+    /// Restores every device from `states` (a VM built with the same devices).
+    pub fn restore_device_states(&self, states: &DeviceStates) -> Result<()> {
+        self.platform.restore(&self.pci, states)
     }
 
     /// Stops every vCPU but `except` (the one whose guest ended the VM).
@@ -342,16 +355,19 @@ impl Vm {
         if self.shared.pio.claims(base) {
             return Ok(());
         }
-        let device = AcpiPm::new(self.shared.events.clone());
-        match self.shared.pio.insert(
-            "acpi-pm",
-            base,
-            u64::from(ACPI_PM_LEN),
-            Arc::new(Mutex::new(device)),
-        ) {
+        let device = Arc::new(Mutex::new(AcpiPm::new(self.shared.events.clone())));
+        match self
+            .shared
+            .pio
+            .insert("acpi-pm", base, u64::from(ACPI_PM_LEN), device.clone())
+        {
             // Another load attached it meanwhile.
             Err(_) if self.shared.pio.claims(base) => Ok(()),
-            other => Ok(other?),
+            Err(e) => Err(e.into()),
+            Ok(()) => {
+                let _ = self.shared.platform.acpi_pm.set(device);
+                Ok(())
+            }
         }
     }
 
@@ -572,6 +588,12 @@ impl Vm {
                 "mmio": { "devices": mmio, "unclaimed": { "reads": mmio_unclaimed.0, "writes": mmio_unclaimed.1 } },
             },
         })
+    }
+
+    /// Every device's state as JSON (see [`DeviceStates`]): the one entry
+    /// point snapshots read device state from.
+    pub fn device_states(&self) -> serde_json::Value {
+        crate::state::to_json(&self.shared.device_states())
     }
 
     /// Passes a runtime request (`{"op": ...}`) to the virtio device `name`.

@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "4b01fc85536a9c89d3c7173b2120aa1671fc7e6e4920b34ad7d81868a14922d9";
+  "cd41a26df0a89b88a256036d67c8b773ff890f07201d2a6156f1bd8f2538a322";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

@@ -7,6 +7,7 @@ pub mod bus;
 pub mod console;
 pub mod debug_exit;
 pub mod i8042;
+pub mod platform;
 pub mod power_off;
 pub mod rtc;
 pub mod serial;
