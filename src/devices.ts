@@ -158,6 +158,38 @@ export interface DeviceListing {
   >;
 }
 
+/** A PCI function's saved state in a {@link DeviceState}. */
+export interface PciFunctionState {
+  /** Its slot (device number) on bus 0. */
+  slot: number;
+  /** The name it was added with. */
+  name: string;
+  /** Its configuration space, or for virtio the whole transport's state. */
+  state: Record<string, unknown>;
+}
+
+/**
+ * Every device's state, as {@link Vm.deviceState} returns it: plain data the
+ * core can restore onto a VM built with the same devices. Field names below
+ * the first level follow the core's structs (snake case).
+ */
+export interface DeviceState {
+  /** COM1: the UART's registers and FIFO, and host input queued behind it. */
+  com1: { uart: Record<string, unknown>; pending: number[] };
+  /** The i8042 controller. */
+  i8042: Record<string, unknown>;
+  /** The PM1a control register. */
+  pm1aControl: { value: number };
+  /** The CMOS RTC: index register, guest-minus-host offset, 128 CMOS bytes. */
+  rtc: { index: number; offset_secs: number; cmos: number[] };
+  /** The debug-exit port (no state). */
+  debugExit: Record<string, never>;
+  /** The ACPI PM registers (no state), `null` when not attached. */
+  acpiPm: Record<string, never> | null;
+  /** PCI bus 0: the address register and every function. */
+  pci: { address: number; functions: PciFunctionState[] };
+}
+
 function fail(message: string): never {
   throw new DenovisorError("INVALID_ARGUMENT", message);
 }

@@ -129,6 +129,8 @@ const SYMBOLS = {
   },
   /** int32_t dv_vm_devices(uint32_t vm, uint8_t *buf, size_t cap, size_t *out_len) */
   dv_vm_devices: { parameters: ["u32", "buffer", "usize", "buffer"], result: "i32" },
+  /** int32_t dv_vm_device_state(uint32_t vm, uint8_t *buf, size_t cap, size_t *out_len) */
+  dv_vm_device_state: { parameters: ["u32", "buffer", "usize", "buffer"], result: "i32" },
   /** int32_t dv_vm_device_control(uint32_t vm, const uint8_t *name, size_t name_len, const uint8_t *json, size_t len, uint8_t *buf, size_t cap, size_t *out_len) */
   dv_vm_device_control: {
     parameters: ["u32", "buffer", "usize", "buffer", "usize", "buffer", "usize", "buffer"],
@@ -420,6 +422,11 @@ export class Core {
   /** `dv_vm_devices`: the VM's devices as parsed JSON. */
   vmDevices<T>(vm: number): T {
     return this.#json((buf, cap, outLen) => this.#sym.dv_vm_devices(vm, buf, cap, outLen));
+  }
+
+  /** `dv_vm_device_state`: every device's state as parsed JSON. */
+  vmDeviceState<T>(vm: number): T {
+    return this.#json((buf, cap, outLen) => this.#sym.dv_vm_device_state(vm, buf, cap, outLen));
   }
 
   /** `dv_vm_device_control`: a device's answer to a JSON request, parsed. */

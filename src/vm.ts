@@ -6,7 +6,12 @@
  * @module
  */
 
-import { type DeviceConfig, deviceConfigJson, type DeviceListing } from "./devices.ts";
+import {
+  type DeviceConfig,
+  deviceConfigJson,
+  type DeviceListing,
+  type DeviceState,
+} from "./devices.ts";
 import { VmBalloon } from "./balloon.ts";
 import { DenovisorError } from "./errors.ts";
 import { describeExit, type ExitReason, type VcpuExit } from "./kvm/exit.ts";
@@ -374,6 +379,28 @@ export class Vm implements Disposable {
    */
   devices(): DeviceListing {
     return this.#vm.devices<DeviceListing>();
+  }
+
+  /**
+   * Every device's state as plain data: COM1 (registers, receive FIFO,
+   * queued input), the i8042, PM1a control, the RTC, debug-exit, ACPI PM and
+   * PCI bus 0 (the address register and each function: its configuration
+   * space, MSI-X table, and for virtio its negotiation, queues and their
+   * positions). The core restores such a document onto a VM built with the
+   * same devices, checking every field; snapshots build on it.
+   *
+   * @example
+   * ```ts
+   * import { Vm } from "denovisor";
+   * using vm = await Vm.create({ interrupts: true, devices: [{ kind: "rng" }] });
+   * const state = vm.deviceState();
+   * console.log(state.pci.functions.map((f) => f.name));
+   * ```
+   *
+   * @returns The state.
+   */
+  deviceState(): DeviceState {
+    return this.#vm.deviceState<DeviceState>();
   }
 
   /**

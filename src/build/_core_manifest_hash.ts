@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "cd41a26df0a89b88a256036d67c8b773ff890f07201d2a6156f1bd8f2538a322";
+  "6f78313d413c135b8ec3578693f9b31e61869f5b5b68c955bfd930fd5a89ef85";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

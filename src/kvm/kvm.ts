@@ -547,6 +547,22 @@ export class KvmVm implements Disposable {
   }
 
   /**
+   * Every device's state as plain data (`dv_vm_device_state`): COM1, the
+   * i8042, PM1a, the RTC, debug-exit, ACPI PM and the PCI bus with each
+   * virtio transport. What snapshots read device state from.
+   *
+   * @example
+   * ```ts ignore
+   * const state = vm.deviceState<{ rtc: { index: number } }>();
+   * ```
+   *
+   * @returns The state's parsed JSON.
+   */
+  deviceState<T>(): T {
+    return this.#core.vmDeviceState<T>(this.#live());
+  }
+
+  /**
    * Passes a runtime request (`{"op": ...}` as JSON) to the device `name`.
    *
    * @example
