@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "6f78313d413c135b8ec3578693f9b31e61869f5b5b68c955bfd930fd5a89ef85";
+  "6dd223e15baf8f1f9d73522760191ad94bef57b7b6af171026f94fbbc3d591d8";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

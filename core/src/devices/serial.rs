@@ -101,7 +101,7 @@ impl UartState {
             self.in_buffer.len() as u64,
             FIFO_SIZE as u64,
         )?;
-        if (self.line_status & LSR_DATA_READY != 0) != !self.in_buffer.is_empty() {
+        if (self.line_status & LSR_DATA_READY != 0) == self.in_buffer.is_empty() {
             return Err(StateError::invalid(
                 "COM1 LSR",
                 "data ready does not match the receive FIFO",
@@ -393,14 +393,14 @@ mod tests {
         let mut com1 = SerialConsole::new(ConsoleSink::default()).unwrap();
         com1.enqueue_input(b"ab").unwrap();
         let good = com1.state();
-        let hostile: Vec<Box<dyn Fn(&mut SerialConsoleState)>> = vec![
-            Box::new(|s| s.uart.in_buffer = vec![0; FIFO_SIZE + 1]),
-            Box::new(|s| s.uart.in_buffer.clear()), // data ready, no data
-            Box::new(|s| s.uart.interrupt_enable = 0xf0),
-            Box::new(|s| s.uart.interrupt_identification = 0),
-            Box::new(|s| s.uart.interrupt_identification = 0x08),
-            Box::new(|s| s.uart.line_status |= 0x80),
-            Box::new(|s| s.pending = vec![0; INPUT_CAPACITY + 1]),
+        let hostile: [fn(&mut SerialConsoleState); 7] = [
+            |s| s.uart.in_buffer = vec![0; FIFO_SIZE + 1],
+            |s| s.uart.in_buffer.clear(), // data ready, no data
+            |s| s.uart.interrupt_enable = 0xf0,
+            |s| s.uart.interrupt_identification = 0,
+            |s| s.uart.interrupt_identification = 0x08,
+            |s| s.uart.line_status |= 0x80,
+            |s| s.pending = vec![0; INPUT_CAPACITY + 1],
         ];
         for (i, spoil) in hostile.iter().enumerate() {
             let mut bad = good.clone();

@@ -236,7 +236,7 @@ impl Msix {
         let n = s.entries.len();
         check_len("MSI-X vectors", state.entries.len(), n)?;
         check_len("MSI-X pending words", state.pending.len(), n.div_ceil(64))?;
-        if n % 64 != 0 {
+        if !n.is_multiple_of(64) {
             let last = state.pending.len() - 1;
             check_bits(
                 "MSI-X pending bits",

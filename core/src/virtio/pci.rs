@@ -1015,7 +1015,8 @@ mod tests {
         d.start(0);
         random_buf(&mut d, 8);
         let good = d.dev.state();
-        let spoilers: Vec<(&str, fn(&mut TransportState))> = vec![
+        type Spoiler = (&'static str, fn(&mut TransportState));
+        let spoilers: Vec<Spoiler> = vec![
             ("a second queue", |s| s.queues.push(s.queues[0])),
             ("no positions", |s| s.positions.clear()),
             ("another maximum size", |s| s.queues[0].max_size = 1024),
