@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "6dd223e15baf8f1f9d73522760191ad94bef57b7b6af171026f94fbbc3d591d8";
+  "20768c37fc93dd3f416fe249aac97f4bcb1c6bc86781726f08087b5807518bcc";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.
