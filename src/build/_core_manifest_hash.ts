@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "20768c37fc93dd3f416fe249aac97f4bcb1c6bc86781726f08087b5807518bcc";
+  "8c52169d9ca6da4b66bc09bbcac5faad273ce256c2bfa61c774a55b4b18b4ea1";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

@@ -31,11 +31,11 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use virtio_bindings::virtio_blk as vb;
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap};
 
 use super::worker::{Wake, Worker};
-use super::{device_type, Activation, Interrupt, VirtioDevice, VirtioError};
+use super::{device_type, drain_queue, Activation, Interrupt, VirtioDevice, VirtioError};
 use crate::memory::GuestRam;
 
 /// The request queue's size.
@@ -723,47 +723,17 @@ impl Ctx {
 
 /// Serves every available request; false when the queue is broken.
 fn serve(queue: &mut Queue, ctx: &Ctx, interrupt: &Interrupt) -> bool {
-    let m = ctx.mem.mmap();
-    loop {
-        if queue.disable_notification(m).is_err() {
-            return false;
+    drain_queue(queue, ctx.mem.mmap(), interrupt, 0, |chain| {
+        let req = collect(chain, &ctx.mem).ok()?;
+        let (status, written) = ctx.execute(&req);
+        if status != S_OK {
+            ctx.stats.errors.fetch_add(1, Ordering::Relaxed);
         }
-        let mut served = 0usize;
-        while let Some(chain) = queue.pop_descriptor_chain(m) {
-            served += 1;
-            let head = chain.head_index();
-            let Ok(req) = collect(chain, &ctx.mem) else {
-                return false;
-            };
-            let (status, written) = ctx.execute(&req);
-            if status != S_OK {
-                ctx.stats.errors.fetch_add(1, Ordering::Relaxed);
-            }
-            // `collect` checked the last writable buffer is non-empty and in RAM.
-            let Some(last) = req.writable.last() else {
-                return false;
-            };
-            if ctx.mem.write(last.addr + last.len - 1, &[status]).is_err() {
-                return false;
-            }
-            let used = u32::try_from(written + 1).unwrap_or(u32::MAX);
-            if queue.add_used(m, head, used).is_err() {
-                return false;
-            }
-        }
-        match queue.enable_notification(m) {
-            // More available but nothing to take: the avail index is more
-            // than a queue ahead. A broken queue, not a reason to spin.
-            Ok(true) if served == 0 => return false,
-            Ok(true) => continue,
-            Ok(false) => break,
-            Err(_) => return false,
-        }
-    }
-    if queue.needs_notification(m).unwrap_or(true) {
-        interrupt.queue(0);
-    }
-    true
+        // `collect` checked the last writable buffer is non-empty and in RAM.
+        let last = req.writable.last()?;
+        ctx.mem.write(last.addr + last.len - 1, &[status]).ok()?;
+        Some(u32::try_from(written + 1).unwrap_or(u32::MAX))
+    })
 }
 
 impl VirtioDevice for Block {

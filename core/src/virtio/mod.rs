@@ -31,7 +31,7 @@ use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};
 use std::sync::Arc;
 
 use thiserror::Error;
-use virtio_queue::Queue;
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::memory::GuestRam;
@@ -201,4 +201,47 @@ pub fn read_config_bytes(image: &[u8], offset: u64, data: &mut [u8]) {
             .copied()
             .unwrap_or(0);
     }
+}
+
+/// The guest memory type queues run on.
+pub type Mem = vm_memory::GuestMemoryMmap<()>;
+
+/// Serves every available chain of `queue`: `handle` answers each with the
+/// length it wrote (`None`: the driver broke the queue), the chain goes to the
+/// used ring, and queue `index`'s interrupt is raised if the driver wants it.
+/// False when the queue is broken, including an avail index more than a queue
+/// ahead (nothing can be popped though more is announced: stop, do not spin).
+pub fn drain_queue<'m>(
+    queue: &mut Queue,
+    m: &'m Mem,
+    interrupt: &Interrupt,
+    index: usize,
+    mut handle: impl FnMut(DescriptorChain<&'m Mem>) -> Option<u32>,
+) -> bool {
+    loop {
+        if queue.disable_notification(m).is_err() {
+            return false;
+        }
+        let mut served = 0usize;
+        while let Some(chain) = queue.pop_descriptor_chain(m) {
+            served += 1;
+            let head = chain.head_index();
+            let Some(used) = handle(chain) else {
+                return false;
+            };
+            if queue.add_used(m, head, used).is_err() {
+                return false;
+            }
+        }
+        match queue.enable_notification(m) {
+            Ok(true) if served == 0 => return false,
+            Ok(true) => continue,
+            Ok(false) => break,
+            Err(_) => return false,
+        }
+    }
+    if queue.needs_notification(m).unwrap_or(true) {
+        interrupt.queue(index);
+    }
+    true
 }

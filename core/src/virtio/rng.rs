@@ -8,11 +8,11 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::Bytes;
 
 use super::worker::{Wake, Worker};
-use super::{device_type, Activation, Interrupt, VirtioDevice, VirtioError};
+use super::{device_type, drain_queue, Activation, Interrupt, VirtioDevice, VirtioError};
 use crate::memory::GuestRam;
 
 /// The queue's size.
@@ -61,58 +61,35 @@ fn fill_random(buf: &mut [u8]) -> bool {
 fn serve(queue: &mut Queue, mem: &GuestRam, interrupt: &Interrupt, stats: &Stats) -> bool {
     let m = mem.mmap();
     let mut scratch = vec![0u8; MAX_REQUEST];
-    loop {
-        if queue.disable_notification(m).is_err() {
-            return false;
-        }
-        let mut served = 0usize;
-        while let Some(chain) = queue.pop_descriptor_chain(m) {
-            served += 1;
-            let head = chain.head_index();
-            let mut written = 0usize;
-            let mut ended = true;
-            for desc in chain {
-                // virtio-queue stops a chain that loops or whose `next` is
-                // past the queue after `size` descriptors: the last one it
-                // yields then still says NEXT. That chain is a driver bug.
-                ended = !desc.has_next();
-                if !desc.is_write_only() {
-                    continue;
-                }
-                let len = (desc.len() as usize).min(MAX_REQUEST - written);
-                if len == 0 {
-                    continue;
-                }
-                if !fill_random(&mut scratch[..len])
-                    || m.write_slice(&scratch[..len], desc.addr()).is_err()
-                {
-                    return false;
-                }
-                written += len;
+    drain_queue(queue, m, interrupt, 0, |chain| {
+        let mut written = 0usize;
+        let mut ended = true;
+        for desc in chain {
+            // virtio-queue stops a chain that loops or whose `next` is
+            // past the queue after `size` descriptors: the last one it
+            // yields then still says NEXT. That chain is a driver bug.
+            ended = !desc.has_next();
+            if !desc.is_write_only() {
+                continue;
             }
-            if !ended {
-                return false;
+            let len = (desc.len() as usize).min(MAX_REQUEST - written);
+            if len == 0 {
+                continue;
             }
-            if queue.add_used(m, head, written as u32).is_err() {
-                return false;
+            if !fill_random(&mut scratch[..len])
+                || m.write_slice(&scratch[..len], desc.addr()).is_err()
+            {
+                return None;
             }
-            stats.requests.fetch_add(1, Ordering::Relaxed);
-            stats.bytes.fetch_add(written as u64, Ordering::Relaxed);
+            written += len;
         }
-        match queue.enable_notification(m) {
-            // More is available, yet nothing could be taken: the avail index
-            // is more than a queue ahead (virtio-queue refuses to pop then).
-            // A broken queue, not a reason to spin.
-            Ok(true) if served == 0 => return false,
-            Ok(true) => continue,
-            Ok(false) => break,
-            Err(_) => return false,
+        if !ended {
+            return None;
         }
-    }
-    if queue.needs_notification(m).unwrap_or(true) {
-        interrupt.queue(0);
-    }
-    true
+        stats.requests.fetch_add(1, Ordering::Relaxed);
+        stats.bytes.fetch_add(written as u64, Ordering::Relaxed);
+        Some(written as u32)
+    })
 }
 
 impl VirtioDevice for Rng {
