@@ -51,6 +51,7 @@ export {
   type ConsoleCounts,
   type ConsoleStats,
   type EntryMode,
+  type GuestMemoryUsage,
   type HypercallCounts,
   Kvm,
   KvmVcpu,

@@ -142,6 +142,8 @@ const SYMBOLS = {
   dv_vm_metrics: { parameters: ["u32", "buffer", "usize", "buffer"], result: "i32" },
   /** int32_t dv_vm_ksm(uint32_t vm, uint8_t *buf, size_t cap, size_t *out_len) — JSON */
   dv_vm_ksm: { parameters: ["u32", "buffer", "usize", "buffer"], result: "i32" },
+  /** int32_t dv_vm_memory(uint32_t vm, uint8_t *buf, size_t cap, size_t *out_len) — JSON */
+  dv_vm_memory: { parameters: ["u32", "buffer", "usize", "buffer"], result: "i32" },
   /** int32_t dv_vcpu_run(uint32_t vcpu, uint64_t timeout_ms, uint8_t *buf, size_t cap, size_t *out_len) — blocks */
   dv_vcpu_run: {
     parameters: ["u32", "u64", "buffer", "usize", "buffer"],
@@ -473,6 +475,11 @@ export class Core {
   /** `dv_vm_ksm`: the VM's dedup flag and KSM's counters as parsed JSON. */
   vmKsm<T>(vm: number): T {
     return this.#json((buf, cap, outLen) => this.#sym.dv_vm_ksm(vm, buf, cap, outLen));
+  }
+
+  /** `dv_vm_memory`: the VM's RAM size and resident bytes as parsed JSON. */
+  vmMemory<T>(vm: number): T {
+    return this.#json((buf, cap, outLen) => this.#sym.dv_vm_memory(vm, buf, cap, outLen));
   }
 
   /** `dv_vcpu_run` (off the JS thread): the run result as parsed JSON. */

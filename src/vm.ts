@@ -21,6 +21,7 @@ import type { IrqStats } from "./irq.ts";
 import { type KsmMetrics, ksmMetrics } from "./ksm.ts";
 import {
   type EntryMode,
+  type GuestMemoryUsage,
   Kvm,
   type KvmVcpu,
   type KvmVm,
@@ -799,6 +800,25 @@ export class Vm implements Disposable {
    */
   ksm(): KsmMetrics {
     return ksmMetrics(this.#vm.ksm());
+  }
+
+  /**
+   * How much of this VM's RAM the host backs now: its size and the bytes
+   * resident in host memory (`mincore`). Untouched pages and pages the
+   * balloon or free page reporting returned are not resident, so this is the
+   * VMM's RSS for guest RAM, without the rest of the process.
+   *
+   * @returns Size and resident bytes.
+   * @example
+   * ```ts
+   * import { Vm } from "denovisor";
+   * using vm = await Vm.create({ memoryMiB: 16 });
+   * const { sizeBytes, residentBytes } = vm.memory();
+   * console.log(sizeBytes, residentBytes); // 16777216 0 (nothing touched yet)
+   * ```
+   */
+  memory(): GuestMemoryUsage {
+    return this.#vm.memory();
   }
 
   /**

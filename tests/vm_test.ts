@@ -7,6 +7,7 @@ import assert from "node:assert/strict";
 
 import { DenovisorError, Vm } from "../mod.ts";
 import { kvmTest, testGuest } from "./_helpers.ts";
+import { EXTRA_MIB, FilledGuests } from "./_ksm.ts";
 
 kvmTest("a real-mode guest prints and exits through the debug-exit port", async () => {
   using vm = await Vm.create({ memoryMiB: 1 });
@@ -218,3 +219,20 @@ kvmTest(
     assert.equal(result.exitCode, 1, result.summary); // (0 << 1) | 1
   },
 );
+
+kvmTest("vm.memory() counts the guest RAM pages a guest touched, and nothing before", async () => {
+  const MIB = 1 << 20;
+  using fresh = await Vm.create({ memoryMiB: 32 });
+  assert.deepEqual(fresh.memory(), { sizeBytes: 32 * MIB, residentBytes: 0 });
+  // A guest that writes 24 MiB of its RAM (tests/guests/ksm_fill.S), then halts.
+  const guests = await FilledGuests.start(1, { dedup: false, fillMiB: 24 });
+  try {
+    const { sizeBytes, residentBytes } = guests.vms[0].memory();
+    assert.equal(sizeBytes, (24 + EXTRA_MIB) * MIB);
+    // The fill, plus the image, page tables and stack below it; never more than RAM.
+    assert.ok(residentBytes >= 24 * MIB && residentBytes <= sizeBytes, `${residentBytes}`);
+  } finally {
+    await guests.close();
+  }
+  assert.throws(() => guests.vms[0].memory(), DenovisorError);
+});

@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "8c52169d9ca6da4b66bc09bbcac5faad273ce256c2bfa61c774a55b4b18b4ea1";
+  "b0aa8f85ee569d431825feafc69445de505017c2809c2d77ec3c90b618c0b930";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

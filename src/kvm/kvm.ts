@@ -93,6 +93,16 @@ export interface VcpuMetrics {
   console: ConsoleCounts;
 }
 
+/** A VM's guest RAM as the host holds it ({@link KvmVm.memory}). */
+export interface GuestMemoryUsage {
+  /** Guest RAM, bytes. */
+  sizeBytes: number;
+  /** The part of it backed by host memory now (`mincore`), bytes: pages the
+   * guest never touched, and pages a balloon or free page reporting gave
+   * back, are not. The VMM's RSS for guest RAM, without the JavaScript heap. */
+  residentBytes: number;
+}
+
 /** Console byte counts: written, and dropped on either side of the console. */
 export interface ConsoleCounts {
   /** Bytes the guest wrote to its console. */
@@ -632,6 +642,22 @@ export class KvmVm implements Disposable {
    */
   ksm(): KsmCounters {
     return this.#core.vmKsm<KsmCounters>(this.#live());
+  }
+
+  /**
+   * Reads how much of guest RAM is backed by host memory now (`mincore` over
+   * every RAM region).
+   *
+   * @returns The RAM size and its resident part, in bytes.
+   * @example
+   * ```ts
+   * import { Kvm } from "denovisor";
+   * using vm = (await Kvm.open()).createVm({ memoryBytes: 2 << 20 });
+   * console.log(vm.memory()); // { sizeBytes: 2097152, residentBytes: 0 }
+   * ```
+   */
+  memory(): GuestMemoryUsage {
+    return this.#core.vmMemory<GuestMemoryUsage>(this.#live());
   }
 
   /** Stops the vCPUs, joins their threads, frees RAM and fds. Idempotent. */

@@ -305,3 +305,41 @@ pub unsafe extern "C" fn dv_vm_report(
         })
     }
 }
+
+/// A VM's guest RAM as the host holds it.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct VmMemory {
+    /// Guest RAM, bytes.
+    size_bytes: u64,
+    /// The part of it backed by host memory now (`mincore`), bytes.
+    resident_bytes: u64,
+}
+
+/// Writes the VM's guest RAM size and how much of it is resident in host
+/// memory as JSON into `buf`: `{"sizeBytes":N,"residentBytes":N}`.
+///
+/// # Safety
+/// `buf` must be valid for `cap` writable bytes; `out_len` for a `usize` write.
+#[no_mangle]
+pub unsafe extern "C" fn dv_vm_memory(
+    vm: u32,
+    buf: *mut u8,
+    cap: usize,
+    out_len: *mut usize,
+) -> i32 {
+    // SAFETY: per this function's contract.
+    unsafe {
+        guarded_into(buf, cap, out_len, || {
+            let vm = handles::vm(vm)?;
+            let ram = vm.ram();
+            json(&VmMemory {
+                size_bytes: ram.size(),
+                resident_bytes: ram.resident_bytes().map_err(|source| Error::Io {
+                    op: "mincore on guest RAM",
+                    source,
+                })?,
+            })
+        })
+    }
+}
