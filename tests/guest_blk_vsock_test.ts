@@ -232,3 +232,192 @@ kvmTest(
     }
   },
 );
+
+/** The patterns and sizes of virtio_vsock.c. */
+const G2H_BYTES = 320 << 10;
+const REPLY_BYTES = 48 << 10;
+const H2G_BYTES = 40 << 10;
+const ECHO_XOR = 0x3c;
+const vsockGuestByte = (i: number) => (i * 7 + Math.floor(i / 1024)) & 0xff;
+const replyByte = (i: number) => (i * 11 + 3) & 0xff;
+
+/** Reads `conn` until EOF, at most `limit` bytes (more fails the test). */
+async function readAll(conn: Deno.Conn, limit: number): Promise<Uint8Array> {
+  const chunks: Uint8Array[] = [];
+  let total = 0;
+  const buf = new Uint8Array(64 << 10);
+  for (;;) {
+    const n = await conn.read(buf);
+    if (n === null) break;
+    chunks.push(buf.slice(0, n));
+    total += n;
+    assert.ok(total <= limit, `more than ${limit} bytes`);
+  }
+  const all = new Uint8Array(total);
+  let at = 0;
+  for (const c of chunks) {
+    all.set(c, at);
+    at += c.length;
+  }
+  return all;
+}
+
+/** Reads exactly `n` bytes (EOF before that fails the test). */
+async function readExactly(conn: Deno.Conn, n: number): Promise<Uint8Array> {
+  const all = new Uint8Array(n);
+  let at = 0;
+  while (at < n) {
+    const got = await conn.read(all.subarray(at));
+    assert.notEqual(got, null, `EOF after ${at} of ${n} bytes`);
+    at += got!;
+  }
+  return all;
+}
+
+async function writeAll(conn: Deno.Conn, bytes: Uint8Array): Promise<void> {
+  for (let at = 0; at < bytes.length;) at += await conn.write(bytes.subarray(at));
+}
+
+function firstMismatch(bytes: Uint8Array, expected: (i: number) => number): number {
+  return bytes.findIndex((b, i) => b !== expected(i));
+}
+
+kvmTest(
+  "a runtime guest speaks raw virtio-vsock packets both ways: connect, credit, data, shutdown and reset, with the bytes checked on the host's Unix sockets",
+  async () => {
+    const dir = await Deno.makeTempDir({ prefix: "denovisor-guest-vsock-" });
+    const path = `${dir}/v.sock`;
+    const hostPort = 5000;
+    const guestPort = 6000;
+    // The guest connects to CID 2 port 5000: the device connects to PATH_5000.
+    const listener = Deno.listen({ transport: "unix", path: `${path}_${hostPort}` });
+    try {
+      using vm = await Vm.create({
+        memoryMiB: RAM_MIB,
+        interrupts: true,
+        devices: [{ kind: "vsock", cid: 3, path }],
+      });
+
+      const host = async () => {
+        // Guest -> host: all the guest's bytes, then the reply, then our EOF.
+        const conn = await listener.accept();
+        const fromGuest = await readExactly(conn, G2H_BYTES);
+        const reply = new Uint8Array(REPLY_BYTES).map((_, i) => replyByte(i));
+        await writeAll(conn, reply);
+        await conn.closeWrite();
+        const rest = await readAll(conn, 0); // the guest's close is EOF here
+        conn.close();
+
+        // Host -> guest: a port nobody listens on is refused (no OK line)...
+        const refused = await Deno.connect({ transport: "unix", path });
+        await writeAll(refused, new TextEncoder().encode(`CONNECT ${guestPort + 1}\n`));
+        const refusal = await readAll(refused, 64);
+        refused.close();
+        // ...the guest's listening port answers OK and echoes.
+        const stream = await Deno.connect({ transport: "unix", path });
+        await writeAll(stream, new TextEncoder().encode(`connect ${guestPort}\n`));
+        const sent = new Uint8Array(H2G_BYTES).map((_, i) => (i * 5 + 1) & 0xff);
+        const reading = readAll(stream, 64 + H2G_BYTES);
+        await writeAll(stream, sent);
+        await stream.closeWrite();
+        const back = await reading;
+        stream.close();
+        return { fromGuest, rest, refusal, back, sent };
+      };
+
+      const [report, seen] = await Promise.all([
+        runGuest(vm, "virtio_vsock.c", BigInt(hostPort) | BigInt(guestPort) << 32n),
+        host(),
+      ]);
+      const r = report as {
+        status: number;
+        features: number;
+        cid: number;
+        queues: number;
+        g2h: Record<string, number>;
+        h2g: Record<string, number>;
+        creditUpdatesIn: number;
+        creditUpdatesOut: number;
+        creditRequestsOut: number;
+        creditWaits: number;
+        stray: number;
+        final: number;
+      };
+      const what = JSON.stringify(r);
+      assert.deepEqual(
+        [r.status, r.features, r.cid, r.queues, r.final],
+        [0x0f, 2 ** 32, 3, 3, 0x0f],
+        what,
+      );
+      assert.equal(r.stray, 0, what);
+
+      // Guest -> host: RESPONSE (2) with the device's 256 KiB buffer; every byte
+      // reached the Unix socket in order; the reply came back whole; the host's
+      // close arrived as SHUTDOWN SEND (2); the guest's close was answered RST.
+      assert.deepEqual(r.g2h, {
+        answer: 2,
+        peerBufAlloc: 256 << 10,
+        error: 0,
+        sent: G2H_BYTES,
+        replyBytes: REPLY_BYTES,
+        replyPackets: r.g2h.replyPackets,
+        replyBad: 0,
+        hostShutdown: 2,
+        closed: 0,
+        rst: 1,
+        peerFwdCnt: G2H_BYTES,
+      }, what);
+      assert.equal(firstMismatch(seen.fromGuest, vsockGuestByte), -1, "the guest's bytes");
+      assert.equal(seen.rest.length, 0);
+      // 320 KiB is more than the device's credit: the guest ran out, asked,
+      // and went on with the device's CREDIT_UPDATEs; the 48 KiB reply through
+      // a 16 KiB guest buffer needed the guest's own updates.
+      assert.ok(r.creditUpdatesIn >= 1, what);
+      assert.ok(r.creditWaits >= 1 && r.creditRequestsOut >= 1, what);
+      assert.ok(r.creditUpdatesOut >= 2, what);
+      assert.ok(r.g2h.replyPackets >= 12, `at most 4 KiB per rx buffer: ${what}`);
+
+      // Host -> guest: the refused CONNECT closed without a byte; the accepted
+      // one read `OK <hostport>` and got every byte back, xored.
+      assert.equal(seen.refusal.length, 0, new TextDecoder().decode(seen.refusal));
+      const text = new TextDecoder("latin1").decode(seen.back);
+      const newline = text.indexOf("\n");
+      assert.equal(text.slice(0, newline), `OK ${r.h2g.hostPort}`);
+      assert.ok(r.h2g.hostPort >= 2 ** 30 && r.h2g.hostPort < 2 ** 31, what);
+      const echoed = seen.back.subarray(newline + 1);
+      assert.equal(echoed.length, H2G_BYTES);
+      assert.equal(firstMismatch(echoed, (i) => seen.sent[i] ^ ECHO_XOR), -1, "the echo");
+      assert.deepEqual(r.h2g, {
+        refused: 1,
+        refusedPort: guestPort + 1,
+        hostPort: r.h2g.hostPort,
+        error: 0,
+        received: H2G_BYTES,
+        packets: r.h2g.packets,
+        echoed: H2G_BYTES,
+        hostShutdown: 2,
+        closed: 0,
+        rst: 1,
+      }, what);
+
+      // The device's counters: three connections opened (one refused), two
+      // RSTs it sent (the guest's closes), the bytes each way, none left open.
+      const f = vm.devices().pci.find((p) => p.name === "vsock0");
+      assert.ok(f?.details, JSON.stringify(vm.devices().pci));
+      const d = (f.details as { device: Record<string, unknown> }).device;
+      assert.deepEqual(d, {
+        kind: "vsock",
+        cid: 3,
+        path,
+        connections: [],
+        opened: 3,
+        resets: 2,
+        bytesToHost: G2H_BYTES + H2G_BYTES,
+        bytesToGuest: REPLY_BYTES + H2G_BYTES,
+      });
+    } finally {
+      listener.close();
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
+);
