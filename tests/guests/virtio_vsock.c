@@ -97,6 +97,14 @@ static uint8_t tx_payload[TX_CHUNK];
 static unsigned credit_updates_in, credit_requests_in, credit_updates_out, credit_requests_out,
 	credit_waits;
 static unsigned stray; /* packets for no connection this guest knows */
+/* Milliseconds since start at each step, for the report (where time goes). */
+static uint64_t t0, marks[16];
+static unsigned nmarks;
+static void mark(void)
+{
+	if (nmarks < 16)
+		marks[nmarks++] = (dv_clock_ns() - t0) / 1000000;
+}
 
 static uint8_t guest_byte(uint32_t i)
 {
@@ -320,10 +328,12 @@ static void guest_to_host(uint32_t port)
 		PUT(",\"error\":%d}", e);
 		return;
 	}
+	mark();
 	for (uint32_t i = 0; i < G2H_BYTES; i++)
 		g2h_data[i] = guest_byte(i);
 	e = send_data(&c, g2h_data, G2H_BYTES, TX_CHUNK);
 	uint32_t sent = c.tx_cnt;
+	mark();
 	/* The reply, until the host's SHUTDOWN (it closed its sending side). */
 	uint32_t got = 0, bad = 0, packets = 0;
 	while (e == 0 && !c.reset && !(c.peer_shutdown & SHUTDOWN_SEND)) {
@@ -347,6 +357,7 @@ static void guest_to_host(uint32_t port)
 		}
 	}
 	uint32_t host_shutdown = c.peer_shutdown;
+	mark();
 	/* Our close: SHUTDOWN both ways; the device answers RST. */
 	int closed = e == 0 ? send_pkt(&c, OP_SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND, 0, 0) : e;
 	while (closed == 0 && !c.reset) {
@@ -404,6 +415,7 @@ static void host_to_guest(uint32_t port)
 		c.peer_fwd_cnt = h.fwd_cnt;
 		e = send_pkt(&c, OP_RESPONSE, 0, 0, 0);
 	}
+	mark();
 	PUT(",\"h2g\":{\"refused\":%u,\"refusedPort\":%u,\"hostPort\":%u", refused, refused_port,
 	    c.peer_port);
 	/* Echo every byte back until the host's SHUTDOWN. */
@@ -431,6 +443,7 @@ static void host_to_guest(uint32_t port)
 		e = send_data(&c, echo, n, n);
 	}
 	uint32_t host_shutdown = c.peer_shutdown;
+	mark();
 	int closed = e == 0 ? send_pkt(&c, OP_SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND, 0, 0) : e;
 	while (closed == 0 && !c.reset) {
 		if ((closed = recv_pkt(&p, TIMEOUT_NS)) < 0)
@@ -474,8 +487,14 @@ int main(uint64_t arg)
 	dv_virtq_kick(&rxq);
 	PUT("{\"status\":%d,\"features\":%llu,\"cid\":%llu,\"queues\":%u,", status,
 	    (unsigned long long)dev.features, (unsigned long long)guest_cid, dev.num_queues);
+	t0 = dv_clock_ns();
 	guest_to_host((uint32_t)arg);
 	host_to_guest((uint32_t)(arg >> 32));
+	mark();
+	PUT(",\"ms\":[");
+	for (unsigned i = 0; i < nmarks; i++)
+		PUT("%s%llu", i ? "," : "", (unsigned long long)marks[i]);
+	PUT("]");
 	PUT(",\"creditUpdatesIn\":%u,\"creditRequestsIn\":%u,\"creditUpdatesOut\":%u,"
 	    "\"creditRequestsOut\":%u,\"creditWaits\":%u,\"stray\":%u,\"final\":%u}",
 	    credit_updates_in, credit_requests_in, credit_updates_out, credit_requests_out,
