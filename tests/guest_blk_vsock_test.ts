@@ -340,6 +340,7 @@ kvmTest(
         creditUpdatesOut: number;
         creditRequestsOut: number;
         creditWaits: number;
+        overCredit: number;
         stray: number;
         final: number;
       };
@@ -375,6 +376,7 @@ kvmTest(
       assert.ok(r.creditUpdatesIn >= 1, what);
       assert.ok(r.creditWaits >= 1 && r.creditRequestsOut >= 1, what);
       assert.ok(r.creditUpdatesOut >= 2, what);
+      assert.equal(r.overCredit, 0, `the device never sent past the guest's credit: ${what}`);
       assert.ok(r.g2h.replyPackets >= 12, `at most 4 KiB per rx buffer: ${what}`);
 
       // Host -> guest: the refused CONNECT closed without a byte; the accepted
@@ -417,6 +419,64 @@ kvmTest(
       });
     } finally {
       listener.close();
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
+);
+
+kvmTest(
+  "hostile virtio-vsock packets (payload past the chain, a writable tx buffer, a readable rx buffer, over 64 KiB) get NEEDS_RESET and a reset recovers",
+  async () => {
+    const dir = await Deno.makeTempDir({ prefix: "denovisor-guest-vsock-" });
+    const path = `${dir}/v.sock`;
+    const hostPort = 5000;
+    const listener = Deno.listen({ transport: "unix", path: `${path}_${hostPort}` });
+    const streams: Deno.Conn[] = [];
+    const accepting = (async () => {
+      try {
+        for (;;) streams.push(await listener.accept());
+      } catch {
+        // The listener closed.
+      }
+    })();
+    try {
+      using vm = await Vm.create({
+        memoryMiB: RAM_MIB,
+        interrupts: true,
+        devices: [{ kind: "vsock", cid: 3, path }],
+      });
+      const r = await runGuest(vm, "virtio_vsock.c", BigInt(hostPort) | 1n << 63n) as {
+        final: number;
+        cases: { name: string; status: number; used: number; recovered: number; answer: number }[];
+      };
+      assert.deepEqual(r.cases.map((c) => c.name), [
+        "payload-past-chain",
+        "writable-tx",
+        "readable-rx",
+        "oversized",
+      ]);
+      for (const c of r.cases) {
+        const what = JSON.stringify(c);
+        assert.ok(c.status >= 0 && (c.status & 0x40) !== 0, `NEEDS_RESET: ${what}`);
+        assert.equal(c.used, 0, `no used element for the bad packet: ${what}`);
+        assert.equal(c.recovered, 0x0f, `running again after the reset: ${what}`);
+        assert.equal(c.answer, 2, `a RESPONSE to the next REQUEST: ${what}`);
+      }
+      assert.equal(r.final, 0x0f);
+      // Five connections reached PATH_5000 (four recoveries and the REQUEST
+      // whose RESPONSE found a readable rx buffer); none is left open and no
+      // byte moved.
+      const f = vm.devices().pci.find((p) => p.name === "vsock0");
+      const d = (f?.details as { device: Record<string, unknown> }).device;
+      assert.deepEqual(
+        [d.opened, d.connections, d.bytesToHost, d.bytesToGuest],
+        [5, [], 0, 0],
+        JSON.stringify(d),
+      );
+    } finally {
+      listener.close();
+      await accepting;
+      for (const s of streams) s.close();
       await Deno.remove(dir, { recursive: true });
     }
   },

@@ -19,6 +19,9 @@
  * rx buffers are two-descriptor chains (header, payload: both device-written);
  * tx packets are a header descriptor and the payload over two descriptors.
  * REPORTs one JSON object with what each step saw.
+ *
+ * arg bit 63 set: hostile packets instead (see `hostile`), with port P for
+ * the connection that must work after each reset.
  */
 #include "dv_guest.h"
 #include "dv_virtio.h"
@@ -247,6 +250,18 @@ static void track(struct conn *c, const struct pkt *p)
 	}
 }
 
+/*
+ * Counts a data packet of `n` bytes that the device sent beyond the credit
+ * this guest had given it: more than GUEST_BUF past the fwd_cnt last sent
+ * (the device can only have known an older, smaller one).
+ */
+static unsigned over_credit;
+static void check_credit(const struct conn *c, uint32_t n)
+{
+	if (c->fwd_cnt + n - c->fwd_sent > GUEST_BUF)
+		over_credit++;
+}
+
 /* After consuming `n` bytes: tell the peer once half the buffer is free again. */
 static void consumed(struct conn *c, uint32_t n)
 {
@@ -347,6 +362,7 @@ static void guest_to_host(uint32_t port)
 		track(&c, &p);
 		if (p.h.op == OP_RW) {
 			packets++;
+			check_credit(&c, p.h.len);
 			for (uint32_t i = 0; i < p.h.len; i++)
 				bad += p.data[i] != reply_byte(got + i);
 			got += p.h.len;
@@ -438,6 +454,7 @@ static void host_to_guest(uint32_t port)
 			echo[i] = p.data[i] ^ ECHO_XOR;
 		done_pkt(&p);
 		packets++;
+		check_credit(&c, n);
 		got += n;
 		consumed(&c, n);
 		e = send_data(&c, echo, n, n);
@@ -459,6 +476,94 @@ static void host_to_guest(uint32_t port)
 	    e, got, packets, c.tx_cnt, host_shutdown, closed, c.reset);
 }
 
+/*
+ * Reset, features, the three queues (rx, tx, event: Linux sets up all three),
+ * `rx_buffers` rx slots posted, DRIVER_OK. Returns the status or an error.
+ */
+static int start(int rx_buffers)
+{
+	int e = dv_virtio_init(&dev, 0);
+	if (e == 0)
+		e = dv_virtq_setup(&dev, &rxq, 0, 64);
+	if (e == 0)
+		e = dv_virtq_setup(&dev, &txq, 1, 64);
+	if (e == 0)
+		e = dv_virtq_setup(&dev, &evq, 2, 8);
+	if (e < 0)
+		return e;
+	guest_cid = dv_virtio_config64(&dev, 0);
+	for (int i = 0; i < DV_VIRTQ_MAX_SIZE; i++)
+		slot_of_head[i] = -1;
+	for (int s = 0; s < rx_buffers; s++)
+		post_rx(s);
+	int status = dv_virtio_driver_ok(&dev);
+	dv_virtq_kick(&rxq);
+	return status;
+}
+
+/*
+ * Packets no driver may send, each to stop the device with NEEDS_RESET and no
+ * used element for the bad chain; then a reset and a connection to the host's
+ * port P that must work again (REQUEST, RESPONSE, RST).
+ */
+enum hostile { PAYLOAD_PAST_CHAIN, WRITABLE_TX, READABLE_RX, OVERSIZED, CASES };
+static const char *const names[CASES] = { "payload-past-chain", "writable-tx", "readable-rx",
+					  "oversized" };
+
+static void hostile(enum hostile k, uint32_t port)
+{
+	int status = start(k == READABLE_RX ? 0 : RX_BUFFERS);
+	uint16_t tx_used = *(volatile uint16_t *)(txq.used + 2);
+	struct conn c = { .local_port = GUEST_PORT + 1 + k, .peer_port = port };
+	tx_hdr = (struct hdr){ .src_cid = guest_cid, .dst_cid = HOST_CID,
+			       .src_port = c.local_port, .dst_port = port,
+			       .type = TYPE_STREAM, .op = OP_REQUEST, .buf_alloc = GUEST_BUF };
+	struct dv_virtq_buf b[2] = { { (uintptr_t)&tx_hdr, sizeof tx_hdr, 0 },
+				     { (uintptr_t)tx_payload, 100, 0 } };
+	switch (k) {
+	case PAYLOAD_PAST_CHAIN: /* the header claims 1000 bytes, the chain has 100 */
+		tx_hdr.op = OP_RW;
+		tx_hdr.len = 1000;
+		break;
+	case WRITABLE_TX: /* a payload the device would write */
+		tx_hdr.op = OP_RW;
+		tx_hdr.len = 100;
+		b[1].device_writes = 1;
+		break;
+	case READABLE_RX: { /* the only rx buffer is device-readable: the RESPONSE has nowhere to go */
+		struct dv_virtq_buf r = { (uintptr_t)&rx_slots[0].h, sizeof(struct hdr) + 64, 0 };
+		dv_virtq_add(&rxq, &r, 1);
+		dv_virtq_kick(&rxq);
+		break;
+	}
+	case OVERSIZED: /* 64 KiB + 1 payload bytes claimed */
+		tx_hdr.op = OP_RW;
+		tx_hdr.len = (64u << 10) + 1;
+		break;
+	default:
+		break;
+	}
+	if (status >= 0 && dv_virtq_add(&txq, b, k == READABLE_RX ? 1 : 2) >= 0) {
+		dv_virtq_kick(&txq);
+		status = dv_virtio_wait_status(&dev, DV_VIRTIO_NEEDS_RESET, TIMEOUT_NS);
+	}
+	uint16_t used = (uint16_t)(*(volatile uint16_t *)(txq.used + 2) - tx_used);
+	if (k == READABLE_RX)
+		used = 0; /* the REQUEST itself was fine and used; what counts is rx */
+	/* Recovery: a reset (start begins with one) and a connection that works. */
+	int recovered = start(RX_BUFFERS);
+	int answer = -1;
+	struct pkt p;
+	if (recovered >= 0 && send_pkt(&c, OP_REQUEST, 0, 0, 0) == 0 &&
+	    recv_pkt(&p, TIMEOUT_NS) == 0) {
+		answer = for_conn(&p, &c) ? p.h.op : -2;
+		done_pkt(&p);
+		send_pkt(&c, OP_RST, 0, 0, 0);
+	}
+	PUT("%s{\"name\":\"%s\",\"status\":%d,\"used\":%u,\"recovered\":%d,\"answer\":%d}",
+	    k ? "," : "", names[k], status, used, recovered, answer);
+}
+
 int main(uint64_t arg)
 {
 	int bdf = dv_virtio_find(DV_VIRTIO_PCI_DEVICE(DV_VIRTIO_TYPE_VSOCK), -1);
@@ -466,25 +571,19 @@ int main(uint64_t arg)
 		dv_printf("no virtio-vsock device\n");
 		return 2;
 	}
-	int e = dv_virtio_init(&dev, 0);
-	/* rx, tx, event: the device starts only with all three (Linux sets them all up). */
-	if (e == 0)
-		e = dv_virtq_setup(&dev, &rxq, 0, 64);
-	if (e == 0)
-		e = dv_virtq_setup(&dev, &txq, 1, 64);
-	if (e == 0)
-		e = dv_virtq_setup(&dev, &evq, 2, 8);
-	if (e < 0) {
-		dv_printf("vsock setup failed: %d\n", e);
+	if (arg >> 63) {
+		PUT("{\"cases\":[");
+		for (int k = 0; k < CASES; k++)
+			hostile((enum hostile)k, (uint32_t)arg);
+		PUT("],\"final\":%u}", dv_virtio_status(&dev));
+		dv_report(out, len);
+		return 0;
+	}
+	int status = start(RX_BUFFERS);
+	if (status < 0) {
+		dv_printf("vsock setup failed: %d\n", status);
 		return 3;
 	}
-	guest_cid = dv_virtio_config64(&dev, 0);
-	for (int i = 0; i < DV_VIRTQ_MAX_SIZE; i++)
-		slot_of_head[i] = -1;
-	for (int s = 0; s < RX_BUFFERS; s++)
-		post_rx(s);
-	int status = dv_virtio_driver_ok(&dev);
-	dv_virtq_kick(&rxq);
 	PUT("{\"status\":%d,\"features\":%llu,\"cid\":%llu,\"queues\":%u,", status,
 	    (unsigned long long)dev.features, (unsigned long long)guest_cid, dev.num_queues);
 	t0 = dv_clock_ns();
@@ -496,10 +595,10 @@ int main(uint64_t arg)
 		PUT("%s%llu", i ? "," : "", (unsigned long long)marks[i]);
 	PUT("]");
 	PUT(",\"creditUpdatesIn\":%u,\"creditRequestsIn\":%u,\"creditUpdatesOut\":%u,"
-	    "\"creditRequestsOut\":%u,\"creditWaits\":%u,\"stray\":%u,\"final\":%u}",
+	    "\"creditRequestsOut\":%u,\"creditWaits\":%u,\"overCredit\":%u,\"stray\":%u,"
+	    "\"final\":%u}",
 	    credit_updates_in, credit_requests_in, credit_updates_out, credit_requests_out,
-	    credit_waits, stray,
-	    dv_virtio_status(&dev));
+	    credit_waits, over_credit, stray, dv_virtio_status(&dev));
 	dv_report(out, len);
 	return 0;
 }
