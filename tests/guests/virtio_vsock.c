@@ -9,7 +9,8 @@
  *    Unix listener PATH_P) and RESPONSE back; G2H_BYTES of guest_byte(i) as RW
  *    packets within the device's credit (its CREDIT_UPDATEs open more); then
  *    the host's reply, REPLY_BYTES of reply_byte(i), received with a buf_alloc
- *    of GUEST_BUF so the device needs this guest's CREDIT_UPDATEs; the host's
+ *    of GUEST_BUF: the device runs out of credit, asks with CREDIT_REQUEST
+ *    and gets this guest's CREDIT_UPDATE, never sending past it; the host's
  *    SHUTDOWN (it closed its side), our SHUTDOWN, the device's RST.
  * 2. Host -> guest: the test connects to PATH with `CONNECT Q+1` (refused:
  *    this guest answers the REQUEST with RST) and `CONNECT Q` (accepted with
@@ -44,8 +45,12 @@
 #define RX_BUFFERS 16
 #define RX_PAYLOAD 4096
 #define TX_CHUNK 8192
-/* This guest's receive buffer per connection: small, so credit matters. */
-#define GUEST_BUF (16u << 10)
+/*
+ * This guest's receive buffer per connection: small, so credit matters, and
+ * not a multiple of RX_PAYLOAD, so the device must cut a packet to the credit
+ * left rather than fill the rx buffer.
+ */
+#define GUEST_BUF 15000u
 #define G2H_BYTES (320u << 10) /* more than the device's 256 KiB credit */
 #define REPLY_BYTES (48u << 10)
 #define ECHO_XOR 0x3c
@@ -262,14 +267,14 @@ static void check_credit(const struct conn *c, uint32_t n)
 		over_credit++;
 }
 
-/* After consuming `n` bytes: tell the peer once half the buffer is free again. */
+/*
+ * After consuming `n` bytes. No CREDIT_UPDATE goes out on its own: the device
+ * must run the credit down and ask (CREDIT_REQUEST), so check_credit sees
+ * exactly the credit the device had. Packets this guest sends carry fwd_cnt too.
+ */
 static void consumed(struct conn *c, uint32_t n)
 {
 	c->fwd_cnt += n;
-	if (c->fwd_cnt - c->fwd_sent >= GUEST_BUF / 2) {
-		credit_updates_out++;
-		send_pkt(c, OP_CREDIT_UPDATE, 0, 0, 0);
-	}
 }
 
 /*
