@@ -89,12 +89,25 @@ linuxTest(
         return s.actualMib === 0 ? s : undefined;
       }, SETTLE_MS);
       assert.ok(deflated.deflatedPages >= TARGET * 256);
-      const rss1 = rssBytes();
+      const ram1 = g.vm.memory().residentBytes;
       const again = await touchFreeMemory(g.shell, 16);
       assert.ok(again > filled - 32, `filled ${again} MiB after deflating, ${filled} before`);
+      // The second fill may reach up to 32 MiB less than the first (the guest's own use
+      // drifts), and those MiB may be ballooned ones: only what it touched must come back.
+      // Measured on guest RAM alone (vm.memory(): mincore): the JavaScript heap's own
+      // collections in between move the process's RSS by tens of MiB.
+      const regrown = g.vm.memory().residentBytes - ram1;
+      const expected = 0.9 * TARGET * MIB - Math.max(0, filled - again) * MIB;
+      console.error(
+        `deflate: refilled ${again} MiB (first fill ${filled}), RSS grew ${
+          (regrown / MIB).toFixed(1)
+        } MiB`,
+      );
       assert.ok(
-        rssBytes() - rss1 >= 0.9 * TARGET * MIB,
-        "the guest's pages are backed by host memory again",
+        regrown >= expected,
+        `the guest's pages are backed by host memory again: RSS grew ${
+          (regrown / MIB).toFixed(1)
+        } MiB, expected ${(expected / MIB).toFixed(1)}`,
       );
       // Targets beyond the guest's RAM are refused before reaching the device.
       assert.throws(() => g.vm.balloon.setTarget(513), /balloon target/);
