@@ -14,16 +14,9 @@
 import assert from "node:assert/strict";
 
 import { DenovisorError, Vm } from "../mod.ts";
-import { fetchDebianModules } from "../src/linux/modules.ts";
 import { cli, kvmTest, linuxTest } from "./_helpers.ts";
-import { busybox, fetchedModules, fetchedPath } from "./_linux.ts";
+import { ensureTun } from "./_linux.ts";
 import { bootLinuxShell } from "./_linux_shell.ts";
-
-/** Debian's `tun` module, for a kernel (kvmbox's) that has no `/dev/net/tun` yet. */
-const TUN_MODULE = await fetchDebianModules(["tun"]).catch((e) => ({
-  ok: false as const,
-  reason: String(e),
-}));
 
 const PEER = new URL("./_net_peer.ts", import.meta.url).pathname;
 
@@ -32,26 +25,6 @@ async function run(cmd: string, ...args: string[]): Promise<string> {
   const text = new TextDecoder().decode(out.stdout) + new TextDecoder().decode(out.stderr);
   if (!out.success) throw new Error(`${cmd} ${args.join(" ")} failed: ${text}`);
   return text;
-}
-
-async function ensureTun(): Promise<void> {
-  try {
-    Deno.statSync("/dev/net/tun");
-    return;
-  } catch {
-    // Not there: insert Debian's module (same kernel as kvmbox's).
-  }
-  const bb = fetchedPath(busybox, "busybox");
-  for (const m of fetchedModules(TUN_MODULE)) await run(bb, "insmod", m.path);
-  for (let i = 0; i < 100; i++) {
-    try {
-      Deno.statSync("/dev/net/tun");
-      return;
-    } catch {
-      await new Promise((r) => setTimeout(r, 20));
-    }
-  }
-  throw new Error("/dev/net/tun did not appear after inserting tun.ko");
 }
 
 /** Starts the peer in `ns`; resolves when it listens; `.done` is its output line. */
