@@ -44,6 +44,37 @@ Deno.test("makeExt4Image writes files that debugfs reads back byte for byte", as
   }
 });
 
+Deno.test("makeExt4Image keeps modes, makes directories and symbolic links", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "denovisor-disk-test-" });
+  try {
+    const image = `${dir}/disk.img`;
+    await makeExt4Image(image, 8, {
+      "bin/tool": { kind: "file", data: "#!/bin/sh\necho hi\n", mode: 0o755 },
+      "bin/alias": { kind: "symlink", target: "/bin/tool" },
+      "tmp": { kind: "dir", mode: 0o1777 },
+      "tmp/inside.txt": "x",
+      "root": { kind: "dir", mode: 0o700 },
+      "etc/shadow": { kind: "file", data: "secret\n", mode: 0o600 },
+    });
+    const modes = async (path: string) =>
+      new Map((await debugfsLs(image, path)).map((e) => [e.name, [e.type, e.mode]]));
+    const root = await modes("/");
+    assert.deepEqual(root.get("tmp"), ["dir", 0o041777]);
+    assert.deepEqual(root.get("root"), ["dir", 0o040700]);
+    const bin = await modes("/bin");
+    assert.deepEqual(bin.get("tool"), ["file", 0o100755]);
+    assert.deepEqual(bin.get("alias"), ["symlink", 0o120777]);
+    assert.deepEqual((await modes("/etc")).get("shadow"), ["file", 0o100600]);
+    assert.equal(text(await debugfsCat(image, "/tmp/inside.txt")), "x");
+    await assert.rejects(
+      makeExt4Image(image, 8, { "x": { kind: "file", data: "", mode: 0o10000 } }),
+      (e) => e instanceof DenovisorError && /bad mode/.test(e.message),
+    );
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 Deno.test("debugfs helpers report a missing file or directory instead of empty output", async () => {
   const dir = await Deno.makeTempDir({ prefix: "denovisor-disk-test-" });
   try {
