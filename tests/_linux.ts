@@ -13,12 +13,18 @@ import {
   fetchDebianVmlinux,
   type FetchResult,
 } from "../src/linux/debian_kernel.ts";
-import { buildInitramfs, type InitramfsEntry } from "../src/linux/initramfs.ts";
+import {
+  busyboxInitramfs as buildBusyboxInitramfs,
+  type BusyboxInitramfsOptions,
+  INSMOD_FAILED,
+} from "../src/linux/initramfs.ts";
 import {
   fetchDebianModules,
   type KernelModule,
   type ModulesFetchResult,
 } from "../src/linux/modules.ts";
+
+export { type BusyboxInitramfsOptions, INSMOD_FAILED };
 
 const log = (line: string) => console.error(`note: ${line}`);
 
@@ -74,9 +80,6 @@ export function fetchedModules(result: ModulesFetchResult): KernelModule[] {
   return result.modules;
 }
 
-/** Printed on the console for each module `insmod` refuses, before insmod's own message. */
-export const INSMOD_FAILED = "DENOVISOR-INSMOD-FAILED";
-
 /**
  * The path of a fetched file; a test that needs it fails with the reason it is
  * missing.
@@ -90,21 +93,10 @@ export function fetchedPath(result: FetchResult, what: string): string {
   return result.file.path;
 }
 
-/** What goes into a busybox initramfs besides `/init`. */
-export interface BusyboxInitramfsOptions {
-  /**
-   * Kernel modules, in load order (as {@link fetchDebianModules} returns them):
-   * put into `/lib/modules/` and inserted with `insmod` before the rest of
-   * `/init`. A module insmod refuses prints `DENOVISOR-INSMOD-FAILED NAME
-   * STATUS` and insmod's message on the console, and `/init` goes on.
-   */
-  modules?: readonly KernelModule[];
-}
-
 /**
- * A busybox initramfs whose `/init` mounts /proc, inserts `modules`, then runs
- * `lines` (busybox applets by full path, or plain names after
- * `/bin/busybox --install -s /bin`).
+ * A busybox initramfs (Debian's busybox) whose `/init` mounts /proc, inserts
+ * `modules`, then runs `lines`: `busyboxInitramfs` of `src/linux/initramfs.ts`
+ * with the fetched busybox.
  *
  * @param lines The rest of `/init`.
  * @param options The modules to insert first.
@@ -114,36 +106,8 @@ export async function busyboxInitramfs(
   lines: string[],
   options: BusyboxInitramfsOptions = {},
 ): Promise<Uint8Array> {
-  const modules = options.modules ?? [];
-  const insmod = modules.map((m) => {
-    if (!/^[A-Za-z0-9_]+$/.test(m.name)) throw new Error(`bad module name ${m.name}`);
-    return `/bin/busybox insmod /lib/modules/${m.name}.ko || echo "${INSMOD_FAILED} ${m.name} $?"`;
-  });
-  const init = [
-    "#!/bin/busybox sh",
-    "/bin/busybox mount -t proc proc /proc",
-    ...insmod,
-    ...lines,
-  ];
-  const moduleEntries: InitramfsEntry[] = modules.length === 0 ? [] : [
-    { path: "lib", kind: "dir" },
-    { path: "lib/modules", kind: "dir" },
-    ...await Promise.all(modules.map(async (m) => ({
-      path: `lib/modules/${m.name}.ko`,
-      mode: 0o644,
-      data: await Deno.readFile(m.path),
-    }))),
-  ];
-  return buildInitramfs([
-    { path: "dev", kind: "dir" },
-    { path: "dev/console", kind: "char", device: [5, 1] },
-    { path: "proc", kind: "dir" },
-    { path: "sys", kind: "dir" },
-    { path: "bin", kind: "dir" },
-    { path: "bin/busybox", data: await Deno.readFile(fetchedPath(busybox, "busybox-static")) },
-    ...moduleEntries,
-    { path: "init", data: new TextEncoder().encode(init.join("\n") + "\n") },
-  ]);
+  const bb = await Deno.readFile(fetchedPath(busybox, "busybox-static"));
+  return buildBusyboxInitramfs(bb, lines, options);
 }
 
 /**

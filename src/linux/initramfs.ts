@@ -7,6 +7,8 @@
  * @module
  */
 
+import type { KernelModule } from "./modules.ts";
+
 /** One file, directory or device node of an initramfs. */
 export interface InitramfsEntry {
   /** Path without a leading slash, e.g. `bin/busybox`. Parents come first. */
@@ -97,4 +99,78 @@ export function buildInitramfs(entries: readonly InitramfsEntry[]): Uint8Array {
     at += c.length;
   }
   return out;
+}
+
+/** Printed on the console for each module `insmod` refuses, before insmod's own message. */
+export const INSMOD_FAILED = "DENOVISOR-INSMOD-FAILED";
+
+/** What goes into a busybox initramfs besides `/init`. */
+export interface BusyboxInitramfsOptions {
+  /**
+   * Kernel modules, in load order (as `fetchDebianModules` returns them): put
+   * into `/lib/modules/` and inserted with `insmod` before the rest of `/init`.
+   * A module insmod refuses prints `DENOVISOR-INSMOD-FAILED NAME STATUS`
+   * ({@link INSMOD_FAILED}) and insmod's message on the console, and `/init`
+   * goes on.
+   */
+  modules?: readonly Pick<KernelModule, "name" | "path">[];
+}
+
+/**
+ * A busybox initramfs: `/bin/busybox`, `/dev/console`, empty `/proc` and
+ * `/sys`, and an `/init` shell script that mounts /proc, inserts `modules`,
+ * then runs `lines` (busybox applets by full path, or plain names after
+ * `/bin/busybox --install -s /bin`).
+ *
+ * @param busybox A static busybox executable (Debian's `busybox-static`).
+ * @param lines The rest of `/init`.
+ * @param options The modules to insert first.
+ * @returns The newc archive.
+ * @throws {Error} When a module's name is not a plain module name or its file
+ *   cannot be read.
+ * @example
+ * ```ts ignore
+ * import { busyboxInitramfs } from "denovisor/src/linux/initramfs.ts";
+ * const initrd = await busyboxInitramfs(await Deno.readFile("busybox"), [
+ *   "/bin/busybox --install -s /bin",
+ *   "echo hello from the initramfs",
+ *   "poweroff -f",
+ * ]);
+ * ```
+ */
+export async function busyboxInitramfs(
+  busybox: Uint8Array,
+  lines: readonly string[],
+  options: BusyboxInitramfsOptions = {},
+): Promise<Uint8Array> {
+  const modules = options.modules ?? [];
+  const insmod = modules.map((m) => {
+    if (!/^[A-Za-z0-9_]+$/.test(m.name)) throw new Error(`bad module name ${m.name}`);
+    return `/bin/busybox insmod /lib/modules/${m.name}.ko || echo "${INSMOD_FAILED} ${m.name} $?"`;
+  });
+  const init = [
+    "#!/bin/busybox sh",
+    "/bin/busybox mount -t proc proc /proc",
+    ...insmod,
+    ...lines,
+  ];
+  const moduleEntries: InitramfsEntry[] = modules.length === 0 ? [] : [
+    { path: "lib", kind: "dir" },
+    { path: "lib/modules", kind: "dir" },
+    ...await Promise.all(modules.map(async (m) => ({
+      path: `lib/modules/${m.name}.ko`,
+      mode: 0o644,
+      data: await Deno.readFile(m.path),
+    }))),
+  ];
+  return buildInitramfs([
+    { path: "dev", kind: "dir" },
+    { path: "dev/console", kind: "char", device: [5, 1] },
+    { path: "proc", kind: "dir" },
+    { path: "sys", kind: "dir" },
+    { path: "bin", kind: "dir" },
+    { path: "bin/busybox", data: busybox },
+    ...moduleEntries,
+    { path: "init", data: new TextEncoder().encode(init.join("\n") + "\n") },
+  ]);
 }
