@@ -126,6 +126,9 @@ linuxTest(
       const banner = await waitFor(/denovisor root disk: [^\n]*\n/, BOOT_MS);
       assert.match(out, /denovisor root disk: \/dev\/vda ext4 on \/, eth0 10\.0\.2\.15\/24/);
       await waitFor(PROMPT, COMMAND_MS, banner);
+      // The start-up script ran clean: every command it uses is there and worked.
+      const startup = out.slice(out.indexOf("Run /init as init process"), banner);
+      assert.doesNotMatch(startup, /not found|failed|can't|No such|INSMOD-FAILED/, startup);
 
       // The root file system is the disk, read-write.
       assert.match(await sh("mount"), /^\/dev\/vda on \/ type ext4 \(rw/m);

@@ -96,6 +96,92 @@ Deno.test("make_rootfs.ts writes an ext4 root disk with busybox, its links, init
   }
 });
 
+/** Shell words that are not commands to look up, and ash's builtins. */
+const SHELL_WORDS = new Set([
+  "if",
+  "then",
+  "else",
+  "elif",
+  "fi",
+  "for",
+  "in",
+  "do",
+  "done",
+  "while",
+  "case",
+  "esac",
+  "export",
+  "set",
+  "exec",
+  "echo",
+  "cd",
+  "[",
+  "return",
+  "local",
+  "!",
+  "{",
+  "}",
+]);
+
+/**
+ * The commands a shell script runs: the first word of each command (at a line's
+ * start, after `;`, `|`, `||`, `&&`, `then`, `do`, `else`, and inside `$(...)`,
+ * quoted or not), less arithmetic, variable assignments, case patterns, shell words and the
+ * functions it defines. Quoted strings are not looked into otherwise.
+ */
+function commandsOf(script: string): Set<string> {
+  const commands = new Set<string>();
+  const add = (word: string) => commands.add(word.replace(/^.*\//, ""));
+  for (const m of script.matchAll(/\$\(\s*([\w./-]+)/g)) add(m[1]);
+  const functions = new Set([...script.matchAll(/^\s*([A-Za-z_]+)\(\)/gm)].map((m) => m[1]));
+  for (const raw of script.split("\n")) {
+    const line = raw.replace(/^\s*#.*$/, "").replace(/\$\(\([^)]*\)\)/g, "N")
+      .replace(/"(?:[^"\\]|\\.)*"|'[^']*'/g, "Q")
+      .replace(/^\s*[^\s()]+\)\s/, "");
+    for (const segment of line.split(/;|\|\||&&|\||\bthen\b|\bdo\b|\belse\b/)) {
+      const words = segment.trim().split(/\s+/).filter((w) => w !== "!" && !/^\w+=/.test(w));
+      const word = words[0];
+      if (!word || SHELL_WORDS.has(word) || functions.has(word) || /^[)$Q]/.test(word)) continue;
+      if (word.endsWith(")")) continue;
+      add(word);
+    }
+  }
+  return commands;
+}
+
+Deno.test("every command rcS and the initramfs's /init run is a busybox applet", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "denovisor-rootfs-test-" });
+  try {
+    const bb = fetchedPath(busybox, "bb");
+    const listed = await new Deno.Command(bb, { args: ["--list"], stdout: "piped" }).output();
+    const applets = new Set(new TextDecoder().decode(listed.stdout).split("\n"));
+    applets.add("busybox");
+    const disk = `${dir}/rootfs.img`;
+    const { code, stderr } = await makeRootfs(
+      "--disk",
+      disk,
+      "--size",
+      "16",
+      "--initrd",
+      `${dir}/i`,
+    );
+    assert.equal(code, 0, stderr);
+    await unpack(await Deno.readFile(`${dir}/i`), dir);
+    const scripts = {
+      rcS: new TextDecoder().decode(await debugfsCat(disk, "/etc/init.d/rcS")),
+      init: await Deno.readTextFile(`${dir}/init`),
+    };
+    for (const [name, script] of Object.entries(scripts)) {
+      const commands = commandsOf(script);
+      assert.ok(commands.has("mount") && commands.has("ip") === (name === "rcS"), name);
+      const missing = [...commands].filter((c) => !applets.has(c));
+      assert.deepEqual(missing, [], `${name} runs commands busybox lacks: ${missing.join(" ")}`);
+    }
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 Deno.test("make_rootfs.ts refuses bad flags with status 2 before writing anything", async () => {
   const dir = await Deno.makeTempDir({ prefix: "denovisor-rootfs-test-" });
   try {

@@ -103,12 +103,14 @@ function rcS(network: RootfsNetwork & { hostname: string }): string {
   return `#!/bin/sh
 # The root disk's start-up (run once by busybox init, see /etc/inittab).
 export PATH=/sbin:/usr/sbin:/bin:/usr/bin
-mountpoint -q /proc || mount -t proc proc /proc
-mountpoint -q /sys || mount -t sysfs sysfs /sys
-mountpoint -q /dev || mount -t devtmpfs devtmpfs /dev
+# (Debian's busybox has no mountpoint applet.)
+mounted() { grep -q " $1 " /proc/mounts 2>/dev/null; }
+mounted /proc || mount -t proc proc /proc
+mounted /sys || mount -t sysfs sysfs /sys
+mounted /dev || mount -t devtmpfs devtmpfs /dev
 mkdir -p /dev/pts /dev/shm
-mountpoint -q /dev/pts || mount -t devpts devpts /dev/pts
-mountpoint -q /run || mount -t tmpfs -o mode=0755 tmpfs /run
+mounted /dev/pts || mount -t devpts devpts /dev/pts
+mounted /run || mount -t tmpfs -o mode=0755 tmpfs /run
 
 # The image's settings (make_rootfs.ts --ip, --gateway, --hostname); the
 # kernel command line's denovisor.ip= (or off), denovisor.gw= and
