@@ -4,7 +4,8 @@
  * `scripts/make_rootfs.ts` makes the root disk and its initramfs, the test
  * makes a network namespace, and `main.ts run` boots Debian's kernel with the
  * disk and a NIC whose TAP denovisor creates in that namespace, its console on
- * the CLI's standard input and output. At the guest's prompt: `mount` shows
+ * the CLI's standard input and output. The start-up (rcS) prints its banner and
+ * no error; at the guest's prompt: `mount` shows
  * `/dev/vda` as the ext4 root, the guest pings the host side, writes a file and
  * powers off; the CLI exits 0 and the host reads the file back out of the image
  * with debugfs. The namespace is removed even when the test fails. Runs as
