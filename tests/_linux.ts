@@ -109,35 +109,3 @@ export async function busyboxInitramfs(
   const bb = await Deno.readFile(fetchedPath(busybox, "busybox-static"));
   return buildBusyboxInitramfs(bb, lines, options);
 }
-
-/**
- * Makes sure `/dev/net/tun` is there, for tests that create TAP devices: a
- * kernel without it (kvmbox's, the same Debian kernel as the guests') gets
- * Debian's `tun` module inserted with busybox's `insmod`.
- *
- * @throws {Error} When the module cannot be had or `/dev/net/tun` does not appear.
- */
-export async function ensureTun(): Promise<void> {
-  const present = () => {
-    try {
-      Deno.statSync("/dev/net/tun");
-      return true;
-    } catch {
-      return false;
-    }
-  };
-  if (present()) return;
-  const tun = await fetchDebianModules(["tun"]).catch((e) => ({
-    ok: false as const,
-    reason: e instanceof Error ? e.message : String(e),
-  }));
-  const bb = fetchedPath(busybox, "busybox");
-  for (const m of fetchedModules(tun)) {
-    const out = await new Deno.Command(bb, { args: ["insmod", m.path], stdin: "null" }).output();
-    if (!out.success) {
-      throw new Error(`insmod ${m.path} failed: ${new TextDecoder().decode(out.stderr)}`);
-    }
-  }
-  for (let i = 0; i < 100 && !present(); i++) await new Promise((r) => setTimeout(r, 20));
-  if (!present()) throw new Error("/dev/net/tun did not appear after inserting tun.ko");
-}

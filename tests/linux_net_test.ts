@@ -15,123 +15,83 @@ import assert from "node:assert/strict";
 
 import { DenovisorError, Vm } from "../mod.ts";
 import { cli, kvmTest, linuxTest } from "./_helpers.ts";
-import { ensureTun } from "./_linux.ts";
 import { bootLinuxShell } from "./_linux_shell.ts";
+import { createNetns, ensureTun, runChecked as run, startNetPeer } from "./_netns.ts";
 
-const PEER = new URL("./_net_peer.ts", import.meta.url).pathname;
-
-async function run(cmd: string, ...args: string[]): Promise<string> {
-  const out = await new Deno.Command(cmd, { args, stdout: "piped", stderr: "piped" }).output();
-  const text = new TextDecoder().decode(out.stdout) + new TextDecoder().decode(out.stderr);
-  if (!out.success) throw new Error(`${cmd} ${args.join(" ")} failed: ${text}`);
-  return text;
-}
-
-/** Starts the peer in `ns`; resolves when it listens; `.done` is its output line. */
 async function peer(ns: string, mode: "sink" | "source", port: number, bytes: number) {
-  const child = new Deno.Command("ip", {
-    args: [
-      "netns",
-      "exec",
-      ns,
-      Deno.execPath(),
-      "run",
-      "--allow-net",
-      PEER,
-      mode,
-      "10.77.0.1",
-      `${port}`,
-      `${bytes}`,
-    ],
-    stdout: "piped",
-    stderr: "inherit",
-  }).spawn();
-  const reader = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
-  let text = "";
-  while (!text.includes("LISTENING\n")) {
-    const { value, done } = await reader.read();
-    if (done) throw new Error(`the ${mode} peer ended before listening: ${text}`);
-    text += value;
-  }
-  const done = (async () => {
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      text += value;
-    }
-    await child.status;
-    const line = text.split("\n").find((l) => /^\d+ [0-9a-f]{64} [\d.]+$/.test(l));
-    if (!line) throw new Error(`the ${mode} peer said: ${text}`);
-    const [n, sha, ms] = line.split(" ");
-    console.error(`note: ${mode}: ${n} bytes in ${ms} ms`);
-    return { bytes: Number(n), sha };
-  })();
-  return { child, done };
+  const p = await startNetPeer(ns, mode, "10.77.0.1", port, bytes);
+  return {
+    done: p.done.then((r) => {
+      console.error(`note: ${mode}: ${r.bytes} bytes in ${r.ms} ms`);
+      return r;
+    }),
+  };
 }
 
 linuxTest("Linux on virtio-net pings the host side and moves data over TCP both ways", async () => {
   await ensureTun();
   const ns = `dvnet${Deno.pid}`;
   const tap = `dvtap${Deno.pid % 10000}`;
-  await run("ip", "netns", "add", ns);
-  try {
-    // An existing TAP for the second NIC (tap=NAME): in our namespace,
-    // without an address or route, so nothing it carries goes anywhere.
-    await run("ip", "tuntap", "add", "dev", tap, "mode", "tap");
-    await run("ip", "link", "set", tap, "up");
-    await using guest = await bootLinuxShell({
-      devices: [
-        {
-          kind: "net",
-          netns: ns,
-          tapName: "dv0",
-          hostAddress: "10.77.0.1/24",
-          mac: "52:54:00:77:00:02",
-        },
-        { kind: "net", tap, mac: "52:54:00:77:00:03" },
-      ],
-      memoryMiB: 256,
-    });
-    const { sh, vm } = guest;
-    assert.match(await sh("cat /sys/class/net/eth0/address"), /52:54:00:77:00:02/);
-    assert.match(await sh("cat /sys/class/net/eth1/address"), /52:54:00:77:00:03/);
-    await sh("ip link set lo up && ip link set eth0 up && ip addr add 10.77.0.2/24 dev eth0");
-    assert.match(await sh("ping -c 3 -W 5 10.77.0.1"), /3 packets received/);
-    // Guest -> host: 4 MiB through nc, checked on both sides.
-    const size = 4 << 20;
-    await sh(`mkdir -p /tmp && dd if=/dev/urandom of=/tmp/out bs=65536 count=${size >> 16} 2>&1`);
-    const sink = await peer(ns, "sink", 5001, size);
-    await sh("nc 10.77.0.1 5001 < /tmp/out", 300_000);
-    const received = await sink.done;
-    const sent = (await sh("sha256sum /tmp/out")).trim().split(/\s+/)[0];
-    assert.equal(received.bytes, size);
-    assert.equal(received.sha, sent.slice(-64));
-    // Host -> guest: 4 MiB the other way.
-    const source = await peer(ns, "source", 5002, size);
-    await sh("nc 10.77.0.1 5002 < /dev/null > /tmp/in && nc 10.77.0.1 5003 < /dev/null", 300_000);
-    const served = await source.done;
-    assert.equal((await sh("wc -c < /tmp/in")).trim().split(/\s+/).pop(), `${size}`);
-    const got = (await sh("sha256sum /tmp/in")).trim().split(/\s+/)[0];
-    assert.equal(got.slice(-64), served.sha);
-    // The second NIC carries frames to the TAP it attached by name.
-    await sh("ip link set eth1 up && ip addr add 10.78.0.2/24 dev eth1");
-    await guest.exec("ping -c 2 -W 1 10.78.0.9");
-    const tapRx = Number(await Deno.readTextFile(`/sys/class/net/${tap}/statistics/rx_packets`));
-    assert.ok(tapRx > 0, "the existing TAP received the guest's frames");
-    // The host sees both devices and their counters.
-    const listing = vm.devices().pci;
-    const net0 = listing.find((f) => f.name === "net0")?.details as {
-      device: { txBytes: number; rxBytes: number; tap: string; ackedFeatures: number };
-    };
-    // 4 MiB each way (in far fewer frames than 1500-byte packets: TSO/GSO).
-    assert.ok(net0.device.txBytes > size && net0.device.rxBytes > size, JSON.stringify(net0));
-    assert.equal(net0.device.tap, "dv0");
-    const net1 = listing.find((f) => f.name === "net1")?.details as { device: { tap: string } };
-    assert.equal(net1.device.tap, tap);
-    await guest.powerOff();
-  } finally {
-    await run("ip", "tuntap", "del", "dev", tap, "mode", "tap").catch(() => {});
-    await run("ip", "netns", "del", ns).catch(() => {});
+  {
+    await using _netns = await createNetns(ns);
+    try {
+      // An existing TAP for the second NIC (tap=NAME): in our namespace,
+      // without an address or route, so nothing it carries goes anywhere.
+      await run("ip", "tuntap", "add", "dev", tap, "mode", "tap");
+      await run("ip", "link", "set", tap, "up");
+      await using guest = await bootLinuxShell({
+        devices: [
+          {
+            kind: "net",
+            netns: ns,
+            tapName: "dv0",
+            hostAddress: "10.77.0.1/24",
+            mac: "52:54:00:77:00:02",
+          },
+          { kind: "net", tap, mac: "52:54:00:77:00:03" },
+        ],
+        memoryMiB: 256,
+      });
+      const { sh, vm } = guest;
+      assert.match(await sh("cat /sys/class/net/eth0/address"), /52:54:00:77:00:02/);
+      assert.match(await sh("cat /sys/class/net/eth1/address"), /52:54:00:77:00:03/);
+      await sh("ip link set lo up && ip link set eth0 up && ip addr add 10.77.0.2/24 dev eth0");
+      assert.match(await sh("ping -c 3 -W 5 10.77.0.1"), /3 packets received/);
+      // Guest -> host: 4 MiB through nc, checked on both sides.
+      const size = 4 << 20;
+      await sh(`mkdir -p /tmp && dd if=/dev/urandom of=/tmp/out bs=65536 count=${size >> 16} 2>&1`);
+      const sink = await peer(ns, "sink", 5001, size);
+      await sh("nc 10.77.0.1 5001 < /tmp/out", 300_000);
+      const received = await sink.done;
+      const sent = (await sh("sha256sum /tmp/out")).trim().split(/\s+/)[0];
+      assert.equal(received.bytes, size);
+      assert.equal(received.sha256, sent.slice(-64));
+      // Host -> guest: 4 MiB the other way.
+      const source = await peer(ns, "source", 5002, size);
+      await sh("nc 10.77.0.1 5002 < /dev/null > /tmp/in && nc 10.77.0.1 5003 < /dev/null", 300_000);
+      const served = await source.done;
+      assert.equal((await sh("wc -c < /tmp/in")).trim().split(/\s+/).pop(), `${size}`);
+      const got = (await sh("sha256sum /tmp/in")).trim().split(/\s+/)[0];
+      assert.equal(got.slice(-64), served.sha256);
+      // The second NIC carries frames to the TAP it attached by name.
+      await sh("ip link set eth1 up && ip addr add 10.78.0.2/24 dev eth1");
+      await guest.exec("ping -c 2 -W 1 10.78.0.9");
+      const tapRx = Number(await Deno.readTextFile(`/sys/class/net/${tap}/statistics/rx_packets`));
+      assert.ok(tapRx > 0, "the existing TAP received the guest's frames");
+      // The host sees both devices and their counters.
+      const listing = vm.devices().pci;
+      const net0 = listing.find((f) => f.name === "net0")?.details as {
+        device: { txBytes: number; rxBytes: number; tap: string; ackedFeatures: number };
+      };
+      // 4 MiB each way (in far fewer frames than 1500-byte packets: TSO/GSO).
+      assert.ok(net0.device.txBytes > size && net0.device.rxBytes > size, JSON.stringify(net0));
+      assert.equal(net0.device.tap, "dv0");
+      const net1 = listing.find((f) => f.name === "net1")?.details as { device: { tap: string } };
+      assert.equal(net1.device.tap, tap);
+      await guest.powerOff();
+    } finally {
+      await run("ip", "tuntap", "del", "dev", tap, "mode", "tap").catch(() => {});
+    }
   }
   // Gone: the namespace, and with the VM the TAP denovisor created in it.
   assert.ok(!(await run("ip", "netns", "list")).includes(ns));

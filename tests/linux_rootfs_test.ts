@@ -17,21 +17,14 @@ import assert from "node:assert/strict";
 
 import { debugfsCat } from "./_disk.ts";
 import { linuxTest, MAIN } from "./_helpers.ts";
-import { debianKernel, ensureTun, fetchedPath } from "./_linux.ts";
+import { debianKernel, fetchedPath } from "./_linux.ts";
 import { BOOT_MS, COMMAND_MS } from "./_linux_shell.ts";
+import { ensureTun, runChecked as run } from "./_netns.ts";
 
 const MAKE_ROOTFS = new URL("../scripts/make_rootfs.ts", import.meta.url).pathname;
 
 // deno-lint-ignore no-control-regex -- ESC: busybox's line editing queries the terminal
 const PROMPT = /denovisor:[^\n]*# (?:\x1b\[[0-9;]*[A-Za-z])*$/;
-
-async function run(cmd: string, ...args: string[]): Promise<string> {
-  const out = await new Deno.Command(cmd, { args, stdin: "null", stdout: "piped", stderr: "piped" })
-    .output();
-  const text = new TextDecoder().decode(out.stdout) + new TextDecoder().decode(out.stderr);
-  if (!out.success) throw new Error(`${cmd} ${args.join(" ")} failed (${out.code}): ${text}`);
-  return text;
-}
 
 linuxTest(
   "the README's root disk example: Debian's kernel boots from /dev/vda, pings the host and writes a file the host reads",
