@@ -1,7 +1,7 @@
 /**
  * Helpers of `linux_boot_bench.ts` for booting the same Linux kernel and
  * initramfs to a console marker with denovisor and with QEMU: argument
- * parsing, the initramfs, QEMU's command lines, a bounded marker scanner over
+ * parsing, the initramfs, a bounded marker scanner over
  * a byte stream, `/proc/PID/status` reading, statistics, and one timed boot of
  * a VMM subprocess or of denovisor in this process.
  *
@@ -13,6 +13,7 @@ import { DenovisorError } from "../src/errors.ts";
 import { buildInitramfs } from "../src/linux/initramfs.ts";
 import { Vm } from "../mod.ts";
 import type { VcpuMetrics } from "../src/kvm/kvm.ts";
+import type { BootSpec } from "./_qemu.ts";
 
 /** The line `/init` prints on the serial console once user space runs. */
 export const BOOT_MARKER = "DENOVISOR-BOOT-MARKER";
@@ -261,71 +262,6 @@ export function bootInitramfs(busybox: Uint8Array, marker: string = BOOT_MARKER)
     { path: "bin/busybox", data: busybox },
     { path: "init", data: new TextEncoder().encode(bootInit(marker)) },
   ]);
-}
-
-/** The QEMU machine types compared. */
-export type QemuMachine = "microvm" | "q35";
-
-/** What a VMM boots: the same for every VMM. */
-export interface BootSpec {
-  /** The bzImage's path. */
-  kernel: string;
-  /** The initramfs's path. */
-  initrd: string;
-  /** The kernel command line. */
-  cmdline: string;
-  /** Guest RAM in MiB. */
-  memMiB: number;
-  /** vCPUs. */
-  cpus: number;
-}
-
-/**
- * QEMU's arguments for booting `spec` on `machine` with KVM: no default
- * devices, no configuration files, no display, COM1 on stdio, the host's CPU
- * model (denovisor too passes KVM's supported CPUID through), and an exit
- * instead of a reset when the guest reboots. `microvm` boots through qboot
- * without option ROMs, with an ISA serial port and no RTC; `q35` through
- * SeaBIOS and its linuxboot option ROM.
- *
- * @param machine The machine type.
- * @param spec Kernel, initrd, command line, RAM and vCPUs.
- * @returns The arguments after `qemu-system-x86_64`.
- * @example
- * ```ts
- * import { qemuArgs } from "denovisor/bench/_boot_compare.ts";
- * const spec = { kernel: "bzImage", initrd: "initrd", cmdline: "console=ttyS0", memMiB: 256, cpus: 1 };
- * console.log(["qemu-system-x86_64", ...qemuArgs("microvm", spec)].join(" "));
- * ```
- */
-export function qemuArgs(machine: QemuMachine, spec: BootSpec): string[] {
-  const machineArg = machine === "microvm"
-    ? "microvm,x-option-roms=off,isa-serial=on,rtc=off"
-    : "q35";
-  return [
-    "-M",
-    machineArg,
-    "-accel",
-    "kvm",
-    "-cpu",
-    "host",
-    "-m",
-    String(spec.memMiB),
-    "-smp",
-    String(spec.cpus),
-    "-nodefaults",
-    "-no-user-config",
-    "-nographic",
-    "-no-reboot",
-    "-serial",
-    "stdio",
-    "-kernel",
-    spec.kernel,
-    "-initrd",
-    spec.initrd,
-    "-append",
-    spec.cmdline,
-  ];
 }
 
 /** One timed boot of a VMM subprocess. */

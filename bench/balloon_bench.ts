@@ -25,6 +25,7 @@ import { parseArgs } from "node:util";
 import { fetchDebianKernel } from "../src/linux/debian_kernel.ts";
 import { checkKvmAccess } from "../src/build/core_build.ts";
 import { summarize } from "./_boot_compare.ts";
+import { QEMU, qemuArgs, qemuVersion } from "./_qemu.ts";
 import {
   balloonInitramfs,
   bootBalloonGuest,
@@ -40,7 +41,6 @@ const DROP_BYTES = 0.9 * TARGET_MIB * MIB;
 const LEAVE_MIB = 16;
 const TIMEOUT_MS = 600_000;
 const POLL_MS = 2;
-const QEMU = "qemu-system-x86_64";
 const CMDLINE = "console=ttyS0 panic=-1 rdinit=/init quiet";
 
 /** One measurement. */
@@ -205,11 +205,15 @@ async function qemuRuns(bzImage: string, initrd: Uint8Array, runs: number): Prom
   const qmpPath = `${dir}/qmp.sock`;
   const child = new Deno.Command(QEMU, {
     args: [
-      ...["-M", "q35", "-accel", "kvm", "-cpu", "host", "-m", String(GUEST_MIB), "-smp", "1"],
-      ...["-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio"],
+      ...qemuArgs("q35", {
+        kernel: bzImage,
+        initrd: initrdPath,
+        cmdline: CMDLINE,
+        memMiB: GUEST_MIB,
+        cpus: 1,
+      }),
       ...["-device", "virtio-balloon-pci,disable-legacy=on"],
       ...["-qmp", `unix:${qmpPath},server=on,wait=off`],
-      ...["-kernel", bzImage, "-initrd", initrdPath, "-append", CMDLINE],
     ],
     stdin: "piped",
     stdout: "piped",
@@ -269,15 +273,6 @@ async function qemuRuns(bzImage: string, initrd: Uint8Array, runs: number): Prom
   return samples;
 }
 
-async function qemuAvailable(): Promise<boolean> {
-  try {
-    return (await new Deno.Command(QEMU, { args: ["--version"], stdout: "null", stderr: "null" })
-      .output()).success;
-  } catch {
-    return false;
-  }
-}
-
 async function main(): Promise<void> {
   const { values } = parseArgs({
     args: Deno.args,
@@ -308,7 +303,7 @@ async function main(): Promise<void> {
   const samples: Sample[] = vmm === "qemu" ? [] : [...await denovisorRuns(initrd, runs)];
   if (vmm === "denovisor") {
     // Alone, as asked.
-  } else if (kernel.ok && await qemuAvailable()) {
+  } else if (kernel.ok && await qemuVersion() !== undefined) {
     samples.push(...await qemuRuns(kernel.file.path, initrd, runs));
   } else {
     console.error("balloon_bench: no QEMU or no bzImage: denovisor alone");

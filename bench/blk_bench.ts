@@ -28,13 +28,12 @@
 import { parseArgs } from "node:util";
 import { checkKvmAccess } from "../src/build/core_build.ts";
 import { pathOfFileUrl } from "../src/build/fs_util.ts";
-import { fetchBusybox, fetchDebianKernel } from "../src/linux/debian_kernel.ts";
-import { buildInitramfs, type InitramfsEntry } from "../src/linux/initramfs.ts";
-import { fetchDebianModules, type KernelModule } from "../src/linux/modules.ts";
-import { qemuArgs, summarize, type Summary } from "./_boot_compare.ts";
+import { fetchDebianKernel } from "../src/linux/debian_kernel.ts";
+import { fetchDebianModules } from "../src/linux/modules.ts";
+import { busyboxInitramfs, INSMOD_FAILED, VIRTIO_PCI_MODULE_NAMES } from "../tests/_linux.ts";
+import { BOOT_CMDLINE, summarize, type Summary } from "./_boot_compare.ts";
+import { denovisorCommand, formatTable, QEMU, qemuArgs, qemuVersion, runVmm } from "./_qemu.ts";
 
-const QEMU = "qemu-system-x86_64";
-const MAIN_TS = pathOfFileUrl(new URL("../main.ts", import.meta.url));
 const BLKBENCH_C = pathOfFileUrl(new URL("../guest/blk/blkbench.c", import.meta.url));
 /** Guest RAM, the same for both VMMs. */
 const MEMORY_MIB = 256;
@@ -44,16 +43,8 @@ const IMAGE_MIB = 256;
 const RANDREAD_SECONDS = 5;
 /** A whole boot with its measurements (kvmbox on a loaded host: minutes). */
 const RUN_TIMEOUT_MS = 1_200_000;
-const CMDLINE = "console=ttyS0 reboot=k panic=-1 rdinit=/init quiet";
 const DONE = "BLK-BENCH-DONE";
-const MODULE_NAMES = [
-  "virtio",
-  "virtio_ring",
-  "virtio_pci_modern_dev",
-  "virtio_pci_legacy_dev",
-  "virtio_pci",
-  "virtio_blk",
-];
+const MODULE_NAMES = [...VIRTIO_PCI_MODULE_NAMES, "virtio_blk"];
 
 const note = (line: string) => console.error(`note: ${line}`);
 
@@ -71,26 +62,23 @@ interface Sample {
   error?: string;
 }
 
-/** The `/init` script: modules, then the three measurements, then power off. */
-function benchInit(modules: readonly KernelModule[]): string {
+/** The rest of `/init` (after the modules): the three measurements, then power off. */
+function benchInit(): string[] {
   const mb = IMAGE_MIB;
   const timed = (name: string, command: string) =>
     `t0=$(/bin/blkbench now); ${command} || echo "BLK-ERROR ${name} $?"; ` +
     `t1=$(/bin/blkbench now); echo "BLK-RESULT ${name} $t0 $t1"`;
   return [
-    "#!/bin/busybox sh",
     "/bin/busybox --install -s /bin",
-    "mount -t proc proc /proc",
     "mount -t sysfs sys /sys",
     "mount -t devtmpfs dev /dev",
-    ...modules.map((m) => `insmod /lib/modules/${m.name}.ko || echo "BLK-ERROR insmod ${m.name}"`),
     "i=0; while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done",
     timed("seqwrite", `dd if=/dev/zero of=/dev/vda bs=1M count=${mb} oflag=direct 2>/dev/null`),
     timed("seqread", `dd if=/dev/vda of=/dev/null bs=1M count=${mb} iflag=direct 2>/dev/null`),
     `/bin/blkbench randread /dev/vda ${RANDREAD_SECONDS} || echo "BLK-ERROR randread $?"`,
     `echo ${DONE.slice(0, 4)}''${DONE.slice(4)}`,
     "poweroff -f",
-  ].join("\n") + "\n";
+  ];
 }
 
 /**
@@ -102,7 +90,8 @@ function benchInit(modules: readonly KernelModule[]): string {
 function parseResults(
   out: string,
 ): Pick<Sample, "seqWriteMBps" | "seqReadMBps" | "randReadIops" | "error"> {
-  const error = /BLK-ERROR (.*)/.exec(out)?.[1];
+  const error = /BLK-ERROR (.*)/.exec(out)?.[1] ??
+    new RegExp(`${INSMOD_FAILED} (.*)`).exec(out)?.[0];
   if (error) return { error: `the guest failed: ${error}` };
   if (!out.includes(DONE)) return { error: "the guest did not finish" };
   const rate = (name: string) => {
@@ -144,8 +133,6 @@ interface Files {
 async function prepare(): Promise<Files | string> {
   const kernel = await fetchDebianKernel({ log: note });
   if (!kernel.ok) return `no Debian kernel (${kernel.reason})`;
-  const busybox = await fetchBusybox({ log: note });
-  if (!busybox.ok) return `no busybox (${busybox.reason})`;
   const modules = await fetchDebianModules(MODULE_NAMES, { log: note });
   if (!modules.ok) return `no virtio modules (${modules.reason})`;
   const dir = await Deno.makeTempDir({ prefix: "denovisor-blk-bench-" });
@@ -156,25 +143,14 @@ async function prepare(): Promise<Files | string> {
       // Already gone.
     }
   });
-  const entries: InitramfsEntry[] = [
-    { path: "dev", kind: "dir" },
-    { path: "dev/console", kind: "char", device: [5, 1] },
-    { path: "proc", kind: "dir" },
-    { path: "sys", kind: "dir" },
-    { path: "bin", kind: "dir" },
-    { path: "bin/busybox", data: await Deno.readFile(busybox.file.path) },
-    { path: "bin/blkbench", data: await buildBlkbench(dir) },
-    { path: "lib", kind: "dir" },
-    { path: "lib/modules", kind: "dir" },
-    ...await Promise.all(modules.modules.map(async (m) => ({
-      path: `lib/modules/${m.name}.ko`,
-      mode: 0o644,
-      data: await Deno.readFile(m.path),
-    }))),
-    { path: "init", data: new TextEncoder().encode(benchInit(modules.modules)) },
-  ];
   const initrd = `${dir}/initrd.cpio`;
-  await Deno.writeFile(initrd, buildInitramfs(entries));
+  await Deno.writeFile(
+    initrd,
+    await busyboxInitramfs(benchInit(), {
+      modules: modules.modules,
+      files: [{ path: "bin/blkbench", data: await buildBlkbench(dir) }],
+    }),
+  );
   return { dir, kernel: kernel.file.path, initrd };
 }
 
@@ -182,29 +158,13 @@ function vmmCommand(vmm: VmmName, files: Files, image: string): [string, string[
   const spec = {
     kernel: files.kernel,
     initrd: files.initrd,
-    cmdline: CMDLINE,
+    cmdline: BOOT_CMDLINE,
     memMiB: MEMORY_MIB,
     cpus: 1,
   };
   switch (vmm) {
     case "denovisor":
-      return [Deno.execPath(), [
-        "run",
-        "-A",
-        MAIN_TS,
-        "run",
-        "--kernel",
-        spec.kernel,
-        "--initrd",
-        spec.initrd,
-        "--cmdline",
-        spec.cmdline,
-        "--mem",
-        String(spec.memMiB),
-        "--disk",
-        image,
-        "--no-stdin",
-      ]];
+      return denovisorCommand(spec, ["--disk", image]);
     case "qemu-q35":
       return [QEMU, [
         ...qemuArgs("q35", spec),
@@ -224,31 +184,14 @@ async function runOnce(vmm: VmmName, round: number, files: Files): Promise<Sampl
   file.close();
   const [command, args] = vmmCommand(vmm, files, image);
   try {
-    const out = await new Deno.Command(command, {
-      args,
-      stdin: "null",
-      stdout: "piped",
-      stderr: "piped",
-      signal: AbortSignal.timeout(RUN_TIMEOUT_MS),
-    }).output();
-    const text = new TextDecoder().decode(out.stdout).slice(-65536);
-    const parsed = parseResults(text);
+    const out = await runVmm(command, args, { timeoutMs: RUN_TIMEOUT_MS });
+    const parsed = parseResults(out.stdout);
     if (parsed.error) {
-      const err = new TextDecoder().decode(out.stderr).slice(-2000);
-      parsed.error += `\n${text.slice(-2000)}\n${err}`;
+      parsed.error += `\n${out.stdout.slice(-2000)}\n${out.stderr.slice(-2000)}`;
     }
     return { vmm, round, ...parsed };
   } finally {
     await Deno.remove(image).catch(() => {});
-  }
-}
-
-async function qemuVersion(): Promise<string | undefined> {
-  try {
-    const out = await new Deno.Command(QEMU, { args: ["--version"], stderr: "null" }).output();
-    return out.success ? new TextDecoder().decode(out.stdout).split("\n")[0] : undefined;
-  } catch {
-    return undefined;
   }
 }
 
@@ -341,13 +284,7 @@ async function compare(args: Args): Promise<void> {
     r.qemu ? r.qemu.median.toFixed(0) : "—",
     r.ratio === undefined ? "—" : `${r.ratio.toFixed(2)}x`,
   ]);
-  const head = ["metric (median)", "denovisor", "QEMU q35", "denovisor/QEMU"];
-  const widths = head.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i].length)));
-  const line = (r: string[]) =>
-    r.map((c, i) => i === 0 ? c.padEnd(widths[i]) : c.padStart(widths[i])).join("  ");
-  console.log(line(head));
-  console.log(widths.map((w) => "-".repeat(w)).join("  "));
-  for (const r of rows) console.log(line(r));
+  console.log(formatTable(["metric (median)", "denovisor", "QEMU q35", "denovisor/QEMU"], rows));
 }
 
 if (import.meta.main) {

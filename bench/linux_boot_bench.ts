@@ -41,14 +41,20 @@ import {
   bootInitramfs,
   bootInProcess,
   bootProcess,
-  type BootSpec,
   parseBenchArgs,
   type ProcessBoot,
-  qemuArgs,
-  type QemuMachine,
   summarize,
   type Summary,
 } from "./_boot_compare.ts";
+import {
+  type BootSpec,
+  denovisorCommand,
+  formatTable,
+  QEMU,
+  qemuArgs,
+  type QemuMachine,
+  qemuVersion,
+} from "./_qemu.ts";
 
 const MEMORY_MIB = 256;
 // Filler behind a gzip magic: the loader checks an initrd's format, the kernel
@@ -62,7 +68,6 @@ const EXIT_AT_ENTRY = new Uint8Array([0xe6, 0xf4]);
 const BOOT_TIMEOUT_MS = 600_000;
 /** How long a VMM may take to exit by itself after the marker before it is killed. */
 const EXIT_GRACE_MS = 3_000;
-const QEMU = "qemu-system-x86_64";
 /**
  * The in-process boot polls the console buffer this often: the marker's time
  * is late by up to this much, negligible against a boot of seconds. Not much
@@ -74,7 +79,6 @@ const QEMU = "qemu-system-x86_64";
 const CONSOLE_POLL_MS = 50;
 /** Boots to the first instruction (milliseconds each): more samples than full boots. */
 const FIRST_INSN_RUNS = 30;
-const MAIN_TS = pathOfFileUrl(new URL("../main.ts", import.meta.url));
 const CORE_DIR = pathOfFileUrl(new URL("../core/", import.meta.url));
 
 const USAGE =
@@ -175,35 +179,6 @@ async function prepareBoot(memMiB: number, cpus: number): Promise<BootFiles | st
   };
 }
 
-async function qemuVersion(): Promise<string | undefined> {
-  try {
-    const out = await new Deno.Command(QEMU, { args: ["--version"], stderr: "null" }).output();
-    return out.success ? new TextDecoder().decode(out.stdout).split("\n")[0] : undefined;
-  } catch {
-    return undefined;
-  }
-}
-
-function denovisorArgs(spec: BootSpec): string[] {
-  return [
-    "run",
-    "-A",
-    MAIN_TS,
-    "run",
-    "--kernel",
-    spec.kernel,
-    "--initrd",
-    spec.initrd,
-    "--cmdline",
-    spec.cmdline,
-    "--mem",
-    String(spec.memMiB),
-    "--cpus",
-    String(spec.cpus),
-    "--no-stdin",
-  ];
-}
-
 /** `run --kernel` prints this on stderr after loading, just before vCPU 0 enters. */
 const DENOVISOR_LOADED = /denovisor: \S+ loaded at /;
 
@@ -221,7 +196,7 @@ async function bootOnce(vmm: VmmName, round: number, files: BootFiles): Promise<
   switch (vmm) {
     case "denovisor":
       return fromProcess(
-        await bootProcess(Deno.execPath(), denovisorArgs(files.spec), {
+        await bootProcess(...denovisorCommand(files.spec), {
           ...options,
           loadedLine: DENOVISOR_LOADED,
         }),
@@ -406,7 +381,9 @@ async function compare(args: BenchArgs): Promise<void> {
     cell(s.rssKiB, mib),
     cell(s.hwmKiB, mib),
   ]);
-  table(["VMM", "to marker p50", "min", "p90", "to kernel entry", "RSS", "HWM"], rows);
+  console.log(
+    formatTable(["VMM", "to marker p50", "min", "p90", "to kernel entry", "RSS", "HWM"], rows),
+  );
   console.log();
   for (const [name, value] of Object.entries(ratios)) {
     if (value !== undefined) console.log(`  ${name.padEnd(38)} ${value.toFixed(2)}x`);
@@ -443,15 +420,6 @@ function ms(v: number): string {
 
 function mib(kib: number): string {
   return `${(kib / 1024).toFixed(1)} MiB`;
-}
-
-function table(head: string[], rows: string[][]): void {
-  const widths = head.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i].length)));
-  const line = (r: string[]) =>
-    r.map((c, i) => i === 0 ? c.padEnd(widths[i]) : c.padStart(widths[i])).join("  ");
-  console.log(line(head));
-  console.log(widths.map((w) => "-".repeat(w)).join("  "));
-  for (const r of rows) console.log(line(r));
 }
 
 async function firstInstructionSamples(image: Uint8Array, runs: number): Promise<Phases[]> {

@@ -22,26 +22,21 @@
 import { parseArgs } from "node:util";
 
 import { fetchBusybox, fetchDebianKernel } from "../src/linux/debian_kernel.ts";
-import { buildInitramfs } from "../src/linux/initramfs.ts";
-import { fetchDebianModules, type KernelModule } from "../src/linux/modules.ts";
+import { fetchDebianModules } from "../src/linux/modules.ts";
 import { pathOfFileUrl } from "../src/build/fs_util.ts";
+import { busyboxInitramfs, VIRTIO_PCI_MODULE_NAMES } from "../tests/_linux.ts";
+import { BOOT_CMDLINE, summarize } from "./_boot_compare.ts";
+import { denovisorCommand, QEMU, qemuArgs, runVmm } from "./_qemu.ts";
 
-const MAIN_TS = pathOfFileUrl(new URL("../main.ts", import.meta.url));
 const PEER_C = pathOfFileUrl(new URL("../guest/vsock/vsock_peer.c", import.meta.url));
 const HOST_C = pathOfFileUrl(new URL("./c/vsock_host.c", import.meta.url));
-const QEMU = "qemu-system-x86_64";
 const CID = 3;
 const G2H_PORT = 5000;
 const H2G_PORT = 5001;
 const MEMORY_MIB = 512;
-const CMDLINE = "console=ttyS0 reboot=k panic=-1 rdinit=/init quiet";
 /** The guest modules: virtio over PCI and vsock over virtio. */
 const GUEST_MODULES = [
-  "virtio",
-  "virtio_ring",
-  "virtio_pci_modern_dev",
-  "virtio_pci_legacy_dev",
-  "virtio_pci",
+  ...VIRTIO_PCI_MODULE_NAMES,
   "vsock",
   "vmw_vsock_virtio_transport_common",
   "vmw_vsock_virtio_transport",
@@ -96,11 +91,9 @@ async function hostVhostVsock(busybox: string): Promise<void> {
   throw new Error("/dev/vhost-vsock did not appear after loading vhost_vsock");
 }
 
-function init(modules: KernelModule[], bytes: number, runs: number): string {
+/** The rest of `/init`, after the modules: both directions, then reboot. */
+function init(bytes: number, runs: number): string[] {
   return [
-    "#!/bin/busybox sh",
-    "/bin/busybox mount -t proc proc /proc",
-    ...modules.map((m) => `/bin/busybox insmod /lib/modules/${m.name}.ko`),
     "/bin/busybox --install -s /bin",
     "mount -t sysfs sys /sys",
     "mount -t devtmpfs dev /dev",
@@ -109,8 +102,7 @@ function init(modules: KernelModule[], bytes: number, runs: number): string {
     `vsock_peer sink ${H2G_PORT} ${runs}`,
     "echo VSOCK-BENCH-END",
     "reboot -f",
-    "",
-  ].join("\n");
+  ];
 }
 
 /** Runs one VMM boot with its host helpers; the guest's BENCH lines. */
@@ -137,60 +129,23 @@ async function boot(
   }
   reader.releaseLock();
   sink.stderr.cancel().catch(() => {});
+  const spec = {
+    kernel: files.kernel,
+    initrd: files.initrd,
+    cmdline: BOOT_CMDLINE,
+    memMiB: MEMORY_MIB,
+    cpus: 1,
+  };
   const [cmd, args] = vmm === "denovisor"
-    ? [Deno.execPath(), [
-      "run",
-      "-A",
-      MAIN_TS,
-      "run",
-      "--kernel",
-      files.kernel,
-      "--initrd",
-      files.initrd,
-      "--cmdline",
-      CMDLINE,
-      "--mem",
-      String(MEMORY_MIB),
-      "--no-stdin",
-      "--no-rng",
-      "--vsock",
-      `cid=${CID},path=${path}`,
-    ]]
+    ? denovisorCommand(spec, ["--no-rng", "--vsock", `cid=${CID},path=${path}`])
     : [QEMU, [
-      "-M",
-      "q35",
-      "-accel",
-      "kvm",
-      "-cpu",
-      "host",
-      "-m",
-      String(MEMORY_MIB),
-      "-nodefaults",
-      "-no-user-config",
-      "-nographic",
-      "-no-reboot",
-      "-serial",
-      "stdio",
-      "-kernel",
-      files.kernel,
-      "-initrd",
-      files.initrd,
-      "-append",
-      CMDLINE,
+      ...qemuArgs("q35", spec),
       "-device",
       `vhost-vsock-pci,guest-cid=${CID},disable-legacy=on`,
     ]];
-  const child = new Deno.Command(cmd, { args, stdin: "null", stdout: "piped", stderr: "piped" })
-    .spawn();
   const source = new Deno.Command(files.host, { args: sourceArgs, stdout: "null", stderr: "null" })
     .spawn();
-  const timer = setTimeout(() => child.kill("SIGKILL"), 900_000);
-  const [out, err] = await Promise.all([
-    new Response(child.stdout).text(),
-    new Response(child.stderr).text(),
-  ]);
-  await child.status;
-  clearTimeout(timer);
+  const { stdout: out, stderr: err } = await runVmm(cmd, args, { timeoutMs: 900_000 });
   try {
     source.kill("SIGKILL");
   } catch { /* done */ }
@@ -209,12 +164,6 @@ async function boot(
     throw new Error(`${vmm} did not finish:\n${out.slice(-2000)}\n${err.slice(-2000)}`);
   }
   return samples;
-}
-
-function median(values: number[]): number {
-  const s = [...values].sort((a, b) => a - b);
-  const mid = s.length >> 1;
-  return s.length % 2 ? s[mid] : (s[mid - 1] + s[mid]) / 2;
 }
 
 async function main(): Promise<void> {
@@ -244,23 +193,10 @@ async function main(): Promise<void> {
   try {
     await run("gcc", ["-static", "-O2", "-o", `${dir}/vsock_peer`, PEER_C]);
     await run("gcc", ["-O2", "-o", `${dir}/vsock_host`, HOST_C]);
-    const initrd = buildInitramfs([
-      { path: "dev", kind: "dir" },
-      { path: "dev/console", kind: "char", device: [5, 1] },
-      { path: "proc", kind: "dir" },
-      { path: "sys", kind: "dir" },
-      { path: "bin", kind: "dir" },
-      { path: "bin/busybox", data: await Deno.readFile(busybox) },
-      { path: "bin/vsock_peer", data: await Deno.readFile(`${dir}/vsock_peer`) },
-      { path: "lib", kind: "dir" },
-      { path: "lib/modules", kind: "dir" },
-      ...await Promise.all(modules.modules.map(async (m) => ({
-        path: `lib/modules/${m.name}.ko`,
-        mode: 0o644,
-        data: await Deno.readFile(m.path),
-      }))),
-      { path: "init", data: new TextEncoder().encode(init(modules.modules, bytes, runs)) },
-    ]);
+    const initrd = await busyboxInitramfs(init(bytes, runs), {
+      modules: modules.modules,
+      files: [{ path: "bin/vsock_peer", data: await Deno.readFile(`${dir}/vsock_peer`) }],
+    });
     await Deno.writeFile(`${dir}/initrd`, initrd);
     const files = { kernel, initrd: `${dir}/initrd`, host: `${dir}/vsock_host`, dir };
     const samples: Sample[] = [];
@@ -273,11 +209,11 @@ async function main(): Promise<void> {
       }
     }
     const mbps = (vmm: Vmm, d: Direction) =>
-      median(
+      summarize(
         samples.filter((s) => s.vmm === vmm && s.direction === d).map((s) =>
           s.bytes / (s.ns / 1e9) / 1e6
         ),
-      );
+      )?.median ?? NaN;
     const rows = (["g2h", "h2g"] as const).map((d) => ({
       direction: d,
       denovisorMBps: mbps("denovisor", d),

@@ -35,6 +35,15 @@ export const debianVmlinux: FetchResult = await fetchDebianVmlinux({ log });
 /** Debian's static busybox, or why it cannot be had. */
 export const busybox: FetchResult = await fetchBusybox({ log });
 
+/** The virtio-pci transport's modules, which every virtio driver below needs, in load order. */
+export const VIRTIO_PCI_MODULE_NAMES: readonly string[] = [
+  "virtio",
+  "virtio_ring",
+  "virtio_pci_modern_dev",
+  "virtio_pci_legacy_dev",
+  "virtio_pci",
+];
+
 /**
  * The modules the virtio device tests load into Debian's kernel (which builds
  * them as modules): the virtio-pci transport, the block, network, entropy and
@@ -42,11 +51,7 @@ export const busybox: FetchResult = await fetchBusybox({ log });
  * need the crypto driver, which nothing would load on demand).
  */
 export const VIRTIO_MODULE_NAMES: readonly string[] = [
-  "virtio",
-  "virtio_ring",
-  "virtio_pci_modern_dev",
-  "virtio_pci_legacy_dev",
-  "virtio_pci",
+  ...VIRTIO_PCI_MODULE_NAMES,
   "virtio_blk",
   "failover",
   "net_failover",
@@ -99,7 +104,7 @@ export function fetchedPath(result: FetchResult, what: string): string {
  * with the fetched busybox.
  *
  * @param lines The rest of `/init`.
- * @param options The modules to insert first.
+ * @param options The modules to insert first, and more files.
  * @returns The newc archive.
  */
 export async function busyboxInitramfs(

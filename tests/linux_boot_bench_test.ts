@@ -11,9 +11,9 @@ import {
   MarkerScanner,
   parseBenchArgs,
   parseProcStatusMemory,
-  qemuArgs,
   summarize,
 } from "../bench/_boot_compare.ts";
+import { qemuArgs } from "../bench/_qemu.ts";
 import { DenovisorError } from "../src/errors.ts";
 
 Deno.test("the bench's arguments default to 5 runs, 256 MiB, 1 vCPU, text output", () => {

@@ -114,6 +114,8 @@ export interface BusyboxInitramfsOptions {
    * goes on.
    */
   modules?: readonly Pick<KernelModule, "name" | "path">[];
+  /** More entries (a static program under `bin/`, say), after busybox and the modules. */
+  files?: readonly InitramfsEntry[];
 }
 
 /**
@@ -171,6 +173,7 @@ export async function busyboxInitramfs(
     { path: "bin", kind: "dir" },
     { path: "bin/busybox", data: busybox },
     ...moduleEntries,
+    ...options.files ?? [],
     { path: "init", data: new TextEncoder().encode(init.join("\n") + "\n") },
   ]);
 }
