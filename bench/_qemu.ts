@@ -156,11 +156,18 @@ export interface RunVmmOptions {
   timeoutMs: number;
   /** How much of the end of each stream to keep (default 64 Ki characters). */
   keepChars?: number;
+  /** Also copy both streams to this process's stderr as they come (to watch a guest). */
+  echo?: boolean;
 }
 
-async function tail(stream: ReadableStream<Uint8Array>, keep: number): Promise<string> {
+async function tail(
+  stream: ReadableStream<Uint8Array>,
+  keep: number,
+  echo: boolean,
+): Promise<string> {
   let text = "";
   for await (const chunk of stream.pipeThrough(new TextDecoderStream())) {
+    if (echo) Deno.stderr.writeSync(new TextEncoder().encode(chunk));
     text += chunk;
     if (text.length > 2 * keep) text = text.slice(-keep);
   }
@@ -205,8 +212,8 @@ export async function runVmm(
   }, options.timeoutMs);
   try {
     const [stdout, stderr, status] = await Promise.all([
-      tail(child.stdout, keep),
-      tail(child.stderr, keep),
+      tail(child.stdout, keep, options.echo ?? false),
+      tail(child.stderr, keep, options.echo ?? false),
       child.status,
     ]);
     return { stdout, stderr, code: status.code, timedOut };
