@@ -48,6 +48,8 @@ import { type BootSpec, denovisorCommand, formatTable, QEMU, qemuArgs, runVmm } 
 
 const HOST = "10.77.0.1";
 const note = (line: string) => console.error(`note: ${line}`);
+/** MB/s with two significant decimals below 10 (kvmbox's rates are a few MB/s). */
+const rate = (v: number) => v.toFixed(v < 10 ? 2 : 1);
 const MEMORY_MIB = 256;
 /** One boot with both transfers (kvmbox on a loaded host: minutes). */
 const RUN_TIMEOUT_MS = 900_000;
@@ -266,8 +268,8 @@ if (import.meta.main) {
         try {
           const s = await sample(vmm, setup, mib, offload, args.verbose);
           console.error(
-            `run ${i + 1}/${runs} ${vmm}: guest → host ${s.guestToHostMBps.toFixed(1)} MB/s, ` +
-              `host → guest ${s.hostToGuestMBps.toFixed(1)} MB/s`,
+            `run ${i + 1}/${runs} ${vmm}: guest → host ${rate(s.guestToHostMBps)} MB/s, ` +
+              `host → guest ${rate(s.hostToGuestMBps)} MB/s`,
           );
           out.push(s);
         } catch (e) {
@@ -295,9 +297,9 @@ if (import.meta.main) {
   if (args.json) {
     console.log(JSON.stringify({ mib, runs, offload, samples, failures, table }, null, 2));
   } else {
-    const median = (s: Summary | undefined) => s ? s.median.toFixed(1) : "—";
+    const median = (s: Summary | undefined) => s ? rate(s.median) : "—";
     const range = (s: Summary | undefined) =>
-      !s || s.min === s.max ? "" : `${s.min.toFixed(1)}–${s.max.toFixed(1)}`;
+      !s || s.min === s.max ? "" : `${rate(s.min)}–${rate(s.max)}`;
     console.log(
       `\nTCP throughput over virtio-net, ${mib} MiB each way, ${runs} run(s) per VMM, ` +
         `alternating, offloads ${offload ? "on" : "off"}; MB/s, median (range)\n`,
