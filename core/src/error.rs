@@ -1,8 +1,11 @@
-//! The one error type of the core, and the status codes it maps to at the C ABI.
+//! The core's top-level error, and the status codes the C ABI returns.
 //!
-//! Every error carries a stable numeric [`Status`] (what a caller branches on) and a
-//! human-readable message (what a person reads). The doc comment of each variant is
-//! its message, in the style of Firecracker's error enums.
+//! Each module has its own error enum whose variants carry the data of the
+//! failure (`MemoryError`, `BootError` and its loaders' enums, `VcpuError`,
+//! `VmError`, `IrqError`, `BusError`, `VirtioError`...), in the style of
+//! Firecracker's error enums: its message is what a person reads. [`Error`]
+//! wraps them (`?` converts), and `crate::abi::status` gives every variant its
+//! stable numeric [`Status`] (what a caller branches on), in one place.
 
 use thiserror::Error;
 
@@ -80,7 +83,9 @@ statuses! {
     KsmUnavailable = -17,
 }
 
-/// Everything that can go wrong inside the core.
+/// Everything that can go wrong inside the core: each module's own error,
+/// and the few failures of the ABI layer itself (a bad argument, handle or
+/// buffer, a caught panic). `crate::abi::status` gives each its ABI status.
 #[derive(Debug, Error)]
 pub enum Error {
     /// {0}
@@ -89,27 +94,9 @@ pub enum Error {
     /// Handle {handle} is not a live {expected} (it is stale, closed or of another kind)
     #[error("handle {handle} is not a live {expected} (it is stale, closed or of another kind)")]
     InvalidHandle { handle: u32, expected: &'static str },
-    /// Cannot open /dev/kvm: {0}
-    #[error("cannot open /dev/kvm: {0}")]
-    KvmUnavailable(String),
-    /// A KVM ioctl failed
-    #[error("{op} failed: {source}")]
-    Kvm {
-        op: &'static str,
-        source: kvm_ioctls::Error,
-    },
-    /// Guest memory error
-    #[error("guest memory: {0}")]
-    Memory(String),
-    /// The guest image is malformed or does not fit
-    #[error("image: {0}")]
-    Image(String),
     /// The object is in use by a running vCPU
     #[error("{0}")]
     Busy(String),
-    /// A wait ran out of time
-    #[error("timed out after {0} ms")]
-    Timeout(u64),
     /// A panic was caught at the ABI boundary
     #[error("internal error (panic caught at the ABI boundary): {0}")]
     Panic(String),
@@ -122,18 +109,21 @@ pub enum Error {
         op: &'static str,
         source: std::io::Error,
     },
-    /// The initrd is truncated or not an initramfs the kernel accepts
-    #[error("{0}")]
-    Initrd(String),
-    /// The kernel command line is longer than the kernel accepts
-    #[error("{0}")]
-    CmdlineTooLong(String),
-    /// The kernel or initrd does not fit in guest RAM
-    #[error("{0}")]
-    DoesNotFit(String),
-    /// More vCPUs than the host's KVM allows
-    #[error("{0}")]
-    VcpuLimit(String),
+    /// Guest memory cannot be created, read or written
+    #[error(transparent)]
+    Memory(#[from] crate::memory::MemoryError),
+    /// An image, a kernel, its initrd or command line, or the boot state is refused
+    #[error(transparent)]
+    Boot(#[from] crate::boot::BootError),
+    /// A vCPU cannot be driven as asked
+    #[error(transparent)]
+    Vcpu(#[from] crate::vcpu::VcpuError),
+    /// The VM cannot do what was asked
+    #[error(transparent)]
+    Vm(#[from] crate::vm::VmError),
+    /// The irqchip or an interrupt line refused
+    #[error(transparent)]
+    Irq(#[from] crate::irq::IrqError),
     /// A device range cannot be attached
     #[error("device bus: {0}")]
     Bus(#[from] crate::devices::bus::BusError),
@@ -155,11 +145,6 @@ pub enum Error {
 }
 
 impl Error {
-    /// Shorthand for wrapping a failed KVM ioctl with the operation's name.
-    pub fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
-        move |source| Error::Kvm { op, source }
-    }
-
     /// Shorthand for an invalid-argument error.
     pub fn arg(msg: impl Into<String>) -> Error {
         Error::InvalidArgument(msg.into())

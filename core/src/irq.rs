@@ -33,7 +33,41 @@ use serde::Serialize;
 use vm_superio::Trigger;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::error::{Error, Result};
+use thiserror::Error;
+
+/// What can go wrong with the irqchip and interrupt lines.
+#[derive(Debug, Error)]
+pub enum IrqError {
+    /// A KVM ioctl failed
+    #[error("{op} failed: {source}")]
+    Kvm {
+        /// The ioctl.
+        op: &'static str,
+        /// KVM's error.
+        source: kvm_ioctls::Error,
+    },
+    /// A GSI beyond the IOAPIC's pins
+    #[error("interrupt line {0} does not exist: lines are 0 to {}", IOAPIC_PINS - 1)]
+    NoSuchLine(u32),
+    /// An MSI address outside the local APIC window
+    #[error("MSI address {0:#x} is outside the local APIC window 0xfee00000-0xfeefffff")]
+    MsiAddress(u64),
+    /// An eventfd could not be made
+    #[error("{op}: {source}")]
+    EventFd {
+        /// What was being done.
+        op: &'static str,
+        /// The host's error.
+        source: io::Error,
+    },
+}
+
+/// The result of an interrupt operation.
+pub type Result<T> = std::result::Result<T, IrqError>;
+
+fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> IrqError {
+    move |source| IrqError::Kvm { op, source }
+}
 
 /// The number of IOAPIC pins, and so of GSIs the host can pulse (0..=23).
 pub const IOAPIC_PINS: u32 = 24;
@@ -48,23 +82,19 @@ const MSI_WINDOW: std::ops::RangeInclusive<u64> = 0xfee0_0000..=0xfeef_ffff;
 /// the first vCPU is created (KVM attaches a local APIC to each vCPU as it is
 /// created).
 pub fn create_irqchip(vm: &VmFd) -> Result<()> {
-    vm.create_irq_chip()
-        .map_err(Error::kvm("KVM_CREATE_IRQCHIP"))?;
+    vm.create_irq_chip().map_err(kvm("KVM_CREATE_IRQCHIP"))?;
     // The dummy speaker port (0x61) keeps guests that probe the PC speaker's gate
     // (Linux's PIT calibration does) inside KVM.
     let pit = kvm_pit_config {
         flags: KVM_PIT_SPEAKER_DUMMY,
         ..Default::default()
     };
-    vm.create_pit2(pit).map_err(Error::kvm("KVM_CREATE_PIT2"))
+    vm.create_pit2(pit).map_err(kvm("KVM_CREATE_PIT2"))
 }
 
 fn check_gsi(gsi: u32) -> Result<()> {
     if gsi >= IOAPIC_PINS {
-        return Err(Error::arg(format!(
-            "interrupt line {gsi} does not exist: lines are 0 to {}",
-            IOAPIC_PINS - 1
-        )));
+        return Err(IrqError::NoSuchLine(gsi));
     }
     Ok(())
 }
@@ -75,7 +105,7 @@ pub fn pulse(vm: &VmFd, gsi: u32) -> Result<()> {
     check_gsi(gsi)?;
     vm.set_irq_line(gsi, true)
         .and_then(|()| vm.set_irq_line(gsi, false))
-        .map_err(Error::kvm("KVM_IRQ_LINE"))
+        .map_err(kvm("KVM_IRQ_LINE"))
 }
 
 /// Sends an MSI: `address` is `0xfeeXXXXX` (bits 12-19 the destination APIC id),
@@ -83,9 +113,7 @@ pub fn pulse(vm: &VmFd, gsi: u32) -> Result<()> {
 /// delivered it (false: the destination's local APIC refused it, e.g. disabled).
 pub fn send_msi(vm: &VmFd, address: u64, data: u32) -> Result<bool> {
     if !MSI_WINDOW.contains(&address) {
-        return Err(Error::arg(format!(
-            "MSI address {address:#x} is outside the local APIC window 0xfee00000-0xfeefffff"
-        )));
+        return Err(IrqError::MsiAddress(address));
     }
     let msi = kvm_msi {
         address_lo: address as u32,
@@ -93,7 +121,7 @@ pub fn send_msi(vm: &VmFd, address: u64, data: u32) -> Result<bool> {
         data,
         ..Default::default()
     };
-    let delivered = vm.signal_msi(msi).map_err(Error::kvm("KVM_SIGNAL_MSI"))?;
+    let delivered = vm.signal_msi(msi).map_err(kvm("KVM_SIGNAL_MSI"))?;
     Ok(delivered > 0)
 }
 
@@ -108,7 +136,7 @@ pub struct IrqLine {
 impl IrqLine {
     /// A new, unattached line.
     pub fn new() -> Result<IrqLine> {
-        let event = EventFd::new(EFD_NONBLOCK).map_err(|source| Error::Io {
+        let event = EventFd::new(EFD_NONBLOCK).map_err(|source| IrqError::EventFd {
             op: "creating an interrupt eventfd",
             source,
         })?;
@@ -122,7 +150,7 @@ impl IrqLine {
     pub fn attach(&self, vm: &VmFd, gsi: u32) -> Result<()> {
         check_gsi(gsi)?;
         vm.register_irqfd(&self.event, gsi)
-            .map_err(Error::kvm("KVM_IRQFD"))
+            .map_err(kvm("KVM_IRQFD"))
     }
 
     /// How many times the device raised the line.
@@ -134,7 +162,7 @@ impl IrqLine {
     /// one fires for both), with the same count: for a device rebuilt from a
     /// saved state in place of the one holding this line.
     pub fn try_clone(&self) -> Result<IrqLine> {
-        let event = self.event.try_clone().map_err(|source| Error::Io {
+        let event = self.event.try_clone().map_err(|source| IrqError::EventFd {
             op: "duplicating an interrupt eventfd",
             source,
         })?;
@@ -225,6 +253,7 @@ impl IrqState {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::vm::VmError;
 
     #[test]
     fn an_unattached_line_counts_and_never_fails() {
@@ -239,8 +268,12 @@ mod tests {
     #[test]
     fn lines_and_msi_addresses_are_checked_before_any_ioctl() {
         assert!(check_gsi(23).is_ok());
-        let e = check_gsi(24).unwrap_err().to_string();
-        assert!(e.contains("0 to 23"), "{e}");
+        let e = check_gsi(24).unwrap_err();
+        assert!(matches!(e, IrqError::NoSuchLine(24)), "{e}");
+        assert_eq!(
+            e.to_string(),
+            "interrupt line 24 does not exist: lines are 0 to 23"
+        );
         assert!(!MSI_WINDOW.contains(&0xfed0_0000));
         assert!(MSI_WINDOW.contains(&0xfee0_1000));
     }
@@ -264,16 +297,25 @@ mod tests {
         };
         vm.enable_irqchip().unwrap(); // idempotent before the first vCPU
         vm.inject_irq(5).unwrap();
-        assert!(vm.inject_irq(24).is_err());
+        assert!(matches!(
+            vm.inject_irq(24),
+            Err(crate::error::Error::Irq(IrqError::NoSuchLine(24)))
+        ));
         vm.create_vcpu().unwrap();
         // The local APIC is software-disabled until the guest enables it.
         assert!(!vm.send_msi(LAPIC_BASE, 0x41).unwrap());
-        assert!(vm.send_msi(0xfed0_0000, 0x41).is_err());
+        assert!(matches!(
+            vm.send_msi(0xfed0_0000, 0x41),
+            Err(crate::error::Error::Irq(IrqError::MsiAddress(0xfed0_0000)))
+        ));
         let stats = vm.irq_stats();
         assert!(stats.irqchip);
         assert_eq!((stats.injected, stats.msis_refused), (1, 1));
-        let e = vm.enable_irqchip().unwrap_err().to_string();
-        assert!(e.contains("before the VM's first vCPU"), "{e}");
+        let e = vm.enable_irqchip().unwrap_err();
+        assert!(
+            matches!(e, crate::error::Error::Vm(VmError::IrqchipAfterVcpu)),
+            "{e}"
+        );
     }
 
     #[test]
@@ -284,8 +326,11 @@ mod tests {
             panic!("{e}: this test needs KVM (run it where /dev/kvm works, or in kvmbox)");
         }
         let vm = crate::vm::Vm::new(2 << 20, UnhandledAccess::Stop).unwrap();
-        let e = vm.inject_irq(4).unwrap_err().to_string();
-        assert!(e.contains("needs the in-kernel irqchip"), "{e}");
+        let e = vm.inject_irq(4).unwrap_err();
+        assert!(
+            matches!(e, crate::error::Error::Vm(VmError::NoIrqchip(_))),
+            "{e}"
+        );
         assert!(vm.send_msi(LAPIC_BASE, 0x41).is_err());
         assert!(!vm.irq_stats().irqchip);
         // Console input works without interrupts: the guest can poll for it.

@@ -10,7 +10,8 @@ use std::sync::Arc;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemory as _, GuestMemoryMmap, GuestMemoryRegion as _};
 
-use crate::error::{Error, Result};
+use thiserror::Error;
+
 use crate::ksm::KsmError;
 
 /// Start of the MMIO hole below 4 GiB (3.25 GiB), as in Firecracker and QEMU's q35.
@@ -19,6 +20,62 @@ pub const MMIO_GAP_START: u64 = 0xd000_0000;
 pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
 /// The largest guest RAM accepted (a sanity bound, not a host limit).
 pub const MAX_RAM_BYTES: u64 = 1 << 40;
+
+/// What can go wrong creating, reading or writing guest RAM. A bad size is
+/// the caller's argument; the rest are failures of guest memory itself.
+#[derive(Debug, Error)]
+pub enum MemoryError {
+    /// The size is zero
+    #[error("guest memory size must be greater than zero")]
+    ZeroSize,
+    /// The size is not whole pages
+    #[error("guest memory size {0} is not a multiple of the 4 KiB page size")]
+    UnalignedSize(u64),
+    /// The size is above [`MAX_RAM_BYTES`]
+    #[error("guest memory size {0} exceeds the maximum of {MAX_RAM_BYTES} bytes")]
+    TooLarge(u64),
+    /// The host could not map the RAM
+    #[error("guest memory: cannot map {size} bytes of guest RAM: {source}")]
+    Map {
+        /// The RAM size asked for.
+        size: u64,
+        /// vm-memory's reason.
+        source: vm_memory::mmap::Error,
+    },
+    /// A range reaches outside guest RAM
+    #[error("guest memory: range {addr:#x}..+{len:#x} is outside guest RAM ({size} bytes)")]
+    OutsideRam {
+        /// First byte of the range.
+        addr: u64,
+        /// Its length.
+        len: u64,
+        /// The RAM size.
+        size: u64,
+    },
+    /// vm-memory refused a read or write inside RAM
+    #[error("guest memory: {op} at {addr:#x}: {source}")]
+    Access {
+        /// `"read"`, `"write"` or `"zeroing"`.
+        op: &'static str,
+        /// Where.
+        addr: u64,
+        /// vm-memory's reason.
+        source: vm_memory::GuestMemoryError,
+    },
+    /// The host refused to drop pages being zeroed
+    #[error("guest memory: zeroing {start:#x}..{end:#x}: madvise: {source}")]
+    Zero {
+        /// First page.
+        start: u64,
+        /// End of the last page.
+        end: u64,
+        /// The host's error.
+        source: std::io::Error,
+    },
+}
+
+/// The result of a guest memory operation.
+pub type Result<T> = std::result::Result<T, MemoryError>;
 
 /// Guest RAM of one VM. Clones share the mapping (devices that reach guest
 /// memory from their own threads hold one).
@@ -46,17 +103,13 @@ impl GuestRam {
     /// without mapping anything (a Linux load checked before a VM exists).
     pub fn check_size(size: u64) -> Result<()> {
         if size == 0 {
-            return Err(Error::arg("guest memory size must be greater than zero"));
+            return Err(MemoryError::ZeroSize);
         }
         if !size.is_multiple_of(4096) {
-            return Err(Error::arg(format!(
-                "guest memory size {size} is not a multiple of the 4 KiB page size"
-            )));
+            return Err(MemoryError::UnalignedSize(size));
         }
         if size > MAX_RAM_BYTES {
-            return Err(Error::arg(format!(
-                "guest memory size {size} exceeds the maximum of {MAX_RAM_BYTES} bytes"
-            )));
+            return Err(MemoryError::TooLarge(size));
         }
         Ok(())
     }
@@ -69,7 +122,7 @@ impl GuestRam {
             .map(|(start, len)| (GuestAddress(start), len as usize))
             .collect();
         let mem = GuestMemoryMmap::from_ranges(&ranges)
-            .map_err(|e| Error::Memory(format!("cannot map {size} bytes of guest RAM: {e}")))?;
+            .map_err(|source| MemoryError::Map { size, source })?;
         Ok(GuestRam {
             mem,
             size,
@@ -170,14 +223,19 @@ impl GuestRam {
         })
     }
 
+    fn outside(&self, addr: u64, len: u64) -> MemoryError {
+        MemoryError::OutsideRam {
+            addr,
+            len,
+            size: self.size,
+        }
+    }
+
     fn check(&self, addr: u64, len: usize) -> Result<()> {
         if self.contains(addr, len as u64) {
             Ok(())
         } else {
-            Err(Error::Memory(format!(
-                "range {addr:#x}..+{len:#x} is outside guest RAM ({} bytes)",
-                self.size
-            )))
+            Err(self.outside(addr, len as u64))
         }
     }
 
@@ -186,7 +244,11 @@ impl GuestRam {
         self.check(addr, buf.len())?;
         self.mem
             .read_slice(buf, GuestAddress(addr))
-            .map_err(|e| Error::Memory(format!("read at {addr:#x}: {e}")))
+            .map_err(|source| MemoryError::Access {
+                op: "read",
+                addr,
+                source,
+            })
     }
 
     /// Copies `data` into guest memory at `addr`.
@@ -194,7 +256,11 @@ impl GuestRam {
         self.check(addr, data.len())?;
         self.mem
             .write_slice(data, GuestAddress(addr))
-            .map_err(|e| Error::Memory(format!("write at {addr:#x}: {e}")))
+            .map_err(|source| MemoryError::Access {
+                op: "write",
+                addr,
+                source,
+            })
     }
 
     /// Writes a little-endian u64 at `addr`.
@@ -214,10 +280,7 @@ impl GuestRam {
             return Ok(());
         }
         if !self.contains(addr, len) {
-            return Err(Error::Memory(format!(
-                "range {addr:#x}..+{len:#x} is outside guest RAM ({} bytes)",
-                self.size
-            )));
+            return Err(self.outside(addr, len));
         }
         let end = addr + len; // no overflow: `contains` checked it
         let first_page = addr.next_multiple_of(PAGE);
@@ -237,7 +300,11 @@ impl GuestRam {
         let host = self
             .mem
             .get_host_address(GuestAddress(first_page))
-            .map_err(|e| Error::Memory(format!("zeroing at {first_page:#x}: {e}")))?;
+            .map_err(|source| MemoryError::Access {
+                op: "zeroing",
+                addr: first_page,
+                source,
+            })?;
         // SAFETY: `[first_page, last_page)` lies inside one RAM region (`contains`
         // checked the whole range; regions are page-aligned and contiguous), so
         // `host` addresses this VM's own private anonymous mapping for that many
@@ -251,10 +318,11 @@ impl GuestRam {
             )
         };
         if rc != 0 {
-            return Err(Error::Memory(format!(
-                "zeroing {first_page:#x}..{last_page:#x}: madvise: {}",
-                std::io::Error::last_os_error()
-            )));
+            return Err(MemoryError::Zero {
+                start: first_page,
+                end: last_page,
+                source: std::io::Error::last_os_error(),
+            });
         }
         Ok(())
     }
@@ -344,9 +412,15 @@ mod tests {
 
     #[test]
     fn rejects_bad_sizes() {
-        assert!(GuestRam::new(0).is_err());
-        assert!(GuestRam::new(4095).is_err());
-        assert!(GuestRam::new(MAX_RAM_BYTES + 4096).is_err());
+        assert!(matches!(GuestRam::new(0), Err(MemoryError::ZeroSize)));
+        assert!(matches!(
+            GuestRam::new(4095),
+            Err(MemoryError::UnalignedSize(4095))
+        ));
+        assert!(matches!(
+            GuestRam::new(MAX_RAM_BYTES + 4096),
+            Err(MemoryError::TooLarge(_))
+        ));
     }
 
     #[test]
@@ -423,8 +497,26 @@ mod tests {
         let mut buf = [0u8; 5];
         ram.read(0x100, &mut buf).unwrap();
         assert_eq!(&buf, b"hello");
-        assert!(ram.write((64 << 10) - 2, b"abc").is_err());
-        assert!(ram.read(u64::MAX - 1, &mut buf).is_err());
+        assert!(matches!(
+            ram.write((64 << 10) - 2, b"abc"),
+            Err(MemoryError::OutsideRam {
+                addr: 0xfffe,
+                len: 3,
+                size: 0x10000
+            })
+        ));
+        assert!(matches!(
+            ram.read(u64::MAX - 1, &mut buf),
+            Err(MemoryError::OutsideRam { .. })
+        ));
+        assert!(matches!(
+            ram.zero(0xf000, 0x2000),
+            Err(MemoryError::OutsideRam { .. })
+        ));
+        assert_eq!(
+            ram.write(0x10000, b"x").unwrap_err().to_string(),
+            "guest memory: range 0x10000..+0x1 is outside guest RAM (65536 bytes)"
+        );
         assert!(ram.contains(0, 64 << 10));
         assert!(!ram.contains(0, (64 << 10) + 1));
     }

@@ -39,10 +39,75 @@ use crate::vcpu::{wait_all, Control, RunResult, StopRequest, Vcpu};
 use crate::virtio::devices::DeviceConfig;
 use crate::virtio::pci::{VirtioPci, BAR_SIZE};
 use crate::virtio::VirtioError;
+use thiserror::Error;
 
 // KVM_X86_SET_MSR_FILTER = _IOW(KVMIO, 0xc6, struct kvm_msr_filter): kvm-ioctls
 // 0.19 has no wrapper for it.
 ioctl_iow_nr!(KVM_X86_SET_MSR_FILTER, 0xAE, 0xc6, kvm_msr_filter);
+
+/// What can go wrong with a VM itself (its parts have their own errors:
+/// [`crate::memory::MemoryError`], [`crate::vcpu::VcpuError`],
+/// [`crate::irq::IrqError`], the devices'...).
+#[derive(Debug, Error)]
+pub enum VmError {
+    /// /dev/kvm cannot be opened
+    #[error("cannot open /dev/kvm: {source}{}", open_hint(.source))]
+    Open {
+        /// The host's error.
+        source: kvm_ioctls::Error,
+    },
+    /// /dev/kvm speaks another API
+    #[error("cannot open /dev/kvm: KVM API version {0} is not the stable version 12")]
+    ApiVersion(i32),
+    /// A KVM ioctl failed
+    #[error("{op} failed: {source}")]
+    Kvm {
+        /// The ioctl.
+        op: &'static str,
+        /// KVM's error.
+        source: kvm_ioctls::Error,
+    },
+    /// The irqchip asked for after a vCPU exists
+    #[error("the irqchip must be created before the VM's first vCPU")]
+    IrqchipAfterVcpu,
+    /// Interrupts asked for on a VM without the irqchip
+    #[error("{0} needs the in-kernel irqchip: create the VM with interrupts enabled")]
+    NoIrqchip(&'static str),
+    /// More vCPUs than the host allows
+    #[error("a VM on this host has at most {0} vCPUs")]
+    VcpuLimit(u32),
+    /// A run of a VM without vCPUs
+    #[error("the VM has no vCPUs; create one first")]
+    NoVcpus,
+    /// A vCPU did not park in time
+    #[error("vCPU {id} did not pause within {ms} ms")]
+    PauseTimeout {
+        /// Which vCPU.
+        id: u32,
+        /// How long it was given.
+        ms: u128,
+    },
+    /// A device name that is empty, too long or taken
+    #[error("device name {0:?} is empty, too long or already taken")]
+    DeviceName(String),
+    /// No device of that name
+    #[error("the VM has no device named {0:?}")]
+    NoSuchDevice(String),
+}
+
+fn open_hint(e: &kvm_ioctls::Error) -> &'static str {
+    match e.errno() {
+        libc::ENOENT => " (no such device: is the kvm module loaded?)",
+        libc::EACCES | libc::EPERM => {
+            " (permission denied: run as root or add the user to the kvm group)"
+        }
+        _ => "",
+    }
+}
+
+fn kvm_op(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { op, source }
+}
 
 /// The largest vCPU count per VM accepted here (KVM's own limit may be lower; it
 /// is checked when the vCPU is created).
@@ -192,21 +257,10 @@ fn kvm() -> Result<Arc<Kvm>> {
     if let Some(kvm) = slot.as_ref() {
         return Ok(kvm.clone());
     }
-    let kvm = Kvm::new().map_err(|e| {
-        let hint = match e.errno() {
-            libc::ENOENT => " (no such device: is the kvm module loaded?)",
-            libc::EACCES | libc::EPERM => {
-                " (permission denied: run as root or add the user to the kvm group)"
-            }
-            _ => "",
-        };
-        Error::KvmUnavailable(format!("{e}{hint}"))
-    })?;
+    let kvm = Kvm::new().map_err(|source| VmError::Open { source })?;
     let version = kvm.get_api_version();
     if version != 12 {
-        return Err(Error::KvmUnavailable(format!(
-            "KVM API version {version} is not the stable version 12"
-        )));
+        return Err(VmError::ApiVersion(version).into());
     }
     let kvm = Arc::new(kvm);
     *slot = Some(kvm.clone());
@@ -244,7 +298,7 @@ fn supported_cpuid() -> Result<Vec<kvm_cpuid_entry2>> {
     }
     let entries = kvm()?
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(Error::kvm("KVM_GET_SUPPORTED_CPUID"))?
+        .map_err(kvm_op("KVM_GET_SUPPORTED_CPUID"))?
         .as_slice()
         .to_vec();
     Ok(SUPPORTED.get_or_init(|| entries).clone())
@@ -254,9 +308,9 @@ impl Vm {
     /// Creates a VM with `mem_bytes` of RAM, COM1 and the debug-exit port.
     pub fn new(mem_bytes: u64, unhandled: UnhandledAccess) -> Result<Vm> {
         let ram = GuestRam::new(mem_bytes)?;
-        let fd = kvm()?.create_vm().map_err(Error::kvm("KVM_CREATE_VM"))?;
+        let fd = kvm()?.create_vm().map_err(kvm_op("KVM_CREATE_VM"))?;
         fd.set_tss_address(KVM_TSS_ADDRESS)
-            .map_err(Error::kvm("KVM_SET_TSS_ADDR"))?;
+            .map_err(kvm_op("KVM_SET_TSS_ADDR"))?;
         for (slot, region) in ram.mmap().iter().enumerate() {
             let memory_region = kvm_userspace_memory_region {
                 slot: slot as u32,
@@ -270,7 +324,7 @@ impl Vm {
             // each `Vcpu`) drops that fd before its `Arc<VmShared>`, so the mapping
             // outlives every KVM use of it. Slots do not overlap (distinct regions).
             unsafe { fd.set_user_memory_region(memory_region) }
-                .map_err(Error::kvm("KVM_SET_USER_MEMORY_REGION"))?;
+                .map_err(kvm_op("KVM_SET_USER_MEMORY_REGION"))?;
         }
         Ok(Vm {
             fd: Arc::new(fd),
@@ -290,9 +344,7 @@ impl Vm {
         // Holding the vCPU list keeps a vCPU from being created meanwhile.
         let vcpus = relock(&self.vcpus);
         if !vcpus.is_empty() {
-            return Err(Error::arg(
-                "the irqchip must be created before the VM's first vCPU",
-            ));
+            return Err(VmError::IrqchipAfterVcpu.into());
         }
         if self.irq.irqchip() {
             return Ok(());
@@ -305,13 +357,11 @@ impl Vm {
         Ok(())
     }
 
-    fn require_irqchip(&self, what: &str) -> Result<()> {
+    fn require_irqchip(&self, what: &'static str) -> std::result::Result<(), VmError> {
         if self.irq.irqchip() {
             Ok(())
         } else {
-            Err(Error::arg(format!(
-                "{what} needs the in-kernel irqchip: create the VM with interrupts enabled"
-            )))
+            Err(VmError::NoIrqchip(what))
         }
     }
 
@@ -387,14 +437,12 @@ impl Vm {
         let id = vcpus.len() as u32;
         let host_limit = kvm()?.get_max_vcpus().min(MAX_VCPUS as usize) as u32;
         if id >= host_limit {
-            return Err(Error::VcpuLimit(format!(
-                "a VM on this host has at most {host_limit} vCPUs"
-            )));
+            return Err(VmError::VcpuLimit(host_limit).into());
         }
         let fd = self
             .fd
             .create_vcpu(id as u64)
-            .map_err(Error::kvm("KVM_CREATE_VCPU"))?;
+            .map_err(kvm_op("KVM_CREATE_VCPU"))?;
         let vcpu = Arc::new(Vcpu::new(id, fd, self.shared.clone()));
         let policy = relock(&self.cpuid_policy).clone();
         vcpu.set_cpuid(&cpuid::to_kvm(&cpuid::vcpu_cpuid(
@@ -421,7 +469,7 @@ impl Vm {
     pub fn run(&self, timeout: Option<Duration>) -> Result<RunResult> {
         let vcpus = self.vcpu_list();
         if vcpus.is_empty() {
-            return Err(Error::arg("the VM has no vCPUs; create one first"));
+            return Err(VmError::NoVcpus.into());
         }
         *relock(&self.shared.vm_stop) = None;
         self.shared.hypercalls.clear_report();
@@ -432,7 +480,7 @@ impl Vm {
                     started.control().request_stop(StopRequest::Stop);
                 }
                 let _ = wait_all(&vcpus[..i], None);
-                return Err(e);
+                return Err(e.into());
             }
         }
         let results = wait_all(&vcpus, timeout)?;
@@ -466,17 +514,14 @@ impl Vm {
         };
         self.fd
             .enable_cap(&cap)
-            .map_err(Error::kvm("KVM_ENABLE_CAP(X86_USER_SPACE_MSR)"))?;
+            .map_err(kvm_op("KVM_ENABLE_CAP(X86_USER_SPACE_MSR)"))?;
         let raw = filter.to_kvm();
         // SAFETY: KVM_X86_SET_MSR_FILTER reads a kvm_msr_filter whose ranges point
         // at bitmaps owned by `filter`, alive and unmoved for the whole call; the
         // ioctl number matches the struct passed.
         let ret = unsafe { ioctl_with_ref(&self.fd, KVM_X86_SET_MSR_FILTER(), &raw) };
         if ret < 0 {
-            return Err(Error::Kvm {
-                op: "KVM_X86_SET_MSR_FILTER",
-                source: kvm_ioctls::Error::last(),
-            });
+            return Err(kvm_op("KVM_X86_SET_MSR_FILTER")(kvm_ioctls::Error::last()).into());
         }
         Ok(())
     }
@@ -491,11 +536,11 @@ impl Vm {
         }
         for vcpu in &vcpus {
             if !vcpu.control().wait_parked(PAUSE_TIMEOUT) {
-                return Err(Error::Busy(format!(
-                    "vCPU {} did not pause within {} ms",
-                    vcpu.id,
-                    PAUSE_TIMEOUT.as_millis()
-                )));
+                return Err(VmError::PauseTimeout {
+                    id: vcpu.id,
+                    ms: PAUSE_TIMEOUT.as_millis(),
+                }
+                .into());
             }
         }
         Ok(())
@@ -549,9 +594,7 @@ impl Vm {
             }
         };
         if name.is_empty() || name.len() > 64 || list.iter().any(|(n, _)| *n == name) {
-            return Err(Error::arg(format!(
-                "device name {name:?} is empty, too long or already taken"
-            )));
+            return Err(VmError::DeviceName(name).into());
         }
         let device = config.build()?;
         let routes = self
@@ -606,7 +649,7 @@ impl Vm {
             .iter()
             .find(|(n, _)| n == name)
             .map(|(_, d)| d.clone())
-            .ok_or_else(|| Error::arg(format!("the VM has no device named {name:?}")))?;
+            .ok_or_else(|| VmError::NoSuchDevice(name.to_string()))?;
         let answer = relock(&device).control(request)?;
         Ok(answer)
     }

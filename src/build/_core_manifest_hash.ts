@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "b0aa8f85ee569d431825feafc69445de505017c2809c2d77ec3c90b618c0b930";
+  "01b99a84b45aecc44f443e54f2d8e3a0d6a0401cd2333183af82364bbef8296b";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

@@ -94,7 +94,7 @@ pub extern "C" fn dv_vcpu_setup_linux_entry(vcpu: u32, entry: u64, zero_page: u6
         let vcpu = handles::vcpu(vcpu)?;
         let sregs = vcpu.get_sregs()?;
         vcpu.set_sregs(&linux::linux_sregs(sregs))?;
-        vcpu.set_regs(&linux::linux_regs(entry, zero_page))
+        Ok(vcpu.set_regs(&linux::linux_regs(entry, zero_page))?)
     })
 }
 

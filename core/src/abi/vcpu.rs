@@ -84,15 +84,15 @@ pub unsafe extern "C" fn dv_vcpu_set_state(
         match kind {
             STATE_REGS => {
                 pod_len_check::<kvm_regs>(len, "kvm_regs")?;
-                vcpu.set_regs(&pod_from_bytes(data))
+                Ok(vcpu.set_regs(&pod_from_bytes(data))?)
             }
             STATE_SREGS => {
                 pod_len_check::<kvm_sregs>(len, "kvm_sregs")?;
-                vcpu.set_sregs(&pod_from_bytes(data))
+                Ok(vcpu.set_sregs(&pod_from_bytes(data))?)
             }
             STATE_FPU => {
                 pod_len_check::<kvm_fpu>(len, "kvm_fpu")?;
-                vcpu.set_fpu(&pod_from_bytes(data))
+                Ok(vcpu.set_fpu(&pod_from_bytes(data))?)
             }
             _ => Err(Error::arg(format!("unknown register set {kind}"))),
         }
@@ -106,6 +106,6 @@ pub unsafe extern "C" fn dv_vcpu_set_state(
 pub extern "C" fn dv_vcpu_setup_entry(vcpu: u32, mode: u32, entry: u64, stack: u64) -> i32 {
     guarded(|| {
         let vcpu = handles::vcpu(vcpu)?;
-        vcpu.setup_entry(EntryMode::from_abi(mode)?, entry, stack)
+        Ok(vcpu.setup_entry(EntryMode::from_abi(mode)?, entry, stack)?)
     })
 }

@@ -6,6 +6,7 @@ use super::{
     bytes, bytes_mut, guarded, guarded_into, json, put, timeout, LOAD_FLAG_RESERVE_LOW,
     VM_FLAG_DEDUP, VM_FLAG_IRQCHIP, VM_FLAG_STOP_ON_UNHANDLED,
 };
+use crate::boot;
 use crate::boot::elf;
 use crate::error::Error;
 use crate::handles::{self, Object};
@@ -85,7 +86,7 @@ pub unsafe extern "C" fn dv_vm_write_memory(vm: u32, gpa: u64, data: *const u8, 
     guarded(|| {
         let vm = handles::vm(vm)?;
         // SAFETY: per this function's contract.
-        vm.ram().write(gpa, unsafe { bytes(data, len)? })
+        Ok(vm.ram().write(gpa, unsafe { bytes(data, len)? })?)
     })
 }
 
@@ -98,7 +99,7 @@ pub unsafe extern "C" fn dv_vm_read_memory(vm: u32, gpa: u64, buf: *mut u8, len:
     guarded(|| {
         let vm = handles::vm(vm)?;
         // SAFETY: per this function's contract.
-        vm.ram().read(gpa, unsafe { bytes_mut(buf, len)? })
+        Ok(vm.ram().read(gpa, unsafe { bytes_mut(buf, len)? })?)
     })
 }
 
@@ -144,17 +145,8 @@ pub unsafe extern "C" fn dv_vm_load_flat(
         let vm = handles::vm(vm)?;
         // SAFETY: per this function's contract.
         let image = unsafe { bytes(data, len)? };
-        if image.is_empty() {
-            return Err(Error::Image("the image is empty".into()));
-        }
-        elf::check_placement(
-            vm.ram(),
-            "the image",
-            addr,
-            len as u64,
-            flags & LOAD_FLAG_RESERVE_LOW != 0,
-        )?;
-        vm.ram().write(addr, image)
+        boot::load_flat(vm.ram(), image, addr, flags & LOAD_FLAG_RESERVE_LOW != 0)?;
+        Ok(())
     })
 }
 

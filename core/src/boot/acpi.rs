@@ -55,8 +55,7 @@
 use thiserror::Error;
 
 use crate::devices::rtc::REG_CENTURY;
-use crate::error::Error as CoreError;
-use crate::memory::GuestRam;
+use crate::memory::{GuestRam, MemoryError};
 
 /// Where the RSDP goes: the start of the BIOS read-only area Linux scans.
 pub const RSDP_ADDR: u64 = 0xe_0000;
@@ -116,7 +115,7 @@ const IAPC_VGA_NOT_PRESENT: u16 = 1 << 2;
 const MADT_PCAT_COMPAT: u32 = 1;
 
 /// What can go wrong building or writing the tables.
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Debug, Error)]
 pub enum AcpiError {
     /// The tables describe 1 to 254 CPUs
     #[error("the ACPI tables describe 1 to {MAX_ACPI_CPUS} CPUs, not {0}")]
@@ -129,16 +128,7 @@ pub enum AcpiError {
     AmlTooLong(usize),
     /// Guest RAM does not reach the tables' area
     #[error("cannot write the ACPI tables: {0}")]
-    Write(String),
-}
-
-impl From<AcpiError> for CoreError {
-    fn from(e: AcpiError) -> CoreError {
-        match e {
-            AcpiError::Write(m) => CoreError::Memory(m),
-            other => CoreError::InvalidArgument(other.to_string()),
-        }
-    }
+    Write(#[from] MemoryError),
 }
 
 /// The byte that makes `bytes` sum to zero.
@@ -438,8 +428,7 @@ pub fn build_with_reset_vector(cpus: u32) -> Result<Vec<(u64, Vec<u8>)>, AcpiErr
 /// RAM; returns the RSDP's address.
 pub fn write(ram: &GuestRam, cpus: u32) -> Result<u64, AcpiError> {
     for (addr, bytes) in build_with_reset_vector(cpus)? {
-        ram.write(addr, &bytes)
-            .map_err(|e| AcpiError::Write(e.to_string()))?;
+        ram.write(addr, &bytes)?;
     }
     Ok(RSDP_ADDR)
 }
@@ -696,11 +685,11 @@ mod tests {
 
     #[test]
     fn refuses_bad_cpu_counts_and_writes_into_guest_ram() {
-        assert_eq!(build(0).unwrap_err(), AcpiError::CpuCount(0));
-        assert_eq!(
-            build(MAX_ACPI_CPUS + 1).unwrap_err(),
-            AcpiError::CpuCount(255)
-        );
+        assert!(matches!(build(0), Err(AcpiError::CpuCount(0))));
+        assert!(matches!(
+            build(MAX_ACPI_CPUS + 1),
+            Err(AcpiError::CpuCount(255))
+        ));
         let ram = GuestRam::new(2 << 20).unwrap();
         assert_eq!(write(&ram, 2).unwrap(), RSDP_ADDR);
         let mut sig = [0u8; 8];
@@ -710,6 +699,9 @@ mod tests {
         ram.read(RESET_VECTOR, &mut stub).unwrap();
         assert_eq!(stub, RESET_VECTOR_STUB);
         let small = GuestRam::new(512 << 10).unwrap();
-        assert!(matches!(write(&small, 1), Err(AcpiError::Write(_))));
+        assert!(matches!(
+            write(&small, 1),
+            Err(AcpiError::Write(MemoryError::OutsideRam { .. }))
+        ));
     }
 }

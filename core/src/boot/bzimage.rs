@@ -10,9 +10,9 @@
 //! the kernel is `boot::linux`'s job.
 
 use serde::Serialize;
+use thiserror::Error;
 
 use super::bytes::{u16_at, u32_at, u64_at, u8_at};
-use crate::error::{Error, Result};
 
 /// Where the setup header starts in the file (and in `boot_params`).
 pub const SETUP_HEADER_OFFSET: usize = 0x1f1;
@@ -132,6 +132,129 @@ pub fn is_bzimage(bytes: &[u8]) -> bool {
     bytes.len() >= 0x206 && u32_at(bytes, 0x202) == HEADER_MAGIC
 }
 
+/// Why a file is not a bzImage the 64-bit boot protocol can load. Each
+/// message names the header field at fault (displayed after `image: `).
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum BzImageError {
+    /// No setup header magic
+    #[error("not a bzImage: no \"HdrS\" setup header magic at offset 0x202")]
+    NoMagic,
+    /// Too short for the 2.12 header
+    #[error("bzImage is truncated: {0} bytes, the protocol 2.12 setup header alone needs {MIN_HEADER_END:#x}")]
+    Truncated(usize),
+    /// The boot sector signature is wrong
+    #[error("boot_flag at 0x1fe is {0:#06x}, not {BOOT_FLAG:#06x}")]
+    BootFlag(u16),
+    /// The protocol is older than 2.12 or not 2.x
+    #[error("boot protocol version {} ({0:#06x}) is not supported: the 64-bit entry needs 2.12 or later (2.x)", version_string(*.0))]
+    Version(u16),
+    /// The jump at 0x200 is not a short jmp
+    #[error(
+        "jump at 0x200 is {0:#04x}, not a short jmp (0xeb), so the setup header's end is unknown"
+    )]
+    JumpOpcode(u8),
+    /// The jump ends the header before the protocol's fields
+    #[error("jump at 0x200 ends the setup header at {end:#x}, before the protocol {} fields end at {needed:#x}", version_string(*.version))]
+    HeaderEnd {
+        /// Where the jump says the header ends.
+        end: usize,
+        /// Where the protocol's fields end.
+        needed: usize,
+        /// The protocol version.
+        version: u16,
+    },
+    /// The setup sectors reach the end of the file
+    #[error("setup_sects {setup_sects} puts the protected-mode kernel at {offset:#x}, at or past the end of the {len}-byte file (truncated?)")]
+    SetupSects {
+        /// `setup_sects` as stored.
+        setup_sects: u8,
+        /// Where the protected-mode kernel would start.
+        offset: u64,
+        /// The file's size.
+        len: u64,
+    },
+    /// A zImage
+    #[error("loadflags {0:#04x} lacks LOADED_HIGH: a zImage (loaded at 0x10000) is not supported")]
+    NotLoadedHigh(u8),
+    /// No 64-bit entry point
+    #[error("xloadflags {0:#06x} lacks XLF_KERNEL_64: the kernel has no 64-bit entry point")]
+    No64BitEntry(u16),
+    /// `syssize` is 0
+    #[error("syssize is 0: the header declares no protected-mode kernel")]
+    SyssizeZero,
+    /// `syssize` claims more than the file holds
+    #[error("syssize {syssize:#x} declares {claimed} bytes of protected-mode kernel, but only {available} follow the setup sectors (truncated?)")]
+    Syssize {
+        /// `syssize` as stored.
+        syssize: u32,
+        /// The bytes it declares.
+        claimed: u64,
+        /// The bytes after the setup sectors.
+        available: u64,
+    },
+    /// The protected-mode kernel is too short for `startup_64`
+    #[error("the protected-mode kernel is {0} bytes, too short to hold the 64-bit entry at +{STARTUP_64_OFFSET:#x}")]
+    TooShort(u64),
+    /// A relocatable kernel's alignment is not a power of two of at least 4 KiB
+    #[error("kernel_alignment {0:#x} is not a power of two of at least 4 KiB")]
+    KernelAlignment(u32),
+    /// `pref_address` is not aligned to `kernel_alignment`
+    #[error("pref_address {pref_address:#x} is not a multiple of kernel_alignment {alignment:#x}")]
+    PrefAddressAlignment {
+        /// `pref_address`.
+        pref_address: u64,
+        /// `kernel_alignment`.
+        alignment: u32,
+    },
+    /// `pref_address` is below 1 MiB
+    #[error("pref_address {0:#x} is below 1 MiB, where the protected-mode kernel cannot run")]
+    PrefAddressLow(u64),
+    /// `init_size` is 0
+    #[error("init_size is 0: the kernel declares no memory to decompress into")]
+    InitSizeZero,
+    /// `init_size` cannot hold the protected-mode kernel
+    #[error("init_size {init_size:#x} is smaller than the protected-mode kernel it must hold ({claimed:#x} bytes)")]
+    InitSizeSmall {
+        /// `init_size`.
+        init_size: u32,
+        /// The protected-mode kernel's declared size.
+        claimed: u64,
+    },
+    /// The payload runs past the kernel
+    #[error("payload_offset {offset:#x} + payload_length {length:#x} run past the {kernel_size}-byte protected-mode kernel")]
+    Payload {
+        /// `payload_offset`.
+        offset: u32,
+        /// `payload_length`.
+        length: u32,
+        /// The protected-mode kernel's size.
+        kernel_size: u64,
+    },
+    /// The EFI handover entry is past the kernel
+    #[error(
+        "handover_offset {offset:#x} points past the {kernel_size}-byte protected-mode kernel"
+    )]
+    HandoverOffset {
+        /// `handover_offset`.
+        offset: u32,
+        /// The protected-mode kernel's size.
+        kernel_size: u64,
+    },
+    /// `kernel_info` is past the kernel
+    #[error(
+        "kernel_info_offset {offset:#x} points past the {kernel_size}-byte protected-mode kernel"
+    )]
+    KernelInfoOffset {
+        /// `kernel_info_offset`.
+        offset: u32,
+        /// The protected-mode kernel's size.
+        kernel_size: u64,
+    },
+}
+
+/// The result of decoding a bzImage.
+pub type Result<T> = std::result::Result<T, BzImageError>;
+
 /// Formats a protocol version the way boot.rst writes it (`2.15`).
 pub fn version_string(version: u16) -> String {
     format!("{}.{:02}", version >> 8, version & 0xff)
@@ -142,15 +265,10 @@ pub fn version_string(version: u16) -> String {
 /// protocol 2.12 fields.
 pub fn read_header(bytes: &[u8]) -> Result<SetupHeader> {
     if !is_bzimage(bytes) {
-        return Err(Error::Image(
-            "not a bzImage: no \"HdrS\" setup header magic at offset 0x202".into(),
-        ));
+        return Err(BzImageError::NoMagic);
     }
     if bytes.len() < MIN_HEADER_END {
-        return Err(Error::Image(format!(
-            "bzImage is truncated: {} bytes, the protocol 2.12 setup header alone needs {MIN_HEADER_END:#x}",
-            bytes.len()
-        )));
+        return Err(BzImageError::Truncated(bytes.len()));
     }
     let version = u16_at(bytes, 0x206);
     let kernel_info_offset = if version >= KERNEL_INFO_PROTOCOL_VERSION && bytes.len() >= 0x26c {
@@ -202,27 +320,17 @@ fn kernel_version(bytes: &[u8], h: &SetupHeader, setup_size: u64) -> Option<Stri
 /// Parses and validates a bzImage for the 64-bit boot protocol.
 pub fn parse(bytes: &[u8]) -> Result<BzImage> {
     let h = read_header(bytes)?;
-    let bad = |msg: String| Err(Error::Image(msg));
     let len = bytes.len() as u64;
     if h.boot_flag != BOOT_FLAG {
-        return bad(format!(
-            "boot_flag at 0x1fe is {:#06x}, not {BOOT_FLAG:#06x}",
-            h.boot_flag
-        ));
+        return Err(BzImageError::BootFlag(h.boot_flag));
     }
     if h.version < MIN_PROTOCOL_VERSION || h.version >> 8 != 2 {
-        return bad(format!(
-            "boot protocol version {} ({:#06x}) is not supported: the 64-bit entry needs 2.12 or later (2.x)",
-            version_string(h.version),
-            h.version
-        ));
+        return Err(BzImageError::Version(h.version));
     }
     // The jump at 0x200 skips the header; its target is where the header ends.
     let [opcode, displacement] = h.jump.to_le_bytes();
     if opcode != 0xeb {
-        return bad(format!(
-            "jump at 0x200 is {opcode:#04x}, not a short jmp (0xeb), so the setup header's end is unknown"
-        ));
+        return Err(BzImageError::JumpOpcode(opcode));
     }
     let header_end = 0x202 + displacement as usize;
     let needed = if h.version >= KERNEL_INFO_PROTOCOL_VERSION {
@@ -231,10 +339,11 @@ pub fn parse(bytes: &[u8]) -> Result<BzImage> {
         MIN_HEADER_END
     };
     if header_end < needed {
-        return bad(format!(
-            "jump at 0x200 ends the setup header at {header_end:#x}, before the protocol {} fields end at {needed:#x}",
-            version_string(h.version)
-        ));
+        return Err(BzImageError::HeaderEnd {
+            end: header_end,
+            needed,
+            version: h.version,
+        });
     }
     let header_end = header_end.min(SETUP_HEADER_MAX_END);
     let sects = if h.setup_sects == 0 {
@@ -244,86 +353,75 @@ pub fn parse(bytes: &[u8]) -> Result<BzImage> {
     };
     let kernel_offset = (sects + 1) * SECTOR;
     if kernel_offset >= len {
-        return bad(format!(
-            "setup_sects {} puts the protected-mode kernel at {kernel_offset:#x}, at or past the end of the {len}-byte file (truncated?)",
-            h.setup_sects
-        ));
+        return Err(BzImageError::SetupSects {
+            setup_sects: h.setup_sects,
+            offset: kernel_offset,
+            len,
+        });
     }
     let kernel_size = len - kernel_offset;
     if h.loadflags & LOADED_HIGH == 0 {
-        return bad(format!(
-            "loadflags {:#04x} lacks LOADED_HIGH: a zImage (loaded at 0x10000) is not supported",
-            h.loadflags
-        ));
+        return Err(BzImageError::NotLoadedHigh(h.loadflags));
     }
     if h.xloadflags & XLF_KERNEL_64 == 0 {
-        return bad(format!(
-            "xloadflags {:#06x} lacks XLF_KERNEL_64: the kernel has no 64-bit entry point",
-            h.xloadflags
-        ));
+        return Err(BzImageError::No64BitEntry(h.xloadflags));
     }
     let claimed = h.syssize as u64 * 16;
     if h.syssize == 0 {
-        return bad("syssize is 0: the header declares no protected-mode kernel".into());
+        return Err(BzImageError::SyssizeZero);
     }
     if claimed > kernel_size {
-        return bad(format!(
-            "syssize {:#x} declares {claimed} bytes of protected-mode kernel, but only {kernel_size} follow the setup sectors (truncated?)",
-            h.syssize
-        ));
+        return Err(BzImageError::Syssize {
+            syssize: h.syssize,
+            claimed,
+            available: kernel_size,
+        });
     }
     if kernel_size <= STARTUP_64_OFFSET {
-        return bad(format!(
-            "the protected-mode kernel is {kernel_size} bytes, too short to hold the 64-bit entry at +{STARTUP_64_OFFSET:#x}"
-        ));
+        return Err(BzImageError::TooShort(kernel_size));
     }
     if h.relocatable_kernel != 0 {
         if !h.kernel_alignment.is_power_of_two() || h.kernel_alignment < 4096 {
-            return bad(format!(
-                "kernel_alignment {:#x} is not a power of two of at least 4 KiB",
-                h.kernel_alignment
-            ));
+            return Err(BzImageError::KernelAlignment(h.kernel_alignment));
         }
         if !h.pref_address.is_multiple_of(h.kernel_alignment as u64) {
-            return bad(format!(
-                "pref_address {:#x} is not a multiple of kernel_alignment {:#x}",
-                h.pref_address, h.kernel_alignment
-            ));
+            return Err(BzImageError::PrefAddressAlignment {
+                pref_address: h.pref_address,
+                alignment: h.kernel_alignment,
+            });
         }
     }
     if h.pref_address < DEFAULT_LOAD_ADDRESS {
-        return bad(format!(
-            "pref_address {:#x} is below 1 MiB, where the protected-mode kernel cannot run",
-            h.pref_address
-        ));
+        return Err(BzImageError::PrefAddressLow(h.pref_address));
     }
     if h.init_size == 0 {
-        return bad("init_size is 0: the kernel declares no memory to decompress into".into());
+        return Err(BzImageError::InitSizeZero);
     }
     if (h.init_size as u64) < claimed {
-        return bad(format!(
-            "init_size {:#x} is smaller than the protected-mode kernel it must hold ({claimed:#x} bytes)",
-            h.init_size
-        ));
+        return Err(BzImageError::InitSizeSmall {
+            init_size: h.init_size,
+            claimed,
+        });
     }
     if h.payload_length != 0 && h.payload_offset as u64 + h.payload_length as u64 > kernel_size {
-        return bad(format!(
-            "payload_offset {:#x} + payload_length {:#x} run past the {kernel_size}-byte protected-mode kernel",
-            h.payload_offset, h.payload_length
-        ));
+        return Err(BzImageError::Payload {
+            offset: h.payload_offset,
+            length: h.payload_length,
+            kernel_size,
+        });
     }
     let handover = h.xloadflags & (XLF_EFI_HANDOVER_32 | XLF_EFI_HANDOVER_64) != 0;
     if handover && h.handover_offset as u64 + STARTUP_64_OFFSET >= kernel_size {
-        return bad(format!(
-            "handover_offset {:#x} points past the {kernel_size}-byte protected-mode kernel",
-            h.handover_offset
-        ));
+        return Err(BzImageError::HandoverOffset {
+            offset: h.handover_offset,
+            kernel_size,
+        });
     }
     if h.kernel_info_offset as u64 >= kernel_size {
-        return bad(format!(
-            "kernel_info_offset {:#x} points past the {kernel_size}-byte protected-mode kernel",
-            h.kernel_info_offset
-        ));
+        return Err(BzImageError::KernelInfoOffset {
+            offset: h.kernel_info_offset,
+            kernel_size,
+        });
     }
     let kernel_version = kernel_version(bytes, &h, kernel_offset);
     Ok(BzImage {
@@ -408,53 +506,134 @@ pub(crate) mod tests {
         assert_eq!(parse(&img).unwrap().kernel_offset, 5 * 512);
     }
 
-    /// Each mutation must be refused with a message naming `field`.
+    /// Each mutation must be refused with its variant, whose message names `field`.
     #[test]
     fn refuses_bad_fields_by_name() {
         let good = tiny_bzimage(&[0x90; 0x400]);
         type Mutation = Box<dyn Fn(&mut Vec<u8>)>;
-        let cases: Vec<(&str, Mutation)> = vec![
-            ("boot_flag", Box::new(|b| put(b, 0x1fe, &[0, 0]))),
+        type Is = fn(&BzImageError) -> bool;
+        let cases: Vec<(&str, Is, Mutation)> = vec![
+            (
+                "boot_flag",
+                |e| matches!(e, BzImageError::BootFlag(0)),
+                Box::new(|b| put(b, 0x1fe, &[0, 0])),
+            ),
             (
                 "version",
+                |e| matches!(e, BzImageError::Version(_)),
                 Box::new(|b| put(b, 0x206, &0x020bu16.to_le_bytes())),
             ),
             (
                 "version",
+                |e| matches!(e, BzImageError::Version(_)),
                 Box::new(|b| put(b, 0x206, &0x0300u16.to_le_bytes())),
             ),
-            ("jump", Box::new(|b| b[0x200] = 0xe9)),
-            ("jump", Box::new(|b| b[0x201] = 0x10)),
-            ("loadflags", Box::new(|b| b[0x211] = 0)),
-            ("xloadflags", Box::new(|b| put(b, 0x236, &[2, 0]))),
-            ("setup_sects", Box::new(|b| b[0x1f1] = 200)),
+            (
+                "jump",
+                |e| {
+                    matches!(
+                        e,
+                        BzImageError::JumpOpcode(_) | BzImageError::HeaderEnd { .. }
+                    )
+                },
+                Box::new(|b| b[0x200] = 0xe9),
+            ),
+            (
+                "jump",
+                |e| {
+                    matches!(
+                        e,
+                        BzImageError::JumpOpcode(_) | BzImageError::HeaderEnd { .. }
+                    )
+                },
+                Box::new(|b| b[0x201] = 0x10),
+            ),
+            (
+                "loadflags",
+                |e| matches!(e, BzImageError::NotLoadedHigh(0)),
+                Box::new(|b| b[0x211] = 0),
+            ),
+            (
+                "xloadflags",
+                |e| matches!(e, BzImageError::No64BitEntry(2)),
+                Box::new(|b| put(b, 0x236, &[2, 0])),
+            ),
+            (
+                "setup_sects",
+                |e| {
+                    matches!(
+                        e,
+                        BzImageError::SetupSects {
+                            setup_sects: 200,
+                            ..
+                        }
+                    )
+                },
+                Box::new(|b| b[0x1f1] = 200),
+            ),
             (
                 "syssize",
+                |e| matches!(e, BzImageError::Syssize { .. } | BzImageError::SyssizeZero),
                 Box::new(|b| put(b, 0x1f4, &0x1000u32.to_le_bytes())),
             ),
-            ("syssize", Box::new(|b| put(b, 0x1f4, &[0, 0, 0, 0]))),
+            (
+                "syssize",
+                |e| matches!(e, BzImageError::Syssize { .. } | BzImageError::SyssizeZero),
+                Box::new(|b| put(b, 0x1f4, &[0, 0, 0, 0])),
+            ),
             (
                 "kernel_alignment",
+                |e| matches!(e, BzImageError::KernelAlignment(0x30_0000)),
                 Box::new(|b| put(b, 0x230, &0x30_0000u32.to_le_bytes())),
             ),
             (
                 "pref_address",
+                |e| {
+                    matches!(
+                        e,
+                        BzImageError::PrefAddressAlignment { .. }
+                            | BzImageError::PrefAddressLow(0x1000)
+                    )
+                },
                 Box::new(|b| put(b, 0x258, &0x20_1000u64.to_le_bytes())),
             ),
             (
                 "pref_address",
+                |e| {
+                    matches!(
+                        e,
+                        BzImageError::PrefAddressAlignment { .. }
+                            | BzImageError::PrefAddressLow(0x1000)
+                    )
+                },
                 Box::new(|b| {
                     b[0x234] = 0;
                     put(b, 0x258, &0x1000u64.to_le_bytes())
                 }),
             ),
-            ("init_size", Box::new(|b| put(b, 0x260, &[0, 0, 0, 0]))),
             (
                 "init_size",
+                |e| {
+                    matches!(
+                        e,
+                        BzImageError::InitSizeZero | BzImageError::InitSizeSmall { .. }
+                    )
+                },
+                Box::new(|b| put(b, 0x260, &[0, 0, 0, 0])),
+            ),
+            (
+                "init_size",
+                |e| {
+                    matches!(
+                        e,
+                        BzImageError::InitSizeZero | BzImageError::InitSizeSmall { .. }
+                    )
+                },
                 Box::new(|b| put(b, 0x260, &0x100u32.to_le_bytes())),
             ),
             (
                 "payload_offset",
+                |e| matches!(e, BzImageError::Payload { offset: 0x300, .. }),
                 Box::new(|b| {
                     put(b, 0x248, &0x300u32.to_le_bytes());
                     put(b, 0x24c, &0x200u32.to_le_bytes())
@@ -462,6 +641,7 @@ pub(crate) mod tests {
             ),
             (
                 "handover_offset",
+                |e| matches!(e, BzImageError::HandoverOffset { offset: 0x300, .. }),
                 Box::new(|b| {
                     put(
                         b,
@@ -473,34 +653,44 @@ pub(crate) mod tests {
             ),
             (
                 "kernel_info_offset",
+                |e| matches!(e, BzImageError::KernelInfoOffset { offset: 0x400, .. }),
                 Box::new(|b| put(b, 0x268, &0x400u32.to_le_bytes())),
             ),
         ];
-        for (field, mutate) in cases {
+        for (field, is, mutate) in cases {
             let mut img = good.clone();
             mutate(&mut img);
-            let e = parse(&img).unwrap_err().to_string();
-            assert!(e.contains(field), "{field}: {e}");
+            let e = parse(&img).unwrap_err();
+            assert!(is(&e), "{field}: {e:?}");
+            assert!(e.to_string().contains(field), "{field}: {e}");
         }
     }
 
     #[test]
     fn refuses_truncated_and_foreign_files() {
         let img = tiny_bzimage(&[0x90; 0x400]);
-        assert!(parse(&img[..0x206])
-            .unwrap_err()
-            .to_string()
-            .contains("truncated"));
-        assert!(parse(&img[..0x300])
-            .unwrap_err()
-            .to_string()
-            .contains("setup_sects"));
-        assert!(parse(&img[..1024 + 0x100])
-            .unwrap_err()
-            .to_string()
-            .contains("syssize"));
-        assert!(parse(b"\x7fELF").unwrap_err().to_string().contains("HdrS"));
-        assert!(parse(&[]).is_err());
+        assert_eq!(
+            parse(&img[..0x206]).unwrap_err(),
+            BzImageError::Truncated(0x206)
+        );
+        assert_eq!(
+            parse(&img[..0x300]).unwrap_err(),
+            BzImageError::SetupSects {
+                setup_sects: 1,
+                offset: 0x400,
+                len: 0x300
+            }
+        );
+        assert!(matches!(
+            parse(&img[..1024 + 0x100]),
+            Err(BzImageError::Syssize {
+                claimed: 0x400,
+                available: 0x100,
+                ..
+            })
+        ));
+        assert_eq!(parse(b"\x7fELF").unwrap_err(), BzImageError::NoMagic);
+        assert_eq!(parse(&[]).unwrap_err(), BzImageError::NoMagic);
     }
 
     #[test]

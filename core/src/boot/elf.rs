@@ -5,9 +5,11 @@
 //! before a single byte of guest memory is written: a refused image leaves the VM
 //! untouched.
 
+use thiserror::Error;
+
 use super::bytes::{u16_at, u32_at, u64_at};
 use super::layout::RESERVED_END;
-use crate::error::{Error, Result};
+use super::BootError;
 use crate::memory::GuestRam;
 
 const EHDR_SIZE: usize = 64;
@@ -17,6 +19,102 @@ const ET_EXEC: u16 = 2;
 const EM_X86_64: u16 = 62;
 /// More program headers than this is not a plausible static image.
 const MAX_PHDRS: usize = 256;
+
+/// Why an ELF image is refused (displayed after `image: `).
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum ElfError {
+    /// Shorter than the ELF header
+    #[error("ELF file is truncated: {0} bytes, the ELF64 header alone is {EHDR_SIZE}")]
+    Truncated(usize),
+    /// No ELF magic
+    #[error("not an ELF file (bad magic)")]
+    BadMagic,
+    /// Not ELF64
+    #[error("ELF class {0} is not ELF64")]
+    Class(u8),
+    /// Not little-endian
+    #[error("ELF data encoding is not little-endian")]
+    BigEndian,
+    /// Not a static executable
+    #[error("ELF type {0} is not a static executable (ET_EXEC); relocatable and PIE images are not supported")]
+    Type(u16),
+    /// Not x86-64
+    #[error("ELF machine {0} is not x86-64 ({EM_X86_64})")]
+    Machine(u16),
+    /// Program headers of another size
+    #[error("ELF program header size {0} is not {PHDR_SIZE}")]
+    PhdrSize(usize),
+    /// No or too many program headers
+    #[error("ELF has {0} program headers (expected 1..={MAX_PHDRS})")]
+    PhdrCount(usize),
+    /// The program headers run past the file
+    #[error("ELF is truncated: {count} program headers at offset {offset:#x} run past the end of the {len}-byte file")]
+    PhdrsTruncated {
+        /// How many.
+        count: usize,
+        /// Where they start.
+        offset: u64,
+        /// The file's size.
+        len: usize,
+    },
+    /// A segment's file part is larger than its memory part
+    #[error("segment {index}: file size {filesz:#x} exceeds memory size {memsz:#x}")]
+    FileSize {
+        /// Which segment.
+        index: usize,
+        /// Bytes in the file.
+        filesz: u64,
+        /// Bytes in memory.
+        memsz: u64,
+    },
+    /// A segment's bytes run past the file
+    #[error("ELF is truncated: segment {index} needs file bytes {start:#x}..{end:#x} but the file has {len}")]
+    SegmentTruncated {
+        /// Which segment.
+        index: usize,
+        /// First file byte.
+        start: u64,
+        /// End of its bytes.
+        end: u64,
+        /// The file's size.
+        len: usize,
+    },
+    /// A segment's end overflows
+    #[error("segment {0}: address + size overflows")]
+    AddressOverflow(usize),
+    /// Nothing to load
+    #[error("ELF has no loadable (PT_LOAD) segments")]
+    NoSegments,
+    /// The entry point is in no segment
+    #[error("entry point {0:#x} is outside every loadable segment")]
+    EntryOutsideSegments(u64),
+    /// Something would overwrite the VMM's boot structures
+    #[error("{what} at {addr:#x} overlaps the VMM's reserved boot area 0x0..{RESERVED_END:#x}")]
+    Reserved {
+        /// `"the image"` or `"segment N"`.
+        what: String,
+        /// Where it starts.
+        addr: u64,
+    },
+    /// Something does not fit in guest RAM
+    #[error("{what} at {addr:#x}..{end:#x} does not fit in guest RAM ({ram_size} bytes)")]
+    DoesNotFit {
+        /// `"the image"` or `"segment N"`.
+        what: String,
+        /// Where it starts.
+        addr: u64,
+        /// Where it ends (saturated).
+        end: u64,
+        /// The RAM size.
+        ram_size: u64,
+    },
+    /// A parsed segment is not in these bytes
+    #[error("ELF segment runs past the end of the file")]
+    SegmentPastFile,
+}
+
+/// The result of parsing or placing an ELF image.
+pub type Result<T> = std::result::Result<T, ElfError>;
 
 /// One `PT_LOAD` segment.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -59,9 +157,7 @@ pub fn parse(bytes: &[u8]) -> Result<ElfImage> {
         .iter()
         .any(|s| entry >= s.vaddr && entry < s.vaddr + s.memsz);
     if !in_segment {
-        return Err(Error::Image(format!(
-            "entry point {entry:#x} is outside every loadable segment"
-        )));
+        return Err(ElfError::EntryOutsideSegments(entry));
     }
     Ok(image)
 }
@@ -70,56 +166,43 @@ pub fn parse(bytes: &[u8]) -> Result<ElfImage> {
 /// virtual addresses: a Linux `vmlinux` links its segments at virtual addresses
 /// but its entry point (`phys_startup_64`) is physical.
 pub fn parse_segments(bytes: &[u8]) -> Result<ElfImage> {
-    let bad = |msg: String| Error::Image(msg);
     if bytes.len() < EHDR_SIZE {
-        return Err(bad(format!(
-            "ELF file is truncated: {} bytes, the ELF64 header alone is {EHDR_SIZE}",
-            bytes.len()
-        )));
+        return Err(ElfError::Truncated(bytes.len()));
     }
     if !is_elf(bytes) {
-        return Err(bad("not an ELF file (bad magic)".into()));
+        return Err(ElfError::BadMagic);
     }
     if bytes[4] != 2 {
-        return Err(bad(format!("ELF class {} is not ELF64", bytes[4])));
+        return Err(ElfError::Class(bytes[4]));
     }
     if bytes[5] != 1 {
-        return Err(bad("ELF data encoding is not little-endian".into()));
+        return Err(ElfError::BigEndian);
     }
     let e_type = u16_at(bytes, 16);
     if e_type != ET_EXEC {
-        return Err(bad(format!(
-            "ELF type {e_type} is not a static executable (ET_EXEC); relocatable and PIE images are not supported"
-        )));
+        return Err(ElfError::Type(e_type));
     }
     let machine = u16_at(bytes, 18);
     if machine != EM_X86_64 {
-        return Err(bad(format!(
-            "ELF machine {machine} is not x86-64 ({EM_X86_64})"
-        )));
+        return Err(ElfError::Machine(machine));
     }
     let entry = u64_at(bytes, 24);
     let phoff = u64_at(bytes, 32);
     let phentsize = u16_at(bytes, 54) as usize;
     let phnum = u16_at(bytes, 56) as usize;
     if phentsize != PHDR_SIZE {
-        return Err(bad(format!(
-            "ELF program header size {phentsize} is not {PHDR_SIZE}"
-        )));
+        return Err(ElfError::PhdrSize(phentsize));
     }
     if phnum == 0 || phnum > MAX_PHDRS {
-        return Err(bad(format!(
-            "ELF has {phnum} program headers (expected 1..={MAX_PHDRS})"
-        )));
+        return Err(ElfError::PhdrCount(phnum));
     }
     let table_end = phoff
         .checked_add((phnum * PHDR_SIZE) as u64)
         .filter(|&end| end <= bytes.len() as u64)
-        .ok_or_else(|| {
-            bad(format!(
-                "ELF is truncated: {phnum} program headers at offset {phoff:#x} run past the end of the {}-byte file",
-                bytes.len()
-            ))
+        .ok_or(ElfError::PhdrsTruncated {
+            count: phnum,
+            offset: phoff,
+            len: bytes.len(),
         })?;
     let _ = table_end;
     let mut segments = Vec::new();
@@ -137,32 +220,33 @@ pub fn parse_segments(bytes: &[u8]) -> Result<ElfImage> {
             memsz: u64_at(ph, 40),
         };
         if seg.filesz > seg.memsz {
-            return Err(bad(format!(
-                "segment {i}: file size {:#x} exceeds memory size {:#x}",
-                seg.filesz, seg.memsz
-            )));
+            return Err(ElfError::FileSize {
+                index: i,
+                filesz: seg.filesz,
+                memsz: seg.memsz,
+            });
         }
         match seg.offset.checked_add(seg.filesz) {
             Some(end) if end <= bytes.len() as u64 => {}
             _ => {
-                return Err(bad(format!(
-                "ELF is truncated: segment {i} needs file bytes {:#x}..{:#x} but the file has {}",
-                seg.offset,
-                seg.offset.saturating_add(seg.filesz),
-                bytes.len()
-            )))
+                return Err(ElfError::SegmentTruncated {
+                    index: i,
+                    start: seg.offset,
+                    end: seg.offset.saturating_add(seg.filesz),
+                    len: bytes.len(),
+                })
             }
         }
         if seg.paddr.checked_add(seg.memsz).is_none() || seg.vaddr.checked_add(seg.memsz).is_none()
         {
-            return Err(bad(format!("segment {i}: address + size overflows")));
+            return Err(ElfError::AddressOverflow(i));
         }
         if seg.memsz > 0 {
             segments.push(seg);
         }
     }
     if segments.is_empty() {
-        return Err(bad("ELF has no loadable (PT_LOAD) segments".into()));
+        return Err(ElfError::NoSegments);
     }
     Ok(ElfImage { entry, segments })
 }
@@ -177,23 +261,29 @@ pub fn check_placement(
     reserve_low: bool,
 ) -> Result<()> {
     if reserve_low && addr < RESERVED_END {
-        return Err(Error::Image(format!(
-            "{what} at {addr:#x} overlaps the VMM's reserved boot area 0x0..{RESERVED_END:#x}"
-        )));
+        return Err(ElfError::Reserved {
+            what: what.to_string(),
+            addr,
+        });
     }
     if !ram.contains(addr, len) {
-        return Err(Error::Image(format!(
-            "{what} at {addr:#x}..{:#x} does not fit in guest RAM ({} bytes)",
-            addr.saturating_add(len),
-            ram.size()
-        )));
+        return Err(ElfError::DoesNotFit {
+            what: what.to_string(),
+            addr,
+            end: addr.saturating_add(len),
+            ram_size: ram.size(),
+        });
     }
     Ok(())
 }
 
 /// Validates every segment's placement, then copies the image into guest RAM.
 /// Returns the entry point.
-pub fn load(ram: &GuestRam, bytes: &[u8], reserve_low: bool) -> Result<u64> {
+pub fn load(
+    ram: &GuestRam,
+    bytes: &[u8],
+    reserve_low: bool,
+) -> std::result::Result<u64, BootError> {
     let image = parse(bytes)?;
     for (i, s) in image.segments.iter().enumerate() {
         check_placement(ram, &format!("segment {i}"), s.paddr, s.memsz, reserve_low)?;
@@ -212,7 +302,11 @@ pub fn load(ram: &GuestRam, bytes: &[u8], reserve_low: bool) -> Result<u64> {
 /// pages (fresh RAM is untouched, so this costs nothing) and writes zeros only
 /// into the partial pages at its ends. So a re-load into a used VM does zero the
 /// BSS again, in guest memory, page-wise, whatever `memsz` the file claims.
-pub fn write_segments(ram: &GuestRam, bytes: &[u8], image: &ElfImage) -> Result<()> {
+pub fn write_segments(
+    ram: &GuestRam,
+    bytes: &[u8],
+    image: &ElfImage,
+) -> std::result::Result<(), BootError> {
     for (i, s) in image.segments.iter().enumerate() {
         check_placement(ram, &format!("segment {i}"), s.paddr, s.memsz, false)?;
     }
@@ -221,7 +315,7 @@ pub fn write_segments(ram: &GuestRam, bytes: &[u8], image: &ElfImage) -> Result<
             .ok()
             .zip(usize::try_from(s.offset.saturating_add(s.filesz)).ok())
             .and_then(|(start, end)| bytes.get(start..end))
-            .ok_or_else(|| Error::Image("ELF segment runs past the end of the file".into()))?;
+            .ok_or(ElfError::SegmentPastFile)?;
         ram.write(s.paddr, data)?;
         ram.zero(s.paddr + s.filesz, s.memsz - s.filesz)?;
     }
@@ -274,30 +368,59 @@ pub(crate) mod tests {
     #[test]
     fn refuses_truncated_and_foreign_images() {
         let img = tiny_elf(0x10_0000, &[0xf4; 32]);
-        for cut in [0, 10, 63, 80, img.len() - 1] {
-            let e = parse(&img[..cut]).unwrap_err().to_string();
-            assert!(e.contains("truncated"), "cut {cut}: {e}");
+        for cut in [0, 10, 63] {
+            assert_eq!(parse(&img[..cut]).unwrap_err(), ElfError::Truncated(cut));
         }
+        assert!(matches!(
+            parse(&img[..80]),
+            Err(ElfError::PhdrsTruncated { count: 1, .. })
+        ));
+        assert!(matches!(
+            parse(&img[..img.len() - 1]),
+            Err(ElfError::SegmentTruncated { index: 0, .. })
+        ));
         let mut other = img.clone();
         other[18] = 3; // EM_386
-        assert!(parse(&other).unwrap_err().to_string().contains("x86-64"));
+        assert_eq!(parse(&other).unwrap_err(), ElfError::Machine(3));
         let mut class32 = img.clone();
         class32[4] = 1;
-        assert!(parse(&class32).unwrap_err().to_string().contains("ELF64"));
-        assert!(parse(b"MZ\0\0").is_err());
+        assert_eq!(parse(&class32).unwrap_err(), ElfError::Class(1));
+        assert_eq!(parse(b"MZ\0\0").unwrap_err(), ElfError::Truncated(4));
+        let mut mz = img.clone();
+        mz[..2].copy_from_slice(b"MZ");
+        assert_eq!(parse(&mz).unwrap_err(), ElfError::BadMagic);
     }
 
     #[test]
     fn refuses_entry_outside_segments_and_bad_placement() {
         let mut img = tiny_elf(0x10_0000, &[0xf4]);
         img[24..32].copy_from_slice(&0x90_0000u64.to_le_bytes());
-        assert!(parse(&img).unwrap_err().to_string().contains("entry point"));
+        assert_eq!(
+            parse(&img).unwrap_err(),
+            ElfError::EntryOutsideSegments(0x90_0000)
+        );
         let ram = GuestRam::new(1 << 20).unwrap();
         let e = load(&ram, &tiny_elf(0x10_0000, &[0xf4]), true).unwrap_err();
-        assert!(e.to_string().contains("does not fit"), "{e}");
+        assert!(
+            matches!(
+                &e,
+                BootError::Elf(ElfError::DoesNotFit {
+                    addr: 0x10_0000,
+                    ..
+                })
+            ),
+            "{e}"
+        );
         let ram = GuestRam::new(2 << 20).unwrap();
         let e = load(&ram, &tiny_elf(0x1000, &[0xf4]), true).unwrap_err();
-        assert!(e.to_string().contains("reserved"), "{e}");
+        assert!(
+            matches!(&e, BootError::Elf(ElfError::Reserved { addr: 0x1000, .. })),
+            "{e}"
+        );
+        assert_eq!(
+            e.to_string(),
+            "image: segment 0 at 0x1000 overlaps the VMM's reserved boot area 0x0..0x10000"
+        );
     }
 
     /// Resident set size of this process in bytes (`VmRSS`).

@@ -10,7 +10,75 @@
 //! header to its `TRAILER!!!` (a truncated one is refused), an xz stream must end
 //! with its footer magic, and each compressed format has a minimum size.
 
-use crate::error::{Error, Result};
+use thiserror::Error;
+
+/// Why an initrd is not an initramfs the kernel accepts.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum InitrdError {
+    /// Nothing but NULs
+    #[error("the initrd is not an initramfs the kernel accepts: its {0} bytes are all zero")]
+    AllZero(usize),
+    /// A compressed stream shorter than its format's minimum
+    #[error("the initrd is not an initramfs the kernel accepts: a {format} stream of {len} bytes is truncated (at least {min})")]
+    CompressedTruncated {
+        /// The compression's name.
+        format: &'static str,
+        /// The stream's length.
+        len: usize,
+        /// Its format's smallest plausible size.
+        min: usize,
+    },
+    /// A bzip2 stream with a bad block size
+    #[error("the initrd is not an initramfs the kernel accepts: bad bzip2 block size")]
+    Bzip2BlockSize,
+    /// An xz stream without its footer
+    #[error("the initrd is not an initramfs the kernel accepts: the xz stream is truncated (no footer magic at its end)")]
+    XzFooter,
+    /// Neither a newc archive nor a known compression
+    #[error("the initrd is not an initramfs the kernel accepts: unknown magic {} at offset {offset} (expected a newc cpio archive \"070701\"/\"070702\", or gzip, bzip2, lzma, xz, lzo, lz4 or zstd)", hex_bytes(.magic))]
+    UnknownMagic {
+        /// Up to its first 6 bytes.
+        magic: Vec<u8>,
+        /// Where they start (after NUL padding).
+        offset: usize,
+    },
+    /// A cpio header field is not hex digits
+    #[error(
+        "the initrd is not an initramfs the kernel accepts: a cpio header field is not hex: {0:?}"
+    )]
+    NotHex(Vec<u8>),
+    /// A cpio header runs past the end
+    #[error("the initrd is not an initramfs the kernel accepts: the cpio archive is truncated: a header at offset {offset} runs past the end ({len} bytes, no TRAILER!!!)")]
+    HeaderTruncated {
+        /// Where the header starts.
+        offset: usize,
+        /// The archive's length.
+        len: usize,
+    },
+    /// A cpio header without its magic
+    #[error(
+        "the initrd is not an initramfs the kernel accepts: bad cpio header magic at offset {0}"
+    )]
+    HeaderMagic(usize),
+    /// A cpio entry runs past the end
+    #[error("the initrd is not an initramfs the kernel accepts: the cpio archive is truncated: the entry at offset {offset} needs {needs} bytes, the initrd has {len}")]
+    EntryTruncated {
+        /// Where the entry starts.
+        offset: usize,
+        /// The bytes it needs.
+        needs: u64,
+        /// The archive's length.
+        len: usize,
+    },
+}
+
+fn hex_bytes(bytes: &[u8]) -> String {
+    let shown: Vec<String> = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    shown.join(" ")
+}
+
+/// The result of checking an initrd.
+pub type Result<T> = std::result::Result<T, InitrdError>;
 
 /// A newc header: the 6-byte magic and 13 fields of 8 hex digits.
 const NEWC_HEADER: usize = 110;
@@ -28,19 +96,13 @@ const COMPRESSED: &[(&str, &[u8], usize)] = &[
     ("zstd", &[0x28, 0xb5, 0x2f, 0xfd], 9),
 ];
 
-fn corrupt(msg: String) -> Error {
-    Error::Initrd(format!(
-        "the initrd is not an initramfs the kernel accepts: {msg}"
-    ))
-}
-
 /// Checks an initrd (non-empty) and returns its format: `"cpio"` or the
 /// compression's name.
 pub fn check(initrd: &[u8]) -> Result<&'static str> {
     let start = initrd
         .iter()
         .position(|&b| b != 0)
-        .ok_or_else(|| corrupt(format!("its {} bytes are all zero", initrd.len())))?;
+        .ok_or(InitrdError::AllZero(initrd.len()))?;
     let data = &initrd[start..];
     if data.starts_with(b"070701") || data.starts_with(b"070702") {
         walk_newc(data)?;
@@ -51,30 +113,28 @@ pub fn check(initrd: &[u8]) -> Result<&'static str> {
             continue;
         }
         if data.len() < min {
-            return Err(corrupt(format!(
-                "a {name} stream of {} bytes is truncated (at least {min})",
-                data.len()
-            )));
+            return Err(InitrdError::CompressedTruncated {
+                format: name,
+                len: data.len(),
+                min,
+            });
         }
         if name == "bzip2" && !(b'1'..=b'9').contains(&data[3]) {
-            return Err(corrupt("bad bzip2 block size".into()));
+            return Err(InitrdError::Bzip2BlockSize);
         }
         if name == "xz" {
             // Stream padding (NULs) may follow the footer, whose last bytes are "YZ".
             let end = data.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
             if !data[..end].ends_with(b"YZ") {
-                return Err(corrupt(
-                    "the xz stream is truncated (no footer magic at its end)".into(),
-                ));
+                return Err(InitrdError::XzFooter);
             }
         }
         return Ok(name);
     }
-    let shown: Vec<String> = data.iter().take(6).map(|b| format!("{b:02x}")).collect();
-    Err(corrupt(format!(
-        "unknown magic {} at offset {start} (expected a newc cpio archive \"070701\"/\"070702\", or gzip, bzip2, lzma, xz, lzo, lz4 or zstd)",
-        shown.join(" ")
-    )))
+    Err(InitrdError::UnknownMagic {
+        magic: data.iter().take(6).copied().collect(),
+        offset: start,
+    })
 }
 
 fn hex_field(header: &[u8], index: usize) -> Result<u64> {
@@ -82,7 +142,7 @@ fn hex_field(header: &[u8], index: usize) -> Result<u64> {
     let digits = &header[at..at + 8];
     let text = std::str::from_utf8(digits).ok();
     text.and_then(|t| u64::from_str_radix(t, 16).ok())
-        .ok_or_else(|| corrupt(format!("a cpio header field is not hex: {digits:?}")))
+        .ok_or_else(|| InitrdError::NotHex(digits.to_vec()))
 }
 
 /// Walks a newc archive's entries up to `TRAILER!!!`; every header, name and
@@ -91,13 +151,13 @@ fn walk_newc(data: &[u8]) -> Result<()> {
     let mut at = 0usize;
     loop {
         let Some(header) = data.get(at..at + NEWC_HEADER) else {
-            return Err(corrupt(format!(
-                "the cpio archive is truncated: a header at offset {at} runs past the end ({} bytes, no TRAILER!!!)",
-                data.len()
-            )));
+            return Err(InitrdError::HeaderTruncated {
+                offset: at,
+                len: data.len(),
+            });
         };
         if !(header.starts_with(b"070701") || header.starts_with(b"070702")) {
-            return Err(corrupt(format!("bad cpio header magic at offset {at}")));
+            return Err(InitrdError::HeaderMagic(at));
         }
         let filesize = hex_field(header, 6)?;
         let namesize = hex_field(header, 11)?;
@@ -105,11 +165,11 @@ fn walk_newc(data: &[u8]) -> Result<()> {
         let body = name_end.next_multiple_of(4);
         let next = body.saturating_add(filesize).next_multiple_of(4);
         if namesize == 0 || body.saturating_add(filesize) > data.len() as u64 {
-            return Err(corrupt(format!(
-                "the cpio archive is truncated: the entry at offset {at} needs {} bytes, the initrd has {}",
-                body.saturating_add(filesize),
-                data.len()
-            )));
+            return Err(InitrdError::EntryTruncated {
+                offset: at,
+                needs: body.saturating_add(filesize),
+                len: data.len(),
+            });
         }
         // In bounds: name_end <= body <= data.len().
         let name = &data[at + NEWC_HEADER..name_end as usize];
@@ -188,30 +248,52 @@ pub(crate) mod tests {
     #[test]
     fn refuses_truncated_and_corrupt_initrds() {
         let cpio = tiny_cpio();
-        for cut in [3, 50, 110, 120, cpio.len() - 8] {
+        assert!(matches!(
+            check(&cpio[..3]),
+            Err(InitrdError::UnknownMagic { offset: 0, .. })
+        ));
+        for cut in [50, 110, 120, cpio.len() - 8] {
             let e = check(&cpio[..cut]).unwrap_err();
-            assert!(matches!(e, Error::Initrd(_)), "cut {cut}: {e}");
+            assert!(
+                matches!(
+                    e,
+                    InitrdError::HeaderTruncated { .. } | InitrdError::EntryTruncated { .. }
+                ),
+                "cut {cut}: {e}"
+            );
         }
-        assert!(check(&cpio[..50])
-            .unwrap_err()
-            .to_string()
-            .contains("truncated"));
+        assert_eq!(
+            check(&cpio[..50]).unwrap_err(),
+            InitrdError::HeaderTruncated { offset: 0, len: 50 }
+        );
         let mut bad = cpio.clone();
         bad[60] = b'z'; // a filesize digit
-        assert!(check(&bad).unwrap_err().to_string().contains("not hex"));
-        let e = check(b"\x7fELF\x02\x01\x01").unwrap_err().to_string();
-        assert!(e.contains("unknown magic 7f 45 4c 46"), "{e}");
-        assert!(check(&[0; 4096])
-            .unwrap_err()
-            .to_string()
-            .contains("all zero"));
-        assert!(check(&[0x1f, 0x8b, 8])
-            .unwrap_err()
-            .to_string()
-            .contains("gzip"));
+        assert!(matches!(check(&bad), Err(InitrdError::NotHex(_))));
+        let e = check(b"\x7fELF\x02\x01\x01").unwrap_err();
+        assert_eq!(
+            e,
+            InitrdError::UnknownMagic {
+                magic: b"\x7fELF\x02\x01".to_vec(),
+                offset: 0
+            }
+        );
+        assert!(
+            e.to_string()
+                .contains("unknown magic 7f 45 4c 46 02 01 at offset 0"),
+            "{e}"
+        );
+        assert_eq!(check(&[0; 4096]).unwrap_err(), InitrdError::AllZero(4096));
+        assert_eq!(
+            check(&[0x1f, 0x8b, 8]).unwrap_err(),
+            InitrdError::CompressedTruncated {
+                format: "gzip",
+                len: 3,
+                min: 18
+            }
+        );
         let mut xz = vec![0xfd, b'7', b'z', b'X', b'Z', 0];
         xz.extend_from_slice(&[1; 40]);
-        assert!(check(&xz).unwrap_err().to_string().contains("xz"));
+        assert_eq!(check(&xz).unwrap_err(), InitrdError::XzFooter);
     }
 
     #[test]

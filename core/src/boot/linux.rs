@@ -14,6 +14,7 @@
 
 use kvm_bindings::{kvm_regs, kvm_sregs};
 use serde::Serialize;
+use thiserror::Error;
 
 use super::acpi;
 use super::bzimage::{self, BzImage, SetupHeader, DEFAULT_LOAD_ADDRESS, STARTUP_64_OFFSET};
@@ -25,8 +26,7 @@ use super::layout::{
 use super::mptable::{self, MAX_MPTABLE_CPUS};
 use super::x86_64::{self, descriptor};
 use super::zero_page::{self, E820Entry, ZeroPage};
-use super::EntryMode;
-use crate::error::{Error, Result};
+use super::{BootError, EntryMode, Result};
 use crate::memory::{GuestRam, MMIO_GAP_START};
 
 /// `__BOOT_CS`: the 64-bit code selector the boot protocol enters with.
@@ -40,6 +40,106 @@ const BOOT_TSS: u16 = 0x20;
 const ELF_INITRD_ADDR_MAX: u64 = 0x7fff_ffff;
 const PAGE: u64 = 4096;
 const MIB: u64 = 1 << 20;
+
+/// Why a Linux kernel cannot boot in this VM as asked. A malformed kernel's
+/// message starts with `image: `; one that needs more RAM, a command line too
+/// long and an initrd that does not fit have their own ABI statuses (see
+/// `abi::status`).
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum LinuxError {
+    /// Neither a bzImage nor an ELF file
+    #[error(
+        "image: not a Linux kernel: neither a bzImage (no \"HdrS\" magic at 0x202) nor an ELF file"
+    )]
+    NotAKernel,
+    /// An ELF kernel's entry point is in no segment
+    #[error("image: entry point {0:#x} is outside every loadable segment (by physical and by virtual address)")]
+    ElfEntry(u64),
+    /// `pref_address + init_size` overflows
+    #[error("image: pref_address {pref_address:#x} + init_size {init_size:#x} overflows the address space")]
+    Overflow {
+        /// `pref_address`.
+        pref_address: u64,
+        /// `init_size`.
+        init_size: u32,
+    },
+    /// The kernel would occupy memory below 1 MiB
+    #[error("image: the kernel would occupy {start:#x}..{end:#x} ({what}), below 1 MiB where the boot data and the legacy area are")]
+    BelowOneMib {
+        /// Its footprint's first byte.
+        start: u64,
+        /// Its footprint's end.
+        end: u64,
+        /// Where the footprint comes from.
+        what: String,
+    },
+    /// The kernel needs more RAM than the VM has
+    #[error("the kernel does not fit in guest RAM: it needs {start:#x}..{end:#x} ({what}) but RAM below 4 GiB ends at {low_end:#x}; give the VM at least {} MiB", end.div_ceil(MIB))]
+    DoesNotFit {
+        /// Its footprint's first byte.
+        start: u64,
+        /// Its footprint's end.
+        end: u64,
+        /// Where the footprint comes from.
+        what: String,
+        /// The end of RAM below the MMIO gap.
+        low_end: u64,
+    },
+    /// The kernel reaches into the MMIO gap: no RAM size fits it
+    #[error("image: the kernel does not fit in guest RAM: it needs {start:#x}..{end:#x} ({what}) but RAM below 4 GiB ends at {low_end:#x}, past the MMIO gap at {MMIO_GAP_START:#x}: no RAM size fits it")]
+    PastMmioGap {
+        /// Its footprint's first byte.
+        start: u64,
+        /// Its footprint's end.
+        end: u64,
+        /// Where the footprint comes from.
+        what: String,
+        /// The end of RAM below the MMIO gap.
+        low_end: u64,
+    },
+    /// A NUL inside the command line
+    #[error("image: the command line contains a NUL byte")]
+    CmdlineNul,
+    /// Longer than the kernel's `cmdline_size`
+    #[error(
+        "the command line is {len} bytes, longer than the kernel's cmdline_size ({cmdline_size})"
+    )]
+    CmdlineTooLong {
+        /// Its length.
+        len: u64,
+        /// The kernel's limit.
+        cmdline_size: u32,
+    },
+    /// Longer than the command line's place in guest RAM
+    #[error("the command line is {0} bytes; at most {} fit at {CMDLINE_ADDR:#x}", CMDLINE_MAX - 1)]
+    CmdlineArea(u64),
+    /// An initrd larger than guest RAM
+    #[error("the initrd is {len} bytes, larger than guest RAM ({ram_size} bytes)")]
+    InitrdLargerThanRam {
+        /// Its length.
+        len: u64,
+        /// The RAM size.
+        ram_size: u64,
+    },
+    /// No room for the initrd above the kernel
+    #[error("the initrd ({len} bytes) does not fit between the kernel's end {kernel_end:#x} and {top:#x} (the lower of initrd_addr_max + 1 and the top of RAM below 4 GiB)")]
+    InitrdDoesNotFit {
+        /// Its length.
+        len: u64,
+        /// The end of the kernel's footprint.
+        kernel_end: u64,
+        /// The highest end it may have.
+        top: u64,
+    },
+    /// RAM ends below the ACPI tables' area
+    #[error("image: guest RAM ({ram_size} bytes) does not reach the ACPI tables at {address:#x}")]
+    NoRoomForAcpi {
+        /// The RAM size.
+        ram_size: u64,
+        /// Where a table goes.
+        address: u64,
+    },
+}
 
 /// A kernel image the loader understands.
 #[derive(Clone, Debug)]
@@ -94,9 +194,7 @@ pub fn parse(bytes: &[u8]) -> Result<Kernel> {
         let entry = elf_physical_entry(&image)?;
         return Ok(Kernel::Elf { image, entry });
     }
-    Err(Error::Image(
-        "not a Linux kernel: neither a bzImage (no \"HdrS\" magic at 0x202) nor an ELF file".into(),
-    ))
+    Err(LinuxError::NotAKernel.into())
 }
 
 /// A `vmlinux`'s entry point is physical (`phys_startup_64`); other ELF kernels
@@ -115,11 +213,7 @@ fn elf_physical_entry(image: &ElfImage) -> Result<u64> {
         .iter()
         .find(|s| e >= s.vaddr && e - s.vaddr < s.memsz)
         .map(|s| e - s.vaddr + s.paddr)
-        .ok_or_else(|| {
-            Error::Image(format!(
-                "entry point {e:#x} is outside every loadable segment (by physical and by virtual address)"
-            ))
-        })
+        .ok_or(LinuxError::ElfEntry(e).into())
 }
 
 /// Where `kernel` goes, independent of the RAM size (see [`check_fits`]).
@@ -135,11 +229,9 @@ pub fn place(kernel: &Kernel) -> Result<Placement> {
             } else {
                 DEFAULT_LOAD_ADDRESS
             };
-            let overflow = || {
-                Error::Image(format!(
-                    "pref_address {:#x} + init_size {:#x} overflows the address space",
-                    h.pref_address, h.init_size
-                ))
+            let overflow = || LinuxError::Overflow {
+                pref_address: h.pref_address,
+                init_size: h.init_size,
             };
             let load_end = load.checked_add(z.kernel_size).ok_or_else(overflow)?;
             let runtime_end = h
@@ -200,28 +292,27 @@ pub fn check_fits(kernel: &Kernel, placement: &Placement, ram_size: u64) -> Resu
         ),
         Kernel::Elf { .. } => "its ELF segments".to_string(),
     };
-    if f.address < LINUX_KERNEL_MIN_ADDR {
-        return Err(Error::Image(format!(
-            "the kernel would occupy {:#x}..{:#x} ({what}), below 1 MiB where the boot data and the legacy area are",
-            f.address,
-            f.end()
-        )));
+    let (start, end) = (f.address, f.end());
+    if start < LINUX_KERNEL_MIN_ADDR {
+        return Err(LinuxError::BelowOneMib { start, end, what }.into());
     }
-    let needs = format!(
-        "the kernel does not fit in guest RAM: it needs {:#x}..{:#x} ({what}) but RAM below 4 GiB ends at {low_end:#x}",
-        f.address,
-        f.end()
-    );
-    if f.end() <= MMIO_GAP_START {
-        let mib = f.end().div_ceil(MIB);
-        Err(Error::DoesNotFit(format!(
-            "{needs}; give the VM at least {mib} MiB"
-        )))
+    if end <= MMIO_GAP_START {
+        Err(LinuxError::DoesNotFit {
+            start,
+            end,
+            what,
+            low_end,
+        }
+        .into())
     } else {
         // No RAM size fits it: the image itself is at fault.
-        Err(Error::Image(format!(
-            "{needs}, past the MMIO gap at {MMIO_GAP_START:#x}: no RAM size fits it"
-        )))
+        Err(LinuxError::PastMmioGap {
+            start,
+            end,
+            what,
+            low_end,
+        }
+        .into())
     }
 }
 
@@ -255,22 +346,20 @@ pub struct LinuxLayout {
 
 fn check_cmdline(kernel: &Kernel, cmdline: &[u8]) -> Result<()> {
     if cmdline.contains(&0) {
-        return Err(Error::Image("the command line contains a NUL byte".into()));
+        return Err(LinuxError::CmdlineNul.into());
     }
     let len = cmdline.len() as u64;
     if let Kernel::BzImage(z) = kernel {
         if len > z.header.cmdline_size as u64 {
-            return Err(Error::CmdlineTooLong(format!(
-                "the command line is {len} bytes, longer than the kernel's cmdline_size ({})",
-                z.header.cmdline_size
-            )));
+            return Err(LinuxError::CmdlineTooLong {
+                len,
+                cmdline_size: z.header.cmdline_size,
+            }
+            .into());
         }
     }
     if len >= CMDLINE_MAX {
-        return Err(Error::CmdlineTooLong(format!(
-            "the command line is {len} bytes; at most {} fit at {CMDLINE_ADDR:#x}",
-            CMDLINE_MAX - 1
-        )));
+        return Err(LinuxError::CmdlineArea(len).into());
     }
     Ok(())
 }
@@ -287,9 +376,7 @@ fn place_initrd(
         return Ok(None);
     }
     if len > ram_size {
-        return Err(Error::DoesNotFit(format!(
-            "the initrd is {len} bytes, larger than guest RAM ({ram_size} bytes)"
-        )));
+        return Err(LinuxError::InitrdLargerThanRam { len, ram_size }.into());
     }
     let max = match kernel {
         Kernel::BzImage(z) => z.header.initrd_addr_max as u64,
@@ -298,10 +385,12 @@ fn place_initrd(
     let top = (max + 1).min(low_ram_end(ram_size));
     match top.checked_sub(len).map(|a| a & !(PAGE - 1)) {
         Some(address) if address >= footprint.end() => Ok(Some(Region { address, size: len })),
-        _ => Err(Error::DoesNotFit(format!(
-            "the initrd ({len} bytes) does not fit between the kernel's end {:#x} and {top:#x} (the lower of initrd_addr_max + 1 and the top of RAM below 4 GiB)",
-            footprint.end()
-        ))),
+        _ => Err(LinuxError::InitrdDoesNotFit {
+            len,
+            kernel_end: footprint.end(),
+            top,
+        }
+        .into()),
     }
 }
 
@@ -380,10 +469,11 @@ pub fn load(
     };
     for (address, table) in &acpi_tables {
         if address + table.len() as u64 > ram.size() {
-            return Err(Error::Image(format!(
-                "guest RAM ({} bytes) does not reach the ACPI tables at {address:#x}",
-                ram.size()
-            )));
+            return Err(LinuxError::NoRoomForAcpi {
+                ram_size: ram.size(),
+                address: *address,
+            }
+            .into());
         }
     }
     let header = match &kernel {
@@ -641,11 +731,12 @@ pub fn inspect(bytes: &[u8]) -> Inspection {
     out
 }
 
-/// An error's message without the `image: ` prefix its display adds.
-fn message(e: Error) -> String {
-    match e {
-        Error::Image(m) => m,
-        other => other.to_string(),
+/// An error's message without the `image: ` prefix a malformed image's has.
+fn message(e: BootError) -> String {
+    let text = e.to_string();
+    match text.strip_prefix("image: ") {
+        Some(rest) => rest.to_string(),
+        None => text,
     }
 }
 
@@ -654,6 +745,7 @@ mod tests {
     use super::*;
     use crate::boot::bzimage::tests::{put, tiny_bzimage};
     use crate::boot::elf::tests::tiny_elf;
+    use crate::boot::initrd::InitrdError;
 
     fn read_u32(ram: &GuestRam, at: u64) -> u32 {
         let mut b = [0u8; 4];
@@ -744,7 +836,10 @@ mod tests {
         // Too many for ACPI: refused before anything is written.
         let ram = GuestRam::new(64 << 20).unwrap();
         let e = load(&ram, &img, &[], b"", acpi::MAX_ACPI_CPUS + 1).unwrap_err();
-        assert!(e.to_string().contains("1 to 254 CPUs"), "{e}");
+        assert!(
+            matches!(e, BootError::Acpi(acpi::AcpiError::CpuCount(255))),
+            "{e}"
+        );
         assert_eq!(read_u32(&ram, ZERO_PAGE_ADDR + 0x202), 0);
     }
 
@@ -770,29 +865,60 @@ mod tests {
     fn refuses_what_does_not_fit_with_the_reason() {
         let img = tiny_bzimage(&[0xf4; 0x400]);
         let ram = GuestRam::new(2 << 20).unwrap();
-        let e = load(&ram, &img, &[], b"", 1).unwrap_err().to_string();
+        let e = load(&ram, &img, &[], b"", 1).unwrap_err();
         assert!(
-            e.contains("init_size") && e.contains("at least 3 MiB"),
+            matches!(
+                &e,
+                BootError::Linux(LinuxError::DoesNotFit {
+                    start: 0x20_0000,
+                    end: 0x30_0000,
+                    low_end: 0x20_0000,
+                    ..
+                })
+            ),
             "{e}"
         );
+        assert!(e.to_string().ends_with("give the VM at least 3 MiB"), "{e}");
         // Nothing was written.
         assert_eq!(read_u32(&ram, ZERO_PAGE_ADDR + 0x202), 0);
 
         let mut huge = img.clone();
         put(&mut huge, 0x260, &0xffff_f000u32.to_le_bytes());
         let e = load(&GuestRam::new(64 << 20).unwrap(), &huge, &[], b"", 1).unwrap_err();
-        assert!(e.to_string().contains("MMIO gap"), "{e}");
+        assert!(
+            matches!(e, BootError::Linux(LinuxError::PastMmioGap { .. })),
+            "{e}"
+        );
 
         let ram = GuestRam::new(8 << 20).unwrap();
         let e = load(&ram, &img, &gzip_initrd(9 << 20), b"", 1).unwrap_err();
-        assert!(matches!(e, Error::DoesNotFit(_)), "{e}");
-        assert!(e.to_string().contains("larger than guest RAM"), "{e}");
+        assert!(
+            matches!(
+                e,
+                BootError::Linux(LinuxError::InitrdLargerThanRam {
+                    len: 0x90_0000,
+                    ram_size: 0x80_0000
+                })
+            ),
+            "{e}"
+        );
         let e = load(&ram, &img, &gzip_initrd(6 << 20), b"", 1).unwrap_err();
-        assert!(matches!(e, Error::DoesNotFit(_)), "{e}");
-        let e = e.to_string();
-        assert!(e.contains("initrd") && e.contains("does not fit"), "{e}");
+        assert!(
+            matches!(
+                e,
+                BootError::Linux(LinuxError::InitrdDoesNotFit {
+                    kernel_end: 0x30_0000,
+                    top: 0x80_0000,
+                    ..
+                })
+            ),
+            "{e}"
+        );
         let e = load(&ram, &img, &vec![0; 6 << 20], b"", 1).unwrap_err();
-        assert!(matches!(e, Error::Initrd(_)), "{e}");
+        assert!(
+            matches!(e, BootError::Initrd(InitrdError::AllZero(_))),
+            "{e}"
+        );
         let e = load(
             &ram,
             &img,
@@ -800,15 +926,22 @@ mod tests {
             b"",
             1,
         );
-        assert!(matches!(e, Err(Error::Initrd(_))), "{e:?}");
+        assert!(matches!(e, Err(BootError::Initrd(_))), "{e:?}");
 
         let e = load(&ram, &img, &[], &[b'x'; 256], 1).unwrap_err();
-        assert!(matches!(e, Error::CmdlineTooLong(_)), "{e}");
-        let e = e.to_string();
-        assert!(e.contains("cmdline_size (255)"), "{e}");
+        assert!(
+            matches!(
+                e,
+                BootError::Linux(LinuxError::CmdlineTooLong {
+                    len: 256,
+                    cmdline_size: 255
+                })
+            ),
+            "{e}"
+        );
         assert!(load(&ram, &img, &[], &[b'x'; 255], 1).is_ok());
-        let e = load(&ram, &img, &[], b"a\0b", 1).unwrap_err().to_string();
-        assert!(e.contains("NUL"), "{e}");
+        let e = load(&ram, &img, &[], b"a\0b", 1).unwrap_err();
+        assert!(matches!(e, BootError::Linux(LinuxError::CmdlineNul)), "{e}");
     }
 
     #[test]
@@ -841,8 +974,17 @@ mod tests {
         );
         // Segments in low memory are refused.
         let low = tiny_elf(0x8_0000, &[0xf4]);
-        let e = load(&ram, &low, &[], b"", 1).unwrap_err().to_string();
-        assert!(e.contains("below 1 MiB"), "{e}");
+        let e = load(&ram, &low, &[], b"", 1).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                BootError::Linux(LinuxError::BelowOneMib {
+                    start: 0x8_0000,
+                    ..
+                })
+            ),
+            "{e}"
+        );
     }
 
     #[test]

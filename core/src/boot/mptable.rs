@@ -3,8 +3,25 @@
 //! ACPI. It goes in the last KiB of base memory (0x9fc00), one of the places
 //! Linux scans for the floating pointer; the e820 map reserves that area.
 
-use crate::error::{Error, Result};
+use thiserror::Error;
+
 use crate::memory::GuestRam;
+
+/// Why an MP table cannot be built.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum MpTableError {
+    /// No CPUs, or more than the table describes
+    #[error("an MP table describes 1 to {MAX_MPTABLE_CPUS} CPUs, not {0}")]
+    CpuCount(u32),
+    /// The table outgrew its 1 KiB
+    #[error("the MP table for {cpus} CPUs ({bytes} bytes) does not fit in 1 KiB")]
+    TooLarge {
+        /// The CPUs asked for.
+        cpus: u32,
+        /// The table's size.
+        bytes: usize,
+    },
+}
 
 /// Where the floating pointer and the table go.
 pub const MPTABLE_START: u64 = 0x9fc00;
@@ -27,11 +44,9 @@ fn checksum(bytes: &[u8]) -> u8 {
 
 /// Builds the MP floating pointer followed by the configuration table for
 /// `cpus` CPUs (APIC ids 0..cpus, CPU 0 the bootstrap processor).
-pub fn build(cpus: u32) -> Result<Vec<u8>> {
+pub fn build(cpus: u32) -> Result<Vec<u8>, MpTableError> {
     if cpus == 0 || cpus > MAX_MPTABLE_CPUS {
-        return Err(Error::arg(format!(
-            "an MP table describes 1 to {MAX_MPTABLE_CPUS} CPUs, not {cpus}"
-        )));
+        return Err(MpTableError::CpuCount(cpus));
     }
     let io_apic_id = cpus as u8; // the first id after the CPUs'
     let mut entries: Vec<u8> = Vec::new();
@@ -91,17 +106,18 @@ pub fn build(cpus: u32) -> Result<Vec<u8>> {
     let mut all = floating.to_vec();
     all.extend_from_slice(&table);
     if all.len() > 1024 {
-        return Err(Error::arg(format!(
-            "the MP table for {cpus} CPUs ({} bytes) does not fit in 1 KiB",
-            all.len()
-        )));
+        return Err(MpTableError::TooLarge {
+            cpus,
+            bytes: all.len(),
+        });
     }
     Ok(all)
 }
 
 /// Writes the MP table for `cpus` CPUs into guest RAM at [`MPTABLE_START`].
-pub fn write(ram: &GuestRam, cpus: u32) -> Result<()> {
-    ram.write(MPTABLE_START, &build(cpus)?)
+pub fn write(ram: &GuestRam, cpus: u32) -> Result<(), super::BootError> {
+    ram.write(MPTABLE_START, &build(cpus)?)?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -149,8 +165,11 @@ mod tests {
 
     #[test]
     fn refuses_zero_and_too_many_cpus() {
-        assert!(build(0).is_err());
-        assert!(build(MAX_MPTABLE_CPUS + 1).is_err());
+        assert_eq!(build(0).unwrap_err(), MpTableError::CpuCount(0));
+        assert_eq!(
+            build(MAX_MPTABLE_CPUS + 1).unwrap_err(),
+            MpTableError::CpuCount(MAX_MPTABLE_CPUS + 1)
+        );
     }
 
     #[test]

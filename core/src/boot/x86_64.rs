@@ -8,7 +8,7 @@ use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
 
 use super::layout::*;
 use super::EntryMode;
-use crate::error::{Error, Result};
+use super::{BootError, Result};
 use crate::memory::GuestRam;
 
 const CR0_PE: u64 = 1 << 0;
@@ -101,9 +101,7 @@ fn tss() -> Vec<u8> {
 /// the first 4 GiB) into guest memory.
 pub fn write_boot_structures(ram: &GuestRam) -> Result<()> {
     if !ram.contains(0, RESERVED_END) {
-        return Err(Error::Image(format!(
-            "the 64-bit entry modes need at least {RESERVED_END:#x} bytes of RAM for the VMM's boot structures"
-        )));
+        return Err(BootError::NoRoomForBootStructures);
     }
     let gdt_bytes: Vec<u8> = gdt().iter().flat_map(|d| d.to_le_bytes()).collect();
     ram.write(GDT_ADDR, &gdt_bytes)?;
@@ -170,9 +168,7 @@ pub fn long_mode_sregs(mut sregs: kvm_sregs, mode: EntryMode) -> kvm_sregs {
 /// Special registers for a real-mode entry at `entry` (CS = entry's 64 KiB segment).
 pub fn real_mode_sregs(mut sregs: kvm_sregs, entry: u64) -> Result<kvm_sregs> {
     if entry >= 0x10_0000 {
-        return Err(Error::Image(format!(
-            "real-mode entry {entry:#x} is above the 1 MiB real-mode address space"
-        )));
+        return Err(BootError::RealModeEntry(entry));
     }
     let base = entry & 0xf_0000;
     sregs.cs.base = base;

@@ -14,7 +14,7 @@ use kvm_bindings::kvm_run;
 use libc::{c_int, c_void, siginfo_t};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
-use crate::error::{Error, Result};
+use super::{Result, VcpuError};
 
 /// Offset of the kick signal from SIGRTMIN (Firecracker uses SIGRTMIN + 0; a
 /// different offset keeps both usable in one process).
@@ -44,12 +44,9 @@ extern "C" fn on_kick(_num: c_int, _info: *mut siginfo_t, _ctx: *mut c_void) {
 pub fn install_handler() -> Result<()> {
     static INSTALLED: OnceLock<std::result::Result<(), String>> = OnceLock::new();
     INSTALLED
-        .get_or_init(|| {
-            register_signal_handler(kick_signal(), on_kick)
-                .map_err(|e| format!("cannot install the vCPU kick signal handler: {e}"))
-        })
+        .get_or_init(|| register_signal_handler(kick_signal(), on_kick).map_err(|e| e.to_string()))
         .clone()
-        .map_err(Error::InvalidArgument)
+        .map_err(VcpuError::KickHandler)
 }
 
 /// Publishes a `kvm_run` page to this thread's kick handler while alive.

@@ -20,11 +20,69 @@ use kvm_bindings::{kvm_fpu, kvm_regs, kvm_run, kvm_sregs};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use serde::Serialize;
 
-use crate::boot::{x86_64, EntryMode};
-use crate::error::{Error, Result};
+use thiserror::Error;
+
+use crate::boot::{x86_64, BootError, EntryMode};
 use crate::metrics::{ExitKind, VcpuMetrics, VcpuMetricsSnapshot};
 use crate::vm::VmShared;
 use exit::{handle_exit, CrashRegisters, ExitAction, StopReason};
+
+/// What can go wrong driving a vCPU from the host.
+#[derive(Debug, Error)]
+pub enum VcpuError {
+    /// Its registers are out of reach while it runs
+    #[error("vCPU {0} is running; stop it before touching its registers")]
+    Running(u32),
+    /// A run was asked for while one is under way
+    #[error("vCPU {0} is already running")]
+    AlreadyRunning(u32),
+    /// The vCPU was closed
+    #[error("vCPU {0} is closed")]
+    Closed(u32),
+    /// A wait for a run that was never asked for
+    #[error("vCPU {0} was never started")]
+    NeverStarted(u32),
+    /// The vCPU did not leave KVM_RUN after its kick
+    #[error("vCPU {id} did not stop within {ms} ms of being kicked")]
+    DidNotStop {
+        /// Which vCPU.
+        id: u32,
+        /// How long it was given.
+        ms: u128,
+    },
+    /// A KVM ioctl failed
+    #[error("{op} failed: {source}")]
+    Kvm {
+        /// The ioctl.
+        op: &'static str,
+        /// KVM's error.
+        source: kvm_ioctls::Error,
+    },
+    /// The vCPU thread could not be spawned
+    #[error("spawning a vCPU thread: {0}")]
+    Spawn(std::io::Error),
+    /// The kick signal's handler could not be installed
+    #[error("cannot install the vCPU kick signal handler: {0}")]
+    KickHandler(String),
+    /// The entry point is not in guest RAM
+    #[error("image: entry point {entry:#x} is outside guest RAM ({ram_size} bytes)")]
+    EntryOutsideRam {
+        /// The entry point.
+        entry: u64,
+        /// The RAM size.
+        ram_size: u64,
+    },
+    /// The entry state or the boot structures were refused
+    #[error(transparent)]
+    Boot(#[from] BootError),
+}
+
+/// The result of a vCPU operation.
+pub type Result<T> = std::result::Result<T, VcpuError>;
+
+fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
+    move |source| VcpuError::Kvm { op, source }
+}
 
 /// Why the host wants a vCPU to stop (stored in an atomic the loop polls).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -228,68 +286,59 @@ impl Vcpu {
         match self.fd.try_lock() {
             Ok(guard) => Ok(guard),
             Err(std::sync::TryLockError::Poisoned(p)) => Ok(p.into_inner()),
-            Err(std::sync::TryLockError::WouldBlock) => Err(Error::Busy(format!(
-                "vCPU {} is running; stop it before touching its registers",
-                self.id
-            ))),
+            Err(std::sync::TryLockError::WouldBlock) => Err(VcpuError::Running(self.id)),
         }
     }
 
     /// Reads the general-purpose registers.
     pub fn get_regs(&self) -> Result<kvm_regs> {
-        self.fd()?.get_regs().map_err(Error::kvm("KVM_GET_REGS"))
+        self.fd()?.get_regs().map_err(kvm("KVM_GET_REGS"))
     }
 
     /// Writes the general-purpose registers.
     pub fn set_regs(&self, regs: &kvm_regs) -> Result<()> {
-        self.fd()?
-            .set_regs(regs)
-            .map_err(Error::kvm("KVM_SET_REGS"))
+        self.fd()?.set_regs(regs).map_err(kvm("KVM_SET_REGS"))
     }
 
     /// Reads the special registers.
     pub fn get_sregs(&self) -> Result<kvm_sregs> {
-        self.fd()?.get_sregs().map_err(Error::kvm("KVM_GET_SREGS"))
+        self.fd()?.get_sregs().map_err(kvm("KVM_GET_SREGS"))
     }
 
     /// Writes the special registers.
     pub fn set_sregs(&self, sregs: &kvm_sregs) -> Result<()> {
-        self.fd()?
-            .set_sregs(sregs)
-            .map_err(Error::kvm("KVM_SET_SREGS"))
+        self.fd()?.set_sregs(sregs).map_err(kvm("KVM_SET_SREGS"))
     }
 
     /// Sets the CPUID the guest sees (KVM_SET_CPUID2).
     pub fn set_cpuid(&self, cpuid: &kvm_bindings::CpuId) -> Result<()> {
-        self.fd()?
-            .set_cpuid2(cpuid)
-            .map_err(Error::kvm("KVM_SET_CPUID2"))
+        self.fd()?.set_cpuid2(cpuid).map_err(kvm("KVM_SET_CPUID2"))
     }
 
     /// Reads the FPU/SSE state.
     pub fn get_fpu(&self) -> Result<kvm_fpu> {
-        self.fd()?.get_fpu().map_err(Error::kvm("KVM_GET_FPU"))
+        self.fd()?.get_fpu().map_err(kvm("KVM_GET_FPU"))
     }
 
     /// Writes the FPU/SSE state.
     pub fn set_fpu(&self, fpu: &kvm_fpu) -> Result<()> {
-        self.fd()?.set_fpu(fpu).map_err(Error::kvm("KVM_SET_FPU"))
+        self.fd()?.set_fpu(fpu).map_err(kvm("KVM_SET_FPU"))
     }
 
     /// Prepares the CPU state (and, for the 64-bit modes, the boot structures in
     /// guest RAM) to start executing at `entry` with stack pointer `stack`.
     pub fn setup_entry(&self, mode: EntryMode, entry: u64, stack: u64) -> Result<()> {
         let fd = self.fd()?;
-        let sregs = fd.get_sregs().map_err(Error::kvm("KVM_GET_SREGS"))?;
+        let sregs = fd.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
         let ram = &self.shared.ram;
         let check_entry = || {
             if ram.contains(entry, 1) {
                 Ok(())
             } else {
-                Err(Error::Image(format!(
-                    "entry point {entry:#x} is outside guest RAM ({} bytes)",
-                    ram.size()
-                )))
+                Err(VcpuError::EntryOutsideRam {
+                    entry,
+                    ram_size: ram.size(),
+                })
             }
         };
         let sregs = match mode {
@@ -304,9 +353,9 @@ impl Vcpu {
                 x86_64::long_mode_sregs(sregs, mode)
             }
         };
-        fd.set_sregs(&sregs).map_err(Error::kvm("KVM_SET_SREGS"))?;
+        fd.set_sregs(&sregs).map_err(kvm("KVM_SET_SREGS"))?;
         fd.set_regs(&x86_64::entry_regs(mode, entry, stack))
-            .map_err(Error::kvm("KVM_SET_REGS"))
+            .map_err(kvm("KVM_SET_REGS"))
     }
 
     /// A snapshot of this vCPU's exit counters.
@@ -319,10 +368,8 @@ impl Vcpu {
         let mut state = self.control.lock();
         match state.phase {
             Phase::Idle => {}
-            Phase::Requested | Phase::Running => {
-                return Err(Error::Busy(format!("vCPU {} is already running", self.id)))
-            }
-            Phase::Closing => return Err(Error::Busy(format!("vCPU {} is closed", self.id))),
+            Phase::Requested | Phase::Running => return Err(VcpuError::AlreadyRunning(self.id)),
+            Phase::Closing => return Err(VcpuError::Closed(self.id)),
         }
         let mut thread = self.thread.lock().unwrap_or_else(|p| p.into_inner());
         if thread.is_none() {
@@ -348,10 +395,7 @@ impl Vcpu {
         std::thread::Builder::new()
             .name(format!("dv-vcpu-{id}"))
             .spawn(move || vcpu_thread(id, fd, control, metrics, shared))
-            .map_err(|source| Error::Io {
-                op: "spawning a vCPU thread",
-                source,
-            })
+            .map_err(VcpuError::Spawn)
     }
 
     /// Waits for the current run to finish, until `deadline`. Returns `None` when
@@ -359,7 +403,7 @@ impl Vcpu {
     pub fn wait_until(&self, deadline: Option<Instant>) -> Result<Option<RunResult>> {
         let mut state = self.control.lock();
         if state.started == 0 {
-            return Err(Error::arg(format!("vCPU {} was never started", self.id)));
+            return Err(VcpuError::NeverStarted(self.id));
         }
         while state.finished != state.started {
             match deadline {
@@ -626,11 +670,10 @@ pub fn wait_all(vcpus: &[Arc<Vcpu>], timeout: Option<Duration>) -> Result<Vec<Ru
             match other.wait_until(Some(grace))? {
                 Some(result) => results.push(result),
                 None => {
-                    return Err(Error::Busy(format!(
-                        "vCPU {} did not stop within {} ms of being kicked",
-                        other.id,
-                        STOP_GRACE.as_millis()
-                    )))
+                    return Err(VcpuError::DidNotStop {
+                        id: other.id,
+                        ms: STOP_GRACE.as_millis(),
+                    })
                 }
             }
         }
