@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "01b99a84b45aecc44f443e54f2d8e3a0d6a0401cd2333183af82364bbef8296b";
+  "0aa0e39b3d7547c1e07bbb6b796838e1b4e4345c0625e265f2b33667c033931e";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

@@ -31,7 +31,7 @@ use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};
 use std::sync::Arc;
 
 use thiserror::Error;
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::memory::GuestRam;
@@ -206,11 +206,91 @@ pub fn read_config_bytes(image: &[u8], offset: u64, data: &mut [u8]) {
 /// The guest memory type queues run on.
 pub type Mem = vm_memory::GuestMemoryMmap<()>;
 
-/// Serves every available chain of `queue`: `handle` answers each with the
-/// length it wrote (`None`: the driver broke the queue), the chain goes to the
-/// used ring, and queue `index`'s interrupt is raised if the driver wants it.
-/// False when the queue is broken, including an avail index more than a queue
-/// ahead (nothing can be popped though more is announced: stop, do not spin).
+/// What a device did with a chain [`drain`] gave it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Served {
+    /// Done: to the used ring, with the bytes the device wrote into it.
+    Used(u32),
+    /// Kept by the device, which returns it later itself (balloon
+    /// statistics); `release` is a chain it kept before and returns now
+    /// instead (head, bytes written).
+    Kept { release: Option<(u16, u32)> },
+    /// Not now: the chain goes back to the ring and the pass ends with the
+    /// driver's notifications still off (the device resumes on a wake of its
+    /// own: a writable TAP, room in a backlog, the next batch).
+    Later,
+}
+
+/// What a [`drain`] pass did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Drained {
+    /// Chains put in the used ring.
+    pub used: usize,
+    /// It ended on [`Served::Later`] (else: the ring is empty and the
+    /// driver's notifications are on).
+    pub later: bool,
+}
+
+/// The next available chain of `queue`, or the ring's error, which is how
+/// an avail index more than a queue ahead shows (virtio-queue's
+/// `pop_descriptor_chain` would log it and yield nothing, and the device
+/// would see more announced than it can take).
+pub fn pop<'m>(
+    queue: &mut Queue,
+    m: &'m Mem,
+) -> Result<Option<DescriptorChain<&'m Mem>>, virtio_queue::Error> {
+    Ok(queue.iter(m)?.next())
+}
+
+/// Takes every available chain of `queue` to `handle` and puts what it
+/// served in the used ring, with the driver's notifications off while it
+/// works and on again once the ring is empty (checked again after, so a
+/// chain posted meanwhile is not missed). `broken` turns a ring error (its
+/// rings, an avail index more than a queue ahead) into the device's error;
+/// an error from either stops the pass. The caller raises the interrupt
+/// ([`wants_interrupt`]): some devices drain two queues before they do.
+pub fn drain<'m, E>(
+    queue: &mut Queue,
+    m: &'m Mem,
+    broken: impl Fn(virtio_queue::Error) -> E,
+    mut handle: impl FnMut(DescriptorChain<&'m Mem>) -> Result<Served, E>,
+) -> Result<Drained, E> {
+    let mut done = Drained::default();
+    loop {
+        queue.disable_notification(m).map_err(&broken)?;
+        while let Some(chain) = pop(queue, m).map_err(&broken)? {
+            let head = chain.head_index();
+            let (head, len) = match handle(chain)? {
+                Served::Used(len) => (head, len),
+                Served::Kept { release: None } => continue,
+                Served::Kept {
+                    release: Some(earlier),
+                } => earlier,
+                Served::Later => {
+                    queue.go_to_previous_position();
+                    done.later = true;
+                    return Ok(done);
+                }
+            };
+            queue.add_used(m, head, len).map_err(&broken)?;
+            done.used += 1;
+        }
+        if !queue.enable_notification(m).map_err(&broken)? {
+            return Ok(done);
+        }
+    }
+}
+
+/// Whether to raise `queue`'s interrupt after a pass that used `used`
+/// chains: only for used chains, and as the driver asked (EVENT_IDX).
+pub fn wants_interrupt(queue: &mut Queue, m: &Mem, used: usize) -> bool {
+    used > 0 && queue.needs_notification(m).unwrap_or(true)
+}
+
+/// [`drain`] for devices that answer every chain at once: `handle` gives
+/// the length it wrote (`None`: the driver broke the queue), and queue
+/// `index`'s interrupt is raised if the driver wants it. False when the
+/// queue is broken.
 pub fn drain_queue<'m>(
     queue: &mut Queue,
     m: &'m Mem,
@@ -218,29 +298,15 @@ pub fn drain_queue<'m>(
     index: usize,
     mut handle: impl FnMut(DescriptorChain<&'m Mem>) -> Option<u32>,
 ) -> bool {
-    loop {
-        if queue.disable_notification(m).is_err() {
-            return false;
-        }
-        let mut served = 0usize;
-        while let Some(chain) = queue.pop_descriptor_chain(m) {
-            served += 1;
-            let head = chain.head_index();
-            let Some(used) = handle(chain) else {
-                return false;
-            };
-            if queue.add_used(m, head, used).is_err() {
-                return false;
-            }
-        }
-        match queue.enable_notification(m) {
-            Ok(true) if served == 0 => return false,
-            Ok(true) => continue,
-            Ok(false) => break,
-            Err(_) => return false,
-        }
-    }
-    if queue.needs_notification(m).unwrap_or(true) {
+    let Ok(done) = drain(
+        queue,
+        m,
+        |_| (),
+        |chain| handle(chain).map(Served::Used).ok_or(()),
+    ) else {
+        return false;
+    };
+    if wants_interrupt(queue, m, done.used) {
         interrupt.queue(index);
     }
     true

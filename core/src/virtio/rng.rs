@@ -234,6 +234,67 @@ mod tests {
     }
 
     #[test]
+    fn a_driver_posting_while_the_device_drains_never_stops_it() {
+        // A wake whose requests an earlier pass already served finds the
+        // ring empty; a request published right then is more work, not a
+        // broken ring. One thread publishes requests as fast as it can while
+        // this one kicks, so the device keeps waking to a ring that is empty
+        // just as a request arrives.
+        let mut d = TestDriver::new(Box::new(Rng::default()));
+        d.start(0);
+        let rings = 0x10_0000u64;
+        let avail = rings + 16 * QUEUE_SIZE as u64;
+        let used_idx = rings + 0x8000 + 2;
+        let read_used = move |mem: &GuestRam| {
+            let mut idx = [0u8; 2];
+            mem.read(used_idx, &mut idx).unwrap();
+            u16::from_le_bytes(idx)
+        };
+        // Every request is descriptor 0, one byte.
+        d.set_desc(0, 0, BUFFERS, 1, 2, 0);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mem = d.mem.clone();
+        let poster = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut posted = 0u16;
+                while !stop.load(Ordering::Relaxed) {
+                    if posted.wrapping_sub(read_used(&mem)) >= QUEUE_SIZE / 2 {
+                        std::hint::spin_loop();
+                        continue;
+                    }
+                    let slot = (posted % QUEUE_SIZE) as u64;
+                    mem.write(avail + 4 + 2 * slot, &0u16.to_le_bytes())
+                        .unwrap();
+                    posted = posted.wrapping_add(1);
+                    mem.write(avail + 2, &posted.to_le_bytes()).unwrap();
+                }
+                posted
+            })
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        let mut broken = false;
+        while std::time::Instant::now() < deadline && !broken {
+            d.write(0x3000, &0u16.to_le_bytes());
+            broken = d.read8(0x14) & status::NEEDS_RESET != 0;
+        }
+        stop.store(true, Ordering::Relaxed);
+        let posted = poster.join().unwrap();
+        assert!(
+            !broken,
+            "NEEDS_RESET with {posted} posted, {} used",
+            read_used(&d.mem)
+        );
+        // The last ones are served on the last kick.
+        d.write(0x3000, &0u16.to_le_bytes());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while read_used(&d.mem) != posted && std::time::Instant::now() < deadline {
+            std::thread::yield_now();
+        }
+        assert_eq!(read_used(&d.mem), posted, "every request is served");
+    }
+
+    #[test]
     fn a_buffer_outside_guest_ram_stops_the_device_with_needs_reset() {
         let mut d = TestDriver::new(Box::new(Rng::default()));
         d.start(0);
