@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "0aa0e39b3d7547c1e07bbb6b796838e1b4e4345c0625e265f2b33667c033931e";
+  "04f44e3667b390f144135177e0737c03d294fb5a0f91770ef04f43cf2a593011";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

@@ -37,7 +37,9 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::worker::{Wake, Worker};
-use super::{device_type, Activation, Interrupt, VirtioDevice, VirtioError};
+use super::{
+    device_type, drain, wants_interrupt, Activation, Interrupt, Served, VirtioDevice, VirtioError,
+};
 use crate::memory::GuestRam;
 
 /// Balloon feature bits (virtio spec 5.5.3).
@@ -504,61 +506,46 @@ impl Runner {
             return Ok(());
         };
         let role = *role;
-        let m = self.mem.mmap();
-        loop {
-            queue.disable_notification(m)?;
-            let mut served = 0usize;
-            while let Some(chain) = queue.pop_descriptor_chain(m) {
-                served += 1;
-                let head = chain.head_index();
-                match role {
-                    Role::Inflate => {
-                        let mut pfns = read_pfns(m, chain, role)?;
-                        release_pfns(&self.mem, &mut pfns)?;
-                        lock(&self.shared.state).inflated_pages += pfns.len() as u64;
-                        queue.add_used(m, head, 0)?;
+        let (mem, shared, stats_head) = (&self.mem, &self.shared, &mut self.stats_head);
+        let m = mem.mmap();
+        let done = drain(queue, m, BalloonError::Queue, |chain| {
+            let head = chain.head_index();
+            match role {
+                Role::Inflate => {
+                    let mut pfns = read_pfns(m, chain, role)?;
+                    release_pfns(mem, &mut pfns)?;
+                    lock(&shared.state).inflated_pages += pfns.len() as u64;
+                }
+                Role::Deflate => {
+                    let pfns = read_pfns(m, chain, role)?;
+                    if let Some(&bad) = pfns
+                        .iter()
+                        .find(|&&p| !mem.contains(p as u64 * PAGE_SIZE, PAGE_SIZE))
+                    {
+                        return Err(BalloonError::PfnOutsideRam(bad as u64));
                     }
-                    Role::Deflate => {
-                        let pfns = read_pfns(m, chain, role)?;
-                        if let Some(&bad) = pfns
-                            .iter()
-                            .find(|&&p| !self.mem.contains(p as u64 * PAGE_SIZE, PAGE_SIZE))
-                        {
-                            return Err(BalloonError::PfnOutsideRam(bad as u64));
-                        }
-                        lock(&self.shared.state).deflated_pages += pfns.len() as u64;
-                        queue.add_used(m, head, 0)?;
+                    lock(&shared.state).deflated_pages += pfns.len() as u64;
+                }
+                Role::Stats => {
+                    let stats = read_stats(m, chain)?;
+                    {
+                        let mut s = lock(&shared.state);
+                        s.stats = stats;
+                        s.stats_updates += 1;
                     }
-                    Role::Stats => {
-                        let stats = read_stats(m, chain)?;
-                        {
-                            let mut s = lock(&self.shared.state);
-                            s.stats = stats;
-                            s.stats_updates += 1;
-                        }
-                        // The driver keeps one buffer here; a second one
-                        // returns the first rather than leaking it.
-                        if let Some(old) = self.stats_head.replace(head) {
-                            queue.add_used(m, old, 0)?;
-                        }
-                    }
-                    Role::Reporting => {
-                        let bytes = release_reported(&self.mem, chain)?;
-                        lock(&self.shared.state).reported_bytes += bytes;
-                        queue.add_used(m, head, 0)?;
-                    }
+                    // The driver keeps one buffer here; a second one
+                    // returns the first rather than leaking it.
+                    let release = stats_head.replace(head).map(|old| (old, 0));
+                    return Ok(Served::Kept { release });
+                }
+                Role::Reporting => {
+                    let bytes = release_reported(mem, chain)?;
+                    lock(&shared.state).reported_bytes += bytes;
                 }
             }
-            if !queue.enable_notification(m)? {
-                break;
-            }
-            if served == 0 {
-                // More available but nothing to take: the avail index is more
-                // than a queue ahead. A broken queue, not a reason to spin.
-                return Err(virtio_queue::Error::InvalidAvailRingIndex.into());
-            }
-        }
-        if queue.needs_notification(m)? {
+            Ok(Served::Used(0))
+        })?;
+        if wants_interrupt(queue, m, done.used) {
             self.interrupt.queue(q);
         }
         Ok(())

@@ -34,7 +34,10 @@ use vmm_sys_util::epoll::EventSet;
 
 use super::tap::{Tap, TapError, VNET_HDR_LEN};
 use super::worker::{Wake, Worker};
-use super::{device_type, read_config_bytes, Activation, VirtioDevice, VirtioError};
+use super::{
+    device_type, drain, pop, read_config_bytes, wants_interrupt, Activation, Served, VirtioDevice,
+    VirtioError,
+};
 
 /// Feature bits (virtio spec 5.1.3).
 pub mod net_features {
@@ -410,18 +413,6 @@ fn malformed(queue: &'static str, head: u16, why: &'static str) -> NetError {
     NetError::Malformed { queue, head, why }
 }
 
-/// Refuses an avail index more than a queue's size ahead (virtio-queue then
-/// yields nothing while reporting more available: a loop without it).
-fn check_avail(q: &Queue, mem: &GuestMemoryMmap<()>, name: &'static str) -> Result<(), NetError> {
-    let idx = q
-        .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
-        .map_err(|_| NetError::BrokenQueue(name))?;
-    if idx.0.wrapping_sub(q.next_avail()) > q.size() {
-        return Err(NetError::BrokenQueue(name));
-    }
-    Ok(())
-}
-
 impl NetQueues {
     /// Queues over `mem`, moving frames through `fd` (nonblocking).
     pub fn new(
@@ -451,18 +442,15 @@ impl NetQueues {
     /// driver wants an interrupt.
     pub fn process_tx(&mut self, notify: &mut dyn FnMut(usize)) -> Result<Progress, NetError> {
         let mut p = Progress::default();
-        let broken = || NetError::BrokenQueue("transmit");
-        let mut used_any = false;
-        'outer: loop {
-            self.tx
-                .disable_notification(&self.mem)
-                .map_err(|_| broken())?;
-            check_avail(&self.tx, &self.mem, "transmit")?;
-            while let Some(chain) = self.tx.pop_descriptor_chain(&self.mem) {
+        let (mem, fd, stats, tx_blocked) = (&self.mem, self.fd, &self.stats, &mut self.tx_blocked);
+        let done = drain(
+            &mut self.tx,
+            mem,
+            |_| NetError::BrokenQueue("transmit"),
+            |chain| {
                 if p.frames == BATCH {
-                    self.tx.go_to_previous_position();
                     p.more = true;
-                    break 'outer;
+                    return Ok(Served::Later);
                 }
                 let head = chain.head_index();
                 let mut iov: Vec<libc::iovec> = Vec::with_capacity(4);
@@ -481,8 +469,7 @@ impl NetQueues {
                     if len == 0 {
                         continue;
                     }
-                    let slice = self
-                        .mem
+                    let slice = mem
                         .get_slice(desc.addr(), len)
                         .map_err(|_| malformed("transmit", head, "a buffer outside guest RAM"))?;
                     iov.push(libc::iovec {
@@ -496,49 +483,45 @@ impl NetQueues {
                 if total < VNET_HDR_LEN {
                     return Err(malformed("transmit", head, "no virtio-net header"));
                 }
-                // SAFETY: every iovec points inside guest RAM (get_slice
-                // checked each range), which stays mapped while `self.mem`
-                // lives; the kernel only reads from them.
-                let n = unsafe { libc::writev(self.fd, iov.as_ptr(), iov.len() as libc::c_int) };
-                if n < 0 {
-                    let e = std::io::Error::last_os_error();
-                    match e.raw_os_error() {
-                        Some(libc::EAGAIN) | Some(libc::ENOBUFS) => {
-                            // Full: the chain goes back; the TAP's EPOLLOUT resumes.
-                            self.tx.go_to_previous_position();
-                            self.tx_blocked = true;
-                            self.stats.tx_waits.fetch_add(1, Ordering::Relaxed);
-                            p.blocked = true;
-                            break 'outer;
-                        }
-                        Some(libc::EINTR) => {
-                            self.tx.go_to_previous_position();
-                            continue;
-                        }
-                        // Refused (a bad GSO header, the link detached...):
-                        // the frame is dropped, the guest goes on.
-                        _ => {
-                            self.stats.tx_dropped.fetch_add(1, Ordering::Relaxed);
-                        }
+                let n = loop {
+                    // SAFETY: every iovec points inside guest RAM (get_slice
+                    // checked each range), which stays mapped while `mem`
+                    // lives; the kernel only reads from them.
+                    let n = unsafe { libc::writev(fd, iov.as_ptr(), iov.len() as libc::c_int) };
+                    if n >= 0 {
+                        break Ok(n);
                     }
-                } else {
-                    self.stats.tx_frames.fetch_add(1, Ordering::Relaxed);
-                    self.stats
-                        .tx_bytes
-                        .fetch_add((total - VNET_HDR_LEN) as u64, Ordering::Relaxed);
+                    let e = std::io::Error::last_os_error();
+                    if e.raw_os_error() != Some(libc::EINTR) {
+                        break Err(e);
+                    }
+                };
+                match n {
+                    Ok(_) => {
+                        stats.tx_frames.fetch_add(1, Ordering::Relaxed);
+                        stats
+                            .tx_bytes
+                            .fetch_add((total - VNET_HDR_LEN) as u64, Ordering::Relaxed);
+                    }
+                    Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::ENOBUFS)) => {
+                        // Full: the chain goes back; the TAP's EPOLLOUT resumes.
+                        *tx_blocked = true;
+                        stats.tx_waits.fetch_add(1, Ordering::Relaxed);
+                        p.blocked = true;
+                        return Ok(Served::Later);
+                    }
+                    // Refused (a bad GSO header, the link detached...):
+                    // the frame is dropped, the guest goes on.
+                    Err(_) => {
+                        stats.tx_dropped.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
-                self.tx_blocked = false;
-                self.tx.add_used(&self.mem, head, 0).map_err(|_| broken())?;
-                used_any = true;
+                *tx_blocked = false;
                 p.frames += 1;
-            }
-            match self.tx.enable_notification(&self.mem) {
-                Ok(true) => continue,
-                Ok(false) => break,
-                Err(_) => return Err(broken()),
-            }
-        }
-        if used_any && self.tx.needs_notification(&self.mem).unwrap_or(true) {
+                Ok(Served::Used(0))
+            },
+        )?;
+        if wants_interrupt(&mut self.tx, &self.mem, done.used) {
             notify(TX);
         }
         Ok(p)
@@ -621,7 +604,6 @@ impl NetQueues {
     /// enough (the frame stays pending and nothing is consumed).
     fn deliver(&mut self) -> Result<bool, NetError> {
         let broken = || NetError::BrokenQueue("receive");
-        check_avail(&self.rx, &self.mem, "receive")?;
         let len = self.pending_len;
         // num_buffers, the header's last field: 1 unless the frame spans more.
         self.pending[10..12].copy_from_slice(&1u16.to_le_bytes());
@@ -629,7 +611,8 @@ impl NetQueues {
         let mut first: Vec<(GuestAddress, usize)> = Vec::new();
         let mut off = 0usize;
         while off < len {
-            let Some(chain) = self.rx.pop_descriptor_chain(&self.mem) else {
+            // An avail index more than a queue ahead is an error here.
+            let Some(chain) = pop(&mut self.rx, &self.mem).map_err(|_| broken())? else {
                 self.rx_exhausted_at = self.rx.next_avail();
                 for _ in 0..used.len() {
                     self.rx.go_to_previous_position();

@@ -20,14 +20,13 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::GuestMemoryMmap;
+use virtio_queue::Queue;
 use vmm_sys_util::epoll::EventSet;
 
 use self::muxer::{ConnectionState, Muxer, Stats};
 use self::packet::{RxBuffer, MAX_PAYLOAD};
 use super::worker::{Wake, Worker};
-use super::{device_type, Activation, VirtioDevice, VirtioError};
+use super::{device_type, drain, wants_interrupt, Activation, Served, VirtioDevice, VirtioError};
 use crate::memory::GuestRam;
 
 /// Each queue's size.
@@ -122,15 +121,6 @@ pub struct Engine {
     scratch: Vec<u8>,
 }
 
-/// The next chain of `queue`, or the ring's own error (an avail index
-/// further ahead than the queue is long).
-fn pop<'m>(
-    queue: &mut Queue,
-    m: &'m GuestMemoryMmap,
-) -> Result<Option<DescriptorChain<&'m GuestMemoryMmap>>, VsockError> {
-    Ok(queue.iter(m).map_err(VsockError::Queue)?.next())
-}
-
 impl Engine {
     /// Handling for `rx`/`tx` over `mem`, served by `muxer`.
     pub fn new(mem: GuestRam, rx: Queue, tx: Queue, muxer: Muxer) -> Engine {
@@ -150,7 +140,7 @@ impl Engine {
         if let Wake::Fd(..) = wake {
             self.muxer.handle_events();
         }
-        let (mut tx_used, mut rx_used) = (false, false);
+        let (mut tx_used, mut rx_used) = (0, 0);
         loop {
             let took = self.process_tx(&mut tx_used)?;
             let gave = self.process_rx(&mut rx_used)?;
@@ -159,72 +149,57 @@ impl Engine {
             }
         }
         let m = self.mem.mmap();
-        if tx_used && self.tx.needs_notification(m).map_err(VsockError::Queue)? {
+        if wants_interrupt(&mut self.tx, m, tx_used) {
             notify(TX);
         }
-        if rx_used && self.rx.needs_notification(m).map_err(VsockError::Queue)? {
+        if wants_interrupt(&mut self.rx, m, rx_used) {
             notify(RX);
         }
         Ok(())
     }
 
     /// Takes guest packets until tx is empty or the control backlog is
-    /// full; true if any was taken.
-    fn process_tx(&mut self, used: &mut bool) -> Result<bool, VsockError> {
+    /// full (resumed once rx takes control packets: a kick on rx or tx);
+    /// true if any was taken.
+    fn process_tx(&mut self, used: &mut usize) -> Result<bool, VsockError> {
         let m = self.mem.mmap();
-        let mut took = false;
-        loop {
-            self.tx.disable_notification(m).map_err(VsockError::Queue)?;
-            while !self.muxer.backlog_full() {
-                let Some(chain) = pop(&mut self.tx, m)? else {
-                    break;
-                };
-                let head = chain.head_index();
-                let hdr = packet::read_tx(chain, m, &mut self.payload)?;
-                self.muxer.send_pkt(&hdr, &self.payload);
-                self.tx.add_used(m, head, 0).map_err(VsockError::Queue)?;
-                *used = true;
-                took = true;
+        let (muxer, payload) = (&mut self.muxer, &mut self.payload);
+        let done = drain(&mut self.tx, m, VsockError::Queue, |chain| {
+            if muxer.backlog_full() {
+                return Ok(Served::Later);
             }
-            if self.muxer.backlog_full() {
-                // Resumed once rx takes control packets (a kick on rx or tx).
-                return Ok(took);
-            }
-            if !self.tx.enable_notification(m).map_err(VsockError::Queue)? {
-                return Ok(took);
-            }
-        }
+            let hdr = packet::read_tx(chain, m, payload)?;
+            muxer.send_pkt(&hdr, payload);
+            Ok(Served::Used(0))
+        })?;
+        *used += done.used;
+        Ok(done.used > 0)
     }
 
     /// Fills guest rx buffers while there is something to send; true if any
     /// was filled.
-    fn process_rx(&mut self, used: &mut bool) -> Result<bool, VsockError> {
+    fn process_rx(&mut self, used: &mut usize) -> Result<bool, VsockError> {
         let m = self.mem.mmap();
+        let (muxer, scratch) = (&mut self.muxer, &mut self.scratch);
         let mut gave = false;
-        while self.muxer.has_rx() {
-            self.rx.disable_notification(m).map_err(VsockError::Queue)?;
-            while self.muxer.has_rx() {
-                let Some(chain) = pop(&mut self.rx, m)? else {
-                    break;
-                };
-                let head = chain.head_index();
+        while muxer.has_rx() {
+            let done = drain(&mut self.rx, m, VsockError::Queue, |chain| {
+                if !muxer.has_rx() {
+                    return Ok(Served::Later);
+                }
                 let buf = RxBuffer::new(chain)?;
                 let room = buf.payload_room();
-                let Some((hdr, n)) = self.muxer.recv_pkt(&mut self.scratch, room) else {
-                    // Nothing after all (a socket had no bytes): keep the buffer.
-                    self.rx.go_to_previous_position();
-                    break;
+                let Some((hdr, n)) = muxer.recv_pkt(scratch, room) else {
+                    // Nothing after all (a socket had no bytes): keep the
+                    // buffer; a reset that came of it is tried again.
+                    return Ok(Served::Later);
                 };
-                let len = buf.write(m, &hdr, &self.scratch[..n])?;
-                self.rx.add_used(m, head, len).map_err(VsockError::Queue)?;
-                *used = true;
-                gave = true;
-            }
-            if !self.muxer.has_rx() {
-                break;
-            }
-            // Out of buffers: the driver's next rx kick resumes.
-            if !self.rx.enable_notification(m).map_err(VsockError::Queue)? {
+                Ok(Served::Used(buf.write(m, &hdr, &scratch[..n])?))
+            })?;
+            *used += done.used;
+            gave |= done.used > 0;
+            if !done.later {
+                // Out of buffers: the driver's next rx kick resumes.
                 break;
             }
         }

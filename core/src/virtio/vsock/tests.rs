@@ -7,6 +7,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::muxer::{ConnKey, Phase, CONN_BUF};
