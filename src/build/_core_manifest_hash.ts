@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "04f44e3667b390f144135177e0737c03d294fb5a0f91770ef04f43cf2a593011";
+  "c9ce0bd0d4d0bb9c1c8c541c54d9627e4707a5ea72c34850e5d93883d0392ba1";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

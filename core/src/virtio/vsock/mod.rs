@@ -4,7 +4,10 @@
 //! (guest → host port), as [`muxer`] describes.
 //!
 //! Three queues: rx (device → guest packets), tx (guest → device), event
-//! (transport resets, unused until snapshots). The worker thread owns an
+//! (transport resets: [`Vsock`]'s `transport_reset` request closes every
+//! host stream and tells the guest, which drops its connections and reads
+//! its CID again, as Firecracker does after a snapshot is restored). The
+//! worker thread owns an
 //! [`Engine`]: it takes guest packets from tx while the control backlog has
 //! room, and fills rx buffers with control packets and host bytes. A broken
 //! chain (wrong direction, a loop, outside RAM, a short header, an oversized
@@ -15,24 +18,32 @@ pub mod packet;
 
 use std::os::unix::net::UnixListener;
 use std::path::Path;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use virtio_queue::Queue;
+use vm_memory::Bytes;
 use vmm_sys_util::epoll::EventSet;
 
 use self::muxer::{ConnectionState, Muxer, Stats};
 use self::packet::{RxBuffer, MAX_PAYLOAD};
 use super::worker::{Wake, Worker};
-use super::{device_type, drain, wants_interrupt, Activation, Served, VirtioDevice, VirtioError};
+use super::{
+    device_type, drain, wants_interrupt, Activation, Interrupt, Served, VirtioDevice, VirtioError,
+};
 use crate::memory::GuestRam;
 
 /// Each queue's size.
 const QUEUE_SIZE: u16 = 256;
 const RX: usize = 0;
 const TX: usize = 1;
+const EVENT: usize = 2;
+/// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`, the only event (virtio spec 5.10.6.6).
+const EVENT_TRANSPORT_RESET: u32 = 0;
+/// An event's size: `struct virtio_vsock_event { le32 id; }`.
+const EVENT_LEN: u32 = 4;
 /// The longest `PATH_<port>` must fit a `sockaddr_un` (107 bytes and a NUL).
 const SUN_PATH_MAX: usize = 107;
 /// The longest port suffix, `_4294967295`.
@@ -75,6 +86,9 @@ pub enum VsockError {
     /// A device-writable descriptor on tx or a readable one on rx.
     #[error("a descriptor has the wrong direction for its queue")]
     WrongDirection,
+    /// An event buffer too small for an event.
+    #[error("a {0}-byte event buffer cannot hold a 4-byte event")]
+    ShortEvent(u32),
     /// A buffer too small for a packet header.
     #[error("a {0}-byte buffer cannot hold a 44-byte packet header")]
     ShortBuffer(usize),
@@ -111,23 +125,31 @@ pub struct VsockState {
     pub connections: Vec<ConnectionState>,
 }
 
-/// The queue handling: tx into the muxer, the muxer into rx.
+/// The queue handling: tx into the muxer, the muxer into rx, transport
+/// resets into the event queue.
 pub struct Engine {
     mem: GuestRam,
     rx: Queue,
     tx: Queue,
+    /// The event queue, if the driver enabled it.
+    event: Option<Queue>,
+    /// A transport reset the guest has not been told of yet (no event
+    /// buffer was there).
+    reset_pending: bool,
     pub muxer: Muxer,
     payload: Vec<u8>,
     scratch: Vec<u8>,
 }
 
 impl Engine {
-    /// Handling for `rx`/`tx` over `mem`, served by `muxer`.
-    pub fn new(mem: GuestRam, rx: Queue, tx: Queue, muxer: Muxer) -> Engine {
+    /// Handling for `rx`/`tx` (and `event`) over `mem`, served by `muxer`.
+    pub fn new(mem: GuestRam, rx: Queue, tx: Queue, event: Option<Queue>, muxer: Muxer) -> Engine {
         Engine {
             mem,
             rx,
             tx,
+            event,
+            reset_pending: false,
             muxer,
             payload: Vec::with_capacity(MAX_PAYLOAD),
             scratch: vec![0u8; MAX_PAYLOAD],
@@ -154,6 +176,49 @@ impl Engine {
         }
         if wants_interrupt(&mut self.rx, m, rx_used) {
             notify(RX);
+        }
+        self.process_event(notify)
+    }
+
+    /// A transport reset: every host stream closes, and the guest is told
+    /// on the event queue now or, with no buffer there, when one comes.
+    /// Returns the streams closed and whether the event went out.
+    pub fn transport_reset(
+        &mut self,
+        notify: &mut dyn FnMut(usize),
+    ) -> Result<(usize, bool), VsockError> {
+        let closed = self.muxer.reset_all();
+        self.reset_pending = true;
+        self.process_event(notify)?;
+        Ok((closed, !self.reset_pending))
+    }
+
+    /// Posts a pending transport reset in the driver's first event buffer
+    /// (one device-writable descriptor of at least 4 bytes).
+    fn process_event(&mut self, notify: &mut dyn FnMut(usize)) -> Result<(), VsockError> {
+        let (Some(queue), true) = (self.event.as_mut(), self.reset_pending) else {
+            return Ok(());
+        };
+        let m = self.mem.mmap();
+        let pending = &mut self.reset_pending;
+        let done = drain(queue, m, VsockError::Queue, |mut chain| {
+            if !*pending {
+                return Ok(Served::Later);
+            }
+            let desc = chain.next().ok_or(VsockError::Chain("an empty chain"))?;
+            if !desc.is_write_only() {
+                return Err(VsockError::WrongDirection);
+            }
+            if desc.len() < EVENT_LEN {
+                return Err(VsockError::ShortEvent(desc.len()));
+            }
+            m.write_obj(EVENT_TRANSPORT_RESET.to_le(), desc.addr())
+                .map_err(|_| VsockError::OutsideRam(desc.addr().0))?;
+            *pending = false;
+            Ok(Served::Used(EVENT_LEN))
+        })?;
+        if wants_interrupt(queue, m, done.used) {
+            notify(EVENT);
         }
         Ok(())
     }
@@ -215,6 +280,23 @@ pub struct Vsock {
     engine: Arc<Mutex<Option<Engine>>>,
     stats: Arc<Stats>,
     worker: Option<Worker>,
+    /// How host requests reach the running device's driver.
+    running: Option<Running>,
+}
+
+/// A running device's interrupt and its NEEDS_RESET flag.
+#[derive(Clone)]
+struct Running {
+    interrupt: Arc<Interrupt>,
+    needs_reset: Arc<AtomicU8>,
+}
+
+impl Running {
+    /// Stops the device for a broken queue (DEVICE_NEEDS_RESET).
+    fn fail(&self) {
+        self.needs_reset.store(1, Ordering::Release);
+        self.interrupt.config();
+    }
 }
 
 /// Checks a socket path the way `bind(2)` would see it, with one-line
@@ -260,6 +342,7 @@ impl Vsock {
             engine: Arc::new(Mutex::new(None)),
             stats: Arc::new(Stats::default()),
             worker: None,
+            running: None,
         })
     }
 
@@ -311,7 +394,7 @@ impl VirtioDevice for Vsock {
         };
         let rx = take(RX)?;
         let tx = take(TX)?;
-        // The event queue (2) stays idle: nothing is sent on it yet.
+        let event = take(EVENT).ok();
         let listener = self
             .listener
             .try_clone()
@@ -326,13 +409,18 @@ impl VirtioDevice for Vsock {
             },
         )?;
         let epoll_fd = muxer.epoll_fd();
-        let engine = Engine::new(a.mem.clone(), rx, tx, muxer);
+        let engine = Engine::new(a.mem.clone(), rx, tx, event, muxer);
         let shared = self.engine.clone();
         *shared
             .lock()
             .map_err(|_| VirtioError::Malformed("vsock state lock poisoned".into()))? =
             Some(engine);
         let kicks = std::mem::take(&mut a.kicks);
+        let running = Running {
+            interrupt: Arc::new(a.interrupt),
+            needs_reset: a.needs_reset,
+        };
+        self.running = Some(running.clone());
         self.worker = Some(Worker::spawn(
             "virtio-vsock",
             kicks,
@@ -344,11 +432,11 @@ impl VirtioDevice for Vsock {
                 let Some(engine) = guard.as_mut() else {
                     return false;
                 };
-                match engine.handle(wake, &mut |q| a.interrupt.queue(q)) {
+                match engine.handle(wake, &mut |q| running.interrupt.queue(q)) {
                     Ok(()) => true,
                     Err(_) => {
                         *guard = None;
-                        a.fail();
+                        running.fail();
                         false
                     }
                 }
@@ -359,9 +447,43 @@ impl VirtioDevice for Vsock {
 
     fn reset(&mut self) {
         self.worker = None;
+        self.running = None;
         if let Ok(mut e) = self.engine.lock() {
             // Closes every connection's host stream.
             *e = None;
+        }
+    }
+
+    /// `{"op": "transport_reset"}`: closes every host stream and posts
+    /// VIRTIO_VSOCK_EVENT_TRANSPORT_RESET (now, or when the driver next
+    /// gives an event buffer). Answers `{"closed": N, "event": "posted" |
+    /// "pending" | "none"}` ("none": the driver has not started the device,
+    /// there is nothing to reset).
+    fn control(&mut self, request: &serde_json::Value) -> Result<serde_json::Value, VirtioError> {
+        if request.get("op").and_then(|o| o.as_str()) != Some("transport_reset") {
+            return Err(VirtioError::Unsupported(format!(
+                "{request}: vsock takes {{\"op\": \"transport_reset\"}}"
+            )));
+        }
+        let mut guard = self
+            .engine
+            .lock()
+            .map_err(|_| VirtioError::Malformed("vsock state lock poisoned".into()))?;
+        let (Some(engine), Some(running)) = (guard.as_mut(), self.running.as_ref()) else {
+            return Ok(serde_json::json!({"closed": 0, "event": "none"}));
+        };
+        match engine.transport_reset(&mut |q| running.interrupt.queue(q)) {
+            Ok((closed, posted)) => Ok(serde_json::json!({
+                "closed": closed,
+                "event": if posted { "posted" } else { "pending" },
+            })),
+            Err(e) => {
+                // The driver broke its event queue: the device stops, as
+                // the worker stops it for a broken queue.
+                *guard = None;
+                running.fail();
+                Err(e.into())
+            }
         }
     }
 

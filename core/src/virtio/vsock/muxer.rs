@@ -849,6 +849,25 @@ impl Muxer {
         self.arm_timer(REQUEST_TIMEOUT);
     }
 
+    /// Closes every host stream (connections and streams still sending
+    /// their CONNECT line) and forgets what was queued for the guest, as a
+    /// transport reset wants: the guest drops its side on the event, so
+    /// nothing is sent for them. Returns how many streams were closed.
+    pub fn reset_all(&mut self) -> usize {
+        let keys: Vec<ConnKey> = self.conns.keys().copied().collect();
+        let waiting: Vec<RawFd> = self.waiting.keys().copied().collect();
+        let closed = keys.len() + waiting.len();
+        for key in keys {
+            self.remove(key);
+        }
+        for fd in waiting {
+            self.drop_waiting(fd);
+        }
+        self.control.clear();
+        self.ready.clear();
+        closed
+    }
+
     fn arm_timer(&mut self, after: Duration) {
         if !self.timer.is_armed().unwrap_or(false) {
             let _ = self.timer.reset(after.max(Duration::from_millis(1)), None);

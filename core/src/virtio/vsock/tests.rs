@@ -383,6 +383,139 @@ fn a_guest_credit_request_gets_a_credit_update() {
 
 /// Posts one raw tx chain whose descriptors are `descs` (addr, len, flags,
 /// next), at table indices 0.., and waits for NEEDS_RESET.
+/// Where the tests' event buffers go.
+const EVENTS: u64 = 0x90_0000;
+
+/// Posts a 4-byte event buffer (filled with 0xff) at `EVENTS + 16 * n`.
+fn post_event(g: &mut Guest, n: u64) -> u16 {
+    g.d.mem.write(EVENTS + 16 * n, &[0xff; 4]).unwrap();
+    g.d.post(
+        EVENT,
+        &[Buf {
+            addr: EVENTS + 16 * n,
+            len: 4,
+            write: true,
+        }],
+    )
+}
+
+fn transport_reset(g: &mut Guest) -> serde_json::Value {
+    g.d.dev
+        .control(&serde_json::json!({"op": "transport_reset"}))
+        .unwrap()
+}
+
+#[test]
+fn a_transport_reset_closes_every_host_stream_and_tells_the_guest_on_the_event_queue() {
+    let dir = scratch_dir("reset");
+    let path = dir.join("v.sock").to_str().unwrap().to_string();
+    let host = UnixListener::bind(format!("{path}_1234")).unwrap();
+    let mut g = Guest::new(&path);
+    // One connection the guest made, one a host program made, one host
+    // stream that has not sent its CONNECT line yet.
+    g.send(g.hdr(op::REQUEST, 5000, 1234), &[]);
+    assert_eq!(g.recv().0.op, op::RESPONSE);
+    let (mut s1, _) = host.accept().unwrap();
+    let mut s2 = UnixStream::connect(&path).unwrap();
+    s2.write_all(b"CONNECT 52\n").unwrap();
+    let (h, _) = g.recv();
+    g.send(g.hdr(op::RESPONSE, 52, h.src_port), &[]);
+    assert_eq!(read_line(&s2), format!("OK {}\n", h.src_port));
+    let mut s3 = UnixStream::connect(&path).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let fired_before = g.d.irqs.fired.lock().unwrap().len();
+
+    // No event buffer yet: the event waits for one.
+    let r = transport_reset(&mut g);
+    assert_eq!(r["event"], "pending", "{r}");
+    assert!(r["closed"].as_u64().unwrap() >= 2, "{r}");
+    assert!(g.state().is_empty());
+    for s in [&mut s1, &mut s2, &mut s3] {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty(), "{rest:?}");
+    }
+    // Nothing more for the old connections in rx (no RST, no data).
+    assert!(g.quiet(50));
+
+    let head = post_event(&mut g, 0);
+    assert_eq!(g.d.wait_used(EVENT), Some((u32::from(head), 4)));
+    let mut id = [0u8; 4];
+    g.d.mem.read(EVENTS, &mut id).unwrap();
+    assert_eq!(
+        u32::from_le_bytes(id),
+        0,
+        "VIRTIO_VSOCK_EVENT_TRANSPORT_RESET"
+    );
+    assert!(g.d.irqs.fired.lock().unwrap()[fired_before..].contains(&(EVENT as u16)));
+
+    // With a buffer there (Linux keeps eight) the event goes at once, and
+    // once only.
+    let head = post_event(&mut g, 1);
+    post_event(&mut g, 2);
+    assert!(g.quiet(20));
+    let r = transport_reset(&mut g);
+    assert_eq!(
+        (r["closed"].as_u64(), r["event"].as_str()),
+        (Some(0), Some("posted"))
+    );
+    assert_eq!(g.d.wait_used(EVENT), Some((u32::from(head), 4)));
+    std::thread::sleep(Duration::from_millis(50));
+    let mut idx = [0u8; 2];
+    // The used ring of queue 2 (see test_driver's layout).
+    g.d.mem.read(0x12_0000 + 0x8000 + 2, &mut idx).unwrap();
+    assert_eq!(u16::from_le_bytes(idx), 2, "one event per reset");
+
+    // The guest connects again as before.
+    g.send(g.hdr(op::REQUEST, 5001, 1234), &[]);
+    assert_eq!(g.recv().0.op, op::RESPONSE);
+    let (mut s4, _) = host.accept().unwrap();
+    g.send(g.hdr(op::RW, 5001, 1234), b"again");
+    let mut got = [0u8; 5];
+    s4.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"again");
+}
+
+#[test]
+fn transport_reset_requests_before_the_driver_and_bad_event_buffers() {
+    let dir = scratch_dir("reset-bad");
+    let path = dir.join("v.sock").to_str().unwrap().to_string();
+    let mut dev = Vsock::new(GUEST_CID, &path).unwrap();
+    let r = dev
+        .control(&serde_json::json!({"op": "transport_reset"}))
+        .unwrap();
+    assert_eq!(r, serde_json::json!({"closed": 0, "event": "none"}));
+    assert!(matches!(
+        dev.control(&serde_json::json!({"op": "reset"})),
+        Err(VirtioError::Unsupported(_))
+    ));
+    drop(dev);
+    // A device-readable event buffer, then one too short for an event.
+    for (len, write) in [(4, false), (2, true)] {
+        let mut g = Guest::new(&path);
+        g.d.post(
+            EVENT,
+            &[Buf {
+                addr: EVENTS,
+                len,
+                write,
+            }],
+        );
+        assert!(g.quiet(20));
+        assert!(g
+            .d
+            .dev
+            .control(&serde_json::json!({"op": "transport_reset"}))
+            .is_err());
+        assert!(g.d.wait_needs_reset(), "len {len} write {write}");
+        // The device comes back after a reset.
+        let s = g.d.start(0);
+        assert_eq!(s & status::NEEDS_RESET, 0);
+        drop(g);
+    }
+}
+
 fn broken_tx_resets(name: &str, setup: impl FnOnce(&mut TestDriver)) {
     let dir = scratch_dir(name);
     let path = dir.join("v.sock").to_str().unwrap().to_string();
@@ -719,18 +852,23 @@ fn random_descriptor_tables_never_crash_or_write_outside_their_buffers() {
             mem.clone(),
             fuzz_queue(0x8_0000),
             fuzz_queue(0x9_0000),
+            Some(fuzz_queue(0xc_0000)),
             muxer,
         );
         let mut result = Ok(());
         for round in 0..3 {
             fuzz_fill(&mut rng, &mem, 0x8_0000);
             fuzz_fill(&mut rng, &mem, 0x9_0000);
+            fuzz_fill(&mut rng, &mem, 0xc_0000);
             let wake = if round % 2 == 0 {
                 Wake::Kick(TX)
             } else {
                 Wake::Kick(RX)
             };
             result = e.handle(wake, &mut |_| {});
+            if result.is_ok() && round == 1 {
+                result = e.transport_reset(&mut |_| {}).map(|_| ());
+            }
             assert!(e.muxer.buffered() <= e.muxer.state().len() * CONN_BUF as usize);
             if result.is_err() {
                 break;
@@ -754,6 +892,12 @@ fn random_descriptor_tables_never_crash_or_write_outside_their_buffers() {
         for el in used[4..].chunks(8) {
             let len = u32::from_le_bytes(el[4..8].try_into().unwrap());
             assert!(len as usize <= HDR_SIZE + MAX_PAYLOAD, "case {case}: {len}");
+        }
+        // An event is 4 bytes.
+        mem.read(0xc_0200, &mut used).unwrap();
+        for el in used[4..].chunks(8) {
+            let len = u32::from_le_bytes(el[4..8].try_into().unwrap());
+            assert!(len == 0 || len == EVENT_LEN, "case {case}: event {len}");
         }
     }
     assert!(ok > 0 && failed > 0, "ok {ok}, failed {failed}");
