@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "c9ce0bd0d4d0bb9c1c8c541c54d9627e4707a5ea72c34850e5d93883d0392ba1";
+  "df36cda3fcddb4a59d73c834c5224c22491c5f7a91872bccdc8fa1ebffcf4ffe";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

@@ -632,12 +632,7 @@ impl VirtioDevice for Balloon {
         self.stop();
         let mut queues = Vec::new();
         for (i, role) in roles(a.features).into_iter().enumerate() {
-            let q = a
-                .queues
-                .get_mut(i)
-                .and_then(Option::take)
-                .ok_or(VirtioError::QueueNotEnabled(i))?;
-            queues.push((role, q));
+            queues.push((role, a.take_queue(i)?));
         }
         let refresh = EventFd::new(EFD_NONBLOCK).map_err(io("creating an eventfd"))?;
         let worker_refresh = refresh.try_clone().map_err(io("duplicating an eventfd"))?;
@@ -741,14 +736,7 @@ mod tests {
     fn post_pfns(d: &mut TestDriver, q: usize, pfns: &[u32]) -> u16 {
         let bytes: Vec<u8> = pfns.iter().flat_map(|p| p.to_le_bytes()).collect();
         d.mem.write(LIST, &bytes).unwrap();
-        d.post(
-            q,
-            &[Buf {
-                addr: LIST,
-                len: bytes.len() as u32,
-                write: false,
-            }],
-        )
+        d.post(q, &[Buf::readable(LIST, bytes.len() as u32)])
     }
 
     fn fill(d: &TestDriver, addr: u64, len: u64, byte: u8) {
@@ -850,14 +838,7 @@ mod tests {
             })
             .collect();
         d.mem.write(LIST, &bytes).unwrap();
-        d.post(
-            q,
-            &[Buf {
-                addr: LIST,
-                len: bytes.len() as u32,
-                write: false,
-            }],
-        )
+        d.post(q, &[Buf::readable(LIST, bytes.len() as u32)])
     }
 
     #[test]
@@ -901,16 +882,8 @@ mod tests {
             let head = d.post(
                 q,
                 &[
-                    Buf {
-                        addr: PAGES,
-                        len: 2 * PAGE_SIZE as u32,
-                        write: true,
-                    },
-                    Buf {
-                        addr: PAGES + 3 * PAGE_SIZE,
-                        len: PAGE_SIZE as u32,
-                        write: true,
-                    },
+                    Buf::writable(PAGES, 2 * PAGE_SIZE as u32),
+                    Buf::writable(PAGES + 3 * PAGE_SIZE, PAGE_SIZE as u32),
                 ],
             );
             assert_eq!(d.wait_used(q), Some((head as u32, 0)));
@@ -957,58 +930,26 @@ mod tests {
         // A device-writable frame list.
         refused(all_f, 0, |d| {
             d.mem.write(LIST, &first.to_le_bytes()).unwrap();
-            d.post(
-                0,
-                &[Buf {
-                    addr: LIST,
-                    len: 4,
-                    write: true,
-                }],
-            );
+            d.post(0, &[Buf::writable(LIST, 4)]);
         });
         // Half a frame number.
         refused(all_f, 0, |d| {
             d.mem.write(LIST, &first.to_le_bytes()).unwrap();
-            d.post(
-                0,
-                &[Buf {
-                    addr: LIST,
-                    len: 6,
-                    write: false,
-                }],
-            );
+            d.post(0, &[Buf::readable(LIST, 6)]);
         });
         // An oversized list.
         refused(all_f, 0, |d| {
-            d.post(
-                0,
-                &[Buf {
-                    addr: LIST,
-                    len: MAX_PFN_BYTES as u32 + 4,
-                    write: false,
-                }],
-            );
+            d.post(0, &[Buf::readable(LIST, MAX_PFN_BYTES as u32 + 4)]);
         });
         // A list that runs past the end of guest RAM.
         refused(all_f, 0, |d| {
-            d.post(
-                0,
-                &[Buf {
-                    addr: 16 * MIB - 4,
-                    len: 8,
-                    write: false,
-                }],
-            );
+            d.post(0, &[Buf::readable(16 * MIB - 4, 8)]);
         });
         // Oversized statistics.
         refused(all_f, 2, |d| {
             d.post(
                 2,
-                &[Buf {
-                    addr: LIST,
-                    len: (MAX_STATS * STAT_LEN + 10) as u32,
-                    write: false,
-                }],
+                &[Buf::readable(LIST, (MAX_STATS * STAT_LEN + 10) as u32)],
             );
         });
         // Reports: misaligned, outside RAM, read-only, empty.
@@ -1023,11 +964,7 @@ mod tests {
                 d.post(
                     3,
                     &[
-                        Buf {
-                            addr: PAGES,
-                            len: PAGE_SIZE as u32,
-                            write: true,
-                        },
+                        Buf::writable(PAGES, PAGE_SIZE as u32),
                         Buf { addr, len, write },
                     ],
                 );
@@ -1130,12 +1067,8 @@ mod tests {
             d.publish(q, head);
             // Done when the used index moves (a statistics buffer: when the
             // timer returned it) or the device stops.
-            let used = 0x10_0000 + q as u64 * 0x1_0000 + 0x8000 + 2;
-            let progressed = wait_for(|| {
-                let mut idx = [0u8; 2];
-                d.mem.read(used, &mut idx).unwrap();
-                d.read8(0x14) & status::NEEDS_RESET != 0 || idx != [0, 0]
-            });
+            let progressed =
+                wait_for(|| d.read8(0x14) & status::NEEDS_RESET != 0 || d.used_idx(q) != 0);
             assert!(
                 progressed,
                 "case {case}: queue {q} neither used the request nor stopped"

@@ -34,7 +34,7 @@ use virtio_bindings::virtio_blk as vb;
 use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap};
 
-use super::worker::{Wake, Worker};
+use super::worker::Worker;
 use super::{device_type, drain_queue, Activation, Interrupt, VirtioDevice, VirtioError};
 use crate::memory::GuestRam;
 
@@ -766,30 +766,18 @@ impl VirtioDevice for Block {
         super::read_config_bytes(&self.config_image(), offset, data);
     }
 
-    fn activate(&mut self, mut a: Activation) -> Result<(), VirtioError> {
-        let mut queue = a
-            .queues
-            .get_mut(0)
-            .and_then(Option::take)
-            .ok_or(VirtioError::QueueNotEnabled(0))?;
+    fn activate(&mut self, a: Activation) -> Result<(), VirtioError> {
         let ctx = Ctx {
             mem: a.mem.clone(),
             disk: self.disk.clone(),
             stats: self.stats.clone(),
             features: a.features,
         };
-        let kicks = std::mem::take(&mut a.kicks);
-        self.worker = Some(Worker::spawn("virtio-blk", kicks, vec![], move |wake| {
-            if wake != Wake::Kick(0) {
-                return true;
-            }
-            if serve(&mut queue, &ctx, &a.interrupt) {
-                true
-            } else {
-                a.fail();
-                false
-            }
-        })?);
+        self.worker = Some(Worker::one_queue(
+            "virtio-blk",
+            a,
+            move |queue, _, interrupt| serve(queue, &ctx, interrupt),
+        )?);
         Ok(())
     }
 
@@ -896,11 +884,7 @@ mod tests {
         h[8..].copy_from_slice(&sector.to_le_bytes());
         d.mem.write(HEADER, &h).unwrap();
         d.mem.write(STATUS, &[0xff]).unwrap();
-        let mut bufs = vec![Buf {
-            addr: HEADER,
-            len: 16,
-            write: false,
-        }];
+        let mut bufs = vec![Buf::readable(HEADER, 16)];
         if len > 0 {
             bufs.push(Buf {
                 addr: DATA,
@@ -908,11 +892,7 @@ mod tests {
                 write: write_data,
             });
         }
-        bufs.push(Buf {
-            addr: STATUS,
-            len: 1,
-            write: true,
-        });
+        bufs.push(Buf::writable(STATUS, 1));
         let head = d.post(0, &bufs);
         let (id, used) = d.wait_used(0).expect("the device answered");
         assert_eq!(id, head as u32);
@@ -1004,18 +984,7 @@ mod tests {
         );
         // A short header.
         d.mem.write(STATUS, &[0xff]).unwrap();
-        let bufs = [
-            Buf {
-                addr: HEADER,
-                len: 8,
-                write: false,
-            },
-            Buf {
-                addr: STATUS,
-                len: 1,
-                write: true,
-            },
-        ];
+        let bufs = [Buf::readable(HEADER, 8), Buf::writable(STATUS, 1)];
         d.post(0, &bufs);
         assert_eq!(d.wait_used(0).map(|u| u.1), Some(1));
         let mut s = [0u8];
@@ -1130,58 +1099,19 @@ mod tests {
         let cases: [&[Buf]; 4] = [
             // Data outside guest RAM.
             &[
-                Buf {
-                    addr: HEADER,
-                    len: 16,
-                    write: false,
-                },
-                Buf {
-                    addr: (16 << 20) - 256,
-                    len: 512,
-                    write: true,
-                },
-                Buf {
-                    addr: STATUS,
-                    len: 1,
-                    write: true,
-                },
+                Buf::readable(HEADER, 16),
+                Buf::writable((16 << 20) - 256, 512),
+                Buf::writable(STATUS, 1),
             ],
             // A readable buffer after a writable one.
             &[
-                Buf {
-                    addr: HEADER,
-                    len: 16,
-                    write: false,
-                },
-                Buf {
-                    addr: STATUS,
-                    len: 1,
-                    write: true,
-                },
-                Buf {
-                    addr: DATA,
-                    len: 512,
-                    write: false,
-                },
+                Buf::readable(HEADER, 16),
+                Buf::writable(STATUS, 1),
+                Buf::readable(DATA, 512),
             ],
             // No byte for the status.
-            &[Buf {
-                addr: HEADER,
-                len: 16,
-                write: false,
-            }],
-            &[
-                Buf {
-                    addr: HEADER,
-                    len: 16,
-                    write: false,
-                },
-                Buf {
-                    addr: STATUS,
-                    len: 0,
-                    write: true,
-                },
-            ],
+            &[Buf::readable(HEADER, 16)],
+            &[Buf::readable(HEADER, 16), Buf::writable(STATUS, 0)],
         ];
         for bufs in cases {
             d.start(0);
@@ -1220,21 +1150,9 @@ mod tests {
         // The status goes in the last byte of the last non-empty writable
         // buffer: 511 data bytes are left, not whole sectors, so IOERR there.
         let bufs = [
-            Buf {
-                addr: HEADER,
-                len: 16,
-                write: false,
-            },
-            Buf {
-                addr: DATA,
-                len: 512,
-                write: true,
-            },
-            Buf {
-                addr: STATUS,
-                len: 0,
-                write: true,
-            },
+            Buf::readable(HEADER, 16),
+            Buf::writable(DATA, 512),
+            Buf::writable(STATUS, 0),
         ];
         d.post(0, &bufs);
         assert_eq!(d.wait_used(0).map(|u| u.1), Some(1));
@@ -1380,11 +1298,7 @@ mod tests {
         seg[12..].copy_from_slice(&((rng.next_u64() % 4) as u32 / 3).to_le_bytes());
         d.mem.write(DATA, &seg).unwrap();
         let write = kind == vb::VIRTIO_BLK_T_IN || kind == vb::VIRTIO_BLK_T_GET_ID;
-        let mut bufs = vec![Buf {
-            addr: HEADER,
-            len: 16,
-            write: false,
-        }];
+        let mut bufs = vec![Buf::readable(HEADER, 16)];
         for i in 0..rng.next_u64() % 4 {
             let len = match kind {
                 vb::VIRTIO_BLK_T_DISCARD | vb::VIRTIO_BLK_T_WRITE_ZEROES => 16,
@@ -1397,11 +1311,7 @@ mod tests {
                 write,
             });
         }
-        bufs.push(Buf {
-            addr: STATUS,
-            len: 1,
-            write: true,
-        });
+        bufs.push(Buf::writable(STATUS, 1));
         if rng.next_u64().is_multiple_of(4) {
             // One mutation: an address, a length or a direction.
             let i = (rng.next_u64() % bufs.len() as u64) as usize;

@@ -142,6 +142,15 @@ pub struct Activation {
 }
 
 impl Activation {
+    /// Takes queue `index` from the activation (an error if the driver did
+    /// not enable it).
+    pub fn take_queue(&mut self, index: usize) -> Result<Queue, VirtioError> {
+        self.queues
+            .get_mut(index)
+            .and_then(Option::take)
+            .ok_or(VirtioError::QueueNotEnabled(index))
+    }
+
     /// Marks the device broken (the transport then reports
     /// DEVICE_NEEDS_RESET and raises a configuration interrupt).
     pub fn fail(&self) {

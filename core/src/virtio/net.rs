@@ -768,14 +768,8 @@ impl VirtioDevice for Net {
     }
 
     fn activate(&mut self, mut a: Activation) -> Result<(), VirtioError> {
-        let mut take = |i: usize| {
-            a.queues
-                .get_mut(i)
-                .and_then(Option::take)
-                .ok_or(VirtioError::QueueNotEnabled(i))
-        };
-        let rx = take(RX)?;
-        let tx = take(TX)?;
+        let rx = a.take_queue(RX)?;
+        let tx = a.take_queue(TX)?;
         self.acked = a.features;
         self.backend
             .set_offload(tap_offload_flags(a.features))
@@ -1003,16 +997,8 @@ mod tests {
         let head = d.post(
             TX,
             &[
-                Buf {
-                    addr: BUFFERS,
-                    len: VNET_HDR_LEN as u32,
-                    write: false,
-                },
-                Buf {
-                    addr: BUFFERS + 0x1000,
-                    len: 1500,
-                    write: false,
-                },
+                Buf::readable(BUFFERS, VNET_HDR_LEN as u32),
+                Buf::readable(BUFFERS + 0x1000, 1500),
             ],
         );
         assert_eq!(recv_wait(&peer), f);
@@ -1031,14 +1017,7 @@ mod tests {
         let (mut d, peer, _) = device(mac_config());
         d.start(ALL);
         d.mem.write(BUFFERS, &[0xee; 2048]).unwrap();
-        let head = d.post(
-            RX,
-            &[Buf {
-                addr: BUFFERS,
-                len: 2048,
-                write: true,
-            }],
-        );
+        let head = d.post(RX, &[Buf::writable(BUFFERS, 2048)]);
         let mut f = frame(60, 9);
         f[10] = 0x77; // a stale num_buffers from the backend is overwritten
         assert!(send(&peer, &f));
@@ -1054,16 +1033,7 @@ mod tests {
         let (mut d, peer, _) = device(mac_config());
         d.start(ALL);
         let heads: Vec<u16> = (0..3)
-            .map(|i| {
-                d.post(
-                    RX,
-                    &[Buf {
-                        addr: BUFFERS + i * 0x1000,
-                        len: 1000,
-                        write: true,
-                    }],
-                )
-            })
+            .map(|i| d.post(RX, &[Buf::writable(BUFFERS + i * 0x1000, 1000)]))
             .collect();
         let f = frame(2500 - VNET_HDR_LEN, 1);
         assert!(send(&peer, &f));
@@ -1088,14 +1058,7 @@ mod tests {
     fn a_frame_waits_without_spinning_until_enough_mergeable_buffers_arrive() {
         let (mut d, peer, stats) = device(mac_config());
         d.start(ALL);
-        let first = d.post(
-            RX,
-            &[Buf {
-                addr: BUFFERS,
-                len: 1000,
-                write: true,
-            }],
-        );
+        let first = d.post(RX, &[Buf::writable(BUFFERS, 1000)]);
         let f = frame(2500 - VNET_HDR_LEN, 2);
         assert!(send(&peer, &f));
         std::thread::sleep(Duration::from_millis(300));
@@ -1106,28 +1069,14 @@ mod tests {
         );
         assert_eq!(stats.rx_frames.load(Ordering::Relaxed), 0);
         assert_eq!(stats.rx_waits.load(Ordering::Relaxed), 1);
-        let second = d.post(
-            RX,
-            &[Buf {
-                addr: BUFFERS + 0x1000,
-                len: 1000,
-                write: true,
-            }],
-        );
+        let second = d.post(RX, &[Buf::writable(BUFFERS + 0x1000, 1000)]);
         std::thread::sleep(Duration::from_millis(50));
         assert_eq!(
             stats.rx_frames.load(Ordering::Relaxed),
             0,
             "two buffers are not enough"
         );
-        let third = d.post(
-            RX,
-            &[Buf {
-                addr: BUFFERS + 0x2000,
-                len: 1000,
-                write: true,
-            }],
-        );
+        let third = d.post(RX, &[Buf::writable(BUFFERS + 0x2000, 1000)]);
         assert_eq!(d.wait_used(RX), Some((first as u32, 1000)));
         assert_eq!(d.wait_used(RX), Some((second as u32, 1000)));
         assert_eq!(d.wait_used(RX), Some((third as u32, 500)));
@@ -1140,14 +1089,7 @@ mod tests {
             ..mac_config()
         });
         d.start(ALL);
-        let head = d.post(
-            RX,
-            &[Buf {
-                addr: BUFFERS,
-                len: 200,
-                write: true,
-            }],
-        );
+        let head = d.post(RX, &[Buf::writable(BUFFERS, 200)]);
         assert!(send(&peer, &frame(500, 0)));
         assert!(send(&peer, &frame(100, 5)));
         assert_eq!(d.wait_used(RX), Some((head as u32, 112)));
@@ -1175,14 +1117,7 @@ mod tests {
         assert_eq!(stats.rx_waits.load(Ordering::Relaxed), 1);
         assert_eq!(stats.rx_frames.load(Ordering::Relaxed), 0);
         for i in 0..5u64 {
-            let head = d.post(
-                RX,
-                &[Buf {
-                    addr: BUFFERS + i * 0x1000,
-                    len: 1000,
-                    write: true,
-                }],
-            );
+            let head = d.post(RX, &[Buf::writable(BUFFERS + i * 0x1000, 1000)]);
             assert_eq!(d.wait_used(RX), Some((head as u32, 112)));
             let mut got = [0u8; 112];
             d.mem.read(BUFFERS + i * 0x1000, &mut got).unwrap();
@@ -1216,14 +1151,7 @@ mod tests {
         let f = frame(4000, 0);
         for i in 0..n {
             d.mem.write(BUFFERS + i * 0x2000, &f).unwrap();
-            d.post(
-                TX,
-                &[Buf {
-                    addr: BUFFERS + i * 0x2000,
-                    len: f.len() as u32,
-                    write: false,
-                }],
-            );
+            d.post(TX, &[Buf::readable(BUFFERS + i * 0x2000, f.len() as u32)]);
         }
         let deadline = Instant::now() + Duration::from_secs(5);
         while stats.tx_waits.load(Ordering::Relaxed) == 0 {
@@ -1309,14 +1237,7 @@ mod tests {
         assert_eq!(s & status::NEEDS_RESET, 0, "status {s:#x}");
         let f = frame(64, 4);
         d.mem.write(BUFFERS, &f).unwrap();
-        d.post(
-            TX,
-            &[Buf {
-                addr: BUFFERS,
-                len: f.len() as u32,
-                write: false,
-            }],
-        );
+        d.post(TX, &[Buf::readable(BUFFERS, f.len() as u32)]);
         assert_eq!(recv_wait(&peer), f);
     }
 

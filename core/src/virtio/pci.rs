@@ -888,14 +888,7 @@ mod tests {
         // Accesses past every structure are ignored.
         d.write(0x7ff0, &[1, 2, 3, 4]);
         d.write(0x37, &[1, 2, 3, 4]);
-        let _ = d.post(
-            0,
-            &[Buf {
-                addr: BUFFERS,
-                len: 4,
-                write: true,
-            }],
-        );
+        let _ = d.post(0, &[Buf::writable(BUFFERS, 4)]);
     }
 
     #[test]
@@ -946,14 +939,7 @@ mod tests {
         let fired_before = d.irqs.fired.lock().unwrap().len();
         assert!(fired_before > 0);
         // A request published but not kicked when the state is taken.
-        let pending = d.post_quietly(
-            0,
-            &[Buf {
-                addr: BUFFERS + 0x1000,
-                len: 16,
-                write: true,
-            }],
-        );
+        let pending = d.post_quietly(0, &[Buf::writable(BUFFERS + 0x1000, 16)]);
         let before = common_view(&mut d);
         let json = serde_json::to_string(&d.dev.state()).unwrap();
         let state: TransportState = serde_json::from_str(&json).unwrap();

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use virtio_queue::Queue;
 use vm_memory::Bytes;
 
-use super::worker::{Wake, Worker};
+use super::worker::Worker;
 use super::{device_type, drain_queue, Activation, Interrupt, VirtioDevice, VirtioError};
 use crate::memory::GuestRam;
 
@@ -109,25 +109,13 @@ impl VirtioDevice for Rng {
         data.fill(0);
     }
 
-    fn activate(&mut self, mut a: Activation) -> Result<(), VirtioError> {
-        let mut queue = a
-            .queues
-            .get_mut(0)
-            .and_then(Option::take)
-            .ok_or(VirtioError::QueueNotEnabled(0))?;
+    fn activate(&mut self, a: Activation) -> Result<(), VirtioError> {
         let stats = self.stats.clone();
-        let kicks = std::mem::take(&mut a.kicks);
-        self.worker = Some(Worker::spawn("virtio-rng", kicks, vec![], move |wake| {
-            if wake != Wake::Kick(0) {
-                return true;
-            }
-            if serve(&mut queue, &a.mem, &a.interrupt, &stats) {
-                true
-            } else {
-                a.fail();
-                false
-            }
-        })?);
+        self.worker = Some(Worker::one_queue(
+            "virtio-rng",
+            a,
+            move |queue, mem, interrupt| serve(queue, mem, interrupt, &stats),
+        )?);
         Ok(())
     }
 
@@ -148,7 +136,7 @@ impl VirtioDevice for Rng {
 mod tests {
     use super::*;
     use crate::virtio::status;
-    use crate::virtio::test_driver::{Buf, TestDriver, BUFFERS};
+    use crate::virtio::test_driver::{used_idx, Buf, TestDriver, BUFFERS};
 
     #[test]
     fn fills_requests_with_random_bytes_and_interrupts() {
@@ -158,16 +146,8 @@ mod tests {
         let head = d.post(
             0,
             &[
-                Buf {
-                    addr: BUFFERS,
-                    len: 64,
-                    write: true,
-                },
-                Buf {
-                    addr: BUFFERS + 0x1000,
-                    len: 64,
-                    write: true,
-                },
+                Buf::writable(BUFFERS, 64),
+                Buf::writable(BUFFERS + 0x1000, 64),
             ],
         );
         assert_eq!(d.wait_used(0), Some((head as u32, 128)));
@@ -181,14 +161,7 @@ mod tests {
         }
         assert_eq!(d.irqs.fired.lock().unwrap()[0], 0);
         // A huge request is bounded.
-        let head = d.post(
-            0,
-            &[Buf {
-                addr: BUFFERS,
-                len: 1 << 20,
-                write: true,
-            }],
-        );
+        let head = d.post(0, &[Buf::writable(BUFFERS, 1 << 20)]);
         assert_eq!(d.wait_used(0), Some((head as u32, MAX_REQUEST as u32)));
     }
 
@@ -205,14 +178,7 @@ mod tests {
             assert_eq!(d.wait_used(0), None, "no used element for a broken chain");
             // A reset brings it back.
             d.start(0);
-            let head = d.post(
-                0,
-                &[Buf {
-                    addr: BUFFERS,
-                    len: 8,
-                    write: true,
-                }],
-            );
+            let head = d.post(0, &[Buf::writable(BUFFERS, 8)]);
             assert_eq!(d.wait_used(0), Some((head as u32, 8)));
         }
     }
@@ -242,14 +208,9 @@ mod tests {
         // just as a request arrives.
         let mut d = TestDriver::new(Box::new(Rng::default()));
         d.start(0);
-        let rings = 0x10_0000u64;
-        let avail = rings + 16 * QUEUE_SIZE as u64;
-        let used_idx = rings + 0x8000 + 2;
-        let read_used = move |mem: &GuestRam| {
-            let mut idx = [0u8; 2];
-            mem.read(used_idx, &mut idx).unwrap();
-            u16::from_le_bytes(idx)
-        };
+        // The avail ring (see test_driver's layout).
+        let avail = 0x10_0000 + 16 * QUEUE_SIZE as u64;
+        let read_used = |mem: &GuestRam| used_idx(mem, 0);
         // Every request is descriptor 0, one byte.
         d.set_desc(0, 0, BUFFERS, 1, 2, 0);
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -298,26 +259,12 @@ mod tests {
     fn a_buffer_outside_guest_ram_stops_the_device_with_needs_reset() {
         let mut d = TestDriver::new(Box::new(Rng::default()));
         d.start(0);
-        d.post(
-            0,
-            &[Buf {
-                addr: (16 << 20) - 8,
-                len: 64,
-                write: true,
-            }],
-        );
+        d.post(0, &[Buf::writable((16 << 20) - 8, 64)]);
         assert!(d.wait_needs_reset());
         // A reset brings it back.
         let s = d.start(0);
         assert_eq!(s & status::NEEDS_RESET, 0, "status {s:#x}");
-        let head = d.post(
-            0,
-            &[Buf {
-                addr: BUFFERS,
-                len: 8,
-                write: true,
-            }],
-        );
+        let head = d.post(0, &[Buf::writable(BUFFERS, 8)]);
         assert_eq!(d.wait_used(0), Some((head as u32, 8)));
     }
 }

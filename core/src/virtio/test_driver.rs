@@ -19,12 +19,44 @@ const RING_STRIDE: u64 = 0x1_0000;
 /// Where test buffers start.
 pub const BUFFERS: u64 = 0x40_0000;
 
+/// Queue `q`'s used ring.
+fn used_ring(q: usize) -> u64 {
+    RINGS + q as u64 * RING_STRIDE + 0x8000
+}
+
+/// Queue `q`'s used index in `mem` (for threads that hold only the memory).
+pub fn used_idx(mem: &GuestRam, q: usize) -> u16 {
+    let mut idx = [0u8; 2];
+    mem.read(used_ring(q) + 2, &mut idx).unwrap();
+    u16::from_le_bytes(idx)
+}
+
 /// A descriptor to post: address, length, device-writable.
 #[derive(Clone, Copy, Debug)]
 pub struct Buf {
     pub addr: u64,
     pub len: u32,
     pub write: bool,
+}
+
+impl Buf {
+    /// A buffer the device reads (driver → device).
+    pub fn readable(addr: u64, len: u32) -> Buf {
+        Buf {
+            addr,
+            len,
+            write: false,
+        }
+    }
+
+    /// A buffer the device writes (device → driver).
+    pub fn writable(addr: u64, len: u32) -> Buf {
+        Buf {
+            addr,
+            len,
+            write: true,
+        }
+    }
 }
 
 /// A driver bound to one device.
@@ -126,7 +158,7 @@ impl TestDriver {
             self.write(0x1a, &(q as u16).to_le_bytes());
             self.write(0x20, &base.to_le_bytes());
             self.write(0x28, &(base + 16 * size).to_le_bytes());
-            self.write(0x30, &(base + 0x8000).to_le_bytes());
+            self.write(0x30, &used_ring(q).to_le_bytes());
             self.write(0x1c, &1u16.to_le_bytes());
         }
         self.write(
@@ -236,15 +268,18 @@ impl TestDriver {
         head
     }
 
+    /// Queue `q`'s used index: how many chains the device has used.
+    pub fn used_idx(&self, q: usize) -> u16 {
+        used_idx(&self.mem, q)
+    }
+
     /// Waits for the next used element of queue `q`: (id, len).
     pub fn wait_used(&mut self, q: usize) -> Option<(u32, u32)> {
         let size = self.sizes[q] as u64;
-        let used = RINGS + q as u64 * RING_STRIDE + 0x8000;
+        let used = used_ring(q);
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            let mut idx = [0u8; 2];
-            self.mem.read(used + 2, &mut idx).unwrap();
-            if u16::from_le_bytes(idx) != self.used_seen[q] {
+            if self.used_idx(q) != self.used_seen[q] {
                 break;
             }
             if Instant::now() > deadline {
@@ -266,12 +301,9 @@ impl TestDriver {
     /// (`Some(Ok((id, len)))`) or NEEDS_RESET (`Some(Err(()))`); `None` when
     /// neither comes within 5 s (the device hung).
     pub fn wait_used_or_reset(&mut self, q: usize) -> Option<Result<(u32, u32), ()>> {
-        let used = RINGS + q as u64 * RING_STRIDE + 0x8000;
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            let mut idx = [0u8; 2];
-            self.mem.read(used + 2, &mut idx).unwrap();
-            if u16::from_le_bytes(idx) != self.used_seen[q] {
+            if self.used_idx(q) != self.used_seen[q] {
                 return self.wait_used(q).map(Ok);
             }
             if self.read8(0x14) & status::NEEDS_RESET != 0 {

@@ -9,7 +9,10 @@ use std::thread::JoinHandle;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::VirtioError;
+use virtio_queue::Queue;
+
+use super::{Activation, Interrupt, VirtioError};
+use crate::memory::GuestRam;
 
 /// What woke the worker.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,6 +37,28 @@ fn io(op: &'static str) -> impl FnOnce(std::io::Error) -> VirtioError {
 }
 
 impl Worker {
+    /// Spawns the worker of a one-queue device: `serve` drains queue 0 on
+    /// each kick and says false when the driver broke it (the device then
+    /// stops with DEVICE_NEEDS_RESET).
+    pub fn one_queue<S>(name: &str, mut a: Activation, mut serve: S) -> Result<Worker, VirtioError>
+    where
+        S: FnMut(&mut Queue, &GuestRam, &Interrupt) -> bool + Send + 'static,
+    {
+        let mut queue = a.take_queue(0)?;
+        let kicks = std::mem::take(&mut a.kicks);
+        Worker::spawn(name, kicks, vec![], move |wake| {
+            if wake != Wake::Kick(0) {
+                return true;
+            }
+            if serve(&mut queue, &a.mem, &a.interrupt) {
+                true
+            } else {
+                a.fail();
+                false
+            }
+        })
+    }
+
     /// Spawns `name`'s worker: `handle` runs for every wake until it returns
     /// false (the device broke or finished). `extra` are watched for input.
     pub fn spawn<F>(

@@ -386,15 +386,9 @@ impl VirtioDevice for Vsock {
     }
 
     fn activate(&mut self, mut a: Activation) -> Result<(), VirtioError> {
-        let mut take = |q: usize| {
-            a.queues
-                .get_mut(q)
-                .and_then(Option::take)
-                .ok_or(VirtioError::QueueNotEnabled(q))
-        };
-        let rx = take(RX)?;
-        let tx = take(TX)?;
-        let event = take(EVENT).ok();
+        let rx = a.take_queue(RX)?;
+        let tx = a.take_queue(TX)?;
+        let event = a.take_queue(EVENT).ok();
         let listener = self
             .listener
             .try_clone()

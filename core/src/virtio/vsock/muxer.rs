@@ -127,6 +127,41 @@ struct Connection {
 }
 
 impl Connection {
+    /// A fresh connection on `stream`: a guest-initiated one starts
+    /// established, a host-initiated one (`LocalInit`) waits for the guest.
+    fn new(key: ConnKey, phase: Phase, stream: UnixStream) -> Connection {
+        Connection {
+            state: ConnectionState {
+                key,
+                phase,
+                host_initiated: phase == Phase::LocalInit,
+                rx_cnt: 0,
+                fwd_cnt: 0,
+                fwd_cnt_sent: 0,
+                tx_cnt: 0,
+                peer_buf_alloc: 0,
+                peer_fwd_cnt: 0,
+                guest_shutdown: 0,
+                host_eof: false,
+            },
+            stream,
+            pending: VecDeque::new(),
+            readable: false,
+            writable: true,
+            queued: false,
+            credit_requested: false,
+            host_write_shut: false,
+            since: Instant::now(),
+        }
+    }
+
+    /// The guest's buffer and what it has consumed, from its packet.
+    fn with_peer_credit(mut self, buf_alloc: u32, fwd_cnt: u32) -> Connection {
+        self.state.peer_buf_alloc = buf_alloc;
+        self.state.peer_fwd_cnt = fwd_cnt;
+        self
+    }
+
     /// Whether it has host bytes to read for the guest now.
     fn can_send(&self) -> bool {
         self.state.phase == Phase::Established
@@ -181,6 +216,15 @@ pub struct Muxer {
 
 fn conn_events() -> EventSet {
     EventSet::IN | EventSet::OUT | EventSet::READ_HANG_UP | EventSet::EDGE_TRIGGERED
+}
+
+/// Adds `fd` to `epoll` for `events`, with the fd as its token.
+fn watch(epoll: &Epoll, fd: RawFd, events: EventSet) -> io::Result<()> {
+    epoll.ctl(
+        ControlOperation::Add,
+        fd,
+        EpollEvent::new(events, fd as u64),
+    )
 }
 
 /// `send(2)` without SIGPIPE (the host process may not ignore it).
@@ -269,20 +313,12 @@ impl Muxer {
         listener.set_nonblocking(true)?;
         let epoll = Epoll::new()?;
         let fd = listener.as_raw_fd();
-        epoll.ctl(
-            ControlOperation::Add,
-            fd,
-            EpollEvent::new(EventSet::IN, fd as u64),
-        )?;
+        watch(&epoll, fd, EventSet::IN)?;
         let mut fds = HashMap::new();
         fds.insert(fd, Target::Listener);
         let timer = TimerFd::new()?;
         let tfd = timer.as_raw_fd();
-        epoll.ctl(
-            ControlOperation::Add,
-            tfd,
-            EpollEvent::new(EventSet::IN, tfd as u64),
-        )?;
+        watch(&epoll, tfd, EventSet::IN)?;
         fds.insert(tfd, Target::Timer);
         Ok(Muxer {
             cid,
@@ -372,6 +408,12 @@ impl Muxer {
         h.buf_alloc = 0;
         self.control.push_back(h);
         self.stats.resets.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Adds a connection (its stream is already in the epoll set).
+    fn open(&mut self, c: Connection) {
+        self.conns.insert(c.state.key, c);
+        self.stats.connections.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Drops a connection (closing its host stream).
@@ -512,46 +554,15 @@ impl Muxer {
             }
         };
         let fd = stream.as_raw_fd();
-        if self
-            .epoll
-            .ctl(
-                ControlOperation::Add,
-                fd,
-                EpollEvent::new(conn_events(), fd as u64),
-            )
-            .is_err()
-        {
+        if watch(&self.epoll, fd, conn_events()).is_err() {
             self.rst(key.local_port, key.peer_port);
             return;
         }
         self.fds.insert(fd, Target::Conn(key));
-        self.conns.insert(
-            key,
-            Connection {
-                state: ConnectionState {
-                    key,
-                    phase: Phase::Established,
-                    host_initiated: false,
-                    rx_cnt: 0,
-                    fwd_cnt: 0,
-                    fwd_cnt_sent: 0,
-                    tx_cnt: 0,
-                    peer_buf_alloc: h.buf_alloc,
-                    peer_fwd_cnt: h.fwd_cnt,
-                    guest_shutdown: 0,
-                    host_eof: false,
-                },
-                stream,
-                pending: VecDeque::new(),
-                readable: false,
-                writable: true,
-                queued: false,
-                credit_requested: false,
-                host_write_shut: false,
-                since: Instant::now(),
-            },
+        self.open(
+            Connection::new(key, Phase::Established, stream)
+                .with_peer_credit(h.buf_alloc, h.fwd_cnt),
         );
-        self.stats.connections.fetch_add(1, Ordering::Relaxed);
         self.control_for(key, op::RESPONSE, 0);
     }
 
@@ -739,15 +750,7 @@ impl Muxer {
                 continue;
             }
             let fd = stream.as_raw_fd();
-            if self
-                .epoll
-                .ctl(
-                    ControlOperation::Add,
-                    fd,
-                    EpollEvent::new(EventSet::IN, fd as u64),
-                )
-                .is_err()
-            {
+            if watch(&self.epoll, fd, EventSet::IN).is_err() {
                 continue;
             }
             self.fds.insert(fd, Target::Waiting);
@@ -818,33 +821,7 @@ impl Muxer {
             return;
         }
         self.fds.insert(fd, Target::Conn(key));
-        self.conns.insert(
-            key,
-            Connection {
-                state: ConnectionState {
-                    key,
-                    phase: Phase::LocalInit,
-                    host_initiated: true,
-                    rx_cnt: 0,
-                    fwd_cnt: 0,
-                    fwd_cnt_sent: 0,
-                    tx_cnt: 0,
-                    peer_buf_alloc: 0,
-                    peer_fwd_cnt: 0,
-                    guest_shutdown: 0,
-                    host_eof: false,
-                },
-                stream,
-                pending: VecDeque::new(),
-                readable: false,
-                writable: true,
-                queued: false,
-                credit_requested: false,
-                host_write_shut: false,
-                since: Instant::now(),
-            },
-        );
-        self.stats.connections.fetch_add(1, Ordering::Relaxed);
+        self.open(Connection::new(key, Phase::LocalInit, stream));
         self.control_for(key, op::REQUEST, 0);
         self.arm_timer(REQUEST_TIMEOUT);
     }

@@ -34,6 +34,15 @@ fn scratch_dir(name: &str) -> PathBuf {
     d
 }
 
+/// `v.sock` in a scratch directory of its own.
+fn socket_path(name: &str) -> String {
+    scratch_dir(name)
+        .join("v.sock")
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
 /// A guest driver of the vsock device.
 struct Guest {
     d: TestDriver,
@@ -61,14 +70,9 @@ impl Guest {
 
     fn post_rx(&mut self) {
         let slot = self.rx_posted % u64::from(QUEUE_SIZE);
-        let head = self.d.post(
-            RX,
-            &[Buf {
-                addr: RX_BUFS + slot * RX_STRIDE,
-                len: RX_LEN,
-                write: true,
-            }],
-        );
+        let head = self
+            .d
+            .post(RX, &[Buf::writable(RX_BUFS + slot * RX_STRIDE, RX_LEN)]);
         assert_eq!(u64::from(head), slot);
         self.rx_posted += 1;
     }
@@ -92,18 +96,10 @@ impl Guest {
     fn send(&mut self, mut h: Header, payload: &[u8]) {
         h.len = payload.len() as u32;
         self.d.mem.write(TX_HDR, &h.to_bytes()).unwrap();
-        let mut bufs = vec![Buf {
-            addr: TX_HDR,
-            len: HDR_SIZE as u32,
-            write: false,
-        }];
+        let mut bufs = vec![Buf::readable(TX_HDR, HDR_SIZE as u32)];
         if !payload.is_empty() {
             self.d.mem.write(TX_DATA, payload).unwrap();
-            bufs.push(Buf {
-                addr: TX_DATA,
-                len: payload.len() as u32,
-                write: false,
-            });
+            bufs.push(Buf::readable(TX_DATA, payload.len() as u32));
         }
         let head = self.d.post(TX, &bufs);
         assert_eq!(self.d.wait_used(TX), Some((u32::from(head), 0)));
@@ -126,10 +122,7 @@ impl Guest {
     /// No rx packet arrives within `ms`.
     fn quiet(&mut self, ms: u64) -> bool {
         std::thread::sleep(Duration::from_millis(ms));
-        let mut idx = [0u8; 2];
-        // The used ring of queue 0 (see test_driver's layout).
-        self.d.mem.read(0x10_0000 + 0x8000 + 2, &mut idx).unwrap();
-        u64::from(u16::from_le_bytes(idx)) + 16 == self.rx_posted
+        u64::from(self.d.used_idx(RX)) + 16 == self.rx_posted
     }
 
     fn state(&self) -> Vec<super::muxer::ConnectionState> {
@@ -151,8 +144,7 @@ fn read_line(s: &UnixStream) -> String {
 
 #[test]
 fn the_guest_reaches_a_host_listener_on_path_port_and_bytes_flow_both_ways() {
-    let dir = scratch_dir("g2h");
-    let path = dir.join("v.sock").to_str().unwrap().to_string();
+    let path = socket_path("g2h");
     let host = UnixListener::bind(format!("{path}_1234")).unwrap();
     let mut g = Guest::new(&path);
 
@@ -198,8 +190,7 @@ fn the_guest_reaches_a_host_listener_on_path_port_and_bytes_flow_both_ways() {
 
 #[test]
 fn a_request_to_a_port_nobody_listens_on_is_reset() {
-    let dir = scratch_dir("refused");
-    let path = dir.join("v.sock").to_str().unwrap().to_string();
+    let path = socket_path("refused");
     let mut g = Guest::new(&path);
     g.send(g.hdr(op::REQUEST, 7, 99), &[]);
     let (h, _) = g.recv();
@@ -212,8 +203,7 @@ fn a_request_to_a_port_nobody_listens_on_is_reset() {
 
 #[test]
 fn a_host_program_connects_with_connect_p_and_reads_ok_and_its_port() {
-    let dir = scratch_dir("h2g");
-    let path = dir.join("v.sock").to_str().unwrap().to_string();
+    let path = socket_path("h2g");
     let mut g = Guest::new(&path);
 
     let mut s = UnixStream::connect(&path).unwrap();
@@ -265,8 +255,7 @@ fn a_host_program_connects_with_connect_p_and_reads_ok_and_its_port() {
 
 #[test]
 fn a_request_the_guest_never_answers_and_a_silent_host_stream_are_given_up() {
-    let dir = scratch_dir("timeout");
-    let path = dir.join("v.sock").to_str().unwrap().to_string();
+    let path = socket_path("timeout");
     let mut g = Guest::new(&path);
     let start = std::time::Instant::now();
     let mut silent = UnixStream::connect(&path).unwrap();
@@ -296,8 +285,7 @@ fn a_request_the_guest_never_answers_and_a_silent_host_stream_are_given_up() {
 
 #[test]
 fn a_slow_host_reader_bounds_what_the_vmm_holds_and_an_overrun_is_reset() {
-    let dir = scratch_dir("credit-in");
-    let path = dir.join("v.sock").to_str().unwrap().to_string();
+    let path = socket_path("credit-in");
     let host = UnixListener::bind(format!("{path}_80")).unwrap();
     let mut g = Guest::new(&path);
     g.send(g.hdr(op::REQUEST, 9, 80), &[]);
@@ -332,8 +320,7 @@ fn a_slow_host_reader_bounds_what_the_vmm_holds_and_an_overrun_is_reset() {
 
 #[test]
 fn host_bytes_stop_at_the_guests_credit_until_it_updates() {
-    let dir = scratch_dir("credit-out");
-    let path = dir.join("v.sock").to_str().unwrap().to_string();
+    let path = socket_path("credit-out");
     let host = UnixListener::bind(format!("{path}_80")).unwrap();
     let mut g = Guest::new(&path);
     let mut req = g.hdr(op::REQUEST, 9, 80);
@@ -370,8 +357,7 @@ fn host_bytes_stop_at_the_guests_credit_until_it_updates() {
 
 #[test]
 fn a_guest_credit_request_gets_a_credit_update() {
-    let dir = scratch_dir("credit-req");
-    let path = dir.join("v.sock").to_str().unwrap().to_string();
+    let path = socket_path("credit-req");
     let _host = UnixListener::bind(format!("{path}_80")).unwrap();
     let mut g = Guest::new(&path);
     g.send(g.hdr(op::REQUEST, 9, 80), &[]);
@@ -389,14 +375,7 @@ const EVENTS: u64 = 0x90_0000;
 /// Posts a 4-byte event buffer (filled with 0xff) at `EVENTS + 16 * n`.
 fn post_event(g: &mut Guest, n: u64) -> u16 {
     g.d.mem.write(EVENTS + 16 * n, &[0xff; 4]).unwrap();
-    g.d.post(
-        EVENT,
-        &[Buf {
-            addr: EVENTS + 16 * n,
-            len: 4,
-            write: true,
-        }],
-    )
+    g.d.post(EVENT, &[Buf::writable(EVENTS + 16 * n, 4)])
 }
 
 fn transport_reset(g: &mut Guest) -> serde_json::Value {
@@ -407,8 +386,7 @@ fn transport_reset(g: &mut Guest) -> serde_json::Value {
 
 #[test]
 fn a_transport_reset_closes_every_host_stream_and_tells_the_guest_on_the_event_queue() {
-    let dir = scratch_dir("reset");
-    let path = dir.join("v.sock").to_str().unwrap().to_string();
+    let path = socket_path("reset");
     let host = UnixListener::bind(format!("{path}_1234")).unwrap();
     let mut g = Guest::new(&path);
     // One connection the guest made, one a host program made, one host
@@ -462,10 +440,7 @@ fn a_transport_reset_closes_every_host_stream_and_tells_the_guest_on_the_event_q
     );
     assert_eq!(g.d.wait_used(EVENT), Some((u32::from(head), 4)));
     std::thread::sleep(Duration::from_millis(50));
-    let mut idx = [0u8; 2];
-    // The used ring of queue 2 (see test_driver's layout).
-    g.d.mem.read(0x12_0000 + 0x8000 + 2, &mut idx).unwrap();
-    assert_eq!(u16::from_le_bytes(idx), 2, "one event per reset");
+    assert_eq!(g.d.used_idx(EVENT), 2, "one event per reset");
 
     // The guest connects again as before.
     g.send(g.hdr(op::REQUEST, 5001, 1234), &[]);
@@ -479,8 +454,7 @@ fn a_transport_reset_closes_every_host_stream_and_tells_the_guest_on_the_event_q
 
 #[test]
 fn transport_reset_requests_before_the_driver_and_bad_event_buffers() {
-    let dir = scratch_dir("reset-bad");
-    let path = dir.join("v.sock").to_str().unwrap().to_string();
+    let path = socket_path("reset-bad");
     let mut dev = Vsock::new(GUEST_CID, &path).unwrap();
     let r = dev
         .control(&serde_json::json!({"op": "transport_reset"}))
@@ -517,8 +491,7 @@ fn transport_reset_requests_before_the_driver_and_bad_event_buffers() {
 }
 
 fn broken_tx_resets(name: &str, setup: impl FnOnce(&mut TestDriver)) {
-    let dir = scratch_dir(name);
-    let path = dir.join("v.sock").to_str().unwrap().to_string();
+    let path = socket_path(name);
     let mut g = Guest::new(&path);
     setup(&mut g.d);
     assert!(g.d.wait_needs_reset(), "{name}: NEEDS_RESET");
@@ -539,24 +512,10 @@ fn broken_chains_stop_the_device_with_needs_reset() {
     let write_hdr = |d: &mut TestDriver, h: Header| d.mem.write(TX_HDR, &h.to_bytes()).unwrap();
     broken_tx_resets("writable-tx", |d| {
         write_hdr(d, good);
-        d.post(
-            TX,
-            &[Buf {
-                addr: TX_HDR,
-                len: 44,
-                write: true,
-            }],
-        );
+        d.post(TX, &[Buf::writable(TX_HDR, 44)]);
     });
     broken_tx_resets("short-header", |d| {
-        d.post(
-            TX,
-            &[Buf {
-                addr: TX_HDR,
-                len: 20,
-                write: false,
-            }],
-        );
+        d.post(TX, &[Buf::readable(TX_HDR, 20)]);
     });
     broken_tx_resets("oversized", |d| {
         let mut h = good;
@@ -565,18 +524,7 @@ fn broken_chains_stop_the_device_with_needs_reset() {
         write_hdr(d, h);
         d.post(
             TX,
-            &[
-                Buf {
-                    addr: TX_HDR,
-                    len: 44,
-                    write: false,
-                },
-                Buf {
-                    addr: TX_DATA,
-                    len: 1 << 20,
-                    write: false,
-                },
-            ],
+            &[Buf::readable(TX_HDR, 44), Buf::readable(TX_DATA, 1 << 20)],
         );
     });
     broken_tx_resets("truncated", |d| {
@@ -584,24 +532,10 @@ fn broken_chains_stop_the_device_with_needs_reset() {
         h.op = op::RW;
         h.len = 100;
         write_hdr(d, h);
-        d.post(
-            TX,
-            &[Buf {
-                addr: TX_HDR,
-                len: 44 + 50,
-                write: false,
-            }],
-        );
+        d.post(TX, &[Buf::readable(TX_HDR, 44 + 50)]);
     });
     broken_tx_resets("outside-ram", |d| {
-        d.post(
-            TX,
-            &[Buf {
-                addr: (16 << 20) - 8,
-                len: 44,
-                write: false,
-            }],
-        );
+        d.post(TX, &[Buf::readable((16 << 20) - 8, 44)]);
     });
     broken_tx_resets("loop", |d| {
         write_hdr(d, good);
@@ -624,34 +558,13 @@ fn broken_chains_stop_the_device_with_needs_reset() {
         };
         h.op = op::RW; // to no connection: answered with RST
         write_hdr(d, h);
-        d.post(
-            RX,
-            &[Buf {
-                addr: RX_BUFS,
-                len: 16,
-                write: true,
-            }],
-        );
+        d.post(RX, &[Buf::writable(RX_BUFS, 16)]);
         // The driver's first 16 rx buffers are fine; exhaust them first.
         for _ in 0..16 {
-            d.post(
-                TX,
-                &[Buf {
-                    addr: TX_HDR,
-                    len: 44,
-                    write: false,
-                }],
-            );
+            d.post(TX, &[Buf::readable(TX_HDR, 44)]);
             std::thread::sleep(Duration::from_millis(2));
         }
-        d.post(
-            TX,
-            &[Buf {
-                addr: TX_HDR,
-                len: 44,
-                write: false,
-            }],
-        );
+        d.post(TX, &[Buf::readable(TX_HDR, 44)]);
     });
 }
 
@@ -697,8 +610,7 @@ fn a_bad_host_side_is_a_one_line_error_before_anything_runs() {
 
 #[test]
 fn the_device_state_is_plain_data_that_round_trips() {
-    let dir = scratch_dir("state");
-    let path = dir.join("v.sock").to_str().unwrap().to_string();
+    let path = socket_path("state");
     let _host = UnixListener::bind(format!("{path}_80")).unwrap();
     let dev = Vsock::new(GUEST_CID, &path).unwrap();
     let engine = dev.engine.clone();
@@ -828,8 +740,7 @@ fn fuzz_fill(rng: &mut XorShift, mem: &GuestRam, base: u64) {
 
 #[test]
 fn random_descriptor_tables_never_crash_or_write_outside_their_buffers() {
-    let dir = scratch_dir("fuzz");
-    let path = dir.join("v.sock").to_str().unwrap().to_string();
+    let path = socket_path("fuzz");
     // Ports 1 and 3 have host listeners (never read: credit must hold).
     let _l1 = UnixListener::bind(format!("{path}_1")).unwrap();
     let _l3 = UnixListener::bind(format!("{path}_3")).unwrap();
