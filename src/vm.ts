@@ -405,11 +405,14 @@ export class Vm implements Disposable {
   }
 
   /**
-   * Sends a runtime request to a device (`{ op: ... }`, per device kind).
+   * Sends a runtime request to a device (`{ op: ... }`, per device kind):
+   * balloon `setTarget` and `stats`, blk `state`, vsock `transport_reset`
+   * (closes every host stream and tells the guest on the event queue).
    *
    * @example
    * ```ts ignore
    * const stats = vm.deviceControl("balloon0", { op: "stats" });
+   * vm.deviceControl("vsock0", { op: "transport_reset" }); // { closed, event }
    * ```
    *
    * @param name The device's name (see {@link Vm.devices}).
