@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "df36cda3fcddb4a59d73c834c5224c22491c5f7a91872bccdc8fa1ebffcf4ffe";
+  "b689c8d4adaf096b80f6bca98677b4b9dd765ee1e1e1102f9461307ed85d1ff8";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

@@ -229,6 +229,11 @@ mod tests {
                         .unwrap();
                     posted = posted.wrapping_add(1);
                     mem.write(avail + 2, &posted.to_le_bytes()).unwrap();
+                    // A pause of varying length, so the device often empties
+                    // the ring while this thread is running.
+                    for _ in 0..(posted % 64) * 16 {
+                        std::hint::spin_loop();
+                    }
                 }
                 posted
             })
