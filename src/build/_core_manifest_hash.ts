@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "b689c8d4adaf096b80f6bca98677b4b9dd765ee1e1e1102f9461307ed85d1ff8";
+  "ce2cfb27350fb48c0f9cfd1a1a969114bae04360cf5ca286177168d4de07aa80";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.
