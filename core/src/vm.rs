@@ -249,7 +249,7 @@ impl VmShared {
     }
 }
 
-fn kvm() -> Result<Arc<Kvm>> {
+pub(crate) fn kvm() -> Result<Arc<Kvm>> {
     // One /dev/kvm fd per process, opened on first use: opening it is a syscall the
     // cold-start path need not pay per VM. A failed open is not cached.
     static KVM: OnceLock<Mutex<Option<Arc<Kvm>>>> = OnceLock::new();
@@ -357,6 +357,16 @@ impl Vm {
         Ok(())
     }
 
+    /// Whether the VM has the in-kernel irqchip (and PIT).
+    pub fn has_irqchip(&self) -> bool {
+        self.irq.irqchip()
+    }
+
+    /// The KVM VM fd (for the VM-wide state snapshots read and write).
+    pub(crate) fn vm_fd(&self) -> &VmFd {
+        &self.fd
+    }
+
     fn require_irqchip(&self, what: &'static str) -> std::result::Result<(), VmError> {
         if self.irq.irqchip() {
             Ok(())
@@ -460,7 +470,8 @@ impl Vm {
         relock(&self.vcpus).len()
     }
 
-    fn vcpu_list(&self) -> Vec<Arc<Vcpu>> {
+    /// The VM's vCPUs, in id order.
+    pub(crate) fn vcpu_list(&self) -> Vec<Arc<Vcpu>> {
         relock(&self.vcpus).clone()
     }
 

@@ -282,7 +282,7 @@ impl Vcpu {
     }
 
     /// Locks the vCPU fd for host access; fails while the vCPU runs.
-    fn fd(&self) -> Result<MutexGuard<'_, VcpuFd>> {
+    pub(crate) fn fd(&self) -> Result<MutexGuard<'_, VcpuFd>> {
         match self.fd.try_lock() {
             Ok(guard) => Ok(guard),
             Err(std::sync::TryLockError::Poisoned(p)) => Ok(p.into_inner()),
@@ -356,6 +356,12 @@ impl Vcpu {
         fd.set_sregs(&sregs).map_err(kvm("KVM_SET_SREGS"))?;
         fd.set_regs(&x86_64::entry_regs(mode, entry, stack))
             .map_err(kvm("KVM_SET_REGS"))
+    }
+
+    /// Whether the host asked this vCPU to pause (it is parked, or will park
+    /// as soon as a run starts). With the fd locked as well, the vCPU is still.
+    pub(crate) fn pause_requested(&self) -> bool {
+        self.control.pause_requested()
     }
 
     /// A snapshot of this vCPU's exit counters.
