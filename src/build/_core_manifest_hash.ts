@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "ce2cfb27350fb48c0f9cfd1a1a969114bae04360cf5ca286177168d4de07aa80";
+  "aa53213106f6529bae4aacf431c18285cdcfad16e649ce4da46d7a047f36fd5d";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

@@ -579,16 +579,25 @@ fn run_until_stop(
     // any stop meant for this run is in `stop_request`, checked below.
     vcpu.set_kvm_immediate_exit(0);
     let mut mark = Instant::now();
+    // Whether the last KVM_RUN returned without an exit to handle. After an
+    // I/O or MMIO exit KVM finishes the instruction (an IN's data, RIP past it)
+    // only on the next KVM_RUN, so a pause first makes one run with
+    // `immediate_exit` set: parked registers are then the guest's true state.
+    let mut settled = true;
     loop {
         if let Some(stop) = control.pending_stop() {
             return LoopEnd::Stop(stop);
         }
         if control.pause_requested() {
-            return LoopEnd::Paused;
+            if settled {
+                return LoopEnd::Paused;
+            }
+            vcpu.set_kvm_immediate_exit(1);
         }
         let result = vcpu.run();
         let exited = Instant::now();
         metrics.add_kvm_run_ns((exited - mark).as_nanos() as u64);
+        settled = result.is_err();
         let action = match result {
             Ok(exit) => {
                 let io_size = match exit {
