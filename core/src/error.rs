@@ -139,6 +139,9 @@ pub enum Error {
     /// Memory deduplication (KSM) failed
     #[error(transparent)]
     Ksm(#[from] crate::ksm::KsmError),
+    /// A VM state cannot be captured or restored
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
     /// A device state read back is not one the device can hold
     #[error("device state: {0}")]
     State(#[from] crate::state::StateError),

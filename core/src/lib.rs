@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod msi;
 pub mod msr_filter;
 pub mod pci;
+pub mod snapshot;
 pub mod state;
 pub mod vcpu;
 pub mod virtio;

@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "aa53213106f6529bae4aacf431c18285cdcfad16e649ce4da46d7a047f36fd5d";
+  "163477e0e7d32d9e0f28dd868243affacf46558ee4a0fd4fb3d6bae47029104c";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

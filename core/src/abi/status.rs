@@ -11,6 +11,7 @@ use crate::error::{Error, Status};
 use crate::irq::IrqError;
 use crate::ksm::KsmError;
 use crate::memory::MemoryError;
+use crate::snapshot::SnapshotError;
 use crate::vcpu::VcpuError;
 use crate::vm::VmError;
 
@@ -32,9 +33,20 @@ pub(crate) fn status(e: &Error) -> Status {
             Status::InvalidArgument
         }
         Error::Device(_) => Status::Device,
+        Error::Snapshot(e) => snapshot(e),
         Error::Ksm(KsmError::Unsupported(_)) => Status::KsmUnavailable,
         Error::Ksm(KsmError::Madvise { .. }) => Status::Memory,
         Error::Ksm(KsmError::Read { .. } | KsmError::Malformed { .. }) => Status::Io,
+    }
+}
+
+/// A running VM is busy; KVM refusing a state is KVM's; a state that does not
+/// fit the VM is the caller's argument.
+fn snapshot(e: &SnapshotError) -> Status {
+    match e {
+        SnapshotError::NotPaused(_) => Status::Busy,
+        SnapshotError::Kvm { .. } => Status::Kvm,
+        SnapshotError::Refused { .. } => Status::InvalidArgument,
     }
 }
 
@@ -156,6 +168,18 @@ mod tests {
             assert!((status(&e) as i32) < 0, "{e}");
             assert!(seen.insert(status(&e) as i32), "distinct: {e}");
         }
+    }
+
+    #[test]
+    fn snapshot_errors_map_by_kind() {
+        let not_paused = SnapshotError::NotPaused("vcpu 0 has not parked yet".into());
+        assert_eq!(status(&not_paused.into()), Status::Busy);
+        let kvm = SnapshotError::kvm("vcpu 1 xsave", "KVM_SET_XSAVE")(kvm_ioctls::Error::new(
+            libc::EINVAL,
+        ));
+        assert_eq!(status(&kvm.into()), Status::Kvm);
+        let refused = SnapshotError::refused("vm", "the state has 2 vCPUs, the VM 1");
+        assert_eq!(status(&refused.into()), Status::InvalidArgument);
     }
 
     #[test]
