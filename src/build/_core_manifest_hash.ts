@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "163477e0e7d32d9e0f28dd868243affacf46558ee4a0fd4fb3d6bae47029104c";
+  "cfa5680bddf05981a8cc9bd07c6958815b396ca9841b93a68bd03d08b46d85b6";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

@@ -332,11 +332,24 @@ mod tests {
         u64::from_le_bytes(bytes)
     }
 
-    /// Waits until `ready` holds for the running VM, or panics.
-    fn wait_for(vm: &Vm, what: &str, ready: impl Fn(&Vm) -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while !ready(vm) {
-            assert!(Instant::now() < deadline, "the guest never got to {what}");
+    /// Waits until `ready` holds for what `probe` reads from the running VM,
+    /// or panics with the last reading.
+    fn wait_for<T: std::fmt::Debug>(
+        vm: &Vm,
+        what: &str,
+        probe: impl Fn(&Vm) -> T,
+        ready: impl Fn(&T) -> bool,
+    ) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let seen = probe(vm);
+            if ready(&seen) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the guest never got to {what}: {seen:?}"
+            );
             thread::sleep(Duration::from_millis(1));
         }
     }
@@ -382,9 +395,12 @@ mod tests {
 
         let source = Arc::new(loaded_vm(&code, 1, false));
         let runner = run_in_background(&source);
-        wait_for(&source, "its loop", |vm| {
-            read_u64(vm, PROGRESS) < ITERATIONS
-        });
+        wait_for(
+            &source,
+            "its loop",
+            |vm| read_u64(vm, PROGRESS),
+            |&left| left < ITERATIONS,
+        );
         let target = pause_capture_restore(&source, runner, false, |state| {
             let regs = state.vcpus[0].regs.0;
             assert!(
@@ -415,9 +431,12 @@ mod tests {
         let code = assemble("io_count");
         let source = Arc::new(loaded_vm(&code, 1, false));
         let runner = run_in_background(&source);
-        wait_for(&source, "its 500th character", |vm| {
-            vm.console().stats().tally.bytes >= 500
-        });
+        wait_for(
+            &source,
+            "its 500th character",
+            |vm| vm.console().stats().tally.bytes,
+            |&printed| printed >= 500,
+        );
         let mut printed = Vec::new();
         let target = pause_capture_restore(&source, runner, false, |_| {
             printed = console(&source);
@@ -439,33 +458,61 @@ mod tests {
 
     #[test]
     #[ignore = "needs /dev/kvm: the test command runs it with --ignored where KVM works"]
-    fn snapshot_lapic_timers_of_two_vcpus_keep_ticking_after_a_restore() {
+    fn snapshot_lapic_timers_of_two_vcpus_keep_ticking_and_the_irqchip_and_pit_move_with_a_restore()
+    {
         const TARGET: u64 = 400;
         let ticks = |vm: &Vm| (read_u64(vm, 8), read_u64(vm, 16));
         let code = assemble("lapic_timer");
         let source = Arc::new(loaded_vm(&code, 2, true));
         let runner = run_in_background(&source);
-        wait_for(&source, "50 ticks on each vCPU", |vm| {
-            let (a, b) = ticks(vm);
+        wait_for(&source, "50 ticks on each vCPU", ticks, |&(a, b)| {
             a >= 50 && b >= 50
         });
+        let mut captured = None;
         let target = pause_capture_restore(&source, runner, true, |state| {
-            assert!(state.irqchip.is_some() && state.pit.is_some());
             assert!(state.vcpus.iter().all(|v| v.lapic.is_some()));
             let (a, b) = ticks(&source);
             assert!(a < TARGET && b < TARGET, "captured before the end: {a} {b}");
+            captured = Some(chips(state));
         });
-        let captured = ticks(&target);
+        // What the guest programmed is in the restored VM's irqchip and PIT.
+        let (ioapic, pit, pics) = captured.unwrap();
+        // SAFETY: chip 2 is the IOAPIC, so the union holds its state.
+        let pin2 = unsafe { ioapic.chip.ioapic.redirtbl[2].bits };
+        assert_eq!(pin2 & 0x1_00ff, 0x1_0041, "IOAPIC pin 2: {pin2:#x}");
+        assert_eq!((pit.channels[0].count, pit.channels[0].mode), (1193, 2));
+        target.pause().unwrap();
+        let restored = chips(&VmState::capture(&target).unwrap());
+        let bytes = |c: &kvm_irqchip| serde_json::to_value(Raw(*c)).unwrap();
+        assert_eq!(bytes(&restored.0), bytes(&ioapic), "the IOAPIC");
+        assert_eq!(bytes(&restored.2 .0), bytes(&pics.0), "the master PIC");
+        assert_eq!(bytes(&restored.2 .1), bytes(&pics.1), "the slave PIC");
+        let counting = |p: &kvm_pit_state2| p.channels.map(|c| (c.count, c.mode, c.gate));
+        assert_eq!(counting(&restored.1), counting(&pit), "the PIT");
+        target.resume();
+
+        let at_restore = ticks(&target);
         let result = target.run(Some(Duration::from_secs(120))).unwrap();
         assert_eq!(
             result.stop,
             GUEST_DONE,
-            "ticks at capture {captured:?}, at the end {:?}",
+            "ticks at the restore {at_restore:?}, at the end {:?}",
             ticks(&target)
         );
         assert_eq!(console(&target), b"ok\n");
         let (a, b) = ticks(&target);
         assert!(a >= TARGET && b >= TARGET, "{a} {b}");
+    }
+
+    /// The IOAPIC, the PIT and the two PICs of a state with the irqchip.
+    fn chips(state: &VmState) -> (kvm_irqchip, kvm_pit_state2, (kvm_irqchip, kvm_irqchip)) {
+        let chips = state.irqchip.as_ref().expect("the irqchip's state");
+        let pit = state.pit.as_ref().expect("the PIT's state");
+        (
+            chips.ioapic.0,
+            pit.0,
+            (chips.pic_master.0, chips.pic_slave.0),
+        )
     }
 
     #[test]
@@ -474,7 +521,12 @@ mod tests {
         let code = assemble("compute");
         let source = Arc::new(loaded_vm(&code, 1, false));
         let runner = run_in_background(&source);
-        wait_for(&source, "its loop", |vm| read_u64(vm, 8) < 1 << 24);
+        wait_for(
+            &source,
+            "its loop",
+            |vm| read_u64(vm, 8),
+            |&left| left < 1 << 24,
+        );
         match VmState::capture(&source) {
             Err(SnapshotError::NotPaused(m)) => assert!(m.contains("vcpu 0"), "{m}"),
             Err(e) => panic!("expected NotPaused, got {e}"),

@@ -3,12 +3,17 @@
 # own local APIC timer (periodic, 1 ms, vector 0x40) and halts; each tick adds
 # one to the vCPU's counter at offset 8 + 8 * APIC id (`ticks`). vCPU 0 prints
 # "ok" on COM1 and writes 5 to port 0xf4 once both counters reach TARGET. If a
-# restore loses a local APIC (or a vCPU's MP state), its ticks stop and the
-# guest never finishes.
+# restore loses a local APIC or a vCPU's MP state, ticks stop and the guest
+# never finishes. vCPU 0 also masks both 8259s, points IOAPIC pin 2 at vector
+# 0x41 and starts PIT channel 0 (rate generator, count 1193), for the test to
+# find that state in the restored VM's irqchip (the PIT's interrupts are not
+# taken: nothing waits for them).
 	.code64
 	.equ	TARGET, 400
 	.equ	LAPIC, 0xfee00000
 	.equ	TIMER_VECTOR, 0x40
+	.equ	IOAPIC_PIN2_VECTOR, 0x41
+	.equ	IOAPIC, 0xfec00000
 _start:
 	jmp	main
 	.balign	8
@@ -40,9 +45,24 @@ main:
 	movl	$0xb, 0x3e0(%r15)	# divide by 1
 	movl	$0x20000 | TIMER_VECTOR, 0x320(%r15)	# periodic
 	movl	$1000000, 0x380(%r15)	# 1 ms at KVM's 1 GHz APIC bus
-	sti
+	movl	$0x10000, 0x350(%r15)	# LINT0 masked: no ExtINT from the PICs
 	test	%r14d, %r14d
-	jnz	ap
+	jnz	ap_start
+	mov	$0xff, %al		# both 8259s masked
+	out	%al, $0x21
+	out	%al, $0xa1
+	mov	$IOAPIC, %eax		# IOAPIC pin 2 (the PIT): vector 0x41, masked
+	movl	$0x14, (%rax)
+	movl	$IOAPIC_PIN2_VECTOR | 0x10000, 0x10(%rax)	# masked
+	movl	$0x15, (%rax)
+	movl	$0, 0x10(%rax)
+	mov	$0x34, %al		# PIT channel 0, rate generator, 1193 ticks
+	out	%al, $0x43
+	mov	$1193 & 0xff, %al
+	out	%al, $0x40
+	mov	$1193 >> 8, %al
+	out	%al, $0x40
+	sti
 bsp:	hlt
 	cmpq	$TARGET, ticks(%rip)
 	jb	bsp
@@ -59,6 +79,8 @@ bsp:	hlt
 	mov	$5, %al
 	out	%al, $0xf4
 	hlt
+ap_start:
+	sti
 ap:	hlt
 	jmp	ap
 
