@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "cfa5680bddf05981a8cc9bd07c6958815b396ca9841b93a68bd03d08b46d85b6";
+  "2fc37c5d70be1d0de7022a4313827f55c5c1b78af3dd6be1305c908d7529beac";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.
