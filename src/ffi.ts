@@ -131,6 +131,10 @@ const SYMBOLS = {
   dv_vm_devices: { parameters: ["u32", "buffer", "usize", "buffer"], result: "i32" },
   /** int32_t dv_vm_device_state(uint32_t vm, uint8_t *buf, size_t cap, size_t *out_len) */
   dv_vm_device_state: { parameters: ["u32", "buffer", "usize", "buffer"], result: "i32" },
+  /** int32_t dv_vm_snapshot_state(uint32_t vm, uint8_t *buf, size_t cap, size_t *out_len) — JSON */
+  dv_vm_snapshot_state: { parameters: ["u32", "buffer", "usize", "buffer"], result: "i32" },
+  /** int32_t dv_vm_restore_state(uint32_t vm, const uint8_t *json, size_t len) */
+  dv_vm_restore_state: { parameters: ["u32", "buffer", "usize"], result: "i32" },
   /** int32_t dv_vm_device_control(uint32_t vm, const uint8_t *name, size_t name_len, const uint8_t *json, size_t len, uint8_t *buf, size_t cap, size_t *out_len) */
   dv_vm_device_control: {
     parameters: ["u32", "buffer", "usize", "buffer", "usize", "buffer", "usize", "buffer"],
@@ -429,6 +433,20 @@ export class Core {
   /** `dv_vm_device_state`: every device's state as parsed JSON. */
   vmDeviceState<T>(vm: number): T {
     return this.#json((buf, cap, outLen) => this.#sym.dv_vm_device_state(vm, buf, cap, outLen));
+  }
+
+  /** `dv_vm_snapshot_state`: a paused VM's KVM state, as JSON text. */
+  vmSnapshotState(vm: number): string {
+    const bytes = this.#bytes((buf, cap, outLen) =>
+      this.#sym.dv_vm_snapshot_state(vm, buf, cap, outLen)
+    );
+    return new TextDecoder().decode(bytes);
+  }
+
+  /** `dv_vm_restore_state`: restores JSON text from `vmSnapshotState`. */
+  vmRestoreState(vm: number, state: string): void {
+    const bytes = new TextEncoder().encode(state);
+    this.#check(this.#sym.dv_vm_restore_state(vm, bytes, BigInt(bytes.length)));
   }
 
   /** `dv_vm_device_control`: a device's answer to a JSON request, parsed. */

@@ -405,6 +405,28 @@ export class Vm implements Disposable {
   }
 
   /**
+   * The KVM state of the paused VM as JSON text: every vCPU (registers,
+   * special registers, XSAVE with MXCSR, XCRs, MSRs, local APIC, pending
+   * events, debug registers, MP state, CPUID), the PICs, the IOAPIC, the PIT
+   * and the KVM clock. Refused with `BUSY` unless the VM is paused
+   * ({@link Vm.pause}). Guest memory and device state travel apart.
+   *
+   * @example
+   * ```ts
+   * import { Vm } from "denovisor";
+   * using vm = await Vm.create({ memoryMiB: 4 });
+   * vm.pause();
+   * const state = JSON.parse(vm.snapshotState());
+   * console.log(state.vcpus.length); // 1
+   * ```
+   *
+   * @returns The state as JSON text.
+   */
+  snapshotState(): string {
+    return this.#vm.snapshotState();
+  }
+
+  /**
    * Sends a runtime request to a device (`{ op: ... }`, per device kind):
    * balloon `setTarget` and `stats`, blk `state`, vsock `transport_reset`
    * (closes every host stream and tells the guest on the event queue).

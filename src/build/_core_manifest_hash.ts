@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "2fc37c5d70be1d0de7022a4313827f55c5c1b78af3dd6be1305c908d7529beac";
+  "9cc165a39a623f5bf2bc4c9976c457054c0964e3beba6312ae13c5d5cdf5fb70";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

@@ -573,6 +573,40 @@ export class KvmVm implements Disposable {
   }
 
   /**
+   * The KVM state of the paused VM (`dv_vm_snapshot_state`): every vCPU
+   * (registers, XSAVE, MSRs, LAPIC, pending events, CPUID...), the irqchip,
+   * the PIT and the KVM clock, as JSON text. Refused with `BUSY` unless the
+   * VM is paused.
+   *
+   * @example
+   * ```ts ignore
+   * vm.pause();
+   * const state = vm.snapshotState();
+   * ```
+   *
+   * @returns The state as JSON text.
+   */
+  snapshotState(): string {
+    return this.#core.vmSnapshotState(this.#live());
+  }
+
+  /**
+   * Restores a state from {@link KvmVm.snapshotState} into this VM, which must
+   * be fresh: the same RAM size and vCPU count, the irqchip if the state has
+   * one, vCPUs that have not run. Guest memory is the caller's to copy.
+   *
+   * @example
+   * ```ts ignore
+   * target.restoreState(source.snapshotState());
+   * ```
+   *
+   * @param state The JSON text `snapshotState` returned.
+   */
+  restoreState(state: string): void {
+    this.#core.vmRestoreState(this.#live(), state);
+  }
+
+  /**
    * Passes a runtime request (`{"op": ...}` as JSON) to the device `name`.
    *
    * @example

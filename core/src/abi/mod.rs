@@ -27,6 +27,7 @@ mod devices;
 mod irq;
 mod ksm;
 mod linux;
+mod snapshot;
 mod status;
 mod vcpu;
 mod vm;
