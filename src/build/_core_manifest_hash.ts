@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "9cc165a39a623f5bf2bc4c9976c457054c0964e3beba6312ae13c5d5cdf5fb70";
+  "05b05d77b7ef71b3c64b288f81d7d9fa75bcacf1c79a462db2fab11024ade0a9";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

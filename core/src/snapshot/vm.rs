@@ -227,7 +227,7 @@ pub fn copy_memory(from: &GuestRam, to: &GuestRam) -> Result<(), SnapshotError> 
         let mut at = start;
         while at < start + len {
             let n = (start + len - at).min(CHUNK) as usize;
-            let io = |e: crate::error::Error| SnapshotError::refused(section, e.to_string());
+            let io = |e: crate::memory::MemoryError| SnapshotError::refused(section, e.to_string());
             from.read(at, &mut buf[..n]).map_err(io)?;
             to.write(at, &buf[..n]).map_err(io)?;
             at += n as u64;
