@@ -11,11 +11,9 @@
 import assert from "node:assert/strict";
 
 import { Vm } from "../mod.ts";
-import { buildRuntimeGuest } from "../src/build/workload_build.ts";
 import { kvmTest } from "./_helpers.ts";
+import { RAM_MIB, runGuest } from "./_runtime_guest.ts";
 
-const GUESTS = new URL("./guests/", import.meta.url);
-const RAM_MIB = 16;
 const SECTOR = 512;
 /** The test image: 1 MiB, 2048 sectors. */
 const IMAGE_BYTES = 1 << 20;
@@ -23,21 +21,6 @@ const IMAGE_BYTES = 1 << 20;
 /** The patterns of virtio_blk.c: the host fills the image, the guest writes. */
 const hostByte = (o: number) => (o * 13 + Math.floor(o / 512) + 1) & 0xff;
 const guestByte = (o: number) => ((o * 7) ^ Math.floor(o / 512) ^ 0xa5) & 0xff;
-
-/** Runs a runtime guest from tests/guests/ to its EXIT and returns its parsed REPORT. */
-async function runGuest(vm: Vm, source: string, arg: bigint | number): Promise<unknown> {
-  vm.load(await buildRuntimeGuest(new URL(source, GUESTS)), {
-    mode: "long",
-    arguments: [arg, RAM_MIB << 20],
-    // The stack starts a page below the top of RAM: a hostile case hands the
-    // device a buffer that straddles the end of RAM.
-    stack: (RAM_MIB << 20) - 0x1000,
-  });
-  const result = await vm.run({ timeoutMs: 120_000 });
-  assert.equal(result.reason, "guest_exit", `${result.summary}\n${result.console}`);
-  assert.equal(result.exitCode, 0, `${result.reportText}\n${result.console}`);
-  return JSON.parse(result.reportText!);
-}
 
 /** A fresh image in a temp dir, filled with the host pattern. */
 async function hostImage(): Promise<{ dir: string; path: string; bytes: Uint8Array }> {

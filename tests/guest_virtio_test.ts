@@ -9,11 +9,9 @@
 import assert from "node:assert/strict";
 
 import { type PciFunction, Vm } from "../mod.ts";
-import { buildRuntimeGuest } from "../src/build/workload_build.ts";
 import { kvmTest } from "./_helpers.ts";
+import { RAM_MIB, runGuest } from "./_runtime_guest.ts";
 
-const GUESTS = new URL("./guests/", import.meta.url);
-const RAM_MIB = 16;
 const HOSTILE = 1n << 32n;
 const MSIX = 1n << 33n;
 
@@ -47,26 +45,6 @@ interface ScanReport {
   functions: ScannedFunction[];
   absent: Record<"slot31" | "function1" | "bus1" | "disabled", number>;
   readOnly: Record<string, [number, number]>;
-}
-
-/** Runs a runtime guest from tests/guests/ and returns its parsed REPORT and the VM. */
-async function runGuest(
-  vm: Vm,
-  source: string,
-  arg: bigint | number,
-): Promise<unknown> {
-  vm.load(await buildRuntimeGuest(new URL(source, GUESTS)), {
-    mode: "long",
-    arguments: [arg, RAM_MIB << 20],
-    // The stack starts a page below the top of RAM: virtio_rng.c hands the
-    // device a buffer that straddles the end of RAM, and the device may write
-    // the part inside RAM before it finds the rest outside.
-    stack: (RAM_MIB << 20) - 0x1000,
-  });
-  const result = await vm.run({ timeoutMs: 120_000 });
-  assert.equal(result.reason, "guest_exit", `${result.summary}\n${result.console}`);
-  assert.equal(result.exitCode, 0, `${result.reportText}\n${result.console}`);
-  return JSON.parse(result.reportText!);
 }
 
 kvmTest(
