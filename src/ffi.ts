@@ -205,6 +205,8 @@ type Symbols = Deno.DynamicLibrary<typeof SYMBOLS>["symbols"];
  * result is well under 1 KiB, so this leaves a wide margin without a retry (a
  * blocking call cannot be repeated to fetch a result that did not fit). */
 const RESULT_BUFFER_BYTES = 16 * 1024;
+/** First buffer for `dv_vm_snapshot_state`: a several-vCPU VM's KVM state fits. */
+const SNAPSHOT_STATE_BUFFER_BYTES = 512 * 1024;
 
 const decoder = new TextDecoder();
 
@@ -238,8 +240,11 @@ export class Core {
 
   /** Calls a sync function that copies bytes into a buffer, growing the buffer
    * when the core says it is too small. */
-  #bytes(call: (buf: Uint8Array, cap: bigint, outLen: BigUint64Array) => number): Uint8Array {
-    let cap = 4096;
+  #bytes(
+    call: (buf: Uint8Array, cap: bigint, outLen: BigUint64Array) => number,
+    initialCap = 4096,
+  ): Uint8Array {
+    let cap = initialCap;
     for (;;) {
       const buf = new Uint8Array(cap);
       const outLen = new BigUint64Array(1);
@@ -435,12 +440,17 @@ export class Core {
     return this.#json((buf, cap, outLen) => this.#sym.dv_vm_device_state(vm, buf, cap, outLen));
   }
 
-  /** `dv_vm_snapshot_state`: a paused VM's KVM state, as JSON text. */
+  /**
+   * `dv_vm_snapshot_state`: a paused VM's KVM state, as JSON text. The first
+   * buffer holds a few vCPUs' state (tens of KiB each), so the core captures
+   * the state once, not a second time after BUFFER_TOO_SMALL.
+   */
   vmSnapshotState(vm: number): string {
-    const bytes = this.#bytes((buf, cap, outLen) =>
-      this.#sym.dv_vm_snapshot_state(vm, buf, cap, outLen)
+    const bytes = this.#bytes(
+      (buf, cap, outLen) => this.#sym.dv_vm_snapshot_state(vm, buf, cap, outLen),
+      SNAPSHOT_STATE_BUFFER_BYTES,
     );
-    return new TextDecoder().decode(bytes);
+    return decoder.decode(bytes);
   }
 
   /** `dv_vm_restore_state`: restores JSON text from `vmSnapshotState`. */
