@@ -39,18 +39,34 @@ function blockCounters(vm: Vm): Record<string, unknown> {
   return (f.details as { device: Record<string, unknown> }).device;
 }
 
+/**
+ * Runs `body` with a VM of {@link RAM_MIB} MiB whose one virtio-blk disk is a
+ * fresh {@link hostImage} (with `disk`'s other settings), then closes the VM
+ * and removes the image's directory, also when `body` throws.
+ */
+async function withBlockVm(
+  disk: { serial?: string; readonly?: boolean },
+  body: (vm: Vm, image: { path: string; bytes: Uint8Array }) => Promise<void>,
+): Promise<void> {
+  const image = await hostImage();
+  try {
+    using vm = await Vm.create({
+      memoryMiB: RAM_MIB,
+      interrupts: true,
+      devices: [{ kind: "block", path: image.path, ...disk }],
+    });
+    await body(vm, image);
+  } finally {
+    await Deno.remove(image.dir, { recursive: true });
+  }
+}
+
 type Request = { status: number; used: number };
 
 kvmTest(
   "a runtime guest's virtio-blk writes, reads back, flushes and gets IOERR past the end; the image file agrees byte for byte",
   async () => {
-    const image = await hostImage();
-    try {
-      using vm = await Vm.create({
-        memoryMiB: RAM_MIB,
-        interrupts: true,
-        devices: [{ kind: "block", path: image.path, serial: "guest-blk-42" }],
-      });
+    await withBlockVm({ serial: "guest-blk-42" }, async (vm, image) => {
       const r = await runGuest(vm, "virtio_blk.c", 0) as Record<string, unknown> & {
         status: number;
         offered: number;
@@ -124,22 +140,14 @@ kvmTest(
         serial: "guest-blk-42",
         readonly: false,
       });
-    } finally {
-      await Deno.remove(image.dir, { recursive: true });
-    }
+    });
   },
 );
 
 kvmTest(
   "a runtime guest's write to a read-only virtio-blk disk gets IOERR and the image stays unchanged",
   async () => {
-    const image = await hostImage();
-    try {
-      using vm = await Vm.create({
-        memoryMiB: RAM_MIB,
-        interrupts: true,
-        devices: [{ kind: "block", path: image.path, readonly: true }],
-      });
+    await withBlockVm({ readonly: true }, async (vm, image) => {
       const r = await runGuest(vm, "virtio_blk.c", 1) as Record<string, unknown> & {
         offered: number;
         features: number;
@@ -159,22 +167,14 @@ kvmTest(
         [true, 1, 0, 0, 1, 1],
         JSON.stringify(c),
       );
-    } finally {
-      await Deno.remove(image.dir, { recursive: true });
-    }
+    });
   },
 );
 
 kvmTest(
   "hostile virtio-blk chains (data outside RAM, no status byte, wrong order) get NEEDS_RESET, never touch the disk, and a reset recovers",
   async () => {
-    const image = await hostImage();
-    try {
-      using vm = await Vm.create({
-        memoryMiB: RAM_MIB,
-        interrupts: true,
-        devices: [{ kind: "block", path: image.path }],
-      });
+    await withBlockVm({}, async (vm, image) => {
       const r = await runGuest(vm, "virtio_blk.c", 2) as {
         final: number;
         cases: {
@@ -210,9 +210,7 @@ kvmTest(
         [4, 0, 0, 0],
         JSON.stringify(c),
       );
-    } finally {
-      await Deno.remove(image.dir, { recursive: true });
-    }
+    });
   },
 );
 
