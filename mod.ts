@@ -46,6 +46,8 @@ export {
   VCPU_STACK_BYTES,
   Vm,
   type VmConfig,
+  type VmSettings,
+  type VmState,
 } from "./src/vm.ts";
 export {
   type ConsoleCounts,

@@ -83,6 +83,31 @@ export interface VmConfig {
   dedup?: boolean;
 }
 
+/**
+ * Where a VM is in its life: `created` (no run yet), `running`, `paused`
+ * (every vCPU parked by {@link Vm.pause}; a pause before the first run holds the
+ * vCPUs as soon as it starts), `stopped` (its run ended).
+ */
+export type VmState = "created" | "running" | "paused" | "stopped";
+
+/** The configuration a VM was created with, normalized (what `GET /vm` shows). */
+export interface VmSettings {
+  /** Guest RAM in MiB. */
+  memoryMiB: number;
+  /** vCPUs. */
+  vcpus: number;
+  /** Whether the in-kernel irqchip is on. */
+  interrupts: boolean;
+  /** Whether guest RAM is mergeable for KSM. */
+  dedup: boolean;
+  /** What unclaimed port I/O and MMIO do. */
+  unhandledIo: UnhandledAccessPolicy;
+  /** Where the console goes. */
+  console: "capture" | "stdout";
+  /** The default run timeout in milliseconds (0: none). */
+  timeoutMs: number;
+}
+
 /** Stack space set aside per vCPU below the load's stack top (each vCPU gets its own). */
 export const VCPU_STACK_BYTES = 64 * 1024;
 
@@ -236,6 +261,10 @@ export class Vm implements Disposable {
   readonly #config: Required<Pick<VmConfig, "timeoutMs">>;
   readonly #createMs: number;
   #loaded: LoadedImage | undefined;
+  #settings: VmSettings | undefined;
+  #running = false;
+  #paused = false;
+  #ran = false;
   /** Console text {@link Vm.readConsole} took during the current run (its last MiB). */
   #consoleRead = "";
   #consoleDecoder = new TextDecoder();
@@ -326,7 +355,17 @@ export class Vm implements Disposable {
       vm.close();
       throw e;
     }
-    return new Vm(vm, memoryBytes, timeoutMs, performance.now() - started);
+    const created = new Vm(vm, memoryBytes, timeoutMs, performance.now() - started);
+    created.#settings = {
+      memoryMiB,
+      vcpus,
+      interrupts,
+      dedup,
+      unhandledIo,
+      console: consoleMode,
+      timeoutMs,
+    };
+    return created;
   }
 
   /** The low-level VM, for register-level work. */
@@ -622,9 +661,15 @@ export class Vm implements Disposable {
     this.#consoleRead = "";
     const consoleBefore = this.#vm.consoleStats();
     const started = performance.now();
-    const { exit, runNs } = await this.#vm.run({
-      timeoutMs: options.timeoutMs ?? this.#config.timeoutMs,
-    });
+    this.#running = true;
+    let outcome;
+    try {
+      outcome = await this.#vm.run({ timeoutMs: options.timeoutMs ?? this.#config.timeoutMs });
+    } finally {
+      this.#running = false;
+      this.#ran = true;
+    }
+    const { exit, runNs } = outcome;
     const runMs = performance.now() - started;
     const after = this.#vm.metrics().reduce((sum, m) => sum + m.exits, 0);
     const consoleAfter = this.#vm.consoleStats();
@@ -664,11 +709,47 @@ export class Vm implements Disposable {
    */
   pause(): void {
     this.#vm.pause();
+    this.#paused = true;
   }
 
   /** Lets a paused guest continue. */
   resume(): void {
     this.#vm.resume();
+    this.#paused = false;
+  }
+
+  /**
+   * Where the VM is in its life, as its own methods moved it ({@link Vm.run},
+   * {@link Vm.pause}, {@link Vm.resume}).
+   *
+   * @example
+   * ```ts
+   * import { Vm } from "denovisor";
+   * using vm = await Vm.create();
+   * console.log(vm.state); // "created"
+   * vm.pause();
+   * console.log(vm.state); // "paused"
+   * ```
+   */
+  get state(): VmState {
+    if (this.#running) return this.#paused ? "paused" : "running";
+    if (this.#ran) return "stopped";
+    return this.#paused ? "paused" : "created";
+  }
+
+  /**
+   * The configuration the VM was created with, normalized (defaults filled in).
+   *
+   * @example
+   * ```ts
+   * import { Vm } from "denovisor";
+   * using vm = await Vm.create({ memoryMiB: 32 });
+   * console.log(vm.settings.memoryMiB, vm.settings.vcpus); // 32 1
+   * ```
+   */
+  get settings(): VmSettings {
+    if (!this.#settings) throw new DenovisorError("CLOSED", "the VM has no settings");
+    return { ...this.#settings };
   }
 
   /**
