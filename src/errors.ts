@@ -36,7 +36,9 @@ export type ErrorCode =
   | "DOES_NOT_FIT"
   | "VCPU_LIMIT"
   | "DEVICE"
-  | "KSM_UNAVAILABLE";
+  | "KSM_UNAVAILABLE"
+  | "API_UNREACHABLE"
+  | "API_REFUSED";
 
 /** The code of a core error status, which must be an {@link ErrorCode}. */
 function coreErrorCode(code: Exclude<(typeof STATUSES)[number]["code"], "OK">): ErrorCode {

@@ -38,6 +38,10 @@ export const ExitStatus = {
   doesNotFit: 24,
   /** More vCPUs than the host's KVM allows (`KVM_CAP_MAX_VCPUS`). */
   vcpuLimit: 26,
+  /** No control API answers at `--api-socket` (no such socket, nobody listening). */
+  apiUnreachable: 28,
+  /** The control API refused the request (it answered with a JSON error). */
+  apiRefused: 30,
   /** The VMM itself failed (no /dev/kvm, the core could not be built, ...). */
   vmmError: 70,
   /** The run's timeout passed. */
@@ -129,6 +133,8 @@ const STATUS_OF_CODE: Partial<Record<ErrorCode, number>> = {
   CMDLINE_TOO_LONG: ExitStatus.cmdlineTooLong,
   DOES_NOT_FIT: ExitStatus.doesNotFit,
   VCPU_LIMIT: ExitStatus.vcpuLimit,
+  API_UNREACHABLE: ExitStatus.apiUnreachable,
+  API_REFUSED: ExitStatus.apiRefused,
 };
 
 /**
