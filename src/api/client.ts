@@ -133,11 +133,15 @@ export class ApiClient implements Disposable {
         signal: AbortSignal.timeout(this.#timeoutMs),
       });
     } catch (e) {
-      const cause = e instanceof Error && e.cause instanceof Error ? `: ${e.cause.message}` : "";
+      const text = e instanceof Error ? e.message : String(e);
+      // fetch's message nests the socket's error: "... client error (Connect): <why>".
+      const why = /\(Connect\): (.*)$/.exec(text)?.[1] ?? text;
       throw new DenovisorError(
         "API_UNREACHABLE",
-        `no control API answers at ${this.#path} (${e instanceof Error ? e.message : e}${cause})`,
-        { cause: e },
+        `no control API answers at ${this.#path}: ${why}`,
+        {
+          cause: e,
+        },
       );
     }
   }

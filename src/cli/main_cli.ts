@@ -35,6 +35,19 @@ import {
   inspectionJson,
 } from "../linux/inspect.ts";
 import { ABI_VERSION } from "../ffi.ts";
+import { UsageError } from "./usage_error.ts";
+import {
+  checkApiSocketOption,
+  CLI_ACTIONS,
+  migrateCommand,
+  parseIncoming,
+  pauseCommand,
+  restoreCommand,
+  resumeCommand,
+  runIncoming,
+  snapshotCommand,
+} from "./api_commands.ts";
+import { serveApi } from "../api/server.ts";
 import denoConfig from "../../deno.json" with { type: "json" };
 
 const MAIN_HELP = `denovisor — a KVM hypervisor driven from TypeScript
@@ -53,6 +66,14 @@ Usage:
   deno run -A main.ts devices [device options] [--json]
                                       list the PCI devices a VM with these
                                       options gets (checks their host side)
+  deno run -A main.ts run [options] --api-socket PATH IMAGE
+                                      serve the control API while it runs
+  deno run -A main.ts pause|resume --api-socket PATH
+                                      pause or resume that VM
+  deno run -A main.ts snapshot --api-socket PATH --to DIR [--stop]
+  deno run -A main.ts restore DIR [--lazy|--eager] [--api-socket PATH] [--no-stdin]
+  deno run -A main.ts run --incoming tcp:HOST:PORT [--api-socket PATH]
+  deno run -A main.ts migrate --api-socket PATH --to tcp:HOST:PORT
   deno run -A main.ts <command> --help
   deno run -A main.ts --version
 
@@ -62,7 +83,8 @@ guest's EXIT hypercall status s != 0 as 128 + 2*min(s, 63) (0 for s = 0);
 image or kernel; 10 guest crashed; 12 guest triple fault; 14 guest kernel
 panic; 16 guest stopped answering; 20 bad initrd; 22 command line too long;
 24 kernel or initrd does not fit in RAM; 26 more vCPUs than the host allows;
-70 VMM error; 124 timeout.
+28 no control API answers at --api-socket; 30 the control API refused the
+request; 70 VMM error; 124 timeout.
 `;
 
 const HELLO_HELP = `Usage: deno run -A main.ts hello
@@ -124,6 +146,14 @@ Options:
   --no-stdin         do not forward standard input to the guest
   --watchdog MS      end the run (status 16) when the guest prints nothing on
                      its console for MS milliseconds (default 0: never)
+  --api-socket PATH  serve the control API (HTTP/JSON) on the Unix socket
+                     PATH while the VM runs: GET /vm, PUT /vm/state, GET
+                     /metrics, PUT /balloon, ... (README "Control API"); a
+                     stale socket is replaced, a live one refused (status 2)
+  --incoming tcp:HOST:PORT
+                     instead of IMAGE: wait on HOST:PORT for a VM that
+                     \`main.ts migrate\` sends, then run it (its configuration
+                     comes with the stream)
   -h, --help         this help
 
 Standard input goes to the guest's COM1 receive side. On a terminal it is put
@@ -161,8 +191,6 @@ function output(io: CliIo, text: string): number {
 function writeAllSync(w: { writeSync(p: Uint8Array): number }, bytes: Uint8Array): void {
   for (let at = 0; at < bytes.length;) at += w.writeSync(bytes.subarray(at));
 }
-
-class UsageError extends Error {}
 
 /** The devices the run's flags ask for (a bad flag is a usage error). */
 function cliDevices(values: DeviceFlagValues, linux: boolean): DeviceConfig[] {
@@ -252,7 +280,7 @@ async function runImage(
     dedup?: boolean;
   },
   load: LoadOptions | ((vm: Vm) => unknown),
-  input: { stdin: boolean; watchdogMs?: number } = { stdin: false },
+  input: { stdin: boolean; watchdogMs?: number; apiSocket?: string } = { stdin: false },
 ): Promise<ImageRun> {
   if (vmOptions.devices?.length && !vmOptions.interrupts) {
     throw new UsageError("devices interrupt through MSI-X: add --irqchip");
@@ -263,6 +291,10 @@ async function runImage(
   // Forwarding starts once the image is loaded, so a load error leaves the
   // terminal as it was; `using` restores it however the run ends.
   using _stdin = input.stdin ? attachStdin(vm) : undefined;
+  // The API is served from the load until the run ends (closed before the VM).
+  await using _api = input.apiSocket === undefined
+    ? undefined
+    : await serveApi(vm, { path: input.apiSocket, handlers: CLI_ACTIONS.apiHandlers?.(vm) });
   const running = vm.run();
   const watchdog = input.watchdogMs ? watchConsole(vm, running, input.watchdogMs) : undefined;
   const result = await running;
@@ -344,11 +376,15 @@ async function runCommand(args: string[], io: CliIo): Promise<number> {
       arg: { type: "string", multiple: true },
       metrics: { type: "string" },
       "metrics-format": { type: "string" },
+      "api-socket": { type: "string" },
+      incoming: { type: "string" },
       help: { type: "boolean", short: "h" },
       ...DEVICE_FLAG_OPTIONS,
     },
   });
   if (values.help) return output(io, RUN_HELP);
+  if (values.incoming !== undefined) return await incomingCommand(values, positionals, io);
+  if (values["api-socket"] !== undefined) await checkApiSocketOption(values["api-socket"]);
   if (values.kernel !== undefined) return await runLinuxCommand(values, positionals, io);
   if (positionals.length !== 1) {
     throw new UsageError(
@@ -397,6 +433,7 @@ async function runCommand(args: string[], io: CliIo): Promise<number> {
   const { result, metrics } = await runImage(image, vmOptions, load, {
     stdin: !values["no-stdin"],
     watchdogMs: parseCount(values.watchdog, "--watchdog", 0, 0),
+    apiSocket: values["api-socket"],
   });
   if (values.metrics !== undefined) await writeMetrics(values.metrics, metricsFormat, metrics);
   if (!values.quiet) io.error(summaryLine(result));
@@ -424,6 +461,53 @@ interface LinuxRunValues extends DeviceFlagValues {
   dedup?: boolean;
   "no-stdin"?: boolean;
   watchdog?: string;
+  "api-socket"?: string;
+  incoming?: string;
+}
+
+/** The `run` options that make no sense with `--incoming` (the stream brings the VM). */
+const NOT_WITH_INCOMING = [
+  "kernel",
+  "initrd",
+  "cmdline",
+  "mem",
+  "cpus",
+  "mode",
+  "format",
+  "load-addr",
+  "entry",
+  "arg",
+  "irqchip",
+  "dedup",
+] as const;
+
+/** `run --incoming tcp:HOST:PORT`: waits for a migrating VM, then runs it. */
+async function incomingCommand(
+  values: LinuxRunValues,
+  positionals: string[],
+  io: CliIo,
+): Promise<number> {
+  if (positionals.length > 0) {
+    throw new UsageError(
+      `--incoming replaces IMAGE (the VM comes with the stream); unexpected argument "${
+        positionals[0]
+      }"`,
+    );
+  }
+  for (const flag of NOT_WITH_INCOMING) {
+    if (values[flag] !== undefined) {
+      throw new UsageError(`--${flag} does not apply to --incoming (the VM comes with the stream)`);
+    }
+  }
+  const address = parseIncoming(values.incoming!);
+  const apiSocket = values["api-socket"];
+  if (apiSocket !== undefined) await checkApiSocketOption(apiSocket);
+  return await runIncoming({
+    address,
+    ...(apiSocket === undefined ? {} : { apiSocket }),
+    stdin: !values["no-stdin"],
+    quiet: values.quiet ?? false,
+  }, io);
 }
 
 /** Guest RAM of a Linux boot unless --mem says otherwise. */
@@ -537,7 +621,7 @@ async function runLinuxCommand(
           (layout.initrd ? `, initrd at ${hex(layout.initrd.address)}` : "") + "\n",
       );
     }
-  }, { stdin: !values["no-stdin"], watchdogMs });
+  }, { stdin: !values["no-stdin"], watchdogMs, apiSocket: values["api-socket"] });
   if (values.metrics !== undefined) await writeMetrics(values.metrics, metricsFormat, metrics);
   if (!values.quiet) io.error(summaryLine(result));
   return statusOfResult(result);
@@ -708,6 +792,11 @@ export async function main(args: string[], io: CliIo = stderrIo): Promise<number
     if (command === "run") return await runCommand(rest, io);
     if (command === "inspect") return await inspectCommand(rest, io);
     if (command === "devices") return await devicesCommand(rest, io);
+    if (command === "pause") return await pauseCommand(rest, io);
+    if (command === "resume") return await resumeCommand(rest, io);
+    if (command === "snapshot") return await snapshotCommand(rest, io);
+    if (command === "restore") return await restoreCommand(rest, io);
+    if (command === "migrate") return await migrateCommand(rest, io);
     throw new UsageError(`unknown command "${command}" (see --help)`);
   } catch (e) {
     if (
