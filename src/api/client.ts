@@ -133,7 +133,11 @@ export class ApiClient implements Disposable {
         signal: AbortSignal.timeout(this.#timeoutMs),
       });
     } catch (e) {
-      const text = e instanceof Error ? e.message : String(e);
+      const text = e instanceof Error && e.cause instanceof Error
+        ? e.cause.message
+        : e instanceof Error
+        ? e.message
+        : String(e);
       // fetch's message nests the socket's error: "... client error (Connect): <why>".
       const why = /\(Connect\): (.*)$/.exec(text)?.[1] ?? text;
       throw new DenovisorError(
