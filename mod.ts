@@ -157,3 +157,26 @@ export {
   DEFAULT_GUEST_SUCCESS_CODE,
   defaultGuestImage,
 } from "./src/default_guest.ts";
+export {
+  type ApiErrorCode,
+  type ApiHandlers,
+  ApiServer,
+  type ApiServerOptions,
+  checkApiSocketPath,
+  handleApiRequest,
+  serveApi,
+  type SnapshotCreateOptions,
+  type SnapshotLoadOptions,
+} from "./src/api/server.ts";
+export {
+  ApiClient,
+  type ApiClientOptions,
+  ApiError,
+  type ApiMetrics,
+  type VmInfo,
+} from "./src/api/client.ts";
+export {
+  formatMigrationAddress,
+  type MigrationAddress,
+  parseMigrationAddress,
+} from "./src/api/address.ts";

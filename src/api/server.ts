@@ -467,6 +467,16 @@ export async function checkApiSocketPath(path: string): Promise<"free" | "stale"
 /**
  * A running API server. `await using` (or {@link ApiServer.close}) stops it and
  * removes its socket.
+ *
+ * @example
+ * ```ts
+ * import { Vm } from "denovisor";
+ * import { serveApi } from "denovisor/src/api/server.ts";
+ * using vm = await Vm.create();
+ * const api = await serveApi(vm, { path: "/tmp/vm.sock" });
+ * console.log(api.path); // "/tmp/vm.sock"
+ * await api.close(); // the socket is gone
+ * ```
  */
 export class ApiServer implements AsyncDisposable {
   readonly #server: Deno.HttpServer<Deno.UnixAddr>;
