@@ -6,7 +6,7 @@
 
 import assert from "node:assert/strict";
 import { ApiClient } from "../src/api/client.ts";
-import { cli, kvmTest, MAIN, testGuest } from "./_helpers.ts";
+import { cli, kvmTest, linuxTest, MAIN, testGuest } from "./_helpers.ts";
 
 Deno.test("the control-API commands check their arguments: status 2 and one line", async () => {
   const dir = await Deno.makeTempDir({ prefix: "dvcli" });
@@ -154,6 +154,98 @@ kvmTest(
       await assert.rejects(() => Deno.lstat(socket), Deno.errors.NotFound);
       r = await cli("resume", "--api-socket", socket);
       assert.equal(r.code, 28, r.stderr);
+    } finally {
+      try {
+        child.kill("SIGKILL");
+      } catch {
+        // Already exited.
+      }
+      await child.status;
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
+);
+
+linuxTest(
+  "run --kernel --api-socket: a Linux guest with a balloon is paused, resumed and stopped over the API",
+  async () => {
+    // Imported here: it fetches Debian's kernel, which only this test needs.
+    const { busyboxInitramfs, debianVmlinux, fetchedPath } = await import("./_linux.ts");
+    const dir = await Deno.makeTempDir({ prefix: "dvcli" });
+    const socket = `${dir}/vm.sock`;
+    const initrd = `${dir}/initrd.img`;
+    await Deno.writeFile(
+      initrd,
+      await busyboxInitramfs([
+        "/bin/busybox --install -s /bin",
+        "i=0; while true; do i=$((i + 1)); echo tick-$i; sleep 0.2; done",
+      ]),
+    );
+    const child = new Deno.Command(Deno.execPath(), {
+      args: [
+        "run",
+        "-A",
+        MAIN,
+        "run",
+        "--kernel",
+        fetchedPath(debianVmlinux, "Debian's vmlinux"),
+        "--initrd",
+        initrd,
+        "--cmdline",
+        "console=ttyS0 panic=-1 rdinit=/init quiet",
+        "--mem",
+        "256",
+        "--balloon",
+        "--no-stdin",
+        "--timeout",
+        "600000",
+        "--api-socket",
+        socket,
+      ],
+      stdin: "null",
+      stdout: "piped",
+      stderr: "piped",
+    }).spawn();
+    let out = "";
+    const decoder = new TextDecoder();
+    const reading = (async () => {
+      for await (const chunk of child.stdout) out += decoder.decode(chunk, { stream: true });
+    })();
+    const stderr = new Response(child.stderr).text();
+    const lastTick = () => Number([...out.matchAll(/tick-(\d+)/g)].at(-1)?.[1] ?? 0);
+    try {
+      await waitFor("the API socket", async () => {
+        try {
+          return (await Deno.lstat(socket)).isSocket === true;
+        } catch {
+          return false;
+        }
+      });
+      using client = new ApiClient(socket);
+      await waitFor("the guest's ticks", () => Promise.resolve(lastTick() >= 3), 480_000);
+      const info = await client.vm();
+      assert.equal(info.state, "running");
+      assert.equal(info.image?.format, "linux");
+      assert.equal(info.config.interrupts, true);
+      assert.ok(info.devices.pci.some((f) => f.name === "balloon0"), JSON.stringify(info.devices));
+
+      let r = await cli("pause", "--api-socket", socket);
+      assert.equal(r.code, 0, r.stderr);
+      const paused = lastTick();
+      await new Promise((r) => setTimeout(r, 1500));
+      assert.ok(lastTick() <= paused + 1, `ticks went on while paused: ${paused} -> ${lastTick()}`);
+      const stats = await client.balloon(16);
+      assert.equal(stats.targetMib, 16);
+      r = await cli("resume", "--api-socket", socket);
+      assert.equal(r.code, 0, r.stderr);
+      await waitFor("ticks after the resume", () => Promise.resolve(lastTick() > paused + 2));
+
+      await client.stop();
+      const status = await child.status;
+      await reading;
+      const log = await stderr;
+      assert.equal(status.code, 0, `${log}\n${out.slice(-2000)}`);
+      await assert.rejects(() => Deno.lstat(socket), Deno.errors.NotFound);
     } finally {
       try {
         child.kill("SIGKILL");
