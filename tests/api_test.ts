@@ -404,6 +404,8 @@ kvmTest(
       using client = new ApiClient(path);
       assert.equal((await client.vm()).state, "created");
       const run = vm.run({ timeoutMs: 120_000 });
+      // A failed assertion closes the VM under the run: its rejection must not hide the failure.
+      run.catch(() => {});
       await waitFor("the guest's first exits", async () => (await exitsOverApi(client)) > 2);
 
       const info = await client.vm();
