@@ -155,6 +155,44 @@ Deno.test("snapshot, restore and migrate handlers get checked arguments, and the
   ]);
 });
 
+Deno.test("operations that change the VM run one at a time, in the order they arrived", async () => {
+  const events: string[] = [];
+  const slow = (name: string, ms: number) => async () => {
+    events.push(`${name} start`);
+    await new Promise((r) => setTimeout(r, ms));
+    events.push(`${name} end`);
+  };
+  const handlers: ApiHandlers = {
+    snapshot: slow("snapshot", 200),
+    restore: slow("restore", 10),
+    migrate: slow("migrate", 10),
+  };
+  const answers = await Promise.all([
+    answer("PUT", "/snapshot/create", '{"dir":"/s"}', { handlers }),
+    answer("PUT", "/migrate", '{"to":"tcp:127.0.0.1:1"}', { handlers }),
+    answer("PUT", "/snapshot/load", '{"dir":"/s"}', { handlers }),
+  ]);
+  assert.deepEqual(answers.map((a) => a.status), [200, 200, 200]);
+  assert.deepEqual(events, [
+    "snapshot start",
+    "snapshot end",
+    "migrate start",
+    "migrate end",
+    "restore start",
+    "restore end",
+  ]);
+  // A failed operation does not block the next one.
+  const failing: ApiHandlers = {
+    snapshot: () => Promise.reject(new DenovisorError("BUSY", "not now")),
+    migrate: () => ({ ok: true }),
+  };
+  const [failed, next] = await Promise.all([
+    answer("PUT", "/snapshot/create", '{"dir":"/s"}', { handlers: failing }),
+    answer("PUT", "/migrate", '{"to":"tcp:127.0.0.1:1"}', { handlers: failing }),
+  ]);
+  assert.deepEqual([failed.status, failed.body.code, next.status], [409, "BUSY", 200]);
+});
+
 Deno.test("migration addresses: tcp:HOST:PORT and unix:PATH, anything else refused", () => {
   assert.deepEqual(parseMigrationAddress("tcp:127.0.0.1:4444"), {
     transport: "tcp",

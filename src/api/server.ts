@@ -280,6 +280,22 @@ function metrics(vm: Vm, url: URL, request: Request): Response {
   return json({ ...report, state: vm.state, memory: vm.memory() });
 }
 
+/** The operation each VM's changes are queued behind (settled, never rejected). */
+const LAST_CHANGE = new WeakMap<Vm, Promise<unknown>>();
+
+/**
+ * Runs an operation that changes the VM after the ones before it have
+ * finished: a pause never lands in the middle of a snapshot, two snapshots
+ * never overlap. Requests are read and checked before they queue, so a slow
+ * client holds nothing up.
+ */
+function exclusive<T>(vm: Vm, operation: () => T | Promise<T>): Promise<T> {
+  const previous = LAST_CHANGE.get(vm) ?? Promise.resolve();
+  const next = previous.then(operation);
+  LAST_CHANGE.set(vm, next.catch(() => {}));
+  return next;
+}
+
 function notImplemented(what: string, handler: string): HttpFailure {
   return new HttpFailure(
     501,
@@ -355,17 +371,20 @@ async function route(
           check: (v): v is string => v === "paused" || v === "running" || v === "stopped",
         },
       });
-      if (vm.state === "stopped") {
-        throw new HttpFailure(409, "GUEST_STOPPED", "the VM's run has ended");
-      }
-      if (state === "paused") vm.pause();
-      else if (state === "running") vm.resume();
-      else {
+      const ended = () => new HttpFailure(409, "GUEST_STOPPED", "the VM's run has ended");
+      if (state === "stopped") {
+        // Not queued: stopping is how a user ends a VM whose snapshot or
+        // migration hangs. The run ends asynchronously: the answer says so.
+        if (vm.state === "stopped") throw ended();
         vm.stop();
-        // The run ends asynchronously: the answer says so.
         return json({ state: vm.state, stopping: true }, 202);
       }
-      return json({ state: vm.state });
+      return await exclusive(vm, () => {
+        if (vm.state === "stopped") throw ended();
+        if (state === "paused") vm.pause();
+        else vm.resume();
+        return json({ state: vm.state });
+      });
     }
     case "GET /balloon":
       return json(vm.balloon.stats());
@@ -377,7 +396,7 @@ async function route(
           check: (v): v is number => Number.isSafeInteger(v) && (v as number) >= 0,
         },
       });
-      return json(vm.balloon.setTarget(targetMiB!));
+      return await exclusive(vm, () => json(vm.balloon.setTarget(targetMiB!)));
     }
     case "GET /metrics":
       return metrics(vm, url, request);
@@ -387,7 +406,10 @@ async function route(
         dir: { required: true, what: "a directory path", check: isNonEmptyString },
         resume: { required: false, what: "a boolean", check: isBoolean },
       });
-      return await answer(handlers.snapshot(dir!, { resume: resume ?? true }));
+      return await exclusive(
+        vm,
+        () => answer(handlers.snapshot!(dir!, { resume: resume ?? true })),
+      );
     }
     case "PUT /snapshot/load": {
       if (!handlers.restore) throw notImplemented("snapshot loading", "restore");
@@ -399,7 +421,7 @@ async function route(
           check: (v): v is "lazy" | "eager" => v === "lazy" || v === "eager",
         },
       });
-      return await answer(handlers.restore(dir!, { mode: mode ?? "lazy" }));
+      return await exclusive(vm, () => answer(handlers.restore!(dir!, { mode: mode ?? "lazy" })));
     }
     case "PUT /migrate": {
       if (!handlers.migrate) throw notImplemented("migration", "migrate");
@@ -411,7 +433,7 @@ async function route(
       } catch (e) {
         throw new HttpFailure(400, "BAD_REQUEST", (e as Error).message);
       }
-      return await answer(handlers.migrate(to!));
+      return await exclusive(vm, () => answer(handlers.migrate!(to!)));
     }
   }
   throw new HttpFailure(500, "INTERNAL", `route ${request.method} ${url.pathname} has no handler`);
