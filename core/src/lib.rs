@@ -12,6 +12,7 @@ pub mod boot;
 pub mod contract;
 pub mod cpuid;
 pub mod devices;
+pub mod dirty;
 pub mod error;
 pub mod handles;
 pub mod hypercall;

@@ -12,6 +12,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory as _, GuestMemoryMmap, GuestMem
 
 use thiserror::Error;
 
+use crate::dirty::DirtyPages;
 use crate::ksm::KsmError;
 
 /// Start of the MMIO hole below 4 GiB (3.25 GiB), as in Firecracker and QEMU's q35.
@@ -86,6 +87,9 @@ pub struct GuestRam {
     /// Whether every region is `MADV_MERGEABLE` (KSM dedup, see [`crate::ksm`]).
     /// Shared by clones: it describes the one mapping they share.
     mergeable: Arc<AtomicBool>,
+    /// The pages the VMM writes while dirty-page tracking is on (shared by
+    /// clones: devices write through theirs). See [`crate::dirty`].
+    dirty: Arc<DirtyPages>,
 }
 
 /// The guest-physical ranges `(start, len)` that `size` bytes of RAM occupy.
@@ -127,6 +131,7 @@ impl GuestRam {
             mem,
             size,
             mergeable: Arc::new(AtomicBool::new(false)),
+            dirty: Arc::new(DirtyPages::new(&ram_ranges(size))),
         })
     }
 
@@ -157,6 +162,11 @@ impl GuestRam {
     /// Whether [`GuestRam::set_mergeable`] marked this RAM.
     pub fn is_mergeable(&self) -> bool {
         self.mergeable.load(Ordering::Relaxed)
+    }
+
+    /// The record of the pages the VMM writes (see [`crate::dirty`]).
+    pub fn dirty_pages(&self) -> &Arc<DirtyPages> {
+        &self.dirty
     }
 
     /// Total RAM in bytes.
@@ -254,13 +264,16 @@ impl GuestRam {
     /// Copies `data` into guest memory at `addr`.
     pub fn write(&self, addr: u64, data: &[u8]) -> Result<()> {
         self.check(addr, data.len())?;
-        self.mem
+        let written = self
+            .mem
             .write_slice(data, GuestAddress(addr))
             .map_err(|source| MemoryError::Access {
                 op: "write",
                 addr,
                 source,
-            })
+            });
+        self.dirty.mark(addr, data.len() as u64);
+        written
     }
 
     /// Writes a little-endian u64 at `addr`.
@@ -317,6 +330,7 @@ impl GuestRam {
                 libc::MADV_DONTNEED,
             )
         };
+        self.dirty.mark(first_page, last_page - first_page);
         if rc != 0 {
             return Err(MemoryError::Zero {
                 start: first_page,

@@ -27,6 +27,7 @@ use crate::devices::platform::{DeviceStates, PlatformDevices};
 use crate::devices::power_off::{PowerOff, POWER_OFF_PORT, POWER_OFF_PORT_LEN};
 use crate::devices::rtc::{Rtc, RTC_PORT, RTC_PORT_LEN};
 use crate::devices::serial::{ConsoleSink, SerialConsole, COM1_PORT, COM_PORT_LEN};
+use crate::dirty::{DirtyBitmap, DirtyError};
 use crate::error::{Error, Result};
 use crate::hypercall::{HypercallPort, Hypercalls, HYPERCALL_PORT};
 use crate::irq::{self, IrqState, IrqStatsSnapshot, SERIAL_GSI};
@@ -93,6 +94,19 @@ pub enum VmError {
     /// No device of that name
     #[error("the VM has no device named {0:?}")]
     NoSuchDevice(String),
+    /// A device's worker did not go idle in time for a pause
+    #[error("device {name:?} did not quiesce within {ms} ms: {source}")]
+    DeviceQuiesce {
+        /// The device.
+        name: String,
+        /// How long it was given.
+        ms: u128,
+        /// Its error.
+        source: VirtioError,
+    },
+    /// Dirty-page tracking failed or is off
+    #[error(transparent)]
+    Dirty(#[from] DirtyError),
 }
 
 fn open_hint(e: &kvm_ioctls::Error) -> &'static str {
@@ -538,9 +552,14 @@ impl Vm {
     }
 
     /// Takes every running vCPU out of KVM_RUN and parks it, without ending the
-    /// run; returns once all are parked (their registers are then accessible).
+    /// run, then quiesces every virtio device (it finishes the requests it
+    /// popped and pops no other; see [`VirtioPci::pause`]); returns once all
+    /// are still (registers, guest memory and queues then stay as they are).
+    /// If one does not stop in time, everything is resumed and the error
+    /// names it.
     pub fn pause(&self) -> Result<()> {
         const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+        const QUIESCE_TIMEOUT: Duration = Duration::from_secs(5);
         let vcpus = self.vcpu_list();
         for vcpu in &vcpus {
             vcpu.control().request_pause();
@@ -554,14 +573,138 @@ impl Vm {
                 .into());
             }
         }
+        // The vCPUs are parked first, so no driver posts a request meanwhile:
+        // each worker's pass ends with the rings it sees.
+        for (name, device) in self.virtio_list() {
+            if let Err(source) = relock(&device).pause(QUIESCE_TIMEOUT) {
+                self.resume();
+                return Err(VmError::DeviceQuiesce {
+                    name,
+                    ms: QUIESCE_TIMEOUT.as_millis(),
+                    source,
+                }
+                .into());
+            }
+        }
         Ok(())
     }
 
-    /// Lets paused vCPUs continue their runs.
+    /// Lets paused devices go on (each running queue kicked once) and paused
+    /// vCPUs continue their runs.
     pub fn resume(&self) {
+        for (_, device) in self.virtio_list() {
+            relock(&device).resume();
+        }
         for vcpu in self.vcpu_list() {
             vcpu.control().resume();
         }
+    }
+
+    /// The virtio transports, by name (a copy: the list's lock is not held
+    /// while one is used).
+    fn virtio_list(&self) -> Vec<(String, Arc<Mutex<VirtioPci>>)> {
+        relock(&self.virtio).clone()
+    }
+
+    /// Re-registers every RAM slot with `flags` (KVM_MEM_LOG_DIRTY_PAGES or 0).
+    fn set_slot_flags(&self, flags: u32) -> std::result::Result<(), DirtyError> {
+        for (slot, region) in self.shared.ram.mmap().iter().enumerate() {
+            let memory_region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: region.as_ptr() as u64,
+                flags,
+            };
+            // SAFETY: the same slot, host range and guest range `Vm::new`
+            // registered (a live mapping owned by `ram`, outliving every KVM
+            // use of it, see there); only the logging flag changes.
+            unsafe { self.fd.set_user_memory_region(memory_region) }.map_err(|source| {
+                DirtyError::Kvm {
+                    op: "KVM_SET_USER_MEMORY_REGION",
+                    slot: slot as u32,
+                    source,
+                }
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Starts dirty-page tracking: KVM logs the guest's writes to every RAM
+    /// slot (`KVM_MEM_LOG_DIRTY_PAGES`) and guest RAM records the VMM's own
+    /// (devices, balloon, hypercalls; see [`crate::dirty`]). Starting it
+    /// again starts a new set.
+    pub fn start_dirty_log(&self) -> Result<()> {
+        let dirty = self.shared.ram.dirty_pages();
+        dirty.set_tracking(true);
+        if let Err(e) = self.set_slot_flags(kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES) {
+            dirty.set_tracking(false);
+            let _ = self.set_slot_flags(0);
+            return Err(VmError::from(e).into());
+        }
+        // Registering afresh may keep an old log: clear it (fetch and drop).
+        self.take_dirty_pages()?;
+        Ok(())
+    }
+
+    /// Stops dirty-page tracking (pages dirtied since the last take are
+    /// dropped).
+    pub fn stop_dirty_log(&self) -> Result<()> {
+        self.shared.ram.dirty_pages().set_tracking(false);
+        self.set_slot_flags(0).map_err(VmError::from)?;
+        Ok(())
+    }
+
+    /// Writes the contents of the pages in `pages` (from
+    /// [`Vm::take_dirty_pages`]) to `out`, in RAM order; returns how many.
+    pub fn read_pages(&self, pages: &DirtyBitmap, out: &mut dyn std::io::Write) -> Result<u64> {
+        crate::snapshot::pages::read_pages(&self.shared.ram, pages, out)
+    }
+
+    /// Reads the contents of the pages in `pages` from `input` into RAM
+    /// (what [`Vm::read_pages`] wrote); returns how many.
+    pub fn write_pages(&self, pages: &DirtyBitmap, input: &mut dyn std::io::Read) -> Result<u64> {
+        crate::snapshot::pages::write_pages(&self.shared.ram, pages, input)
+    }
+
+    /// Whether dirty-page tracking is on.
+    pub fn is_dirty_logging(&self) -> bool {
+        self.shared.ram.dirty_pages().is_tracking()
+    }
+
+    /// The pages written since tracking started or since the last take, by
+    /// the guest (`KVM_GET_DIRTY_LOG`, which clears KVM's log) or by the VMM,
+    /// and clears both: one bit per 4 KiB page in RAM order. An error if
+    /// tracking is off.
+    pub fn take_dirty_pages(&self) -> Result<DirtyBitmap> {
+        let ram = &self.shared.ram;
+        if !ram.dirty_pages().is_tracking() {
+            return Err(VmError::from(DirtyError::NotTracking).into());
+        }
+        // KVM's logs first: a page a device writes after its log was read is
+        // in the VMM's record (marked after the write) or in the next take.
+        let mut bitmap = DirtyBitmap::new(&crate::memory::ram_ranges(ram.size()));
+        let mut first = 0u64;
+        for (slot, region) in ram.mmap().iter().enumerate() {
+            let len = region.len();
+            let log = self
+                .fd
+                .get_dirty_log(slot as u32, len as usize)
+                .map_err(|source| {
+                    VmError::from(DirtyError::Kvm {
+                        op: "KVM_GET_DIRTY_LOG",
+                        slot: slot as u32,
+                        source,
+                    })
+                })?;
+            let pages = len / crate::dirty::PAGE_SIZE;
+            bitmap.add_range_log(first, pages, &log);
+            first += pages;
+        }
+        bitmap
+            .union(&ram.dirty_pages().take())
+            .map_err(VmError::from)?;
+        Ok(bitmap)
     }
 
     /// Asks every vCPU to stop; returns at once (a pending run reports `stopped`).
@@ -766,5 +909,54 @@ mod tests {
             StopReason::Shutdown { registers } => assert_eq!(registers.rip, DEFAULT_LONG_LOAD_ADDR),
             other => panic!("expected a shutdown, got {other:?}"),
         }
+    }
+
+    #[test]
+    #[ignore = "needs /dev/kvm: the test command runs it with --ignored where KVM works"]
+    fn the_dirty_log_has_the_pages_the_guest_wrote_and_a_take_clears_it() {
+        if let Err(e) = check_kvm() {
+            panic!("{e}: this test needs KVM (run it where /dev/kvm works, or in kvmbox)");
+        }
+        let written = [0x3_0000u64, 0x4_5000, 0x1f_0000];
+        let mut code = Vec::new();
+        for addr in written {
+            // mov byte [addr], 1
+            code.extend_from_slice(&[0xc6, 0x04, 0x25]);
+            code.extend_from_slice(&(addr as u32).to_le_bytes());
+            code.push(1);
+        }
+        code.extend_from_slice(&[0xb0, 0x05, 0xe6, 0xf4]); // mov al,5; out 0xf4,al
+        let vm = Vm::new(2 << 20, UnhandledAccess::Stop).unwrap();
+        let vcpu = vm.create_vcpu().unwrap();
+        vm.ram().write(DEFAULT_LONG_LOAD_ADDR, &code).unwrap();
+        vcpu.setup_entry(EntryMode::Long, DEFAULT_LONG_LOAD_ADDR, 0x1f_f000)
+            .unwrap();
+        assert!(matches!(
+            vm.take_dirty_pages(),
+            Err(Error::Vm(VmError::Dirty(DirtyError::NotTracking)))
+        ));
+        vm.start_dirty_log().unwrap();
+        let result = vm.run(Some(Duration::from_secs(30))).unwrap();
+        assert_eq!(result.stop, StopReason::DebugExit { exit_code: 11 });
+        let dirty = vm.take_dirty_pages().unwrap();
+        for addr in written {
+            assert!(
+                dirty.is_set(dirty.index_of(addr).unwrap()),
+                "{addr:#x} is not dirty"
+            );
+        }
+        // The rest are the page tables the CPU set accessed/dirty bits in.
+        assert!(
+            dirty.count() <= written.len() as u64 + 8,
+            "too many extras: {:x?}",
+            dirty.addresses().collect::<Vec<_>>()
+        );
+        assert!(vm.take_dirty_pages().unwrap().is_empty(), "a take clears");
+        // The VMM's own writes are in the set too.
+        vm.ram().write(0x7_0000, b"host").unwrap();
+        let dirty = vm.take_dirty_pages().unwrap();
+        assert_eq!(dirty.addresses().collect::<Vec<_>>(), vec![0x7_0000]);
+        vm.stop_dirty_log().unwrap();
+        assert!(vm.take_dirty_pages().is_err(), "stopped: nothing to take");
     }
 }

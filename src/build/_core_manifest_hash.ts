@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "05b05d77b7ef71b3c64b288f81d7d9fa75bcacf1c79a462db2fab11024ade0a9";
+  "1ecb5a29761c2dcc07c44f42104b93c3a2fc609268d3ec478cfbfa6dc47ba09a";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

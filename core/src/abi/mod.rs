@@ -24,6 +24,7 @@ use kvm_bindings::{kvm_fpu, kvm_regs, kvm_sregs};
 mod console;
 mod cpu;
 mod devices;
+mod dirty;
 mod irq;
 mod ksm;
 mod linux;

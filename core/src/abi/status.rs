@@ -7,6 +7,7 @@
 use crate::boot::acpi::AcpiError;
 use crate::boot::linux::LinuxError;
 use crate::boot::BootError;
+use crate::dirty::DirtyError;
 use crate::error::{Error, Status};
 use crate::irq::IrqError;
 use crate::ksm::KsmError;
@@ -124,6 +125,11 @@ fn vm(e: &VmError) -> Status {
         | VmError::NoSuchDevice(_) => Status::InvalidArgument,
         VmError::VcpuLimit(_) => Status::VcpuLimit,
         VmError::PauseTimeout { .. } => Status::Busy,
+        VmError::DeviceQuiesce { .. } => Status::Timeout,
+        VmError::Dirty(DirtyError::Kvm { .. }) => Status::Kvm,
+        VmError::Dirty(DirtyError::NotTracking | DirtyError::Size { .. }) => {
+            Status::InvalidArgument
+        }
     }
 }
 

@@ -11,6 +11,7 @@
 //! the structure's size is refused rather than zero-padded.
 
 pub mod cpu;
+pub mod pages;
 pub mod vm;
 
 use serde::de::{DeserializeOwned, Error as _};

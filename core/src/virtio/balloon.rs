@@ -562,6 +562,7 @@ impl Runner {
         let m = self.mem.mmap();
         let queue = &mut self.queues[q].1;
         queue.add_used(m, head, 0)?;
+        crate::dirty::mark_used_ring(queue);
         if queue.needs_notification(m)? {
             self.interrupt.queue(q);
         }
@@ -660,7 +661,7 @@ impl VirtioDevice for Balloon {
             (worker_refresh.as_raw_fd(), EventSet::IN),
             (timer.as_raw_fd(), EventSet::IN),
         ];
-        let worker = Worker::spawn("virtio-balloon", a.kicks, extra, move |wake| {
+        let worker = Worker::spawn("virtio-balloon", a.link, a.kicks, extra, move |wake| {
             let result = match wake {
                 Wake::Kick(q) => runner.serve(q),
                 Wake::Fd(0, _) => {

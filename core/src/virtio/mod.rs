@@ -90,6 +90,12 @@ pub enum VirtioError {
     /// The device has no such runtime request.
     #[error("this device does not take the request {0}")]
     Unsupported(String),
+    /// A worker did not finish the request it was serving in time to pause
+    #[error("the device's worker did not stop within {0} ms to pause")]
+    PauseTimeout(u128),
+    /// A runtime request to a paused device (it may not touch guest memory)
+    #[error("the device is paused: resume the VM first")]
+    Paused,
     /// The device cannot be attached (no irqchip, bus full, no BAR space).
     #[error("cannot attach the device: {0}")]
     Attach(String),
@@ -139,6 +145,9 @@ pub struct Activation {
     pub features: u64,
     /// Set by the device when it stops because the driver broke a rule.
     pub needs_reset: Arc<AtomicU8>,
+    /// What its worker shares with the transport (pause gate, dirty pages):
+    /// pass it to [`worker::Worker::spawn`].
+    pub link: worker::WorkerLink,
 }
 
 impl Activation {
@@ -253,7 +262,8 @@ pub fn pop<'m>(
 
 /// Takes every available chain of `queue` to `handle` and puts what it
 /// served in the used ring, with the driver's notifications off while it
-/// works and on again once the ring is empty (checked again after, so a
+/// works (while dirty pages are tracked, each served chain's device-writable
+/// buffers and the used ring are recorded after they are written) and on again once the ring is empty (checked again after, so a
 /// chain posted meanwhile is not missed). `broken` turns a ring error (its
 /// rings, an avail index more than a queue ahead) into the device's error;
 /// an error from either stops the pass. The caller raises the interrupt
@@ -269,22 +279,33 @@ pub fn drain<'m, E>(
         queue.disable_notification(m).map_err(&broken)?;
         while let Some(chain) = pop(queue, m).map_err(&broken)? {
             let head = chain.head_index();
+            let copy = crate::dirty::thread_is_tracking().then(|| chain.clone());
             let (head, len) = match handle(chain)? {
-                Served::Used(len) => (head, len),
+                Served::Used(len) => {
+                    if let Some(copy) = copy {
+                        crate::dirty::mark_chain(copy);
+                    }
+                    (head, len)
+                }
                 Served::Kept { release: None } => continue,
                 Served::Kept {
                     release: Some(earlier),
                 } => earlier,
                 Served::Later => {
                     queue.go_to_previous_position();
+                    crate::dirty::mark_used_ring(queue);
                     done.later = true;
                     return Ok(done);
                 }
             };
             queue.add_used(m, head, len).map_err(&broken)?;
+            crate::dirty::mark_used_ring(queue);
             done.used += 1;
         }
-        if !queue.enable_notification(m).map_err(&broken)? {
+        let more = queue.enable_notification(m).map_err(&broken)?;
+        // Notification suppression writes the used ring (avail_event) too.
+        crate::dirty::mark_used_ring(queue);
+        if !more {
             return Ok(done);
         }
     }

@@ -652,6 +652,7 @@ impl NetQueues {
                 self.mem
                     .write_slice(&self.pending[off..off + n], addr)
                     .map_err(|_| malformed("receive", head, "a buffer outside guest RAM"))?;
+                crate::dirty::mark(addr.0, n as u64);
                 off += n;
             }
             used.push((head, (off - start) as u32));
@@ -669,12 +670,14 @@ impl NetQueues {
                 self.mem
                     .write_slice(&self.pending[off..off + n], addr)
                     .map_err(|_| broken())?;
+                crate::dirty::mark(addr.0, n as u64);
                 off += n;
             }
         }
         for (head, n) in used {
             self.rx.add_used(&self.mem, head, n).map_err(|_| broken())?;
         }
+        crate::dirty::mark_used_ring(&self.rx);
         self.stats.rx_frames.fetch_add(1, Ordering::Relaxed);
         self.stats
             .rx_bytes
@@ -705,6 +708,7 @@ impl NetQueues {
             let resume = self.rx.next_avail();
             self.rx.set_next_avail(self.rx_exhausted_at);
             let more = self.rx.enable_notification(&self.mem);
+            crate::dirty::mark_used_ring(&self.rx);
             self.rx.set_next_avail(resume);
             match more {
                 Ok(true) => continue,
@@ -781,8 +785,10 @@ impl VirtioDevice for Net {
             NetQueues::new(a.mem.mmap().clone(), rx, tx, fd, a.features, stats.clone());
         let kicks = std::mem::take(&mut a.kicks);
         let events = EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED;
+        let link = a.link.clone();
         self.worker = Some(Worker::spawn(
             "virtio-net",
+            link,
             kicks,
             vec![(fd, events)],
             move |wake| {

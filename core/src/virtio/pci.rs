@@ -22,6 +22,7 @@ use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::worker::{PauseGate, WorkerLink};
 use super::{features, status, Activation, Interrupt, VirtioDevice, VirtioError, NO_VECTOR};
 use crate::memory::GuestRam;
 use crate::pci::config::{ConfigState, PciConfig, PciIdentity};
@@ -128,6 +129,8 @@ pub struct VirtioPci {
     /// Where the BAR is decoded (and the ioeventfds registered).
     bar: Option<u64>,
     active: bool,
+    /// The device's workers' pause gate and dirty-page record.
+    link: WorkerLink,
 }
 
 fn pci_class(device_type: u16) -> [u8; 3] {
@@ -222,7 +225,6 @@ impl VirtioPci {
             msix_capability,
             msix,
             device,
-            mem,
             vm,
             status: 0,
             device_feature_select: 0,
@@ -238,6 +240,11 @@ impl VirtioPci {
             kicks,
             bar: None,
             active: false,
+            link: WorkerLink {
+                gate: Arc::new(PauseGate::default()),
+                dirty: Some(mem.dirty_pages().clone()),
+            },
+            mem,
         })
     }
 
@@ -474,6 +481,7 @@ impl VirtioPci {
             },
             features: self.driver_features,
             needs_reset: self.needs_reset.clone(),
+            link: self.link.clone(),
         })?;
         self.active = true;
         Ok(())
@@ -663,12 +671,52 @@ impl VirtioPci {
         Ok(())
     }
 
-    /// Passes a runtime request to the device.
+    /// Passes a runtime request to the device (refused while paused: some
+    /// write guest memory, a transport reset its event queue). What it
+    /// writes is recorded while dirty pages are tracked.
     pub fn control(
         &mut self,
         request: &serde_json::Value,
     ) -> Result<serde_json::Value, super::VirtioError> {
-        self.device.control(request)
+        if self.link.gate.is_paused() {
+            return Err(VirtioError::Paused);
+        }
+        let device = &mut self.device;
+        crate::dirty::with_thread_log(self.link.dirty.clone(), || device.control(request))
+    }
+
+    /// Quiesces the device: its workers finish the requests they popped
+    /// (answered in the used ring; interrupts may stay pending) and pop no
+    /// other until [`VirtioPci::resume`]; host input waits in its TAP or
+    /// sockets. Returns once no worker serves anything, or
+    /// [`VirtioError::PauseTimeout`] after `timeout` (the gate stays closed:
+    /// call [`VirtioPci::resume`] to undo).
+    pub fn pause(&self, timeout: std::time::Duration) -> Result<(), VirtioError> {
+        if self.link.gate.pause(timeout) {
+            Ok(())
+        } else {
+            Err(VirtioError::PauseTimeout(timeout.as_millis()))
+        }
+    }
+
+    /// Lets a paused device's workers go on, and kicks each of its running
+    /// queues once (a kick the driver made while it was paused was perhaps
+    /// already consumed; a spurious one is harmless).
+    pub fn resume(&self) {
+        let was_paused = self.link.gate.is_paused();
+        self.link.gate.resume();
+        if was_paused && self.active {
+            for (q, kick) in self.queues.iter().zip(&self.kicks) {
+                if q.enabled {
+                    let _ = kick.write(1);
+                }
+            }
+        }
+    }
+
+    /// Whether the device is paused.
+    pub fn is_paused(&self) -> bool {
+        self.link.gate.is_paused()
     }
 
     /// How many kick eventfds are live (for leak checks).

@@ -272,4 +272,90 @@ mod tests {
         let head = d.post(0, &[Buf::writable(BUFFERS, 8)]);
         assert_eq!(d.wait_used(0), Some((head as u32, 8)));
     }
+
+    const LONG: std::time::Duration = std::time::Duration::from_secs(5);
+
+    fn wait_still(d: &TestDriver) -> (u16, Vec<u8>) {
+        let mut buffers = vec![0u8; 64 * 64];
+        d.mem.read(BUFFERS, &mut buffers).unwrap();
+        (used_idx(&d.mem, 0), buffers)
+    }
+
+    #[test]
+    fn requests_posted_while_paused_are_served_only_after_resume() {
+        let mut d = TestDriver::new(Box::new(Rng::default()));
+        d.start(0);
+        let head = d.post(0, &[Buf::writable(BUFFERS, 8)]);
+        assert_eq!(d.wait_used(0), Some((head as u32, 8)));
+        d.dev.pause(LONG).unwrap();
+        let head = d.post(0, &[Buf::writable(BUFFERS + 0x1000, 64)]);
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert_eq!(used_idx(&d.mem, 0), 1, "a paused device served a request");
+        let mut a = [0u8; 64];
+        d.mem.read(BUFFERS + 0x1000, &mut a).unwrap();
+        assert_eq!(a, [0u8; 64], "a paused device wrote guest memory");
+        d.dev.resume();
+        assert_eq!(d.wait_used(0), Some((head as u32, 64)));
+    }
+
+    #[test]
+    fn a_pause_leaves_ring_and_buffers_still_and_resume_serves_the_rest() {
+        let mut d = TestDriver::new(Box::new(Rng::default()));
+        d.start(0);
+        // Requests the device is serving when the pause comes.
+        for i in 0..64u64 {
+            d.post(0, &[Buf::writable(BUFFERS + 64 * i, 64)]);
+        }
+        d.dev.pause(LONG).unwrap();
+        let before = wait_still(&d);
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert_eq!(
+            wait_still(&d),
+            before,
+            "the ring or a buffer moved while paused"
+        );
+        // Whatever was answered is whole: every used buffer is filled.
+        for i in 0..u64::from(before.0) {
+            let at = (64 * i) as usize;
+            assert_ne!(&before.1[at..at + 64], &[0u8; 64][..], "request {i}");
+        }
+        d.dev.resume();
+        let deadline = std::time::Instant::now() + LONG;
+        while used_idx(&d.mem, 0) != 64 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert_eq!(used_idx(&d.mem, 0), 64, "resume serves what waited");
+    }
+
+    #[test]
+    fn buffers_the_device_fills_are_dirty_pages() {
+        let mut d = TestDriver::new(Box::new(Rng::default()));
+        d.start(0);
+        let dirty = d.mem.dirty_pages().clone();
+        dirty.set_tracking(true);
+        let _ = dirty.take(); // the driver's own set-up writes
+                              // Device-writable buffers on pages the driver never writes.
+        let (a, b) = (BUFFERS + 0x5000, BUFFERS + 0x9ff0);
+        d.set_desc(0, 0, a, 64, 1 | 2, 1);
+        d.set_desc(0, 1, b, 32, 2, 0);
+        d.publish(0, 0);
+        d.write(0x3000, &0u16.to_le_bytes());
+        assert_eq!(d.wait_used(0).map(|u| u.1), Some(96));
+        let taken = dirty.take();
+        for addr in [a, b, b + 31] {
+            let page = taken.index_of(addr).unwrap();
+            assert!(taken.is_set(page), "page of {addr:#x} is not dirty");
+        }
+        let used_page = taken.index_of(0x10_8000).unwrap();
+        assert!(taken.is_set(used_page), "the used ring is not dirty");
+        assert!(!taken.is_set(taken.index_of(BUFFERS + 0x7000).unwrap()));
+        assert!(dirty.take().is_empty(), "a take clears");
+        dirty.set_tracking(false);
+        let head = d.post(0, &[Buf::writable(a, 8)]);
+        assert_eq!(d.wait_used(0), Some((head as u32, 8)));
+        assert!(
+            dirty.take().is_empty(),
+            "nothing is recorded when tracking is off"
+        );
+    }
 }

@@ -415,8 +415,10 @@ impl VirtioDevice for Vsock {
             needs_reset: a.needs_reset,
         };
         self.running = Some(running.clone());
+        let link = a.link.clone();
         self.worker = Some(Worker::spawn(
             "virtio-vsock",
+            link,
             kicks,
             vec![(epoll_fd, EventSet::IN)],
             move |wake| {
