@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "1ecb5a29761c2dcc07c44f42104b93c3a2fc609268d3ec478cfbfa6dc47ba09a";
+  "0878936f7034171f1ca7150d00a871dd2a48aa56e7ed359681417e6dd5dbecf9";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.
