@@ -52,6 +52,7 @@ export {
 export {
   type ConsoleCounts,
   type ConsoleStats,
+  type DirtyPages,
   type EntryMode,
   type GuestMemoryUsage,
   type HypercallCounts,

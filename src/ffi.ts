@@ -197,6 +197,10 @@ const SYMBOLS = {
     ],
     result: "i32",
   },
+  /** int32_t dv_vm_dirty_log(uint32_t vm, uint32_t enable) */
+  dv_vm_dirty_log: { parameters: ["u32", "u32"], result: "i32" },
+  /** int32_t dv_vm_take_dirty(uint32_t vm, uint8_t *buf, size_t cap, size_t *out_len) — bitmap */
+  dv_vm_take_dirty: { parameters: ["u32", "buffer", "usize", "buffer"], result: "i32" },
 } as const satisfies Deno.ForeignLibraryInterface;
 
 type Symbols = Deno.DynamicLibrary<typeof SYMBOLS>["symbols"];
@@ -457,6 +461,17 @@ export class Core {
   vmRestoreState(vm: number, state: string): void {
     const bytes = new TextEncoder().encode(state);
     this.#check(this.#sym.dv_vm_restore_state(vm, bytes, BigInt(bytes.length)));
+  }
+
+  /** `dv_vm_dirty_log`: dirty-page tracking on (a new set) or off. */
+  vmDirtyLog(vm: number, enable: boolean): void {
+    this.#check(this.#sym.dv_vm_dirty_log(vm, enable ? 1 : 0));
+  }
+
+  /** `dv_vm_take_dirty`: the dirty-page bitmap (little-endian 64-bit words),
+   * cleared in the core (a buffer too small takes nothing: it is retried). */
+  vmTakeDirty(vm: number): Uint8Array {
+    return this.#bytes((buf, cap, outLen) => this.#sym.dv_vm_take_dirty(vm, buf, cap, outLen));
   }
 
   /** `dv_vm_device_control`: a device's answer to a JSON request, parsed. */

@@ -283,6 +283,32 @@ export class Kvm {
 }
 
 /**
+ * Guest pages written since the last take ({@link KvmVm.takeDirtyPages}):
+ * one bit per 4 KiB page in RAM order (page `i` is at guest-physical
+ * `i * 4096` below the 3.25 GiB MMIO hole; the pages after it continue at
+ * 4 GiB).
+ */
+export interface DirtyPages {
+  /** The bitmap: page `i` is bit `i % 8` of byte `i >> 3` (64-bit little-endian words). */
+  readonly bitmap: Uint8Array;
+  /** The dirty pages' indexes, in order. */
+  readonly pages: number[];
+}
+
+/** The page indexes set in a dirty bitmap. */
+function dirtyPages(bitmap: Uint8Array): DirtyPages {
+  const pages: number[] = [];
+  for (let byte = 0; byte < bitmap.length; byte++) {
+    const bits = bitmap[byte];
+    if (bits === 0) continue;
+    for (let bit = 0; bit < 8; bit++) {
+      if (bits & (1 << bit)) pages.push(byte * 8 + bit);
+    }
+  }
+  return { bitmap, pages };
+}
+
+/**
  * A KVM VM: guest RAM, devices and vCPUs. Created by {@link Kvm.createVm}.
  *
  * @example
@@ -462,8 +488,9 @@ export class KvmVm implements Disposable {
   }
 
   /**
-   * Takes every vCPU out of KVM_RUN without ending the run; returns once all
-   * are parked, so their registers can be read and written.
+   * Takes every vCPU out of KVM_RUN without ending the run and quiesces the
+   * virtio devices; returns once all are parked and idle, so registers can
+   * be read and written and guest memory stays still.
    */
   pause(): void {
     this.#core.vmPause(this.#live());
@@ -588,6 +615,53 @@ export class KvmVm implements Disposable {
    */
   snapshotState(): string {
     return this.#core.vmSnapshotState(this.#live());
+  }
+
+  /**
+   * Starts dirty-page tracking (`KVM_MEM_LOG_DIRTY_PAGES` on every RAM slot,
+   * plus the pages the VMM's devices and hypercalls write): from now on,
+   * {@link KvmVm.takeDirtyPages} gives the pages written. Starting again
+   * starts a new, empty set.
+   *
+   * @example
+   * ```ts
+   * import { Kvm } from "denovisor";
+   * using vm = (await Kvm.open()).createVm({ memoryBytes: 2 << 20 });
+   * vm.startDirtyLog();
+   * vm.writeMemory(0x3000, new Uint8Array([1]));
+   * console.log(vm.takeDirtyPages().pages); // [ 3 ]
+   * ```
+   */
+  startDirtyLog(): void {
+    this.#core.vmDirtyLog(this.#live(), true);
+  }
+
+  /**
+   * Stops dirty-page tracking.
+   *
+   * @example
+   * ```ts ignore
+   * vm.stopDirtyLog();
+   * ```
+   */
+  stopDirtyLog(): void {
+    this.#core.vmDirtyLog(this.#live(), false);
+  }
+
+  /**
+   * The pages written since tracking started or since the last take, by the
+   * guest or by the VMM, and clears them. Throws `INVALID_ARGUMENT` while
+   * tracking is off.
+   *
+   * @example
+   * ```ts ignore
+   * const { pages } = vm.takeDirtyPages(); // page indexes, RAM order
+   * ```
+   *
+   * @returns The bitmap and the dirty pages' indexes.
+   */
+  takeDirtyPages(): DirtyPages {
+    return dirtyPages(this.#core.vmTakeDirty(this.#live()));
   }
 
   /**
