@@ -16,6 +16,9 @@
  * arg 1 (a read-only disk): a write (IOERR expected), a read, a FLUSH.
  * arg 2 (a writable disk): hostile chains, each followed by a reset and a read
  * that must work again (see `hostile`).
+ * arg 3 (any disk): reads the first 64 KiB into `data` again and again, until
+ * the host stops the VM (tests/dirty_pages_test.ts: only the device writes
+ * `data`).
  * REPORTs one JSON object; the status of each request is the byte the device
  * wrote (0 OK, 1 IOERR, 2 UNSUPP) or a negative driver error.
  *
@@ -330,6 +333,19 @@ static void hostile(enum hostile c)
 	    mismatches(check, 16 * SECTOR, 4096, host_byte));
 }
 
+/* arg 3: one 64 KiB read of sector 0 into `data` after another; returns only on an error. */
+static int read_forever(void)
+{
+	if (start(0) < 0)
+		return 4;
+	struct dv_virtq_buf b = { (uintptr_t)data, sizeof data, 1 };
+	for (;;) {
+		uint32_t used;
+		if (request(BLK_T_IN, 0, &b, 1, &used) != 0)
+			return 5;
+	}
+}
+
 int main(uint64_t arg)
 {
 	int bdf = dv_virtio_find(DV_VIRTIO_PCI_DEVICE(DV_VIRTIO_TYPE_BLOCK), -1);
@@ -351,6 +367,8 @@ int main(uint64_t arg)
 			hostile((enum hostile)c);
 		PUT("],\"final\":%u}", dv_virtio_status(&dev));
 		break;
+	case 3:
+		return read_forever();
 	default:
 		return 3;
 	}
