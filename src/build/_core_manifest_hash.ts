@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "0878936f7034171f1ca7150d00a871dd2a48aa56e7ed359681417e6dd5dbecf9";
+  "0c9528d8fa12714c0b11804e628a7f6034acd7b7af60ba44a5788d1349430699";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

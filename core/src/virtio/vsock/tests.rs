@@ -813,3 +813,36 @@ fn random_descriptor_tables_never_crash_or_write_outside_their_buffers() {
     }
     assert!(ok > 0 && failed > 0, "ok {ok}, failed {failed}");
 }
+
+#[test]
+fn host_bytes_sent_while_paused_wait_in_the_socket_until_resume() {
+    let path = socket_path("pause");
+    let host = UnixListener::bind(format!("{path}_1234")).unwrap();
+    let mut g = Guest::new(&path);
+    g.send(g.hdr(op::REQUEST, 5000, 1234), &[]);
+    let (h, _) = g.recv();
+    assert_eq!(h.op, op::RESPONSE);
+    let (mut s, _) = host.accept().unwrap();
+
+    g.d.dev.pause(Duration::from_secs(5)).unwrap();
+    let mut rx = vec![0u8; 16 * RX_STRIDE as usize];
+    g.d.mem.read(RX_BUFS, &mut rx).unwrap();
+    s.write_all(b"while paused").unwrap();
+    assert!(g.quiet(300), "a paused device delivered host bytes");
+    let mut still = vec![0u8; rx.len()];
+    g.d.mem.read(RX_BUFS, &mut still).unwrap();
+    assert!(rx == still, "a paused device wrote its rx buffers");
+    assert!(
+        matches!(transport_reset_result(&mut g), Err(VirtioError::Paused)),
+        "a runtime request that writes guest memory is refused while paused"
+    );
+
+    g.d.dev.resume();
+    let (h, data) = g.recv();
+    assert_eq!((h.op, data.as_slice()), (op::RW, &b"while paused"[..]));
+}
+
+fn transport_reset_result(g: &mut Guest) -> Result<serde_json::Value, VirtioError> {
+    g.d.dev
+        .control(&serde_json::json!({"op": "transport_reset"}))
+}
