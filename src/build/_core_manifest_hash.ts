@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "0c9528d8fa12714c0b11804e628a7f6034acd7b7af60ba44a5788d1349430699";
+  "0ab9d0e8fe5b22c1e1d9936789e48d55e86f99dccc84421a11ef112d1468471f";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

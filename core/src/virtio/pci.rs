@@ -85,7 +85,9 @@ const ISR_BITS: u8 = 0x3;
 /// and `next_used`: the restored device is a fresh one that holds no popped
 /// request, so it starts again from the first request not yet answered. That
 /// is exact for devices that answer in order (rng); a device that answers out
-/// of order must drain before its state is taken.
+/// of order must drain before its state is taken, which [`VirtioPci::pause`]
+/// (called by `Vm::pause`) guarantees: a paused device holds no popped
+/// request but the balloon's statistics buffer, which it keeps by design.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TransportState {
     pub pci: ConfigState,
