@@ -122,6 +122,18 @@ export const STATUSES = [
     summary: "Memory deduplication (KSM) is not available in this kernel",
     value: -17,
   },
+  {
+    code: "SNAPSHOT_INVALID",
+    name: "SnapshotInvalid",
+    summary: "A snapshot file is truncated, corrupted, of another format version, or lacks a section",
+    value: -18,
+  },
+  {
+    code: "SNAPSHOT_WRONG_HOST",
+    name: "SnapshotWrongHost",
+    summary: "A snapshot was taken on another CPU than this host's (vendor, model, or features the guest was given that this host lacks)",
+    value: -19,
+  },
 ] as const;
 
 /**

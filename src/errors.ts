@@ -37,6 +37,8 @@ export type ErrorCode =
   | "VCPU_LIMIT"
   | "DEVICE"
   | "KSM_UNAVAILABLE"
+  | "SNAPSHOT_INVALID"
+  | "SNAPSHOT_WRONG_HOST"
   | "API_UNREACHABLE"
   | "API_REFUSED";
 

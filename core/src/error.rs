@@ -81,6 +81,12 @@ statuses! {
     Device = -16,
     /// Memory deduplication (KSM) is not available in this kernel
     KsmUnavailable = -17,
+    /// A snapshot file is truncated, corrupted, of another format version,
+    /// or lacks a section
+    SnapshotInvalid = -18,
+    /// A snapshot was taken on another CPU than this host's (vendor, model, or
+    /// features the guest was given that this host lacks)
+    SnapshotWrongHost = -19,
 }
 
 /// Everything that can go wrong inside the core: each module's own error,

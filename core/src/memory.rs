@@ -5,10 +5,15 @@
 //! left as an MMIO hole (for devices, the LAPIC and IOAPIC), so a guest with more RAM
 //! than fits below the hole gets the rest above 4 GiB.
 
+use std::fs::File;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use vm_memory::{Bytes, GuestAddress, GuestMemory as _, GuestMemoryMmap, GuestMemoryRegion as _};
+use vm_memory::mmap::MmapRegion;
+use vm_memory::{
+    Bytes, FileOffset, GuestAddress, GuestMemory as _, GuestMemoryMmap, GuestMemoryRegion as _,
+    GuestRegionMmap,
+};
 
 use thiserror::Error;
 
@@ -63,6 +68,20 @@ pub enum MemoryError {
         /// vm-memory's reason.
         source: vm_memory::GuestMemoryError,
     },
+    /// A memory file could not be examined
+    #[error("guest memory: cannot examine the memory file: {source}")]
+    FileStat {
+        /// The host's error.
+        source: std::io::Error,
+    },
+    /// A memory file's length is not the RAM size
+    #[error("guest memory: the memory file holds {len} bytes where the RAM has {size}")]
+    FileSize {
+        /// The RAM size.
+        size: u64,
+        /// The file's length.
+        len: u64,
+    },
     /// The host refused to drop pages being zeroed
     #[error("guest memory: zeroing {start:#x}..{end:#x}: madvise: {source}")]
     Zero {
@@ -90,6 +109,10 @@ pub struct GuestRam {
     /// The pages the VMM writes while dirty-page tracking is on (shared by
     /// clones: devices write through theirs). See [`crate::dirty`].
     dirty: Arc<DirtyPages>,
+    /// Whether RAM is a private (copy-on-write) mapping of a snapshot's memory
+    /// file ([`GuestRam::from_file`]) rather than anonymous memory: dropping
+    /// a page then reverts it to the file's bytes, not to zeros.
+    file_backed: bool,
 }
 
 /// The guest-physical ranges `(start, len)` that `size` bytes of RAM occupy.
@@ -132,7 +155,66 @@ impl GuestRam {
             size,
             mergeable: Arc::new(AtomicBool::new(false)),
             dirty: Arc::new(DirtyPages::new(&ram_ranges(size))),
+            file_backed: false,
         })
+    }
+
+    /// Maps `size` bytes of guest RAM privately (`MAP_PRIVATE`, copy-on-write)
+    /// from `file`, whose bytes are the RAM ranges of [`ram_ranges`] one after
+    /// the other (a snapshot's memory file). Nothing is read: a page comes from
+    /// the page cache when the guest first touches it, so the time this takes
+    /// does not grow with `size`, and VMs mapping the same file share every
+    /// page none of them has written. Writes go to private copies, never to the
+    /// file. The file must be exactly `size` bytes long (checked here: a
+    /// shorter file would fault the guest with SIGBUS past its end).
+    pub fn from_file(size: u64, file: File) -> Result<GuestRam> {
+        Self::check_size(size)?;
+        let map_err = |source| MemoryError::Map { size, source };
+        let len = file
+            .metadata()
+            .map_err(|source| MemoryError::FileStat { source })?
+            .len();
+        if len != size {
+            return Err(MemoryError::FileSize { size, len });
+        }
+        let file = Arc::new(file);
+        let mut regions = Vec::new();
+        let mut offset = 0u64;
+        for (start, len) in ram_ranges(size) {
+            let region = MmapRegion::build(
+                Some(FileOffset::from_arc(file.clone(), offset)),
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+            )
+            .map_err(|e| map_err(vm_memory::mmap::Error::MmapRegion(e)))?;
+            regions.push(GuestRegionMmap::new(region, GuestAddress(start)).map_err(map_err)?);
+            offset += len;
+        }
+        let mem = GuestMemoryMmap::from_regions(regions).map_err(map_err)?;
+        Ok(GuestRam {
+            mem,
+            size,
+            mergeable: Arc::new(AtomicBool::new(false)),
+            dirty: Arc::new(DirtyPages::new(&ram_ranges(size))),
+            file_backed: true,
+        })
+    }
+
+    /// Whether RAM maps a snapshot's memory file ([`GuestRam::from_file`]).
+    pub fn is_file_backed(&self) -> bool {
+        self.file_backed
+    }
+
+    /// Every RAM region as host memory, in guest-physical order, for bulk
+    /// copies to and from a file (snapshots). The slices alias guest RAM,
+    /// which a running guest may change underneath: callers copy only from a
+    /// paused VM or into RAM no vCPU runs on yet.
+    pub fn host_regions(&self) -> Vec<(u64, *mut u8, usize)> {
+        self.mem
+            .iter()
+            .map(|r| (r.start_addr().0, r.as_ptr(), r.len() as usize))
+            .collect()
     }
 
     /// Opts every RAM region into KSM deduplication (`MADV_MERGEABLE`): the
@@ -286,6 +368,10 @@ impl GuestRam {
     /// read back as zero and cost nothing until touched; KVM's MMU notifier drops
     /// its mappings too), and the at most two partial pages at the ends are written
     /// from a 4 KiB static buffer. Untouched (fresh) RAM stays untouched.
+    ///
+    /// On RAM mapped from a snapshot's memory file ([`GuestRam::from_file`])
+    /// a dropped page would read back as the file's bytes, so there every
+    /// page is written with zeros instead (a private copy each).
     pub fn zero(&self, addr: u64, len: u64) -> Result<()> {
         const PAGE: u64 = 4096;
         static ZEROS: [u8; PAGE as usize] = [0; PAGE as usize];
@@ -295,6 +381,41 @@ impl GuestRam {
         if !self.contains(addr, len) {
             return Err(self.outside(addr, len));
         }
+        if self.file_backed {
+            let end = addr + len; // no overflow: `contains` checked it
+            let mut at = addr;
+            while at < end {
+                let n = (end - at).min(PAGE - at % PAGE);
+                self.write(at, &ZEROS[..n as usize])?;
+                at += n;
+            }
+            return Ok(());
+        }
+        self.drop_pages(addr, len)
+    }
+
+    /// Gives the host memory behind the whole pages of `[addr, addr + len)`
+    /// back (`MADV_DONTNEED`), for pages the guest gave up (a balloon's
+    /// inflate, free page reporting): what they hold afterwards is not the
+    /// guest's concern. On anonymous RAM they read back as zeros; on RAM
+    /// mapped from a snapshot's memory file they revert to the file's bytes
+    /// (the private copy is freed, the page cache's page is shared again).
+    /// The partial pages at the ends are zeroed.
+    pub fn discard(&self, addr: u64, len: u64) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        if !self.contains(addr, len) {
+            return Err(self.outside(addr, len));
+        }
+        self.drop_pages(addr, len)
+    }
+
+    /// [`GuestRam::zero`]'s anonymous-memory path: `[addr, addr + len)` is
+    /// inside RAM (checked by the caller).
+    fn drop_pages(&self, addr: u64, len: u64) -> Result<()> {
+        const PAGE: u64 = 4096;
+        static ZEROS: [u8; PAGE as usize] = [0; PAGE as usize];
         let end = addr + len; // no overflow: `contains` checked it
         let first_page = addr.next_multiple_of(PAGE);
         let last_page = end & !(PAGE - 1);
@@ -318,11 +439,12 @@ impl GuestRam {
                 addr: first_page,
                 source,
             })?;
-        // SAFETY: `[first_page, last_page)` lies inside one RAM region (`contains`
-        // checked the whole range; regions are page-aligned and contiguous), so
-        // `host` addresses this VM's own private anonymous mapping for that many
-        // bytes, page-aligned. MADV_DONTNEED only replaces those pages' contents
-        // with zero-fill-on-demand pages; the mapping itself stays valid.
+        // SAFETY: `[first_page, last_page)` lies inside one RAM region (the
+        // callers checked the whole range; regions are page-aligned and
+        // contiguous), so `host` addresses this VM's own private mapping for
+        // that many bytes, page-aligned. MADV_DONTNEED only replaces those
+        // pages' contents with zero-fill-on-demand pages (anonymous RAM) or the
+        // file's pages (a private file mapping); the mapping stays valid.
         let rc = unsafe {
             libc::madvise(
                 host.cast(),

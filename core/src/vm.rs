@@ -305,7 +305,7 @@ pub struct Vm {
 }
 
 /// KVM's supported CPUID, read once per process (it describes the host).
-fn supported_cpuid() -> Result<Vec<kvm_cpuid_entry2>> {
+pub(crate) fn supported_cpuid() -> Result<Vec<kvm_cpuid_entry2>> {
     static SUPPORTED: OnceLock<Vec<kvm_cpuid_entry2>> = OnceLock::new();
     if let Some(entries) = SUPPORTED.get() {
         return Ok(entries.clone());
@@ -321,7 +321,12 @@ fn supported_cpuid() -> Result<Vec<kvm_cpuid_entry2>> {
 impl Vm {
     /// Creates a VM with `mem_bytes` of RAM, COM1 and the debug-exit port.
     pub fn new(mem_bytes: u64, unhandled: UnhandledAccess) -> Result<Vm> {
-        let ram = GuestRam::new(mem_bytes)?;
+        Self::with_ram(GuestRam::new(mem_bytes)?, unhandled)
+    }
+
+    /// Creates a VM around guest RAM made elsewhere (a snapshot's memory file,
+    /// see [`GuestRam::from_file`]), with COM1 and the debug-exit port.
+    pub fn with_ram(ram: GuestRam, unhandled: UnhandledAccess) -> Result<Vm> {
         let fd = kvm()?.create_vm().map_err(kvm_op("KVM_CREATE_VM"))?;
         fd.set_tss_address(KVM_TSS_ADDRESS)
             .map_err(kvm_op("KVM_SET_TSS_ADDR"))?;
@@ -791,6 +796,15 @@ impl Vm {
     /// point snapshots read device state from.
     pub fn device_states(&self) -> serde_json::Value {
         crate::state::to_json(&self.shared.device_states())
+    }
+
+    /// Restores every device from `states` (see [`DeviceStates`]), attaching
+    /// the ACPI PM device first when the states have it and the VM not yet.
+    pub fn restore_device_states(&self, states: &DeviceStates) -> Result<()> {
+        if states.acpi_pm.is_some() {
+            self.attach_acpi_pm()?;
+        }
+        self.shared.restore_device_states(states)
     }
 
     /// Passes a runtime request (`{"op": ...}`) to the virtio device `name`.

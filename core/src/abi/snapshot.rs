@@ -1,8 +1,14 @@
 //! The ABI of snapshots' CPU and VM state (see [`crate::snapshot`]).
 
-use super::{bytes, guarded, guarded_into};
+use std::path::Path;
+
+use super::{
+    bytes, guarded, guarded_into, json, put, VM_FLAG_DEDUP, VM_FLAG_IRQCHIP,
+    VM_FLAG_STOP_ON_UNHANDLED,
+};
 use crate::error::Error;
 use crate::handles;
+use crate::snapshot::file::{inspect, write_snapshot, Snapshot};
 use crate::snapshot::vm::VmState;
 
 /// Writes the KVM state of a paused VM (every vCPU, the irqchip, the PIT, the
@@ -39,6 +45,142 @@ pub unsafe extern "C" fn dv_vm_restore_state(vm: u32, state: *const u8, len: usi
         let text = std::str::from_utf8(unsafe { bytes(state, len) }?)
             .map_err(|_| Error::arg("the VM state is not UTF-8"))?;
         VmState::from_json(text)?.restore(&vm)?;
+        Ok(())
+    })
+}
+
+/// A path argument: UTF-8 bytes, not empty, no NUL.
+///
+/// # Safety
+/// `ptr` must be valid for `len` bytes.
+unsafe fn path_arg<'a>(ptr: *const u8, len: usize) -> crate::error::Result<&'a Path> {
+    // SAFETY: per this function's contract.
+    let text = std::str::from_utf8(unsafe { bytes(ptr, len) }?)
+        .map_err(|_| Error::arg("the snapshot path is not UTF-8"))?;
+    if text.is_empty() || text.contains('\0') {
+        return Err(Error::arg("the snapshot path is empty or holds a NUL"));
+    }
+    Ok(Path::new(text))
+}
+
+/// Snapshot restore mode: map the memory file copy-on-write.
+pub const SNAPSHOT_LAZY: u32 = 0;
+/// Snapshot restore mode: read the memory file into anonymous RAM and verify
+/// its checksum.
+pub const SNAPSHOT_EAGER: u32 = 1;
+
+/// Writes a snapshot of the paused VM into the directory `dir` (which must
+/// not exist or be empty): its KVM and device state, `config` (opaque JSON
+/// the caller needs to rebuild the VM) and guest RAM. Writes what it did
+/// (JSON) into `buf`. Fails with `Busy` unless the VM is paused; a failed
+/// snapshot leaves nothing at `dir`.
+///
+/// # Safety
+/// `dir` must be valid for `dir_len` bytes, `config` for `config_len`, `buf`
+/// for `cap` writable bytes, `out_len` for a `usize` write.
+#[no_mangle]
+pub unsafe extern "C" fn dv_vm_snapshot_create(
+    vm: u32,
+    dir: *const u8,
+    dir_len: usize,
+    config: *const u8,
+    config_len: usize,
+    buf: *mut u8,
+    cap: usize,
+    out_len: *mut usize,
+) -> i32 {
+    // SAFETY: per this function's contract.
+    unsafe {
+        guarded_into(buf, cap, out_len, || {
+            let vm = handles::vm(vm)?;
+            let dir = path_arg(dir, dir_len)?;
+            let config = std::str::from_utf8(bytes(config, config_len)?)
+                .map_err(|_| Error::arg("the snapshot config is not UTF-8"))?;
+            json(&write_snapshot(&vm, dir, config)?)
+        })
+    }
+}
+
+/// Reads and verifies the snapshot in `dir` without a VM (every section's
+/// checksum, version and JSON, the memory file's size; not the memory file's
+/// checksum) and writes what it holds as JSON into `buf`: header, sections,
+/// host, whether this host can restore it, config, memory.
+///
+/// # Safety
+/// `dir` must be valid for `dir_len` bytes, `buf` for `cap` writable bytes,
+/// `out_len` for a `usize` write.
+#[no_mangle]
+pub unsafe extern "C" fn dv_snapshot_inspect(
+    dir: *const u8,
+    dir_len: usize,
+    buf: *mut u8,
+    cap: usize,
+    out_len: *mut usize,
+) -> i32 {
+    // SAFETY: per this function's contract.
+    unsafe {
+        guarded_into(buf, cap, out_len, || {
+            let dir = path_arg(dir, dir_len)?;
+            json(&inspect(dir)?)
+        })
+    }
+}
+
+/// Creates a VM whose RAM is the snapshot's in `dir` ([`SNAPSHOT_LAZY`]:
+/// mapped copy-on-write from its memory file; [`SNAPSHOT_EAGER`]: read and
+/// checksummed), with the VM `flags` of `dv_vm_create`. The whole state file
+/// is verified and the host checked first. The caller then adds the devices
+/// and vCPUs of the snapshot's config and calls `dv_vm_restore_snapshot`.
+///
+/// # Safety
+/// `dir` must be valid for `dir_len` bytes; `out_vm` for a `u32` write.
+#[no_mangle]
+pub unsafe extern "C" fn dv_vm_create_from_snapshot(
+    dir: *const u8,
+    dir_len: usize,
+    mode: u32,
+    flags: u32,
+    out_vm: *mut u32,
+) -> i32 {
+    guarded(|| {
+        if flags & !(VM_FLAG_STOP_ON_UNHANDLED | VM_FLAG_IRQCHIP | VM_FLAG_DEDUP) != 0 {
+            return Err(Error::arg(format!("unknown VM flags {flags:#x}")));
+        }
+        let lazy = match mode {
+            SNAPSHOT_LAZY => true,
+            SNAPSHOT_EAGER => false,
+            _ => return Err(Error::arg(format!("unknown snapshot restore mode {mode}"))),
+        };
+        if out_vm.is_null() {
+            return Err(Error::arg("null output pointer"));
+        }
+        // SAFETY: per this function's contract.
+        let dir = unsafe { path_arg(dir, dir_len) }?;
+        let snapshot = Snapshot::read(dir)?;
+        snapshot.host.check_current()?;
+        let ram = snapshot.guest_ram(dir, lazy)?;
+        let handle = super::vm::create_with_ram(ram, flags)?;
+        // SAFETY: checked non-null above; valid per the contract.
+        unsafe { put(out_vm, handle) }
+    })
+}
+
+/// Applies the snapshot in `dir` (verified again whole first) to `vm`, built
+/// by `dv_vm_create_from_snapshot` from it with the config's devices and
+/// vCPUs, none run yet: every device's state, then KVM's (vCPUs, irqchip,
+/// PIT, clock). The VM's next run continues the snapshotted guest.
+///
+/// # Safety
+/// `dir` must be valid for `dir_len` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn dv_vm_restore_snapshot(vm: u32, dir: *const u8, dir_len: usize) -> i32 {
+    guarded(|| {
+        let vm = handles::vm(vm)?;
+        // SAFETY: per this function's contract.
+        let dir = unsafe { path_arg(dir, dir_len) }?;
+        let snapshot = Snapshot::read(dir)?;
+        snapshot.host.check_current()?;
+        snapshot.apply(&vm)?;
         Ok(())
     })
 }

@@ -48,6 +48,9 @@ fn snapshot(e: &SnapshotError) -> Status {
         SnapshotError::NotPaused(_) => Status::Busy,
         SnapshotError::Kvm { .. } => Status::Kvm,
         SnapshotError::Refused { .. } => Status::InvalidArgument,
+        SnapshotError::Invalid { .. } => Status::SnapshotInvalid,
+        SnapshotError::WrongHost(_) => Status::SnapshotWrongHost,
+        SnapshotError::Io { .. } => Status::Io,
     }
 }
 
@@ -61,6 +64,8 @@ fn memory(e: &MemoryError) -> Status {
         | MemoryError::OutsideRam { .. }
         | MemoryError::Access { .. }
         | MemoryError::Zero { .. } => Status::Memory,
+        MemoryError::FileStat { .. } => Status::Io,
+        MemoryError::FileSize { .. } => Status::SnapshotInvalid,
     }
 }
 

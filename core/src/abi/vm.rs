@@ -27,22 +27,31 @@ pub unsafe extern "C" fn dv_vm_create(mem_bytes: u64, flags: u32, out_vm: *mut u
         if out_vm.is_null() {
             return Err(Error::arg("null output pointer"));
         }
-        let unhandled = if flags & VM_FLAG_STOP_ON_UNHANDLED != 0 {
-            UnhandledAccess::Stop
-        } else {
-            UnhandledAccess::Ignore
-        };
-        let vm = Arc::new(Vm::new(mem_bytes, unhandled)?);
-        if flags & VM_FLAG_DEDUP != 0 {
-            vm.ram().set_mergeable()?;
-        }
-        if flags & VM_FLAG_IRQCHIP != 0 {
-            vm.enable_irqchip()?;
-        }
-        let handle = handles::insert(Object::Vm(vm))?;
+        let ram = crate::memory::GuestRam::new(mem_bytes)?;
         // SAFETY: checked non-null above; valid per the contract.
-        unsafe { put(out_vm, handle) }
+        unsafe { put(out_vm, create_with_ram(ram, flags)?) }
     })
+}
+
+/// Builds a VM around `ram` with `flags` (checked by the caller) and returns
+/// its new handle.
+pub(super) fn create_with_ram(
+    ram: crate::memory::GuestRam,
+    flags: u32,
+) -> crate::error::Result<u32> {
+    let unhandled = if flags & VM_FLAG_STOP_ON_UNHANDLED != 0 {
+        UnhandledAccess::Stop
+    } else {
+        UnhandledAccess::Ignore
+    };
+    let vm = Arc::new(Vm::with_ram(ram, unhandled)?);
+    if flags & VM_FLAG_DEDUP != 0 {
+        vm.ram().set_mergeable()?;
+    }
+    if flags & VM_FLAG_IRQCHIP != 0 {
+        vm.enable_irqchip()?;
+    }
+    handles::insert(Object::Vm(vm))
 }
 
 /// Stops the VM, joins its vCPU threads and invalidates its handle and the handles

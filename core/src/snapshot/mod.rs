@@ -11,6 +11,7 @@
 //! the structure's size is refused rather than zero-padded.
 
 pub mod cpu;
+pub mod file;
 pub mod pages;
 pub mod vm;
 
@@ -42,6 +43,28 @@ pub enum SnapshotError {
         section: String,
         /// Why.
         message: String,
+    },
+    /// snapshot {section}: {message}
+    #[error("snapshot {section}: {message}")]
+    Invalid {
+        /// The section of the snapshot file that is truncated, corrupted,
+        /// missing or malformed (`header`, `host`, `vm`, `memory`...).
+        section: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// snapshot host: wrong host CPU: {0}
+    #[error("snapshot host: wrong host CPU: {0}")]
+    WrongHost(String),
+    /// {path}: {op}: {source}
+    #[error("{path}: {op}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// What was done.
+        op: &'static str,
+        /// The host's error.
+        source: std::io::Error,
     },
 }
 
