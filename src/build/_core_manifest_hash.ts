@@ -15,11 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-<<<<<<< HEAD
-  "0ab9d0e8fe5b22c1e1d9936789e48d55e86f99dccc84421a11ef112d1468471f";
-=======
-  "042b1979959148ace00f35cb81dba612656448ac8bebf9e887dab5a62a7da28e";
->>>>>>> 550da85 (snapshot files in the core: core/src/snapshot/file.rs (state file of checksummed sections host/config/vm/devices/memory, CRC-64/XZ, sparse memory file), GuestRam::from_file (MAP_PRIVATE lazy RAM; zero() stays zero on it, discard() reverts to the file), Vm::with_ram, statuses SNAPSHOT_INVALID/SNAPSHOT_WRONG_HOST, ABI dv_vm_snapshot_create, dv_snapshot_inspect, dv_vm_create_from_snapshot, dv_vm_restore_snapshot; unit tests of the format)
+  "72361c32f11842813317d88e549a3c2a6f85ca5dd25a574fbc2b0f516168d010";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

@@ -428,7 +428,9 @@ fn release_pfns(mem: &GuestRam, pfns: &mut [u32]) -> Result<(), BalloonError> {
         let len = (end - start) as u64 + 1;
         // Each frame is inside RAM and RAM regions are contiguous, so a run of
         // consecutive frames is inside one region.
-        mem.zero(start as u64 * PAGE_SIZE, len * PAGE_SIZE)
+        // Given up by the guest: freed, not zeroed (on a RAM restored lazily
+        // from a snapshot the pages revert to the snapshot's bytes).
+        mem.discard(start as u64 * PAGE_SIZE, len * PAGE_SIZE)
             .map_err(|e| BalloonError::Release(e.to_string()))?;
     }
     Ok(())
