@@ -125,13 +125,15 @@ export const STATUSES = [
   {
     code: "SNAPSHOT_INVALID",
     name: "SnapshotInvalid",
-    summary: "A snapshot file is truncated, corrupted, of another format version, or lacks a section",
+    summary:
+      "A snapshot file is truncated, corrupted, of another format version, or lacks a section",
     value: -18,
   },
   {
     code: "SNAPSHOT_WRONG_HOST",
     name: "SnapshotWrongHost",
-    summary: "A snapshot was taken on another CPU than this host's (vendor, model, or features the guest was given that this host lacks)",
+    summary:
+      "A snapshot was taken on another CPU than this host's (vendor, model, or features the guest was given that this host lacks)",
     value: -19,
   },
 ] as const;
@@ -161,6 +163,8 @@ export const CONSTANTS = {
   MAX_VCPUS: 254,
   MMIO_GAP_START: 3489660928,
   RESERVED_LOW_END: 65536,
+  RESTORE_EAGER: 1,
+  RESTORE_LAZY: 0,
   SERIAL_IRQ_LINE: 4,
   STATE_FPU: 2,
   STATE_REGS: 0,

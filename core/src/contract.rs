@@ -23,6 +23,7 @@ use crate::abi::{
 };
 use crate::boot::{layout, linux, zero_page};
 use crate::error::Status;
+use crate::snapshot::file::{RESTORE_EAGER, RESTORE_LAZY};
 
 /// The TypeScript error code of a status: its name in SCREAMING_SNAKE_CASE
 /// (`InvalidArgument` → `INVALID_ARGUMENT`).
@@ -59,6 +60,9 @@ pub fn constants() -> Value {
         "VM_FLAG_STOP_ON_UNHANDLED": VM_FLAG_STOP_ON_UNHANDLED,
         "VM_FLAG_IRQCHIP": VM_FLAG_IRQCHIP,
         "VM_FLAG_DEDUP": VM_FLAG_DEDUP,
+        // dv_vm_create_from_snapshot modes.
+        "RESTORE_LAZY": RESTORE_LAZY,
+        "RESTORE_EAGER": RESTORE_EAGER,
         // dv_vm_load_elf / dv_vm_load_flat flags.
         "LOAD_FLAG_RESERVE_LOW": LOAD_FLAG_RESERVE_LOW,
         // dv_vcpu_get_state / dv_vcpu_set_state kinds.

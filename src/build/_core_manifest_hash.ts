@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "72361c32f11842813317d88e549a3c2a6f85ca5dd25a574fbc2b0f516168d010";
+  "6fab6112003efbb3758dedc0a29cd3389380a9338e48a1d54ac9e1e1450b9f57";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

@@ -8,7 +8,7 @@ use super::{
 };
 use crate::error::Error;
 use crate::handles;
-use crate::snapshot::file::{inspect, write_snapshot, Snapshot};
+use crate::snapshot::file::{inspect, write_snapshot, Snapshot, RESTORE_EAGER, RESTORE_LAZY};
 use crate::snapshot::vm::VmState;
 
 /// Writes the KVM state of a paused VM (every vCPU, the irqchip, the PIT, the
@@ -62,12 +62,6 @@ unsafe fn path_arg<'a>(ptr: *const u8, len: usize) -> crate::error::Result<&'a P
     }
     Ok(Path::new(text))
 }
-
-/// Snapshot restore mode: map the memory file copy-on-write.
-pub const SNAPSHOT_LAZY: u32 = 0;
-/// Snapshot restore mode: read the memory file into anonymous RAM and verify
-/// its checksum.
-pub const SNAPSHOT_EAGER: u32 = 1;
 
 /// Writes a snapshot of the paused VM into the directory `dir` (which must
 /// not exist or be empty): its KVM and device state, `config` (opaque JSON
@@ -126,8 +120,8 @@ pub unsafe extern "C" fn dv_snapshot_inspect(
     }
 }
 
-/// Creates a VM whose RAM is the snapshot's in `dir` ([`SNAPSHOT_LAZY`]:
-/// mapped copy-on-write from its memory file; [`SNAPSHOT_EAGER`]: read and
+/// Creates a VM whose RAM is the snapshot's in `dir` ([`RESTORE_LAZY`]:
+/// mapped copy-on-write from its memory file; [`RESTORE_EAGER`]: read and
 /// checksummed), with the VM `flags` of `dv_vm_create`. The whole state file
 /// is verified and the host checked first. The caller then adds the devices
 /// and vCPUs of the snapshot's config and calls `dv_vm_restore_snapshot`.
@@ -147,8 +141,8 @@ pub unsafe extern "C" fn dv_vm_create_from_snapshot(
             return Err(Error::arg(format!("unknown VM flags {flags:#x}")));
         }
         let lazy = match mode {
-            SNAPSHOT_LAZY => true,
-            SNAPSHOT_EAGER => false,
+            RESTORE_LAZY => true,
+            RESTORE_EAGER => false,
             _ => return Err(Error::arg(format!("unknown snapshot restore mode {mode}"))),
         };
         if out_vm.is_null() {

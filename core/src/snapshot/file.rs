@@ -42,6 +42,12 @@ pub const STATE_FILE: &str = "state";
 pub const MEMORY_FILE: &str = "memory";
 /// The sections of a state file, in their order.
 pub const SECTIONS: [&str; 5] = ["host", "config", "vm", "devices", "memory"];
+/// `dv_vm_create_from_snapshot` mode: guest RAM maps the memory file
+/// copy-on-write ([`GuestRam::from_file`]).
+pub const RESTORE_LAZY: u32 = 0;
+/// `dv_vm_create_from_snapshot` mode: the memory file is read into anonymous
+/// RAM and its checksum verified.
+pub const RESTORE_EAGER: u32 = 1;
 /// The largest state file read (the memory travels apart): a sanity bound.
 const MAX_STATE_BYTES: u64 = 256 << 20;
 const PAGE: usize = 4096;
