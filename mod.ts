@@ -181,3 +181,6 @@ export {
   type MigrationAddress,
   parseMigrationAddress,
 } from "./src/api/address.ts";
+
+export { inspectSnapshot, type SnapshotInfo, type SnapshotSection } from "./src/snapshot.ts";
+export type { SnapshotWriteStats } from "./src/kvm/kvm.ts";

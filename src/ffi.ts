@@ -27,6 +27,10 @@ export const VM_FLAG_STOP_ON_UNHANDLED: number = contract.CONSTANTS.VM_FLAG_STOP
 export const VM_FLAG_IRQCHIP: number = contract.CONSTANTS.VM_FLAG_IRQCHIP;
 /** `dv_vm_create` flag: guest RAM `MADV_MERGEABLE`, for KSM deduplication. */
 export const VM_FLAG_DEDUP: number = contract.CONSTANTS.VM_FLAG_DEDUP;
+/** `dv_vm_create_from_snapshot` mode: guest RAM maps the memory file copy-on-write. */
+export const RESTORE_LAZY: number = contract.CONSTANTS.RESTORE_LAZY;
+/** `dv_vm_create_from_snapshot` mode: the memory file is read in and checksummed. */
+export const RESTORE_EAGER: number = contract.CONSTANTS.RESTORE_EAGER;
 /** Load flag: keep the image clear of the VMM's boot structures. */
 export const LOAD_FLAG_RESERVE_LOW: number = contract.CONSTANTS.LOAD_FLAG_RESERVE_LOW;
 
@@ -135,6 +139,23 @@ const SYMBOLS = {
   dv_vm_snapshot_state: { parameters: ["u32", "buffer", "usize", "buffer"], result: "i32" },
   /** int32_t dv_vm_restore_state(uint32_t vm, const uint8_t *json, size_t len) */
   dv_vm_restore_state: { parameters: ["u32", "buffer", "usize"], result: "i32" },
+  /** int32_t dv_vm_snapshot_create(uint32_t vm, const uint8_t *dir, size_t dir_len, const uint8_t *config, size_t config_len, uint8_t *buf, size_t cap, size_t *out_len) — JSON */
+  dv_vm_snapshot_create: {
+    parameters: ["u32", "buffer", "usize", "buffer", "usize", "buffer", "usize", "buffer"],
+    result: "i32",
+  },
+  /** int32_t dv_snapshot_inspect(const uint8_t *dir, size_t dir_len, uint8_t *buf, size_t cap, size_t *out_len) — JSON */
+  dv_snapshot_inspect: {
+    parameters: ["buffer", "usize", "buffer", "usize", "buffer"],
+    result: "i32",
+  },
+  /** int32_t dv_vm_create_from_snapshot(const uint8_t *dir, size_t dir_len, uint32_t mode, uint32_t flags, uint32_t *out_vm) */
+  dv_vm_create_from_snapshot: {
+    parameters: ["buffer", "usize", "u32", "u32", "buffer"],
+    result: "i32",
+  },
+  /** int32_t dv_vm_restore_snapshot(uint32_t vm, const uint8_t *dir, size_t dir_len) */
+  dv_vm_restore_snapshot: { parameters: ["u32", "buffer", "usize"], result: "i32" },
   /** int32_t dv_vm_device_control(uint32_t vm, const uint8_t *name, size_t name_len, const uint8_t *json, size_t len, uint8_t *buf, size_t cap, size_t *out_len) */
   dv_vm_device_control: {
     parameters: ["u32", "buffer", "usize", "buffer", "usize", "buffer", "usize", "buffer"],
@@ -455,6 +476,46 @@ export class Core {
       SNAPSHOT_STATE_BUFFER_BYTES,
     );
     return decoder.decode(bytes);
+  }
+
+  /** `dv_vm_snapshot_create`: writes a snapshot of the paused VM into `dir`. */
+  vmSnapshotCreate<T>(vm: number, dir: string, config: string): T {
+    const d = new TextEncoder().encode(dir);
+    const c = new TextEncoder().encode(config);
+    return this.#json((buf, cap, outLen) =>
+      this.#sym.dv_vm_snapshot_create(
+        vm,
+        d,
+        BigInt(d.length),
+        c,
+        BigInt(c.length),
+        buf,
+        cap,
+        outLen,
+      )
+    );
+  }
+
+  /** `dv_snapshot_inspect`: the verified contents of the snapshot in `dir`. */
+  snapshotInspect<T>(dir: string): T {
+    const d = new TextEncoder().encode(dir);
+    return this.#json((buf, cap, outLen) =>
+      this.#sym.dv_snapshot_inspect(d, BigInt(d.length), buf, cap, outLen)
+    );
+  }
+
+  /** `dv_vm_create_from_snapshot`: a VM whose RAM is the snapshot's; its handle. */
+  vmCreateFromSnapshot(dir: string, mode: number, flags: number): number {
+    const d = new TextEncoder().encode(dir);
+    const out = new Uint32Array(1);
+    this.#check(this.#sym.dv_vm_create_from_snapshot(d, BigInt(d.length), mode, flags, out));
+    return out[0];
+  }
+
+  /** `dv_vm_restore_snapshot`: applies the snapshot's VM and device state. */
+  vmRestoreSnapshot(vm: number, dir: string): void {
+    const d = new TextEncoder().encode(dir);
+    this.#check(this.#sym.dv_vm_restore_snapshot(vm, d, BigInt(d.length)));
   }
 
   /** `dv_vm_restore_state`: restores JSON text from `vmSnapshotState`. */

@@ -20,7 +20,6 @@ import { type CpuidPolicy, cpuidPolicyJson, type MsrPolicy, msrPolicyJson } from
 import type { IrqStats } from "./irq.ts";
 import { type KsmMetrics, ksmMetrics } from "./ksm.ts";
 import {
-  type DirtyPages,
   type EntryMode,
   type GuestMemoryUsage,
   Kvm,
@@ -32,6 +31,8 @@ import {
 import type { LinuxLayout, LinuxLoadOptions } from "./linux/layout.ts";
 import { linuxInputs } from "./linux/inspect.ts";
 import { CONSTANTS } from "./_contract.generated.ts";
+import { inspectSnapshot, parseSnapshotConfig, snapshotConfig } from "./snapshot.ts";
+import type { SnapshotWriteStats } from "./kvm/kvm.ts";
 
 /** Guest-physical start of the MMIO hole below 4 GiB (RAM above it moves past 4 GiB). */
 const MMIO_GAP_START: number = CONSTANTS.MMIO_GAP_START;
@@ -107,6 +108,17 @@ export interface VmSettings {
   console: "capture" | "stdout";
   /** The default run timeout in milliseconds (0: none). */
   timeoutMs: number;
+}
+
+/** A {@link VmConfig} checked, with its defaults. */
+interface CheckedConfig {
+  memoryBytes: number;
+  vcpus: number;
+  unhandledIo: UnhandledAccessPolicy;
+  interrupts: boolean;
+  dedup: boolean;
+  devices: string[];
+  consoleMode: "capture" | "stdout";
 }
 
 /** Stack space set aside per vCPU below the load's stack top (each vCPU gets its own). */
@@ -261,8 +273,10 @@ export class Vm implements Disposable {
   #balloon: VmBalloon | undefined;
   readonly #config: Required<Pick<VmConfig, "timeoutMs">>;
   readonly #createMs: number;
+  /** The configuration the VM was built from (devices added later included):
+   * what a snapshot needs to rebuild it. */
+  readonly #vmConfig: VmConfig;
   #loaded: LoadedImage | undefined;
-  #settings: VmSettings | undefined;
   #running = false;
   #paused = false;
   #ran = false;
@@ -270,11 +284,19 @@ export class Vm implements Disposable {
   #consoleRead = "";
   #consoleDecoder = new TextDecoder();
 
-  private constructor(vm: KvmVm, memoryBytes: number, timeoutMs: number, createMs: number) {
+  private constructor(
+    vm: KvmVm,
+    memoryBytes: number,
+    config: VmConfig,
+    createMs: number,
+    loaded?: LoadedImage,
+  ) {
     this.#vm = vm;
     this.#memoryBytes = memoryBytes;
-    this.#config = { timeoutMs };
+    this.#config = { timeoutMs: config.timeoutMs ?? 0 };
+    this.#vmConfig = structuredClone(config);
     this.#createMs = createMs;
+    this.#loaded = loaded;
   }
 
   /**
@@ -288,6 +310,22 @@ export class Vm implements Disposable {
    *   `dedup` on a kernel without KSM.
    */
   static async create(config: VmConfig = {}): Promise<Vm> {
+    const checked = Vm.#check(config);
+    const kvm = await Kvm.open();
+    // Loading the core is a once-per-process cost; the VM's own creation starts here.
+    const started = performance.now();
+    const vm = kvm.createVm({
+      memoryBytes: checked.memoryBytes,
+      unhandledIo: checked.unhandledIo,
+      irqchip: checked.interrupts,
+      dedup: checked.dedup,
+    });
+    Vm.#build(vm, config, checked);
+    return new Vm(vm, checked.memoryBytes, config, performance.now() - started);
+  }
+
+  /** Checks a configuration before /dev/kvm is opened. */
+  static #check(config: VmConfig): CheckedConfig {
     const memoryMiB = positiveInteger(config.memoryMiB ?? 16, "memoryMiB", MAX_MEMORY_MIB);
     const vcpus = positiveInteger(config.vcpus ?? 1, "vcpus", MAX_VCPUS);
     const timeoutMs = config.timeoutMs ?? 0;
@@ -336,37 +374,125 @@ export class Vm implements Disposable {
         "devices interrupt through MSI-X: create the VM with interrupts: true",
       );
     }
-    const kvm = await Kvm.open();
-    // Loading the core is a once-per-process cost; the VM's own creation starts here.
-    const started = performance.now();
     const memoryBytes = memoryMiB * 1024 * 1024;
-    const vm = kvm.createVm({
-      memoryBytes,
-      unhandledIo,
-      irqchip: interrupts,
-      dedup,
-    });
+    return { memoryBytes, vcpus, unhandledIo, interrupts, dedup, devices, consoleMode };
+  }
+
+  /** Gives a new low-level VM its policies, devices and vCPUs (closing it on failure). */
+  static #build(vm: KvmVm, config: VmConfig, checked: CheckedConfig): void {
     try {
       if (config.cpuid) vm.setCpuidPolicy(config.cpuid);
       if (config.msrs) vm.setMsrPolicy(config.msrs);
-      for (const device of devices) vm.addDevice(device);
-      for (let i = 0; i < vcpus; i++) vm.createVcpu();
-      if (consoleMode === "stdout") vm.streamConsoleTo(STDOUT_FD);
+      for (const device of checked.devices) vm.addDevice(device);
+      for (let i = 0; i < checked.vcpus; i++) vm.createVcpu();
+      if (checked.consoleMode === "stdout") vm.streamConsoleTo(STDOUT_FD);
     } catch (e) {
       vm.close();
       throw e;
     }
-    const created = new Vm(vm, memoryBytes, timeoutMs, performance.now() - started);
-    created.#settings = {
-      memoryMiB,
-      vcpus,
-      interrupts,
-      dedup,
-      unhandledIo,
-      console: consoleMode,
-      timeoutMs,
-    };
-    return created;
+  }
+
+  /**
+   * Writes a snapshot of this VM into the directory `dir` (which must not
+   * exist or be empty): every vCPU's and device's state, guest RAM (a sparse
+   * `memory` file) and the VM's configuration and loaded image, so that
+   * {@link Vm.restore} rebuilds it in this or another process. A running VM
+   * is paused for it and resumed after (`resume: false` leaves it paused); a
+   * VM already paused stays paused unless `resume: true`. A failed snapshot
+   * leaves nothing at `dir`. A paused VM's virtio devices are still (they
+   * finish the requests they took and take none until resume), so the
+   * memory and device state written agree.
+   *
+   * @example
+   * ```ts
+   * import { Vm } from "denovisor";
+   * const dir = await Deno.makeTempDir();
+   * using vm = await Vm.create({ memoryMiB: 4 });
+   * const stats = vm.snapshot(`${dir}/snap`);
+   * console.log(stats.memoryBytes); // 4194304
+   * ```
+   *
+   * @param dir The snapshot directory to create.
+   * @param options Whether to resume the VM afterwards.
+   * @returns What was written.
+   * @throws {DenovisorError} `BUSY` when the VM cannot be paused, `INVALID_ARGUMENT`
+   *   when `dir` exists and is not empty, `IO` when writing fails.
+   */
+  snapshot(dir: string, options: { resume?: boolean } = {}): SnapshotWriteStats {
+    const config = JSON.stringify(snapshotConfig(this.#vmConfig, this.#loaded));
+    try {
+      const stats = this.#vm.snapshotCreate(dir, config);
+      if (options.resume === true) this.resume();
+      return stats;
+    } catch (e) {
+      if (!(e instanceof DenovisorError && e.code === "BUSY")) throw e;
+    }
+    this.pause();
+    try {
+      return this.#vm.snapshotCreate(dir, config);
+    } finally {
+      if (options.resume !== false) this.resume();
+    }
+  }
+
+  /**
+   * Rebuilds a VM from a snapshot written by {@link Vm.snapshot}, in this
+   * process or another: the same configuration (memory, vCPUs, devices,
+   * policies), guest RAM and every vCPU's and device's state. Its
+   * {@link Vm.run} continues the guest where the snapshot paused it. Every
+   * section of the snapshot is verified before anything is applied.
+   *
+   * `lazy` (default) maps the memory file copy-on-write: restoring takes the
+   * same time whatever the RAM size, pages load as the guest touches them,
+   * and VMs restored from one snapshot share the pages none has written; the
+   * memory file's length is checked but not its checksum (that would read it
+   * all). `eager` reads the memory file into the VM's own RAM and verifies its
+   * checksum. The snapshot directory must stay in place while a lazy VM runs.
+   *
+   * @example
+   * ```ts ignore
+   * import { Vm } from "denovisor";
+   * using vm = await Vm.restore("/tmp/snap", { mode: "lazy" });
+   * const result = await vm.run();
+   * ```
+   *
+   * @param dir The snapshot directory.
+   * @param options `mode`: `lazy` or `eager`.
+   * @returns The VM, loaded and ready to {@link Vm.run}.
+   * @throws {DenovisorError} `SNAPSHOT_INVALID` naming the section that is
+   *   truncated, corrupted, missing or of another version, `SNAPSHOT_WRONG_HOST`
+   *   for a snapshot of another CPU, `IO` when it cannot be read.
+   */
+  static async restore(
+    dir: string,
+    options: { mode?: "lazy" | "eager" } = {},
+  ): Promise<Vm> {
+    const mode = options.mode ?? "lazy";
+    const info = await inspectSnapshot(dir);
+    const { config, loaded } = parseSnapshotConfig(info.config);
+    const checked = Vm.#check(config);
+    if (checked.memoryBytes !== info.memory.size) {
+      throw new DenovisorError(
+        "SNAPSHOT_INVALID",
+        `snapshot config: ${checked.memoryBytes} bytes of RAM, the memory section has ${info.memory.size}`,
+      );
+    }
+    const kvm = await Kvm.open();
+    const started = performance.now();
+    const vm = kvm.createVmFromSnapshot(dir, {
+      mode,
+      unhandledIo: checked.unhandledIo,
+      irqchip: checked.interrupts,
+      dedup: checked.dedup,
+    });
+    Vm.#build(vm, config, checked);
+    try {
+      vm.restoreSnapshot(dir);
+    } catch (e) {
+      vm.close();
+      throw e;
+    }
+    return new Vm(vm, checked.memoryBytes, config, performance.now() - started, loaded);
   }
 
   /** The low-level VM, for register-level work. */
@@ -402,7 +528,9 @@ export class Vm implements Disposable {
    *   be attached.
    */
   addDevice(device: DeviceConfig): string {
-    return this.#vm.addDevice(deviceConfigJson(device));
+    const name = this.#vm.addDevice(deviceConfigJson(device));
+    this.#vmConfig.devices = [...(this.#vmConfig.devices ?? []), structuredClone(device)];
+    return name;
   }
 
   /**
@@ -464,56 +592,6 @@ export class Vm implements Disposable {
    */
   snapshotState(): string {
     return this.#vm.snapshotState();
-  }
-
-  /**
-   * Starts dirty-page tracking, for diff snapshots and pre-copy migration:
-   * KVM logs the guest's writes to every RAM slot, and the VMM records its
-   * own (virtio devices filling buffers and used rings, the balloon dropping
-   * pages, hypercalls). Starting again starts a new, empty set.
-   *
-   * @example
-   * ```ts
-   * import { Vm } from "denovisor";
-   * using vm = await Vm.create({ memoryMiB: 4 });
-   * vm.startDirtyLog();
-   * console.log(vm.takeDirtyPages().pages); // []
-   * vm.stopDirtyLog();
-   * ```
-   */
-  startDirtyLog(): void {
-    this.#vm.startDirtyLog();
-  }
-
-  /**
-   * Stops dirty-page tracking.
-   *
-   * @example
-   * ```ts ignore
-   * vm.stopDirtyLog();
-   * ```
-   */
-  stopDirtyLog(): void {
-    this.#vm.stopDirtyLog();
-  }
-
-  /**
-   * The guest pages written since tracking started or since the last take,
-   * by the guest or by the VMM, and clears the set: a bitmap with one bit
-   * per 4 KiB page in RAM order, and the dirty pages' indexes. Throws
-   * `INVALID_ARGUMENT` while tracking is off.
-   *
-   * @example
-   * ```ts ignore
-   * vm.startDirtyLog();
-   * // ... the guest runs ...
-   * const { pages } = vm.takeDirtyPages();
-   * ```
-   *
-   * @returns The bitmap and the page indexes.
-   */
-  takeDirtyPages(): DirtyPages {
-    return this.#vm.takeDirtyPages();
   }
 
   /**
@@ -754,13 +832,9 @@ export class Vm implements Disposable {
   }
 
   /**
-   * Takes every vCPU out of the guest without ending the run, and quiesces
-   * every virtio device (each finishes the requests it took and takes no
-   * other; host packets wait in their TAP or socket): once this returns,
-   * every vCPU's registers can be read and written
-   * (`vm.vcpus[i].getRegisters()`) and neither guest memory nor a queue
-   * moves. A device that does not stop within 5 s makes it throw `TIMEOUT`
-   * (the VM then runs on). {@link Vm.resume} continues.
+   * Takes every vCPU out of the guest without ending the run: once this
+   * returns, every vCPU's registers can be read and written
+   * (`vm.vcpus[i].getRegisters()`). {@link Vm.resume} continues.
    */
   pause(): void {
     this.#vm.pause();
@@ -803,8 +877,16 @@ export class Vm implements Disposable {
    * ```
    */
   get settings(): VmSettings {
-    if (!this.#settings) throw new DenovisorError("CLOSED", "the VM has no settings");
-    return { ...this.#settings };
+    const checked = Vm.#check(this.#vmConfig);
+    return {
+      memoryMiB: checked.memoryBytes / (1024 * 1024),
+      vcpus: checked.vcpus,
+      interrupts: checked.interrupts,
+      dedup: checked.dedup,
+      unhandledIo: checked.unhandledIo,
+      console: checked.consoleMode,
+      timeoutMs: this.#config.timeoutMs,
+    };
   }
 
   /**

@@ -15,6 +15,8 @@ import {
   type Core,
   LOAD_FLAG_RESERVE_LOW,
   openCore,
+  RESTORE_EAGER,
+  RESTORE_LAZY,
   StateKind,
   VM_FLAG_DEDUP,
   VM_FLAG_IRQCHIP,
@@ -49,6 +51,24 @@ const ENTRY_MODES: Record<EntryMode, number> = {
 
 /** What to do with port I/O and MMIO that no device claims. */
 export type UnhandledAccessPolicy = "ignore" | "stop";
+
+/** What writing a snapshot did ({@link KvmVm.snapshotCreate}). */
+export interface SnapshotWriteStats {
+  /** Bytes of the state file. */
+  stateBytes: number;
+  /** Bytes of guest RAM (the memory file's length). */
+  memoryBytes: number;
+  /** Bytes written to the memory file; all-zero pages are holes. */
+  memoryWritten: number;
+  /** Milliseconds writing (and syncing) the memory file took. */
+  memoryMs: number;
+}
+
+/** The `dv_vm_create` flags of a VM's options. */
+function vmFlags(unhandledIo: UnhandledAccessPolicy, irqchip: boolean, dedup: boolean): number {
+  return (unhandledIo === "stop" ? VM_FLAG_STOP_ON_UNHANDLED : 0) |
+    (irqchip ? VM_FLAG_IRQCHIP : 0) | (dedup ? VM_FLAG_DEDUP : 0);
+}
 
 /** Per-vCPU exit counters, read from the core in one call. */
 export interface VcpuMetrics {
@@ -271,9 +291,52 @@ export class Kvm {
         `dedup must be a boolean, got ${JSON.stringify(dedup)}`,
       );
     }
-    const flags = (unhandledIo === "stop" ? VM_FLAG_STOP_ON_UNHANDLED : 0) |
-      (irqchip ? VM_FLAG_IRQCHIP : 0) | (dedup ? VM_FLAG_DEDUP : 0);
-    return new KvmVm(this.#core, this.#core.vmCreate(memoryBytes, flags));
+    return new KvmVm(
+      this.#core,
+      this.#core.vmCreate(memoryBytes, vmFlags(unhandledIo, irqchip, dedup)),
+    );
+  }
+
+  /**
+   * A VM whose guest RAM is a snapshot's (`dv_vm_create_from_snapshot`): the
+   * snapshot's state file is verified whole and its host checked first.
+   * `lazy` maps the memory file copy-on-write (nothing is read; VMs from one
+   * snapshot share its unmodified pages); `eager` reads it into anonymous RAM
+   * and verifies its checksum. Add the snapshot's devices and vCPUs, then
+   * {@link KvmVm.restoreSnapshot}.
+   *
+   * @example
+   * ```ts ignore
+   * const vm = kvm.createVmFromSnapshot("/tmp/snap", { mode: "lazy" });
+   * vm.createVcpu();
+   * vm.restoreSnapshot("/tmp/snap");
+   * ```
+   *
+   * @param dir The snapshot directory.
+   * @param options The restore mode and the VM flags of {@link Kvm.createVm}.
+   * @returns The VM.
+   * @throws {DenovisorError} `SNAPSHOT_INVALID` naming the damaged section,
+   *   `SNAPSHOT_WRONG_HOST` for a snapshot of another CPU.
+   */
+  createVmFromSnapshot(
+    dir: string,
+    options: {
+      mode: "lazy" | "eager";
+      unhandledIo?: UnhandledAccessPolicy;
+      irqchip?: boolean;
+      dedup?: boolean;
+    },
+  ): KvmVm {
+    const { mode, unhandledIo = "ignore", irqchip = false, dedup = false } = options;
+    if (mode !== "lazy" && mode !== "eager") {
+      throw new DenovisorError(
+        "INVALID_ARGUMENT",
+        `mode must be "lazy" or "eager", got ${JSON.stringify(mode)}`,
+      );
+    }
+    const flags = vmFlags(unhandledIo, irqchip, dedup);
+    const restore = mode === "lazy" ? RESTORE_LAZY : RESTORE_EAGER;
+    return new KvmVm(this.#core, this.#core.vmCreateFromSnapshot(dir, restore, flags));
   }
 
   /** Live VM and vCPU handles in this process (for leak checks). */
@@ -662,6 +725,44 @@ export class KvmVm implements Disposable {
    */
   takeDirtyPages(): DirtyPages {
     return dirtyPages(this.#core.vmTakeDirty(this.#live()));
+  }
+
+  /**
+   * Writes a snapshot of the paused VM into the directory `dir`, which must
+   * not exist or be empty (`dv_vm_snapshot_create`): the KVM state, every
+   * device's state, `config` (opaque JSON to rebuild the VM from) and guest
+   * RAM. Refused with `BUSY` unless the VM is paused; a failed snapshot
+   * leaves nothing at `dir`.
+   *
+   * @example
+   * ```ts ignore
+   * vm.pause();
+   * vm.snapshotCreate("/tmp/snap", "{}");
+   * ```
+   *
+   * @param dir The snapshot directory.
+   * @param config JSON text stored with the snapshot.
+   * @returns What was written: bytes of state and memory, time taken.
+   */
+  snapshotCreate(dir: string, config: string): SnapshotWriteStats {
+    return this.#core.vmSnapshotCreate<SnapshotWriteStats>(this.#live(), dir, config);
+  }
+
+  /**
+   * Applies a snapshot's device and KVM state (`dv_vm_restore_snapshot`) to
+   * this VM, made by {@link Kvm.createVmFromSnapshot} from the same snapshot
+   * with its devices and vCPUs, none run yet. Its next run continues the
+   * snapshotted guest.
+   *
+   * @example
+   * ```ts ignore
+   * vm.restoreSnapshot("/tmp/snap");
+   * ```
+   *
+   * @param dir The snapshot directory.
+   */
+  restoreSnapshot(dir: string): void {
+    this.#core.vmRestoreSnapshot(this.#live(), dir);
   }
 
   /**
