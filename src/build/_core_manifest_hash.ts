@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "6fab6112003efbb3758dedc0a29cd3389380a9338e48a1d54ac9e1e1450b9f57";
+  "2fa42a29d1408d3a1da684c48ad2d9749cc029a30379eb55e7c0183b47b9b3b6";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.
