@@ -40,7 +40,8 @@ export type ErrorCode =
   | "SNAPSHOT_INVALID"
   | "SNAPSHOT_WRONG_HOST"
   | "API_UNREACHABLE"
-  | "API_REFUSED";
+  | "API_REFUSED"
+  | "NOT_BUILT";
 
 /** The code of a core error status, which must be an {@link ErrorCode}. */
 function coreErrorCode(code: Exclude<(typeof STATUSES)[number]["code"], "OK">): ErrorCode {
