@@ -566,7 +566,8 @@ export async function measureQemuRestore(
 
 /** What a guest does while it migrates. */
 export interface DirtyLoad {
-  /** The size of the tmpfs file the guest rewrites with `dd` in an endless loop, MiB. */
+  /** The size of the tmpfs file the guest rewrites in an endless loop (1 MiB of random bytes
+   * at a time, with `dd`), MiB. */
   workingSetMiB: number;
 }
 
@@ -602,6 +603,9 @@ export interface MigrationMeasurement {
   setupMs: number;
   /** RAM bytes sent. */
   transferredBytes: number;
+  /** RAM bytes sent after the first pass over all of RAM: the pages dirtied meanwhile
+   * (as polled, up to {@link POLL_MS} late; NaN when the migration ended within one poll). */
+  resentBytes: number;
   /** Dirty-page synchronisations (pre-copy rounds + 1). */
   rounds: number;
   /** The highest dirty-page rate QEMU reported during the migration, pages/s. */
@@ -637,9 +641,11 @@ export async function measureQemuLiveMigration(
     const mib = options.dirty.workingSetMiB;
     load = `rewriting a ${mib} MiB tmpfs file`;
     const mark = source.consoleMark;
+    // Random bytes, not zeros: QEMU sends a zero page as a flag of a few bytes.
     await source.send(
-      `(while :; do dd if=/dev/zero of=/dev/shm/dirty bs=1M count=${mib} conv=notrunc ` +
-        `2>/dev/null; done) & echo DIRTY''-STARTED\n`,
+      "head -c 1048576 /dev/urandom > /dev/shm/block; (while :; do i=0; " +
+        `while [ $i -lt ${mib} ]; do dd if=/dev/shm/block of=/dev/shm/dirty bs=1M seek=$i ` +
+        "count=1 conv=notrunc 2>/dev/null; i=$((i+1)); done; done) & echo DIRTY''-STARTED\n",
     );
     await source.waitForConsole("DIRTY-STARTED", 60_000, mark);
     await sleep(1000); // the loop is rewriting by now
@@ -658,9 +664,14 @@ export async function measureQemuLiveMigration(
     { "downtime-limit": number }
   >("query-migrate-parameters");
   let maxDirty = 0;
+  let firstPassBytes: number | undefined;
   await source.qmp.execute("migrate", { uri: `tcp:127.0.0.1:${port}` });
   const info = await waitMigration(source.qmp, options.migrateTimeoutMs ?? 600_000, (i) => {
     maxDirty = Math.max(maxDirty, i.ram?.["dirty-pages-rate"] ?? 0);
+    // The second synchronisation ends the first pass over all of RAM.
+    if (firstPassBytes === undefined && (i.ram?.["dirty-sync-count"] ?? 0) >= 2) {
+      firstPassBytes = i.ram?.transferred;
+    }
   });
   const stop = await source.qmp.waitEvent("STOP", { timeoutMs: 10_000 });
   const resume = await target.qmp.waitEvent("RESUME", { timeoutMs: 60_000 });
@@ -677,6 +688,7 @@ export async function measureQemuLiveMigration(
     stopToResumeMs: resume.timestampMs - stop.timestampMs,
     setupMs: info["setup-time"] ?? NaN,
     transferredBytes: info.ram?.transferred ?? NaN,
+    resentBytes: (info.ram?.transferred ?? NaN) - (firstPassBytes ?? NaN),
     rounds: info.ram?.["dirty-sync-count"] ?? NaN,
     maxDirtyPagesPerSec: maxDirty,
     downtimeLimitMs,
