@@ -183,7 +183,8 @@ async function main(args: Args): Promise<void> {
     for (const m of r.qemuRuns) {
       console.log(
         `  QEMU ${loadName(r.load)}: query-migrate downtime ${ms(m.downtimeMs)} (the source's ` +
-          `view), setup ${ms(m.setupMs)}, ${m.rounds} dirty syncs, peak dirty rate ` +
+          `view), setup ${ms(m.setupMs)}, ${m.rounds} dirty syncs, ` +
+          `${mib(m.resentBytes)} re-sent after the first pass, peak dirty rate ` +
           `${m.maxDirtyPagesPerSec} pages/s, downtime limit ${m.downtimeLimitMs} ms`,
       );
     }
