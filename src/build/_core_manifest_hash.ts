@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "2fa42a29d1408d3a1da684c48ad2d9749cc029a30379eb55e7c0183b47b9b3b6";
+  "5ae8b8d24ba375b6de448c697b1df2e38af01e676dbb9d9a7b3dcfa3281bdff0";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.
