@@ -503,6 +503,11 @@ impl Vm {
         }
         *relock(&self.shared.vm_stop) = None;
         self.shared.hypercalls.clear_report();
+        // A run starts unpaused: devices a pause left gated (the VM was
+        // stopped while paused) serve again.
+        for (_, device) in self.virtio_list() {
+            relock(&device).resume();
+        }
         for (i, vcpu) in vcpus.iter().enumerate() {
             if let Err(e) = vcpu.start() {
                 // Leave no half-started VM behind.

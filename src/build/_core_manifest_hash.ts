@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "5ae8b8d24ba375b6de448c697b1df2e38af01e676dbb9d9a7b3dcfa3281bdff0";
+  "e6df70888c41a96e756e8ad8f2d9a62ecef01e3f6a10e3d163de1947392115ce";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.
