@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "e6df70888c41a96e756e8ad8f2d9a62ecef01e3f6a10e3d163de1947392115ce";
+  "852a946a10e70e89dcc2dddfb653a2defbedf21599d697ed1b7e8f160a47d510";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.
