@@ -20,6 +20,7 @@ import { type CpuidPolicy, cpuidPolicyJson, type MsrPolicy, msrPolicyJson } from
 import type { IrqStats } from "./irq.ts";
 import { type KsmMetrics, ksmMetrics } from "./ksm.ts";
 import {
+  type DirtyPages,
   type EntryMode,
   type GuestMemoryUsage,
   Kvm,
@@ -595,6 +596,56 @@ export class Vm implements Disposable {
   }
 
   /**
+   * Starts dirty-page tracking, for diff snapshots and pre-copy migration:
+   * KVM logs the guest's writes to every RAM slot, and the VMM records its
+   * own (virtio devices filling buffers and used rings, the balloon dropping
+   * pages, hypercalls). Starting again starts a new, empty set.
+   *
+   * @example
+   * ```ts
+   * import { Vm } from "denovisor";
+   * using vm = await Vm.create({ memoryMiB: 4 });
+   * vm.startDirtyLog();
+   * console.log(vm.takeDirtyPages().pages); // []
+   * vm.stopDirtyLog();
+   * ```
+   */
+  startDirtyLog(): void {
+    this.#vm.startDirtyLog();
+  }
+
+  /**
+   * Stops dirty-page tracking.
+   *
+   * @example
+   * ```ts ignore
+   * vm.stopDirtyLog();
+   * ```
+   */
+  stopDirtyLog(): void {
+    this.#vm.stopDirtyLog();
+  }
+
+  /**
+   * The guest pages written since tracking started or since the last take,
+   * by the guest or by the VMM, and clears the set: a bitmap with one bit
+   * per 4 KiB page in RAM order, and the dirty pages' indexes. Throws
+   * `INVALID_ARGUMENT` while tracking is off.
+   *
+   * @example
+   * ```ts ignore
+   * vm.startDirtyLog();
+   * // ... the guest runs ...
+   * const { pages } = vm.takeDirtyPages();
+   * ```
+   *
+   * @returns The bitmap and the page indexes.
+   */
+  takeDirtyPages(): DirtyPages {
+    return this.#vm.takeDirtyPages();
+  }
+
+  /**
    * Sends a runtime request to a device (`{ op: ... }`, per device kind):
    * balloon `setTarget` and `stats`, blk `state`, vsock `transport_reset`
    * (closes every host stream and tells the guest on the event queue).
@@ -832,9 +883,13 @@ export class Vm implements Disposable {
   }
 
   /**
-   * Takes every vCPU out of the guest without ending the run: once this
-   * returns, every vCPU's registers can be read and written
-   * (`vm.vcpus[i].getRegisters()`). {@link Vm.resume} continues.
+   * Takes every vCPU out of the guest without ending the run, and quiesces
+   * every virtio device (each finishes the requests it took and takes no
+   * other; host packets wait in their TAP or socket): once this returns,
+   * every vCPU's registers can be read and written
+   * (`vm.vcpus[i].getRegisters()`) and neither guest memory nor a queue
+   * moves. A device that does not stop within 5 s makes it throw `TIMEOUT`
+   * (the VM then runs on). {@link Vm.resume} continues.
    */
   pause(): void {
     this.#vm.pause();
