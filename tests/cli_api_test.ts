@@ -5,7 +5,7 @@
  */
 
 import assert from "node:assert/strict";
-import { ApiClient } from "../src/api/client.ts";
+import { ApiClient, ApiError } from "../src/api/client.ts";
 import { cli, kvmTest, linuxTest, MAIN, testGuest } from "./_helpers.ts";
 
 Deno.test("the control-API commands check their arguments: status 2 and one line", async () => {
@@ -234,11 +234,19 @@ linuxTest(
       const paused = lastTick();
       await new Promise((r) => setTimeout(r, 1500));
       assert.ok(lastTick() <= paused + 1, `ticks went on while paused: ${paused} -> ${lastTick()}`);
-      const stats = await client.balloon(16);
-      assert.equal(stats.targetMib, 16);
+      // A paused VM's devices take no runtime request (they may not touch
+      // guest memory): the balloon answers BUSY until the resume.
+      await assert.rejects(
+        () => client.balloon(16),
+        (e: unknown) =>
+          e instanceof ApiError && e.status === 409 && e.apiCode === "BUSY" &&
+          /the device is paused: resume the VM first/.test(e.message),
+      );
       r = await cli("resume", "--api-socket", socket);
       assert.equal(r.code, 0, r.stderr);
       await waitFor("ticks after the resume", () => Promise.resolve(lastTick() > paused + 2));
+      const stats = await client.balloon(16);
+      assert.equal(stats.targetMib, 16);
 
       await client.stop();
       const status = await child.status;

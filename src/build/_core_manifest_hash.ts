@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "852a946a10e70e89dcc2dddfb653a2defbedf21599d697ed1b7e8f160a47d510";
+  "0427736319311cf4bd86e9a75f6163580ec4fc00e401743ab956d8a93e0127eb";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

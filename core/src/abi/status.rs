@@ -33,6 +33,8 @@ pub(crate) fn status(e: &Error) -> Status {
         Error::Bus(_) | Error::Cpuid(_) | Error::MsrPolicy(_) | Error::State(_) => {
             Status::InvalidArgument
         }
+        // A paused device takes no runtime request until the VM resumes.
+        Error::Device(crate::virtio::VirtioError::Paused) => Status::Busy,
         Error::Device(_) => Status::Device,
         Error::Snapshot(e) => snapshot(e),
         Error::Ksm(KsmError::Unsupported(_)) => Status::KsmUnavailable,
@@ -179,6 +181,14 @@ mod tests {
             assert!((status(&e) as i32) < 0, "{e}");
             assert!(seen.insert(status(&e) as i32), "distinct: {e}");
         }
+    }
+
+    #[test]
+    fn a_request_to_a_paused_device_is_busy() {
+        let paused = Error::Device(crate::virtio::VirtioError::Paused);
+        assert_eq!(status(&paused), Status::Busy);
+        let other = Error::Device(crate::virtio::VirtioError::Unsupported("x".into()));
+        assert_eq!(status(&other), Status::Device);
     }
 
     #[test]
