@@ -125,15 +125,13 @@ export const STATUSES = [
   {
     code: "SNAPSHOT_INVALID",
     name: "SnapshotInvalid",
-    summary:
-      "A snapshot file is truncated, corrupted, of another format version, or lacks a section",
+    summary: "A snapshot is truncated, corrupted, of another version or lacks a section",
     value: -18,
   },
   {
     code: "SNAPSHOT_WRONG_HOST",
     name: "SnapshotWrongHost",
-    summary:
-      "A snapshot was taken on another CPU than this host's (vendor, model, or features the guest was given that this host lacks)",
+    summary: "A snapshot's CPU (vendor, model or features) does not match this host",
     value: -19,
   },
 ] as const;

@@ -81,11 +81,9 @@ statuses! {
     Device = -16,
     /// Memory deduplication (KSM) is not available in this kernel
     KsmUnavailable = -17,
-    /// A snapshot file is truncated, corrupted, of another format version,
-    /// or lacks a section
+    /// A snapshot is truncated, corrupted, of another version or lacks a section
     SnapshotInvalid = -18,
-    /// A snapshot was taken on another CPU than this host's (vendor, model, or
-    /// features the guest was given that this host lacks)
+    /// A snapshot's CPU (vendor, model or features) does not match this host
     SnapshotWrongHost = -19,
 }
 

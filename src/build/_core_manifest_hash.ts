@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "0427736319311cf4bd86e9a75f6163580ec4fc00e401743ab956d8a93e0127eb";
+  "1eb0a90f11dc42311c175909718ba08238c81e1c187b7791d51357dc3ae56c95";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.
