@@ -75,6 +75,21 @@ async function waitFor(what: string, ok: () => Promise<boolean>, timeoutMs = 60_
   }
 }
 
+/**
+ * Waits for a `run --api-socket` child's socket. Generous: in kvmbox on a
+ * loaded machine the child's start (Deno, the core, the image) has taken
+ * over a minute.
+ */
+function waitForSocket(socket: string): Promise<void> {
+  return waitFor("the API socket", async () => {
+    try {
+      return (await Deno.lstat(socket)).isSocket === true;
+    } catch {
+      return false;
+    }
+  }, 300_000);
+}
+
 kvmTest(
   "run --api-socket is paused and resumed by pause and resume from other processes",
   async () => {
@@ -108,13 +123,7 @@ kvmTest(
     })();
     const stderr = new Response(child.stderr).text();
     try {
-      await waitFor("the API socket", async () => {
-        try {
-          return (await Deno.lstat(socket)).isSocket === true;
-        } catch {
-          return false;
-        }
-      });
+      await waitForSocket(socket);
       using client = new ApiClient(socket);
       await waitFor("the guest's output", () => Promise.resolve(dots > 2));
       assert.equal((await client.vm()).state, "running");
@@ -214,13 +223,7 @@ linuxTest(
     const stderr = new Response(child.stderr).text();
     const lastTick = () => Number([...out.matchAll(/tick-(\d+)/g)].at(-1)?.[1] ?? 0);
     try {
-      await waitFor("the API socket", async () => {
-        try {
-          return (await Deno.lstat(socket)).isSocket === true;
-        } catch {
-          return false;
-        }
-      });
+      await waitForSocket(socket);
       using client = new ApiClient(socket);
       await waitFor("the guest's ticks", () => Promise.resolve(lastTick() >= 3), 480_000);
       const info = await client.vm();
