@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "1eb0a90f11dc42311c175909718ba08238c81e1c187b7791d51357dc3ae56c95";
+  "131dbdd9e3866efcc3610124f80fc1b81a09d70c688ed2e60edc96625a31d25a";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

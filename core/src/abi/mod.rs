@@ -28,6 +28,7 @@ mod dirty;
 mod irq;
 mod ksm;
 mod linux;
+mod migration;
 mod snapshot;
 mod status;
 mod vcpu;
@@ -38,6 +39,7 @@ pub use cpu::*;
 pub use irq::*;
 pub use ksm::*;
 pub use linux::*;
+pub use migration::*;
 pub use vcpu::*;
 pub use vm::*;
 

@@ -709,17 +709,7 @@ pub fn write_snapshot(vm: &Vm, dir: &Path, config: &str) -> Result<WriteStats, S
         .map_err(|e| SnapshotError::refused("config", format!("not JSON: {e}")))?;
     let state = VmState::capture(vm)?;
     let devices = vm.device_states();
-    let (vendor, signature) = host_cpu_identity();
-    let guest_cpuid: Vec<kvm_bindings::kvm_cpuid_entry2> = state
-        .vcpus
-        .first()
-        .map(|v| v.cpuid.iter().map(|e| e.0).collect())
-        .unwrap_or_default();
-    let host = HostCpu {
-        vendor,
-        signature,
-        features: feature_bits(&guest_cpuid),
-    };
+    let host = host_of(&state);
     if let Ok(meta) = fs::symlink_metadata(dir) {
         let empty = meta.is_dir()
             && fs::read_dir(dir)
@@ -742,6 +732,66 @@ pub fn write_snapshot(vm: &Vm, dir: &Path, config: &str) -> Result<WriteStats, S
         let _ = fs::remove_dir_all(&tmp);
     }
     result
+}
+
+/// The `host` section for a VM's captured state: this host's CPU and the
+/// CPUID feature registers its guest was given.
+pub fn host_of(state: &VmState) -> HostCpu {
+    let (vendor, signature) = host_cpu_identity();
+    let guest_cpuid: Vec<kvm_bindings::kvm_cpuid_entry2> = state
+        .vcpus
+        .first()
+        .map(|v| v.cpuid.iter().map(|e| e.0).collect())
+        .unwrap_or_default();
+    HostCpu {
+        vendor,
+        signature,
+        features: feature_bits(&guest_cpuid),
+    }
+}
+
+/// A state file's bytes for the paused `vm` without a memory file: what a
+/// live migration sends once guest RAM has moved. The `memory` section
+/// describes the RAM (its checksum field is all zeros: the pages went with
+/// their own frames); [`apply_state_bytes`] reads it back.
+pub fn encode_vm_state(vm: &Vm, config: &str) -> Result<Vec<u8>, SnapshotError> {
+    serde_json::from_str::<serde_json::Value>(config)
+        .map_err(|e| SnapshotError::refused("config", format!("not JSON: {e}")))?;
+    let state = VmState::capture(vm)?;
+    let devices = vm.device_states();
+    let host = host_of(&state);
+    let size = vm.ram().size();
+    let manifest = MemoryManifest {
+        size,
+        ranges: ram_ranges(size),
+        file: MEMORY_FILE.to_string(),
+        length: size,
+        crc64: "0".repeat(16),
+    };
+    let host_json = to_json(&host);
+    let vm_json = state.to_json().into_bytes();
+    let devices_json = to_json(&devices);
+    let memory_json = to_json(&manifest);
+    Ok(encode_state(&[
+        ("host", &host_json),
+        ("config", config.as_bytes()),
+        ("vm", &vm_json),
+        ("devices", &devices_json),
+        ("memory", &memory_json),
+    ]))
+}
+
+/// Verifies state bytes from [`encode_vm_state`] whole (every section's
+/// checksum and contents, this host against the `host` section, the VM's
+/// shape) before applying any of it to `vm`, whose RAM already holds the
+/// guest's pages.
+pub fn apply_state_bytes(vm: &Vm, bytes: &[u8]) -> Result<(), SnapshotError> {
+    if bytes.len() as u64 > MAX_STATE_BYTES {
+        return Err(invalid("header", "more bytes than a state file holds"));
+    }
+    let snapshot = Snapshot::parse(bytes)?;
+    snapshot.host.check_current()?;
+    snapshot.apply(vm)
 }
 
 fn temp_dir_beside(dir: &Path) -> Result<PathBuf, SnapshotError> {
