@@ -222,6 +222,24 @@ const SYMBOLS = {
   dv_vm_dirty_log: { parameters: ["u32", "u32"], result: "i32" },
   /** int32_t dv_vm_take_dirty(uint32_t vm, uint8_t *buf, size_t cap, size_t *out_len) — bitmap */
   dv_vm_take_dirty: { parameters: ["u32", "buffer", "usize", "buffer"], result: "i32" },
+  /** int32_t dv_vm_pack_pages(uint32_t vm, const uint8_t *bitmap, size_t bitmap_len, uint64_t from, uint32_t flags, uint8_t *buf, size_t cap, size_t *out_len, uint64_t *out_next) */
+  dv_vm_pack_pages: {
+    parameters: ["u32", "buffer", "usize", "u64", "u32", "buffer", "usize", "buffer", "buffer"],
+    result: "i32",
+  },
+  /** int32_t dv_vm_unpack_pages(uint32_t vm, const uint8_t *batch, size_t len, uint64_t *out_pages) */
+  dv_vm_unpack_pages: { parameters: ["u32", "buffer", "usize", "buffer"], result: "i32" },
+  /** int32_t dv_vm_migration_host(uint32_t vm, uint8_t *buf, size_t cap, size_t *out_len) — JSON */
+  dv_vm_migration_host: { parameters: ["u32", "buffer", "usize", "buffer"], result: "i32" },
+  /** int32_t dv_host_check(const uint8_t *host, size_t len) */
+  dv_host_check: { parameters: ["buffer", "usize"], result: "i32" },
+  /** int32_t dv_vm_migration_state(uint32_t vm, const uint8_t *config, size_t config_len, uint8_t *buf, size_t cap, size_t *out_len) — state bytes */
+  dv_vm_migration_state: {
+    parameters: ["u32", "buffer", "usize", "buffer", "usize", "buffer"],
+    result: "i32",
+  },
+  /** int32_t dv_vm_apply_migration_state(uint32_t vm, const uint8_t *state, size_t len) */
+  dv_vm_apply_migration_state: { parameters: ["u32", "buffer", "usize"], result: "i32" },
 } as const satisfies Deno.ForeignLibraryInterface;
 
 type Symbols = Deno.DynamicLibrary<typeof SYMBOLS>["symbols"];
@@ -533,6 +551,66 @@ export class Core {
    * cleared in the core (a buffer too small takes nothing: it is retried). */
   vmTakeDirty(vm: number): Uint8Array {
     return this.#bytes((buf, cap, outLen) => this.#sym.dv_vm_take_dirty(vm, buf, cap, outLen));
+  }
+
+  /** `dv_vm_pack_pages`: packs pages of `bitmap` from page `from` into `out`;
+   * returns the bytes written and the page to continue from. */
+  vmPackPages(
+    vm: number,
+    bitmap: Uint8Array,
+    from: number,
+    skipZero: boolean,
+    out: Uint8Array,
+  ): { length: number; next: number } {
+    const outLen = new BigUint64Array(1);
+    const outNext = new BigUint64Array(1);
+    this.#check(
+      this.#sym.dv_vm_pack_pages(
+        vm,
+        bitmap,
+        BigInt(bitmap.length),
+        BigInt(from),
+        skipZero ? 1 : 0,
+        out,
+        BigInt(out.length),
+        outLen,
+        outNext,
+      ),
+    );
+    return { length: Number(outLen[0]), next: Number(outNext[0]) };
+  }
+
+  /** `dv_vm_unpack_pages`: writes a batch of packed pages into RAM; returns the page count. */
+  vmUnpackPages(vm: number, batch: Uint8Array): number {
+    const out = new BigUint64Array(1);
+    this.#check(this.#sym.dv_vm_unpack_pages(vm, batch, BigInt(batch.length), out));
+    return Number(out[0]);
+  }
+
+  /** `dv_vm_migration_host`: the paused VM's `host` section, parsed. */
+  vmMigrationHost<T>(vm: number): T {
+    return this.#json((buf, cap, outLen) => this.#sym.dv_vm_migration_host(vm, buf, cap, outLen));
+  }
+
+  /** `dv_host_check`: refuses a `host` section this host cannot run. */
+  hostCheck(host: string): void {
+    const bytes = new TextEncoder().encode(host);
+    this.#check(this.#sym.dv_host_check(bytes, BigInt(bytes.length)));
+  }
+
+  /** `dv_vm_migration_state`: the paused VM's state bytes without memory. */
+  vmMigrationState(vm: number, config: string): Uint8Array {
+    const c = new TextEncoder().encode(config);
+    return this.#bytes(
+      (buf, cap, outLen) =>
+        this.#sym.dv_vm_migration_state(vm, c, BigInt(c.length), buf, cap, outLen),
+      1 << 20,
+    );
+  }
+
+  /** `dv_vm_apply_migration_state`: verifies and applies migration state bytes. */
+  vmApplyMigrationState(vm: number, state: Uint8Array): void {
+    this.#check(this.#sym.dv_vm_apply_migration_state(vm, state, BigInt(state.length)));
   }
 
   /** `dv_vm_device_control`: a device's answer to a JSON request, parsed. */

@@ -496,6 +496,85 @@ export class Vm implements Disposable {
     return new Vm(vm, checked.memoryBytes, config, performance.now() - started, loaded);
   }
 
+  /**
+   * The `config` section of this VM as JSON text, the way {@link Vm.snapshot}
+   * stores it: what a live migration's `hello` carries for the target to
+   * rebuild the VM with {@link Vm.incoming}.
+   *
+   * @example
+   * ```ts
+   * import { Vm } from "denovisor";
+   * using vm = await Vm.create({ memoryMiB: 4 });
+   * console.log(JSON.parse(vm.migrationConfig()).config.memoryMiB); // 4
+   * ```
+   *
+   * @returns JSON text.
+   */
+  migrationConfig(): string {
+    return JSON.stringify(snapshotConfig(this.#vmConfig, this.#loaded));
+  }
+
+  /**
+   * Builds the target VM of a live migration from the source's `config`
+   * section ({@link Vm.migrationConfig}): the same configuration, anonymous
+   * RAM, every device and vCPU, nothing run. Its RAM then takes the
+   * migrated pages (`vm.kvm.unpackPages`) and {@link Vm.applyMigrationState}
+   * the state; {@link Vm.run} continues the guest.
+   *
+   * @example
+   * ```ts ignore
+   * import { Vm } from "denovisor";
+   * using target = await Vm.incoming(JSON.parse(source.migrationConfig()));
+   * ```
+   *
+   * @param section The parsed `config` section.
+   * @param options `console`: where the guest's console goes here (default:
+   *   the source's setting).
+   * @returns The VM.
+   * @throws {DenovisorError} `SNAPSHOT_INVALID` for a section of another kind
+   *   or version, `INVALID_ARGUMENT` for a bad configuration.
+   */
+  static async incoming(
+    section: unknown,
+    options: { console?: "capture" | "stdout" } = {},
+  ): Promise<Vm> {
+    const parsed = parseSnapshotConfig(section);
+    const config: VmConfig = options.console === undefined
+      ? parsed.config
+      : { ...parsed.config, console: options.console };
+    const checked = Vm.#check(config);
+    const kvm = await Kvm.open();
+    const started = performance.now();
+    const vm = kvm.createVm({
+      memoryBytes: checked.memoryBytes,
+      unhandledIo: checked.unhandledIo,
+      irqchip: checked.interrupts,
+      dedup: checked.dedup,
+    });
+    Vm.#build(vm, config, checked);
+    return new Vm(vm, checked.memoryBytes, config, performance.now() - started, parsed.loaded);
+  }
+
+  /**
+   * Applies a migration's state (from the source's `kvm.migrationState`) to
+   * a VM built by {@link Vm.incoming} whose RAM holds the guest's pages: the
+   * state is verified whole, and this host against it, before anything is
+   * applied.
+   *
+   * @example
+   * ```ts ignore
+   * target.applyMigrationState(stateBytes);
+   * await target.run();
+   * ```
+   *
+   * @param state The state bytes.
+   * @throws {DenovisorError} `SNAPSHOT_INVALID` naming a bad section,
+   *   `SNAPSHOT_WRONG_HOST` for another CPU.
+   */
+  applyMigrationState(state: Uint8Array): void {
+    this.#vm.applyMigrationState(state);
+  }
+
   /** The low-level VM, for register-level work. */
   get kvm(): KvmVm {
     return this.#vm;

@@ -339,6 +339,23 @@ export class Kvm {
     return new KvmVm(this.#core, this.#core.vmCreateFromSnapshot(dir, restore, flags));
   }
 
+  /**
+   * Checks a `host` section from a migration source ({@link KvmVm.migrationHost})
+   * against this host (`dv_host_check`).
+   *
+   * @example
+   * ```ts ignore
+   * kvm.checkHost(JSON.stringify(host));
+   * ```
+   *
+   * @param host The section as JSON text.
+   * @throws {DenovisorError} `SNAPSHOT_WRONG_HOST` naming what differs,
+   *   `SNAPSHOT_INVALID` when it is malformed.
+   */
+  checkHost(host: string): void {
+    this.#core.hostCheck(host);
+  }
+
   /** Live VM and vCPU handles in this process (for leak checks). */
   get liveHandles(): number {
     return this.#core.liveHandles();
@@ -763,6 +780,99 @@ export class KvmVm implements Disposable {
    */
   restoreSnapshot(dir: string): void {
     this.#core.vmRestoreSnapshot(this.#live(), dir);
+  }
+
+  /**
+   * Packs guest pages for a migration stream (`dv_vm_pack_pages`): the pages
+   * set in `bitmap` (as {@link KvmVm.takeDirtyPages} gives it) from page
+   * `from` on, as `[u64 index][4096 bytes]` records, as many as fit in `out`.
+   *
+   * @example
+   * ```ts ignore
+   * const { length, next } = vm.packPages(vm.takeDirtyPages().bitmap, 0, false, buf);
+   * ```
+   *
+   * @param bitmap One bit per page of RAM.
+   * @param from The first page to consider.
+   * @param skipZero Leave out pages that are all zero.
+   * @param out Where the records go.
+   * @returns The bytes written and the page to continue from (the RAM's page count when done).
+   */
+  packPages(
+    bitmap: Uint8Array,
+    from: number,
+    skipZero: boolean,
+    out: Uint8Array,
+  ): { length: number; next: number } {
+    return this.#core.vmPackPages(this.#live(), bitmap, from, skipZero, out);
+  }
+
+  /**
+   * Writes a batch of packed pages from a peer into RAM (`dv_vm_unpack_pages`).
+   * Every index is checked against RAM; a bad batch is refused whole.
+   *
+   * @example
+   * ```ts ignore
+   * target.unpackPages(batch);
+   * ```
+   *
+   * @param batch Records from {@link KvmVm.packPages}.
+   * @returns The pages written.
+   * @throws {DenovisorError} `INVALID_ARGUMENT` for a cut record or an index outside RAM.
+   */
+  unpackPages(batch: Uint8Array): number {
+    return this.#core.vmUnpackPages(this.#live(), batch);
+  }
+
+  /**
+   * The paused VM's `host` section (`dv_vm_migration_host`): this host's CPU
+   * and the CPUID features the guest was given, for a migration target to check.
+   *
+   * @example
+   * ```ts ignore
+   * vm.pause();
+   * const host = vm.migrationHost();
+   * ```
+   *
+   * @returns The section, parsed.
+   */
+  migrationHost(): unknown {
+    return this.#core.vmMigrationHost<unknown>(this.#live());
+  }
+
+  /**
+   * The paused VM's state without its memory (`dv_vm_migration_state`): a
+   * snapshot state file's bytes with `config`, for a migration's last frame.
+   *
+   * @example
+   * ```ts ignore
+   * vm.pause();
+   * const state = vm.migrationState("{}");
+   * ```
+   *
+   * @param config JSON text to carry with it.
+   * @returns The state bytes.
+   */
+  migrationState(config: string): Uint8Array {
+    return this.#core.vmMigrationState(this.#live(), config);
+  }
+
+  /**
+   * Verifies migration state bytes whole and applies them to this VM
+   * (`dv_vm_apply_migration_state`), built with the same configuration, its
+   * RAM already holding the guest's pages and no vCPU run yet.
+   *
+   * @example
+   * ```ts ignore
+   * target.applyMigrationState(state);
+   * ```
+   *
+   * @param state Bytes from {@link KvmVm.migrationState}.
+   * @throws {DenovisorError} `SNAPSHOT_INVALID` naming a bad section,
+   *   `SNAPSHOT_WRONG_HOST` for another CPU.
+   */
+  applyMigrationState(state: Uint8Array): void {
+    this.#core.vmApplyMigrationState(this.#live(), state);
   }
 
   /**
