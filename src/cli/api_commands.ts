@@ -19,6 +19,7 @@ import { DenovisorError } from "../errors.ts";
 import type { Vm } from "../vm.ts";
 import { ExitStatus } from "./exit_status.ts";
 import { UsageError } from "./usage_error.ts";
+import { incomingFromCli, migrationHandlers } from "./migration_actions.ts";
 
 /** Where a command writes (the CLI's `CliIo`). */
 export interface ApiCommandIo {
@@ -70,6 +71,14 @@ export interface CliActions {
  * and its command works. The one place that knows what is not available yet.
  */
 export const CLI_ACTIONS: CliActions = {};
+
+// Live migration (src/cli/migration_actions.ts): run --incoming, PUT /migrate
+// (added to whatever handlers the snapshot module serves).
+CLI_ACTIONS.incoming = incomingFromCli;
+{
+  const others = CLI_ACTIONS.apiHandlers;
+  CLI_ACTIONS.apiHandlers = (vm) => ({ ...others?.(vm), ...migrationHandlers(vm) });
+}
 
 /** Refuses a command whose implementation is not there yet. */
 function notAvailable(what: string): never {

@@ -1,0 +1,81 @@
+/**
+ * The CLI's side of live migration: `run --incoming tcp:HOST:PORT` (wait for
+ * a migrating VM, then run it like `run`) and the `PUT /migrate` handler that
+ * `run --api-socket` serves (the source process then exits 0 once the target
+ * runs). Plugged into the CLI through `CLI_ACTIONS` in `api_commands.ts`.
+ *
+ * @module
+ */
+
+import type { ApiHandlers } from "../api/server.ts";
+import { serveApi } from "../api/server.ts";
+import { attachStdin } from "../console.ts";
+import { DenovisorError } from "../errors.ts";
+import { migrateVm, receiveMigration } from "../migration/migrate.ts";
+import type { Vm } from "../vm.ts";
+import type { ApiCommandIo, IncomingRequest } from "./api_commands.ts";
+import { ExitStatus, statusOfError, statusOfResult } from "./exit_status.ts";
+
+/**
+ * `run --incoming`: waits for one migrating VM on the request's address,
+ * then runs it with `run`'s console (stdout), standard input, control API
+ * and exit statuses. A migration that fails before the VM runs leaves no VM
+ * and exits non-zero (70) with the reason on stderr.
+ *
+ * @example
+ * ```ts ignore
+ * import { incomingFromCli } from "denovisor/src/cli/migration_actions.ts";
+ * const status = await incomingFromCli(
+ *   { address: { transport: "tcp", hostname: "127.0.0.1", port: 4444 }, stdin: false, quiet: false },
+ *   { error: (t) => Deno.stderr.writeSync(new TextEncoder().encode(t)) },
+ * );
+ * ```
+ *
+ * @param request Where to listen, the API socket, stdin, quiet.
+ * @param io Where messages go.
+ * @returns The process exit status.
+ */
+export async function incomingFromCli(request: IncomingRequest, io: ApiCommandIo): Promise<number> {
+  let vm: Vm;
+  try {
+    vm = await receiveMigration(request.address, {
+      console: "stdout",
+      onListening: (address) => {
+        if (!request.quiet) io.error(`denovisor: waiting for a migrating VM on ${address}\n`);
+      },
+    });
+  } catch (e) {
+    io.error(`denovisor: ${(e as Error).message}\n`);
+    return e instanceof DenovisorError ? statusOfError(e) : ExitStatus.vmmError;
+  }
+  try {
+    using _stdin = request.stdin ? attachStdin(vm) : undefined;
+    await using _api = request.apiSocket === undefined
+      ? undefined
+      : await serveApi(vm, { path: request.apiSocket, handlers: migrationHandlers(vm) });
+    const result = await vm.run();
+    if (!request.quiet) io.error(`denovisor: ${result.summary} · ${result.exits} exits\n`);
+    return statusOfResult(result);
+  } finally {
+    vm.close();
+  }
+}
+
+/**
+ * The `PUT /migrate` handler for a VM `run --api-socket` serves: migrates it
+ * to the address and answers the migration's figures; the VM here then stops
+ * (its run ends with status 0). A failed migration answers an error and the
+ * VM runs on.
+ *
+ * @example
+ * ```ts ignore
+ * import { migrationHandlers } from "denovisor/src/cli/migration_actions.ts";
+ * await serveApi(vm, { path: "/tmp/vm.sock", handlers: migrationHandlers(vm) });
+ * ```
+ *
+ * @param vm The VM served.
+ * @returns The handlers.
+ */
+export function migrationHandlers(vm: Vm): Pick<ApiHandlers, "migrate"> {
+  return { migrate: (to: string) => migrateVm(vm, to) };
+}
