@@ -184,3 +184,12 @@ export {
 
 export { inspectSnapshot, type SnapshotInfo, type SnapshotSection } from "./src/snapshot.ts";
 export type { SnapshotWriteStats } from "./src/kvm/kvm.ts";
+export {
+  type MigrateOptions,
+  migrateVm,
+  MIGRATION_PROTOCOL_VERSION,
+  type MigrationRound,
+  type MigrationStats,
+  receiveMigration,
+  type ReceiveOptions,
+} from "./src/migration/migrate.ts";
