@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "131dbdd9e3866efcc3610124f80fc1b81a09d70c688ed2e60edc96625a31d25a";
+  "a297a5f4f23a2e4cfe670deaa1b420e12e90838310b955e88670ffd388041527";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

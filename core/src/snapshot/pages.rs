@@ -101,7 +101,7 @@ pub fn pack_pages(
 /// of this RAM: a bad batch is refused before any page of it is written.
 /// Returns the number of pages written.
 pub fn unpack_pages(ram: &GuestRam, input: &[u8]) -> Result<u64> {
-    if input.len() % PACKED_PAGE_BYTES != 0 {
+    if !input.len().is_multiple_of(PACKED_PAGE_BYTES) {
         return Err(Error::arg(format!(
             "a batch of pages is {} bytes, not a multiple of {PACKED_PAGE_BYTES}",
             input.len()
