@@ -14,7 +14,9 @@
 import { DenovisorError } from "../src/errors.ts";
 import { fetchBusybox, fetchDebianKernel } from "../src/linux/debian_kernel.ts";
 import type { BootSpec } from "./_qemu.ts";
-import { GUEST_CMDLINE, shellInitramfs } from "./_qemu_migrate.ts";
+import { GUEST_CMDLINE, GUEST_PROMPT, GUEST_READY, shellInitramfs } from "./_qemu_migrate.ts";
+import { ApiClient } from "../src/api/client.ts";
+import type { MigrationStats } from "../src/migration/migrate.ts";
 
 /** A snapshot of a guest idle at its shell: the save and the restore. */
 export interface SnapshotFigures {
@@ -110,20 +112,153 @@ export function measureDenovisorSnapshot(
  * @param spec The guest ({@link benchGuest}).
  * @param load Idle, or rewriting a tmpfs file of the given size in a loop.
  * @returns The figures.
- * @throws {DenovisorError} `NOT_BUILT` until denovisor's live migration exists.
+ * @throws {Error} When a process, the migration or the shell check fails.
  * @example
  * ```ts ignore
  * import { measureDenovisorMigration } from "denovisor/bench/_snapshot_compare.ts";
  * console.log(await measureDenovisorMigration(spec, { kind: "idle" }));
  * ```
  */
-export function measureDenovisorMigration(
+export async function measureDenovisorMigration(
   spec: BootSpec,
   load: GuestLoad,
 ): Promise<MigrationFigures> {
-  void spec;
-  void load;
-  return Promise.reject(notBuilt("live migration"));
+  const dir = await Deno.makeTempDir({ prefix: "dv-migbench-" });
+  const port = freeTcpPort();
+  const sock = `${dir}/api.sock`;
+  const source = new ConsoleChild([
+    "run",
+    "--kernel",
+    spec.kernel,
+    "--initrd",
+    spec.initrd,
+    "--cmdline",
+    spec.cmdline,
+    "--mem",
+    String(spec.memMiB),
+    "--cpus",
+    String(spec.cpus),
+    "--api-socket",
+    sock,
+  ]);
+  let target: ConsoleChild | undefined;
+  try {
+    await source.waitFor(GUEST_READY, 600_000);
+    await source.waitFor(GUEST_PROMPT, 60_000);
+    if (load.kind === "dirty") {
+      const mark = source.mark;
+      await source.send(
+        "head -c 1048576 /dev/urandom > /dev/shm/block; (while :; do i=0; " +
+          `while [ $i -lt ${load.workingSetMiB} ]; do dd if=/dev/shm/block of=/dev/shm/dirty ` +
+          "bs=1M seek=$i count=1 conv=notrunc 2>/dev/null; i=$((i+1)); done; done) & " +
+          "echo DIRTY''-STARTED\n",
+      );
+      await source.waitFor("DIRTY-STARTED", 60_000, mark);
+      await new Promise((r) => setTimeout(r, 1000));
+    }
+    target = new ConsoleChild(["run", "--incoming", `tcp:127.0.0.1:${port}`]);
+    await target.waitForStderr("waiting for a migrating VM", 120_000);
+    using client = new ApiClient(sock);
+    const stats = await client.migrate(`tcp:127.0.0.1:${port}`) as MigrationStats;
+    const status = await source.exited;
+    if (status !== 0) throw new Error(`the source exited ${status} after migrating`);
+    const n = 1000 + Math.floor(Math.random() * 9000);
+    const mark = target.mark;
+    await target.send(`echo ANSWER-$((${n}+1))\n`);
+    await target.waitFor(`ANSWER-${n + 1}`, 120_000, mark);
+    return {
+      memMiB: spec.memMiB,
+      totalMs: stats.totalMs,
+      downtimeMs: stats.downtimeMs,
+      transferredBytes: stats.bytes,
+    };
+  } finally {
+    await source.kill();
+    await target?.kill();
+    await Deno.remove(dir, { recursive: true }).catch(() => {});
+  }
+}
+
+function freeTcpPort(): number {
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const port = (listener.addr as Deno.NetAddr).port;
+  listener.close();
+  return port;
+}
+
+/** A `main.ts` process whose console (stdout) and stderr are collected, and
+ * whose stdin is the guest's console input. */
+class ConsoleChild {
+  readonly #proc: Deno.ChildProcess;
+  readonly #stdin: WritableStreamDefaultWriter<Uint8Array>;
+  #out = "";
+  #err = "";
+  #status: number | undefined;
+  readonly exited: Promise<number>;
+
+  constructor(args: string[]) {
+    this.#proc = new Deno.Command(Deno.execPath(), {
+      args: ["run", "-A", new URL("../main.ts", import.meta.url).pathname, ...args],
+      stdin: "piped",
+      stdout: "piped",
+      stderr: "piped",
+      env: { NO_COLOR: "1" },
+    }).spawn();
+    this.#stdin = this.#proc.stdin.getWriter();
+    const pump = async (stream: ReadableStream<Uint8Array>, add: (t: string) => void) => {
+      const decoder = new TextDecoder();
+      for await (const chunk of stream) add(decoder.decode(chunk, { stream: true }));
+    };
+    const pumped = Promise.all([
+      pump(this.#proc.stdout, (t) => (this.#out += t)),
+      pump(this.#proc.stderr, (t) => (this.#err += t)),
+    ]);
+    this.exited = this.#proc.status.then(async (s) => {
+      this.#status = s.code;
+      await pumped;
+      return s.code;
+    });
+  }
+
+  get mark(): number {
+    return this.#out.length;
+  }
+
+  async send(text: string): Promise<void> {
+    await this.#stdin.write(new TextEncoder().encode(text));
+  }
+
+  async #wait(where: () => string, text: string, timeoutMs: number, since: number) {
+    const until = performance.now() + timeoutMs;
+    while (!where().includes(text, since)) {
+      if (this.#status !== undefined || performance.now() > until) {
+        throw new Error(
+          `no "${text}" (exit ${this.#status}); stderr: ${this.#err.slice(-2000)}`,
+        );
+      }
+      await new Promise((r) => setTimeout(r, 20));
+    }
+  }
+
+  waitFor(text: string, timeoutMs: number, since = 0): Promise<void> {
+    return this.#wait(() => this.#out, text, timeoutMs, since);
+  }
+
+  waitForStderr(text: string, timeoutMs: number): Promise<void> {
+    return this.#wait(() => this.#err, text, timeoutMs, 0);
+  }
+
+  async kill(): Promise<void> {
+    if (this.#status === undefined) {
+      try {
+        this.#proc.kill("SIGKILL");
+      } catch {
+        // exited meanwhile
+      }
+    }
+    await this.exited;
+    await this.#stdin.close().catch(() => {});
+  }
 }
 
 /**
