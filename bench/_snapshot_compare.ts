@@ -158,7 +158,7 @@ export async function measureDenovisorMigration(
     }
     target = new ConsoleChild(["run", "--incoming", `tcp:127.0.0.1:${port}`]);
     await target.waitForStderr("waiting for a migrating VM", 120_000);
-    using client = new ApiClient(sock);
+    using client = new ApiClient(sock, { timeoutMs: 1_200_000 });
     const stats = await client.migrate(`tcp:127.0.0.1:${port}`) as MigrationStats;
     const status = await source.exited;
     if (status !== 0) throw new Error(`the source exited ${status} after migrating`);

@@ -375,6 +375,9 @@ export async function receiveMigration(
   let listener: Deno.Listener | undefined;
   let conn: Deno.Conn | undefined;
   let vm: Vm | undefined;
+  // KVM and the core are loaded before listening: the source's clock runs from
+  // its hello, not from this process's start-up.
+  const kvm = await Kvm.open();
   try {
     try {
       listener = listenOn(address);
@@ -405,7 +408,6 @@ export async function receiveMigration(
         }; this denovisor speaks ${MIGRATION_PROTOCOL_VERSION}`,
       );
     }
-    const kvm = await Kvm.open();
     try {
       kvm.checkHost(JSON.stringify(hello.host ?? null));
     } catch (e) {

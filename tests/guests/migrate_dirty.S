@@ -10,7 +10,7 @@
  */
 #include "hypercall.inc"
 
-#define SWEEPS	200
+#define SWEEPS	400
 #define PAGES	1024
 #define SPIN	3000
 
