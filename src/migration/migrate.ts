@@ -282,6 +282,8 @@ export async function migrateVm(
       vm.pause();
       pausedHere = true;
     }
+    // A guest that ended meanwhile has nothing to continue over there.
+    if (vm.state === "stopped") throw failure("the VM's run ended during the migration");
     const last = vm.takeDirtyPages().bitmap;
     for (let i = 0; i < last.length; i++) last[i] |= pending[i];
     await sendPages(rounds.length, last, false);
