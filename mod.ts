@@ -49,6 +49,7 @@ export {
   type VmSettings,
   type VmState,
 } from "./src/vm.ts";
+export type { CloneIdentity, RestoreOptions } from "./src/vm.ts";
 export {
   type ConsoleCounts,
   type ConsoleStats,

@@ -122,6 +122,56 @@ interface CheckedConfig {
   consoleMode: "capture" | "stdout";
 }
 
+/**
+ * What a restored VM gets instead of the snapshot's identity, so that clones
+ * of one snapshot differ where the guest must see it: the first vsock
+ * device's CID (Linux reads it again on the transport reset every restore
+ * posts) and the first net device's MAC (in the device's configuration space;
+ * Linux read it at probe and keeps its interface's address, see README
+ * "Clones and their identity").
+ */
+export interface CloneIdentity {
+  /** The vsock CID: 3 to 4294967294. */
+  cid?: number;
+  /** The MAC address, `xx:xx:xx:xx:xx:xx`, unicast. */
+  mac?: string;
+}
+
+/** How {@link Vm.restore} restores. */
+export interface RestoreOptions {
+  /** `lazy` (default) maps the memory file copy-on-write; `eager` copies it. */
+  mode?: "lazy" | "eager";
+  /** A clone's own vsock CID and MAC. */
+  identity?: CloneIdentity;
+  /** Where the console goes (default: as the snapshotted VM had it). */
+  console?: "capture" | "stdout";
+}
+
+/** The config with `identity` applied (a copy); a field with no device to take it is refused. */
+function withIdentity(config: VmConfig, identity: CloneIdentity): VmConfig {
+  const devices = [...(config.devices ?? [])];
+  const apply = (kind: "vsock" | "net", field: string, patch: Partial<DeviceConfig>) => {
+    const i = devices.findIndex((d) => d.kind === kind);
+    if (i < 0) {
+      throw new DenovisorError(
+        "INVALID_ARGUMENT",
+        `identity.${field}: the snapshot's VM has no ${kind} device`,
+      );
+    }
+    devices[i] = { ...devices[i], ...patch } as DeviceConfig;
+  };
+  if (identity.cid !== undefined) apply("vsock", "cid", { cid: identity.cid });
+  if (identity.mac !== undefined) apply("net", "mac", { mac: identity.mac });
+  return { ...config, devices };
+}
+
+/** The names of a listing's devices of one kind. */
+function devicesOfKind(listing: DeviceListing, kind: DeviceConfig["kind"]): string[] {
+  return listing.pci.filter((f) =>
+    (f.details as { device?: { kind?: string } } | null)?.device?.kind === kind
+  ).map((f) => f.name);
+}
+
 /** Stack space set aside per vCPU below the load's stack top (each vCPU gets its own). */
 export const VCPU_STACK_BYTES = 64 * 1024;
 
@@ -420,7 +470,7 @@ export class Vm implements Disposable {
    *   when `dir` exists and is not empty, `IO` when writing fails.
    */
   snapshot(dir: string, options: { resume?: boolean } = {}): SnapshotWriteStats {
-    const config = JSON.stringify(snapshotConfig(this.#vmConfig, this.#loaded));
+    const config = JSON.stringify(snapshotConfig(this.#pinnedConfig(), this.#loaded));
     try {
       const stats = this.#vm.snapshotCreate(dir, config);
       if (options.resume === true) this.resume();
@@ -434,6 +484,28 @@ export class Vm implements Disposable {
     } finally {
       if (options.resume !== false) this.resume();
     }
+  }
+
+  /** The configuration with each net device's MAC as the guest read it: a
+   * random one must come back the same on restore (the guest's driver read it
+   * at probe). */
+  #pinnedConfig(): VmConfig {
+    const devices = this.#vmConfig.devices;
+    if (!devices?.some((d) => d.kind === "net" && d.mac === undefined)) return this.#vmConfig;
+    // The listing has the net functions in the order they were added.
+    const macs = this.devices().pci.flatMap((f) => {
+      const device = (f.details as { device?: { kind?: string; mac?: string } } | null)?.device;
+      return device?.kind === "net" && typeof device.mac === "string" ? [device.mac] : [];
+    });
+    let net = 0;
+    return {
+      ...this.#vmConfig,
+      devices: devices.map((d) => {
+        if (d.kind !== "net") return d;
+        const mac = macs[net++];
+        return d.mac === undefined && mac !== undefined ? { ...d, mac } : d;
+      }),
+    };
   }
 
   /**
@@ -450,6 +522,11 @@ export class Vm implements Disposable {
    * all). `eager` reads the memory file into the VM's own RAM and verifies its
    * checksum. The snapshot directory must stay in place while a lazy VM runs.
    *
+   * Every vsock device posts a transport reset (the host streams of the
+   * snapshotted process are gone: the guest resets its sockets and reads its
+   * CID again); `identity` gives a clone its own CID and MAC. virtio-rng keeps
+   * nothing in a snapshot: it reads fresh host entropy for every request.
+   *
    * @example
    * ```ts ignore
    * import { Vm } from "denovisor";
@@ -458,19 +535,19 @@ export class Vm implements Disposable {
    * ```
    *
    * @param dir The snapshot directory.
-   * @param options `mode`: `lazy` or `eager`.
+   * @param options `mode` (`lazy` or `eager`), a clone's `identity`, the `console`.
    * @returns The VM, loaded and ready to {@link Vm.run}.
    * @throws {DenovisorError} `SNAPSHOT_INVALID` naming the section that is
    *   truncated, corrupted, missing or of another version, `SNAPSHOT_WRONG_HOST`
    *   for a snapshot of another CPU, `IO` when it cannot be read.
    */
-  static async restore(
-    dir: string,
-    options: { mode?: "lazy" | "eager" } = {},
-  ): Promise<Vm> {
+  static async restore(dir: string, options: RestoreOptions = {}): Promise<Vm> {
     const mode = options.mode ?? "lazy";
     const info = await inspectSnapshot(dir);
-    const { config, loaded } = parseSnapshotConfig(info.config);
+    const parsed = parseSnapshotConfig(info.config);
+    const loaded = parsed.loaded;
+    const config = withIdentity(parsed.config, options.identity ?? {});
+    if (options.console !== undefined) config.console = options.console;
     const checked = Vm.#check(config);
     if (checked.memoryBytes !== info.memory.size) {
       throw new DenovisorError(
@@ -489,6 +566,11 @@ export class Vm implements Disposable {
     Vm.#build(vm, config, checked);
     try {
       vm.restoreSnapshot(dir);
+      // Host streams did not survive: the guest drops its connections and
+      // reads its CID again (a clone's own, with `identity.cid`).
+      for (const name of devicesOfKind(vm.devices<DeviceListing>(), "vsock")) {
+        vm.deviceControl(name, JSON.stringify({ op: "transport_reset" }));
+      }
     } catch (e) {
       vm.close();
       throw e;

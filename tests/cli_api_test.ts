@@ -12,6 +12,9 @@ Deno.test("the control-API commands check their arguments: status 2 and one line
   const dir = await Deno.makeTempDir({ prefix: "dvcli" });
   try {
     await Deno.writeTextFile(`${dir}/file`, "x");
+    const snap = `${dir}/snap`;
+    await Deno.mkdir(snap);
+    await Deno.writeTextFile(`${snap}/state`, "not a snapshot");
     const cases: [string[], RegExp][] = [
       [["pause"], /missing --api-socket PATH \(see pause --help\)/],
       [["resume", "--api-socket"], /argument missing|Option '--api-socket <value>'/],
@@ -22,8 +25,11 @@ Deno.test("the control-API commands check their arguments: status 2 and one line
       [["restore", `${dir}/file`], /is not a directory/],
       [["restore", `${dir}/none`], /cannot read snapshot/],
       [["restore", dir, "--lazy", "--eager"], /--lazy and --eager exclude each other/],
-      [["restore", dir, "--api-socket", `${dir}/file`], /--api-socket: .* is not a socket/],
-      [["restore", dir], /restore is not available yet/],
+      [["restore", snap, "--api-socket", `${dir}/file`], /--api-socket: .* is not a socket/],
+      [["restore", dir], /is not a snapshot: it has no state file/],
+      [["restore", snap], /snapshot header: truncated/],
+      [["restore", dir, "--cid", "2"], /--cid must be an integer from 3 to 4294967294/],
+      [["restore", dir, "--mac", "01:00:00:00:00:01"], /--mac must be a unicast/],
       [["migrate", "--api-socket", "/x.sock"], /missing --to tcp:HOST:PORT/],
       [["migrate", "--api-socket", "/x.sock", "--to", "tcp:h:0"], /port out of 1..65535/],
       [["migrate", "--api-socket", "/x.sock", "--to", "unix:/m"], /--to must be tcp:HOST:PORT/],
@@ -143,10 +149,12 @@ kvmTest(
       assert.equal((await client.metrics()).total.exits, exits, "no exits while paused");
       assert.equal(dots, dotsWhenPaused, "no output while paused");
 
-      // snapshot has no server side yet: a clear "not available yet", status 2.
-      r = await cli("snapshot", "--api-socket", socket, "--to", `${dir}/snap`);
-      assert.equal(r.code, 2, r.stderr);
-      assert.match(r.stderr, /snapshot is not available yet: .*no snapshot handler/);
+      // A snapshot of the paused VM that leaves it paused.
+      r = await cli("snapshot", "--api-socket", socket, "--to", `${dir}/snap`, "--stop");
+      assert.equal(r.code, 0, r.stderr);
+      assert.match(r.stderr, /snapshot written to .*snap \(the VM stays paused\)/);
+      assert.equal((await client.vm()).state, "paused");
+      assert.ok((await Deno.stat(`${dir}/snap/state`)).isFile);
 
       r = await cli("resume", "--api-socket", socket);
       assert.equal(r.code, 0, r.stderr);

@@ -5,7 +5,7 @@
  * issue 9 provide (restoring a snapshot, receiving a migration, the snapshot
  * and migrate handlers `run --api-socket` serves) are wired in one place,
  * {@link CLI_ACTIONS}; until a part is there its command exits with a usage
- * error that says it is not available yet.
+ * error that says it is not available yet (snapshots and restore are there).
  *
  * @module
  */
@@ -20,6 +20,8 @@ import type { Vm } from "../vm.ts";
 import { ExitStatus } from "./exit_status.ts";
 import { UsageError } from "./usage_error.ts";
 import { incomingFromCli, migrationHandlers } from "./migration_actions.ts";
+import { restoreFromCli, snapshotHandlers } from "./snapshot_actions.ts";
+import type { CloneIdentity } from "../vm.ts";
 
 /** Where a command writes (the CLI's `CliIo`). */
 export interface ApiCommandIo {
@@ -39,6 +41,8 @@ export interface RestoreRequest {
   apiSocket?: string;
   /** Forward standard input to the guest's console. */
   stdin: boolean;
+  /** A clone's own vsock CID and MAC (`--cid`, `--mac`). */
+  identity?: CloneIdentity;
 }
 
 /** `run --incoming tcp:HOST:PORT`: where to wait for a migrating VM. */
@@ -70,15 +74,13 @@ export interface CliActions {
  * Where the snapshot and migration modules plug into the CLI: set a member
  * and its command works. The one place that knows what is not available yet.
  */
-export const CLI_ACTIONS: CliActions = {};
-
-// Live migration (src/cli/migration_actions.ts): run --incoming, PUT /migrate
-// (added to whatever handlers the snapshot module serves).
-CLI_ACTIONS.incoming = incomingFromCli;
-{
-  const others = CLI_ACTIONS.apiHandlers;
-  CLI_ACTIONS.apiHandlers = (vm) => ({ ...others?.(vm), ...migrationHandlers(vm) });
-}
+export const CLI_ACTIONS: CliActions = {
+  // Snapshots (src/cli/snapshot_actions.ts): restore DIR, PUT /snapshot/create.
+  restore: restoreFromCli,
+  // Live migration (src/cli/migration_actions.ts): run --incoming, PUT /migrate.
+  incoming: incomingFromCli,
+  apiHandlers: (vm) => ({ ...snapshotHandlers(vm), ...migrationHandlers(vm) }),
+};
 
 /** Refuses a command whose implementation is not there yet. */
 function notAvailable(what: string): never {
@@ -131,9 +133,12 @@ Options:
 ${CLIENT_STATUSES}
 `,
   restore: `Usage: deno run -A main.ts restore DIR [--lazy|--eager] [--api-socket PATH] [--no-stdin]
+                                      [--cid N] [--mac MAC]
 
 Restores the VM of the snapshot in DIR and continues it in this process, with
-\`run\`'s console and exit statuses.
+\`run\`'s console (stdout; standard input to the guest) and exit statuses.
+Each vsock device tells the guest its host connections are gone (a transport
+reset); a clone takes its own identity with --cid and --mac.
 
 Options:
   --lazy             map guest memory from the snapshot's memory file
@@ -141,10 +146,14 @@ Options:
   --eager            copy guest memory from the memory file
   --api-socket PATH  serve the control API on the Unix socket PATH
   --no-stdin         do not forward standard input to the guest
+  --cid N            the vsock device's CID (3 to 4294967294) for this clone
+  --mac MAC          the net device's MAC (xx:xx:xx:xx:xx:xx) for this clone
   -h, --help         this help
 
 Exit status: as \`run\` (see main.ts run --help); 2 also when DIR is not a
-directory or restoring is not available yet.
+snapshot (the section that is missing, truncated, corrupt or of another
+version is named), is of another host CPU, or --cid/--mac is malformed or
+has no device to take it.
 `,
   migrate: `Usage: deno run -A main.ts migrate --api-socket PATH --to tcp:HOST:PORT
 
@@ -357,6 +366,8 @@ export async function restoreCommand(args: string[], io: ApiCommandIo): Promise<
     eager: { type: "boolean" },
     "api-socket": { type: "string" },
     "no-stdin": { type: "boolean" },
+    cid: { type: "string" },
+    mac: { type: "string" },
   });
   if (values.help) return output(io, API_COMMAND_HELP.restore);
   if (positionals.length !== 1) {
@@ -367,6 +378,10 @@ export async function restoreCommand(args: string[], io: ApiCommandIo): Promise<
     );
   }
   if (values.lazy && values.eager) throw new UsageError("--lazy and --eager exclude each other");
+  const identity = cloneIdentity(
+    values.cid as string | undefined,
+    values.mac as string | undefined,
+  );
   const dir = resolve(positionals[0]);
   let isDirectory = false;
   try {
@@ -375,6 +390,11 @@ export async function restoreCommand(args: string[], io: ApiCommandIo): Promise<
     throw new UsageError(`cannot read snapshot ${dir}: ${e instanceof Error ? e.message : e}`);
   }
   if (!isDirectory) throw new UsageError(`snapshot ${dir} is not a directory`);
+  try {
+    await Deno.stat(`${dir}/state`);
+  } catch {
+    throw new UsageError(`${dir} is not a snapshot: it has no state file`);
+  }
   const apiSocket = values["api-socket"] as string | undefined;
   if (apiSocket !== undefined) await checkApiSocketOption(apiSocket);
   if (!CLI_ACTIONS.restore) notAvailable("restore");
@@ -383,7 +403,32 @@ export async function restoreCommand(args: string[], io: ApiCommandIo): Promise<
     mode: values.eager ? "eager" : "lazy",
     ...(apiSocket === undefined ? {} : { apiSocket }),
     stdin: !values["no-stdin"],
+    ...(identity ? { identity } : {}),
   }, io);
+}
+
+/** `restore --cid N --mac MAC`: checked here, before the snapshot is read. */
+function cloneIdentity(
+  cid: string | undefined,
+  mac: string | undefined,
+): CloneIdentity | undefined {
+  if (cid === undefined && mac === undefined) return undefined;
+  const identity: CloneIdentity = {};
+  if (cid !== undefined) {
+    const n = /^[0-9]+$/.test(cid) ? Number(cid) : NaN;
+    if (!Number.isSafeInteger(n) || n < 3 || n > 4294967294) {
+      throw new UsageError(`--cid must be an integer from 3 to 4294967294, got "${cid}"`);
+    }
+    identity.cid = n;
+  }
+  if (mac !== undefined) {
+    const m = /^[0-9a-f]{2}(:[0-9a-f]{2}){5}$/i.test(mac) ? parseInt(mac.slice(0, 2), 16) : NaN;
+    if (Number.isNaN(m) || (m & 1) !== 0) {
+      throw new UsageError(`--mac must be a unicast xx:xx:xx:xx:xx:xx, got "${mac}"`);
+    }
+    identity.mac = mac;
+  }
+  return identity;
 }
 
 /**

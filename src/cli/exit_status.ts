@@ -135,6 +135,9 @@ const STATUS_OF_CODE: Partial<Record<ErrorCode, number>> = {
   VCPU_LIMIT: ExitStatus.vcpuLimit,
   API_UNREACHABLE: ExitStatus.apiUnreachable,
   API_REFUSED: ExitStatus.apiRefused,
+  // `restore DIR` of a bad snapshot is a bad input, as a malformed image is.
+  SNAPSHOT_INVALID: ExitStatus.usage,
+  SNAPSHOT_WRONG_HOST: ExitStatus.usage,
 };
 
 /**

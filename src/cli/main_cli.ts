@@ -26,8 +26,6 @@ import { type MetricsReport, metricsReport, toPrometheus } from "../metrics.ts";
 import { type LoadOptions, type RunResult, Vm } from "../vm.ts";
 import { formatOverheadTable, measureOverhead, type WorkloadName, WORKLOADS } from "../overhead.ts";
 import { ExitStatus, statusOfError, statusOfExit, statusOfResult } from "./exit_status.ts";
-import { lastLines } from "../console_driver.ts";
-import { attachStdin } from "../console.ts";
 import {
   checkLinuxLoad,
   formatInspection,
@@ -38,7 +36,6 @@ import { ABI_VERSION } from "../ffi.ts";
 import { UsageError } from "./usage_error.ts";
 import {
   checkApiSocketOption,
-  CLI_ACTIONS,
   migrateCommand,
   parseIncoming,
   pauseCommand,
@@ -47,7 +44,7 @@ import {
   runIncoming,
   snapshotCommand,
 } from "./api_commands.ts";
-import { serveApi } from "../api/server.ts";
+import { runVm, type RunVmInput, summaryLine } from "./run_vm.ts";
 import denoConfig from "../../deno.json" with { type: "json" };
 
 const MAIN_HELP = `denovisor — a KVM hypervisor driven from TypeScript
@@ -254,15 +251,6 @@ function oneOf<T extends string>(
   return value as T;
 }
 
-function summaryLine(result: RunResult): string {
-  const ms = (v: number) => `${v.toFixed(2)} ms`;
-  const dropped = result.consoleStreamDropped > 0
-    ? ` · ${result.consoleStreamDropped} console bytes dropped (stdout did not drain)`
-    : "";
-  return `denovisor: ${result.summary} · ${result.exits} exits · run ${ms(result.timings.runMs)} ` +
-    `(VM created in ${ms(result.timings.createMs)})${dropped}\n`;
-}
-
 interface ImageRun {
   result: RunResult;
   metrics: MetricsReport;
@@ -280,7 +268,7 @@ async function runImage(
     dedup?: boolean;
   },
   load: LoadOptions | ((vm: Vm) => unknown),
-  input: { stdin: boolean; watchdogMs?: number; apiSocket?: string } = { stdin: false },
+  input: RunVmInput = { stdin: false },
 ): Promise<ImageRun> {
   if (vmOptions.devices?.length && !vmOptions.interrupts) {
     throw new UsageError("devices interrupt through MSI-X: add --irqchip");
@@ -289,48 +277,9 @@ async function runImage(
   if (typeof load === "function") load(vm);
   else vm.load(image, load);
   // Forwarding starts once the image is loaded, so a load error leaves the
-  // terminal as it was; `using` restores it however the run ends.
-  using _stdin = input.stdin ? attachStdin(vm) : undefined;
-  // The API is served from the load until the run ends (closed before the VM).
-  await using _api = input.apiSocket === undefined
-    ? undefined
-    : await serveApi(vm, { path: input.apiSocket, handlers: CLI_ACTIONS.apiHandlers?.(vm) });
-  const running = vm.run();
-  const watchdog = input.watchdogMs ? watchConsole(vm, running, input.watchdogMs) : undefined;
-  const result = await running;
-  const silentMs = await watchdog;
-  if (silentMs !== undefined) {
-    result.unresponsive = true;
-    result.summary = `the guest stopped answering: no console output for ${silentMs} ms` +
-      (result.console ? `; last console lines:\n${lastLines(result.console, 10)}` : "");
-  }
+  // terminal as it was.
+  const result = await runVm(vm, input);
   return { result, metrics: metricsReport(vm) };
-}
-
-/**
- * The `--watchdog`: stops the VM when its console stays silent for `limitMs`.
- * Resolves with the silence that stopped it, or undefined when the run ended
- * by itself.
- */
-async function watchConsole(
-  vm: Vm,
-  run: Promise<RunResult>,
-  limitMs: number,
-): Promise<number | undefined> {
-  let ended = false;
-  run.finally(() => (ended = true)).catch(() => {});
-  let lastOutput = performance.now();
-  while (!ended) {
-    await new Promise((resolve) => setTimeout(resolve, Math.min(250, limitMs)));
-    if (ended) return undefined;
-    if (vm.readConsole().length > 0) lastOutput = performance.now();
-    const silent = performance.now() - lastOutput;
-    if (silent >= limitMs) {
-      vm.stop();
-      return Math.round(silent);
-    }
-  }
-  return undefined;
 }
 
 async function writeMetrics(
