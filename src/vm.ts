@@ -145,6 +145,37 @@ export interface RestoreOptions {
   identity?: CloneIdentity;
   /** Where the console goes (default: as the snapshotted VM had it). */
   console?: "capture" | "stdout";
+  /**
+   * Each device's host side in this process, given the snapshot's device
+   * (after `identity`) and its index: clones of one snapshot that live at the
+   * same time each need their own disk image (a writable one is locked),
+   * TAP and vsock socket. Only `path`, `tap`, `netns`, `tapName` and
+   * `hostAddress` may change; anything the guest sees is refused.
+   */
+  hostSides?: (device: DeviceConfig, index: number) => DeviceConfig;
+}
+
+/** The fields of a device that only the host sees. */
+const HOST_SIDE_FIELDS = new Set(["path", "tap", "netns", "tapName", "hostAddress"]);
+
+/** The devices with `hostSides` applied; a change the guest would see is refused. */
+function withHostSides(config: VmConfig, hostSides: RestoreOptions["hostSides"]): VmConfig {
+  if (hostSides === undefined) return config;
+  const devices = (config.devices ?? []).map((device, i) => {
+    const changed = hostSides(structuredClone(device), i);
+    const a = device as unknown as Record<string, unknown>;
+    const b = changed as unknown as Record<string, unknown>;
+    for (const key of new Set([...Object.keys(a), ...Object.keys(b)])) {
+      if (!HOST_SIDE_FIELDS.has(key) && JSON.stringify(a[key]) !== JSON.stringify(b[key])) {
+        throw new DenovisorError(
+          "INVALID_ARGUMENT",
+          `hostSides: device ${i} (${device.kind}): ${key} is what the guest sees, not a host side`,
+        );
+      }
+    }
+    return changed;
+  });
+  return { ...config, devices };
 }
 
 /** The config with `identity` applied (a copy); a field with no device to take it is refused. */
@@ -535,7 +566,8 @@ export class Vm implements Disposable {
    * ```
    *
    * @param dir The snapshot directory.
-   * @param options `mode` (`lazy` or `eager`), a clone's `identity`, the `console`.
+   * @param options `mode` (`lazy` or `eager`), a clone's `identity` and
+   *   `hostSides`, the `console`.
    * @returns The VM, loaded and ready to {@link Vm.run}.
    * @throws {DenovisorError} `SNAPSHOT_INVALID` naming the section that is
    *   truncated, corrupted, missing or of another version, `SNAPSHOT_WRONG_HOST`
@@ -546,7 +578,10 @@ export class Vm implements Disposable {
     const info = await inspectSnapshot(dir);
     const parsed = parseSnapshotConfig(info.config);
     const loaded = parsed.loaded;
-    const config = withIdentity(parsed.config, options.identity ?? {});
+    const config = withHostSides(
+      withIdentity(parsed.config, options.identity ?? {}),
+      options.hostSides,
+    );
     if (options.console !== undefined) config.console = options.console;
     const checked = Vm.#check(config);
     if (checked.memoryBytes !== info.memory.size) {

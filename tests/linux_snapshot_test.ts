@@ -1,0 +1,314 @@
+/**
+ * Snapshots of a Linux guest through the CLI and the control API, restored in
+ * a new process, and 20 clones of it in one process. One boot (Debian's
+ * kernel, busybox, 2 vCPUs, a virtio-blk disk, virtio-net on a TAP in the
+ * test's network namespace, vsock, rng) serves the whole file: `main.ts run
+ * --api-socket` boots it and the test drives its shell over the child's
+ * stdin/stdout; `main.ts snapshot --api-socket --to DIR --stop` writes the
+ * snapshot; `main.ts restore DIR` continues it in another process; then
+ * `Vm.restore` x20 (lazy) makes clones, each with its own disk copy, TAP,
+ * vsock socket, CID and MAC. Needs guest kernel code at hardware speed
+ * (`[linux]`: VT-x/AMD-V, or kvmbox) and root for the namespace.
+ */
+
+import assert from "node:assert/strict";
+
+import { ConsoleDriver, type DeviceConfig, Vm } from "../mod.ts";
+import { ApiClient } from "../src/api/client.ts";
+import { cli, linuxTest, MAIN } from "./_helpers.ts";
+import {
+  busyboxInitramfs,
+  debianVmlinux,
+  fetchedModules,
+  fetchedPath,
+  VIRTIO_MODULES,
+} from "./_linux.ts";
+import { createNetns, ensureTun } from "./_netns.ts";
+
+/** Boot to the shell inside kvmbox, generously. */
+const BOOT_MS = 480_000;
+/** One command. */
+const COMMAND_MS = 120_000;
+/** How many clones. */
+const CLONES = 20;
+
+/** A `main.ts` child whose console the test drives through its stdin/stdout. */
+class ChildShell {
+  readonly child: Deno.ChildProcess;
+  #out = "";
+  #stderr: Promise<string>;
+  #writer: WritableStreamDefaultWriter<Uint8Array>;
+  #reading: Promise<void>;
+  #marks = 0;
+
+  constructor(args: string[]) {
+    this.child = new Deno.Command(Deno.execPath(), {
+      args: ["run", "-A", MAIN, ...args],
+      stdin: "piped",
+      stdout: "piped",
+      stderr: "piped",
+      env: { NO_COLOR: "1" },
+    }).spawn();
+    this.#writer = this.child.stdin.getWriter();
+    const decoder = new TextDecoder();
+    const stdout = this.child.stdout;
+    this.#reading = (async () => {
+      for await (const chunk of stdout) this.#out += decoder.decode(chunk);
+    })();
+    this.#stderr = new Response(this.child.stderr).text();
+  }
+
+  get output(): string {
+    return this.#out;
+  }
+
+  async waitFor(pattern: RegExp, from: number, timeoutMs: number): Promise<RegExpMatchArray> {
+    const deadline = Date.now() + timeoutMs;
+    while (Date.now() < deadline) {
+      const m = this.#out.slice(from).match(pattern);
+      if (m) return m;
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    throw new Error(`no ${pattern} in ${timeoutMs} ms; console:\n${this.#out.slice(-3000)}`);
+  }
+
+  async send(text: string): Promise<void> {
+    await this.#writer.write(new TextEncoder().encode(text));
+  }
+
+  /** Runs a command that must exit 0; its output (between two marks). */
+  async sh(command: string, timeoutMs = COMMAND_MS): Promise<string> {
+    const n = ++this.#marks;
+    const from = this.#out.length;
+    // The typed line echoes `$((6*7))`; only the shell's answer has `42`.
+    await this.send(`echo B${n}@$((6*7)); ${command}; echo E${n}@$((6*7))@$?\n`);
+    const m = await this.waitFor(
+      new RegExp(`B${n}@42\\r?\\n([\\s\\S]*?)E${n}@42@(\\d+)`),
+      from,
+      timeoutMs,
+    );
+    assert.equal(m[2], "0", `${command} failed (${m[2]}):\n${m[1]}`);
+    return m[1].replaceAll("\r", "");
+  }
+
+  /** Ends: standard input closes, and the status and stderr once it exits. */
+  async end(): Promise<{ code: number; stderr: string }> {
+    await this.#writer.close().catch(() => {});
+    const status = await this.child.status;
+    await this.#reading;
+    return { code: status.code, stderr: await this.#stderr };
+  }
+
+  kill(): void {
+    try {
+      this.child.kill("SIGKILL");
+    } catch {
+      // Already gone.
+    }
+  }
+}
+
+async function waitForSocket(path: string, timeoutMs: number): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (Date.now() < deadline) {
+    try {
+      if ((await Deno.lstat(path)).isSocket) return;
+    } catch {
+      // Not yet.
+    }
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  throw new Error(`no API socket at ${path}`);
+}
+
+/** The process's resident set, in bytes. */
+async function rssBytes(): Promise<number> {
+  const status = await Deno.readTextFile("/proc/self/status");
+  return Number(status.match(/^VmRSS:\s+(\d+) kB/m)![1]) * 1024;
+}
+
+linuxTest(
+  "a Linux guest snapshotted through the CLI resumes in a new process with its disk, files, clock, CPUs and network; 20 lazy clones answer",
+  async () => {
+    await ensureTun();
+    const dir = await Deno.makeTempDir({ prefix: "dvlsnap" });
+    const ns = `dvsnap${Deno.pid}`;
+    const children: ChildShell[] = [];
+    try {
+      await using _netns = await createNetns(ns);
+      const disk = `${dir}/disk.img`;
+      await Deno.writeFile(disk, new Uint8Array(0));
+      await Deno.truncate(disk, 16 << 20);
+      const initrd = `${dir}/initrd.img`;
+      await Deno.writeFile(
+        initrd,
+        await busyboxInitramfs([
+          "/bin/busybox --install -s /bin",
+          "mount -t sysfs sys /sys",
+          "mount -t devtmpfs dev /dev",
+          "mkdir -p /mnt/tmp && mount -t tmpfs tmpfs /mnt/tmp",
+          "echo DENOVISOR-SHELL-READY",
+          "export PS1='dv# '",
+          "exec setsid cttyhack /bin/sh",
+        ], { modules: fetchedModules(VIRTIO_MODULES) }),
+      );
+      const socket = `${dir}/vm.sock`;
+      const vsock = `${dir}/v.sock`;
+      const snap = `${dir}/snap`;
+
+      // 1. Boot with the CLI, the API on `socket`.
+      const first = new ChildShell([
+        "run",
+        "--kernel",
+        fetchedPath(debianVmlinux, "Debian's vmlinux"),
+        "--initrd",
+        initrd,
+        "--cmdline",
+        "console=ttyS0 panic=-1 rdinit=/init quiet",
+        "--mem",
+        "256",
+        "--cpus",
+        "2",
+        "--disk",
+        disk,
+        "--net",
+        `netns=${ns},tap=dv0,host=10.77.0.1/24`,
+        "--vsock",
+        `cid=3,path=${vsock}`,
+        "--api-socket",
+        socket,
+        "--timeout",
+        "900000",
+      ]);
+      children.push(first);
+      await first.waitFor(/DENOVISOR-SHELL-READY/, 0, BOOT_MS);
+      await first.waitFor(/dv# /, 0, COMMAND_MS);
+      await first.sh(
+        "ip link set lo up && ip link set eth0 up && ip addr add 10.77.0.2/24 dev eth0",
+      );
+      assert.match(await first.sh("ping -c 2 -W 5 10.77.0.1"), /2 packets received/);
+      await first.sh(
+        "echo disk-before-snapshot | dd of=/dev/vda bs=512 conv=sync 2>/dev/null && sync",
+      );
+      await first.sh("echo tmpfs-before-snapshot > /mnt/tmp/file");
+      const mac = (await first.sh("cat /sys/class/net/eth0/address")).trim();
+      const before = Number((await first.sh("date +%s")).trim());
+      assert.equal((await first.sh("cat /sys/devices/system/cpu/online")).trim(), "0-1");
+
+      // 2. Snapshot from another process, the VM left paused; then the first
+      //    process ends (its TAP and vsock socket go with it).
+      const taken = await cli("snapshot", "--api-socket", socket, "--to", snap, "--stop");
+      assert.equal(taken.code, 0, taken.stderr);
+      assert.match(taken.stderr, /snapshot written to .*snap \(the VM stays paused\)/);
+      {
+        using client = new ApiClient(socket);
+        assert.equal((await client.vm()).state, "paused");
+        await client.stop();
+      }
+      const ended = await first.end();
+      assert.equal(ended.code, 0, ended.stderr);
+
+      // 3. Restore in a new process, which opens the TAP by name again.
+      const restoreSocket = `${dir}/restored.sock`;
+      const second = new ChildShell(["restore", snap, "--api-socket", restoreSocket]);
+      children.push(second);
+      await waitForSocket(restoreSocket, COMMAND_MS);
+      assert.match(
+        await second.sh("dd if=/dev/vda bs=512 count=1 2>/dev/null | head -c 20"),
+        /disk-before-snapshot/,
+      );
+      assert.match(await second.sh("cat /mnt/tmp/file"), /tmpfs-before-snapshot/);
+      const after = Number((await second.sh("date +%s")).trim());
+      assert.ok(after >= before && after - before < 3600, `clock: ${before} -> ${after}`);
+      assert.equal((await second.sh("cat /sys/devices/system/cpu/online")).trim(), "0-1");
+      // Both CPUs take timer interrupts again after the restore.
+      const ticks = async () =>
+        (await second.sh("grep LOC: /proc/interrupts")).trim().split(/\s+/).slice(1, 3).map(Number);
+      const t0 = await ticks();
+      await second.sh("sleep 1");
+      const t1 = await ticks();
+      assert.ok(t1[0] > t0[0] && t1[1] > t0[1], `LOC: ${t0} -> ${t1}`);
+      // The same MAC as before (a random one is pinned in the snapshot).
+      assert.equal((await second.sh("cat /sys/class/net/eth0/address")).trim(), mac);
+      assert.match(await second.sh("ping -c 2 -W 5 10.77.0.1"), /2 packets received/);
+      // Fresh entropy from virtio-rng, and a disk that takes writes.
+      assert.match(
+        await second.sh("dd if=/dev/hwrng bs=32 count=1 2>/dev/null | od -An -tx1 | head -1"),
+        /[0-9a-f]{2}/,
+      );
+      await second.sh(
+        "echo disk-after-restore | dd of=/dev/vda bs=512 seek=1 conv=sync 2>/dev/null && sync",
+      );
+      {
+        using client = new ApiClient(restoreSocket);
+        const listing = await client.vm();
+        assert.equal(listing.state, "running");
+      }
+      await second.send("poweroff -f\n");
+      const done = await second.end();
+      assert.equal(done.code, 0, done.stderr);
+      const sector1 = new Uint8Array(512);
+      using f = await Deno.open(disk);
+      await f.seek(512, Deno.SeekMode.Start);
+      await f.read(sector1);
+      assert.match(new TextDecoder().decode(sector1), /disk-after-restore/);
+
+      // 4. 20 clones, lazily, in this process: each its own disk copy, TAP,
+      //    vsock socket, CID and MAC; each answers on its console.
+      const vms: Vm[] = [];
+      const runs: Promise<unknown>[] = [];
+      try {
+        const rss0 = await rssBytes();
+        const perClone: number[] = [];
+        for (let i = 0; i < CLONES; i++) {
+          const cloneDisk = `${dir}/clone${i}.img`;
+          await Deno.copyFile(disk, cloneDisk);
+          const hex = (10 + i).toString(16).padStart(2, "0");
+          const vm = await Vm.restore(snap, {
+            mode: "lazy",
+            console: "capture",
+            identity: { cid: 100 + i, mac: `52:54:00:aa:00:${hex}` },
+            hostSides: (d: DeviceConfig) => {
+              if (d.kind === "block") return { ...d, path: cloneDisk };
+              if (d.kind === "net") {
+                const { hostAddress: _, ...rest } = d;
+                return { ...rest, tapName: `dvc${i}` };
+              }
+              if (d.kind === "vsock") return { ...d, path: `${dir}/c${i}.sock` };
+              return d;
+            },
+          });
+          vms.push(vm);
+          const shell = new ConsoleDriver(vm);
+          const run = shell.watch(vm.run({ timeoutMs: 600_000 }));
+          runs.push(run.catch(() => {}));
+          const { output, status } = await shell.exec(`echo clone-$((${i} * 1))`, {
+            timeoutMs: COMMAND_MS,
+          });
+          assert.equal(status, 0);
+          assert.match(output, new RegExp(`^clone-${i}$`, "m"));
+          const vsockDevice = vm.devices().pci.find((f) => f.name.startsWith("vsock"))
+            ?.details as { device: { cid: number } };
+          assert.equal(vsockDevice.device.cid, 100 + i);
+          // An idle clone parks, so 20 of them do not share 1-2 CPUs.
+          vm.pause();
+          perClone.push(await rssBytes());
+        }
+        const growth = (perClone[CLONES - 1] - perClone[0]) / (CLONES - 1);
+        console.error(
+          `note: RSS before the clones ${(rss0 / 2 ** 20).toFixed(1)} MiB, after 1 ${
+            (perClone[0] / 2 ** 20).toFixed(1)
+          } MiB, after ${CLONES} ${(perClone[CLONES - 1] / 2 ** 20).toFixed(1)} MiB: ` +
+            `${(growth / 2 ** 20).toFixed(2)} MiB per extra clone`,
+        );
+      } finally {
+        for (const vm of vms) vm.stop();
+        await Promise.all(runs);
+        for (const vm of vms) vm.close();
+      }
+    } finally {
+      for (const c of children) c.kill();
+      await Deno.remove(dir, { recursive: true }).catch(() => {});
+    }
+  },
+);
