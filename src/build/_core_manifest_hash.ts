@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "a297a5f4f23a2e4cfe670deaa1b420e12e90838310b955e88670ffd388041527";
+  "7781989d96eda5756b0c0b49546c76eae498d75696b2cfe8634d87f1787d06a0";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

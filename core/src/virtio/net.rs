@@ -32,7 +32,7 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
-use super::tap::{Tap, TapError, VNET_HDR_LEN};
+use super::tap::{host_mac_for, Tap, TapError, VNET_HDR_LEN};
 use super::worker::{Wake, Worker};
 use super::{
     device_type, drain, pop, read_config_bytes, wants_interrupt, Activation, Served, VirtioDevice,
@@ -175,6 +175,14 @@ pub fn format_mac(mac: &[u8; 6]) -> String {
         .join(":")
 }
 
+/// The configuration's MAC, or a random one.
+fn guest_mac(config: &NetConfig) -> Result<[u8; 6], NetError> {
+    match &config.mac {
+        Some(m) => parse_mac(m),
+        None => Ok(random_mac()),
+    }
+}
+
 fn random_mac() -> [u8; 6] {
     let mut mac = [0u8; 6];
     // SAFETY: getrandom writes at most 6 bytes into the valid array.
@@ -296,24 +304,32 @@ impl Net {
     /// Opens the backend the configuration names.
     pub fn new(config: &NetConfig) -> Result<Net, NetError> {
         config.check()?;
+        let mac = guest_mac(config)?;
         let tap = match (&config.tap, &config.netns) {
             (Some(tap), None) => Tap::open_existing(tap)?,
+            // The TAP's own MAC follows the guest's, so a restored guest
+            // finds the host where its ARP cache says.
             (None, Some(ns)) => Tap::create_in_netns(
                 ns,
                 config.tap_name.as_deref(),
                 config.host_address.as_deref(),
+                Some(host_mac_for(mac)),
             )?,
             _ => return Err(NetError::Backend),
         };
-        Self::with_backend(config, Backend::Tap(tap))
+        Self::with_backend_and_mac(config, Backend::Tap(tap), mac)
     }
 
     /// A device on an already open backend.
     pub fn with_backend(config: &NetConfig, backend: Backend) -> Result<Net, NetError> {
-        let mac = match &config.mac {
-            Some(m) => parse_mac(m)?,
-            None => random_mac(),
-        };
+        Self::with_backend_and_mac(config, backend, guest_mac(config)?)
+    }
+
+    fn with_backend_and_mac(
+        config: &NetConfig,
+        backend: Backend,
+        mac: [u8; 6],
+    ) -> Result<Net, NetError> {
         let mut features = nf::MAC | nf::STATUS;
         if config.mrg_rxbuf.unwrap_or(true) {
             features |= nf::MRG_RXBUF;

@@ -138,10 +138,29 @@ impl Ifreq {
         r
     }
 
+    fn with_hwaddr(name: &str, mac: [u8; 6]) -> Ifreq {
+        let mut r = Ifreq::new(name);
+        // struct sockaddr: family (ARPHRD_ETHER), then the address.
+        r.data[..2].copy_from_slice(&libc::ARPHRD_ETHER.to_ne_bytes());
+        r.data[2..8].copy_from_slice(&mac);
+        r
+    }
+
     fn name(&self) -> String {
         let end = self.name.iter().position(|&b| b == 0).unwrap_or(IFNAMSIZ);
         String::from_utf8_lossy(&self.name[..end]).into_owned()
     }
+}
+
+/// The host side's MAC for a TAP denovisor creates for a guest whose MAC is
+/// `guest`: the same on every restore of that guest (a random one would
+/// leave the guest's ARP entry for the host stale after a restore, and its
+/// packets dropped for minutes), never the guest's own (bit 2 of the first
+/// byte flipped), unicast and locally administered.
+pub fn host_mac_for(guest: [u8; 6]) -> [u8; 6] {
+    let mut m = guest;
+    m[0] = ((m[0] ^ 0x04) & 0xfe) | 0x02;
+    m
 }
 
 /// An open TAP queue.
@@ -251,12 +270,14 @@ impl Tap {
 
     /// Creates a TAP (`name`, default `dv%d`) inside network namespace `ns`
     /// (a name under `/run/netns/`, or a path), sets it up and, with `host`
-    /// (`A.B.C.D/N`), gives the host side that address. The calling thread's
-    /// namespace does not change: a short-lived thread enters `ns`.
+    /// (`A.B.C.D/N`), gives the host side that address, and with `mac` that
+    /// hardware address. The calling thread's namespace does not change: a
+    /// short-lived thread enters `ns`.
     pub fn create_in_netns(
         ns: &str,
         name: Option<&str>,
         host: Option<&str>,
+        mac: Option<[u8; 6]>,
     ) -> Result<Tap, TapError> {
         Self::check_netns(ns, name, host)?;
         let path = netns_path(ns);
@@ -281,7 +302,7 @@ impl Tap {
                     return Err(last_err(format!("entering network namespace {path}")));
                 }
                 let tap = Tap::attach(&name, exclusive)?;
-                tap.configure(host)?;
+                tap.configure(host, mac)?;
                 Ok(tap)
             })
             .map_err(io_err("spawning a thread to enter the namespace"))?
@@ -292,9 +313,13 @@ impl Tap {
             })?
     }
 
-    /// Brings the interface up and sets its IPv4 address (run in the TAP's
-    /// network namespace).
-    fn configure(&self, host: Option<(Ipv4Addr, u8)>) -> Result<(), TapError> {
+    /// Brings the interface up and sets its IPv4 address and MAC (run in the
+    /// TAP's network namespace).
+    fn configure(
+        &self,
+        host: Option<(Ipv4Addr, u8)>,
+        mac: Option<[u8; 6]>,
+    ) -> Result<(), TapError> {
         // SAFETY: plain socket creation; the result is checked.
         let s = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
         if s < 0 {
@@ -315,6 +340,11 @@ impl Tap {
             let mut req = Ifreq::with_inet(name, Ipv4Addr::from(mask));
             ioctl_ifreq(s.as_raw_fd(), libc::SIOCSIFNETMASK, &mut req)
                 .map_err(io_err(format!("setting {name}'s netmask")))?;
+        }
+        if let Some(mac) = mac {
+            let mut req = Ifreq::with_hwaddr(name, mac);
+            ioctl_ifreq(s.as_raw_fd(), libc::SIOCSIFHWADDR, &mut req)
+                .map_err(io_err(format!("setting {name}'s MAC")))?;
         }
         let mut req = Ifreq::new(name);
         ioctl_ifreq(s.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req)
@@ -411,7 +441,7 @@ pub(crate) mod tests {
             let e = Tap::open_existing("lo").unwrap_err();
             assert!(matches!(e, TapError::NotATap(_)), "{e}");
         });
-        let e = Tap::create_in_netns("dv-no-such-ns", None, None).unwrap_err();
+        let e = Tap::create_in_netns("dv-no-such-ns", None, None, None).unwrap_err();
         assert!(matches!(e, TapError::NoSuchNetns(..)), "{e}");
         assert_eq!(
             e.to_string(),
@@ -420,13 +450,46 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_host_mac_is_stable_unicast_local_and_never_the_guests() {
+        for g in [
+            [0x52, 0x54, 0, 1, 2, 3],
+            [0x56, 0, 0, 0, 0, 0],
+            [0, 0, 0, 0, 0, 0xff],
+            [0xfe; 6],
+        ] {
+            let h = host_mac_for(g);
+            assert_ne!(h, g);
+            assert_eq!(h, host_mac_for(g));
+            assert_eq!(h[0] & 1, 0, "unicast");
+            assert_eq!(h[0] & 2, 2, "locally administered");
+            assert_eq!(h[1..], g[1..]);
+        }
+    }
+
+    #[test]
     fn creates_a_tap_in_a_namespace_that_vanishes_with_its_fd() {
         in_new_netns(|ns| {
             // From this (main) namespace's point of view the new one is
             // another: create the TAP there through its path.
-            let tap = Tap::create_in_netns(ns, Some("dvt0"), Some("10.9.8.1/24")).unwrap();
+            let guest = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
+            let tap = Tap::create_in_netns(
+                ns,
+                Some("dvt0"),
+                Some("10.9.8.1/24"),
+                Some(host_mac_for(guest)),
+            )
+            .unwrap();
             assert_eq!(tap.name(), "dvt0");
             assert!(interface_exists("dvt0"));
+            // SAFETY: plain socket creation; the result is checked.
+            let s =
+                unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+            assert!(s >= 0);
+            // SAFETY: `s` was just created and is owned by nothing else.
+            let s = unsafe { OwnedFd::from_raw_fd(s) };
+            let mut req = Ifreq::new("dvt0");
+            ioctl_ifreq(s.as_raw_fd(), libc::SIOCGIFHWADDR, &mut req).unwrap();
+            assert_eq!(req.data[2..8], [0x56, 0x54, 0, 0x12, 0x34, 0x56], "derived");
             // Attaching it again while we hold it: busy.
             assert!(matches!(Tap::open_existing("dvt0"), Err(TapError::Busy(_))));
             tap.set_offload(libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6)
@@ -437,7 +500,7 @@ pub(crate) mod tests {
                 "not persistent: gone with the fd"
             );
             // A pattern lets the kernel choose the name.
-            let tap = Tap::create_in_netns(ns, None, None).unwrap();
+            let tap = Tap::create_in_netns(ns, None, None, None).unwrap();
             assert!(tap.name().starts_with("dv"), "{}", tap.name());
         });
     }
