@@ -230,7 +230,19 @@ linuxTest(
       assert.ok(t1[0] > t0[0] && t1[1] > t0[1], `LOC: ${t0} -> ${t1}`);
       // The same MAC as before (a random one is pinned in the snapshot).
       assert.equal((await second.sh("cat /sys/class/net/eth0/address")).trim(), mac);
-      assert.match(await second.sh("ping -c 2 -W 5 10.77.0.1"), /2 packets received/);
+      const ping = await second.sh("ping -c 2 -W 5 10.77.0.1; true");
+      let netProblem = "";
+      if (!/2 packets received/.test(ping)) {
+        const [cmd, args] = ["ip", ["-n", ns, "-s", "link", "show", "dv0"]];
+        const hostSide = new TextDecoder().decode(
+          (await new Deno.Command(cmd, { args }).output()).stdout,
+        );
+        using client = new ApiClient(restoreSocket);
+        netProblem = `ping after restore: ${ping}\nguest: ${await second.sh(
+          "ip neigh; cat /proc/net/dev; ip flush dev eth0 2>&1; ip neigh flush dev eth0; ping -c 2 -W 3 10.77.0.1; true",
+        )}\nhost: ${hostSide}\ndevices: ${JSON.stringify((await client.vm()).devices)}`;
+        console.error(netProblem);
+      }
       // Fresh entropy from virtio-rng, and a disk that takes writes.
       assert.match(
         await second.sh("dd if=/dev/hwrng bs=32 count=1 2>/dev/null | od -An -tx1 | head -1"),
@@ -301,6 +313,9 @@ linuxTest(
           } MiB, after ${CLONES} ${(perClone[CLONES - 1] / 2 ** 20).toFixed(1)} MiB: ` +
             `${(growth / 2 ** 20).toFixed(2)} MiB per extra clone`,
         );
+        // Last, so the clones above run even when it fails: the restored
+        // guest's ping to the host over the recreated TAP.
+        assert.equal(netProblem, "");
       } finally {
         for (const vm of vms) vm.stop();
         await Promise.all(runs);
