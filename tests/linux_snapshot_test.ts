@@ -121,10 +121,14 @@ async function waitForSocket(path: string, timeoutMs: number): Promise<void> {
   throw new Error(`no API socket at ${path}`);
 }
 
-/** The process's resident set, in bytes. */
-async function rssBytes(): Promise<number> {
+/** The process's resident set, in bytes: all of it, and its anonymous part
+ * (a clone's private copies; file pages shared by every clone's mapping of the
+ * memory file count once per mapping in VmRSS, but once in the page cache). */
+async function rssBytes(): Promise<{ total: number; anon: number }> {
   const status = await Deno.readTextFile("/proc/self/status");
-  return Number(status.match(/^VmRSS:\s+(\d+) kB/m)![1]) * 1024;
+  const kb = (field: string) =>
+    Number(status.match(new RegExp(`^${field}:\\s+(\\d+) kB`, "m"))![1]) * 1024;
+  return { total: kb("VmRSS"), anon: kb("RssAnon") };
 }
 
 linuxTest(
@@ -271,7 +275,7 @@ linuxTest(
       const runs: Promise<unknown>[] = [];
       try {
         const rss0 = await rssBytes();
-        const perClone: number[] = [];
+        const perClone: { total: number; anon: number }[] = [];
         for (let i = 0; i < CLONES; i++) {
           const cloneDisk = `${dir}/clone${i}.img`;
           await Deno.copyFile(disk, cloneDisk);
@@ -306,12 +310,14 @@ linuxTest(
           vm.pause();
           perClone.push(await rssBytes());
         }
-        const growth = (perClone[CLONES - 1] - perClone[0]) / (CLONES - 1);
+        const mib = (n: number) => (n / 2 ** 20).toFixed(2);
+        const first = perClone[0], last = perClone[CLONES - 1];
         console.error(
-          `note: RSS before the clones ${(rss0 / 2 ** 20).toFixed(1)} MiB, after 1 ${
-            (perClone[0] / 2 ** 20).toFixed(1)
-          } MiB, after ${CLONES} ${(perClone[CLONES - 1] / 2 ** 20).toFixed(1)} MiB: ` +
-            `${(growth / 2 ** 20).toFixed(2)} MiB per extra clone`,
+          `note: RSS before the clones ${mib(rss0.total)} MiB (anonymous ${mib(rss0.anon)}), ` +
+            `after 1 clone ${mib(first.total)} (${mib(first.anon)}), after ${CLONES} ` +
+            `${mib(last.total)} (${mib(last.anon)}): per extra clone ` +
+            `${mib((last.total - first.total) / (CLONES - 1))} MiB RSS, ` +
+            `${mib((last.anon - first.anon) / (CLONES - 1))} MiB anonymous`,
         );
         // Last, so the clones above run even when it fails: the restored
         // guest's ping to the host over the recreated TAP.
