@@ -144,6 +144,22 @@ const SYMBOLS = {
     parameters: ["u32", "buffer", "usize", "buffer", "usize", "buffer", "usize", "buffer"],
     result: "i32",
   },
+  /** int32_t dv_vm_snapshot_diff(uint32_t vm, const uint8_t *dir, size_t dir_len, const uint8_t *parent, size_t parent_len, const uint8_t *config, size_t config_len, uint8_t *buf, size_t cap, size_t *out_len) — JSON */
+  dv_vm_snapshot_diff: {
+    parameters: [
+      "u32",
+      "buffer",
+      "usize",
+      "buffer",
+      "usize",
+      "buffer",
+      "usize",
+      "buffer",
+      "usize",
+      "buffer",
+    ],
+    result: "i32",
+  },
   /** int32_t dv_snapshot_inspect(const uint8_t *dir, size_t dir_len, uint8_t *buf, size_t cap, size_t *out_len) — JSON */
   dv_snapshot_inspect: {
     parameters: ["buffer", "usize", "buffer", "usize", "buffer"],
@@ -505,6 +521,28 @@ export class Core {
         vm,
         d,
         BigInt(d.length),
+        c,
+        BigInt(c.length),
+        buf,
+        cap,
+        outLen,
+      )
+    );
+  }
+
+  /** `dv_vm_snapshot_diff`: writes a diff snapshot of the paused VM into
+   * `dir`, against `parent` (its last snapshot). */
+  vmSnapshotDiff<T>(vm: number, dir: string, parent: string, config: string): T {
+    const d = new TextEncoder().encode(dir);
+    const p = new TextEncoder().encode(parent);
+    const c = new TextEncoder().encode(config);
+    return this.#json((buf, cap, outLen) =>
+      this.#sym.dv_vm_snapshot_diff(
+        vm,
+        d,
+        BigInt(d.length),
+        p,
+        BigInt(p.length),
         c,
         BigInt(c.length),
         buf,

@@ -64,6 +64,13 @@ export interface SnapshotInfo {
     file: string;
     length: number;
     crc64: string;
+    /** `full`, or `diff`: the memory file holds only `pages`, packed. */
+    kind: "full" | "diff";
+    /** A diff's parent: its directory relative to this one and the
+     * CRC-64 of its whole state file. */
+    parent?: { dir: string; stateCrc64: string };
+    /** A diff's pages, as runs `[first page, pages]` in RAM order. */
+    pages?: [number, number][];
   };
 }
 

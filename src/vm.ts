@@ -485,6 +485,13 @@ export class Vm implements Disposable {
    * finish the requests they took and take none until resume), so the
    * memory and device state written agree.
    *
+   * Diff snapshots: with dirty-page tracking on ({@link Vm.startDirtyLog}),
+   * every snapshot takes the dirty set, and `{ diff: true, parent }` writes
+   * only the pages written since `parent`, which must be this VM's last
+   * snapshot (or, tracking started before its first run, the one it was
+   * restored from). A diff restores through its chain of parents back to a
+   * full snapshot; all of them must stay in place.
+   *
    * @example
    * ```ts
    * import { Vm } from "denovisor";
@@ -495,15 +502,27 @@ export class Vm implements Disposable {
    * ```
    *
    * @param dir The snapshot directory to create.
-   * @param options Whether to resume the VM afterwards.
+   * @param options Whether to resume the VM afterwards; `diff` and
+   *   `parent` for a diff snapshot.
    * @returns What was written.
    * @throws {DenovisorError} `BUSY` when the VM cannot be paused, `INVALID_ARGUMENT`
-   *   when `dir` exists and is not empty, `IO` when writing fails.
+   *   when `dir` exists and is not empty or a diff's parent is not this VM's
+   *   last snapshot (or tracking is off), `IO` when writing fails.
    */
-  snapshot(dir: string, options: { resume?: boolean } = {}): SnapshotWriteStats {
+  snapshot(
+    dir: string,
+    options: { resume?: boolean; diff?: boolean; parent?: string } = {},
+  ): SnapshotWriteStats {
     const config = JSON.stringify(snapshotConfig(this.#pinnedConfig(), this.#loaded));
+    if ((options.diff === true) !== (options.parent !== undefined)) {
+      throw new DenovisorError(
+        "INVALID_ARGUMENT",
+        "a diff snapshot needs both diff: true and its parent",
+      );
+    }
+    const parent = options.diff === true ? options.parent : undefined;
     try {
-      const stats = this.#vm.snapshotCreate(dir, config);
+      const stats = this.#vm.snapshotCreate(dir, config, parent);
       if (options.resume === true) this.resume();
       return stats;
     } catch (e) {
@@ -511,7 +530,7 @@ export class Vm implements Disposable {
     }
     this.pause();
     try {
-      return this.#vm.snapshotCreate(dir, config);
+      return this.#vm.snapshotCreate(dir, config, parent);
     } finally {
       if (options.resume !== false) this.resume();
     }

@@ -87,7 +87,7 @@ kvmTest(
         "devices",
         "memory",
       ]);
-      assert.equal(info.format.version, 1);
+      assert.equal(info.format.version, 2);
       assert.equal(info.vcpus, 1);
       assert.equal(info.memory.size, 4 << 20);
       assert.ok(info.hostCheck.ok, info.hostCheck.problems.join("; "));

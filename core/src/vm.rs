@@ -35,6 +35,7 @@ use crate::memory::GuestRam;
 use crate::metrics::VcpuMetricsSnapshot;
 use crate::msi::{GsiRoutes, KvmMsiSink};
 use crate::pci::root::{PciRoot, PCI_CONFIG_PORT, PCI_CONFIG_PORT_LEN};
+use crate::snapshot::file::DiffBase;
 use crate::vcpu::exit::UnhandledAccess;
 use crate::vcpu::{wait_all, Control, RunResult, StopRequest, Vcpu};
 use crate::virtio::devices::DeviceConfig;
@@ -302,6 +303,9 @@ pub struct Vm {
     routes: OnceLock<Arc<GsiRoutes>>,
     /// The virtio devices, by name, for listings and runtime requests.
     virtio: Mutex<Vec<(String, Arc<Mutex<VirtioPci>>)>>,
+    /// What a diff snapshot of this VM would be taken against (see
+    /// [`DiffBase`]).
+    diff_base: Mutex<DiffBase>,
 }
 
 /// KVM's supported CPUID, read once per process (it describes the host).
@@ -349,6 +353,7 @@ impl Vm {
             fd: Arc::new(fd),
             routes: OnceLock::new(),
             virtio: Mutex::new(Vec::new()),
+            diff_base: Mutex::new(DiffBase::None),
             shared: Arc::new(VmShared::new(ram, unhandled)?),
             vcpus: Mutex::new(Vec::new()),
             cpuid_policy: Mutex::new(CpuidPolicy::default()),
@@ -503,6 +508,13 @@ impl Vm {
         }
         *relock(&self.shared.vm_stop) = None;
         self.shared.hypercalls.clear_report();
+        // Once run, a restored VM is no longer its snapshot.
+        {
+            let mut base = relock(&self.diff_base);
+            if matches!(*base, DiffBase::Restored(_)) {
+                *base = DiffBase::None;
+            }
+        }
         // A run starts unpaused: devices a pause left gated (the VM was
         // stopped while paused) serve again.
         for (_, device) in self.virtio_list() {
@@ -646,6 +658,16 @@ impl Vm {
     /// again starts a new set.
     pub fn start_dirty_log(&self) -> Result<()> {
         let dirty = self.shared.ram.dirty_pages();
+        // A VM restored and not run yet is still exactly the snapshot it was
+        // restored from: the new set starts there. Otherwise no snapshot
+        // marks where the new set starts.
+        {
+            let mut base = relock(&self.diff_base);
+            *base = match std::mem::take(&mut *base) {
+                DiffBase::Restored(id) => DiffBase::Tracking(id),
+                _ => DiffBase::None,
+            };
+        }
         dirty.set_tracking(true);
         if let Err(e) = self.set_slot_flags(kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES) {
             dirty.set_tracking(false);
@@ -653,13 +675,14 @@ impl Vm {
             return Err(VmError::from(e).into());
         }
         // Registering afresh may keep an old log: clear it (fetch and drop).
-        self.take_dirty_pages()?;
+        self.take_dirty_log()?;
         Ok(())
     }
 
     /// Stops dirty-page tracking (pages dirtied since the last take are
     /// dropped).
     pub fn stop_dirty_log(&self) -> Result<()> {
+        *relock(&self.diff_base) = DiffBase::None;
         self.shared.ram.dirty_pages().set_tracking(false);
         self.set_slot_flags(0).map_err(VmError::from)?;
         Ok(())
@@ -686,7 +709,28 @@ impl Vm {
     /// the guest (`KVM_GET_DIRTY_LOG`, which clears KVM's log) or by the VMM,
     /// and clears both: one bit per 4 KiB page in RAM order. An error if
     /// tracking is off.
+    /// A take outside a snapshot: the set no longer runs from the last
+    /// snapshot, so no diff can be taken against it.
     pub fn take_dirty_pages(&self) -> Result<DirtyBitmap> {
+        let pages = self.take_dirty_log()?;
+        *relock(&self.diff_base) = DiffBase::None;
+        Ok(pages)
+    }
+
+    /// What a diff snapshot would be taken against now.
+    pub fn diff_base(&self) -> DiffBase {
+        relock(&self.diff_base).clone()
+    }
+
+    /// Records what the next diff snapshot is taken against (a snapshot
+    /// just written while tracking, or the one this VM was restored from).
+    pub fn set_diff_base(&self, base: DiffBase) {
+        *relock(&self.diff_base) = base;
+    }
+
+    /// [`Vm::take_dirty_pages`] without touching the diff base (for the
+    /// snapshot writer, which sets it itself).
+    pub fn take_dirty_log(&self) -> Result<DirtyBitmap> {
         let ram = &self.shared.ram;
         if !ram.dirty_pages().is_tracking() {
             return Err(VmError::from(DirtyError::NotTracking).into());

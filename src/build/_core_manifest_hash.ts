@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "7781989d96eda5756b0c0b49546c76eae498d75696b2cfe8634d87f1787d06a0";
+  "c6395b134eab77b047c57d7f39414f62fac4f20f7a689049735b8c47da2804fb";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

@@ -62,6 +62,10 @@ export interface SnapshotWriteStats {
   memoryWritten: number;
   /** Milliseconds writing (and syncing) the memory file took. */
   memoryMs: number;
+  /** `full`, or `diff` (only the pages dirtied since the parent). */
+  kind: "full" | "diff";
+  /** A diff's pages (4 KiB each); absent for a full snapshot. */
+  diffPages?: number;
 }
 
 /** The `dv_vm_create` flags of a VM's options. */
@@ -759,9 +763,15 @@ export class KvmVm implements Disposable {
    *
    * @param dir The snapshot directory.
    * @param config JSON text stored with the snapshot.
+   * @param parent For a diff snapshot (`dv_vm_snapshot_diff`): the VM's
+   *   last snapshot, dirty-page tracking on since; only the pages written
+   *   since are stored.
    * @returns What was written: bytes of state and memory, time taken.
    */
-  snapshotCreate(dir: string, config: string): SnapshotWriteStats {
+  snapshotCreate(dir: string, config: string, parent?: string): SnapshotWriteStats {
+    if (parent !== undefined) {
+      return this.#core.vmSnapshotDiff<SnapshotWriteStats>(this.#live(), dir, parent, config);
+    }
     return this.#core.vmSnapshotCreate<SnapshotWriteStats>(this.#live(), dir, config);
   }
 

@@ -8,7 +8,9 @@ use super::{
 };
 use crate::error::Error;
 use crate::handles;
-use crate::snapshot::file::{inspect, write_snapshot, Snapshot, RESTORE_EAGER, RESTORE_LAZY};
+use crate::snapshot::file::{
+    inspect, write_snapshot, DiffBase, Snapshot, SnapshotId, RESTORE_EAGER, RESTORE_LAZY,
+};
 use crate::snapshot::vm::VmState;
 
 /// Writes the KVM state of a paused VM (every vCPU, the irqchip, the PIT, the
@@ -90,7 +92,42 @@ pub unsafe extern "C" fn dv_vm_snapshot_create(
             let dir = path_arg(dir, dir_len)?;
             let config = std::str::from_utf8(bytes(config, config_len)?)
                 .map_err(|_| Error::arg("the snapshot config is not UTF-8"))?;
-            json(&write_snapshot(&vm, dir, config)?)
+            json(&write_snapshot(&vm, dir, config, None)?)
+        })
+    }
+}
+
+/// `dv_vm_snapshot_create` of a diff snapshot: only the pages dirtied since
+/// `parent`, which must be this VM's last snapshot (or the one it was
+/// restored from, tracking started before its first run) with dirty-page
+/// tracking on ever since. Refused naming the parent otherwise.
+///
+/// # Safety
+/// `dir` must be valid for `dir_len` bytes, `parent` for `parent_len`,
+/// `config` for `config_len`, `buf` for `cap` writable bytes, `out_len` for
+/// a `usize` write.
+#[no_mangle]
+pub unsafe extern "C" fn dv_vm_snapshot_diff(
+    vm: u32,
+    dir: *const u8,
+    dir_len: usize,
+    parent: *const u8,
+    parent_len: usize,
+    config: *const u8,
+    config_len: usize,
+    buf: *mut u8,
+    cap: usize,
+    out_len: *mut usize,
+) -> i32 {
+    // SAFETY: per this function's contract.
+    unsafe {
+        guarded_into(buf, cap, out_len, || {
+            let vm = handles::vm(vm)?;
+            let dir = path_arg(dir, dir_len)?;
+            let parent = path_arg(parent, parent_len)?;
+            let config = std::str::from_utf8(bytes(config, config_len)?)
+                .map_err(|_| Error::arg("the snapshot config is not UTF-8"))?;
+            json(&write_snapshot(&vm, dir, config, Some(parent))?)
         })
     }
 }
@@ -175,6 +212,13 @@ pub unsafe extern "C" fn dv_vm_restore_snapshot(vm: u32, dir: *const u8, dir_len
         let snapshot = Snapshot::read(dir)?;
         snapshot.host.check_current()?;
         snapshot.apply(&vm)?;
+        // Until it runs, the VM is exactly this snapshot: a diff can start here.
+        if let Ok(dir) = std::fs::canonicalize(dir) {
+            vm.set_diff_base(DiffBase::Restored(SnapshotId {
+                dir,
+                state_crc64: snapshot.state_crc64,
+            }));
+        }
         Ok(())
     })
 }

@@ -8,8 +8,19 @@
 //! caller's opaque JSON), `vm` ([`VmState`]), `devices` ([`DeviceStates`]),
 //! `memory` ([`MemoryManifest`]).
 //!
-//! `memory` is guest RAM byte for byte, its ranges ([`ram_ranges`]) one after
-//! the other; all-zero 4 KiB pages are left as holes of a sparse file.
+//! A full snapshot's `memory` is guest RAM byte for byte, its ranges
+//! ([`ram_ranges`]) one after the other; all-zero 4 KiB pages are left as
+//! holes of a sparse file. A diff snapshot's `memory` holds only the pages
+//! written since its parent (the VM's previous snapshot), packed one after
+//! another in RAM order; the `memory` section lists them as runs of page
+//! numbers and names the parent (a path relative to the diff's directory and
+//! the checksum of the parent's whole `state` file). Packed and not sparse at
+//! their offsets: a page the guest zeroed must be told from one it did not
+//! touch, which holes cannot say (and filesystems may report holes as data),
+//! and the file's size is then exactly what changed on every filesystem and
+//! through every copy tool. A restore reads a chain back to its full base
+//! ([`read_chain`]), checks every link, then maps or reads the base and
+//! writes each diff's pages over it, oldest first.
 //!
 //! A snapshot is read whole and checked — every section's checksum, the
 //! version, the JSON of each section, the memory file's size — before any of
@@ -29,13 +40,14 @@ use serde::{Deserialize, Serialize};
 use super::vm::VmState;
 use super::SnapshotError;
 use crate::devices::platform::DeviceStates;
+use crate::dirty::DirtyBitmap;
 use crate::memory::{ram_ranges, GuestRam};
 use crate::vm::Vm;
 
 /// The first bytes of a `state` file.
 pub const MAGIC: [u8; 8] = *b"DVSNAP\r\n";
 /// The format this code writes and reads (any other is refused).
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// The state file's name inside a snapshot directory.
 pub const STATE_FILE: &str = "state";
 /// The memory file's name inside a snapshot directory.
@@ -48,6 +60,9 @@ pub const RESTORE_LAZY: u32 = 0;
 /// `dv_vm_create_from_snapshot` mode: the memory file is read into anonymous
 /// RAM and its checksum verified.
 pub const RESTORE_EAGER: u32 = 1;
+/// The longest chain of diffs a restore follows (a loop of parents ends
+/// here too).
+pub const MAX_CHAIN: usize = 64;
 /// The largest state file read (the memory travels apart): a sanity bound.
 const MAX_STATE_BYTES: u64 = 256 << 20;
 const PAGE: usize = 4096;
@@ -316,6 +331,50 @@ pub struct MemoryManifest {
     pub length: u64,
     /// Its CRC-64/XZ as 16 hex digits (JSON numbers lose 64-bit precision).
     pub crc64: String,
+    /// `full` (the memory file is all of RAM) or `diff` (only `pages`).
+    pub kind: String,
+    /// A diff's parent snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<ParentRef>,
+    /// A diff's pages, as runs `[first page, pages]` of 4 KiB page numbers in
+    /// RAM order (the memory file holds them packed, in this order).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pages: Option<Vec<(u64, u64)>>,
+}
+
+/// The snapshot a diff was taken against.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ParentRef {
+    /// Its directory, relative to the diff's.
+    pub dir: String,
+    /// The CRC-64/XZ of its whole `state` file, 16 hex digits: a parent
+    /// replaced by another snapshot is refused.
+    pub state_crc64: String,
+}
+
+/// One snapshot, by where it is and what its `state` file holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotId {
+    /// Its directory, canonical.
+    pub dir: PathBuf,
+    /// The CRC-64/XZ of its whole `state` file.
+    pub state_crc64: u64,
+}
+
+/// What a diff snapshot of a VM is taken against: the pages dirtied since
+/// then are exactly what the diff holds.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum DiffBase {
+    /// Nothing: no snapshot yet, tracking off, or the dirty set was taken or
+    /// restarted since the last snapshot.
+    #[default]
+    None,
+    /// The VM was restored from this snapshot and has not run; starting
+    /// dirty-page tracking now makes it the base.
+    Restored(SnapshotId),
+    /// Tracking has run since this snapshot was written (or restored).
+    Tracking(SnapshotId),
 }
 
 /// A snapshot read and checked: every section parsed.
@@ -332,6 +391,8 @@ pub struct Snapshot {
     pub memory: MemoryManifest,
     /// Each section's name, offset of its payload and length, for inspection.
     pub layout: Vec<(String, u64, u64, u64)>,
+    /// The CRC-64/XZ of the whole state file (what a diff's parent names).
+    pub state_crc64: u64,
 }
 
 fn invalid(section: &str, message: impl Into<String>) -> SnapshotError {
@@ -486,16 +547,17 @@ impl Snapshot {
         let vm: VmState = parse("vm", payload(2))?;
         let devices: DeviceStates = parse("devices", payload(3))?;
         let memory: MemoryManifest = parse("memory", payload(4))?;
-        if memory.size != vm.memory_bytes || memory.length != memory.size {
+        if memory.size != vm.memory_bytes {
             return Err(invalid(
                 "memory",
                 format!(
-                    "{} bytes of RAM in a {}-byte file, the vm section has {}",
-                    memory.size, memory.length, vm.memory_bytes
+                    "{} bytes of RAM, the vm section has {}",
+                    memory.size, vm.memory_bytes
                 ),
             ));
         }
         GuestRam::check_size(memory.size).map_err(|e| invalid("memory", e.to_string()))?;
+        memory.check_kind()?;
         if memory.ranges != ram_ranges(memory.size) {
             return Err(invalid("memory", "the RAM ranges are not this size's"));
         }
@@ -522,12 +584,20 @@ impl Snapshot {
             devices,
             memory,
             layout,
+            state_crc64: Crc64::of(bytes),
         })
     }
 
-    /// Reads and checks `dir/state`, and that `dir/memory` is a regular file
-    /// of the recorded length.
+    /// Reads and checks `dir/state` and that `dir/memory` is a regular file
+    /// of the recorded length; for a diff, the same of every link of its
+    /// chain back to the full base ([`read_chain`]).
     pub fn read(dir: &Path) -> Result<Snapshot, SnapshotError> {
+        let mut chain = read_chain(dir)?;
+        Ok(chain.swap_remove(0).snapshot)
+    }
+
+    /// [`Snapshot::read`] of this directory alone (its parent unread).
+    pub fn read_link(dir: &Path) -> Result<Snapshot, SnapshotError> {
         let path = dir.join(STATE_FILE);
         let mut file = File::open(&path).map_err(io(&path, "open"))?;
         let meta = file.metadata().map_err(io(&path, "stat"))?;
@@ -573,10 +643,29 @@ impl Snapshot {
         Ok(file)
     }
 
-    /// Guest RAM for a VM restoring this snapshot: `lazy` maps the memory
-    /// file copy-on-write ([`GuestRam::from_file`]); otherwise it is read
-    /// into anonymous RAM and its checksum verified.
+    /// Guest RAM for a VM restoring this snapshot: `lazy` maps the (base's)
+    /// memory file copy-on-write ([`GuestRam::from_file`]); otherwise it is
+    /// read into anonymous RAM and its checksum verified. A diff's chain is
+    /// read and checked whole — every link's state, every diff's memory
+    /// file and its checksum — before the base is mapped and the diffs'
+    /// pages are written over it, oldest first.
     pub fn guest_ram(&self, dir: &Path, lazy: bool) -> Result<GuestRam, SnapshotError> {
+        if self.memory.parent.is_none() {
+            return self.base_ram(dir, lazy);
+        }
+        let chain = read_chain(dir)?;
+        for link in &chain[..chain.len() - 1] {
+            link.check_diff_file()?;
+        }
+        let base = &chain[chain.len() - 1];
+        let ram = base.snapshot.base_ram(&base.dir, lazy)?;
+        for link in chain[..chain.len() - 1].iter().rev() {
+            link.apply_diff(&ram)?;
+        }
+        Ok(ram)
+    }
+
+    fn base_ram(&self, dir: &Path, lazy: bool) -> Result<GuestRam, SnapshotError> {
         let file = self.open_memory(dir)?;
         let mem_err = |e: crate::memory::MemoryError| invalid("memory", e.to_string());
         if lazy {
@@ -645,6 +734,228 @@ impl Snapshot {
     }
 }
 
+impl MemoryManifest {
+    /// A full manifest's fields agree with its size; a diff's name a parent
+    /// and list sorted, disjoint runs of pages inside RAM that the file's
+    /// length counts.
+    fn check_kind(&self) -> Result<(), SnapshotError> {
+        match (self.kind.as_str(), &self.parent, &self.pages) {
+            ("full", None, None) => {
+                if self.length != self.size {
+                    return Err(invalid(
+                        "memory",
+                        format!(
+                            "a full memory file of {} bytes for {} bytes of RAM",
+                            self.length, self.size
+                        ),
+                    ));
+                }
+                Ok(())
+            }
+            ("diff", Some(parent), Some(runs)) => {
+                if parent.dir.is_empty() || parent.dir.contains('\0') {
+                    return Err(invalid("memory", "the parent's directory is empty"));
+                }
+                if parent.state_crc64.len() != 16
+                    || u64::from_str_radix(&parent.state_crc64, 16).is_err()
+                {
+                    return Err(invalid(
+                        "memory",
+                        "the parent's checksum is not 16 hex digits",
+                    ));
+                }
+                let total = self.size / PAGE as u64;
+                let mut next = 0u64;
+                let mut count = 0u64;
+                for &(first, pages) in runs {
+                    let end = first.saturating_add(pages);
+                    if pages == 0 || first < next || end > total {
+                        return Err(invalid(
+                            "memory",
+                            format!(
+                                "the page run [{first}, {pages}] is empty, out of order or outside {total} pages"
+                            ),
+                        ));
+                    }
+                    next = end;
+                    count += pages;
+                }
+                if self.length != count * PAGE as u64 {
+                    return Err(invalid(
+                        "memory",
+                        format!(
+                            "a diff of {count} pages in a memory file of {} bytes",
+                            self.length
+                        ),
+                    ));
+                }
+                Ok(())
+            }
+            (kind, ..) => Err(invalid(
+                "memory",
+                format!("kind {kind:?} with the fields of neither a full snapshot nor a diff"),
+            )),
+        }
+    }
+
+    /// A diff's pages as a bitmap over RAM.
+    fn page_bitmap(&self) -> DirtyBitmap {
+        let mut bitmap = DirtyBitmap::new(&ram_ranges(self.size));
+        for &(first, pages) in self.pages.as_deref().unwrap_or_default() {
+            for page in first..first + pages {
+                bitmap.set(page);
+            }
+        }
+        bitmap
+    }
+}
+
+/// Runs `[first, pages]` of the pages set in `bitmap`.
+fn page_runs(bitmap: &DirtyBitmap) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for page in bitmap.iter() {
+        match runs.last_mut() {
+            Some((first, n)) if *first + *n == page => *n += 1,
+            _ => runs.push((page, 1)),
+        }
+    }
+    runs
+}
+
+/// One snapshot of a chain, read and checked.
+pub struct Link {
+    /// Its directory, canonical.
+    pub dir: PathBuf,
+    /// What its state file holds.
+    pub snapshot: Snapshot,
+}
+
+impl Link {
+    /// Reads this diff's memory file whole and checks its checksum.
+    fn check_diff_file(&self) -> Result<(), SnapshotError> {
+        let file = self.snapshot.open_memory(&self.dir)?;
+        let path = self.dir.join(&self.snapshot.memory.file);
+        let mut crc = Crc64::default();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut at = 0u64;
+        while at < self.snapshot.memory.length {
+            let n = (self.snapshot.memory.length - at).min(buf.len() as u64) as usize;
+            file.read_exact_at(&mut buf[..n], at)
+                .map_err(io(&path, "read"))?;
+            crc.update(&buf[..n]);
+            at += n as u64;
+        }
+        let got = format!("{:016x}", crc.finish());
+        if got != self.snapshot.memory.crc64 {
+            return Err(invalid(
+                "memory",
+                format!(
+                    "the diff memory file {} is corrupted: checksum {got}, recorded {}",
+                    path.display(),
+                    self.snapshot.memory.crc64
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Writes this diff's pages into `ram`.
+    fn apply_diff(&self, ram: &GuestRam) -> Result<(), SnapshotError> {
+        let file = self.snapshot.open_memory(&self.dir)?;
+        let path = self.dir.join(&self.snapshot.memory.file);
+        let mut page = [0u8; PAGE];
+        for (i, addr) in self.snapshot.memory.page_bitmap().addresses().enumerate() {
+            file.read_exact_at(&mut page, i as u64 * PAGE as u64)
+                .map_err(io(&path, "read"))?;
+            ram.write(addr, &page)
+                .map_err(|e| invalid("memory", e.to_string()))?;
+        }
+        Ok(())
+    }
+}
+
+fn crc_hex(crc: u64) -> String {
+    format!("{crc:016x}")
+}
+
+/// Reads the snapshot in `dir` and, for a diff, its parents back to the full
+/// base: every link's state file and memory file size checked, each parent's
+/// state file the one the diff was taken against, the same RAM in all.
+/// Newest first. Refusals about a parent name it.
+pub fn read_chain(dir: &Path) -> Result<Vec<Link>, SnapshotError> {
+    let mut dir = fs::canonicalize(dir).map_err(io(dir, "open the snapshot directory"))?;
+    let mut snapshot = Snapshot::read_link(&dir)?;
+    let mut chain = Vec::new();
+    while let Some(parent) = snapshot.memory.parent.clone() {
+        if chain.len() + 1 >= MAX_CHAIN {
+            return Err(invalid(
+                "parent",
+                format!("a chain of more than {MAX_CHAIN} snapshots (a loop?)"),
+            ));
+        }
+        let named = dir.join(&parent.dir);
+        let name = format!("{} ({})", parent.dir, named.display());
+        let parent_dir = fs::canonicalize(&named)
+            .map_err(|e| invalid("parent", format!("{name} is missing: {e}")))?;
+        let parent_snapshot = Snapshot::read_link(&parent_dir)
+            .map_err(|e| invalid("parent", format!("{name} is not a valid snapshot: {e}")))?;
+        if crc_hex(parent_snapshot.state_crc64) != parent.state_crc64 {
+            return Err(invalid(
+                "parent",
+                format!(
+                    "{name} was replaced: its state checksum is {}, the diff in {} was taken against {}",
+                    crc_hex(parent_snapshot.state_crc64),
+                    dir.display(),
+                    parent.state_crc64
+                ),
+            ));
+        }
+        if parent_snapshot.memory.size != snapshot.memory.size {
+            return Err(invalid(
+                "parent",
+                format!(
+                    "{name} has {} bytes of RAM, its diff {}",
+                    parent_snapshot.memory.size, snapshot.memory.size
+                ),
+            ));
+        }
+        chain.push(Link { dir, snapshot });
+        dir = parent_dir;
+        snapshot = parent_snapshot;
+    }
+    chain.push(Link { dir, snapshot });
+    Ok(chain)
+}
+
+/// `to` relative to `from` (both absolute and canonical).
+fn relative_path(from: &Path, to: &Path) -> PathBuf {
+    let from: Vec<_> = from.components().collect();
+    let to: Vec<_> = to.components().collect();
+    let common = from.iter().zip(&to).take_while(|(a, b)| a == b).count();
+    let mut out = PathBuf::new();
+    for _ in common..from.len() {
+        out.push("..");
+    }
+    for c in &to[common..] {
+        out.push(c);
+    }
+    out
+}
+
+/// Where `dir` (which need not exist) is, canonically.
+fn canonical_target(dir: &Path) -> Result<PathBuf, SnapshotError> {
+    let name = dir.file_name().ok_or_else(|| {
+        SnapshotError::refused("snapshot", format!("{} has no name", dir.display()))
+    })?;
+    let parent = dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    Ok(fs::canonicalize(parent)
+        .map_err(io(parent, "open the directory"))?
+        .join(name))
+}
+
 /// How a snapshot was written.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -657,6 +968,11 @@ pub struct WriteStats {
     pub memory_written: u64,
     /// Milliseconds spent writing the memory file.
     pub memory_ms: f64,
+    /// `full` or `diff`.
+    pub kind: String,
+    /// A diff's pages (4 KiB each), none for a full snapshot.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub diff_pages: Option<u64>,
 }
 
 /// Writes guest RAM into `file` in RAM-range order, leaving all-zero pages as
@@ -704,7 +1020,17 @@ pub fn write_memory(ram: &GuestRam, file: &File) -> std::io::Result<(u64, u64)> 
 /// not exist or be empty: everything goes into a temporary directory beside
 /// it first, renamed into place only once complete, so a failed snapshot
 /// never leaves a valid-looking one behind.
-pub fn write_snapshot(vm: &Vm, dir: &Path, config: &str) -> Result<WriteStats, SnapshotError> {
+///
+/// With `parent`, a diff: only the pages dirtied since `parent`, which must
+/// be this VM's last snapshot (or the one it was restored from) with
+/// dirty-page tracking on ever since. With tracking on, every snapshot
+/// takes the dirty set, so the next diff starts at it.
+pub fn write_snapshot(
+    vm: &Vm,
+    dir: &Path,
+    config: &str,
+    parent: Option<&Path>,
+) -> Result<WriteStats, SnapshotError> {
     serde_json::from_str::<serde_json::Value>(config)
         .map_err(|e| SnapshotError::refused("config", format!("not JSON: {e}")))?;
     let state = VmState::capture(vm)?;
@@ -722,16 +1048,91 @@ pub fn write_snapshot(vm: &Vm, dir: &Path, config: &str) -> Result<WriteStats, S
             ));
         }
     }
+    let target = canonical_target(dir)?;
+    let parent = match parent {
+        None => None,
+        Some(p) => Some(diff_parent(vm, p, &target)?),
+    };
+    let tracking = vm.is_dirty_logging();
+    let dirty = if tracking {
+        // Paused: the set taken is every page written since the base.
+        Some(
+            vm.take_dirty_log()
+                .map_err(|e| SnapshotError::refused("memory", e.to_string()))?,
+        )
+    } else {
+        None
+    };
+    // The set is taken: until this snapshot is in place nothing is a base.
+    vm.set_diff_base(DiffBase::None);
+    let diff = match (parent, &dirty) {
+        (Some(parent), Some(pages)) => Some((parent, pages)),
+        _ => None,
+    };
     let tmp = temp_dir_beside(dir)?;
-    let result = write_into(vm, &tmp, &host, config, &state, &devices);
-    let result = result.and_then(|stats| {
+    let result = write_into(vm, &tmp, &host, config, &state, &devices, diff);
+    let result = result.and_then(|(stats, state_crc64)| {
         fs::rename(&tmp, dir).map_err(io(dir, "rename the finished snapshot into place"))?;
-        Ok(stats)
+        Ok((stats, state_crc64))
     });
-    if result.is_err() {
-        let _ = fs::remove_dir_all(&tmp);
+    match result {
+        Ok((stats, state_crc64)) => {
+            if tracking {
+                vm.set_diff_base(DiffBase::Tracking(SnapshotId {
+                    dir: target,
+                    state_crc64,
+                }));
+            }
+            Ok(stats)
+        }
+        Err(e) => {
+            let _ = fs::remove_dir_all(&tmp);
+            Err(e)
+        }
     }
-    result
+}
+
+/// Checks that `parent` is what a diff of `vm` is taken against and names
+/// it relative to the diff's directory `target`.
+fn diff_parent(vm: &Vm, parent: &Path, target: &Path) -> Result<ParentRef, SnapshotError> {
+    let base = match vm.diff_base() {
+        DiffBase::Tracking(id) => id,
+        _ if !vm.is_dirty_logging() => {
+            return Err(SnapshotError::refused(
+                "parent",
+                "dirty-page tracking is off: start it before the snapshot a diff is taken against",
+            ))
+        }
+        _ => {
+            return Err(SnapshotError::refused(
+                "parent",
+                "no snapshot was taken (or restored and tracked) since dirty-page tracking started or its pages were taken: take a full snapshot",
+            ))
+        }
+    };
+    let dir = fs::canonicalize(parent).map_err(|e| {
+        SnapshotError::refused("parent", format!("{} is missing: {e}", parent.display()))
+    })?;
+    let snapshot = Snapshot::read_link(&dir).map_err(|e| {
+        SnapshotError::refused(
+            "parent",
+            format!("{} is not a valid snapshot: {e}", parent.display()),
+        )
+    })?;
+    if dir != base.dir || snapshot.state_crc64 != base.state_crc64 {
+        return Err(SnapshotError::refused(
+            "parent",
+            format!(
+                "{} is not this VM's last snapshot ({})",
+                parent.display(),
+                base.dir.display()
+            ),
+        ));
+    }
+    Ok(ParentRef {
+        dir: relative_path(target, &dir).to_string_lossy().into_owned(),
+        state_crc64: crc_hex(snapshot.state_crc64),
+    })
 }
 
 /// The `host` section for a VM's captured state: this host's CPU and the
@@ -813,6 +1214,28 @@ fn temp_dir_beside(dir: &Path) -> Result<PathBuf, SnapshotError> {
     Ok(tmp)
 }
 
+/// Writes the pages of `pages` from `ram` into `file`, packed in RAM order;
+/// returns the checksum and the pages written. The VM must be paused.
+pub fn write_diff_memory(
+    ram: &GuestRam,
+    pages: &DirtyBitmap,
+    file: &File,
+) -> std::io::Result<(u64, u64)> {
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+    let mut crc = Crc64::default();
+    let mut page = [0u8; PAGE];
+    let mut n = 0u64;
+    for addr in pages.addresses() {
+        ram.read(addr, &mut page)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        crc.update(&page);
+        out.write_all(&page)?;
+        n += 1;
+    }
+    out.flush()?;
+    Ok((crc.finish(), n))
+}
+
 fn write_into(
     vm: &Vm,
     tmp: &Path,
@@ -820,7 +1243,8 @@ fn write_into(
     config: &str,
     state: &VmState,
     devices: &serde_json::Value,
-) -> Result<WriteStats, SnapshotError> {
+    diff: Option<(ParentRef, &DirtyBitmap)>,
+) -> Result<(WriteStats, u64), SnapshotError> {
     let mem_path = tmp.join(MEMORY_FILE);
     let mem_file = OpenOptions::new()
         .write(true)
@@ -828,17 +1252,41 @@ fn write_into(
         .open(&mem_path)
         .map_err(io(&mem_path, "create"))?;
     let started = std::time::Instant::now();
-    let (crc, written) = write_memory(vm.ram(), &mem_file).map_err(io(&mem_path, "write"))?;
+    let size = vm.ram().size();
+    let (written, manifest) = match diff {
+        None => {
+            let (crc, written) =
+                write_memory(vm.ram(), &mem_file).map_err(io(&mem_path, "write"))?;
+            let manifest = MemoryManifest {
+                size,
+                ranges: ram_ranges(size),
+                file: MEMORY_FILE.to_string(),
+                length: size,
+                crc64: crc_hex(crc),
+                kind: "full".into(),
+                parent: None,
+                pages: None,
+            };
+            (written, manifest)
+        }
+        Some((parent, pages)) => {
+            let (crc, n) =
+                write_diff_memory(vm.ram(), pages, &mem_file).map_err(io(&mem_path, "write"))?;
+            let manifest = MemoryManifest {
+                size,
+                ranges: ram_ranges(size),
+                file: MEMORY_FILE.to_string(),
+                length: n * PAGE as u64,
+                crc64: crc_hex(crc),
+                kind: "diff".into(),
+                parent: Some(parent),
+                pages: Some(page_runs(pages)),
+            };
+            (n * PAGE as u64, manifest)
+        }
+    };
     mem_file.sync_all().map_err(io(&mem_path, "sync"))?;
     let memory_ms = started.elapsed().as_secs_f64() * 1000.0;
-    let size = vm.ram().size();
-    let manifest = MemoryManifest {
-        size,
-        ranges: ram_ranges(size),
-        file: MEMORY_FILE.to_string(),
-        length: size,
-        crc64: format!("{crc:016x}"),
-    };
     let host_json = to_json(host);
     let vm_json = state.to_json().into_bytes();
     let devices_json = to_json(devices);
@@ -858,12 +1306,18 @@ fn write_into(
         .map_err(io(&state_path, "create"))?;
     f.write_all(&bytes).map_err(io(&state_path, "write"))?;
     f.sync_all().map_err(io(&state_path, "sync"))?;
-    Ok(WriteStats {
-        state_bytes: bytes.len() as u64,
-        memory_bytes: size,
-        memory_written: written,
-        memory_ms,
-    })
+    let diff_pages = manifest.pages.as_ref().map(|_| written / PAGE as u64);
+    Ok((
+        WriteStats {
+            state_bytes: bytes.len() as u64,
+            memory_bytes: size,
+            memory_written: written,
+            memory_ms,
+            kind: manifest.kind.clone(),
+            diff_pages,
+        },
+        Crc64::of(&bytes),
+    ))
 }
 
 fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
@@ -954,6 +1408,9 @@ mod tests {
             file: MEMORY_FILE.into(),
             length: size,
             crc64: format!("{:016x}", 0x1234u64),
+            kind: "full".into(),
+            parent: None,
+            pages: None,
         };
         vec![
             ("host", to_json(&host())),
@@ -1062,10 +1519,10 @@ mod tests {
         bad[0] = b'X';
         assert!(refusal(&bad).1.contains("bad magic"));
         let mut bad = bytes.clone();
-        bad[8] = 2;
+        bad[8] = 1;
         let (section, message) = refusal(&bad);
         assert_eq!(section, "header");
-        assert!(message.contains("format version 2"), "{message}");
+        assert!(message.contains("format version 1"), "{message}");
         let mut bad = bytes.clone();
         bad[12] = 4;
         assert!(refusal(&bad).1.contains("4 sections"));
@@ -1252,6 +1709,245 @@ mod tests {
         ram.read(crate::memory::MMIO_GAP_END, &mut b).unwrap();
         assert_eq!(&b, b"above");
         let _ = fs::remove_dir_all(&dir);
+    }
+
+    /// Writes a snapshot directory of `ram` without a VM: a full one, or a
+    /// diff of `pages` against `parent` (a directory and its state's
+    /// checksum). Returns the state file's checksum.
+    fn write_link(dir: &Path, ram: &GuestRam, parent: Option<(&str, u64, &DirtyBitmap)>) -> u64 {
+        fs::create_dir_all(dir).unwrap();
+        let file = File::create(dir.join(MEMORY_FILE)).unwrap();
+        let size = ram.size();
+        let memory = match parent {
+            None => {
+                let (crc, _) = write_memory(ram, &file).unwrap();
+                MemoryManifest {
+                    size,
+                    ranges: ram_ranges(size),
+                    file: MEMORY_FILE.into(),
+                    length: size,
+                    crc64: crc_hex(crc),
+                    kind: "full".into(),
+                    parent: None,
+                    pages: None,
+                }
+            }
+            Some((rel, state_crc, pages)) => {
+                let (crc, n) = write_diff_memory(ram, pages, &file).unwrap();
+                MemoryManifest {
+                    size,
+                    ranges: ram_ranges(size),
+                    file: MEMORY_FILE.into(),
+                    length: n * 4096,
+                    crc64: crc_hex(crc),
+                    kind: "diff".into(),
+                    parent: Some(ParentRef {
+                        dir: rel.into(),
+                        state_crc64: crc_hex(state_crc),
+                    }),
+                    pages: Some(page_runs(pages)),
+                }
+            }
+        };
+        let mut s = sections(size);
+        s[4].1 = to_json(&memory);
+        let refs: Vec<(&str, &[u8])> = s.iter().map(|(n, p)| (*n, p.as_slice())).collect();
+        let bytes = encode_state(&refs);
+        fs::write(dir.join(STATE_FILE), &bytes).unwrap();
+        Crc64::of(&bytes)
+    }
+
+    /// Writes `value` into `pages` of `ram` and returns them as a bitmap.
+    fn touch(ram: &GuestRam, pages: &[u64], value: u8) -> DirtyBitmap {
+        let mut bitmap = DirtyBitmap::new(&ram_ranges(ram.size()));
+        for &p in pages {
+            ram.write(p * 4096, &[value; 4096]).unwrap();
+            bitmap.set(p);
+        }
+        bitmap
+    }
+
+    /// A full -> diff -> diff chain under `root` (`base`, `d1`, `d2`) of a
+    /// RAM whose last diff zeroes a page; returns the final RAM.
+    fn chain(root: &Path) -> GuestRam {
+        let ram = patterned_ram(MIB);
+        let base_crc = write_link(&root.join("base"), &ram, None);
+        let p1 = touch(&ram, &[1, 2, 3, 200], 0x11);
+        let d1_crc = write_link(&root.join("d1"), &ram, Some(("../base", base_crc, &p1)));
+        // Page 4 held data in the base: zeroed now, which a diff must carry.
+        let p2 = touch(&ram, &[2, 4, 255], 0);
+        write_link(&root.join("d2"), &ram, Some(("../d1", d1_crc, &p2)));
+        ram
+    }
+
+    fn parent_refusal(dir: &Path) -> String {
+        match Snapshot::read(dir) {
+            Err(SnapshotError::Invalid { section, message }) => {
+                assert_eq!(section, "parent", "{message}");
+                message
+            }
+            Err(e) => panic!("not an Invalid refusal: {e}"),
+            Ok(_) => panic!("a broken chain was accepted"),
+        }
+    }
+
+    #[test]
+    fn a_diff_chain_restores_lazily_and_eagerly_to_the_last_links_memory() {
+        let root = temp_dir("chain");
+        let ram = chain(&root);
+        let d2 = root.join("d2");
+        let s = Snapshot::read(&d2).unwrap();
+        assert_eq!(s.memory.kind, "diff");
+        assert_eq!(s.memory.pages, Some(vec![(2, 1), (4, 1), (255, 1)]));
+        // Packed: the diff file holds exactly the pages that changed.
+        assert_eq!(fs::metadata(d2.join(MEMORY_FILE)).unwrap().len(), 3 * 4096);
+        assert_eq!(read_chain(&d2).unwrap().len(), 3);
+        for lazy in [true, false] {
+            let restored = s.guest_ram(&d2, lazy).unwrap();
+            assert_eq!(restored.is_file_backed(), lazy);
+            assert!(same_bytes(&ram, &restored), "lazy {lazy}");
+        }
+        // The middle link restores to its own memory, not the last one's.
+        let mid = Snapshot::read(&root.join("d1")).unwrap();
+        let restored = mid.guest_ram(&root.join("d1"), true).unwrap();
+        let mut b = [0u8; 4];
+        restored.read(4 * 4096 + 8, &mut b).unwrap();
+        assert_eq!(b, 5u32.to_le_bytes(), "page 4 is still the base's in d1");
+        let _ = fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn a_missing_broken_or_replaced_parent_is_refused_naming_it() {
+        let root = temp_dir("parents");
+        chain(&root);
+        let d2 = root.join("d2");
+        // Replaced: another snapshot (of other bytes) where d1 was.
+        fs::rename(root.join("d1"), root.join("d1.orig")).unwrap();
+        let other = patterned_ram(MIB);
+        other.write(0, b"other").unwrap();
+        write_link(&root.join("d1"), &other, None);
+        let m = parent_refusal(&d2);
+        assert!(m.contains("../d1") && m.contains("was replaced"), "{m}");
+        fs::remove_dir_all(root.join("d1")).unwrap();
+        // Missing.
+        let m = parent_refusal(&d2);
+        assert!(m.contains("../d1") && m.contains("missing"), "{m}");
+        fs::rename(root.join("d1.orig"), root.join("d1")).unwrap();
+        assert!(Snapshot::read(&d2).is_ok());
+        // Broken further up: the base's state corrupted, named by d1's link.
+        let state = root.join("base").join(STATE_FILE);
+        let good = fs::read(&state).unwrap();
+        let mut bad = good.clone();
+        let at = bad.len() - 3;
+        bad[at] ^= 1;
+        fs::write(&state, &bad).unwrap();
+        let m = parent_refusal(&d2);
+        assert!(m.contains("../base") && m.contains("corrupted"), "{m}");
+        // The base's memory file gone.
+        fs::write(&state, &good).unwrap();
+        fs::remove_file(root.join("base").join(MEMORY_FILE)).unwrap();
+        let m = parent_refusal(&d2);
+        assert!(m.contains("../base") && m.contains("memory"), "{m}");
+        let _ = fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn a_corrupted_diff_memory_file_is_refused_before_any_ram_is_built() {
+        let root = temp_dir("diffcrc");
+        chain(&root);
+        let d2 = root.join("d2");
+        let s = Snapshot::read(&d2).unwrap();
+        // A flipped byte in the middle link's pages: both modes refuse it.
+        let path = root.join("d1").join(MEMORY_FILE);
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(&[0x42], 4096 + 7).unwrap();
+        for lazy in [true, false] {
+            match s.guest_ram(&d2, lazy) {
+                Err(SnapshotError::Invalid { section, message }) => {
+                    assert_eq!(section, "memory");
+                    assert!(
+                        message.contains("d1") && message.contains("corrupted"),
+                        "{message}"
+                    );
+                }
+                Err(e) => panic!("{e}"),
+                Ok(_) => panic!("a corrupted diff was applied"),
+            }
+        }
+        // A diff file of another length is refused by the state check.
+        f.set_len(4096).unwrap();
+        let m = parent_refusal(&d2);
+        assert!(m.contains("../d1") && m.contains("holds"), "{m}");
+        let _ = fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn a_diff_manifest_that_does_not_add_up_is_refused() {
+        let good = MemoryManifest {
+            size: MIB,
+            ranges: ram_ranges(MIB),
+            file: MEMORY_FILE.into(),
+            length: 3 * 4096,
+            crc64: crc_hex(1),
+            kind: "diff".into(),
+            parent: Some(ParentRef {
+                dir: "../base".into(),
+                state_crc64: crc_hex(2),
+            }),
+            pages: Some(vec![(0, 2), (5, 1)]),
+        };
+        assert!(good.check_kind().is_ok());
+        let mut bad = Vec::new();
+        for runs in [
+            vec![(0, 2), (1, 1)],   // overlapping
+            vec![(5, 1), (0, 2)],   // out of order
+            vec![(0, 2), (255, 2)], // past the end of RAM
+            vec![(0, 3), (9, 0)],   // empty run
+            vec![(0, 2), (u64::MAX, 1)],
+            vec![(0, 2)], // 2 pages in a 3-page file
+        ] {
+            bad.push(MemoryManifest {
+                pages: Some(runs),
+                ..good.clone()
+            });
+        }
+        bad.push(MemoryManifest {
+            parent: None,
+            ..good.clone()
+        });
+        bad.push(MemoryManifest {
+            kind: "full".into(),
+            ..good.clone()
+        });
+        bad.push(MemoryManifest {
+            parent: Some(ParentRef {
+                dir: "../base".into(),
+                state_crc64: "xyz".into(),
+            }),
+            ..good.clone()
+        });
+        for m in bad {
+            match m.check_kind() {
+                Err(SnapshotError::Invalid { section, .. }) => assert_eq!(section, "memory"),
+                other => panic!("{:?} accepted: {:?}", m.pages, other.is_ok()),
+            }
+        }
+    }
+
+    #[test]
+    fn relative_paths_climb_to_the_common_ancestor() {
+        assert_eq!(
+            relative_path(Path::new("/a/b/d2"), Path::new("/a/b/d1")),
+            PathBuf::from("../d1")
+        );
+        assert_eq!(
+            relative_path(Path::new("/a/x/y"), Path::new("/a/b")),
+            PathBuf::from("../../b")
+        );
+        assert_eq!(
+            relative_path(Path::new("/a/b/c"), Path::new("/a/b/c/base")),
+            PathBuf::from("base")
+        );
     }
 
     #[test]
