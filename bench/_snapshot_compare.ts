@@ -4,19 +4,22 @@
  * measurement, the guest both boot, and the table cells.
  *
  * denovisor's side of each measurement is one function with the interface the
- * table needs. Until denovisor's snapshot, restore and migration exist (issue
- * 9), each throws `DenovisorError` `NOT_BUILT`, which the tables print as
- * `n/a`: a bench never shows a number that was not measured.
+ * table needs. Until denovisor's migration exists (issue 9), its side throws
+ * `DenovisorError` `NOT_BUILT`, which the tables print as `n/a`: a bench
+ * never shows a number that was not measured.
  *
  * @module
  */
 
+import { ConsoleDriver } from "../src/console_driver.ts";
 import { DenovisorError } from "../src/errors.ts";
 import { fetchBusybox, fetchDebianKernel } from "../src/linux/debian_kernel.ts";
 import type { BootSpec } from "./_qemu.ts";
 import { GUEST_CMDLINE, GUEST_PROMPT, GUEST_READY, shellInitramfs } from "./_qemu_migrate.ts";
 import { ApiClient } from "../src/api/client.ts";
 import type { MigrationStats } from "../src/migration/migrate.ts";
+
+import { Vm } from "../src/vm.ts";
 
 /** A snapshot of a guest idle at its shell: the save and the restore. */
 export interface SnapshotFigures {
@@ -30,6 +33,16 @@ export interface SnapshotFigures {
   restoreFromStartMs: number;
   /** The restore request (QEMU: `migrate-incoming`; denovisor: the restore call) to the guest running, ms. */
   restoreMs: number;
+  /** denovisor: a diff snapshot after a small change in the guest (one
+   * shell command), ms to write it. */
+  diffSaveMs?: number;
+  /** denovisor: that diff's bytes on disk. */
+  diffBytes?: number;
+  /** denovisor: host anonymous memory (RssAnon) each extra lazily restored
+   * clone of the idle guest adds, bytes. */
+  cloneAnonBytes?: number;
+  /** denovisor: pages each such clone dirtied (its private copies). */
+  cloneDirtyPages?: number;
 }
 
 /** A live migration of a running guest between two processes on one host. */
@@ -77,30 +90,143 @@ function notBuilt(what: string): never {
   throw new DenovisorError("NOT_BUILT", `denovisor's ${what} is not built yet`);
 }
 
+/** Bytes a directory's files occupy on disk (allocated blocks: holes are free). */
+async function diskBytes(dir: string): Promise<number> {
+  let total = 0;
+  for await (const e of Deno.readDir(dir)) {
+    const st = await Deno.stat(`${dir}/${e.name}`);
+    total += st.blocks !== null ? st.blocks * 512 : st.size;
+  }
+  return total;
+}
+
+/** This process's anonymous resident memory (`RssAnon`), bytes. */
+function rssAnon(): number {
+  const m = /RssAnon:\s+(\d+) kB/.exec(Deno.readTextFileSync("/proc/self/status"));
+  return m ? Number(m[1]) * 1024 : NaN;
+}
+
+const BOOT_MS = 900_000;
+const RUN_MS = 3_600_000;
+
+/** Starts `vm` and resolves once its first vCPU exit is counted: the guest
+ * has run its first instruction (and more). Returns the run and the time. */
+async function runToFirstExit(
+  vm: Vm,
+): Promise<{ run: Promise<unknown>; at: number; shell: ConsoleDriver }> {
+  const shell = new ConsoleDriver(vm);
+  const run = shell.watch(vm.run({ timeoutMs: RUN_MS }));
+  for (;;) {
+    if (vm.metrics().some((m) => m.exits > 0)) return { run, at: performance.now(), shell };
+    await new Promise((r) => setTimeout(r, 0));
+  }
+}
+
+/** The restored guest's shell answers a computed value. */
+async function shellAnswers(shell: ConsoleDriver): Promise<void> {
+  const n = 1000 + Math.floor(Math.random() * 1000);
+  shell.send(`echo ANSWER-$((${n}+1))\n`);
+  await shell.waitFor(`ANSWER-${n + 1}`, { timeoutMs: 120_000 });
+}
+
 /**
- * denovisor's snapshot of `spec`'s guest idle at its shell, measured as
- * QEMU's is: boot it (`main.ts run --api-socket`), pause and snapshot it
- * (`main.ts snapshot --to DIR`: `saveMs`, the directory's size: `bytes`),
- * then restore it in a new process (`main.ts restore DIR`, lazy or eager:
- * `restoreFromStartMs` from spawn, `restoreMs` from the restore call, both to
- * the first guest instruction) and check its shell answers.
+ * denovisor's snapshot of `spec`'s guest idle at its shell, in this process
+ * through the `Vm` API: boot it, start dirty-page tracking, snapshot it while
+ * running (`saveMs`: pause, write, resume; `bytes`: the directory's allocated
+ * blocks), type one shell command and take a diff against it (`diffSaveMs`,
+ * `diffBytes`), then `Vm.restore` it (`restoreMs`: from the call to the
+ * restored guest's first vCPU exit) and check its shell answers. In `lazy`
+ * mode, also restore three clones at once and report the anonymous host
+ * memory each adds and the pages each dirtied idling at its shell for 3 s
+ * (`cloneAnonBytes`, `cloneDirtyPages`). `restoreFromStartMs` is not
+ * measured (NaN): the restore runs in this process.
  *
  * @param spec The guest ({@link benchGuest}).
  * @param mode Lazy (memory mapped copy-on-write from the file) or eager (copied).
  * @returns The figures.
- * @throws {DenovisorError} `NOT_BUILT` until denovisor's snapshots exist.
+ * @throws {Error} When the guest does not boot or a restored shell does not answer.
  * @example
  * ```ts ignore
  * import { measureDenovisorSnapshot } from "denovisor/bench/_snapshot_compare.ts";
  * console.log(await measureDenovisorSnapshot(spec, "lazy"));
  * ```
  */
-export function measureDenovisorSnapshot(
+export async function measureDenovisorSnapshot(
   spec: BootSpec,
   mode: "lazy" | "eager",
 ): Promise<SnapshotFigures> {
-  void spec;
-  return Promise.reject(notBuilt(`${mode} snapshot restore`));
+  const tmp = await Deno.makeTempDir({ prefix: "dv-snapbench-" });
+  try {
+    const full = `${tmp}/full`;
+    const diff = `${tmp}/diff`;
+    const figures: SnapshotFigures = {
+      memMiB: spec.memMiB,
+      saveMs: NaN,
+      bytes: NaN,
+      restoreFromStartMs: NaN,
+      restoreMs: NaN,
+    };
+    {
+      using vm = await Vm.create({ memoryMiB: spec.memMiB, vcpus: spec.cpus, interrupts: true });
+      vm.loadLinux({
+        kernel: await Deno.readFile(spec.kernel),
+        initrd: await Deno.readFile(spec.initrd),
+        cmdline: spec.cmdline,
+      });
+      const shell = new ConsoleDriver(vm);
+      const run = shell.watch(vm.run({ timeoutMs: RUN_MS }));
+      await shell.waitFor(GUEST_READY, { timeoutMs: BOOT_MS });
+      await shell.waitFor(GUEST_PROMPT, { timeoutMs: BOOT_MS });
+      vm.startDirtyLog();
+      let t = performance.now();
+      vm.snapshot(full, { resume: true });
+      figures.saveMs = performance.now() - t;
+      figures.bytes = await diskBytes(full);
+      shell.send("echo small-change > /dev/shm/x; echo CHANGED''-DONE\n");
+      await shell.waitFor("CHANGED-DONE", { timeoutMs: 120_000 });
+      t = performance.now();
+      vm.snapshot(diff, { diff: true, parent: full, resume: true });
+      figures.diffSaveMs = performance.now() - t;
+      figures.diffBytes = await diskBytes(diff);
+      vm.stop();
+      await run.catch(() => {});
+    }
+    {
+      const t = performance.now();
+      using vm = await Vm.restore(full, { mode });
+      const { run, at, shell } = await runToFirstExit(vm);
+      figures.restoreMs = at - t;
+      await shellAnswers(shell);
+      vm.stop();
+      await run.catch(() => {});
+    }
+    if (mode === "lazy") {
+      const clones: { vm: Vm; run: Promise<unknown>; shell: ConsoleDriver }[] = [];
+      const before = rssAnon();
+      try {
+        for (let i = 0; i < 3; i++) {
+          const vm = await Vm.restore(full, { mode: "lazy" });
+          vm.startDirtyLog(); // before its first run: the set starts at the snapshot
+          const { run, shell } = await runToFirstExit(vm);
+          clones.push({ vm, run, shell });
+        }
+        for (const c of clones) await shellAnswers(c.shell);
+        await new Promise((r) => setTimeout(r, 3000));
+        figures.cloneAnonBytes = (rssAnon() - before) / clones.length;
+        figures.cloneDirtyPages = clones.map((c) => c.vm.takeDirtyPages().pages.length)
+          .reduce((a, b) => a + b, 0) / clones.length;
+      } finally {
+        for (const c of clones) {
+          c.vm.stop();
+          await c.run.catch(() => {});
+          c.vm.close();
+        }
+      }
+    }
+    return figures;
+  } finally {
+    await Deno.remove(tmp, { recursive: true }).catch(() => {});
+  }
 }
 
 /**

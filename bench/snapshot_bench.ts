@@ -140,6 +140,10 @@ function table(r: SizeResult): string {
     row("snapshot size", (s) => s.bytes, mib),
     row("restore: spawn → running", (s) => s.restoreFromStartMs, ms),
     row("restore: request → running", (s) => s.restoreMs, ms),
+    row("diff after one shell command: write", (s) => s.diffSaveMs ?? NaN, ms),
+    row("diff size", (s) => s.diffBytes ?? NaN, mib),
+    row("host memory per extra lazy clone", (s) => s.cloneAnonBytes ?? NaN, mib),
+    row("pages each idle clone dirtied", (s) => s.cloneDirtyPages ?? NaN, (v) => v.toFixed(0)),
   ]);
 }
 
