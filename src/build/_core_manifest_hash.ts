@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "c6395b134eab77b047c57d7f39414f62fac4f20f7a689049735b8c47da2804fb";
+  "790bb10fdd9852c69a54f47c09ada2d117f78b8fce38acaf7d2f5d398e2d22f6";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.
