@@ -4,15 +4,14 @@
  * measurement, the guest both boot, and the table cells.
  *
  * denovisor's side of each measurement is one function with the interface the
- * table needs. Until denovisor's migration exists (issue 9), its side throws
- * `DenovisorError` `NOT_BUILT`, which the tables print as `n/a`: a bench
- * never shows a number that was not measured.
+ * table needs. A side that cannot run here (no QEMU installed) prints as
+ * `n/a`, a measurement that failed as `failed`: a bench never shows a number
+ * that was not measured.
  *
  * @module
  */
 
 import { ConsoleDriver } from "../src/console_driver.ts";
-import { DenovisorError } from "../src/errors.ts";
 import { fetchBusybox, fetchDebianKernel } from "../src/linux/debian_kernel.ts";
 import type { BootSpec } from "./_qemu.ts";
 import { GUEST_CMDLINE, GUEST_PROMPT, GUEST_READY, shellInitramfs } from "./_qemu_migrate.ts";
@@ -84,10 +83,6 @@ export async function benchGuest(memMiB: number, dir: string): Promise<BootSpec>
   const initrd = `${dir}/initrd.cpio`;
   await Deno.writeFile(initrd, shellInitramfs(await Deno.readFile(busybox.file.path)));
   return { kernel: kernel.file.path, initrd, cmdline: GUEST_CMDLINE, memMiB, cpus: 1 };
-}
-
-function notBuilt(what: string): never {
-  throw new DenovisorError("NOT_BUILT", `denovisor's ${what} is not built yet`);
 }
 
 /** Bytes a directory's files occupy on disk (allocated blocks: holes are free). */
@@ -389,9 +384,9 @@ class ConsoleChild {
 
 /**
  * One VMM's attempt at a measurement: its figures, or why there are none
- * (`n/a` for a side not built yet, the error otherwise).
+ * (`missing`: the side cannot run on this host, `n/a`; the error otherwise).
  */
-export type Outcome<T> = { ok: true; value: T } | { ok: false; reason: string; notBuilt: boolean };
+export type Outcome<T> = { ok: true; value: T } | { ok: false; reason: string; missing: boolean };
 
 /**
  * Runs one measurement, keeping its failure as an outcome so one failed
@@ -412,13 +407,13 @@ export async function attempt<T>(measure: () => Promise<T>): Promise<Outcome<T>>
     return {
       ok: false,
       reason: e instanceof Error ? e.message : String(e),
-      notBuilt: e instanceof DenovisorError && e.code === "NOT_BUILT",
+      missing: false,
     };
   }
 }
 
 /**
- * A table cell: the value formatted, `n/a` for a side not built, `failed`
+ * A table cell: the value formatted, `n/a` for a side missing here, `failed`
  * for a measurement that failed.
  *
  * @param outcome The measurement's outcome.
@@ -428,7 +423,7 @@ export async function attempt<T>(measure: () => Promise<T>): Promise<Outcome<T>>
  * @example
  * ```ts
  * import { cell } from "denovisor/bench/_snapshot_compare.ts";
- * console.log(cell({ ok: false, reason: "", notBuilt: true }, (v: number) => v, String)); // "n/a"
+ * console.log(cell({ ok: false, reason: "", missing: true }, (v: number) => v, String)); // "n/a"
  * ```
  */
 export function cell<T>(
@@ -436,7 +431,7 @@ export function cell<T>(
   pick: (value: T) => number,
   format: (v: number) => string,
 ): string {
-  if (!outcome.ok) return outcome.notBuilt ? "n/a" : "failed";
+  if (!outcome.ok) return outcome.missing ? "n/a" : "failed";
   const v = pick(outcome.value);
   return Number.isFinite(v) ? format(v) : "—";
 }

@@ -150,7 +150,7 @@ async function main(args: Args): Promise<void> {
     const qemuRuns: MigrationMeasurement[] = [];
     const qemu: Outcome<MigrationFigures> = version
       ? await attempt(() => qemuSide(args, load, qemuRuns))
-      : { ok: false, reason: "QEMU is not installed", notBuilt: false };
+      : { ok: false, reason: "QEMU is not installed", missing: true };
     const denovisor = await attempt(() => denovisorSide(args, load));
     for (const [side, o] of [["QEMU", qemu], ["denovisor", denovisor]] as const) {
       if (!o.ok) console.error(`  ${side} ${loadName(load)}: ${o.reason}`);

@@ -158,7 +158,7 @@ async function main(args: Args): Promise<void> {
   for (const memMiB of args.mems) {
     const qemu = version
       ? await attempt(() => qemuSide(memMiB, args.runs))
-      : { ok: false as const, reason: "QEMU is not installed", notBuilt: false };
+      : { ok: false as const, reason: "QEMU is not installed", missing: true };
     const lazy = await attempt(() => denovisorSide(memMiB, "lazy"));
     const eager = await attempt(() => denovisorSide(memMiB, "eager"));
     for (

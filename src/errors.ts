@@ -41,7 +41,6 @@ export type ErrorCode =
   | "SNAPSHOT_WRONG_HOST"
   | "API_UNREACHABLE"
   | "API_REFUSED"
-  | "NOT_BUILT"
   | "MIGRATION";
 
 /** The code of a core error status, which must be an {@link ErrorCode}. */
