@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "790bb10fdd9852c69a54f47c09ada2d117f78b8fce38acaf7d2f5d398e2d22f6";
+  "77d9c25241135dafe0cab04215dc5a209bc0d7c820c189877da877edc666b7e2";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

@@ -1168,6 +1168,9 @@ pub fn encode_vm_state(vm: &Vm, config: &str) -> Result<Vec<u8>, SnapshotError> 
         file: MEMORY_FILE.to_string(),
         length: size,
         crc64: "0".repeat(16),
+        kind: "full".into(),
+        parent: None,
+        pages: None,
     };
     let host_json = to_json(&host);
     let vm_json = state.to_json().into_bytes();
