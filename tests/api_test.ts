@@ -250,14 +250,19 @@ async function staleSocket(path: string): Promise<void> {
   const child = new Deno.Command(Deno.execPath(), {
     args: [
       "eval",
-      `Deno.listen({ transport: "unix", path: ${JSON.stringify(path)} });` +
-      `console.log("listening"); await new Promise(() => {});`,
+      `const listener = Deno.listen({ transport: "unix", path: ${JSON.stringify(path)} });` +
+      // A pending accept keeps the child alive (a bare never-resolving
+      // promise makes Deno exit at once, closing and removing the socket).
+      `console.log("listening"); await listener.accept();`,
     ],
     stdout: "piped",
     stderr: "inherit",
   }).spawn();
   const reader = child.stdout.getReader();
-  await reader.read(); // "listening"
+  const { value } = await reader.read();
+  const said = new TextDecoder().decode(value ?? new Uint8Array());
+  assert.match(said, /listening/, "the server child did not start listening");
+  assert.ok((await Deno.lstat(path)).isSocket, "the server child's socket is there");
   child.kill("SIGKILL");
   await child.status;
   reader.releaseLock();
