@@ -132,7 +132,7 @@ async function rssBytes(): Promise<{ total: number; anon: number }> {
 }
 
 linuxTest(
-  "a Linux guest snapshotted through the CLI resumes in a new process with its disk, files, clock, CPUs and network; 20 lazy clones answer",
+  "a Linux guest snapshotted through the CLI resumes in a new process with its disk, files, clock and CPUs (its network over the TAP is an open problem, printed); 20 lazy clones answer",
   async () => {
     await ensureTun();
     const dir = await Deno.makeTempDir({ prefix: "dvlsnap" });
