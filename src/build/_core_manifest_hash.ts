@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "77d9c25241135dafe0cab04215dc5a209bc0d7c820c189877da877edc666b7e2";
+  "5f99feb8efc1ed2424ed49dec63047fba0334f53e298ff52e55a618f5ffff5c9";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

@@ -2,7 +2,7 @@
 //! virtio device from its JSON configuration, list a VM's devices, and pass a
 //! runtime request to one. They only marshal; `Vm` does the work.
 
-use super::{bytes, guarded_into, json};
+use super::{bytes, guarded_into, json, text};
 use crate::error::Error;
 use crate::handles;
 use crate::virtio::devices::DeviceConfig;
@@ -91,8 +91,7 @@ pub unsafe extern "C" fn dv_vm_device_control(
     unsafe {
         guarded_into(buf, cap, out_len, || {
             let vm = handles::vm(vm)?;
-            let name = std::str::from_utf8(bytes(name, name_len)?)
-                .map_err(|_| Error::arg("the device name is not UTF-8"))?;
+            let name = text(name, name_len, "device name")?;
             let request: serde_json::Value = serde_json::from_slice(bytes(request, len)?)
                 .map_err(|e| Error::arg(format!("device request: {e}")))?;
             json(&vm.device_control(name, &request)?)

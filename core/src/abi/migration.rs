@@ -2,7 +2,7 @@
 //! stream's batches, and the VM's state without its memory (see
 //! [`crate::snapshot::pages`] and [`crate::snapshot::file`]).
 
-use super::{bytes, bytes_mut, guarded, guarded_into, put};
+use super::{bytes, bytes_mut, guarded, guarded_into, put, text};
 use crate::dirty::DirtyBitmap;
 use crate::error::Error;
 use crate::handles;
@@ -163,8 +163,7 @@ pub unsafe extern "C" fn dv_vm_migration_state(
     unsafe {
         guarded_into(buf, cap, out_len, || {
             let vm = handles::vm(vm)?;
-            let config = std::str::from_utf8(bytes(config, config_len)?)
-                .map_err(|_| Error::arg("the VM config is not UTF-8"))?;
+            let config = text(config, config_len, "VM config")?;
             Ok(encode_vm_state(&vm, config)?)
         })
     }

@@ -148,6 +148,17 @@ pub(crate) unsafe fn bytes<'a>(ptr: *const u8, len: usize) -> Result<&'a [u8]> {
     Ok(unsafe { std::slice::from_raw_parts(ptr, len) })
 }
 
+/// Borrows `len` bytes at `ptr` as UTF-8 text; `what` names the argument in
+/// the error (`the {what} is not UTF-8`).
+///
+/// # Safety
+/// A non-null `ptr` must be valid for reads of `len` bytes for `'a`.
+pub(crate) unsafe fn text<'a>(ptr: *const u8, len: usize, what: &str) -> Result<&'a str> {
+    // SAFETY: per this function's contract.
+    std::str::from_utf8(unsafe { bytes(ptr, len) }?)
+        .map_err(|_| Error::arg(format!("the {what} is not UTF-8")))
+}
+
 /// Borrows `len` writable bytes at `ptr`.
 ///
 /// # Safety
@@ -273,6 +284,22 @@ pub extern "C" fn dv_state_size(kind: u32) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn text_arguments_are_utf8_or_named_in_the_error() {
+        let ok = b"/tmp/snap";
+        // SAFETY: `ok` is valid for its length.
+        assert_eq!(
+            unsafe { text(ok.as_ptr(), ok.len(), "path") }.unwrap(),
+            "/tmp/snap"
+        );
+        let bad = [0x2f, 0xff, 0xfe];
+        // SAFETY: `bad` is valid for its length.
+        let e = unsafe { text(bad.as_ptr(), bad.len(), "snapshot config") }.unwrap_err();
+        assert_eq!(e.to_string(), "the snapshot config is not UTF-8");
+        // SAFETY: a null pointer with a non-zero length is refused before any read.
+        assert!(unsafe { text(std::ptr::null(), 3, "path") }.is_err());
+    }
 
     #[test]
     fn bad_handles_are_errors_not_crashes() {

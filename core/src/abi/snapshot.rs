@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use super::{
-    bytes, guarded, guarded_into, json, put, VM_FLAG_DEDUP, VM_FLAG_IRQCHIP,
+    guarded, guarded_into, json, put, text, VM_FLAG_DEDUP, VM_FLAG_IRQCHIP,
     VM_FLAG_STOP_ON_UNHANDLED,
 };
 use crate::error::Error;
@@ -44,9 +44,8 @@ pub unsafe extern "C" fn dv_vm_restore_state(vm: u32, state: *const u8, len: usi
     guarded(|| {
         let vm = handles::vm(vm)?;
         // SAFETY: per this function's contract.
-        let text = std::str::from_utf8(unsafe { bytes(state, len) }?)
-            .map_err(|_| Error::arg("the VM state is not UTF-8"))?;
-        VmState::from_json(text)?.restore(&vm)?;
+        let state = unsafe { text(state, len, "VM state") }?;
+        VmState::from_json(state)?.restore(&vm)?;
         Ok(())
     })
 }
@@ -57,8 +56,7 @@ pub unsafe extern "C" fn dv_vm_restore_state(vm: u32, state: *const u8, len: usi
 /// `ptr` must be valid for `len` bytes.
 unsafe fn path_arg<'a>(ptr: *const u8, len: usize) -> crate::error::Result<&'a Path> {
     // SAFETY: per this function's contract.
-    let text = std::str::from_utf8(unsafe { bytes(ptr, len) }?)
-        .map_err(|_| Error::arg("the snapshot path is not UTF-8"))?;
+    let text = unsafe { text(ptr, len, "snapshot path") }?;
     if text.is_empty() || text.contains('\0') {
         return Err(Error::arg("the snapshot path is empty or holds a NUL"));
     }
@@ -90,8 +88,7 @@ pub unsafe extern "C" fn dv_vm_snapshot_create(
         guarded_into(buf, cap, out_len, || {
             let vm = handles::vm(vm)?;
             let dir = path_arg(dir, dir_len)?;
-            let config = std::str::from_utf8(bytes(config, config_len)?)
-                .map_err(|_| Error::arg("the snapshot config is not UTF-8"))?;
+            let config = text(config, config_len, "snapshot config")?;
             json(&write_snapshot(&vm, dir, config, None)?)
         })
     }
@@ -125,8 +122,7 @@ pub unsafe extern "C" fn dv_vm_snapshot_diff(
             let vm = handles::vm(vm)?;
             let dir = path_arg(dir, dir_len)?;
             let parent = path_arg(parent, parent_len)?;
-            let config = std::str::from_utf8(bytes(config, config_len)?)
-                .map_err(|_| Error::arg("the snapshot config is not UTF-8"))?;
+            let config = text(config, config_len, "snapshot config")?;
             json(&write_snapshot(&vm, dir, config, Some(parent))?)
         })
     }
