@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "5f99feb8efc1ed2424ed49dec63047fba0334f53e298ff52e55a618f5ffff5c9";
+  "a293eca9d9537dfd301bde1bda578b29aa4c9436bda5e4366c17bf254b5cf440";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

@@ -32,43 +32,21 @@ pub unsafe extern "C" fn dv_vm_add_device(
     }
 }
 
-/// Writes the VM's devices as JSON into `buf`: the PCI functions (address,
-/// IDs, class, BARs, the device's own details) and each bus's ranges with the
-/// accesses they handled.
-///
-/// # Safety
-/// `buf` must be valid for `cap` writable bytes; `out_len` for a `usize` write.
-#[no_mangle]
-pub unsafe extern "C" fn dv_vm_devices(
-    vm: u32,
-    buf: *mut u8,
-    cap: usize,
-    out_len: *mut usize,
-) -> i32 {
-    // SAFETY: per this function's contract.
-    unsafe { guarded_into(buf, cap, out_len, || json(&handles::vm(vm)?.devices())) }
-}
+vm_reader!(
+    /// Writes the VM's devices as JSON into `buf`: the PCI functions (address,
+    /// IDs, class, BARs, the device's own details) and each bus's ranges with the
+    /// accesses they handled.
+    dv_vm_devices,
+    |vm| json(&vm.devices())
+);
 
-/// Writes the state of every device of the VM as JSON into `buf` (COM1, the
-/// i8042, PM1a, the RTC, debug-exit, ACPI PM, the PCI bus with each virtio
-/// transport): the entry point snapshots read device state from.
-///
-/// # Safety
-/// `buf` must be valid for `cap` writable bytes; `out_len` for a `usize` write.
-#[no_mangle]
-pub unsafe extern "C" fn dv_vm_device_state(
-    vm: u32,
-    buf: *mut u8,
-    cap: usize,
-    out_len: *mut usize,
-) -> i32 {
-    // SAFETY: per this function's contract.
-    unsafe {
-        guarded_into(buf, cap, out_len, || {
-            json(&handles::vm(vm)?.device_states())
-        })
-    }
-}
+vm_reader!(
+    /// Writes the state of every device of the VM as JSON into `buf` (COM1, the
+    /// i8042, PM1a, the RTC, debug-exit, ACPI PM, the PCI bus with each virtio
+    /// transport): the entry point snapshots read device state from.
+    dv_vm_device_state,
+    |vm| json(&vm.device_states())
+);
 
 /// Passes the JSON request `request` to the device named by the UTF-8 string
 /// `name`, and writes its JSON answer into `buf`.

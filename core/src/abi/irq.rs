@@ -2,7 +2,7 @@
 //! interrupts in a VM created with [`super::VM_FLAG_IRQCHIP`], and reading the
 //! host's and the guest's interrupt counters.
 
-use super::{guarded, guarded_into, json, put};
+use super::{guarded, json, put};
 use crate::error::Error;
 use crate::handles;
 
@@ -38,44 +38,24 @@ pub unsafe extern "C" fn dv_vm_send_msi(
     })
 }
 
-/// Writes the host's interrupt counters as JSON into `buf`:
-/// `{"irqchip":true,"injected":N,"msis":N,"msisRefused":N,"serial":N}`.
-///
-/// # Safety
-/// `buf` must be valid for `cap` writable bytes; `out_len` for a `usize` write.
-#[no_mangle]
-pub unsafe extern "C" fn dv_vm_irq_stats(
-    vm: u32,
-    buf: *mut u8,
-    cap: usize,
-    out_len: *mut usize,
-) -> i32 {
-    // SAFETY: per this function's contract.
-    unsafe { guarded_into(buf, cap, out_len, || json(&handles::vm(vm)?.irq_stats())) }
-}
+vm_reader!(
+    /// Writes the host's interrupt counters as JSON into `buf`:
+    /// `{"irqchip":true,"injected":N,"msis":N,"msisRefused":N,"serial":N}`.
+    dv_vm_irq_stats,
+    |vm| json(&vm.irq_stats())
+);
 
-/// Copies the guest's interrupt counters (published with the IRQ_COUNTERS
-/// hypercall) into `buf` as little-endian `u64`s indexed by vector; `*out_len` is
-/// their size in bytes (0 when the guest published none). Reads guest RAM only:
-/// works while the VM runs and costs the guest nothing.
-///
-/// # Safety
-/// `buf` must be valid for `cap` writable bytes; `out_len` for a `usize` write.
-#[no_mangle]
-pub unsafe extern "C" fn dv_vm_guest_irq_counters(
-    vm: u32,
-    buf: *mut u8,
-    cap: usize,
-    out_len: *mut usize,
-) -> i32 {
-    // SAFETY: per this function's contract.
-    unsafe {
-        guarded_into(buf, cap, out_len, || {
-            let counts = handles::vm(vm)?.guest_irq_counters();
-            Ok(counts.iter().flat_map(|c| c.to_le_bytes()).collect())
-        })
+vm_reader!(
+    /// Copies the guest's interrupt counters (published with the IRQ_COUNTERS
+    /// hypercall) into `buf` as little-endian `u64`s indexed by vector; `*out_len` is
+    /// their size in bytes (0 when the guest published none). Reads guest RAM only:
+    /// works while the VM runs and costs the guest nothing.
+    dv_vm_guest_irq_counters,
+    |vm| {
+        let counts = vm.guest_irq_counters();
+        Ok(counts.iter().flat_map(|c| c.to_le_bytes()).collect())
     }
-}
+);
 
 #[cfg(test)]
 mod tests {

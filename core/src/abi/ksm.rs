@@ -4,8 +4,7 @@
 
 use serde::Serialize;
 
-use super::{guarded_into, json};
-use crate::handles;
+use super::json;
 use crate::ksm::KsmStats;
 
 /// A VM's dedup setting beside the host's and this process's KSM counters.
@@ -17,25 +16,18 @@ struct VmKsm {
     stats: KsmStats,
 }
 
-/// Writes KSM's state as JSON into `buf`: `{"dedup":bool,"pageSize":N,
-/// "host":{"run","pagesShared","pagesSharing","pagesUnshared","pagesVolatile",
-/// "fullScans"},"process":{"rmapItems","mergingPages","zeroPages","profit"}}`,
-/// each counter a number or null where the kernel does not report it. The
-/// process counters cover every mergeable mapping of this process (all its VMs
-/// created with dedup), the host's every process.
-///
-/// # Safety
-/// `buf` must be valid for `cap` writable bytes; `out_len` for a `usize` write.
-#[no_mangle]
-pub unsafe extern "C" fn dv_vm_ksm(vm: u32, buf: *mut u8, cap: usize, out_len: *mut usize) -> i32 {
-    // SAFETY: per this function's contract.
-    unsafe {
-        guarded_into(buf, cap, out_len, || {
-            let vm = handles::vm(vm)?;
-            json(&VmKsm {
-                dedup: vm.ram().is_mergeable(),
-                stats: KsmStats::read()?,
-            })
+vm_reader!(
+    /// Writes KSM's state as JSON into `buf`: `{"dedup":bool,"pageSize":N,
+    /// "host":{"run","pagesShared","pagesSharing","pagesUnshared","pagesVolatile",
+    /// "fullScans"},"process":{"rmapItems","mergingPages","zeroPages","profit"}}`,
+    /// each counter a number or null where the kernel does not report it. The
+    /// process counters cover every mergeable mapping of this process (all its VMs
+    /// created with dedup), the host's every process.
+    dv_vm_ksm,
+    |vm| {
+        json(&VmKsm {
+            dedup: vm.ram().is_mergeable(),
+            stats: KsmStats::read()?,
         })
     }
-}
+);

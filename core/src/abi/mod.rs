@@ -21,6 +21,35 @@ use std::time::Duration;
 
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_sregs};
 
+/// Defines `pub unsafe extern "C" fn NAME(vm: u32, buf: *mut u8, cap: usize,
+/// out_len: *mut usize) -> i32`: the one shape of every call that reads something
+/// of a VM into the caller's buffer. The body sees the VM (`|vm|`) and answers the
+/// bytes to write; [`guarded_into`] reports `BufferTooSmall` with the size needed,
+/// and errors and panics as statuses.
+macro_rules! vm_reader {
+    ($(#[$attr:meta])* $name:ident, |$vm:ident| $body:expr) => {
+        $(#[$attr])*
+        ///
+        /// # Safety
+        /// `buf` must be valid for `cap` writable bytes; `out_len` for a `usize` write.
+        #[no_mangle]
+        pub unsafe extern "C" fn $name(
+            vm: u32,
+            buf: *mut u8,
+            cap: usize,
+            out_len: *mut usize,
+        ) -> i32 {
+            // SAFETY: per this function's contract.
+            unsafe {
+                $crate::abi::guarded_into(buf, cap, out_len, || {
+                    let $vm = $crate::handles::vm(vm)?;
+                    $body
+                })
+            }
+        }
+    };
+}
+
 mod console;
 mod cpu;
 mod devices;

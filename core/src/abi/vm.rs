@@ -174,27 +174,14 @@ pub extern "C" fn dv_vm_set_console_fd(vm: u32, fd: i32) -> i32 {
     })
 }
 
-/// Writes the console's cumulative counts as JSON into `buf`: `bytes` written
-/// by the guest, `captureDropped` (older bytes beyond the buffered 1 MiB),
-/// `streamDropped` (bytes the streamed fd did not take in time),
-/// `streamPending` (bytes waiting for it).
-///
-/// # Safety
-/// `buf` must be valid for `cap` writable bytes; `out_len` for a `usize` write.
-#[no_mangle]
-pub unsafe extern "C" fn dv_vm_console_stats(
-    vm: u32,
-    buf: *mut u8,
-    cap: usize,
-    out_len: *mut usize,
-) -> i32 {
-    // SAFETY: per this function's contract.
-    unsafe {
-        guarded_into(buf, cap, out_len, || {
-            json(&handles::vm(vm)?.console().stats())
-        })
-    }
-}
+vm_reader!(
+    /// Writes the console's cumulative counts as JSON into `buf`: `bytes` written
+    /// by the guest, `captureDropped` (older bytes beyond the buffered 1 MiB),
+    /// `streamDropped` (bytes the streamed fd did not take in time),
+    /// `streamPending` (bytes waiting for it).
+    dv_vm_console_stats,
+    |vm| json(&vm.console().stats())
+);
 
 /// Moves up to `cap` bytes of buffered console output into `buf`; `*out_len` is
 /// how many. Call until it returns 0 bytes to drain everything.
@@ -272,40 +259,18 @@ pub extern "C" fn dv_vm_stop(vm: u32) -> i32 {
     })
 }
 
-/// Writes the VM's per-vCPU exit metrics as a JSON array into `buf`.
-///
-/// # Safety
-/// `buf` must be valid for `cap` writable bytes; `out_len` for a `usize` write.
-#[no_mangle]
-pub unsafe extern "C" fn dv_vm_metrics(
-    vm: u32,
-    buf: *mut u8,
-    cap: usize,
-    out_len: *mut usize,
-) -> i32 {
-    // SAFETY: per this function's contract.
-    unsafe { guarded_into(buf, cap, out_len, || json(&handles::vm(vm)?.metrics())) }
-}
+vm_reader!(
+    /// Writes the VM's per-vCPU exit metrics as a JSON array into `buf`.
+    dv_vm_metrics,
+    |vm| json(&vm.metrics())
+);
 
-/// Copies the guest's last REPORT hypercall of the current or last run into
-/// `buf` (`*out_len` = 0 when the guest reported nothing).
-///
-/// # Safety
-/// `buf` must be valid for `cap` writable bytes; `out_len` for a `usize` write.
-#[no_mangle]
-pub unsafe extern "C" fn dv_vm_report(
-    vm: u32,
-    buf: *mut u8,
-    cap: usize,
-    out_len: *mut usize,
-) -> i32 {
-    // SAFETY: per this function's contract.
-    unsafe {
-        guarded_into(buf, cap, out_len, || {
-            Ok(handles::vm(vm)?.report().unwrap_or_default())
-        })
-    }
-}
+vm_reader!(
+    /// Copies the guest's last REPORT hypercall of the current or last run into
+    /// `buf` (`*out_len` = 0 when the guest reported nothing).
+    dv_vm_report,
+    |vm| Ok(vm.report().unwrap_or_default())
+);
 
 /// A VM's guest RAM as the host holds it.
 #[derive(serde::Serialize)]
@@ -317,30 +282,18 @@ struct VmMemory {
     resident_bytes: u64,
 }
 
-/// Writes the VM's guest RAM size and how much of it is resident in host
-/// memory as JSON into `buf`: `{"sizeBytes":N,"residentBytes":N}`.
-///
-/// # Safety
-/// `buf` must be valid for `cap` writable bytes; `out_len` for a `usize` write.
-#[no_mangle]
-pub unsafe extern "C" fn dv_vm_memory(
-    vm: u32,
-    buf: *mut u8,
-    cap: usize,
-    out_len: *mut usize,
-) -> i32 {
-    // SAFETY: per this function's contract.
-    unsafe {
-        guarded_into(buf, cap, out_len, || {
-            let vm = handles::vm(vm)?;
-            let ram = vm.ram();
-            json(&VmMemory {
-                size_bytes: ram.size(),
-                resident_bytes: ram.resident_bytes().map_err(|source| Error::Io {
-                    op: "mincore on guest RAM",
-                    source,
-                })?,
-            })
+vm_reader!(
+    /// Writes the VM's guest RAM size and how much of it is resident in host
+    /// memory as JSON into `buf`: `{"sizeBytes":N,"residentBytes":N}`.
+    dv_vm_memory,
+    |vm| {
+        let ram = vm.ram();
+        json(&VmMemory {
+            size_bytes: ram.size(),
+            resident_bytes: ram.resident_bytes().map_err(|source| Error::Io {
+                op: "mincore on guest RAM",
+                source,
+            })?,
         })
     }
-}
+);
