@@ -68,6 +68,13 @@ export function parseCoreJson<T>(text: string): T {
   ) as T;
 }
 
+/**
+ * `int32_t f(uint32_t vm, uint8_t *buf, size_t cap, size_t *out_len)`: the calls
+ * that pass a VM and one buffer, most of them reading something of the VM into it
+ * (the core's `vm_reader!`).
+ */
+const VM_READER = { parameters: ["u32", "buffer", "usize", "buffer"], result: "i32" } as const;
+
 /** The core's symbols, with their C signatures as comments. */
 const SYMBOLS = {
   /** uint32_t dv_abi_version(void) */
@@ -97,9 +104,9 @@ const SYMBOLS = {
   /** int32_t dv_vm_set_console_fd(uint32_t vm, int32_t fd) */
   dv_vm_set_console_fd: { parameters: ["u32", "i32"], result: "i32" },
   /** int32_t dv_vm_console_take(uint32_t vm, uint8_t *buf, size_t cap, size_t *out_len) */
-  dv_vm_console_take: { parameters: ["u32", "buffer", "usize", "buffer"], result: "i32" },
+  dv_vm_console_take: VM_READER,
   /** int32_t dv_vm_console_stats(uint32_t vm, uint8_t *buf, size_t cap, size_t *out_len) — JSON */
-  dv_vm_console_stats: { parameters: ["u32", "buffer", "usize", "buffer"], result: "i32" },
+  dv_vm_console_stats: VM_READER,
   /** int32_t dv_vm_run(uint32_t vm, uint64_t timeout_ms, uint8_t *buf, size_t cap, size_t *out_len) — blocks */
   dv_vm_run: {
     parameters: ["u32", "u64", "buffer", "usize", "buffer"],
@@ -121,9 +128,9 @@ const SYMBOLS = {
   /** int32_t dv_vm_send_msi(uint32_t vm, uint64_t address, uint32_t data, uint32_t *out_delivered) */
   dv_vm_send_msi: { parameters: ["u32", "u64", "u32", "buffer"], result: "i32" },
   /** int32_t dv_vm_irq_stats(uint32_t vm, uint8_t *buf, size_t cap, size_t *out_len) */
-  dv_vm_irq_stats: { parameters: ["u32", "buffer", "usize", "buffer"], result: "i32" },
+  dv_vm_irq_stats: VM_READER,
   /** int32_t dv_vm_guest_irq_counters(uint32_t vm, uint8_t *buf, size_t cap, size_t *out_len) */
-  dv_vm_guest_irq_counters: { parameters: ["u32", "buffer", "usize", "buffer"], result: "i32" },
+  dv_vm_guest_irq_counters: VM_READER,
   /** int32_t dv_vm_console_input(uint32_t vm, const uint8_t *data, size_t len) */
   dv_vm_console_input: { parameters: ["u32", "buffer", "usize"], result: "i32" },
   /** int32_t dv_vm_add_device(uint32_t vm, const uint8_t *json, size_t len, uint8_t *buf, size_t cap, size_t *out_len) */
@@ -132,11 +139,11 @@ const SYMBOLS = {
     result: "i32",
   },
   /** int32_t dv_vm_devices(uint32_t vm, uint8_t *buf, size_t cap, size_t *out_len) */
-  dv_vm_devices: { parameters: ["u32", "buffer", "usize", "buffer"], result: "i32" },
+  dv_vm_devices: VM_READER,
   /** int32_t dv_vm_device_state(uint32_t vm, uint8_t *buf, size_t cap, size_t *out_len) */
-  dv_vm_device_state: { parameters: ["u32", "buffer", "usize", "buffer"], result: "i32" },
+  dv_vm_device_state: VM_READER,
   /** int32_t dv_vm_snapshot_state(uint32_t vm, uint8_t *buf, size_t cap, size_t *out_len) — JSON */
-  dv_vm_snapshot_state: { parameters: ["u32", "buffer", "usize", "buffer"], result: "i32" },
+  dv_vm_snapshot_state: VM_READER,
   /** int32_t dv_vm_restore_state(uint32_t vm, const uint8_t *json, size_t len) */
   dv_vm_restore_state: { parameters: ["u32", "buffer", "usize"], result: "i32" },
   /** int32_t dv_vm_snapshot_create(uint32_t vm, const uint8_t *dir, size_t dir_len, const uint8_t *config, size_t config_len, uint8_t *buf, size_t cap, size_t *out_len) — JSON */
@@ -178,13 +185,13 @@ const SYMBOLS = {
     result: "i32",
   },
   /** int32_t dv_vm_report(uint32_t vm, uint8_t *buf, size_t cap, size_t *out_len) */
-  dv_vm_report: { parameters: ["u32", "buffer", "usize", "buffer"], result: "i32" },
+  dv_vm_report: VM_READER,
   /** int32_t dv_vm_metrics(uint32_t vm, uint8_t *buf, size_t cap, size_t *out_len) */
-  dv_vm_metrics: { parameters: ["u32", "buffer", "usize", "buffer"], result: "i32" },
+  dv_vm_metrics: VM_READER,
   /** int32_t dv_vm_ksm(uint32_t vm, uint8_t *buf, size_t cap, size_t *out_len) — JSON */
-  dv_vm_ksm: { parameters: ["u32", "buffer", "usize", "buffer"], result: "i32" },
+  dv_vm_ksm: VM_READER,
   /** int32_t dv_vm_memory(uint32_t vm, uint8_t *buf, size_t cap, size_t *out_len) — JSON */
-  dv_vm_memory: { parameters: ["u32", "buffer", "usize", "buffer"], result: "i32" },
+  dv_vm_memory: VM_READER,
   /** int32_t dv_vcpu_run(uint32_t vcpu, uint64_t timeout_ms, uint8_t *buf, size_t cap, size_t *out_len) — blocks */
   dv_vcpu_run: {
     parameters: ["u32", "u64", "buffer", "usize", "buffer"],
@@ -237,16 +244,16 @@ const SYMBOLS = {
   /** int32_t dv_vm_dirty_log(uint32_t vm, uint32_t enable) */
   dv_vm_dirty_log: { parameters: ["u32", "u32"], result: "i32" },
   /** int32_t dv_vm_take_dirty(uint32_t vm, uint8_t *buf, size_t cap, size_t *out_len) — bitmap */
-  dv_vm_take_dirty: { parameters: ["u32", "buffer", "usize", "buffer"], result: "i32" },
+  dv_vm_take_dirty: VM_READER,
   /** int32_t dv_vm_pack_pages(uint32_t vm, const uint8_t *bitmap, size_t bitmap_len, uint64_t from, uint32_t flags, uint8_t *buf, size_t cap, size_t *out_len, uint64_t *out_next) */
   dv_vm_pack_pages: {
     parameters: ["u32", "buffer", "usize", "u64", "u32", "buffer", "usize", "buffer", "buffer"],
     result: "i32",
   },
   /** int32_t dv_vm_unpack_pages(uint32_t vm, const uint8_t *batch, size_t len, uint64_t *out_pages) */
-  dv_vm_unpack_pages: { parameters: ["u32", "buffer", "usize", "buffer"], result: "i32" },
+  dv_vm_unpack_pages: VM_READER,
   /** int32_t dv_vm_migration_host(uint32_t vm, uint8_t *buf, size_t cap, size_t *out_len) — JSON */
-  dv_vm_migration_host: { parameters: ["u32", "buffer", "usize", "buffer"], result: "i32" },
+  dv_vm_migration_host: VM_READER,
   /** int32_t dv_host_check(const uint8_t *host, size_t len) */
   dv_host_check: { parameters: ["buffer", "usize"], result: "i32" },
   /** int32_t dv_vm_migration_state(uint32_t vm, const uint8_t *config, size_t config_len, uint8_t *buf, size_t cap, size_t *out_len) — state bytes */
