@@ -30,8 +30,11 @@ export interface SnapshotFigures {
   bytes: number;
   /** A new VMM process's start to the restored guest running, ms. */
   restoreFromStartMs: number;
-  /** The restore request (QEMU: `migrate-incoming`; denovisor: the restore call) to the guest running, ms. */
+  /** The restore request (QEMU: `migrate-incoming`; denovisor: the restore call) to the guest
+   * running (denovisor: its first vCPU exit), ms. */
   restoreMs: number;
+  /** denovisor: the restore call alone (the VM rebuilt, ready to run), ms. */
+  restoreReadyMs?: number;
   /** denovisor: a diff snapshot after a small change in the guest (one
    * shell command), ms to write it. */
   diffSaveMs?: number;
@@ -104,16 +107,29 @@ function rssAnon(): number {
 const BOOT_MS = 900_000;
 const RUN_MS = 3_600_000;
 
-/** Starts `vm` and resolves once its first vCPU exit is counted: the guest
- * has run its first instruction (and more). Returns the run and the time. */
+/**
+ * Starts `vm` and resolves once its first vCPU exit is counted: the guest has
+ * run (its first instruction, and as far as that exit). A guest restored idle
+ * at its shell makes no exit by itself (its timer and `hlt` stay inside KVM
+ * with the in-kernel irqchip), so a newline is queued on its console as the
+ * run starts: its serial driver's port read is the exit. Polled every 1 ms:
+ * a busy loop would take the CPU from the vCPU thread on a one-CPU machine.
+ */
 async function runToFirstExit(
   vm: Vm,
 ): Promise<{ run: Promise<unknown>; at: number; shell: ConsoleDriver }> {
   const shell = new ConsoleDriver(vm);
   const run = shell.watch(vm.run({ timeoutMs: RUN_MS }));
+  vm.sendConsoleInput("\n");
+  const until = performance.now() + 120_000;
   for (;;) {
     if (vm.metrics().some((m) => m.exits > 0)) return { run, at: performance.now(), shell };
-    await new Promise((r) => setTimeout(r, 0));
+    if (performance.now() > until) {
+      vm.stop();
+      await run.catch(() => {});
+      throw new Error("the restored guest made no exit within 120 s");
+    }
+    await new Promise((r) => setTimeout(r, 1));
   }
 }
 
@@ -124,37 +140,58 @@ async function shellAnswers(shell: ConsoleDriver): Promise<void> {
   await shell.waitFor(`ANSWER-${n + 1}`, { timeoutMs: 120_000 });
 }
 
+/** Restores `dir` in `mode`, times it, checks the shell answers, stops it. */
+async function timedRestore(
+  dir: string,
+  mode: "lazy" | "eager",
+): Promise<{ readyMs: number; firstExitMs: number }> {
+  const t = performance.now();
+  using vm = await Vm.restore(dir, { mode });
+  const readyMs = performance.now() - t;
+  const { run, at, shell } = await runToFirstExit(vm);
+  try {
+    await shellAnswers(shell);
+  } finally {
+    vm.stop();
+    await run.catch(() => {});
+  }
+  return { readyMs, firstExitMs: at - t };
+}
+
 /**
- * denovisor's snapshot of `spec`'s guest idle at its shell, in this process
- * through the `Vm` API: boot it, start dirty-page tracking, snapshot it while
- * running (`saveMs`: pause, write, resume; `bytes`: the directory's allocated
- * blocks), type one shell command and take a diff against it (`diffSaveMs`,
- * `diffBytes`), then `Vm.restore` it (`restoreMs`: from the call to the
- * restored guest's first vCPU exit) and check its shell answers. In `lazy`
- * mode, also restore three clones at once and report the anonymous host
- * memory each adds and the pages each dirtied idling at its shell for 3 s
- * (`cloneAnonBytes`, `cloneDirtyPages`). `restoreFromStartMs` is not
- * measured (NaN): the restore runs in this process.
+ * denovisor's snapshot figures for `spec`'s guest idle at its shell, lazy and
+ * eager, from ONE boot (booting Linux is most of the time under nested
+ * emulation), in this process through the `Vm` API: boot it, start dirty-page
+ * tracking, snapshot it while running (`saveMs`: pause, write, resume;
+ * `bytes`: the directory's allocated blocks), type one shell command and take
+ * a diff against it (`diffSaveMs`, `diffBytes`), stop it; then restore the
+ * full snapshot lazily and eagerly (`restoreReadyMs`: `Vm.restore` alone;
+ * `restoreMs`: to the restored guest's first vCPU exit), each restored shell
+ * checked; then three lazy clones at once: the anonymous host memory each adds
+ * and the pages each dirtied idling at its shell for 3 s (`cloneAnonBytes`,
+ * `cloneDirtyPages`, lazy only). `restoreFromStartMs` is not measured (NaN):
+ * the restores run in this process. Progress goes to stderr.
  *
  * @param spec The guest ({@link benchGuest}).
- * @param mode Lazy (memory mapped copy-on-write from the file) or eager (copied).
- * @returns The figures.
+ * @returns The figures of each restore mode (save and diff figures shared).
  * @throws {Error} When the guest does not boot or a restored shell does not answer.
  * @example
  * ```ts ignore
- * import { measureDenovisorSnapshot } from "denovisor/bench/_snapshot_compare.ts";
- * console.log(await measureDenovisorSnapshot(spec, "lazy"));
+ * import { measureDenovisorSnapshots } from "denovisor/bench/_snapshot_compare.ts";
+ * const { lazy, eager } = await measureDenovisorSnapshots(spec);
  * ```
  */
-export async function measureDenovisorSnapshot(
+export async function measureDenovisorSnapshots(
   spec: BootSpec,
-  mode: "lazy" | "eager",
-): Promise<SnapshotFigures> {
+): Promise<{ lazy: SnapshotFigures; eager: SnapshotFigures }> {
   const tmp = await Deno.makeTempDir({ prefix: "dv-snapbench-" });
+  const t0 = performance.now();
+  const stage = (what: string) =>
+    console.error(`  denovisor ${spec.memMiB} MiB: ${what} (at ${ms(performance.now() - t0)})`);
   try {
     const full = `${tmp}/full`;
     const diff = `${tmp}/diff`;
-    const figures: SnapshotFigures = {
+    const saved: SnapshotFigures = {
       memMiB: spec.memMiB,
       saveMs: NaN,
       bytes: NaN,
@@ -170,58 +207,97 @@ export async function measureDenovisorSnapshot(
       });
       const shell = new ConsoleDriver(vm);
       const run = shell.watch(vm.run({ timeoutMs: RUN_MS }));
-      await shell.waitFor(GUEST_READY, { timeoutMs: BOOT_MS });
-      await shell.waitFor(GUEST_PROMPT, { timeoutMs: BOOT_MS });
-      vm.startDirtyLog();
-      let t = performance.now();
-      vm.snapshot(full, { resume: true });
-      figures.saveMs = performance.now() - t;
-      figures.bytes = await diskBytes(full);
-      shell.send("echo small-change > /dev/shm/x; echo CHANGED''-DONE\n");
-      await shell.waitFor("CHANGED-DONE", { timeoutMs: 120_000 });
-      t = performance.now();
-      vm.snapshot(diff, { diff: true, parent: full, resume: true });
-      figures.diffSaveMs = performance.now() - t;
-      figures.diffBytes = await diskBytes(diff);
-      vm.stop();
-      await run.catch(() => {});
-    }
-    {
-      const t = performance.now();
-      using vm = await Vm.restore(full, { mode });
-      const { run, at, shell } = await runToFirstExit(vm);
-      figures.restoreMs = at - t;
-      await shellAnswers(shell);
-      vm.stop();
-      await run.catch(() => {});
-    }
-    if (mode === "lazy") {
-      const clones: { vm: Vm; run: Promise<unknown>; shell: ConsoleDriver }[] = [];
-      const before = rssAnon();
       try {
-        for (let i = 0; i < 3; i++) {
-          const vm = await Vm.restore(full, { mode: "lazy" });
-          vm.startDirtyLog(); // before its first run: the set starts at the snapshot
-          const { run, shell } = await runToFirstExit(vm);
-          clones.push({ vm, run, shell });
-        }
-        for (const c of clones) await shellAnswers(c.shell);
-        await new Promise((r) => setTimeout(r, 3000));
-        figures.cloneAnonBytes = (rssAnon() - before) / clones.length;
-        figures.cloneDirtyPages = clones.map((c) => c.vm.takeDirtyPages().pages.length)
-          .reduce((a, b) => a + b, 0) / clones.length;
+        await shell.waitFor(GUEST_READY, { timeoutMs: BOOT_MS });
+        await shell.waitFor(GUEST_PROMPT, { timeoutMs: BOOT_MS });
+        stage("booted to its shell");
+        vm.startDirtyLog();
+        let t = performance.now();
+        vm.snapshot(full, { resume: true });
+        saved.saveMs = performance.now() - t;
+        saved.bytes = await diskBytes(full);
+        stage(`full snapshot: ${ms(saved.saveMs)}, ${mib(saved.bytes)}`);
+        shell.send("echo small-change > /dev/shm/x; echo CHANGED''-DONE\n");
+        await shell.waitFor("CHANGED-DONE", { timeoutMs: 120_000 });
+        t = performance.now();
+        vm.snapshot(diff, { diff: true, parent: full, resume: true });
+        saved.diffSaveMs = performance.now() - t;
+        saved.diffBytes = await diskBytes(diff);
+        stage(`diff snapshot: ${ms(saved.diffSaveMs)}, ${mib(saved.diffBytes)}`);
       } finally {
-        for (const c of clones) {
-          c.vm.stop();
-          await c.run.catch(() => {});
-          c.vm.close();
-        }
+        vm.stop();
+        await run.catch(() => {});
+      }
+    }
+    const figures = { lazy: { ...saved }, eager: { ...saved } };
+    for (const mode of ["lazy", "eager"] as const) {
+      const r = await timedRestore(full, mode);
+      figures[mode].restoreReadyMs = r.readyMs;
+      figures[mode].restoreMs = r.firstExitMs;
+      stage(`${mode} restore: ${ms(r.readyMs)} built, ${ms(r.firstExitMs)} to its first exit`);
+    }
+    // The diff restores too (its chain: full + diff), and its shell answers.
+    {
+      using vm = await Vm.restore(diff, { mode: "lazy" });
+      const { run, shell } = await runToFirstExit(vm);
+      try {
+        await shellAnswers(shell);
+      } finally {
+        vm.stop();
+        await run.catch(() => {});
+      }
+      stage("the diff's chain restored, its shell answers");
+    }
+    const clones: { vm: Vm; run: Promise<unknown>; shell: ConsoleDriver }[] = [];
+    const before = rssAnon();
+    try {
+      for (let i = 0; i < 3; i++) {
+        const vm = await Vm.restore(full, { mode: "lazy" });
+        vm.startDirtyLog(); // before its first run: the set starts at the snapshot
+        const { run, shell } = await runToFirstExit(vm);
+        clones.push({ vm, run, shell });
+      }
+      for (const c of clones) await shellAnswers(c.shell);
+      await new Promise((r) => setTimeout(r, 3000));
+      figures.lazy.cloneAnonBytes = (rssAnon() - before) / clones.length;
+      figures.lazy.cloneDirtyPages = clones.map((c) => c.vm.takeDirtyPages().pages.length)
+        .reduce((a, b) => a + b, 0) / clones.length;
+      stage(
+        `3 clones: ${mib(figures.lazy.cloneAnonBytes)} anonymous memory and ` +
+          `${figures.lazy.cloneDirtyPages.toFixed(0)} dirty pages each`,
+      );
+    } finally {
+      for (const c of clones) {
+        c.vm.stop();
+        await c.run.catch(() => {});
+        c.vm.close();
       }
     }
     return figures;
   } finally {
     await Deno.remove(tmp, { recursive: true }).catch(() => {});
   }
+}
+
+/**
+ * One restore mode's figures of {@link measureDenovisorSnapshots} (which
+ * measures both from one boot; prefer it when both are wanted).
+ *
+ * @param spec The guest ({@link benchGuest}).
+ * @param mode Lazy (memory mapped copy-on-write from the file) or eager (copied).
+ * @returns The figures.
+ * @throws {Error} When the guest does not boot or a restored shell does not answer.
+ * @example
+ * ```ts ignore
+ * import { measureDenovisorSnapshot } from "denovisor/bench/_snapshot_compare.ts";
+ * console.log(await measureDenovisorSnapshot(spec, "lazy"));
+ * ```
+ */
+export async function measureDenovisorSnapshot(
+  spec: BootSpec,
+  mode: "lazy" | "eager",
+): Promise<SnapshotFigures> {
+  return (await measureDenovisorSnapshots(spec))[mode];
 }
 
 /**

@@ -9,8 +9,8 @@
  *   the file's size), then a new QEMU with `-incoming defer` and QMP
  *   `migrate-incoming` from `exec:cat FILE`, timed to its `RESUME` event from
  *   the process's spawn and from `migrate-incoming` (bench/_qemu_migrate.ts).
- * - denovisor: `measureDenovisorSnapshot` (bench/_snapshot_compare.ts), lazy
- *   and eager; `n/a` until denovisor's snapshots are built.
+ * - denovisor: `measureDenovisorSnapshots` (bench/_snapshot_compare.ts), lazy
+ *   and eager from one boot of the guest, in this process.
  *
  *   deno run -A bench/snapshot_bench.ts [--mem 128,512] [--runs N] [--json]
  *
@@ -31,7 +31,7 @@ import {
   attempt,
   benchGuest,
   cell,
-  measureDenovisorSnapshot,
+  measureDenovisorSnapshots,
   mib,
   ms,
   type Outcome,
@@ -109,11 +109,13 @@ async function qemuSide(memMiB: number, runs: number): Promise<SnapshotFigures> 
   }
 }
 
-/** denovisor's figures for `memMiB` in one restore mode. */
-async function denovisorSide(memMiB: number, mode: "lazy" | "eager"): Promise<SnapshotFigures> {
+/** denovisor's figures for `memMiB`, lazy and eager, from one boot of the guest. */
+async function denovisorSide(
+  memMiB: number,
+): Promise<{ lazy: SnapshotFigures; eager: SnapshotFigures }> {
   const dir = await Deno.makeTempDir({ prefix: "dv-snap-" });
   try {
-    return await measureDenovisorSnapshot(await benchGuest(memMiB, dir), mode);
+    return await measureDenovisorSnapshots(await benchGuest(memMiB, dir));
   } finally {
     await Deno.remove(dir, { recursive: true }).catch(() => {});
   }
@@ -140,6 +142,7 @@ function table(r: SizeResult): string {
     row("snapshot size", (s) => s.bytes, mib),
     row("restore: spawn → running", (s) => s.restoreFromStartMs, ms),
     row("restore: request → running", (s) => s.restoreMs, ms),
+    row("restore: VM rebuilt (Vm.restore)", (s) => s.restoreReadyMs ?? NaN, ms),
     row("diff after one shell command: write", (s) => s.diffSaveMs ?? NaN, ms),
     row("diff size", (s) => s.diffBytes ?? NaN, mib),
     row("host memory per extra lazy clone", (s) => s.cloneAnonBytes ?? NaN, mib),
@@ -159,8 +162,9 @@ async function main(args: Args): Promise<void> {
     const qemu = version
       ? await attempt(() => qemuSide(memMiB, args.runs))
       : { ok: false as const, reason: "QEMU is not installed", missing: true };
-    const lazy = await attempt(() => denovisorSide(memMiB, "lazy"));
-    const eager = await attempt(() => denovisorSide(memMiB, "eager"));
+    const both = await attempt(() => denovisorSide(memMiB));
+    const lazy: Outcome<SnapshotFigures> = both.ok ? { ok: true, value: both.value.lazy } : both;
+    const eager: Outcome<SnapshotFigures> = both.ok ? { ok: true, value: both.value.eager } : both;
     for (
       const [side, o] of [["QEMU", qemu], ["denovisor lazy", lazy], ["denovisor eager", eager]]
     ) {
@@ -181,7 +185,9 @@ async function main(args: Args): Promise<void> {
   console.log(
     `\n  QEMU: save = stop + migrate to "exec:cat > FILE" (max-bandwidth uncapped) until ` +
       `completed; restore = -incoming defer, migrate-incoming "exec:cat FILE", to QEMU's RESUME ` +
-      `event.\n  denovisor: restore to the first guest instruction. n/a: not built yet.`,
+      `event.\n  denovisor: request → running = Vm.restore to the restored guest's first vCPU exit ` +
+      `(a newline queued on its console as it starts); snapshots from one boot, in-process. ` +
+      `n/a: not available on this host.`,
   );
 }
 
