@@ -164,6 +164,7 @@ export {
   type ApiHandlers,
   ApiServer,
   type ApiServerOptions,
+  type ApiTarget,
   checkApiSocketPath,
   handleApiRequest,
   serveApi,

@@ -222,19 +222,24 @@ export class ApiClient implements Disposable {
    * `PUT /snapshot/create`.
    *
    * @param dir Where the snapshot goes (a path on the server's side).
-   * @param options `resume: false` leaves the VM paused.
+   * @param options `resume: false` leaves the VM paused; `parent` makes it a
+   *   diff against that snapshot (the VM's last; it must track dirty pages).
    * @returns The server's answer.
    */
-  snapshot(dir: string, options: { resume?: boolean } = {}): Promise<unknown> {
-    return this.request("PUT", "/snapshot/create", { dir, resume: options.resume ?? true });
+  snapshot(dir: string, options: { resume?: boolean; parent?: string } = {}): Promise<unknown> {
+    return this.request("PUT", "/snapshot/create", {
+      dir,
+      resume: options.resume ?? true,
+      ...(options.parent === undefined ? {} : { diff: true, parent: options.parent }),
+    });
   }
 
   /**
    * `PUT /snapshot/load`.
    *
-   * @param dir The snapshot.
+   * @param dir The snapshot (an absolute path on the server's side).
    * @param options Lazy or eager.
-   * @returns The server's answer.
+   * @returns The server's answer: the new VM's `state`, `dir`, `mode`, `restoreMs`.
    */
   load(dir: string, options: Partial<SnapshotLoadOptions> = {}): Promise<unknown> {
     return this.request("PUT", "/snapshot/load", { dir, mode: options.mode ?? "lazy" });

@@ -15,7 +15,9 @@
  * | `PUT /migrate`        | `{"to": "tcp:HOST:PORT"}`              | the migrate handler's answer  |
  *
  * Snapshots and migration are functions passed in ({@link ApiHandlers}); a
- * route whose handler is absent answers 501. Every error is JSON
+ * route whose handler is absent answers 501. The VM served may change while
+ * the server runs (`PUT /snapshot/load` replaces it): pass a function that
+ * returns the current one ({@link ApiTarget}). Every error is JSON
  * `{"code": ..., "message": ...}`: a {@link DenovisorError} code where one
  * applies, else the HTTP-level code of {@link ApiErrorCode}.
  *
@@ -42,7 +44,16 @@ export type ApiErrorCode =
 export interface SnapshotCreateOptions {
   /** Resume the VM once the snapshot is written (false: it stays paused, `--stop`). */
   resume: boolean;
+  /** A diff snapshot: only the pages written since `parent`, this VM's last
+   * snapshot (needs dirty-page tracking). Absent: a full snapshot. */
+  parent?: string;
 }
+
+/**
+ * The VM an API server serves: a VM, or a function returning the current one
+ * (a process whose VM `PUT /snapshot/load` replaces).
+ */
+export type ApiTarget = Vm | (() => Vm);
 
 /** What `PUT /snapshot/load` asks for. */
 export interface SnapshotLoadOptions {
@@ -95,6 +106,8 @@ class HttpFailure extends Error {
 
 const HTTP_STATUS_OF_CODE: Partial<Record<ErrorCode, number>> = {
   INVALID_ARGUMENT: 400,
+  SNAPSHOT_INVALID: 400,
+  SNAPSHOT_WRONG_HOST: 400,
   IMAGE: 400,
   DEVICE: 400,
   BUSY: 409,
@@ -280,8 +293,8 @@ function metrics(vm: Vm, url: URL, request: Request): Response {
   return json({ ...report, state: vm.state, memory: vm.memory() });
 }
 
-/** The operation each VM's changes are queued behind (settled, never rejected). */
-const LAST_CHANGE = new WeakMap<Vm, Promise<unknown>>();
+/** The operation each target's changes are queued behind (settled, never rejected). */
+const LAST_CHANGE = new WeakMap<ApiTarget, Promise<unknown>>();
 
 /**
  * Runs an operation that changes the VM after the ones before it have
@@ -289,10 +302,10 @@ const LAST_CHANGE = new WeakMap<Vm, Promise<unknown>>();
  * never overlap. Requests are read and checked before they queue, so a slow
  * client holds nothing up.
  */
-function exclusive<T>(vm: Vm, operation: () => T | Promise<T>): Promise<T> {
-  const previous = LAST_CHANGE.get(vm) ?? Promise.resolve();
+function exclusive<T>(target: ApiTarget, operation: () => T | Promise<T>): Promise<T> {
+  const previous = LAST_CHANGE.get(target) ?? Promise.resolve();
   const next = previous.then(operation);
-  LAST_CHANGE.set(vm, next.catch(() => {}));
+  LAST_CHANGE.set(target, next.catch(() => {}));
   return next;
 }
 
@@ -309,7 +322,7 @@ function notImplemented(what: string, handler: string): HttpFailure {
  * JSON (or Prometheus) answer. Never throws: every failure is an error answer.
  * {@link serveApi} calls it for each request; it needs no socket.
  *
- * @param vm The VM.
+ * @param target The VM, or a function returning the current one.
  * @param request The request (its URL's path selects the route).
  * @param options Handlers and limits (`path` is not used).
  * @returns The answer.
@@ -323,22 +336,25 @@ function notImplemented(what: string, handler: string): HttpFailure {
  * ```
  */
 export async function handleApiRequest(
-  vm: Vm,
+  target: ApiTarget,
   request: Request,
   options: Omit<ApiServerOptions, "path"> = {},
 ): Promise<Response> {
   try {
-    return await route(vm, request, options);
+    return await route(target, request, options);
   } catch (e) {
     return errorResponse(e);
   }
 }
 
 async function route(
-  vm: Vm,
+  target: ApiTarget,
   request: Request,
   options: Omit<ApiServerOptions, "path">,
 ): Promise<Response> {
+  // The VM now; a change queued behind others reads it again when it runs.
+  const current = (): Vm => typeof target === "function" ? target() : target;
+  const vm = current();
   const url = new URL(request.url);
   const methods = ROUTES[url.pathname];
   if (!Object.hasOwn(ROUTES, url.pathname) || methods === undefined) {
@@ -379,7 +395,8 @@ async function route(
         vm.stop();
         return json({ state: vm.state, stopping: true }, 202);
       }
-      return await exclusive(vm, () => {
+      return await exclusive(target, () => {
+        const vm = current();
         if (vm.state === "stopped") throw ended();
         if (state === "paused") vm.pause();
         else vm.resume();
@@ -396,19 +413,51 @@ async function route(
           check: (v): v is number => Number.isSafeInteger(v) && (v as number) >= 0,
         },
       });
-      return await exclusive(vm, () => json(vm.balloon.setTarget(targetMiB!)));
+      return await exclusive(target, () => json(current().balloon.setTarget(targetMiB!)));
     }
     case "GET /metrics":
       return metrics(vm, url, request);
     case "PUT /snapshot/create": {
       if (!handlers.snapshot) throw notImplemented("snapshot creation", "snapshot");
-      const { dir, resume } = fields<{ dir: string; resume: boolean }>(await body(), {
+      const { dir, resume, diff, parent, snapshot_type } = fields<{
+        dir: string;
+        resume: boolean;
+        diff: boolean;
+        parent: string;
+        snapshot_type: "Full" | "Diff";
+      }>(await body(), {
         dir: { required: true, what: "a directory path", check: isNonEmptyString },
         resume: { required: false, what: "a boolean", check: isBoolean },
+        diff: { required: false, what: "a boolean", check: isBoolean },
+        parent: { required: false, what: "a directory path", check: isNonEmptyString },
+        snapshot_type: {
+          required: false,
+          what: '"Full" or "Diff" (Firecracker\'s spelling of diff)',
+          check: (v): v is "Full" | "Diff" => v === "Full" || v === "Diff",
+        },
       });
+      const isDiff = diff ?? (snapshot_type === "Diff");
+      if (
+        diff !== undefined && snapshot_type !== undefined && diff !== (snapshot_type === "Diff")
+      ) {
+        throw new HttpFailure(400, "BAD_REQUEST", `"diff" and "snapshot_type" disagree`);
+      }
+      if (isDiff !== (parent !== undefined)) {
+        throw new HttpFailure(
+          400,
+          "BAD_REQUEST",
+          isDiff
+            ? 'a diff snapshot needs "parent": the directory of this VM\'s last snapshot'
+            : '"parent" is for a diff snapshot ("diff": true)',
+        );
+      }
       return await exclusive(
-        vm,
-        () => answer(handlers.snapshot!(dir!, { resume: resume ?? true })),
+        target,
+        () =>
+          answer(handlers.snapshot!(dir!, {
+            resume: resume ?? true,
+            ...(parent === undefined ? {} : { parent }),
+          })),
       );
     }
     case "PUT /snapshot/load": {
@@ -421,7 +470,10 @@ async function route(
           check: (v): v is "lazy" | "eager" => v === "lazy" || v === "eager",
         },
       });
-      return await exclusive(vm, () => answer(handlers.restore!(dir!, { mode: mode ?? "lazy" })));
+      return await exclusive(
+        target,
+        () => answer(handlers.restore!(dir!, { mode: mode ?? "lazy" })),
+      );
     }
     case "PUT /migrate": {
       if (!handlers.migrate) throw notImplemented("migration", "migrate");
@@ -433,7 +485,7 @@ async function route(
       } catch (e) {
         throw new HttpFailure(400, "BAD_REQUEST", (e as Error).message);
       }
-      return await exclusive(vm, () => answer(handlers.migrate!(to!)));
+      return await exclusive(target, () => answer(handlers.migrate!(to!)));
     }
   }
   throw new HttpFailure(500, "INTERNAL", `route ${request.method} ${url.pathname} has no handler`);
@@ -548,7 +600,8 @@ export class ApiServer implements AsyncDisposable {
  * at `path` (nobody listening) is replaced; a live one, or a file that is not a
  * socket, is refused.
  *
- * @param vm The VM.
+ * @param target The VM, or a function returning the current one (a process
+ *   whose VM `PUT /snapshot/load` replaces).
  * @param options The socket's path, snapshot and migration handlers, limits.
  * @returns The server; close it (or `await using`) to stop it.
  * @throws {DenovisorError} `BUSY` when a server listens on `path`,
@@ -562,7 +615,7 @@ export class ApiServer implements AsyncDisposable {
  * // curl --unix-socket /tmp/vm.sock http://localhost/vm
  * ```
  */
-export async function serveApi(vm: Vm, options: ApiServerOptions): Promise<ApiServer> {
+export async function serveApi(target: ApiTarget, options: ApiServerOptions): Promise<ApiServer> {
   const { path } = options;
   if ((await checkApiSocketPath(path)) === "stale") {
     try {
@@ -579,7 +632,7 @@ export async function serveApi(vm: Vm, options: ApiServerOptions): Promise<ApiSe
       path,
       onListen: () => {},
       onError: errorResponse,
-    }, (request) => handleApiRequest(vm, request, options));
+    }, (request) => handleApiRequest(target, request, options));
   } catch (e) {
     if (e instanceof Deno.errors.AddrInUse) {
       throw new DenovisorError("BUSY", `another server is listening on ${path}`);

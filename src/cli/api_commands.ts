@@ -22,6 +22,7 @@ import { UsageError } from "./usage_error.ts";
 import { incomingFromCli, migrationHandlers } from "./migration_actions.ts";
 import { restoreFromCli, snapshotHandlers } from "./snapshot_actions.ts";
 import type { CloneIdentity } from "../vm.ts";
+import type { RunSession } from "./run_vm.ts";
 
 /** Where a command writes (the CLI's `CliIo`). */
 export interface ApiCommandIo {
@@ -43,6 +44,9 @@ export interface RestoreRequest {
   stdin: boolean;
   /** A clone's own vsock CID and MAC (`--cid`, `--mac`). */
   identity?: CloneIdentity;
+  /** Track dirty pages from the restored VM's first run (`--track-dirty-pages`):
+   * the snapshot is then the parent of the next diff. */
+  trackDirtyPages?: boolean;
 }
 
 /** `run --incoming tcp:HOST:PORT`: where to wait for a migrating VM. */
@@ -66,8 +70,9 @@ export interface CliActions {
   restore?(request: RestoreRequest, io: ApiCommandIo): Promise<number>;
   /** `run --incoming`: wait for a migrating VM, then run it. */
   incoming?(request: IncomingRequest, io: ApiCommandIo): Promise<number>;
-  /** The snapshot, restore and migrate handlers `run --api-socket` serves for `vm`. */
-  apiHandlers?(vm: Vm): ApiHandlers;
+  /** The snapshot, restore and migrate handlers `run --api-socket` serves for
+   * `vm`, in `session`, the run that may replace it (`PUT /snapshot/load`). */
+  apiHandlers?(vm: Vm, session?: RunSession): ApiHandlers;
 }
 
 /**
@@ -79,7 +84,7 @@ export const CLI_ACTIONS: CliActions = {
   restore: restoreFromCli,
   // Live migration (src/cli/migration_actions.ts): run --incoming, PUT /migrate.
   incoming: incomingFromCli,
-  apiHandlers: (vm) => ({ ...snapshotHandlers(vm), ...migrationHandlers(vm) }),
+  apiHandlers: (vm, session) => ({ ...snapshotHandlers(vm, session), ...migrationHandlers(vm) }),
 };
 
 /** Refuses a command whose implementation is not there yet. */
@@ -119,6 +124,7 @@ Options:
 ${CLIENT_STATUSES}
 `,
   snapshot: `Usage: deno run -A main.ts snapshot --api-socket PATH --to DIR [--stop]
+                                       [--diff --parent PDIR]
 
 Snapshots the VM that a \`main.ts run --api-socket PATH\` process runs: it
 pauses the VM, writes its state and memory into DIR (resolved here, written
@@ -128,12 +134,16 @@ Options:
   --api-socket PATH  the control API's Unix socket
   --to DIR           the snapshot's directory
   --stop             leave the VM paused after the snapshot
+  --diff             write only the pages changed since PDIR, the VM's last
+                     snapshot (the process must run with --track-dirty-pages);
+                     restoring DIR reads its chain of parents, which must stay
+  --parent PDIR      the diff's parent (with --diff)
   -h, --help         this help
 
 ${CLIENT_STATUSES}
 `,
   restore: `Usage: deno run -A main.ts restore DIR [--lazy|--eager] [--api-socket PATH] [--no-stdin]
-                                      [--cid N] [--mac MAC]
+                                      [--cid N] [--mac MAC] [--track-dirty-pages]
 
 Restores the VM of the snapshot in DIR and continues it in this process, with
 \`run\`'s console (stdout; standard input to the guest) and exit statuses.
@@ -148,12 +158,33 @@ Options:
   --no-stdin         do not forward standard input to the guest
   --cid N            the vsock device's CID (3 to 4294967294) for this clone
   --mac MAC          the net device's MAC (xx:xx:xx:xx:xx:xx) for this clone
+  --track-dirty-pages
+                     track written pages from the first run: DIR is then the
+                     parent a \`snapshot --diff --parent DIR\` may name
   -h, --help         this help
 
 Exit status: as \`run\` (see main.ts run --help); 2 also when DIR is not a
 snapshot (the section that is missing, truncated, corrupt or of another
 version is named), is of another host CPU, or --cid/--mac is malformed or
 has no device to take it.
+`,
+  load: `Usage: deno run -A main.ts load --api-socket PATH --from DIR [--lazy|--eager]
+
+Replaces the VM that a \`main.ts run --api-socket PATH\` (or \`restore\`)
+process runs by the VM of the snapshot in DIR (PUT /snapshot/load): that
+process closes its VM and continues the snapshot's in its place, with the
+same console, API socket and exit statuses. The VM must be paused first
+(\`main.ts pause\`); the snapshot is checked before anything is closed: a
+missing, corrupt or foreign one is refused and the VM stays as it was.
+
+Options:
+  --api-socket PATH  the control API's Unix socket
+  --from DIR         the snapshot's directory (resolved here)
+  --lazy             map guest memory from the memory file copy-on-write (default)
+  --eager            copy guest memory from the memory file
+  -h, --help         this help
+
+${CLIENT_STATUSES}
 `,
   migrate: `Usage: deno run -A main.ts migrate --api-socket PATH --to tcp:HOST:PORT
 
@@ -336,16 +367,68 @@ export async function snapshotCommand(args: string[], io: ApiCommandIo): Promise
     "api-socket": { type: "string" },
     to: { type: "string" },
     stop: { type: "boolean" },
+    diff: { type: "boolean" },
+    parent: { type: "string" },
   });
   if (values.help) return output(io, API_COMMAND_HELP.snapshot);
   if (positionals.length > 0) throw new UsageError(`unexpected argument "${positionals[0]}"`);
   const path = requireSocket(values["api-socket"] as string | undefined, "snapshot");
   const to = values.to as string | undefined;
   if (to === undefined || to === "") throw new UsageError("missing --to DIR (see snapshot --help)");
-  // The server may run in another directory: it gets an absolute path.
+  const parentArg = values.parent as string | undefined;
+  if (values.diff && (parentArg === undefined || parentArg === "")) {
+    throw new UsageError(
+      "--diff needs --parent PDIR, the VM's last snapshot (see snapshot --help)",
+    );
+  }
+  if (!values.diff && parentArg !== undefined) {
+    throw new UsageError("--parent is for a diff snapshot: add --diff");
+  }
+  // The server may run in another directory: it gets absolute paths.
   const dir = resolve(to);
-  await call(path, "snapshot", (c) => c.snapshot(dir, { resume: !values.stop }));
-  io.error(`denovisor: snapshot written to ${dir}${values.stop ? " (the VM stays paused)" : ""}\n`);
+  const parent = parentArg === undefined ? undefined : resolve(parentArg);
+  await call(
+    path,
+    "snapshot",
+    (c) => c.snapshot(dir, { resume: !values.stop, ...(parent ? { parent } : {}) }),
+  );
+  io.error(
+    `denovisor: ${parent ? `diff snapshot (against ${parent})` : "snapshot"} written to ${dir}` +
+      `${values.stop ? " (the VM stays paused)" : ""}\n`,
+  );
+  return ExitStatus.ok;
+}
+
+/**
+ * `main.ts load --api-socket PATH --from DIR [--lazy|--eager]`.
+ *
+ * @param args The command's arguments.
+ * @param io Where messages go.
+ * @returns The exit status.
+ * @example
+ * ```ts ignore
+ * await loadCommand(["--api-socket", "/tmp/vm.sock", "--from", "snap"], { error: console.error });
+ * ```
+ */
+export async function loadCommand(args: string[], io: ApiCommandIo): Promise<number> {
+  const { values, positionals } = parse(args, {
+    "api-socket": { type: "string" },
+    from: { type: "string" },
+    lazy: { type: "boolean" },
+    eager: { type: "boolean" },
+  });
+  if (values.help) return output(io, API_COMMAND_HELP.load);
+  if (positionals.length > 0) throw new UsageError(`unexpected argument "${positionals[0]}"`);
+  const path = requireSocket(values["api-socket"] as string | undefined, "load");
+  const from = values.from as string | undefined;
+  if (from === undefined || from === "") {
+    throw new UsageError("missing --from DIR (see load --help)");
+  }
+  if (values.lazy && values.eager) throw new UsageError("--lazy and --eager exclude each other");
+  const dir = resolve(from);
+  const mode = values.eager ? "eager" : "lazy";
+  await call(path, "load", (c) => c.load(dir, { mode }));
+  io.error(`denovisor: the VM now runs the snapshot ${dir} (${mode})\n`);
   return ExitStatus.ok;
 }
 
@@ -368,6 +451,7 @@ export async function restoreCommand(args: string[], io: ApiCommandIo): Promise<
     "no-stdin": { type: "boolean" },
     cid: { type: "string" },
     mac: { type: "string" },
+    "track-dirty-pages": { type: "boolean" },
   });
   if (values.help) return output(io, API_COMMAND_HELP.restore);
   if (positionals.length !== 1) {
@@ -404,6 +488,7 @@ export async function restoreCommand(args: string[], io: ApiCommandIo): Promise<
     ...(apiSocket === undefined ? {} : { apiSocket }),
     stdin: !values["no-stdin"],
     ...(identity ? { identity } : {}),
+    ...(values["track-dirty-pages"] ? { trackDirtyPages: true } : {}),
   }, io);
 }
 

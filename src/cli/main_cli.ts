@@ -36,6 +36,7 @@ import { ABI_VERSION } from "../ffi.ts";
 import { UsageError } from "./usage_error.ts";
 import {
   checkApiSocketOption,
+  loadCommand,
   migrateCommand,
   parseIncoming,
   pauseCommand,
@@ -67,7 +68,9 @@ Usage:
                                       serve the control API while it runs
   deno run -A main.ts pause|resume --api-socket PATH
                                       pause or resume that VM
-  deno run -A main.ts snapshot --api-socket PATH --to DIR [--stop]
+  deno run -A main.ts snapshot --api-socket PATH --to DIR [--stop] [--diff --parent PDIR]
+  deno run -A main.ts load --api-socket PATH --from DIR [--lazy|--eager]
+                                      replace that (paused) VM by a snapshot's
   deno run -A main.ts restore DIR [--lazy|--eager] [--api-socket PATH] [--no-stdin]
   deno run -A main.ts run --incoming tcp:HOST:PORT [--api-socket PATH]
   deno run -A main.ts migrate --api-socket PATH --to tcp:HOST:PORT
@@ -147,6 +150,10 @@ Options:
                      PATH while the VM runs: GET /vm, PUT /vm/state, GET
                      /metrics, PUT /balloon, ... (README "Control API"); a
                      stale socket is replaced, a live one refused (status 2)
+  --track-dirty-pages
+                     track the pages the guest and devices write from the
+                     start, so that \`main.ts snapshot --diff --parent DIR\`
+                     can write only what changed since the last snapshot
   --incoming tcp:HOST:PORT
                      instead of IMAGE: wait on HOST:PORT for a VM that
                      \`main.ts migrate\` sends, then run it (its configuration
@@ -277,9 +284,11 @@ async function runImage(
   if (typeof load === "function") load(vm);
   else vm.load(image, load);
   // Forwarding starts once the image is loaded, so a load error leaves the
-  // terminal as it was.
-  const result = await runVm(vm, input);
-  return { result, metrics: metricsReport(vm) };
+  // terminal as it was. The metrics are the last VM's (PUT /snapshot/load
+  // may have replaced this one).
+  let metrics: MetricsReport | undefined;
+  const result = await runVm(vm, { ...input, onRunEnd: (last) => (metrics = metricsReport(last)) });
+  return { result, metrics: metrics ?? metricsReport(vm) };
 }
 
 async function writeMetrics(
@@ -326,6 +335,7 @@ async function runCommand(args: string[], io: CliIo): Promise<number> {
       metrics: { type: "string" },
       "metrics-format": { type: "string" },
       "api-socket": { type: "string" },
+      "track-dirty-pages": { type: "boolean" },
       incoming: { type: "string" },
       help: { type: "boolean", short: "h" },
       ...DEVICE_FLAG_OPTIONS,
@@ -383,6 +393,7 @@ async function runCommand(args: string[], io: CliIo): Promise<number> {
     stdin: !values["no-stdin"],
     watchdogMs: parseCount(values.watchdog, "--watchdog", 0, 0),
     apiSocket: values["api-socket"],
+    trackDirtyPages: values["track-dirty-pages"] ?? false,
   });
   if (values.metrics !== undefined) await writeMetrics(values.metrics, metricsFormat, metrics);
   if (!values.quiet) io.error(summaryLine(result));
@@ -411,6 +422,7 @@ interface LinuxRunValues extends DeviceFlagValues {
   "no-stdin"?: boolean;
   watchdog?: string;
   "api-socket"?: string;
+  "track-dirty-pages"?: boolean;
   incoming?: string;
 }
 
@@ -428,6 +440,7 @@ const NOT_WITH_INCOMING = [
   "arg",
   "irqchip",
   "dedup",
+  "track-dirty-pages",
 ] as const;
 
 /** `run --incoming tcp:HOST:PORT`: waits for a migrating VM, then runs it. */
@@ -570,7 +583,12 @@ async function runLinuxCommand(
           (layout.initrd ? `, initrd at ${hex(layout.initrd.address)}` : "") + "\n",
       );
     }
-  }, { stdin: !values["no-stdin"], watchdogMs, apiSocket: values["api-socket"] });
+  }, {
+    stdin: !values["no-stdin"],
+    watchdogMs,
+    apiSocket: values["api-socket"],
+    trackDirtyPages: values["track-dirty-pages"] ?? false,
+  });
   if (values.metrics !== undefined) await writeMetrics(values.metrics, metricsFormat, metrics);
   if (!values.quiet) io.error(summaryLine(result));
   return statusOfResult(result);
@@ -745,6 +763,7 @@ export async function main(args: string[], io: CliIo = stderrIo): Promise<number
     if (command === "resume") return await resumeCommand(rest, io);
     if (command === "snapshot") return await snapshotCommand(rest, io);
     if (command === "restore") return await restoreCommand(rest, io);
+    if (command === "load") return await loadCommand(rest, io);
     if (command === "migrate") return await migrateCommand(rest, io);
     throw new UsageError(`unknown command "${command}" (see --help)`);
   } catch (e) {
