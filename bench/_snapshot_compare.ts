@@ -35,6 +35,9 @@ export interface SnapshotFigures {
   restoreMs: number;
   /** denovisor: the restore call alone (the VM rebuilt, ready to run), ms. */
   restoreReadyMs?: number;
+  /** denovisor: an untimed warm-up `Vm.restore` before the timed ones (lazy, not
+   * run), ms: the first in a process also pays for compiling its code. */
+  restoreColdMs?: number;
   /** denovisor: a diff snapshot after a small change in the guest (one
    * shell command), ms to write it. */
   diffSaveMs?: number;
@@ -165,9 +168,10 @@ async function timedRestore(
  * tracking, snapshot it while running (`saveMs`: pause, write, resume;
  * `bytes`: the directory's allocated blocks), type one shell command and take
  * a diff against it (`diffSaveMs`, `diffBytes`), stop it; then restore the
- * full snapshot lazily and eagerly (`restoreReadyMs`: `Vm.restore` alone;
- * `restoreMs`: to the restored guest's first vCPU exit), each restored shell
- * checked; then three lazy clones at once: the anonymous host memory each adds
+ * full snapshot once untimed (`restoreColdMs`: the first restore in the
+ * process pays for compiling its code), then lazily and eagerly
+ * (`restoreReadyMs`: `Vm.restore` alone; `restoreMs`: to the restored guest's
+ * first vCPU exit), each restored shell checked; then three lazy clones at once: the anonymous host memory each adds
  * and the pages each dirtied idling at its shell for 3 s (`cloneAnonBytes`,
  * `cloneDirtyPages`, lazy only). `restoreFromStartMs` is not measured (NaN):
  * the restores run in this process. Progress goes to stderr.
@@ -230,6 +234,12 @@ export async function measureDenovisorSnapshots(
       }
     }
     const figures = { lazy: { ...saved }, eager: { ...saved } };
+    {
+      const t = performance.now();
+      (await Vm.restore(full, { mode: "lazy" })).close();
+      figures.lazy.restoreColdMs = performance.now() - t;
+      stage(`warm-up Vm.restore (lazy, not run): ${ms(figures.lazy.restoreColdMs)}`);
+    }
     for (const mode of ["lazy", "eager"] as const) {
       const r = await timedRestore(full, mode);
       figures[mode].restoreReadyMs = r.readyMs;

@@ -143,6 +143,7 @@ function table(r: SizeResult): string {
     row("restore: spawn → running", (s) => s.restoreFromStartMs, ms),
     row("restore: request → running", (s) => s.restoreMs, ms),
     row("restore: VM rebuilt (Vm.restore)", (s) => s.restoreReadyMs ?? NaN, ms),
+    row("restore: first Vm.restore (warm-up)", (s) => s.restoreColdMs ?? NaN, ms),
     row("diff after one shell command: write", (s) => s.diffSaveMs ?? NaN, ms),
     row("diff size", (s) => s.diffBytes ?? NaN, mib),
     row("host memory per extra lazy clone", (s) => s.cloneAnonBytes ?? NaN, mib),
