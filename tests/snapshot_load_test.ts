@@ -292,7 +292,7 @@ kvmTest(
 );
 
 kvmTest(
-  "run --track-dirty-pages: snapshot --to full, then snapshot --diff --parent full through the CLI; restore of the diff continues from its point",
+  "run --track-dirty-pages: snapshot --to full, then snapshot --diff --parent full through the CLI; restore of the diff continues from its point, and loads the full one over the API",
   async () => {
     const dir = await Deno.makeTempDir({ prefix: "dvdiff" });
     const socket = `${dir}/vm.sock`;
@@ -317,9 +317,11 @@ kvmTest(
       await child.socketUp(socket);
       using client = new ApiClient(socket, { timeoutMs: 300_000 });
       await child.outputPast(3 * 9);
-      let r = await cli("snapshot", "--api-socket", socket, "--to", `${dir}/full`);
+      const kFull = await pauseAndSettle(client, child);
+      let r = await cli("snapshot", "--api-socket", socket, "--to", `${dir}/full`, "--stop");
       assert.equal(r.code, 0, r.stderr);
-      await child.outputPast(child.out.length + 5 * 9);
+      await client.resume();
+      await child.outputPast(kFull + 5 * 9);
       const k = await pauseAndSettle(client, child);
       r = await cli(
         "snapshot",
@@ -351,11 +353,17 @@ kvmTest(
       restored = new Child(["restore", `${dir}/d1`, "--no-stdin", "--api-socket", socket2]);
       await restored.socketUp(socket2);
       await restored.outputPast(10 * 9);
-      using client2 = new ApiClient(socket2);
+      using client2 = new ApiClient(socket2, { timeoutMs: 300_000 });
+      // A restore --api-socket process loads too: back to the full snapshot's point.
+      const k2 = await pauseAndSettle(client2, restored);
+      await client2.load(`${dir}/full`, { mode: "eager" });
+      await restored.outputPast(k2 + 5 * 9);
       await client2.stop();
       assert.equal(await restored.status(), 0, await restored.stderr);
       const out = restored.out;
-      assert.equal(out, countStream(k + out.length).slice(k), "the restored diff's output");
+      assert.equal(out.slice(0, k2), countStream(k + k2).slice(k), "the restored diff's output");
+      const loaded = out.slice(k2);
+      assert.equal(loaded, countStream(kFull + loaded.length).slice(kFull), "after the load");
     } finally {
       await child.kill();
       await restored?.kill();
