@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "a293eca9d9537dfd301bde1bda578b29aa4c9436bda5e4366c17bf254b5cf440";
+  "612dc86ef515b60dd1450618024d5224cd1fbdc860779d3202adf18df81bc548";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

@@ -34,6 +34,7 @@ use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
@@ -591,30 +592,13 @@ impl Snapshot {
     /// Reads and checks `dir/state` and that `dir/memory` is a regular file
     /// of the recorded length; for a diff, the same of every link of its
     /// chain back to the full base ([`read_chain`]).
-    pub fn read(dir: &Path) -> Result<Snapshot, SnapshotError> {
-        let mut chain = read_chain(dir)?;
-        Ok(chain.swap_remove(0).snapshot)
+    pub fn read(dir: &Path) -> Result<Chain, SnapshotError> {
+        read_chain(dir)
     }
 
     /// [`Snapshot::read`] of this directory alone (its parent unread).
     pub fn read_link(dir: &Path) -> Result<Snapshot, SnapshotError> {
-        let path = dir.join(STATE_FILE);
-        let mut file = File::open(&path).map_err(io(&path, "open"))?;
-        let meta = file.metadata().map_err(io(&path, "stat"))?;
-        if !meta.is_file() {
-            return Err(invalid("header", "the state is not a regular file"));
-        }
-        if meta.len() > MAX_STATE_BYTES {
-            return Err(invalid(
-                "header",
-                format!("{} bytes is more than a state file holds", meta.len()),
-            ));
-        }
-        let mut bytes = Vec::with_capacity(meta.len() as usize);
-        Read::by_ref(&mut file)
-            .take(MAX_STATE_BYTES + 1)
-            .read_to_end(&mut bytes)
-            .map_err(io(&path, "read"))?;
+        let bytes = read_state_bytes(&dir.join(STATE_FILE))?;
         let snapshot = Snapshot::parse(&bytes)?;
         snapshot.open_memory(dir)?;
         Ok(snapshot)
@@ -654,6 +638,7 @@ impl Snapshot {
             return self.base_ram(dir, lazy);
         }
         let chain = read_chain(dir)?;
+        let chain = chain.links();
         for link in &chain[..chain.len() - 1] {
             link.check_diff_file()?;
         }
@@ -878,12 +863,86 @@ fn crc_hex(crc: u64) -> String {
     format!("{crc:016x}")
 }
 
+/// A snapshot chain as [`read_chain`] answers it: newest first; it derefs to
+/// the newest link's [`Snapshot`].
+#[derive(Clone)]
+pub struct Chain(Arc<Vec<Link>>);
+
+impl std::ops::Deref for Chain {
+    type Target = Snapshot;
+    fn deref(&self) -> &Snapshot {
+        &self.0[0].snapshot
+    }
+}
+
+impl Chain {
+    /// Its links, newest first (one for a full snapshot).
+    pub fn links(&self) -> &[Link] {
+        &self.0
+    }
+}
+
+/// The bytes of the state file at `path`, refused beyond [`MAX_STATE_BYTES`].
+fn read_state_bytes(path: &Path) -> Result<Vec<u8>, SnapshotError> {
+    let mut file = File::open(path).map_err(io(path, "open"))?;
+    let meta = file.metadata().map_err(io(path, "stat"))?;
+    if !meta.is_file() {
+        return Err(invalid("header", "the state is not a regular file"));
+    }
+    if meta.len() > MAX_STATE_BYTES {
+        return Err(invalid(
+            "header",
+            format!("{} bytes is more than a state file holds", meta.len()),
+        ));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    Read::by_ref(&mut file)
+        .take(MAX_STATE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io(path, "read"))?;
+    Ok(bytes)
+}
+
+/// Whether `link`'s files are still what it was read from: its state file's
+/// CRC-64 the same (the parse is what changes nothing else), its memory file
+/// a regular file of the recorded length (all an uncached read checks of it).
+fn still_current(link: &Link) -> bool {
+    let Ok(bytes) = read_state_bytes(&link.dir.join(STATE_FILE)) else {
+        return false;
+    };
+    Crc64::of(&bytes) == link.snapshot.state_crc64 && link.snapshot.open_memory(&link.dir).is_ok()
+}
+
+/// The chain read last: a restore inspects, creates and applies one snapshot
+/// in three calls, and each would otherwise parse every state file again. A
+/// hit reads each state file and compares its checksum ([`still_current`]).
+static LAST_CHAIN: Mutex<Option<(PathBuf, Chain)>> = Mutex::new(None);
+
 /// Reads the snapshot in `dir` and, for a diff, its parents back to the full
 /// base: every link's state file and memory file size checked, each parent's
 /// state file the one the diff was taken against, the same RAM in all.
-/// Newest first. Refusals about a parent name it.
-pub fn read_chain(dir: &Path) -> Result<Vec<Link>, SnapshotError> {
-    let mut dir = fs::canonicalize(dir).map_err(io(dir, "open the snapshot directory"))?;
+/// Newest first. Refusals about a parent name it. The chain read last is
+/// answered again while its files are unchanged (see [`LAST_CHAIN`]).
+pub fn read_chain(dir: &Path) -> Result<Chain, SnapshotError> {
+    let top = fs::canonicalize(dir).map_err(io(dir, "open the snapshot directory"))?;
+    let mut last = LAST_CHAIN.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((cached_dir, chain)) = last.as_ref() {
+        let links = chain.links();
+        let parents_same = links.windows(2).all(|pair| {
+            pair[0].snapshot.memory.parent.as_ref().is_some_and(|p| {
+                fs::canonicalize(pair[0].dir.join(&p.dir)).is_ok_and(|d| d == pair[1].dir)
+            })
+        });
+        if *cached_dir == top && parents_same && links.iter().all(still_current) {
+            return Ok(chain.clone());
+        }
+    }
+    let chain = Chain(Arc::new(read_links(top.clone())?));
+    *last = Some((top, chain.clone()));
+    Ok(chain)
+}
+
+fn read_links(mut dir: PathBuf) -> Result<Vec<Link>, SnapshotError> {
     let mut snapshot = Snapshot::read_link(&dir)?;
     let mut chain = Vec::new();
     while let Some(parent) = snapshot.memory.parent.clone() {
@@ -1804,7 +1863,7 @@ mod tests {
         assert_eq!(s.memory.pages, Some(vec![(2, 1), (4, 1), (255, 1)]));
         // Packed: the diff file holds exactly the pages that changed.
         assert_eq!(fs::metadata(d2.join(MEMORY_FILE)).unwrap().len(), 3 * 4096);
-        assert_eq!(read_chain(&d2).unwrap().len(), 3);
+        assert_eq!(read_chain(&d2).unwrap().links().len(), 3);
         for lazy in [true, false] {
             let restored = s.guest_ram(&d2, lazy).unwrap();
             assert_eq!(restored.is_file_backed(), lazy);
@@ -1851,6 +1910,39 @@ mod tests {
         fs::remove_file(root.join("base").join(MEMORY_FILE)).unwrap();
         let m = parent_refusal(&d2);
         assert!(m.contains("../base") && m.contains("memory"), "{m}");
+        let _ = fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn a_snapshot_changed_in_place_after_a_read_is_read_afresh() {
+        let root = temp_dir("reread");
+        chain(&root);
+        let d2 = root.join("d2");
+        assert_eq!(Snapshot::read(&d2).unwrap().memory.kind, "diff");
+        // The same size, within the file system's timestamp granularity: only
+        // the bytes tell the state apart from the one read just now.
+        let state = d2.join(STATE_FILE);
+        let mut bytes = fs::read(&state).unwrap();
+        let at = bytes.len() - 3;
+        bytes[at] ^= 1;
+        fs::write(&state, &bytes).unwrap();
+        assert!(matches!(
+            Snapshot::read(&d2),
+            Err(SnapshotError::Invalid { .. })
+        ));
+        bytes[at] ^= 1;
+        fs::write(&state, &bytes).unwrap();
+        assert!(Snapshot::read(&d2).is_ok());
+        // Its memory file truncated.
+        let memory = d2.join(MEMORY_FILE);
+        let len = fs::metadata(&memory).unwrap().len();
+        File::options()
+            .write(true)
+            .open(&memory)
+            .unwrap()
+            .set_len(len - 1)
+            .unwrap();
+        assert!(Snapshot::read(&d2).is_err());
         let _ = fs::remove_dir_all(&root);
     }
 
