@@ -17,6 +17,10 @@
  *                                 RUNS times: connect to the host's PORT, send
  *                                 BYTES, shut down writing, wait for its answer;
  *                                 prints "BENCH g2h BYTES NS" for each (the bench)
+ *   vsock_peer whoami PORT        connect to the host's PORT, send "cid=N\n" (N: this
+ *                                 guest's CID, as the connection's source
+ *                                 address has it), shut down writing, copy
+ *                                 the answer to stdout after that same line
  *   vsock_peer sink PORT RUNS     listen on PORT; RUNS connections one after the
  *                                 other, each read to EOF: "BENCH h2g BYTES NS"
  *
@@ -105,6 +109,20 @@ static int cmd_send(unsigned port) {
   if (copy(fd, 1) < 0) die("receiving");
   close(fd);
   return 0;
+}
+
+static int cmd_whoami(unsigned port) {
+  int fd = connect_host(port);
+  struct sockaddr_vm me;
+  socklen_t len = sizeof me;
+  if (getsockname(fd, (struct sockaddr *)&me, &len) < 0) die("getsockname");
+  char line[32];
+  int n = snprintf(line, sizeof line, "cid=%u\n", me.svm_cid);
+  fputs(line, stdout);
+  fflush(stdout);
+  if (write_all(fd, line, (size_t)n) < 0) die("write");
+  if (shutdown(fd, SHUT_WR) < 0) die("shutdown");
+  return copy(fd, 1) < 0;
 }
 
 static int cmd_recv(unsigned port) {
@@ -279,6 +297,7 @@ int main(int argc, char **argv) {
   signal(SIGPIPE, SIG_IGN);
   setvbuf(stdout, NULL, _IOLBF, 0);
   if (argc == 3 && !strcmp(argv[1], "send")) return cmd_send(port_arg(argv[2]));
+  if (argc == 3 && !strcmp(argv[1], "whoami")) return cmd_whoami(port_arg(argv[2]));
   if (argc == 3 && !strcmp(argv[1], "recv")) return cmd_recv(port_arg(argv[2]));
   if (argc == 4 && !strcmp(argv[1], "echo")) return cmd_echo(port_arg(argv[2]), atoi(argv[3]));
   if (argc == 5 && !strcmp(argv[1], "multi"))
@@ -288,6 +307,6 @@ int main(int argc, char **argv) {
   if (argc == 5 && !strcmp(argv[1], "source"))
     return cmd_source(port_arg(argv[2]), atoll(argv[3]), atoi(argv[4]));
   if (argc == 4 && !strcmp(argv[1], "sink")) return cmd_sink(port_arg(argv[2]), atoi(argv[3]));
-  fprintf(stderr, "usage: vsock_peer send|recv|echo|multi|partial|flood|source|sink PORT ...\n");
+  fprintf(stderr, "usage: vsock_peer send|whoami|recv|echo|multi|partial|flood|source|sink PORT ...\n");
   return 2;
 }
