@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "612dc86ef515b60dd1450618024d5224cd1fbdc860779d3202adf18df81bc548";
+  "c11b62fbbb8ec69f38807d3dc0457eb778bfb23f0f64feb01fe9c247244efa70";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

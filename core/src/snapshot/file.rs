@@ -685,7 +685,7 @@ impl Snapshot {
 
     /// Applies the VM and device state to `vm`, built from this snapshot's
     /// RAM and config (the same vCPU count, irqchip and devices): the shape
-    /// is checked first, then the devices and KVM's state are restored.
+    /// is checked first, then KVM's state and the devices are restored.
     pub fn apply(&self, vm: &Vm) -> Result<(), SnapshotError> {
         if vm.ram().size() != self.memory.size {
             return Err(SnapshotError::refused(
@@ -713,9 +713,18 @@ impl Snapshot {
                 "the VM and the snapshot differ in the in-kernel irqchip",
             ));
         }
+        // KVM's state first, the devices after: a restored virtio device
+        // starts its queues and is kicked once, and what it then serves (a
+        // frame the new TAP already holds, a TX chain posted before the
+        // snapshot) raises its MSI at once. Raised before the vCPUs' local
+        // APICs are written, that interrupt was lost with the IRR that
+        // `KVM_SET_LAPIC` overwrote, and with EVENT_IDX the device does not
+        // raise another until the driver moves `used_event`, which it only
+        // does after an interrupt: the restored guest's virtio-net RX queue
+        // stayed silent forever.
+        self.vm.restore(vm)?;
         vm.restore_device_states(&self.devices)
-            .map_err(|e| SnapshotError::refused("devices", e.to_string()))?;
-        self.vm.restore(vm)
+            .map_err(|e| SnapshotError::refused("devices", e.to_string()))
     }
 }
 
