@@ -18,9 +18,9 @@
  *                                 BYTES, shut down writing, wait for its answer;
  *                                 prints "BENCH g2h BYTES NS" for each (the bench)
  *   vsock_peer whoami PORT        connect to the host's PORT, send "cid=N\n" (N: this
- *                                 guest's CID, as the connection's source
- *                                 address has it), shut down writing, copy
- *                                 the answer to stdout after that same line
+ *                                 guest's CID, from /dev/vsock), shut down
+ *                                 writing, copy the answer to stdout after
+ *                                 that same line
  *   vsock_peer sink PORT RUNS     listen on PORT; RUNS connections one after the
  *                                 other, each read to EOF: "BENCH h2g BYTES NS"
  *
@@ -28,11 +28,13 @@
  * print "vsock_peer: what: why" on stderr and exit 1.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -112,12 +114,17 @@ static int cmd_send(unsigned port) {
 }
 
 static int cmd_whoami(unsigned port) {
+  /* A connected socket's own address keeps VMADDR_CID_ANY: the CID is the
+   * transport's, which /dev/vsock reports (and the host's device drops a
+   * packet from any other CID). */
+  int dev = open("/dev/vsock", O_RDONLY | O_CLOEXEC);
+  if (dev < 0) die("opening /dev/vsock");
+  unsigned cid;
+  if (ioctl(dev, IOCTL_VM_SOCKETS_GET_LOCAL_CID, &cid) < 0) die("IOCTL_VM_SOCKETS_GET_LOCAL_CID");
+  close(dev);
   int fd = connect_host(port);
-  struct sockaddr_vm me;
-  socklen_t len = sizeof me;
-  if (getsockname(fd, (struct sockaddr *)&me, &len) < 0) die("getsockname");
   char line[32];
-  int n = snprintf(line, sizeof line, "cid=%u\n", me.svm_cid);
+  int n = snprintf(line, sizeof line, "cid=%u\n", cid);
   fputs(line, stdout);
   fflush(stdout);
   if (write_all(fd, line, (size_t)n) < 0) die("write");
