@@ -430,6 +430,7 @@ linuxTest(
       const runs: Promise<unknown>[] = [];
       try {
         const rss0 = await rssBytes();
+        const clonesStart = performance.now();
         const perClone: { total: number; anon: number }[] = [];
         for (let i = 0; i < CLONES; i++) {
           const cloneDisk = `${dir}/clone${i}.img`;
@@ -494,6 +495,18 @@ linuxTest(
           perClone.push(await rssBytes());
         }
         const mib = (n: number) => (n / 2 ** 20).toFixed(2);
+        console.error(
+          `note: ${CLONES} clones restored and answering in ${
+            ((performance.now() - clonesStart) / 1000).toFixed(1)
+          } s (${CHECKED_CLONES} of them also re-probing their NIC and using vsock); frames ` +
+            `their NICs took in from their TAPs: ${
+              vms.map((vm) =>
+                (vm.devices().pci.find((f) => f.name.startsWith("net"))?.details as
+                  | { device?: { rxFrames?: number } }
+                  | undefined)?.device?.rxFrames ?? "?"
+              ).join(" ")
+            }`,
+        );
         const first = perClone[0], last = perClone[IDLE_CLONES - 1];
         console.error(
           `note: RSS before the clones ${mib(rss0.total)} MiB (anonymous ${mib(rss0.anon)}), ` +
