@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "c11b62fbbb8ec69f38807d3dc0457eb778bfb23f0f64feb01fe9c247244efa70";
+  "d061465b084257bbe6723d30c1afe57cc6d25c21ca7117beac58da38ee153878";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.
