@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "d061465b084257bbe6723d30c1afe57cc6d25c21ca7117beac58da38ee153878";
+  "afcb313313ef8f181039d002342849430664569f373f9dd93539ee3dff08f6c3";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

@@ -34,7 +34,7 @@ use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use serde::{Deserialize, Serialize};
 
@@ -107,6 +107,20 @@ const fn crc64_tables() -> [[u64; 256]; 8] {
 
 static CRC64_TABLES: [[u64; 256]; 8] = crc64_tables();
 
+/// `m` (64 columns over GF(2)) applied to `v`.
+fn gf2_apply(m: &[u64; 64], mut v: u64) -> u64 {
+    let mut out = 0;
+    let mut i = 0;
+    while v != 0 {
+        if v & 1 != 0 {
+            out ^= m[i];
+        }
+        v >>= 1;
+        i += 1;
+    }
+    out
+}
+
 impl Default for Crc64 {
     fn default() -> Self {
         Crc64(!0)
@@ -136,6 +150,31 @@ impl Crc64 {
             c = (c >> 8) ^ t[0][((c ^ u64::from(b)) & 0xff) as usize];
         }
         self.0 = c;
+    }
+
+    /// Feeds `n` zero bytes without reading any: a zero byte is a linear map
+    /// of the CRC register, so a page of them is one precomputed 64x64 bit
+    /// matrix (squared up from one byte's, as zlib's `crc32_combine` does)
+    /// applied in 64 XORs.
+    pub fn update_zeros(&mut self, n: u64) {
+        static ZERO_PAGE: OnceLock<[u64; 64]> = OnceLock::new();
+        let page = ZERO_PAGE.get_or_init(|| {
+            // Column i: the register after one zero byte from the basis vector 1 << i.
+            let mut m = [0u64; 64];
+            for (i, col) in m.iter_mut().enumerate() {
+                let c = 1u64 << i;
+                *col = (c >> 8) ^ CRC64_TABLES[0][(c & 0xff) as usize];
+            }
+            for _ in 0..PAGE.trailing_zeros() {
+                let square: [u64; 64] = std::array::from_fn(|i| gf2_apply(&m, m[i]));
+                m = square;
+            }
+            m
+        });
+        for _ in 0..n / PAGE as u64 {
+            self.0 = gf2_apply(page, self.0);
+        }
+        self.update(&[0u8; PAGE][..(n % PAGE as u64) as usize]);
     }
 
     /// The checksum of everything fed.
@@ -665,9 +704,21 @@ impl Snapshot {
             // anonymous mapping, alive while `ram` is and not yet given to KVM
             // or any other thread: nothing else reads or writes it meanwhile.
             let host = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
-            file.read_exact_at(host, offset)
-                .map_err(io(&path, "read"))?;
-            crc.update(host);
+            // Only the file's data is read: its holes are zero pages, which
+            // fresh anonymous RAM already is; the checksum covers them without
+            // reading them (`Crc64::update_zeros`).
+            let mut at = 0usize;
+            for (start, end) in
+                data_extents(&file, offset, len as u64).map_err(io(&path, "seek"))?
+            {
+                let (start, end) = ((start - offset) as usize, (end - offset) as usize);
+                crc.update_zeros((start - at) as u64);
+                file.read_exact_at(&mut host[start..end], offset + start as u64)
+                    .map_err(io(&path, "read"))?;
+                crc.update(&host[start..end]);
+                at = end;
+            }
+            crc.update_zeros((len - at) as u64);
             offset += len as u64;
         }
         let got = format!("{:016x}", crc.finish());
@@ -868,6 +919,46 @@ impl Link {
     }
 }
 
+/// The data extents of `file` within `[offset, offset + len)`, as absolute
+/// `(start, end)` byte ranges in order, found with `SEEK_DATA`/`SEEK_HOLE`;
+/// the rest of the range is holes (reads as zeros). A file system without
+/// them answers the whole range as data.
+fn data_extents(file: &File, offset: u64, len: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    let end = offset + len;
+    let seek = |at: u64, whence: i32| -> std::io::Result<Option<u64>> {
+        let at = libc::off_t::try_from(at)
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+        // SAFETY: lseek on a descriptor this `File` owns and keeps open; it
+        // only moves the file offset, which nothing here relies on (reads use
+        // pread).
+        let got = unsafe { libc::lseek(fd, at, whence) };
+        if got >= 0 {
+            return Ok(Some(got as u64));
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::ENXIO) => Ok(None),
+            _ => Err(e),
+        }
+    };
+    let mut out = Vec::new();
+    let mut at = offset;
+    while at < end {
+        let start = match seek(at, libc::SEEK_DATA) {
+            Ok(Some(s)) if s < end => s,
+            Ok(_) => break,
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(vec![(at, end)]),
+            Err(e) => return Err(e),
+        };
+        let stop = seek(start, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
+        out.push((start, stop));
+        at = stop;
+    }
+    Ok(out)
+}
+
 fn crc_hex(crc: u64) -> String {
     format!("{crc:016x}")
 }
@@ -1061,8 +1152,12 @@ pub fn write_memory(ram: &GuestRam, file: &File) -> std::io::Result<(u64, u64)> 
         while at < len {
             let end = (at + PAGE).min(len);
             let page = &host[at..end];
-            crc.update(page);
             let zero = page == &ZERO[..page.len()];
+            if zero {
+                crc.update_zeros(page.len() as u64);
+            } else {
+                crc.update(page);
+            }
             match (zero, run_start) {
                 (false, None) => run_start = Some(at),
                 (true, Some(s)) => {
@@ -2052,6 +2147,53 @@ mod tests {
             relative_path(Path::new("/a/b/c"), Path::new("/a/b/c/base")),
             PathBuf::from("base")
         );
+    }
+
+    #[test]
+    fn zeros_fed_without_reading_them_checksum_as_zeros_read() {
+        for n in [0u64, 1, 7, 4095, 4096, 4097, 3 * 4096 + 5, 64 * 4096] {
+            let mut fast = Crc64::default();
+            fast.update(b"lead");
+            fast.update_zeros(n);
+            fast.update(b"tail");
+            let mut slow = Crc64::default();
+            slow.update(b"lead");
+            slow.update(&vec![0u8; n as usize]);
+            slow.update(b"tail");
+            assert_eq!(fast.finish(), slow.finish(), "{n} zeros");
+        }
+    }
+
+    #[test]
+    fn data_extents_skip_holes_and_cover_all_data() {
+        let root = temp_dir("extents");
+        let path = root.join("sparse");
+        let file = File::options()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        file.set_len(64 * 4096).unwrap();
+        file.write_all_at(&[1; 4096], 4096).unwrap();
+        file.write_all_at(&[2; 2 * 4096], 40 * 4096).unwrap();
+        let extents = data_extents(&file, 0, 64 * 4096).unwrap();
+        // Every data byte is inside an extent, and extents stay in range.
+        for at in [4096u64, 8191, 40 * 4096, 42 * 4096 - 1] {
+            assert!(
+                extents.iter().any(|&(s, e)| s <= at && at < e),
+                "{at}: {extents:?}"
+            );
+        }
+        assert!(
+            extents.iter().all(|&(s, e)| s < e && e <= 64 * 4096),
+            "{extents:?}"
+        );
+        // A window inside the second run answers only that window.
+        let inner = data_extents(&file, 41 * 4096, 4096).unwrap();
+        assert_eq!(inner, vec![(41 * 4096, 42 * 4096)]);
+        let _ = fs::remove_dir_all(&root);
     }
 
     #[test]
