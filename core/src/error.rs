@@ -149,6 +149,9 @@ pub enum Error {
     /// A device state read back is not one the device can hold
     #[error("device state: {0}")]
     State(#[from] crate::state::StateError),
+    /// A migration stream cannot be sent, or what was received is refused
+    #[error(transparent)]
+    Migration(#[from] crate::migration::MigrationError),
 }
 
 impl Error {

@@ -20,6 +20,7 @@ pub mod irq;
 pub mod ksm;
 pub mod memory;
 pub mod metrics;
+pub mod migration;
 pub mod msi;
 pub mod msr_filter;
 pub mod pci;

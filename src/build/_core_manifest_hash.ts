@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "afcb313313ef8f181039d002342849430664569f373f9dd93539ee3dff08f6c3";
+  "ef138c46d204259bca25709263fd1feec59cd2d436c350ba1356f15b38a6931f";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

@@ -7,6 +7,9 @@ use crate::dirty::DirtyBitmap;
 use crate::error::Error;
 use crate::handles;
 use crate::memory::ram_ranges;
+use crate::migration;
+use crate::migration::socket::{self, Transport};
+use crate::migration::wire::{write_frame, FrameKind};
 use crate::snapshot::file::{apply_state_bytes, encode_vm_state, host_of, HostCpu};
 use crate::snapshot::pages::{pack_pages, unpack_pages};
 use crate::snapshot::vm::VmState;
@@ -182,6 +185,256 @@ pub unsafe extern "C" fn dv_vm_apply_migration_state(vm: u32, state: *const u8, 
         // SAFETY: per this function's contract.
         let bytes = unsafe { bytes(state, len) }?;
         apply_state_bytes(&vm, bytes)?;
+        Ok(())
+    })
+}
+
+// The migration stream in the core (see [`crate::migration`]): sockets made
+// here and used by fd, whole rounds of pages sent or received per call. The
+// calls that wait on the peer are bound `nonblocking` and return their error
+// message in their buffer.
+
+/// [`dv_migration_connect`] / [`dv_migration_listen`] transport: TCP, `host:port`.
+pub const MIGRATION_TCP: u32 = 0;
+/// [`dv_migration_connect`] / [`dv_migration_listen`] transport: a Unix socket path.
+pub const MIGRATION_UNIX: u32 = 1;
+/// [`dv_vm_migration_send_pages`] flag: every non-zero page of RAM (round 0)
+/// instead of the pending dirty pages.
+pub const MIGRATION_SEND_ALL: u32 = 1;
+
+/// Connects to a migration target (`transport` 0: `target` is `host:port`,
+/// 1: a path), waiting at most `timeout_ms` (0: the OS's limit); `*out_fd`
+/// is the socket, closed with [`dv_migration_close`]. Blocks: bound
+/// `nonblocking`, the error message goes to `buf`.
+///
+/// # Safety
+/// `target` valid for `len` bytes, `buf` for `cap` writable bytes, `out_len`
+/// for a `usize` write, `out_fd` for an `i32` write.
+#[no_mangle]
+pub unsafe extern "C" fn dv_migration_connect(
+    transport: u32,
+    target: *const u8,
+    len: usize,
+    timeout_ms: u64,
+    buf: *mut u8,
+    cap: usize,
+    out_len: *mut usize,
+    out_fd: *mut i32,
+) -> i32 {
+    // SAFETY: per this function's contract.
+    unsafe {
+        guarded_into(buf, cap, out_len, || {
+            let target = text(target, len, "migration address")?;
+            let fd = socket::connect(
+                Transport::of(transport)?,
+                target,
+                super::timeout(timeout_ms),
+            )?;
+            put(out_fd, fd)?;
+            Ok(Vec::new())
+        })
+    }
+}
+
+/// Listens for a migration source; `*out_fd` is the listener, `*out_port`
+/// its TCP port (0 for a Unix socket).
+///
+/// # Safety
+/// `target` valid for `len` bytes, `out_fd` for an `i32` write, `out_port`
+/// for a `u32` write.
+#[no_mangle]
+pub unsafe extern "C" fn dv_migration_listen(
+    transport: u32,
+    target: *const u8,
+    len: usize,
+    out_fd: *mut i32,
+    out_port: *mut u32,
+) -> i32 {
+    guarded(|| {
+        // SAFETY: per this function's contract.
+        let target = unsafe { text(target, len, "migration address") }?;
+        let (fd, port) = socket::listen(Transport::of(transport)?, target)?;
+        // SAFETY: per this function's contract.
+        unsafe {
+            put(out_fd, fd)?;
+            put(out_port, u32::from(port))
+        }
+    })
+}
+
+/// Waits at most `timeout_ms` (0: forever) for one connection on a listener
+/// from [`dv_migration_listen`]; `*out_fd` is it. Blocks (`nonblocking`).
+///
+/// # Safety
+/// `buf` valid for `cap` writable bytes, `out_len` for a `usize` write,
+/// `out_fd` for an `i32` write.
+#[no_mangle]
+pub unsafe extern "C" fn dv_migration_accept(
+    listener: i32,
+    timeout_ms: u64,
+    buf: *mut u8,
+    cap: usize,
+    out_len: *mut usize,
+    out_fd: *mut i32,
+) -> i32 {
+    // SAFETY: per this function's contract.
+    unsafe {
+        guarded_into(buf, cap, out_len, || {
+            let fd = socket::accept(listener, super::timeout(timeout_ms))?;
+            put(out_fd, fd)?;
+            Ok(Vec::new())
+        })
+    }
+}
+
+/// Closes a socket or listener made by the calls above.
+#[no_mangle]
+pub extern "C" fn dv_migration_close(fd: i32) -> i32 {
+    guarded(|| Ok(socket::close(fd)?))
+}
+
+/// Writes one frame of `kind` (1..=6, as `wire.ts`) with `payload` to the
+/// socket, waiting at most `timeout_ms` (0: forever). Blocks (`nonblocking`).
+///
+/// # Safety
+/// `payload` valid for `len` bytes, `buf` for `cap` writable bytes,
+/// `out_len` for a `usize` write.
+#[no_mangle]
+pub unsafe extern "C" fn dv_migration_send_frame(
+    fd: i32,
+    kind: u32,
+    payload: *const u8,
+    len: usize,
+    timeout_ms: u64,
+    buf: *mut u8,
+    cap: usize,
+    out_len: *mut usize,
+) -> i32 {
+    // SAFETY: per this function's contract.
+    unsafe {
+        guarded_into(buf, cap, out_len, || {
+            let kind = u8::try_from(kind)
+                .ok()
+                .and_then(FrameKind::of)
+                .ok_or_else(|| Error::arg(format!("unknown frame kind {kind}")))?;
+            let payload = bytes(payload, len)?;
+            let mut s = socket::Borrowed::new(fd, super::timeout(timeout_ms))?;
+            write_frame(&mut s, kind, payload)?;
+            Ok(Vec::new())
+        })
+    }
+}
+
+/// Reads frames from the socket (each read waits at most `timeout_ms`, 0:
+/// forever): every `pages` frame is checked and written into the RAM of
+/// `vm` (0: no VM yet, a pages frame is refused), until the first frame of
+/// another kind, whose payload goes to `buf` and kind to `*out_kind`.
+/// `out_stats` receives four `u64`s: pages written, bytes read, nanoseconds
+/// spent writing pages, pages frames. Blocks (`nonblocking`); on failure
+/// `buf` holds the message.
+///
+/// # Safety
+/// `buf` valid for `cap` writable bytes, `out_len` for a `usize` write,
+/// `out_kind` for a `u32` write, `out_stats` for four `u64` writes.
+#[no_mangle]
+pub unsafe extern "C" fn dv_migration_receive(
+    vm: u32,
+    fd: i32,
+    timeout_ms: u64,
+    buf: *mut u8,
+    cap: usize,
+    out_len: *mut usize,
+    out_kind: *mut u32,
+    out_stats: *mut u64,
+) -> i32 {
+    // SAFETY: per this function's contract.
+    unsafe {
+        guarded_into(buf, cap, out_len, || {
+            if out_stats.is_null() {
+                return Err(Error::arg("null output pointer"));
+            }
+            let vm = if vm == 0 {
+                None
+            } else {
+                Some(handles::vm(vm)?)
+            };
+            let mut s = socket::Borrowed::new(fd, super::timeout(timeout_ms))?;
+            let got = migration::receive(&mut s, vm.as_ref().map(|v| v.ram()))?;
+            put(out_kind, got.kind as u32)?;
+            let stats = [got.pages, got.bytes, got.write_ns, got.page_frames];
+            for (i, v) in stats.into_iter().enumerate() {
+                put(out_stats.add(i), v)?;
+            }
+            Ok(got.payload)
+        })
+    }
+}
+
+/// Takes the VM's dirty pages (as `dv_vm_take_dirty`) into its pending set,
+/// which [`dv_vm_migration_send_pages`] sends; `*out_pending` is the number
+/// of pages pending. The set stays in the core: no bitmap crosses the ABI.
+///
+/// # Safety
+/// `out_pending` must be valid for a `u64` write.
+#[no_mangle]
+pub unsafe extern "C" fn dv_vm_migration_take_dirty(vm: u32, out_pending: *mut u64) -> i32 {
+    guarded(|| {
+        let v = handles::vm(vm)?;
+        let n = migration::add_pending(vm, v.take_dirty_pages()?)?;
+        // SAFETY: per this function's contract.
+        unsafe { put(out_pending, n) }
+    })
+}
+
+/// Sends one round of pages to the socket as `pages` frames of at most
+/// `batch_bytes` of records: with [`MIGRATION_SEND_ALL`] every non-zero page
+/// of RAM, else the pending set (emptied). Writes wait at most `timeout_ms`.
+/// On success `buf` holds JSON `{pages, bytes, frames, packNs, sendNs}`.
+/// Blocks (`nonblocking`); on failure `buf` holds the message.
+///
+/// # Safety
+/// `buf` valid for `cap` writable bytes, `out_len` for a `usize` write.
+#[no_mangle]
+pub unsafe extern "C" fn dv_vm_migration_send_pages(
+    vm: u32,
+    fd: i32,
+    flags: u32,
+    batch_bytes: u64,
+    timeout_ms: u64,
+    buf: *mut u8,
+    cap: usize,
+    out_len: *mut usize,
+) -> i32 {
+    // SAFETY: per this function's contract.
+    unsafe {
+        guarded_into(buf, cap, out_len, || {
+            if flags & !MIGRATION_SEND_ALL != 0 {
+                return Err(Error::arg(format!("unknown send flags {flags:#x}")));
+            }
+            let v = handles::vm(vm)?;
+            let all = flags & MIGRATION_SEND_ALL != 0;
+            let pages = if all {
+                let mut every = DirtyBitmap::new(&ram_ranges(v.ram().size()));
+                for i in 0..every.pages() {
+                    every.set(i);
+                }
+                every
+            } else {
+                migration::take_pending(vm, v.ram())
+            };
+            let mut s = socket::Borrowed::new(fd, super::timeout(timeout_ms))?;
+            let batch = usize::try_from(batch_bytes).unwrap_or(usize::MAX);
+            let stats = migration::send_pages(v.ram(), &pages, all, batch, &mut s)?;
+            super::json(&stats)
+        })
+    }
+}
+
+/// Forgets the VM's pending pages (the migration ended either way).
+#[no_mangle]
+pub extern "C" fn dv_vm_migration_end(vm: u32) -> i32 {
+    guarded(|| {
+        migration::end(vm);
         Ok(())
     })
 }

@@ -12,6 +12,7 @@ use crate::error::{Error, Status};
 use crate::irq::IrqError;
 use crate::ksm::KsmError;
 use crate::memory::MemoryError;
+use crate::migration::MigrationError;
 use crate::snapshot::SnapshotError;
 use crate::vcpu::VcpuError;
 use crate::vm::VmError;
@@ -40,6 +41,18 @@ pub(crate) fn status(e: &Error) -> Status {
         Error::Ksm(KsmError::Unsupported(_)) => Status::KsmUnavailable,
         Error::Ksm(KsmError::Madvise { .. }) => Status::Memory,
         Error::Ksm(KsmError::Read { .. } | KsmError::Malformed { .. }) => Status::Io,
+        Error::Migration(e) => migration(e),
+    }
+}
+
+/// A socket that fails or times out is I/O; a stream that breaks the
+/// protocol (cut, corrupt, oversized, a page outside RAM) is a refused
+/// argument.
+fn migration(e: &MigrationError) -> Status {
+    match e {
+        MigrationError::TimedOut(_) => Status::Timeout,
+        MigrationError::Io { .. } | MigrationError::Closed => Status::Io,
+        _ => Status::InvalidArgument,
     }
 }
 
