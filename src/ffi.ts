@@ -263,6 +263,47 @@ const SYMBOLS = {
   },
   /** int32_t dv_vm_apply_migration_state(uint32_t vm, const uint8_t *state, size_t len) */
   dv_vm_apply_migration_state: { parameters: ["u32", "buffer", "usize"], result: "i32" },
+  /** int32_t dv_migration_connect(uint32_t transport, const uint8_t *target, size_t len, uint64_t timeout_ms, uint8_t *buf, size_t cap, size_t *out_len, int32_t *out_fd) — blocks */
+  dv_migration_connect: {
+    parameters: ["u32", "buffer", "usize", "u64", "buffer", "usize", "buffer", "buffer"],
+    result: "i32",
+    nonblocking: true,
+  },
+  /** int32_t dv_migration_listen(uint32_t transport, const uint8_t *target, size_t len, int32_t *out_fd, uint32_t *out_port) */
+  dv_migration_listen: {
+    parameters: ["u32", "buffer", "usize", "buffer", "buffer"],
+    result: "i32",
+  },
+  /** int32_t dv_migration_accept(int32_t listener, uint64_t timeout_ms, uint8_t *buf, size_t cap, size_t *out_len, int32_t *out_fd) — blocks */
+  dv_migration_accept: {
+    parameters: ["i32", "u64", "buffer", "usize", "buffer", "buffer"],
+    result: "i32",
+    nonblocking: true,
+  },
+  /** int32_t dv_migration_close(int32_t fd) */
+  dv_migration_close: { parameters: ["i32"], result: "i32" },
+  /** int32_t dv_migration_send_frame(int32_t fd, uint32_t kind, const uint8_t *payload, size_t len, uint64_t timeout_ms, uint8_t *buf, size_t cap, size_t *out_len) — blocks */
+  dv_migration_send_frame: {
+    parameters: ["i32", "u32", "buffer", "usize", "u64", "buffer", "usize", "buffer"],
+    result: "i32",
+    nonblocking: true,
+  },
+  /** int32_t dv_migration_receive(uint32_t vm, int32_t fd, uint64_t timeout_ms, uint8_t *buf, size_t cap, size_t *out_len, uint32_t *out_kind, uint64_t *out_stats) — blocks */
+  dv_migration_receive: {
+    parameters: ["u32", "i32", "u64", "buffer", "usize", "buffer", "buffer", "buffer"],
+    result: "i32",
+    nonblocking: true,
+  },
+  /** int32_t dv_vm_migration_take_dirty(uint32_t vm, uint64_t *out_pending) */
+  dv_vm_migration_take_dirty: { parameters: ["u32", "buffer"], result: "i32" },
+  /** int32_t dv_vm_migration_send_pages(uint32_t vm, int32_t fd, uint32_t flags, uint64_t batch_bytes, uint64_t timeout_ms, uint8_t *buf, size_t cap, size_t *out_len) — blocks; JSON */
+  dv_vm_migration_send_pages: {
+    parameters: ["u32", "i32", "u32", "u64", "u64", "buffer", "usize", "buffer"],
+    result: "i32",
+    nonblocking: true,
+  },
+  /** int32_t dv_vm_migration_end(uint32_t vm) */
+  dv_vm_migration_end: { parameters: ["u32"], result: "i32" },
 } as const satisfies Deno.ForeignLibraryInterface;
 
 type Symbols = Deno.DynamicLibrary<typeof SYMBOLS>["symbols"];
@@ -656,6 +697,151 @@ export class Core {
   /** `dv_vm_apply_migration_state`: verifies and applies migration state bytes. */
   vmApplyMigrationState(vm: number, state: Uint8Array): void {
     this.#check(this.#sym.dv_vm_apply_migration_state(vm, state, BigInt(state.length)));
+  }
+
+  /** Awaits a blocking call that answers raw bytes (or its error message) in `buf`. */
+  async #blockingBytes(
+    call: (buf: Uint8Array, cap: bigint, outLen: BigUint64Array) => Promise<number>,
+    cap = RESULT_BUFFER_BYTES,
+  ): Promise<Uint8Array> {
+    const buf = new Uint8Array(cap);
+    const outLen = new BigUint64Array(1);
+    const status = await call(buf, BigInt(buf.length), outLen);
+    const out = buf.subarray(0, Math.min(Number(outLen[0]), buf.length));
+    if (status !== 0) throw new DenovisorError(errorCodeOfStatus(status), decoder.decode(out));
+    return out;
+  }
+
+  /** `dv_migration_connect` (off the JS thread): the connected socket's fd. */
+  async migrationConnect(transport: number, target: string, timeoutMs: number): Promise<number> {
+    const t = new TextEncoder().encode(target);
+    const fd = new Int32Array(1);
+    await this.#blockingBytes((buf, cap, outLen) =>
+      this.#sym.dv_migration_connect(
+        transport,
+        t,
+        BigInt(t.length),
+        BigInt(timeoutMs),
+        buf,
+        cap,
+        outLen,
+        fd,
+      )
+    );
+    return fd[0];
+  }
+
+  /** `dv_migration_listen`: the listener's fd and TCP port. */
+  migrationListen(transport: number, target: string): { fd: number; port: number } {
+    const t = new TextEncoder().encode(target);
+    const fd = new Int32Array(1);
+    const port = new Uint32Array(1);
+    this.#check(this.#sym.dv_migration_listen(transport, t, BigInt(t.length), fd, port));
+    return { fd: fd[0], port: port[0] };
+  }
+
+  /** `dv_migration_accept` (off the JS thread): the accepted socket's fd. */
+  async migrationAccept(listener: number, timeoutMs: number): Promise<number> {
+    const fd = new Int32Array(1);
+    await this.#blockingBytes((buf, cap, outLen) =>
+      this.#sym.dv_migration_accept(listener, BigInt(timeoutMs), buf, cap, outLen, fd)
+    );
+    return fd[0];
+  }
+
+  /** `dv_migration_close`. */
+  migrationClose(fd: number): void {
+    this.#check(this.#sym.dv_migration_close(fd));
+  }
+
+  /** `dv_migration_send_frame` (off the JS thread). */
+  async migrationSendFrame(
+    fd: number,
+    kind: number,
+    payload: Uint8Array,
+    timeoutMs: number,
+  ): Promise<void> {
+    await this.#blockingBytes((buf, cap, outLen) =>
+      this.#sym.dv_migration_send_frame(
+        fd,
+        kind,
+        payload,
+        BigInt(payload.length),
+        BigInt(timeoutMs),
+        buf,
+        cap,
+        outLen,
+      )
+    );
+  }
+
+  /** `dv_migration_receive` (off the JS thread): pages frames into `vm`'s RAM
+   * (0: none), then the first other frame. */
+  async migrationReceive(
+    vm: number,
+    fd: number,
+    timeoutMs: number,
+    cap: number,
+  ): Promise<
+    {
+      kind: number;
+      payload: Uint8Array;
+      pages: number;
+      bytes: number;
+      writeNs: number;
+      frames: number;
+    }
+  > {
+    const kind = new Uint32Array(1);
+    const stats = new BigUint64Array(4);
+    const payload = await this.#blockingBytes(
+      (buf, c, outLen) =>
+        this.#sym.dv_migration_receive(vm, fd, BigInt(timeoutMs), buf, c, outLen, kind, stats),
+      cap,
+    );
+    return {
+      kind: kind[0],
+      payload,
+      pages: Number(stats[0]),
+      bytes: Number(stats[1]),
+      writeNs: Number(stats[2]),
+      frames: Number(stats[3]),
+    };
+  }
+
+  /** `dv_vm_migration_take_dirty`: the pages pending after taking the dirty set. */
+  vmMigrationTakeDirty(vm: number): number {
+    const out = new BigUint64Array(1);
+    this.#check(this.#sym.dv_vm_migration_take_dirty(vm, out));
+    return Number(out[0]);
+  }
+
+  /** `dv_vm_migration_send_pages` (off the JS thread): the round's figures. */
+  async vmMigrationSendPages<T>(
+    vm: number,
+    fd: number,
+    flags: number,
+    batchBytes: number,
+    timeoutMs: number,
+  ): Promise<T> {
+    const bytes = await this.#blockingBytes((buf, cap, outLen) =>
+      this.#sym.dv_vm_migration_send_pages(
+        vm,
+        fd,
+        flags,
+        BigInt(batchBytes),
+        BigInt(timeoutMs),
+        buf,
+        cap,
+        outLen,
+      )
+    );
+    return JSON.parse(decoder.decode(bytes)) as T;
+  }
+
+  /** `dv_vm_migration_end`: forgets the VM's pending pages. */
+  vmMigrationEnd(vm: number): void {
+    this.#check(this.#sym.dv_vm_migration_end(vm));
   }
 
   /** `dv_vm_device_control`: a device's answer to a JSON request, parsed. */

@@ -793,6 +793,91 @@ export class KvmVm implements Disposable {
   }
 
   /**
+   * Takes the dirty pages into this VM's pending migration set, kept in the
+   * core (`dv_vm_migration_take_dirty`): no bitmap crosses into JavaScript.
+   *
+   * @example
+   * ```ts ignore
+   * const pending = vm.migrationTakeDirty();
+   * ```
+   *
+   * @returns The pages pending (sent by the next {@link KvmVm.sendMigrationPages}).
+   */
+  migrationTakeDirty(): number {
+    return this.#core.vmMigrationTakeDirty(this.#live());
+  }
+
+  /**
+   * Sends one round of pages to a migration socket as checksummed `pages`
+   * frames, packed and written by the core off the JS thread
+   * (`dv_vm_migration_send_pages`): every non-zero page with `all`, else the
+   * pending set (emptied).
+   *
+   * @example
+   * ```ts ignore
+   * const round = await vm.sendMigrationPages(fd, { all: true });
+   * ```
+   *
+   * @param fd A socket from `src/migration/socket.ts`.
+   * @param options `all`, the bytes of records per frame, the write timeout.
+   * @returns The round's pages, bytes, frames and the ns spent packing and sending.
+   */
+  sendMigrationPages(
+    fd: number,
+    options: { all?: boolean; batchBytes?: number; timeoutMs?: number } = {},
+  ): Promise<MigrationSendStats> {
+    return this.#core.vmMigrationSendPages<MigrationSendStats>(
+      this.#live(),
+      fd,
+      options.all ? 1 : 0,
+      options.batchBytes ?? 4 << 20,
+      options.timeoutMs ?? 0,
+    );
+  }
+
+  /**
+   * Reads a migration stream into this VM (`dv_migration_receive`): every
+   * `pages` frame is checked (checksum, every index inside RAM) and written
+   * into RAM by the core, until the first frame of another kind.
+   *
+   * @example
+   * ```ts ignore
+   * const { kind, payload } = await vm.receiveMigrationFrames(fd, 30_000);
+   * ```
+   *
+   * @param fd A socket from `src/migration/socket.ts`.
+   * @param timeoutMs Each read's timeout (0: none).
+   * @returns That frame (its kind byte and payload) and the pages written before it.
+   */
+  receiveMigrationFrames(
+    fd: number,
+    timeoutMs: number,
+  ): Promise<
+    {
+      kind: number;
+      payload: Uint8Array;
+      pages: number;
+      bytes: number;
+      writeNs: number;
+      frames: number;
+    }
+  > {
+    return this.#core.migrationReceive(this.#live(), fd, timeoutMs, (64 << 20) + 4096);
+  }
+
+  /**
+   * Forgets the pending migration pages (`dv_vm_migration_end`).
+   *
+   * @example
+   * ```ts ignore
+   * vm.endMigration();
+   * ```
+   */
+  endMigration(): void {
+    this.#core.vmMigrationEnd(this.#live());
+  }
+
+  /**
    * Packs guest pages for a migration stream (`dv_vm_pack_pages`): the pages
    * set in `bitmap` (as {@link KvmVm.takeDirtyPages} gives it) from page
    * `from` on, as `[u64 index][4096 bytes]` records, as many as fit in `out`.
@@ -1120,4 +1205,18 @@ export class KvmVcpu {
     const timeout = checkTimeout(options.timeoutMs);
     return outcome(await this.#core.vcpuRun<RawRunResult>(this.#live(), timeout));
   }
+}
+
+/** One round of pages the core sent ({@link KvmVm.sendMigrationPages}). */
+export interface MigrationSendStats {
+  /** Pages sent. */
+  pages: number;
+  /** Bytes written, frame headers included. */
+  bytes: number;
+  /** Frames written. */
+  frames: number;
+  /** Nanoseconds reading the pages out of RAM and checksumming them. */
+  packNs: number;
+  /** Nanoseconds writing them to the socket. */
+  sendNs: number;
 }

@@ -9,13 +9,16 @@
  * 2. source: dirty log on, every non-zero page (round 0), then rounds of the
  *    pages dirtied meanwhile until a round is small (`thresholdPages`, or an
  *    estimated downtime under `downtimeMs` at the bandwidth measured so far)
- *    or `maxRounds` is reached. Pages go as `pages` frames the core packs
- *    (`[u64 index][4096 bytes]...`) and the target's core unpacks, checking
- *    every index against its RAM.
+ *    or `maxRounds` is reached. Pages go as `pages` frames
+ *    (`[u64 index][4096 bytes]...`): the source's core takes the dirty set,
+ *    packs, checksums and writes a whole round to the socket in one call;
+ *    the target's core reads, checks (CRC-32, every index inside RAM) and
+ *    writes them into guest RAM. No page and no bitmap passes through
+ *    JavaScript; the socket is the core's (`socket.ts`).
  * 3. source pauses the VM (vCPUs and devices), sends the last dirty pages and
  *    a `state` frame (the snapshot sections without a memory file); the
- *    target verifies it whole, applies it and answers `running`; the source
- *    then stops its VM.
+ *    target verifies it whole, applies it and answers `running` with the
+ *    times of its phases; the source then stops its VM.
  *
  * Anything else — the target refuses, dies, the connection is cut or a frame
  * is corrupt, a read times out — leaves the source VM running (dirty log off,
@@ -25,10 +28,11 @@
  */
 
 import { DenovisorError } from "../errors.ts";
-import { Kvm } from "../kvm/kvm.ts";
+import { Kvm, type MigrationSendStats } from "../kvm/kvm.ts";
 import { Vm } from "../vm.ts";
 import { type MigrationAddress, parseMigrationAddress } from "../api/address.ts";
-import { encodeFrame, type Frame, FrameReader, jsonFrame, jsonOf, writeAll } from "./wire.ts";
+import { jsonOf } from "./wire.ts";
+import { MigrationListener, MigrationSocket } from "./socket.ts";
 
 /** The protocol version `hello` carries. */
 export const MIGRATION_PROTOCOL_VERSION = 1;
@@ -61,6 +65,45 @@ export interface MigrationRound {
   bytes: number;
   /** Milliseconds it took. */
   ms: number;
+  /** Of which the core spent reading pages out of RAM and checksumming, ms. */
+  packMs: number;
+  /** And writing them to the socket, ms. */
+  sendMs: number;
+}
+
+/** Where a migration's time went on the source, ms ({@link MigrationStats.phases}). */
+export interface MigrationPhases {
+  /** Connecting to the target. */
+  connect: number;
+  /** Reading the host section, sending hello, until the target's `ready`
+   * (the target builds its VM meanwhile). */
+  handshake: number;
+  /** Round 0 and every pre-copy round after it, the VM running. */
+  precopy: number;
+  /** Downtime from here: pausing the VM (vCPUs and devices). */
+  pause: number;
+  /** Taking the last dirty set. */
+  harvest: number;
+  /** Sending the last round (`pack` + `send` of its {@link MigrationRound}). */
+  lastRound: number;
+  /** Encoding the state (CPU, VM and device sections). */
+  stateEncode: number;
+  /** Writing the state frame. */
+  stateSend: number;
+  /** From the state sent to the target's `running` (its apply included). */
+  awaitRunning: number;
+}
+
+/** Where the target's time went, ms, as it reports it in `running`. */
+export interface TargetPhases {
+  /** Checking the host and building the VM, before `ready`. */
+  build: number;
+  /** Writing received pages into RAM (all rounds, checks included). */
+  writePages: number;
+  /** From the state frame read to the state verified and applied. */
+  applyState: number;
+  /** Pages written in all. */
+  pages: number;
 }
 
 /** What a migration did ({@link migrateVm}). */
@@ -75,6 +118,10 @@ export interface MigrationStats {
   bytes: number;
   /** Pages sent in all. */
   pages: number;
+  /** The source's phases. */
+  phases: MigrationPhases;
+  /** The target's, when it reported them. */
+  target?: TargetPhases;
 }
 
 /** How a target receives ({@link receiveMigration}). */
@@ -97,28 +144,6 @@ function asAddress(to: string | MigrationAddress): MigrationAddress {
   return typeof to === "string" ? parseMigrationAddress(to) : to;
 }
 
-/** Awaits `p` for at most `ms` (0: forever); on timeout runs `onTimeout` and throws. */
-async function timed<T>(
-  p: Promise<T>,
-  ms: number,
-  what: string,
-  onTimeout: () => void,
-): Promise<T> {
-  if (ms <= 0) return await p;
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  const timeout = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => {
-      onTimeout();
-      reject(failure(`timed out after ${ms} ms ${what}`));
-    }, ms);
-  });
-  try {
-    return await Promise.race([p, timeout]);
-  } finally {
-    clearTimeout(timer);
-  }
-}
-
 function closeQuietly(c: { close(): void } | undefined): void {
   try {
     c?.close();
@@ -135,25 +160,29 @@ function positive(value: number | undefined, fallback: number, name: string): nu
   return v;
 }
 
-/** A bitmap with every page of RAM set (64-bit little-endian words). */
-function allPages(memoryBytes: number): Uint8Array {
-  const pages = Math.floor(memoryBytes / PAGE_BYTES);
-  const bitmap = new Uint8Array(Math.ceil(pages / 64) * 8);
-  bitmap.fill(0xff, 0, Math.floor(pages / 8));
-  for (let i = Math.floor(pages / 8) * 8; i < pages; i++) bitmap[i >> 3] |= 1 << (i & 7);
-  return bitmap;
+/** A stopwatch of phases: `lap()` returns the ms since the last lap. */
+function stopwatch(): () => number {
+  let last = performance.now();
+  return () => {
+    const now = performance.now();
+    const ms = now - last;
+    last = now;
+    return ms;
+  };
 }
 
-function countPages(bitmap: Uint8Array): number {
-  let n = 0;
-  for (const byte of bitmap) {
-    let b = byte;
-    while (b) {
-      b &= b - 1;
-      n++;
+function targetPhases(payload: Uint8Array): TargetPhases | undefined {
+  try {
+    const t = JSON.parse(new TextDecoder().decode(payload))?.phases;
+    if (
+      t && ["build", "writePages", "applyState", "pages"].every((k) => typeof t[k] === "number")
+    ) {
+      return { build: t.build, writePages: t.writePages, applyState: t.applyState, pages: t.pages };
     }
+  } catch {
+    // an older target's `{}`
   }
-  return n;
+  return undefined;
 }
 
 /**
@@ -169,14 +198,14 @@ function countPages(bitmap: Uint8Array): number {
  * import { migrateVm } from "denovisor/src/migration/migrate.ts";
  * const running = vm.run();
  * const stats = await migrateVm(vm, "tcp:127.0.0.1:4444");
- * console.log(stats.downtimeMs, stats.rounds.length);
+ * console.log(stats.downtimeMs, stats.rounds.length, stats.phases.pause);
  * await running; // stopped: the guest goes on over there
  * ```
  *
  * @param vm The VM (running, paused or loaded and not yet run).
  * @param to `tcp:HOST:PORT` or `unix:PATH`.
  * @param options Convergence and timeouts.
- * @returns Per-round figures, total time and downtime.
+ * @returns Per-round figures, total time, downtime and the phases of both sides.
  * @throws {DenovisorError} `MIGRATION` when the target refuses, the stream
  *   fails or a read times out; `INVALID_ARGUMENT` for a bad address.
  */
@@ -195,34 +224,35 @@ export async function migrateVm(
     Math.floor(positive(options.batchBytes, 4 << 20, "batchBytes") / RECORD_BYTES) * RECORD_BYTES,
   );
   const started = performance.now();
+  const lap = stopwatch();
   const wasPaused = vm.state === "paused";
-  let conn: Deno.Conn | undefined;
+  let socket: MigrationSocket | undefined;
   let logging = false;
   let pausedHere = false;
   const rounds: MigrationRound[] = [];
   let totalBytes = 0;
   let totalPages = 0;
+  const phases: MigrationPhases = {
+    connect: 0,
+    handshake: 0,
+    precopy: 0,
+    pause: 0,
+    harvest: 0,
+    lastRound: 0,
+    stateEncode: 0,
+    stateSend: 0,
+    awaitRunning: 0,
+  };
   try {
-    const connecting: Promise<Deno.Conn> = address.transport === "tcp"
-      ? Deno.connect({ hostname: address.hostname, port: address.port })
-      : Deno.connect({ transport: "unix", path: address.path });
-    conn = await timed(
-      connecting.catch((e) => {
-        throw failure(`cannot connect to the target: ${(e as Error).message}`);
-      }),
-      timeoutMs,
-      "connecting to the target",
-      () => {},
-    );
-    const c = conn;
-    const reader = new FrameReader(c);
-    const read = (what: string, ...kinds: Parameters<FrameReader["expect"]>) =>
-      timed(reader.expect(...kinds), timeoutMs, `waiting for ${what}`, () => closeQuietly(c));
-    const send = async (bytes: Uint8Array) => {
-      await writeAll(c, bytes).catch((e) => {
-        throw failure(`the connection to the target failed: ${(e as Error).message}`);
-      });
-      totalBytes += bytes.length;
+    socket = await MigrationSocket.connect(address, timeoutMs).catch((e) => {
+      throw failure(`cannot connect to the target: ${(e as Error).message}`);
+    });
+    const s = socket;
+    phases.connect = lap();
+    const sendJson = async (kind: "hello", value: unknown) => {
+      const bytes = new TextEncoder().encode(JSON.stringify(value));
+      await s.send(kind, bytes, timeoutMs);
+      totalBytes += 12 + bytes.length;
     };
 
     // The host section needs the vCPUs' CPUID: a brief pause to read it.
@@ -233,48 +263,48 @@ export async function migrateVm(
     } finally {
       if (!wasPaused) vm.resume();
     }
-    await send(jsonFrame("hello", {
+    await sendJson("hello", {
       version: MIGRATION_PROTOCOL_VERSION,
       config: JSON.parse(vm.migrationConfig()),
       memoryBytes: vm.memoryBytes,
       host,
-    }));
-    await read("the target to build the VM", "ready");
+    });
+    await s.expect(timeoutMs, ["ready"]);
+    phases.handshake = lap();
 
-    const buffer = new Uint8Array(batchBytes);
     let bandwidth = 0; // bytes per ms, measured
-    const sendPages = async (round: number, bitmap: Uint8Array, skipZero: boolean) => {
+    const sendRound = async (round: number, all: boolean) => {
       const t0 = performance.now();
-      const before = totalBytes;
-      let pages = 0;
-      let from = 0;
-      const total = vm.memoryBytes / PAGE_BYTES;
-      while (from < total) {
-        const { length, next } = vm.kvm.packPages(bitmap, from, skipZero, buffer);
-        if (length > 0) {
-          await send(encodeFrame("pages", buffer.subarray(0, length)));
-          pages += length / RECORD_BYTES;
-        }
-        from = next;
-      }
+      const sent: MigrationSendStats = await vm.kvm.sendMigrationPages(s.fd, {
+        all,
+        batchBytes,
+        timeoutMs,
+      });
       const ms = performance.now() - t0;
-      const bytes = totalBytes - before;
-      if (bytes > 64 * RECORD_BYTES && ms > 0) bandwidth = bytes / ms;
-      rounds.push({ round, pages, bytes, ms });
-      totalPages += pages;
+      totalBytes += sent.bytes;
+      if (sent.bytes > 64 * RECORD_BYTES && ms > 0) bandwidth = sent.bytes / ms;
+      rounds.push({
+        round,
+        pages: sent.pages,
+        bytes: sent.bytes,
+        ms,
+        packMs: sent.packNs / 1e6,
+        sendMs: sent.sendNs / 1e6,
+      });
+      totalPages += sent.pages;
     };
 
     vm.startDirtyLog();
     logging = true;
-    await sendPages(0, allPages(vm.memoryBytes), true);
-    let pending = vm.takeDirtyPages().bitmap;
+    await sendRound(0, true);
+    let pending = vm.kvm.migrationTakeDirty();
     for (let round = 1; round <= maxRounds; round++) {
-      const dirty = countPages(pending);
-      const estimateMs = bandwidth > 0 ? (dirty * RECORD_BYTES) / bandwidth : Infinity;
-      if (dirty <= thresholdPages || estimateMs <= downtimeMs) break;
-      await sendPages(round, pending, false);
-      pending = vm.takeDirtyPages().bitmap;
+      const estimateMs = bandwidth > 0 ? (pending * RECORD_BYTES) / bandwidth : Infinity;
+      if (pending <= thresholdPages || estimateMs <= downtimeMs) break;
+      await sendRound(round, false);
+      pending = vm.kvm.migrationTakeDirty();
     }
+    phases.precopy = lap();
 
     // Stop and copy.
     const pausedAt = performance.now();
@@ -282,14 +312,20 @@ export async function migrateVm(
       vm.pause();
       pausedHere = true;
     }
+    phases.pause = lap();
     // A guest that ended meanwhile has nothing to continue over there.
     if (vm.state === "stopped") throw failure("the VM's run ended during the migration");
-    const last = vm.takeDirtyPages().bitmap;
-    for (let i = 0; i < last.length; i++) last[i] |= pending[i];
-    await sendPages(rounds.length, last, false);
+    vm.kvm.migrationTakeDirty();
+    phases.harvest = lap();
+    await sendRound(rounds.length, false);
+    phases.lastRound = lap();
     const state = vm.kvm.migrationState(vm.migrationConfig());
-    await send(encodeFrame("state", state));
-    await read("the target to run the VM", "running");
+    phases.stateEncode = lap();
+    await s.send("state", state, timeoutMs);
+    totalBytes += 12 + state.length;
+    phases.stateSend = lap();
+    const running = await s.expect(timeoutMs, ["running"]);
+    phases.awaitRunning = lap();
     const downtime = performance.now() - pausedAt;
     logging = false;
     try {
@@ -297,26 +333,24 @@ export async function migrateVm(
     } catch {
       // the VM stops anyway
     }
+    closeQuietly({ close: () => vm.kvm.endMigration() });
     vm.stop();
-    closeQuietly(conn);
+    closeQuietly(socket);
     return {
       rounds,
       totalMs: performance.now() - started,
       downtimeMs: downtime,
       bytes: totalBytes,
       pages: totalPages,
+      phases,
+      target: targetPhases(running.payload),
     };
   } catch (e) {
     const message = (e as Error).message;
-    if (conn) {
+    if (socket) {
       // Best effort: the target may be gone.
-      await timed(
-        writeAll(conn, jsonFrame("abort", { message })).catch(() => {}),
-        1000,
-        "sending abort",
-        () => {},
-      ).catch(() => {});
-      closeQuietly(conn);
+      await socket.sendJson("abort", { message }, 1000).catch(() => {});
+      closeQuietly(socket);
     }
     if (logging) {
       try {
@@ -325,26 +359,19 @@ export async function migrateVm(
         // tracking may not have started
       }
     }
+    closeQuietly({ close: () => vm.kvm.endMigration() });
     if (pausedHere) vm.resume();
     if (e instanceof DenovisorError && e.code === "MIGRATION") throw e;
     throw failure(`migration failed, the VM runs on here: ${message}`);
   }
 }
 
-function listenOn(address: MigrationAddress): Deno.Listener {
+function listenerAddress(listener: MigrationListener, address: MigrationAddress): string {
   if (address.transport === "tcp") {
-    return Deno.listen({ hostname: address.hostname, port: address.port });
+    const host = address.hostname.includes(":") ? `[${address.hostname}]` : address.hostname;
+    return `tcp:${host}:${listener.port}`;
   }
-  return Deno.listen({ transport: "unix", path: address.path });
-}
-
-function listenerAddress(listener: Deno.Listener, address: MigrationAddress): string {
-  const a = listener.addr;
-  if (a.transport === "tcp") {
-    const host = a.hostname.includes(":") ? `[${a.hostname}]` : a.hostname;
-    return `tcp:${host}:${a.port}`;
-  }
-  return address.transport === "unix" ? `unix:${address.path}` : String(a.transport);
+  return `unix:${address.path}`;
 }
 
 /**
@@ -374,35 +401,30 @@ export async function receiveMigration(
   const address = asAddress(listen);
   const timeoutMs = positive(options.timeoutMs, 30_000, "timeoutMs");
   const acceptTimeoutMs = positive(options.acceptTimeoutMs, 0, "acceptTimeoutMs");
-  let listener: Deno.Listener | undefined;
-  let conn: Deno.Conn | undefined;
+  let listener: MigrationListener | undefined;
+  let socket: MigrationSocket | undefined;
   let vm: Vm | undefined;
   // KVM and the core are loaded before listening: the source's clock runs from
   // its hello, not from this process's start-up.
   const kvm = await Kvm.open();
   try {
     try {
-      listener = listenOn(address);
+      listener = await MigrationListener.listen(address);
     } catch (e) {
       throw failure(`cannot listen on ${listen}: ${(e as Error).message}`);
     }
     options.onListening?.(listenerAddress(listener, address));
-    const l = listener;
-    conn = await timed(
-      l.accept(),
-      acceptTimeoutMs,
-      "waiting for the source",
-      () => closeQuietly(l),
-    );
+    socket = await listener.accept(acceptTimeoutMs).catch((e) => {
+      throw failure(`waiting for the source: ${(e as Error).message}`);
+    });
     closeQuietly(listener);
     if (address.transport === "unix") await Deno.remove(address.path).catch(() => {});
     listener = undefined;
-    const c = conn;
-    const reader = new FrameReader(c);
-    const read = (what: string, ...kinds: Parameters<FrameReader["expect"]>): Promise<Frame> =>
-      timed(reader.expect(...kinds), timeoutMs, `waiting for ${what}`, () => closeQuietly(c));
+    const s = socket;
 
-    const hello = jsonOf(await read("the source's hello", "hello"));
+    const helloFrame = await s.expect(timeoutMs, ["hello"]);
+    const lap = stopwatch();
+    const hello = jsonOf({ kind: "hello", payload: helloFrame.payload });
     if (hello.version !== MIGRATION_PROTOCOL_VERSION) {
       throw refusal(
         `protocol version ${
@@ -427,38 +449,38 @@ export async function receiveMigration(
         }`,
       );
     }
-    await writeAll(c, jsonFrame("ready", {}));
-    for (;;) {
-      const frame = await read("pages or the state", "pages", "state");
-      if (frame.kind === "pages") {
-        try {
-          vm.kvm.unpackPages(frame.payload);
-        } catch (e) {
-          throw refusal(`a pages frame was refused: ${(e as Error).message}`);
-        }
-        continue;
+    const build = lap();
+    await s.sendJson("ready", {}, timeoutMs);
+    // Every round's pages go into RAM in the core; the state ends the stream.
+    let state;
+    try {
+      state = await s.expect(timeoutMs, ["state"], vm.kvm);
+    } catch (e) {
+      // A batch the core refused (a page outside RAM, a cut record, a
+      // checksum): tell the source; a cut or silent stream has no one to tell.
+      if (e instanceof DenovisorError && e.code === "INVALID_ARGUMENT") {
+        throw refusal(`a pages frame was refused: ${e.message}`);
       }
-      try {
-        vm.applyMigrationState(frame.payload);
-      } catch (e) {
-        throw refusal(`the state was refused: ${(e as Error).message}`);
-      }
-      break;
+      throw e;
     }
-    await writeAll(c, jsonFrame("running", {}));
-    closeQuietly(conn);
+    lap();
+    try {
+      vm.applyMigrationState(state.payload);
+    } catch (e) {
+      throw refusal(`the state was refused: ${(e as Error).message}`);
+    }
+    const applyState = lap();
+    await s.sendJson("running", {
+      phases: { build, writePages: state.writeNs / 1e6, applyState, pages: state.pages },
+    }, timeoutMs);
+    closeQuietly(socket);
     return vm;
   } catch (e) {
     const message = (e as Error).message;
-    if (conn && e instanceof Refusal) {
-      await timed(
-        writeAll(conn, jsonFrame("abort", { message })).catch(() => {}),
-        1000,
-        "sending abort",
-        () => {},
-      ).catch(() => {});
+    if (socket && e instanceof Refusal) {
+      await socket.sendJson("abort", { message }, 1000).catch(() => {});
     }
-    closeQuietly(conn);
+    closeQuietly(socket);
     closeQuietly(listener);
     vm?.close();
     if (e instanceof Refusal) throw failure(`refused the migration: ${message}`);
