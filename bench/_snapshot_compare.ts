@@ -60,6 +60,8 @@ export interface MigrationFigures {
   downtimeMs: number;
   /** Bytes sent from source to target. */
   transferredBytes: number;
+  /** denovisor only: its migration's rounds and the phases of both sides. */
+  denovisor?: Pick<MigrationStats, "rounds" | "phases" | "target">;
 }
 
 /** What the migrated guest does while it moves. */
@@ -378,6 +380,7 @@ export async function measureDenovisorMigration(
       totalMs: stats.totalMs,
       downtimeMs: stats.downtimeMs,
       transferredBytes: stats.bytes,
+      denovisor: { rounds: stats.rounds, phases: stats.phases, target: stats.target },
     };
   } finally {
     await source.kill();

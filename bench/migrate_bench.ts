@@ -189,6 +189,24 @@ async function main(args: Args): Promise<void> {
       );
     }
   }
+  for (const r of results) {
+    if (!r.denovisor.ok || !r.denovisor.value.denovisor) continue;
+    const { rounds, phases, target } = r.denovisor.value.denovisor;
+    const last = rounds[rounds.length - 1];
+    const fixed = (v: number) => v.toFixed(1);
+    console.log(
+      `  denovisor ${loadName(r.load)}: ${rounds.length} rounds (round 0 ${
+        rounds[0]?.pages
+      } pages ` +
+        `in ${fixed(rounds[0]?.ms ?? 0)} ms: pack ${fixed(rounds[0]?.packMs ?? 0)}, send ` +
+        `${fixed(rounds[0]?.sendMs ?? 0)}; last ${last?.pages} pages); source phases ms: ` +
+        Object.entries(phases).map(([k, v]) => `${k} ${fixed(v)}`).join(", ") +
+        (target
+          ? `; target: build ${fixed(target.build)}, write pages ${fixed(target.writePages)}, ` +
+            `apply state ${fixed(target.applyState)}`
+          : ""),
+    );
+  }
   console.log(
     "\n  downtime = the source's STOP event to the target's RESUME event (both QEMU's " +
       "timestamps); total = QEMU's total-time. n/a: not built yet.",
