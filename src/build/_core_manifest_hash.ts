@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "ef138c46d204259bca25709263fd1feec59cd2d436c350ba1356f15b38a6931f";
+  "17c1c394739d5d74cae81d9df9c826db7db86a720d7386be28f970a07382c14d";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

@@ -45,13 +45,14 @@ pub(crate) fn status(e: &Error) -> Status {
     }
 }
 
-/// A socket that fails or times out is I/O; a stream that breaks the
-/// protocol (cut, corrupt, oversized, a page outside RAM) is a refused
-/// argument.
+/// A socket that fails, is cut or times out is I/O; a stream that breaks the
+/// protocol (corrupt, oversized, a page outside RAM) is a refused argument.
 fn migration(e: &MigrationError) -> Status {
     match e {
         MigrationError::TimedOut(_) => Status::Timeout,
-        MigrationError::Io { .. } | MigrationError::Closed => Status::Io,
+        MigrationError::Io { .. } | MigrationError::Closed | MigrationError::Truncated { .. } => {
+            Status::Io
+        }
         _ => Status::InvalidArgument,
     }
 }
@@ -504,6 +505,38 @@ mod tests {
         ];
         for (e, want) in cases {
             assert_eq!(e.to_string(), want);
+        }
+    }
+
+    #[test]
+    fn a_cut_or_silent_stream_is_io_and_a_corrupt_one_a_refused_argument() {
+        use crate::migration::wire::FrameKind;
+        let cases = [
+            (
+                MigrationError::Truncated {
+                    what: "frame payload",
+                    got: 1,
+                    want: 2,
+                },
+                Status::Io,
+            ),
+            (MigrationError::Closed, Status::Io),
+            (MigrationError::TimedOut("reading"), Status::Timeout),
+            (
+                MigrationError::Checksum {
+                    kind: FrameKind::Pages,
+                    want: 1,
+                    got: 2,
+                },
+                Status::InvalidArgument,
+            ),
+            (
+                MigrationError::PageOutOfRange { index: 9, pages: 1 },
+                Status::InvalidArgument,
+            ),
+        ];
+        for (e, want) in cases {
+            assert_eq!(status(&Error::from(e)), want);
         }
     }
 }
