@@ -263,9 +263,11 @@ export async function migrateVm(
     } finally {
       if (!wasPaused) vm.resume();
     }
+    // The config is fixed for the migration: made once, outside the downtime.
+    const config = vm.migrationConfig();
     await sendJson("hello", {
       version: MIGRATION_PROTOCOL_VERSION,
-      config: JSON.parse(vm.migrationConfig()),
+      config: JSON.parse(config),
       memoryBytes: vm.memoryBytes,
       host,
     });
@@ -319,7 +321,7 @@ export async function migrateVm(
     phases.harvest = lap();
     await sendRound(rounds.length, false);
     phases.lastRound = lap();
-    const state = vm.kvm.migrationState(vm.migrationConfig());
+    const state = vm.kvm.migrationState(config);
     phases.stateEncode = lap();
     await s.send("state", state, timeoutMs);
     totalBytes += 12 + state.length;
