@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "17c1c394739d5d74cae81d9df9c826db7db86a720d7386be28f970a07382c14d";
+  "3038bd0dd7057487f1c0d943e440a54911f151c64f940aa9d7f2902f88dbe65b";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

@@ -84,10 +84,12 @@ export interface MigrationPhases {
   pause: number;
   /** Taking the last dirty set. */
   harvest: number;
-  /** Sending the last round (`pack` + `send` of its {@link MigrationRound}). */
-  lastRound: number;
-  /** Encoding the state (CPU, VM and device sections). */
+  /** Encoding the state (CPU, VM and device sections), while the core sends
+   * the last round. */
   stateEncode: number;
+  /** The rest of the last round, once the state is encoded (the round's own
+   * time is its {@link MigrationRound}). */
+  lastRound: number;
   /** Writing the state frame. */
   stateSend: number;
   /** From the state sent to the target's `running` (its apply included). */
@@ -238,8 +240,8 @@ export async function migrateVm(
     precopy: 0,
     pause: 0,
     harvest: 0,
-    lastRound: 0,
     stateEncode: 0,
+    lastRound: 0,
     stateSend: 0,
     awaitRunning: 0,
   };
@@ -271,17 +273,27 @@ export async function migrateVm(
       memoryBytes: vm.memoryBytes,
       host,
     });
-    await s.expect(timeoutMs, ["ready"]);
+    const ready = await s.expect(timeoutMs, ["ready"]);
     phases.handshake = lap();
+    // A target that says so answers a `sync` after each pre-copy round once
+    // those pages are in its RAM: the bandwidth is then the target's, and a
+    // backlog of pages in the socket never lands inside the downtime.
+    const readyBody = jsonOf({ kind: "ready", payload: ready.payload });
+    const sync = Array.isArray(readyBody.features) && readyBody.features.includes("sync");
 
     let bandwidth = 0; // bytes per ms, measured
-    const sendRound = async (round: number, all: boolean) => {
+    const sendRound = async (round: number, all: boolean, synced: boolean) => {
       const t0 = performance.now();
       const sent: MigrationSendStats = await vm.kvm.sendMigrationPages(s.fd, {
         all,
         batchBytes,
         timeoutMs,
       });
+      if (synced) {
+        await s.send("sync", new Uint8Array(), timeoutMs);
+        await s.expect(timeoutMs, ["synced"]);
+        sent.bytes += 12;
+      }
       const ms = performance.now() - t0;
       totalBytes += sent.bytes;
       if (sent.bytes > 64 * RECORD_BYTES && ms > 0) bandwidth = sent.bytes / ms;
@@ -298,12 +310,12 @@ export async function migrateVm(
 
     vm.startDirtyLog();
     logging = true;
-    await sendRound(0, true);
+    await sendRound(0, true, sync);
     let pending = vm.kvm.migrationTakeDirty();
     for (let round = 1; round <= maxRounds; round++) {
       const estimateMs = bandwidth > 0 ? (pending * RECORD_BYTES) / bandwidth : Infinity;
       if (pending <= thresholdPages || estimateMs <= downtimeMs) break;
-      await sendRound(round, false);
+      await sendRound(round, false, sync);
       pending = vm.kvm.migrationTakeDirty();
     }
     phases.precopy = lap();
@@ -319,10 +331,19 @@ export async function migrateVm(
     if (vm.state === "stopped") throw failure("the VM's run ended during the migration");
     vm.kvm.migrationTakeDirty();
     phases.harvest = lap();
-    await sendRound(rounds.length, false);
-    phases.lastRound = lap();
-    const state = vm.kvm.migrationState(config);
+    // The core sends the last round on its own thread while this one encodes
+    // the state: the two overlap on a host with a core to spare.
+    const lastRound = sendRound(rounds.length, false, false);
+    let state: Uint8Array;
+    try {
+      state = vm.kvm.migrationState(config);
+    } catch (e) {
+      await lastRound.catch(() => {});
+      throw e;
+    }
     phases.stateEncode = lap();
+    await lastRound;
+    phases.lastRound = lap();
     await s.send("state", state, timeoutMs);
     totalBytes += 12 + state.length;
     phases.stateSend = lap();
@@ -452,11 +473,23 @@ export async function receiveMigration(
       );
     }
     const build = lap();
-    await s.sendJson("ready", {}, timeoutMs);
-    // Every round's pages go into RAM in the core; the state ends the stream.
+    await s.sendJson("ready", { features: ["sync"] }, timeoutMs);
+    // Every round's pages go into RAM in the core; `sync` asks for an answer
+    // once they are there; the state ends the stream.
     let state;
+    let pages = 0;
+    let writeNs = 0;
     try {
-      state = await s.expect(timeoutMs, ["state"], vm.kvm);
+      for (;;) {
+        const frame = await s.expect(timeoutMs, ["state", "sync"], vm.kvm);
+        pages += frame.pages;
+        writeNs += frame.writeNs;
+        if (frame.kind === "state") {
+          state = frame;
+          break;
+        }
+        await s.sendJson("synced", {}, timeoutMs);
+      }
     } catch (e) {
       // A batch the core refused (a page outside RAM, a cut record, a
       // checksum): tell the source; a cut or silent stream has no one to tell.
@@ -473,7 +506,7 @@ export async function receiveMigration(
     }
     const applyState = lap();
     await s.sendJson("running", {
-      phases: { build, writePages: state.writeNs / 1e6, applyState, pages: state.pages },
+      phases: { build, writePages: writeNs / 1e6, applyState, pages },
     }, timeoutMs);
     closeQuietly(socket);
     return vm;

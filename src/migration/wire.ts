@@ -33,6 +33,11 @@ export const FRAME_KINDS = {
   state: 5,
   /** Target → source: JSON `{}`, the VM runs on the target. */
   running: 6,
+  /** Source → target after a pre-copy round, to a target whose `ready` listed
+   * the `sync` feature: answer once the pages before it are in RAM. */
+  sync: 7,
+  /** Target → source: JSON `{}`, the pages before the `sync` are in RAM. */
+  synced: 8,
 } as const;
 
 /** The name of a frame kind. */

@@ -293,7 +293,7 @@ pub extern "C" fn dv_migration_close(fd: i32) -> i32 {
     guarded(|| Ok(socket::close(fd)?))
 }
 
-/// Writes one frame of `kind` (1..=6, as `wire.ts`) with `payload` to the
+/// Writes one frame of `kind` (1..=8, as `wire.ts`) with `payload` to the
 /// socket, waiting at most `timeout_ms` (0: forever). Blocks (`nonblocking`).
 ///
 /// # Safety

@@ -31,6 +31,11 @@ pub enum FrameKind {
     State = 5,
     /// Target → source: the VM runs on the target.
     Running = 6,
+    /// Source → target, after a pre-copy round: answer once every page
+    /// before this is in RAM (a target announces it in `ready`).
+    Sync = 7,
+    /// Target → source: the pages before the `sync` are in RAM.
+    Synced = 8,
 }
 
 impl FrameKind {
@@ -43,6 +48,8 @@ impl FrameKind {
             4 => FrameKind::Pages,
             5 => FrameKind::State,
             6 => FrameKind::Running,
+            7 => FrameKind::Sync,
+            8 => FrameKind::Synced,
             _ => return None,
         })
     }
@@ -56,6 +63,8 @@ impl FrameKind {
             FrameKind::Pages => "pages",
             FrameKind::State => "state",
             FrameKind::Running => "running",
+            FrameKind::Sync => "sync",
+            FrameKind::Synced => "synced",
         }
     }
 }
