@@ -186,12 +186,15 @@ export {
 
 export { inspectSnapshot, type SnapshotInfo, type SnapshotSection } from "./src/snapshot.ts";
 export type { SnapshotWriteStats } from "./src/kvm/kvm.ts";
+export type { MigrationSendStats } from "./src/kvm/kvm.ts";
 export {
   type MigrateOptions,
   migrateVm,
   MIGRATION_PROTOCOL_VERSION,
+  type MigrationPhases,
   type MigrationRound,
   type MigrationStats,
   receiveMigration,
   type ReceiveOptions,
+  type TargetPhases,
 } from "./src/migration/migrate.ts";
