@@ -365,9 +365,12 @@ linuxTest(
         const proxy = killingProxy(targetPort, doomed, KILL_AFTER);
         const failed = await migrate(socket, proxy.port);
         await proxy.done;
-        assert.notEqual(failed.code, 0, `the migration succeeded: ${failed.stdout}`);
-        assert.ok(proxy.forwarded() >= KILL_AFTER, `only ${proxy.forwarded()} bytes went`);
         console.error(`note: migrate to a killed target: ${failed.stderr.trim()}`);
+        assert.notEqual(failed.code, 0, `the migration succeeded: ${failed.stdout}`);
+        assert.ok(
+          proxy.forwarded() >= KILL_AFTER,
+          `only ${proxy.forwarded()} bytes went; the target: ${doomed.stderr}`,
+        );
         const count = await source.number("cat /mnt/tmp/count");
         await waitPast(source, "count", count);
         assert.match(await source.sh("echo still-here"), /still-here/);
