@@ -3,6 +3,7 @@
 //! [`VmShared`] is what the vCPU threads need (RAM, devices, policy); [`Vm`] adds
 //! what only the host uses (the VM fd, the list of vCPUs, the run protocol).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
@@ -108,6 +109,14 @@ pub enum VmError {
     /// Dirty-page tracking failed or is off
     #[error(transparent)]
     Dirty(#[from] DirtyError),
+    /// A device's host resources could not be handed over or taken over
+    #[error("device {name:?}: {source}")]
+    HandOver {
+        /// The device.
+        name: String,
+        /// Its error.
+        source: VirtioError,
+    },
 }
 
 fn open_hint(e: &kvm_ioctls::Error) -> &'static str {
@@ -306,6 +315,9 @@ pub struct Vm {
     /// What a diff snapshot of this VM would be taken against (see
     /// [`DiffBase`]).
     diff_base: Mutex<DiffBase>,
+    /// Whether the devices' exclusive host resources are given up (see
+    /// [`Vm::hand_over_devices`]): devices added meanwhile are built unclaimed.
+    handed_over: AtomicBool,
 }
 
 /// KVM's supported CPUID, read once per process (it describes the host).
@@ -354,6 +366,7 @@ impl Vm {
             routes: OnceLock::new(),
             virtio: Mutex::new(Vec::new()),
             diff_base: Mutex::new(DiffBase::None),
+            handed_over: AtomicBool::new(false),
             shared: Arc::new(VmShared::new(ram, unhandled)?),
             vcpus: Mutex::new(Vec::new()),
             cpuid_policy: Mutex::new(CpuidPolicy::default()),
@@ -622,6 +635,35 @@ impl Vm {
         }
     }
 
+    /// Gives up every device's exclusive host resources for another process
+    /// (a live migration's other side): each disk makes what it wrote durable
+    /// and releases its image's lock. The VM must be paused (a running device
+    /// is refused) or not yet run; devices added afterwards are built without
+    /// them. [`Vm::take_over_devices`] claims them again. On an error some
+    /// devices may have handed over already: take over to undo.
+    pub fn hand_over_devices(&self) -> Result<()> {
+        self.handed_over.store(true, Ordering::Release);
+        for (name, device) in self.virtio_list() {
+            relock(&device)
+                .hand_over()
+                .map_err(|source| VmError::HandOver { name, source })?;
+        }
+        Ok(())
+    }
+
+    /// Claims every device's exclusive host resources (after
+    /// [`Vm::hand_over_devices`], or on a migration target built without
+    /// them); refused, naming the device, while another process holds one.
+    pub fn take_over_devices(&self) -> Result<()> {
+        for (name, device) in self.virtio_list() {
+            relock(&device)
+                .take_over()
+                .map_err(|source| VmError::HandOver { name, source })?;
+        }
+        self.handed_over.store(false, Ordering::Release);
+        Ok(())
+    }
+
     /// The virtio transports, by name (a copy: the list's lock is not held
     /// while one is used).
     fn virtio_list(&self) -> Vec<(String, Arc<Mutex<VirtioPci>>)> {
@@ -804,7 +846,7 @@ impl Vm {
         if name.is_empty() || name.len() > 64 || list.iter().any(|(n, _)| *n == name) {
             return Err(VmError::DeviceName(name).into());
         }
-        let device = config.build()?;
+        let device = config.build_claiming(!self.handed_over.load(Ordering::Acquire))?;
         let routes = self
             .routes
             .get_or_init(|| Arc::new(GsiRoutes::new(self.fd.clone())))

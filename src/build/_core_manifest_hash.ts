@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "3038bd0dd7057487f1c0d943e440a54911f151c64f940aa9d7f2902f88dbe65b";
+  "84b0f22a68c476fd6e0bfdab86dcb34bc9970e65c947fd8185a5f1e19c20b299";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

@@ -2,7 +2,7 @@
 //! virtio device from its JSON configuration, list a VM's devices, and pass a
 //! runtime request to one. They only marshal; `Vm` does the work.
 
-use super::{bytes, guarded_into, json, text};
+use super::{bytes, guarded, guarded_into, json, text};
 use crate::error::Error;
 use crate::handles;
 use crate::virtio::devices::DeviceConfig;
@@ -75,4 +75,21 @@ pub unsafe extern "C" fn dv_vm_device_control(
             json(&vm.device_control(name, &request)?)
         })
     }
+}
+
+/// A live migration's hand-over of the devices' host resources (disk images'
+/// locks): `claim` 0 gives them up (each disk's writes made durable, its lock
+/// released; the VM paused or not yet run; devices added later are built
+/// without them), non-zero claims them (refused while another process holds
+/// one).
+#[no_mangle]
+pub extern "C" fn dv_vm_devices_claim(vm: u32, claim: u32) -> i32 {
+    guarded(|| {
+        let vm = handles::vm(vm)?;
+        if claim != 0 {
+            vm.take_over_devices()
+        } else {
+            vm.hand_over_devices()
+        }
+    })
 }

@@ -36,6 +36,8 @@ pub(crate) fn status(e: &Error) -> Status {
         }
         // A paused device takes no runtime request until the VM resumes.
         Error::Device(crate::virtio::VirtioError::Paused) => Status::Busy,
+        // A running device is not handed over until the VM pauses.
+        Error::Device(crate::virtio::VirtioError::Running) => Status::Busy,
         Error::Device(_) => Status::Device,
         Error::Snapshot(e) => snapshot(e),
         Error::Ksm(KsmError::Unsupported(_)) => Status::KsmUnavailable,
@@ -147,6 +149,8 @@ fn vm(e: &VmError) -> Status {
         VmError::VcpuLimit(_) => Status::VcpuLimit,
         VmError::PauseTimeout { .. } => Status::Busy,
         VmError::DeviceQuiesce { .. } => Status::Timeout,
+        // Another process holds a disk image, a running device, an I/O error.
+        VmError::HandOver { .. } => Status::Device,
         VmError::Dirty(DirtyError::Kvm { .. }) => Status::Kvm,
         VmError::Dirty(DirtyError::NotTracking | DirtyError::Size { .. }) => {
             Status::InvalidArgument

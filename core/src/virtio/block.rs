@@ -13,6 +13,13 @@
 //! VIRTIO_BLK_F_RO, is opened `O_RDONLY`, and answers every write with
 //! VIRTIO_BLK_S_IOERR.
 //!
+//! Live migration hands the image over between two processes that open the
+//! same path: the target builds its disk unclaimed ([`Block::open_unclaimed`]:
+//! no lock), the paused source's [`VirtioDevice::hand_over`] makes every write
+//! it answered durable (`fdatasync`) and releases its lock, and the target's
+//! [`VirtioDevice::take_over`] takes the lock (refused while the source still
+//! holds it) before the guest runs there.
+//!
 //! Every value the driver controls is checked: a chain that loops, points
 //! outside guest RAM, puts a readable descriptor after a writable one or has
 //! no byte for the status stops the device with DEVICE_NEEDS_RESET (it cannot
@@ -243,10 +250,17 @@ impl Block {
     /// Opens the image `config.path` (a regular file or a block device):
     /// read-write with an exclusive lock, or read-only with a shared one.
     pub fn open(config: BlockConfig) -> Result<Block, BlockError> {
-        Self::open_with(config, BlockStats::default())
+        Self::open_with(config, BlockStats::default(), true)
     }
 
-    fn open_with(config: BlockConfig, stats: BlockStats) -> Result<Block, BlockError> {
+    /// Opens the image like [`Block::open`] but takes no lock: a live
+    /// migration's target, whose source holds the image until it hands it
+    /// over; [`VirtioDevice::take_over`] takes the lock then.
+    pub fn open_unclaimed(config: BlockConfig) -> Result<Block, BlockError> {
+        Self::open_with(config, BlockStats::default(), false)
+    }
+
+    fn open_with(config: BlockConfig, stats: BlockStats, claim: bool) -> Result<Block, BlockError> {
         let path = PathBuf::from(&config.path);
         let serial = check_serial(&config.serial)?;
         let io_err = |source: io::Error| BlockError::Io {
@@ -272,7 +286,9 @@ impl Block {
             .custom_flags(libc::O_CLOEXEC)
             .open(&path)
             .map_err(io_err)?;
-        lock(&file, config.readonly, &path)?;
+        if claim {
+            lock(&file, config.readonly, &path)?;
+        }
         let size = size_of(&file).map_err(io_err)?;
         let capacity = size / SECTOR;
         if capacity == 0 {
@@ -322,7 +338,7 @@ impl Block {
     /// Reopens a disk from its state; the image must still have the same
     /// capacity.
     pub fn restore(state: &BlockState) -> Result<Block, BlockError> {
-        let b = Self::open_with(state.config.clone(), state.stats.clone())?;
+        let b = Self::open_with(state.config.clone(), state.stats.clone(), true)?;
         if b.disk.capacity != state.capacity_sectors {
             return Err(BlockError::CapacityChanged {
                 path: PathBuf::from(&state.config.path),
@@ -361,6 +377,16 @@ fn lock(file: &File, shared: bool, path: &Path) -> Result<(), BlockError> {
     }
     // A file system without locks (9p, some FUSE) is used unlocked.
     Ok(())
+}
+
+/// Releases the lock [`lock`] took.
+fn unlock(file: &File) -> io::Result<()> {
+    // SAFETY: flock only acts on the open file description behind the fd.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_UN) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 fn size_of(file: &File) -> io::Result<u64> {
@@ -785,6 +811,35 @@ impl VirtioDevice for Block {
         self.worker = None;
     }
 
+    /// Every write answered so far to stable storage (`fdatasync`: the device
+    /// is paused, so none is in flight), then the lock released.
+    fn hand_over(&mut self) -> Result<(), VirtioError> {
+        if !self.disk.readonly {
+            // SAFETY: fdatasync only acts on the file behind the fd.
+            if unsafe { libc::fdatasync(self.disk.file.as_raw_fd()) } != 0 {
+                return Err(VirtioError::Io {
+                    op: "fdatasync of the disk image",
+                    source: io::Error::last_os_error(),
+                });
+            }
+        }
+        unlock(&self.disk.file).map_err(|source| VirtioError::Io {
+            op: "unlocking the disk image",
+            source,
+        })
+    }
+
+    /// The image's lock again (exclusive, or shared when read-only): refused
+    /// while another process holds it.
+    fn take_over(&mut self) -> Result<(), VirtioError> {
+        lock(
+            &self.disk.file,
+            self.disk.readonly,
+            Path::new(&self.config.path),
+        )
+        .map_err(|e| VirtioError::Malformed(e.to_string()))
+    }
+
     /// `{"op": "state"}`: the device's [`BlockState`].
     fn control(&mut self, request: &serde_json::Value) -> Result<serde_json::Value, VirtioError> {
         match request.get("op").and_then(|o| o.as_str()) {
@@ -1200,6 +1255,42 @@ mod tests {
         assert!(open(&img.path(), "").is_ok());
         let e = open("/nonexistent/dv-disk.img", "").err().unwrap();
         assert!(!e.to_string().contains('\n'), "one line: {e}");
+    }
+
+    #[test]
+    fn hand_over_flushes_and_unlocks_and_take_over_locks_again() {
+        let img = Image::new(&[0; 4096]);
+        let config = BlockConfig {
+            path: img.path(),
+            ..Default::default()
+        };
+        let mut source = Block::open(config.clone()).unwrap();
+        let mut target = Block::open_unclaimed(config.clone()).unwrap();
+        assert!(
+            target.take_over().is_err(),
+            "the source holds the image until it hands it over"
+        );
+        source.hand_over().unwrap();
+        target.take_over().unwrap();
+        let e = source.take_over().err().expect("the target holds it now");
+        assert!(e.to_string().contains("locked"), "{e}");
+        assert!(matches!(
+            Block::open(config.clone()),
+            Err(BlockError::Locked(_))
+        ));
+        target.hand_over().unwrap();
+        source.take_over().unwrap();
+        // Taking what one holds already changes nothing.
+        source.take_over().unwrap();
+        let mut ro = Block::open_unclaimed(BlockConfig {
+            readonly: true,
+            ..config
+        })
+        .unwrap();
+        assert!(
+            ro.take_over().is_err(),
+            "a shared lock waits for the writer"
+        );
     }
 
     #[test]

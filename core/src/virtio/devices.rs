@@ -108,6 +108,12 @@ impl DeviceConfig {
 
     /// Builds the device, checking its host-side resources.
     pub fn build(&self) -> Result<Box<dyn VirtioDevice>, VirtioError> {
+        self.build_claiming(true)
+    }
+
+    /// Builds the device; with `claim` false it takes no exclusive host
+    /// resource (a disk image's lock) until [`VirtioDevice::take_over`].
+    pub fn build_claiming(&self, claim: bool) -> Result<Box<dyn VirtioDevice>, VirtioError> {
         match self {
             DeviceConfig::Rng { .. } => Ok(Box::new(Rng::default())),
             DeviceConfig::Block {
@@ -115,11 +121,18 @@ impl DeviceConfig {
                 readonly,
                 serial,
                 ..
-            } => Block::open(BlockConfig {
-                path: path.clone(),
-                readonly: *readonly,
-                serial: serial.clone(),
-            })
+            } => {
+                let config = BlockConfig {
+                    path: path.clone(),
+                    readonly: *readonly,
+                    serial: serial.clone(),
+                };
+                if claim {
+                    Block::open(config)
+                } else {
+                    Block::open_unclaimed(config)
+                }
+            }
             .map(|b| Box::new(b) as Box<dyn VirtioDevice>)
             .map_err(|e| VirtioError::Malformed(e.to_string())),
             DeviceConfig::Balloon {

@@ -96,6 +96,9 @@ pub enum VirtioError {
     /// A runtime request to a paused device (it may not touch guest memory)
     #[error("the device is paused: resume the VM first")]
     Paused,
+    /// A hand-over of a device that is running (it could still write)
+    #[error("the device is running: pause the VM before handing it over")]
+    Running,
     /// The device cannot be attached (no irqchip, bus full, no BAR space).
     #[error("cannot attach the device: {0}")]
     Attach(String),
@@ -187,6 +190,19 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self);
     /// A JSON description for listings.
     fn describe(&self) -> serde_json::Value;
+    /// Gives up the device's exclusive host resources for another process to
+    /// take (a live migration's target): what it wrote reaches stable storage
+    /// and its locks are released. Called only while the device is paused or
+    /// not active. Default: it holds none.
+    fn hand_over(&mut self) -> Result<(), VirtioError> {
+        Ok(())
+    }
+    /// Claims what [`VirtioDevice::hand_over`] gave up, or what a device built
+    /// unclaimed never took; refused while another process holds it. Claiming
+    /// what it holds already is no change. Default: it holds none.
+    fn take_over(&mut self) -> Result<(), VirtioError> {
+        Ok(())
+    }
     /// A runtime request from the host (`{"op": ...}`), answered in JSON.
     fn control(&mut self, request: &serde_json::Value) -> Result<serde_json::Value, VirtioError> {
         Err(VirtioError::Unsupported(request.to_string()))

@@ -716,6 +716,22 @@ impl VirtioPci {
         }
     }
 
+    /// Hands the device's host resources over (see
+    /// [`super::VirtioDevice::hand_over`]); refused while it runs (active and
+    /// not paused).
+    pub fn hand_over(&mut self) -> Result<(), VirtioError> {
+        if self.active && !self.link.gate.is_paused() {
+            return Err(VirtioError::Running);
+        }
+        self.device.hand_over()
+    }
+
+    /// Claims the device's host resources (see
+    /// [`super::VirtioDevice::take_over`]).
+    pub fn take_over(&mut self) -> Result<(), VirtioError> {
+        self.device.take_over()
+    }
+
     /// Whether the device is paused.
     pub fn is_paused(&self) -> bool {
         self.link.gate.is_paused()
