@@ -304,6 +304,8 @@ const SYMBOLS = {
   },
   /** int32_t dv_vm_migration_end(uint32_t vm) */
   dv_vm_migration_end: { parameters: ["u32"], result: "i32" },
+  /** int32_t dv_vm_devices_claim(uint32_t vm, uint32_t claim) — 0: hand over, else take over */
+  dv_vm_devices_claim: { parameters: ["u32", "u32"], result: "i32" },
 } as const satisfies Deno.ForeignLibraryInterface;
 
 type Symbols = Deno.DynamicLibrary<typeof SYMBOLS>["symbols"];
@@ -971,6 +973,12 @@ export class Core {
       this.#sym.dv_inspect_image(image, BigInt(image.length), buf, cap, outLen)
     );
     return parseCoreJson<T>(decoder.decode(bytes));
+  }
+
+  /** `dv_vm_devices_claim`: gives up (false) or claims (true) the devices'
+   * exclusive host resources. */
+  vmDevicesClaim(vm: number, claim: boolean): void {
+    this.#check(this.#sym.dv_vm_devices_claim(vm, claim ? 1 : 0));
   }
 }
 

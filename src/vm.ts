@@ -687,6 +687,9 @@ export class Vm implements Disposable {
       irqchip: checked.interrupts,
       dedup: checked.dedup,
     });
+    // The source holds the disks until it hands them over at stop-and-copy:
+    // they open here without their locks, taken in applyMigrationState.
+    vm.handOverDevices();
     Vm.#build(vm, config, checked);
     return new Vm(vm, checked.memoryBytes, config, performance.now() - started, parsed.loaded);
   }
@@ -695,7 +698,8 @@ export class Vm implements Disposable {
    * Applies a migration's state (from the source's `kvm.migrationState`) to
    * a VM built by {@link Vm.incoming} whose RAM holds the guest's pages: the
    * state is verified whole, and this host against it, before anything is
-   * applied.
+   * applied. The devices first claim what the source handed over (its disk
+   * images' locks): refused while the source still holds one.
    *
    * @example
    * ```ts ignore
@@ -708,6 +712,7 @@ export class Vm implements Disposable {
    *   `SNAPSHOT_WRONG_HOST` for another CPU.
    */
   applyMigrationState(state: Uint8Array): void {
+    this.#vm.takeOverDevices();
     this.#vm.applyMigrationState(state);
   }
 

@@ -1074,6 +1074,43 @@ export class KvmVm implements Disposable {
     return this.#core.vmMemory<GuestMemoryUsage>(this.#live());
   }
 
+  /**
+   * Gives up the devices' exclusive host resources for another process (a
+   * live migration's other side): each disk makes every write it answered
+   * durable (`fdatasync`) and releases its image's lock. The VM must be
+   * paused or not yet run; devices added afterwards are built without them.
+   * {@link KvmVm.takeOverDevices} claims them again.
+   *
+   * @example
+   * ```ts ignore
+   * vm.pause();
+   * vm.handOverDevices(); // another process may open the disks now
+   * ```
+   *
+   * @throws {DenovisorError} `BUSY` while a device runs, `DEVICE` when a
+   *   disk cannot be flushed.
+   */
+  handOverDevices(): void {
+    this.#core.vmDevicesClaim(this.#live(), false);
+  }
+
+  /**
+   * Claims the devices' exclusive host resources (disk images' locks) after
+   * {@link KvmVm.handOverDevices}, or on a migration target built without
+   * them.
+   *
+   * @example
+   * ```ts ignore
+   * vm.takeOverDevices(); // throws while another process holds a disk
+   * ```
+   *
+   * @throws {DenovisorError} `DEVICE` naming the device whose resource
+   *   another process holds.
+   */
+  takeOverDevices(): void {
+    this.#core.vmDevicesClaim(this.#live(), true);
+  }
+
   /** Stops the vCPUs, joins their threads, frees RAM and fds. Idempotent. */
   close(): void {
     if (this.#closed) return;
