@@ -231,6 +231,7 @@ export async function migrateVm(
   let socket: MigrationSocket | undefined;
   let logging = false;
   let pausedHere = false;
+  let handedOver = false;
   const rounds: MigrationRound[] = [];
   let totalBytes = 0;
   let totalPages = 0;
@@ -344,6 +345,9 @@ export async function migrateVm(
     phases.stateEncode = lap();
     await lastRound;
     phases.lastRound = lap();
+    // The disks are durable and unlocked before the target may take them.
+    handedOver = true;
+    vm.kvm.handOverDevices();
     await s.send("state", state, timeoutMs);
     totalBytes += 12 + state.length;
     phases.stateSend = lap();
@@ -383,6 +387,16 @@ export async function migrateVm(
       }
     }
     closeQuietly({ close: () => vm.kvm.endMigration() });
+    if (handedOver) {
+      try {
+        vm.kvm.takeOverDevices();
+      } catch (t) {
+        // The target holds a disk: it may run the guest. Never both.
+        throw failure(
+          `migration failed (${message}) and the VM stays paused here: ${(t as Error).message}`,
+        );
+      }
+    }
     if (pausedHere) vm.resume();
     if (e instanceof DenovisorError && e.code === "MIGRATION") throw e;
     throw failure(`migration failed, the VM runs on here: ${message}`);
