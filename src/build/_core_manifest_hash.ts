@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "84b0f22a68c476fd6e0bfdab86dcb34bc9970e65c947fd8185a5f1e19c20b299";
+  "b8ee3534ee41fdce52ff7a2f4ebe99f34e81ec1f9762db4aee3778235061ef0c";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

@@ -1294,6 +1294,25 @@ mod tests {
     }
 
     #[test]
+    fn a_running_disk_is_handed_over_only_once_paused() {
+        let img = Image::new(&[0; 4096]);
+        let mut d = TestDriver::new(Box::new(disk(&img, false, "")));
+        d.start(0);
+        assert!(matches!(d.dev.hand_over(), Err(VirtioError::Running)));
+        d.dev.pause(std::time::Duration::from_secs(5)).unwrap();
+        d.dev.hand_over().unwrap();
+        let other = Block::open(BlockConfig {
+            path: img.path(),
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(d.dev.take_over().is_err(), "the other process holds it");
+        drop(other);
+        d.dev.take_over().unwrap();
+        d.dev.resume();
+    }
+
+    #[test]
     fn state_round_trips_through_json() {
         let img = Image::new(&pattern(8 * 512, 2));
         let mut d = TestDriver::new(Box::new(disk(&img, false, "s1")));
