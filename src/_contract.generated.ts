@@ -17,7 +17,7 @@
  * console.log(ABI_VERSION);
  * ```
  */
-export const ABI_VERSION = 4;
+export const ABI_VERSION = 5;
 
 /**
  * Every status a `dv_*` call returns (`Status` in `core/src/error.rs`).

@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "b8ee3534ee41fdce52ff7a2f4ebe99f34e81ec1f9762db4aee3778235061ef0c";
+  "3f05a6d334b0eb3c0594b81a8d23744c0957824366ae7858637000840c99a4c6";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

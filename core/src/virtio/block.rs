@@ -1272,7 +1272,7 @@ mod tests {
         );
         source.hand_over().unwrap();
         target.take_over().unwrap();
-        let e = source.take_over().err().expect("the target holds it now");
+        let e = source.take_over().expect_err("the target holds it now");
         assert!(e.to_string().contains("locked"), "{e}");
         assert!(matches!(
             Block::open(config.clone()),
