@@ -10,7 +10,7 @@
 
 import assert from "node:assert/strict";
 
-import { DenovisorError, Vm } from "../mod.ts";
+import { DenovisorError, type DeviceConfig, Vm } from "../mod.ts";
 import { migrateVm, receiveMigration } from "../src/migration/migrate.ts";
 import { FrameReader, jsonFrame, jsonOf, writeAll } from "../src/migration/wire.ts";
 import { kvmTest, MAIN, testGuest } from "./_helpers.ts";
@@ -54,8 +54,13 @@ function freePort(): number {
 }
 
 /** Starts `image` and waits until it has written `atLeast` console characters. */
-async function started(image: Uint8Array, memoryMiB: number, atLeast: number) {
-  const vm = await Vm.create({ memoryMiB });
+async function started(
+  image: Uint8Array,
+  memoryMiB: number,
+  atLeast: number,
+  devices: DeviceConfig[] = [],
+) {
+  const vm = await Vm.create({ memoryMiB, devices, interrupts: devices.length > 0 });
   vm.load(image, { mode: "user" });
   const run = vm.run({ timeoutMs: TIMEOUT_MS });
   run.catch(() => {});
@@ -120,6 +125,45 @@ kvmTest(
         assert.ok(stats.downtimeMs > 0 && stats.downtimeMs <= stats.totalMs);
         assert.equal(stats.pages, stats.rounds.reduce((n, r) => n + r.pages, 0));
       }
+    } finally {
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
+);
+
+kvmTest(
+  "a VM with a vsock device migrates within one host: the target takes its socket path, the source's close leaves it",
+  async () => {
+    const { image, expected } = await longGuest();
+    const dir = await Deno.makeTempDir({ prefix: "dv-migrate-vsock-" });
+    const path = `${dir}/v.sock`;
+    const address = `unix:${dir}/m.sock`;
+    try {
+      let listening!: () => void;
+      const isListening = new Promise<void>((r) => (listening = r));
+      const receiving = receiveMigration(address, {
+        timeoutMs: IO_TIMEOUT_MS,
+        onListening: () => listening(),
+      });
+      receiving.catch(() => {});
+      await isListening;
+      const { vm: source, run } = await started(image, 8, 4, [{ kind: "vsock", cid: 3, path }]);
+      try {
+        // The target is built while the source listens on `path`: it must not
+        // need the path until the source hands it over at stop-and-copy.
+        await migrateVm(source, address, { timeoutMs: IO_TIMEOUT_MS, maxRounds: 2 });
+        const before = outcome(await run);
+        using target = await receiving;
+        source.close();
+        assert.ok((await Deno.lstat(path)).isSocket, "the path survives the source's close");
+        (await Deno.connect({ transport: "unix", path })).close();
+        const after = outcome(await target.run({ timeoutMs: TIMEOUT_MS }));
+        assert.equal(before.console + after.console, expected.console);
+        assert.equal(after.reason, "guest_exit");
+      } finally {
+        source.close();
+      }
+      await assert.rejects(Deno.lstat(path), Deno.errors.NotFound, "the target's close removes it");
     } finally {
       await Deno.remove(dir, { recursive: true });
     }

@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "3f05a6d334b0eb3c0594b81a8d23744c0957824366ae7858637000840c99a4c6";
+  "0b3a59555d653fdbae7b6f605d1f7ec5a0c909c19e6dc4893a854cb0df23bce3";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

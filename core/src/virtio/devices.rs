@@ -112,7 +112,8 @@ impl DeviceConfig {
     }
 
     /// Builds the device; with `claim` false it takes no exclusive host
-    /// resource (a disk image's lock) until [`VirtioDevice::take_over`].
+    /// resource (a disk image's lock, a vsock socket's path) until
+    /// [`VirtioDevice::take_over`].
     pub fn build_claiming(&self, claim: bool) -> Result<Box<dyn VirtioDevice>, VirtioError> {
         match self {
             DeviceConfig::Rng { .. } => Ok(Box::new(Rng::default())),
@@ -145,7 +146,10 @@ impl DeviceConfig {
                 deflate_on_oom: *deflate_on_oom,
                 free_page_reporting: *free_page_reporting,
             }))),
-            DeviceConfig::Vsock { cid, path, .. } => Ok(Box::new(Vsock::new(*cid, path)?)),
+            DeviceConfig::Vsock { cid, path, .. } if claim => Ok(Box::new(Vsock::new(*cid, path)?)),
+            DeviceConfig::Vsock { cid, path, .. } => {
+                Ok(Box::new(Vsock::new_unclaimed(*cid, path)?))
+            }
             DeviceConfig::Net(c) => Ok(Box::new(Net::new(c)?)),
         }
     }

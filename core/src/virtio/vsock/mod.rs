@@ -16,9 +16,11 @@
 pub mod muxer;
 pub mod packet;
 
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixListener;
-use std::path::Path;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
@@ -277,6 +279,10 @@ pub struct Vsock {
     cid: u64,
     path: String,
     listener: UnixListener,
+    /// The name the listening socket has now: `path`, or a private name
+    /// beside it while another process (a live migration's other end) holds
+    /// `path` — see [`VirtioDevice::hand_over`].
+    name: PathBuf,
     engine: Arc<Mutex<Option<Engine>>>,
     stats: Arc<Stats>,
     worker: Option<Worker>,
@@ -331,14 +337,34 @@ impl Vsock {
             return Err(VsockError::BadCid(cid));
         }
         check_path(path)?;
-        let listener = UnixListener::bind(path).map_err(|source| VsockError::Bind {
-            path: path.to_string(),
+        Self::bound(cid, path, PathBuf::from(path))
+    }
+
+    /// A device like [`Vsock::new`] for a live migration's target, while the
+    /// source still listens on `path`: its socket is bound under a private
+    /// name beside `path` until [`VirtioDevice::take_over`] renames it there.
+    pub fn new_unclaimed(cid: u64, path: &str) -> Result<Vsock, VsockError> {
+        if !(3..u64::from(u32::MAX)).contains(&cid) {
+            return Err(VsockError::BadCid(cid));
+        }
+        if let Err(e) = check_path(path) {
+            if !matches!(e, VsockError::PathExists(_)) {
+                return Err(e);
+            }
+        }
+        Self::bound(cid, path, aside_name(path))
+    }
+
+    fn bound(cid: u64, path: &str, name: PathBuf) -> Result<Vsock, VsockError> {
+        let listener = UnixListener::bind(&name).map_err(|source| VsockError::Bind {
+            path: name.to_string_lossy().into_owned(),
             source,
         })?;
         Ok(Vsock {
             cid,
             path: path.to_string(),
             listener,
+            name,
             engine: Arc::new(Mutex::new(None)),
             stats: Arc::new(Stats::default()),
             worker: None,
@@ -360,10 +386,55 @@ impl Vsock {
     }
 }
 
+/// A private name for a socket of `path` while it is not at `path`, unique
+/// to this process and this call, that nothing has yet (as far as 4096 tries go): this process's id
+/// and a counter in hex, short enough for a Unix socket address (`path` is
+/// at most `SUN_PATH_MAX - PORT_SUFFIX_MAX` bytes; this adds at most 10).
+fn aside_name(path: &str) -> PathBuf {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let pid = u64::from(std::process::id()) & 0x3f_ffff;
+    let mut name = PathBuf::new();
+    // Bounded: with every name taken, the last one's bind or rename fails.
+    for _ in 0..=0xfff {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed) & 0xfff;
+        name = PathBuf::from(format!("{path}.{:x}", pid << 12 | n));
+        if name.symlink_metadata().is_err() {
+            break;
+        }
+    }
+    name
+}
+
+/// Renames `from` to `to` unless `to` exists (`renameat2` with
+/// `RENAME_NOREPLACE`: no window in which a check and the rename disagree).
+fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
+    let c = |p: &Path| {
+        CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))
+    };
+    let (from, to) = (c(from)?, c(to)?);
+    // SAFETY: both are NUL-terminated strings alive for the call.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 impl Drop for Vsock {
     fn drop(&mut self) {
         self.worker = None;
-        let _ = std::fs::remove_file(&self.path);
+        // Only the name it has: after a hand-over `path` is another process's.
+        let _ = std::fs::remove_file(&self.name);
     }
 }
 
@@ -383,6 +454,47 @@ impl VirtioDevice for Vsock {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         super::read_config_bytes(&self.cid.to_le_bytes(), offset, data);
+    }
+
+    /// Moves the listening socket's name aside, so the other process can
+    /// take `path`: host programs connecting to `path` reach it from then
+    /// on. Connections already open stay (the guest's, while it is here).
+    fn hand_over(&mut self) -> Result<(), VirtioError> {
+        if self.name != Path::new(&self.path) {
+            return Ok(());
+        }
+        let aside = aside_name(&self.path);
+        rename_noreplace(&self.name, &aside).map_err(|source| VirtioError::Io {
+            op: "moving the vsock socket aside",
+            source,
+        })?;
+        self.name = aside;
+        Ok(())
+    }
+
+    /// Renames the listening socket to `path`: refused while another process's
+    /// socket has that name (the source has not handed it over, or the target
+    /// has taken it).
+    fn take_over(&mut self) -> Result<(), VirtioError> {
+        if self.name == Path::new(&self.path) {
+            return Ok(());
+        }
+        let path = PathBuf::from(&self.path);
+        rename_noreplace(&self.name, &path).map_err(|e| {
+            if e.raw_os_error() == Some(libc::EEXIST) {
+                VirtioError::Malformed(format!(
+                    "vsock path {} is held by another process",
+                    self.path
+                ))
+            } else {
+                VirtioError::Io {
+                    op: "renaming the vsock socket to its path",
+                    source: e,
+                }
+            }
+        })?;
+        self.name = path;
+        Ok(())
     }
 
     fn activate(&mut self, mut a: Activation) -> Result<(), VirtioError> {

@@ -846,3 +846,56 @@ fn transport_reset_result(g: &mut Guest) -> Result<serde_json::Value, VirtioErro
     g.d.dev
         .control(&serde_json::json!({"op": "transport_reset"}))
 }
+
+#[test]
+fn a_socket_path_is_handed_over_between_two_devices_and_never_held_by_both() {
+    let path = socket_path("handover");
+    let mut source = Vsock::new(3, &path).unwrap();
+    // The target builds while the source holds the path; it cannot take it yet.
+    let mut target = Vsock::new_unclaimed(3, &path).unwrap();
+    let Err(VirtioError::Malformed(m)) = target.take_over() else {
+        panic!("the target took a path the source holds");
+    };
+    assert!(m.contains("held by another process"), "{m}");
+    UnixStream::connect(&path).unwrap();
+    source.listener.set_nonblocking(true).unwrap();
+    assert!(
+        source.listener.accept().is_ok(),
+        "the source still answers on the path"
+    );
+
+    source.hand_over().unwrap();
+    source.hand_over().unwrap();
+    assert!(
+        UnixStream::connect(&path).is_err(),
+        "nothing at the path between the two"
+    );
+    target.take_over().unwrap();
+    target.take_over().unwrap();
+    UnixStream::connect(&path).unwrap();
+    target.listener.set_nonblocking(true).unwrap();
+    assert!(
+        target.listener.accept().is_ok(),
+        "the path reaches the target now"
+    );
+    // A failed migration's source cannot take it back from the target.
+    assert!(source.take_over().is_err());
+    drop(source);
+    assert!(
+        Path::new(&path).exists(),
+        "the source removed the target's socket"
+    );
+    drop(target);
+    assert!(!Path::new(&path).exists());
+}
+
+#[test]
+fn a_source_takes_its_path_back_when_the_target_never_did() {
+    let path = socket_path("takeback");
+    let mut source = Vsock::new(3, &path).unwrap();
+    source.hand_over().unwrap();
+    source.take_over().unwrap();
+    UnixStream::connect(&path).unwrap();
+    drop(source);
+    assert!(!Path::new(&path).exists());
+}
