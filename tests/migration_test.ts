@@ -295,8 +295,8 @@ function spawnChild(args: string[]): Child {
 
 /** `main.ts run --incoming ADDRESS`, once it listens (a probe connection would be taken
  * for the source: it waits for its stderr line instead). */
-async function spawnTarget(address: string): Promise<Child> {
-  const target = spawnChild(["run", "--incoming", address, "--no-stdin"]);
+async function spawnTarget(address: string, extra: string[] = []): Promise<Child> {
+  const target = spawnChild(["run", "--incoming", address, "--no-stdin", ...extra]);
   try {
     await target.waitStderr("waiting for a migrating VM");
   } catch (e) {
@@ -437,7 +437,8 @@ kvmTest(
     try {
       await Deno.writeFile(`${dir}/ticker.bin`, image);
       const port = freePort();
-      const target = await spawnTarget(`tcp:127.0.0.1:${port}`);
+      const targetSock = `${dir}/target.sock`;
+      const target = await spawnTarget(`tcp:127.0.0.1:${port}`, ["--api-socket", targetSock]);
       const sock = `${dir}/vm.sock`;
       const source = spawnChild([
         "run",
@@ -481,6 +482,15 @@ kvmTest(
           await new Promise((r) => setTimeout(r, 20));
         }
         assert.match(target.stdout(), /^\.{3,}$/, target.stderr());
+        // The migrated VM is run's in every way: its API snapshots it too.
+        const snapshot = await new Deno.Command(Deno.execPath(), {
+          args: ["run", "-A", MAIN, "snapshot", "--api-socket", targetSock, "--to", `${dir}/s`],
+          stdout: "piped",
+          stderr: "piped",
+          stdin: "null",
+        }).output();
+        assert.equal(snapshot.code, 0, new TextDecoder().decode(snapshot.stderr));
+        assert.ok((await Deno.stat(`${dir}/s/state`)).isFile);
         target.kill();
         await target.done;
       } finally {

@@ -8,18 +8,18 @@
  */
 
 import type { ApiHandlers } from "../api/server.ts";
-import { serveApi } from "../api/server.ts";
-import { attachStdin } from "../console.ts";
 import { DenovisorError } from "../errors.ts";
 import { migrateVm, receiveMigration } from "../migration/migrate.ts";
 import type { Vm } from "../vm.ts";
 import type { ApiCommandIo, IncomingRequest } from "./api_commands.ts";
 import { ExitStatus, statusOfError, statusOfResult } from "./exit_status.ts";
+import { runVm, summaryLine } from "./run_vm.ts";
 
 /**
  * `run --incoming`: waits for one migrating VM on the request's address,
- * then runs it with `run`'s console (stdout), standard input, control API
- * and exit statuses. A migration that fails before the VM runs leaves no VM
+ * then runs it as `run` does ({@link runVm}): console to stdout, standard
+ * input, the control API with all its handlers (snapshot, load, migrate
+ * on), the summary line and the exit statuses. A migration that fails before the VM runs leaves no VM
  * and exits non-zero (70) with the reason on stderr.
  *
  * @example
@@ -49,12 +49,13 @@ export async function incomingFromCli(request: IncomingRequest, io: ApiCommandIo
     return e instanceof DenovisorError ? statusOfError(e) : ExitStatus.vmmError;
   }
   try {
-    using _stdin = request.stdin ? attachStdin(vm) : undefined;
-    await using _api = request.apiSocket === undefined
-      ? undefined
-      : await serveApi(vm, { path: request.apiSocket, handlers: migrationHandlers(vm) });
-    const result = await vm.run();
-    if (!request.quiet) io.error(`denovisor: ${result.summary} · ${result.exits} exits\n`);
+    // run's loop: stdin, the control API with every handler (snapshot, load,
+    // migrate on), the summary and the statuses.
+    const result = await runVm(vm, {
+      stdin: request.stdin,
+      ...(request.apiSocket === undefined ? {} : { apiSocket: request.apiSocket }),
+    });
+    if (!request.quiet) io.error(summaryLine(result));
     return statusOfResult(result);
   } finally {
     vm.close();
