@@ -22,7 +22,6 @@ import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
 
 import { fetchDebianModules } from "../src/linux/modules.ts";
-import { CliShell } from "./_cli_shell.ts";
 import { linuxTest, MAIN } from "./_helpers.ts";
 import {
   busyboxInitramfs,
@@ -92,6 +91,111 @@ function checkRecords(image: Uint8Array, count: number): string[] {
   return problems;
 }
 
+/** A `main.ts` child whose console the test drives through its stdin/stdout,
+ * stderr streamed too. */
+class Child {
+  readonly child: Deno.ChildProcess;
+  #out = "";
+  #err = "";
+  #writer: WritableStreamDefaultWriter<Uint8Array>;
+  #reading: Promise<void>;
+  #marks = 0;
+  #exited = false;
+
+  constructor(args: string[]) {
+    this.child = new Deno.Command(Deno.execPath(), {
+      args: ["run", "-A", MAIN, ...args],
+      stdin: "piped",
+      stdout: "piped",
+      stderr: "piped",
+      env: { NO_COLOR: "1" },
+    }).spawn();
+    this.#writer = this.child.stdin.getWriter();
+    const pump = async (stream: ReadableStream<Uint8Array>, add: (t: string) => void) => {
+      const decoder = new TextDecoder();
+      for await (const chunk of stream) add(decoder.decode(chunk, { stream: true }));
+    };
+    this.#reading = Promise.all([
+      pump(this.child.stdout, (t) => this.#out += t),
+      pump(this.child.stderr, (t) => this.#err += t),
+    ]).then(() => {});
+    this.child.status.then(() => this.#exited = true);
+  }
+
+  get output(): string {
+    return this.#out;
+  }
+
+  get stderr(): string {
+    return this.#err;
+  }
+
+  async waitFor(
+    pattern: RegExp,
+    from: number,
+    timeoutMs: number,
+    where: "stdout" | "stderr" = "stdout",
+  ): Promise<RegExpMatchArray> {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const m = (where === "stdout" ? this.#out : this.#err).slice(from).match(pattern);
+      if (m) return m;
+      if (this.#exited || Date.now() > deadline) {
+        throw new Error(
+          `no ${pattern} on ${where} (exited: ${this.#exited}); console:\n${
+            this.#out.slice(-3000)
+          }\nstderr:\n${this.#err.slice(-2000)}`,
+        );
+      }
+      await new Promise((r) => setTimeout(r, 50));
+    }
+  }
+
+  async send(text: string): Promise<void> {
+    await this.#writer.write(new TextEncoder().encode(text));
+  }
+
+  /** Runs a command that must exit 0; its output (between two marks). */
+  async sh(command: string, timeoutMs = COMMAND_MS): Promise<string> {
+    const n = ++this.#marks;
+    const from = this.#out.length;
+    // The typed line echoes `$((6*7))`; only the shell's answer has `42`.
+    await this.send(`echo B${n}@$((6*7)); ${command}; echo E${n}@$((6*7))@$?\n`);
+    const m = await this.waitFor(
+      new RegExp(`B${n}@42\\r?\\n([\\s\\S]*?)E${n}@42@(\\d+)`),
+      from,
+      timeoutMs,
+    );
+    assert.equal(m[2], "0", `${command} failed (${m[2]}):\n${m[1]}`);
+    return m[1].replaceAll("\r", "");
+  }
+
+  /** A number the guest prints. */
+  async number(command: string): Promise<number> {
+    const out = (await this.sh(command)).trim();
+    const n = Number(out);
+    assert.ok(out !== "" && Number.isFinite(n), `${command}: ${out}`);
+    return n;
+  }
+
+  /** Ends: standard input closes; the status once it exits. */
+  async end(): Promise<number> {
+    await this.#writer.close().catch(() => {});
+    const status = await this.child.status;
+    await this.#reading;
+    return status.code;
+  }
+
+  kill(): void {
+    if (this.#exited) return;
+    try {
+      this.child.kill("SIGKILL");
+    } catch {
+      // Already gone.
+    }
+  }
+}
+
 function freePort(): number {
   const l = Deno.listen({ hostname: "127.0.0.1", port: 0 });
   const port = (l.addr as Deno.NetAddr).port;
@@ -100,8 +204,8 @@ function freePort(): number {
 }
 
 /** `main.ts run --incoming`, once it listens. */
-async function spawnTarget(port: number): Promise<CliShell> {
-  const target = new CliShell(["run", "--incoming", `tcp:127.0.0.1:${port}`]);
+async function spawnTarget(port: number): Promise<Child> {
+  const target = new Child(["run", "--incoming", `tcp:127.0.0.1:${port}`]);
   try {
     await target.waitFor(/waiting for a migrating VM/, 0, COMMAND_MS, "stderr");
   } catch (e) {
@@ -129,7 +233,7 @@ async function migrate(socket: string, port: number) {
  * A TCP proxy to `targetPort` that SIGKILLs `target` once `killAfter` bytes
  * went from the source to it, then cuts both connections.
  */
-function killingProxy(targetPort: number, target: CliShell, killAfter: number) {
+function killingProxy(targetPort: number, target: Child, killAfter: number) {
   const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
   const port = (listener.addr as Deno.NetAddr).port;
   let forwarded = 0;
@@ -181,7 +285,7 @@ linuxTest(
   "a Linux guest writing to memory and to a shared disk image migrates live between two processes: its loops go on and every record checks out; a target killed mid-migration leaves it running",
   async () => {
     const dir = await Deno.makeTempDir({ prefix: "dvlmig" });
-    const children: CliShell[] = [];
+    const children: Child[] = [];
     try {
       const disk = `${dir}/disk.img`;
       await Deno.writeFile(disk, new Uint8Array(0));
@@ -211,7 +315,7 @@ linuxTest(
       const socket = `${dir}/vm.sock`;
 
       // Boot, the API on `socket`.
-      const source = new CliShell([
+      const source = new Child([
         "run",
         "--kernel",
         fetchedPath(debianVmlinux, "Debian's vmlinux"),
@@ -241,7 +345,7 @@ linuxTest(
       await source.sh(
         "(sh /usr/local/diskw >/dev/null 2>&1 &); (sh /usr/local/memw >/dev/null 2>&1 &)",
       );
-      const waitPast = async (shell: CliShell, file: string, past: number) => {
+      const waitPast = async (shell: Child, file: string, past: number) => {
         const deadline = Date.now() + COMMAND_MS;
         for (;;) {
           const n = await shell.number(`cat /mnt/tmp/${file} 2>/dev/null || echo 0`);
@@ -284,7 +388,7 @@ linuxTest(
       const moved = await migrate(socket, port);
       assert.equal(moved.code, 0, `migrate: ${moved.stderr}\nsource: ${source.stderr}`);
       console.error(`note: migrated: ${moved.stdout.trim()} ${moved.stderr.trim()}`);
-      assert.equal((await source.end()).code, 0, source.stderr);
+      assert.equal(await source.end(), 0, source.stderr);
 
       // On the target: the shell answers and both loops went on.
       const count = await waitPast(target, "count", before.count);
@@ -324,7 +428,7 @@ linuxTest(
         } 2>/dev/null | md5sum`,
       )).trim().split(/\s+/)[0];
       await target.send("poweroff -f\n");
-      assert.equal((await target.end()).code, 0, target.stderr);
+      assert.equal(await target.end(), 0, target.stderr);
       // And the image on the host, once the target is gone.
       const image = await Deno.readFile(disk);
       assert.deepEqual(checkRecords(image, last), [], "records in the image file");

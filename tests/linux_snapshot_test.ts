@@ -20,8 +20,7 @@ import assert from "node:assert/strict";
 
 import { ConsoleDriver, type DeviceConfig, Vm } from "../mod.ts";
 import { ApiClient } from "../src/api/client.ts";
-import { CliShell } from "./_cli_shell.ts";
-import { cli, linuxTest } from "./_helpers.ts";
+import { cli, linuxTest, MAIN } from "./_helpers.ts";
 import {
   busyboxInitramfs,
   debianVmlinux,
@@ -46,6 +45,82 @@ const CLONES = 20;
  * ones, so the memory figure per clone is taken over the idle ones before. */
 const CHECKED_CLONES = 2;
 const IDLE_CLONES = CLONES - CHECKED_CLONES;
+
+/** A `main.ts` child whose console the test drives through its stdin/stdout. */
+class ChildShell {
+  readonly child: Deno.ChildProcess;
+  #out = "";
+  #stderr: Promise<string>;
+  #writer: WritableStreamDefaultWriter<Uint8Array>;
+  #reading: Promise<void>;
+  #marks = 0;
+
+  constructor(args: string[]) {
+    this.child = new Deno.Command(Deno.execPath(), {
+      args: ["run", "-A", MAIN, ...args],
+      stdin: "piped",
+      stdout: "piped",
+      stderr: "piped",
+      env: { NO_COLOR: "1" },
+    }).spawn();
+    this.#writer = this.child.stdin.getWriter();
+    const decoder = new TextDecoder();
+    const stdout = this.child.stdout;
+    this.#reading = (async () => {
+      for await (const chunk of stdout) this.#out += decoder.decode(chunk);
+    })();
+    this.#stderr = new Response(this.child.stderr).text();
+  }
+
+  get output(): string {
+    return this.#out;
+  }
+
+  async waitFor(pattern: RegExp, from: number, timeoutMs: number): Promise<RegExpMatchArray> {
+    const deadline = Date.now() + timeoutMs;
+    while (Date.now() < deadline) {
+      const m = this.#out.slice(from).match(pattern);
+      if (m) return m;
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    throw new Error(`no ${pattern} in ${timeoutMs} ms; console:\n${this.#out.slice(-3000)}`);
+  }
+
+  async send(text: string): Promise<void> {
+    await this.#writer.write(new TextEncoder().encode(text));
+  }
+
+  /** Runs a command that must exit 0; its output (between two marks). */
+  async sh(command: string, timeoutMs = COMMAND_MS): Promise<string> {
+    const n = ++this.#marks;
+    const from = this.#out.length;
+    // The typed line echoes `$((6*7))`; only the shell's answer has `42`.
+    await this.send(`echo B${n}@$((6*7)); ${command}; echo E${n}@$((6*7))@$?\n`);
+    const m = await this.waitFor(
+      new RegExp(`B${n}@42\\r?\\n([\\s\\S]*?)E${n}@42@(\\d+)`),
+      from,
+      timeoutMs,
+    );
+    assert.equal(m[2], "0", `${command} failed (${m[2]}):\n${m[1]}`);
+    return m[1].replaceAll("\r", "");
+  }
+
+  /** Ends: standard input closes, and the status and stderr once it exits. */
+  async end(): Promise<{ code: number; stderr: string }> {
+    await this.#writer.close().catch(() => {});
+    const status = await this.child.status;
+    await this.#reading;
+    return { code: status.code, stderr: await this.#stderr };
+  }
+
+  kill(): void {
+    try {
+      this.child.kill("SIGKILL");
+    } catch {
+      // Already gone.
+    }
+  }
+}
 
 /** Builds the guest's vsock program with the host's gcc (busybox has no AF_VSOCK). */
 async function buildVsockPeer(dir: string): Promise<Uint8Array> {
@@ -185,7 +260,7 @@ linuxTest(
     await ensureTun();
     const dir = await Deno.makeTempDir({ prefix: "dvlsnap" });
     const ns = `dvsnap${Deno.pid}`;
-    const children: CliShell[] = [];
+    const children: ChildShell[] = [];
     let echo: EchoServer | undefined;
     try {
       await using _netns = await createNetns(ns);
@@ -214,7 +289,7 @@ linuxTest(
       const snap = `${dir}/snap`;
 
       // 1. Boot with the CLI, the API on `socket`.
-      const first = new CliShell([
+      const first = new ChildShell([
         "run",
         "--kernel",
         fetchedPath(debianVmlinux, "Debian's vmlinux"),
@@ -280,7 +355,7 @@ linuxTest(
 
       // 3. Restore in a new process, which opens the TAP by name again.
       const restoreSocket = `${dir}/restored.sock`;
-      const second = new CliShell(["restore", snap, "--api-socket", restoreSocket]);
+      const second = new ChildShell(["restore", snap, "--api-socket", restoreSocket]);
       children.push(second);
       await waitForSocket(restoreSocket, COMMAND_MS);
       assert.match(
