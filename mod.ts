@@ -187,6 +187,7 @@ export {
 export { inspectSnapshot, type SnapshotInfo, type SnapshotSection } from "./src/snapshot.ts";
 export type { SnapshotWriteStats } from "./src/kvm/kvm.ts";
 export type { MigrationSendStats } from "./src/kvm/kvm.ts";
+export type { MigrationReceived } from "./src/ffi.ts";
 export {
   type MigrateOptions,
   migrateVm,

@@ -75,6 +75,39 @@ export function parseCoreJson<T>(text: string): T {
  */
 const VM_READER = { parameters: ["u32", "buffer", "usize", "buffer"], result: "i32" } as const;
 
+/**
+ * What `dv_migration_receive` answers: the first frame that is not pages (its
+ * kind and payload) and what the pages frames before it wrote.
+ *
+ * @example
+ * ```ts
+ * import type { MigrationReceived } from "denovisor/src/ffi.ts";
+ * const none: MigrationReceived = {
+ *   kind: 6,
+ *   payload: new Uint8Array(),
+ *   pages: 0,
+ *   bytes: 0,
+ *   writeNs: 0,
+ *   frames: 0,
+ * };
+ * console.log(none.pages);
+ * ```
+ */
+export interface MigrationReceived {
+  /** The frame's kind byte. */
+  kind: number;
+  /** Its payload. */
+  payload: Uint8Array;
+  /** Pages written into guest RAM before it. */
+  pages: number;
+  /** Bytes read for them. */
+  bytes: number;
+  /** Time spent writing them, ns. */
+  writeNs: number;
+  /** Pages frames read. */
+  frames: number;
+}
+
 /** The core's symbols, with their C signatures as comments. */
 const SYMBOLS = {
   /** uint32_t dv_abi_version(void) */
@@ -784,16 +817,7 @@ export class Core {
     fd: number,
     timeoutMs: number,
     cap: number,
-  ): Promise<
-    {
-      kind: number;
-      payload: Uint8Array;
-      pages: number;
-      bytes: number;
-      writeNs: number;
-      frames: number;
-    }
-  > {
+  ): Promise<MigrationReceived> {
     const kind = new Uint32Array(1);
     const stats = new BigUint64Array(4);
     const payload = await this.#blockingBytes(

@@ -14,6 +14,7 @@ import { DenovisorError } from "../errors.ts";
 import {
   type Core,
   LOAD_FLAG_RESERVE_LOW,
+  type MigrationReceived,
   openCore,
   RESTORE_EAGER,
   RESTORE_LAZY,
@@ -852,16 +853,7 @@ export class KvmVm implements Disposable {
   receiveMigrationFrames(
     fd: number,
     timeoutMs: number,
-  ): Promise<
-    {
-      kind: number;
-      payload: Uint8Array;
-      pages: number;
-      bytes: number;
-      writeNs: number;
-      frames: number;
-    }
-  > {
+  ): Promise<MigrationReceived> {
     return this.#core.migrationReceive(this.#live(), fd, timeoutMs, (64 << 20) + 4096);
   }
 
