@@ -41,7 +41,9 @@ export type ErrorCode =
   | "SNAPSHOT_WRONG_HOST"
   | "API_UNREACHABLE"
   | "API_REFUSED"
-  | "MIGRATION";
+  | "MIGRATION"
+  | "NOT_AVAILABLE"
+  | "OVERLOADED";
 
 /** The code of a core error status, which must be an {@link ErrorCode}. */
 function coreErrorCode(code: Exclude<(typeof STATUSES)[number]["code"], "OK">): ErrorCode {
