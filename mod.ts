@@ -199,3 +199,35 @@ export {
   type ReceiveOptions,
   type TargetPhases,
 } from "./src/migration/migrate.ts";
+export {
+  answerOf,
+  type InvocationAnswer,
+  type ServedFunctionInfo,
+  Service,
+  type ServiceOptions,
+} from "./src/serverless/service.ts";
+export {
+  DEFAULT_LIMITS,
+  type FunctionLimits,
+  type FunctionSpec,
+  type LoadedFunction,
+  loadFunction,
+  parseFunctionArg,
+} from "./src/serverless/function.ts";
+export {
+  type FunctionMetricsSnapshot,
+  type HistogramSnapshot,
+  type OverheadModel,
+  type PoolGauges,
+} from "./src/serverless/metrics.ts";
+export { DEFAULT_POOL_POLICY, type PoolPolicy } from "./src/serverless/policy.ts";
+export type {
+  BundleFile,
+  FunctionBackend,
+  FunctionReady,
+  FunctionStartOptions,
+  FunctionVm,
+  InvokeOptions,
+  InvokeResult,
+  StartFunctionVm,
+} from "./src/serverless/backend.ts";

@@ -46,6 +46,7 @@ import {
   snapshotCommand,
 } from "./api_commands.ts";
 import { runVm, type RunVmInput, summaryLine } from "./run_vm.ts";
+import { serveCommand } from "./serve.ts";
 import denoConfig from "../../deno.json" with { type: "json" };
 
 const MAIN_HELP = `denovisor — a KVM hypervisor driven from TypeScript
@@ -74,6 +75,9 @@ Usage:
   deno run -A main.ts restore DIR [--lazy|--eager] [--api-socket PATH] [--no-stdin]
   deno run -A main.ts run --incoming tcp:HOST:PORT [--api-socket PATH]
   deno run -A main.ts migrate --api-socket PATH --to tcp:HOST:PORT
+  deno run -A main.ts serve [--port N] [options] NAME=PATH...
+                                      serve static Linux programs as functions
+                                      over HTTP, each request in a micro-VM
   deno run -A main.ts <command> --help
   deno run -A main.ts --version
 
@@ -765,6 +769,7 @@ export async function main(args: string[], io: CliIo = stderrIo): Promise<number
     if (command === "restore") return await restoreCommand(rest, io);
     if (command === "load") return await loadCommand(rest, io);
     if (command === "migrate") return await migrateCommand(rest, io);
+    if (command === "serve") return await serveCommand(rest, io);
     throw new UsageError(`unknown command "${command}" (see --help)`);
   } catch (e) {
     if (
