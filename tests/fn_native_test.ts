@@ -253,3 +253,50 @@ Deno.test("closing the service lets a request in flight finish, then refuses con
   await assert.rejects(fetch(`${url}fn`));
   await service.close(); // idempotent
 });
+
+Deno.test("a VM whose invocation throws is closed and replaced, and the pool keeps serving", async () => {
+  // The native backend with one fault injected: an invocation whose input is
+  // "throw" fails the way a VM whose reset failed does.
+  let closed = 0;
+  const faulty = {
+    kind: "native-faulty",
+    start: NATIVE_BACKEND.start,
+    async restore(dir: string) {
+      const vm = await NATIVE_BACKEND.restore(dir);
+      return {
+        checkpoint: () => vm.checkpoint(),
+        reset: () => vm.reset(),
+        trim: () => vm.trim(),
+        functionReady: () => vm.functionReady(),
+        snapshot: (d: string) => vm.snapshot(d),
+        close: () => {
+          closed++;
+          vm.close();
+        },
+        invokeAsync(input: Uint8Array, options?: Parameters<typeof vm.invokeAsync>[1]) {
+          if (new TextDecoder().decode(input) === "throw") {
+            return Promise.reject(new Error("the reset failed"));
+          }
+          return vm.invokeAsync(input, options);
+        },
+      };
+    },
+  };
+  await using service = await Service.start({
+    port: 0,
+    backend: faulty,
+    pool: { min: 1, max: 2 },
+    functions: [{ name: "cat", program: BUSYBOX, argv: ["busybox", "cat"] }],
+  });
+  for (let round = 1; round <= 3; round++) {
+    const bad = await post(service, "cat", "throw");
+    assert.equal(bad.answer.status, 500);
+    assert.match(JSON.parse(bad.text).reason, /the reset failed/);
+    const good = await post(service, "cat", "after");
+    assert.deepEqual([good.answer.status, good.text], [200, "after"]);
+    const [m] = service.metrics();
+    assert.equal(m.pool.replaced, round);
+    assert.ok(m.pool.size >= 1 && m.pool.size <= 2, JSON.stringify(m.pool));
+  }
+  assert.equal(closed, 3, "each failed VM was closed");
+});
