@@ -55,7 +55,7 @@ pub fn statuses() -> Vec<Value> {
 
 /// The flags and constants the TypeScript side passes to the core or mirrors.
 pub fn constants() -> Value {
-    json!({
+    let mut out = json!({
         // dv_vm_create flags.
         "VM_FLAG_STOP_ON_UNHANDLED": VM_FLAG_STOP_ON_UNHANDLED,
         "VM_FLAG_IRQCHIP": VM_FLAG_IRQCHIP,
@@ -89,7 +89,14 @@ pub fn constants() -> Value {
         "SERIAL_IRQ_LINE": crate::irq::SERIAL_GSI,
         // Metrics.
         "LATENCY_BUCKETS": crate::metrics::LATENCY_BUCKETS,
-    })
+    });
+    // The function ABI (guest/fn/abi.h has the same, as DV_FN_*).
+    if let Value::Object(map) = &mut out {
+        for (name, value, _) in crate::function::abi::constants() {
+            map.insert(format!("FN_{name}"), json!(value));
+        }
+    }
+    out
 }
 
 /// The size in bytes of the field a projection reaches.
@@ -658,6 +665,10 @@ mod tests {
         for (name, value) in &examples {
             files.insert(dir.join(format!("{name}.json")), pretty(value));
         }
+        files.insert(
+            PathBuf::from("guest/fn/abi.h"),
+            crate::function::abi::c_header(),
+        );
         files.insert(
             PathBuf::from("src/_contract.generated.ts"),
             typescript_module(&reasons, &names),

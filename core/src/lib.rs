@@ -14,6 +14,7 @@ pub mod cpuid;
 pub mod devices;
 pub mod dirty;
 pub mod error;
+pub mod function;
 pub mod handles;
 pub mod hypercall;
 pub mod irq;

@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "0b3a59555d653fdbae7b6f605d1f7ec5a0c909c19e6dc4893a854cb0df23bce3";
+  "d642e5f61bd80a62725a1617235bff9cb44fa3a8bf5a4ef301c049a0e4b478bc";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.
