@@ -82,6 +82,16 @@ dv_fault_\vec:
 	.endr
 
 /*
+ * A kernel that includes this file with DV_KERNEL_OWN_ENTRY defined (the function
+ * runtime's, guest/fn/runtime/fn_kernel.S) keeps the exception stubs, the
+ * interrupt stubs and the IDT, and brings its own `fault_common`, `_start` and
+ * system-call entry; #GP is then a plain fault (no interrupt trap).
+ */
+#ifdef DV_KERNEL_OWN_ENTRY
+	fault_stub 13
+#else
+
+/*
  * #GP, which is also the interrupt trap: user code controls interrupts by
  * executing `hlt` (privileged, so it takes #GP) with an operation in eax. This
  * handler is real CPL0 code on every host, so it can do what user mode cannot:
@@ -121,6 +131,7 @@ dv_fault_13:
 3:	pop	%rcx
 	push	$13
 	jmp	fault_common
+#endif
 
 /*
  * Interrupt entry points for vectors 32-254: count the interrupt in
@@ -163,6 +174,7 @@ dv_irq_spurious:
  * Exceptions from CPL3 run on the TSS's rsp0 stack (0x10000), exceptions from
  * CPL0 on the entry stack: both are guest RAM below 4 GiB, as the ABI requires.
  */
+#ifndef DV_KERNEL_OWN_ENTRY
 fault_common:
 	xor	%eax, %eax
 	cmpq	$14, (%rsp)
@@ -184,11 +196,13 @@ fault_common:
 	out	%al, $DEBUG_EXIT
 2:	hlt
 	jmp	2b
+#endif
 
 /*
  * The ELF entry: install the IDT and the SYSCALL MSRs, then drop to CPL3 at
  * dv_user_start (crt0.S) on the same stack with rdi and rsi as the host set them.
  */
+#ifndef DV_KERNEL_OWN_ENTRY
 	.globl	_start
 	.type	_start, @function
 _start:
@@ -248,6 +262,7 @@ dv_syscall_entry:
 1:	mov	$-ENOSYS, %rax
 	iretq
 	.size	dv_syscall_entry, . - dv_syscall_entry
+#endif
 
 /* Interrupts counted by vector; published to the host by dv_irq_init(). */
 	.bss
