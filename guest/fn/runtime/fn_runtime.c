@@ -233,6 +233,7 @@ static struct region regions[REGION_MAX];
 static u32 region_count;
 static struct fd fds[FD_MAX];
 static char cwd[PATH_MAX_FN];
+static char comm[16];
 static u8 sigactions[65][32];
 static u64 sigmask, altstack[3];
 static u64 rng[4];
@@ -1381,6 +1382,10 @@ i64 fn_syscall(u64 a0, u64 a1, u64 a2, u64 a3, u64 a4, u64 a5, u64 nr) {
 	}
 	case 102: case 107: return FN_UID; /* getuid, geteuid */
 	case 104: case 108: return FN_UID; /* getgid, getegid */
+	case 105: case 106: case 113: case 114: case 117: case 119: /* set*uid, set*gid */
+		return a0 == FN_UID || (i64)a0 == -1 ? 0 : -EPERM;
+	case 116: return 0; /* setgroups */
+	case 115: return 0; /* getgroups: none */
 	case 110: return 1;                /* getppid */
 	case 111: case 121: case 124: return FN_PID; /* getpgrp, getpgid, getsid */
 	case 131: /* sigaltstack */
@@ -1388,6 +1393,14 @@ i64 fn_syscall(u64 a0, u64 a1, u64 a2, u64 a3, u64 a4, u64 a5, u64 nr) {
 		if (a1) memcpy((void *)(uintptr_t)a1, altstack, 24);
 		if (a0) memcpy(altstack, (void *)(uintptr_t)a0, 24);
 		return 0;
+	case 157: /* prctl: only the thread's name */
+		if (a0 == 15 || a0 == 16) {
+			if (!user_ok(a1, 16)) return -EFAULT;
+			if (a0 == 15) memcpy(comm, (void *)(uintptr_t)a1, 16), comm[15] = 0;
+			else memcpy((void *)(uintptr_t)a1, comm, 16);
+			return 0;
+		}
+		return -EINVAL;
 	case 158: /* arch_prctl: ARCH_SET_FS is served at CPL0 (fn_kernel.S) */
 		if (a0 == 0x1003) {
 			if (!user_ok(a1, 8)) return -EFAULT;
