@@ -135,6 +135,30 @@ export async function startFunctionVm(options: FunctionStartOptions): Promise<Vm
     env: options.env,
     files: options.files,
   });
+  return await startBundleVm(bundle, { memoryMiB: options.memoryMiB });
+}
+
+/**
+ * Boots a function VM from an already encoded bundle (see
+ * {@link startFunctionVm}; this is the same without the encoding, so a bundle
+ * from elsewhere, or a damaged one, can be handed to the runtime as it is).
+ *
+ * @param bundle The bundle's bytes (`encodeBundle`).
+ * @param options Guest RAM in MiB (default {@link DEFAULT_FUNCTION_MEMORY_MIB}).
+ * @returns The VM, paused at READY.
+ * @throws {DenovisorError} as {@link startFunctionVm} does.
+ * @example
+ * ```ts ignore
+ * import { encodeBundle } from "denovisor/src/serverless/bundle.ts";
+ * import { startBundleVm } from "denovisor/src/serverless/runtime_vm.ts";
+ * const bundle = encodeBundle({ program: await Deno.readFile("fn.elf"), argv: ["fn"] });
+ * using vm = await startBundleVm(bundle, { memoryMiB: 32 });
+ * ```
+ */
+export async function startBundleVm(
+  bundle: Uint8Array,
+  options: { memoryMiB?: number } = {},
+): Promise<Vm> {
   const runtime = await buildFunctionRuntime();
   const vm = await Vm.create({ memoryMiB: options.memoryMiB ?? DEFAULT_FUNCTION_MEMORY_MIB });
   try {

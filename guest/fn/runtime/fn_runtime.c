@@ -1371,6 +1371,21 @@ i64 fn_syscall(u64 a0, u64 a1, u64 a2, u64 a3, u64 a4, u64 a5, u64 nr) {
 		if (!user_ok(a1, 144)) return -EFAULT;
 		memset((void *)(uintptr_t)a1, 0, 144);
 		return 0;
+	case 99: { /* sysinfo: RAM as the program sees it */
+		if (!user_ok(a0, 112)) return -EFAULT;
+		u8 *si = (u8 *)(uintptr_t)a0;
+		memset(si, 0, 112);
+		u64 uptime = (monotonic_ns + elapsed_ns()) / 1000000000ull, total = mmap_top - brk_start;
+		u64 used = brk_bytes() + mapped, free_ram = used < total ? total - used : 0;
+		u16 procs = 1;
+		u32 unit = 1;
+		memcpy(si, &uptime, 8);
+		memcpy(si + 32, &total, 8);
+		memcpy(si + 40, &free_ram, 8);
+		memcpy(si + 80, &procs, 2);
+		memcpy(si + 104, &unit, 4);
+		return 0;
+	}
 	case 100: { /* times */
 		u64 ticks = elapsed_ns() / 10000000ull;
 		if (a0) {
