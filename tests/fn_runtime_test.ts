@@ -14,7 +14,12 @@ import { DenovisorError } from "../src/errors.ts";
 import { fetchBusybox } from "../src/linux/debian_kernel.ts";
 import type { BundleFile, InvokeOptions, InvokeResult } from "../src/serverless/backend.ts";
 import { encodeBundle } from "../src/serverless/bundle.ts";
-import { functionReadyOf, runRequest, startBundleVm, startFunctionVm } from "../src/serverless/runtime_vm.ts";
+import {
+  functionReadyOf,
+  runRequest,
+  startBundleVm,
+  startFunctionVm,
+} from "../src/serverless/runtime_vm.ts";
 import { kvmTest } from "./_helpers.ts";
 
 const enc = new TextEncoder();
@@ -158,7 +163,9 @@ function libcProgram(): Promise<string> {
     const dir = await Deno.makeTempDir({ prefix: "fn-libc-" });
     const out = `${dir}/fn_libc`;
     const src = new URL("./guests/fn_libc.c", import.meta.url).pathname;
-    const gcc = await runTool("gcc", ["-static", "-O2", "-o", out, src], { neededFor: "this test" });
+    const gcc = await runTool("gcc", ["-static", "-O2", "-o", out, src], {
+      neededFor: "this test",
+    });
     if (gcc.code !== 0) throw new Error(`gcc -static failed: ${gcc.stderr}`);
     return out;
   })();
@@ -167,7 +174,19 @@ function libcProgram(): Promise<string> {
 
 /** Lines of pseudo-random words: input for the applets. */
 function sampleText(lines: number): string {
-  const words = ["alpha", "beta", "gamma", "delta", "Echo", "fox", "golf", "hotel", "india", "42", "7"];
+  const words = [
+    "alpha",
+    "beta",
+    "gamma",
+    "delta",
+    "Echo",
+    "fox",
+    "golf",
+    "hotel",
+    "india",
+    "42",
+    "7",
+  ];
   let x = 2463534242;
   const out: string[] = [];
   for (let i = 0; i < lines; i++) {
@@ -183,7 +202,9 @@ function sampleText(lines: number): string {
 }
 
 function show(r: InvokeResult): string {
-  return `${r.status}/${r.outcome}/${r.exitStatus} ${r.reason ?? ""} stderr=${JSON.stringify(dec.decode(r.stderr))}`;
+  return `${r.status}/${r.outcome}/${r.exitStatus} ${r.reason ?? ""} stderr=${
+    JSON.stringify(dec.decode(r.stderr))
+  }`;
 }
 
 // ---- [kvm] tests ------------------------------------------------------------
@@ -202,7 +223,7 @@ kvmTest("busybox applets in the function runtime print what they print natively"
     { args: ["sort"] },
     { args: ["sort", "-r", "-k2"] },
     { args: ["wc"] },
-    { args: ["awk", '{ n[$1]++ } END { for (w in n) s += n[w] * length(w); print NR, s }'] },
+    { args: ["awk", "{ n[$1]++ } END { for (w in n) s += n[w] * length(w); print NR, s }"] },
     { args: ["cat"] },
     { args: ["head", "-n", "17"] },
     { args: ["tr", "a-z", "A-Z"] },
@@ -232,25 +253,31 @@ kvmTest("busybox applets in the function runtime print what they print natively"
   }
 });
 
-kvmTest("a gcc -static glibc program: stdio, malloc, files, getrandom and clocks as natively", async () => {
-  const path = await libcProgram();
-  const program = await Deno.readFile(path);
-  const text = sampleText(300);
-  const dir = await Deno.makeTempDir({ prefix: "fn-libc-" });
-  await Deno.writeTextFile(`${dir}/in.txt`, text);
-  const stdin = enc.encode("some stdin\n".repeat(1000));
-  const r = await invoke(program, ["fn_libc", "report", "/data/in.txt"], stdin, {
-    files: [{ path: "/data/in.txt", data: enc.encode(text) }],
-  });
-  const n = await native(path, ["report", `${dir}/in.txt`], stdin);
-  assert.equal(r.outcome, "exited", show(r));
-  assert.equal(n.code, 0);
-  assert.equal(dec.decode(r.stdout), dec.decode(n.stdout));
-  assert.match(dec.decode(r.stdout), /getrandom 32\nmonotonic ordered 1, realtime after 2024 1\n$/);
-  assert.equal(r.exitStatus, 0);
-  assert.ok(r.memoryUsed >= 900000, `memoryUsed ${r.memoryUsed}`);
-  assert.deepEqual(r.enosys, []);
-});
+kvmTest(
+  "a gcc -static glibc program: stdio, malloc, files, getrandom and clocks as natively",
+  async () => {
+    const path = await libcProgram();
+    const program = await Deno.readFile(path);
+    const text = sampleText(300);
+    const dir = await Deno.makeTempDir({ prefix: "fn-libc-" });
+    await Deno.writeTextFile(`${dir}/in.txt`, text);
+    const stdin = enc.encode("some stdin\n".repeat(1000));
+    const r = await invoke(program, ["fn_libc", "report", "/data/in.txt"], stdin, {
+      files: [{ path: "/data/in.txt", data: enc.encode(text) }],
+    });
+    const n = await native(path, ["report", `${dir}/in.txt`], stdin);
+    assert.equal(r.outcome, "exited", show(r));
+    assert.equal(n.code, 0);
+    assert.equal(dec.decode(r.stdout), dec.decode(n.stdout));
+    assert.match(
+      dec.decode(r.stdout),
+      /getrandom 32\nmonotonic ordered 1, realtime after 2024 1\n$/,
+    );
+    assert.equal(r.exitStatus, 0);
+    assert.ok(r.memoryUsed >= 900000, `memoryUsed ${r.memoryUsed}`);
+    assert.deepEqual(r.enosys, []);
+  },
+);
 
 kvmTest("the SDK's echo and wordfreq examples run in the runtime as natively", async () => {
   for (const [name, args] of [["echo", []], ["wordfreq", ["5"]]] as const) {
@@ -266,37 +293,50 @@ kvmTest("the SDK's echo and wordfreq examples run in the runtime as natively", a
   }
 });
 
-kvmTest("limits: memory beyond memoryLimit and output beyond outputLimit end the program", async () => {
-  const program = await Deno.readFile(await libcProgram());
-  const hog = await invoke(program, ["fn_libc", "hog"], new Uint8Array(), { memoryLimit: 8 << 20 });
-  assert.equal(hog.status, "done");
-  assert.equal(hog.outcome, "memory_limit", show(hog));
-  assert.match(hog.reason ?? "", /memory limit/);
-  assert.ok(hog.memoryUsed > 7 << 20 && hog.memoryUsed <= 9 << 20, `memoryUsed ${hog.memoryUsed}`);
-  // Without a limit, the VM's free RAM is the limit.
-  const all = await invoke(program, ["fn_libc", "hog"], new Uint8Array(), { memoryMiB: 32 });
-  assert.equal(all.outcome, "memory_limit", show(all));
+kvmTest(
+  "limits: memory beyond memoryLimit and output beyond outputLimit end the program",
+  async () => {
+    const program = await Deno.readFile(await libcProgram());
+    const hog = await invoke(program, ["fn_libc", "hog"], new Uint8Array(), {
+      memoryLimit: 8 << 20,
+    });
+    assert.equal(hog.status, "done");
+    assert.equal(hog.outcome, "memory_limit", show(hog));
+    assert.match(hog.reason ?? "", /memory limit/);
+    assert.ok(
+      hog.memoryUsed > 7 << 20 && hog.memoryUsed <= 9 << 20,
+      `memoryUsed ${hog.memoryUsed}`,
+    );
+    // Without a limit, the VM's free RAM is the limit.
+    const all = await invoke(program, ["fn_libc", "hog"], new Uint8Array(), { memoryMiB: 32 });
+    assert.equal(all.outcome, "memory_limit", show(all));
 
-  const bb = await Deno.readFile(await busybox());
-  const yes = await invoke(bb, ["busybox", "yes", "spam"], new Uint8Array(), { outputLimit: 1000 });
-  assert.equal(yes.outcome, "output_limit", show(yes));
-  assert.equal(yes.stdout.length, 1000);
-  assert.equal(dec.decode(yes.stdout), "spam\n".repeat(200));
-});
+    const bb = await Deno.readFile(await busybox());
+    const yes = await invoke(bb, ["busybox", "yes", "spam"], new Uint8Array(), {
+      outputLimit: 1000,
+    });
+    assert.equal(yes.outcome, "output_limit", show(yes));
+    assert.equal(yes.stdout.length, 1000);
+    assert.equal(dec.decode(yes.stdout), "spam\n".repeat(200));
+  },
+);
 
-kvmTest("faults and signals: NULL deref is SIGSEGV, abort is SIGABRT, exit codes pass", async () => {
-  const program = await Deno.readFile(await libcProgram());
-  const segv = await invoke(program, ["fn_libc", "null"], new Uint8Array());
-  assert.equal(segv.outcome, "signal", show(segv));
-  assert.equal(segv.exitStatus, 11);
-  assert.match(segv.reason ?? "", /SIGSEGV: page fault at address 0x0, rip 0x/);
-  const abort = await invoke(program, ["fn_libc", "abort"], new Uint8Array());
-  assert.equal(abort.outcome, "signal", show(abort));
-  assert.equal(abort.exitStatus, 6);
-  const exit = await invoke(program, ["fn_libc", "exit", "42"], new Uint8Array());
-  assert.equal(exit.outcome, "exited", show(exit));
-  assert.equal(exit.exitStatus, 42);
-});
+kvmTest(
+  "faults and signals: NULL deref is SIGSEGV, abort is SIGABRT, exit codes pass",
+  async () => {
+    const program = await Deno.readFile(await libcProgram());
+    const segv = await invoke(program, ["fn_libc", "null"], new Uint8Array());
+    assert.equal(segv.outcome, "signal", show(segv));
+    assert.equal(segv.exitStatus, 11);
+    assert.match(segv.reason ?? "", /SIGSEGV: page fault at address 0x0, rip 0x/);
+    const abort = await invoke(program, ["fn_libc", "abort"], new Uint8Array());
+    assert.equal(abort.outcome, "signal", show(abort));
+    assert.equal(abort.exitStatus, 6);
+    const exit = await invoke(program, ["fn_libc", "exit", "42"], new Uint8Array());
+    assert.equal(exit.outcome, "exited", show(exit));
+    assert.equal(exit.exitStatus, 42);
+  },
+);
 
 kvmTest("an unknown system call returns -ENOSYS and is counted by number", async () => {
   const program = await Deno.readFile(await libcProgram());
@@ -324,51 +364,64 @@ kvmTest("a VM runs one request: resumed after DONE it only exits again", async (
   assert.equal(tooBig.status, "input_too_large");
 });
 
-kvmTest("init failures: a bad ELF, a dynamic ELF and a damaged bundle are refused with the reason", async () => {
-  const refused = async (start: () => Promise<unknown>, pattern: RegExp) => {
-    await assert.rejects(start, (e) => {
-      assert.ok(e instanceof DenovisorError, String(e));
-      assert.equal(e.code, "IMAGE");
-      assert.match(e.message, pattern);
-      return true;
-    });
-  };
-  await refused(
-    () => startFunctionVm({ program: enc.encode("#!/bin/sh\necho hi\n"), argv: ["x"] }),
-    /\/bin\/function is not an ELF file/,
-  );
-  const dynamic = await Deno.readFile("/bin/true");
-  await refused(() => startFunctionVm({ program: dynamic, argv: ["true"] }), /dynamically linked/);
-  const truncated = (await Deno.readFile(await busybox())).slice(0, 5000);
-  await refused(() => startFunctionVm({ program: truncated, argv: ["bb"] }), /outside the file/);
+kvmTest(
+  "init failures: a bad ELF, a dynamic ELF and a damaged bundle are refused with the reason",
+  async () => {
+    const refused = async (start: () => Promise<unknown>, pattern: RegExp) => {
+      await assert.rejects(start, (e) => {
+        assert.ok(e instanceof DenovisorError, String(e));
+        assert.equal(e.code, "IMAGE");
+        assert.match(e.message, pattern);
+        return true;
+      });
+    };
+    await refused(
+      () => startFunctionVm({ program: enc.encode("#!/bin/sh\necho hi\n"), argv: ["x"] }),
+      /\/bin\/function is not an ELF file/,
+    );
+    const dynamic = await Deno.readFile("/bin/true");
+    await refused(
+      () => startFunctionVm({ program: dynamic, argv: ["true"] }),
+      /dynamically linked/,
+    );
+    const truncated = (await Deno.readFile(await busybox())).slice(0, 5000);
+    await refused(() => startFunctionVm({ program: truncated, argv: ["bb"] }), /outside the file/);
 
-  const good = encodeBundle({
-    program: await Deno.readFile(await libcProgram()),
-    argv: ["fn_libc"],
-    files: [{ path: "/x", data: new Uint8Array(10) }],
-  });
-  const view = (b: Uint8Array) => new DataView(b.buffer);
-  const damaged = (edit: (v: DataView) => void) => {
-    const copy = good.slice();
-    edit(view(copy));
-    return copy;
-  };
-  const fileEntry = (i: number) => Number(view(good).getBigUint64(C.FN_BN_FILES_OFF, true)) + i * C.FN_FILE_SIZE;
-  await refused(() => startBundleVm(damaged((v) => v.setUint32(C.FN_BN_MAGIC, 0, true))), /bad bundle magic/);
-  await refused(
-    () => startBundleVm(damaged((v) => v.setBigUint64(C.FN_BN_TOTAL_LEN, 1n << 40n, true))),
-    /does not fit RAM/,
-  );
-  await refused(
-    () => startBundleVm(damaged((v) => v.setBigUint64(fileEntry(1) + C.FN_FILE_DATA_LEN, 1n << 62n, true))),
-    /data outside the bundle/,
-  );
-  await refused(
-    () => startBundleVm(damaged((v) => v.setUint32(C.FN_BN_EXEC_INDEX, 7, true))),
-    /program index/,
-  );
-  await refused(
-    () => startBundleVm(damaged((v) => v.setBigUint64(C.FN_BN_STRINGS_LEN, 3n, true))),
-    /not NUL-terminated/,
-  );
-});
+    const good = encodeBundle({
+      program: await Deno.readFile(await libcProgram()),
+      argv: ["fn_libc"],
+      files: [{ path: "/x", data: new Uint8Array(10) }],
+    });
+    const view = (b: Uint8Array) => new DataView(b.buffer);
+    const damaged = (edit: (v: DataView) => void) => {
+      const copy = good.slice();
+      edit(view(copy));
+      return copy;
+    };
+    const fileEntry = (i: number) =>
+      Number(view(good).getBigUint64(C.FN_BN_FILES_OFF, true)) + i * C.FN_FILE_SIZE;
+    await refused(
+      () => startBundleVm(damaged((v) => v.setUint32(C.FN_BN_MAGIC, 0, true))),
+      /bad bundle magic/,
+    );
+    await refused(
+      () => startBundleVm(damaged((v) => v.setBigUint64(C.FN_BN_TOTAL_LEN, 1n << 40n, true))),
+      /does not fit RAM/,
+    );
+    await refused(
+      () =>
+        startBundleVm(
+          damaged((v) => v.setBigUint64(fileEntry(1) + C.FN_FILE_DATA_LEN, 1n << 62n, true)),
+        ),
+      /data outside the bundle/,
+    );
+    await refused(
+      () => startBundleVm(damaged((v) => v.setUint32(C.FN_BN_EXEC_INDEX, 7, true))),
+      /program index/,
+    );
+    await refused(
+      () => startBundleVm(damaged((v) => v.setBigUint64(C.FN_BN_STRINGS_LEN, 3n, true))),
+      /not NUL-terminated/,
+    );
+  },
+);

@@ -24,7 +24,11 @@ const CACHE_DIR = new URL("../../.cache/fn/", import.meta.url);
 const CACHE_FORMAT = 1;
 
 /** The runtime's sources, in link order (the kernel first: its stubs lead the image). */
-const RUNTIME_SOURCES = ["fn/runtime/fn_kernel.S", "fn/runtime/fn_entry.S", "fn/runtime/fn_runtime.c"];
+const RUNTIME_SOURCES = [
+  "fn/runtime/fn_kernel.S",
+  "fn/runtime/fn_entry.S",
+  "fn/runtime/fn_runtime.c",
+];
 /** Files the runtime's sources include (part of the key). */
 const RUNTIME_INCLUDES = ["runtime/kernel.S", "fn/abi.h", "link.ld"];
 const SDK_SOURCE = "fn/sdk/dv_fn.c";
@@ -79,13 +83,19 @@ export async function buildFunctionRuntime(): Promise<Uint8Array> {
   ];
   const sources = RUNTIME_SOURCES.map((f) => new URL(f, GUEST_DIR));
   const keyed = [...sources, ...RUNTIME_INCLUDES.map((f) => new URL(f, GUEST_DIR))];
-  const path = await cachedBuild("fn-runtime", ".elf", keyed, [...flags, ...tools.versions], (out) => [
-    ...flags,
-    "-o",
-    out,
-    ...sources.map(pathOf),
-    "-lgcc",
-  ]);
+  const path = await cachedBuild(
+    "fn-runtime",
+    ".elf",
+    keyed,
+    [...flags, ...tools.versions],
+    (out) => [
+      ...flags,
+      "-o",
+      out,
+      ...sources.map(pathOf),
+      "-lgcc",
+    ],
+  );
   return await Deno.readFile(path);
 }
 
@@ -110,7 +120,13 @@ export async function buildFunctionRuntime(): Promise<Uint8Array> {
 export async function buildFunction(source: string | URL, out?: string): Promise<string> {
   const tools = await probeToolchain();
   const src = toFileUrl(source);
-  const flags = [...COMMON_FLAGS, "-fno-pic", "-fno-pie", "-no-pie", `-I${pathOf(new URL("fn/sdk/", GUEST_DIR))}`];
+  const flags = [
+    ...COMMON_FLAGS,
+    "-fno-pic",
+    "-fno-pie",
+    "-no-pie",
+    `-I${pathOf(new URL("fn/sdk/", GUEST_DIR))}`,
+  ];
   const keyed = [src, new URL(SDK_SOURCE, GUEST_DIR), new URL(SDK_HEADER, GUEST_DIR)];
   const stem = pathOf(src).split("/").pop()!.replace(/\.c$/, "");
   const path = await cachedBuild(stem, "", keyed, [...flags, ...tools.versions], (o) => [

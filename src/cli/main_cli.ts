@@ -47,6 +47,7 @@ import {
 } from "./api_commands.ts";
 import { runVm, type RunVmInput, summaryLine } from "./run_vm.ts";
 import { serveCommand } from "./serve.ts";
+import { fnBuildCommand } from "./fn_build_command.ts";
 import denoConfig from "../../deno.json" with { type: "json" };
 
 const MAIN_HELP = `denovisor — a KVM hypervisor driven from TypeScript
@@ -78,6 +79,9 @@ Usage:
   deno run -A main.ts serve [--port N] [options] NAME=PATH...
                                       serve static Linux programs as functions
                                       over HTTP, each request in a micro-VM
+  deno run -A main.ts fn-build SOURCE [-o OUT]
+                                      build a C function against the function
+                                      SDK (guest/fn/sdk/dv_fn.h): a static ELF
   deno run -A main.ts <command> --help
   deno run -A main.ts --version
 
@@ -770,6 +774,7 @@ export async function main(args: string[], io: CliIo = stderrIo): Promise<number
     if (command === "load") return await loadCommand(rest, io);
     if (command === "migrate") return await migrateCommand(rest, io);
     if (command === "serve") return await serveCommand(rest, io);
+    if (command === "fn-build") return await fnBuildCommand(rest, io);
     throw new UsageError(`unknown command "${command}" (see --help)`);
   } catch (e) {
     if (

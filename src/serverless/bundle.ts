@@ -91,7 +91,9 @@ export function encodeBundle(spec: BundleSpec): Uint8Array {
   if (spec.argv.length + env.length > BUNDLE_MAX_STRINGS) {
     bad(`at most ${BUNDLE_MAX_STRINGS} argv + env strings, got ${spec.argv.length + env.length}`);
   }
-  if (extra.length + 1 > BUNDLE_MAX_FILES) bad(`at most ${BUNDLE_MAX_FILES - 1} files besides the program`);
+  if (extra.length + 1 > BUNDLE_MAX_FILES) {
+    bad(`at most ${BUNDLE_MAX_FILES - 1} files besides the program`);
+  }
   const strings = [
     ...spec.argv.map((s, i) => checkString(s, `argv[${i}]`)),
     ...env.map((s, i) => checkString(s, `env[${i}]`)),
@@ -106,7 +108,9 @@ export function encodeBundle(spec: BundleSpec): Uint8Array {
     seen.add(f.path);
     if (!(f.data instanceof Uint8Array)) bad(`the data of ${f.path} must be a Uint8Array`);
     const mode = f.mode ?? 0o644;
-    if (!Number.isInteger(mode) || mode < 0 || mode > 0o7777) bad(`the mode of ${f.path} must be 0..0o7777`);
+    if (!Number.isInteger(mode) || mode < 0 || mode > 0o7777) {
+      bad(`the mode of ${f.path} must be 0..0o7777`);
+    }
     return bytes;
   });
   // Directories are implied by the files' paths: no file may sit where another has children.
@@ -133,7 +137,9 @@ export function encodeBundle(spec: BundleSpec): Uint8Array {
     return off;
   });
   const total = align8(at);
-  if (total > Number.MAX_SAFE_INTEGER || total > 2 ** 32) bad(`the bundle would be ${total} bytes (4 GiB at most)`);
+  if (total > Number.MAX_SAFE_INTEGER || total > 2 ** 32) {
+    bad(`the bundle would be ${total} bytes (4 GiB at most)`);
+  }
 
   const bytes = new Uint8Array(total);
   const view = new DataView(bytes.buffer);

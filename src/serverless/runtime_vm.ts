@@ -16,7 +16,12 @@ import { CONSTANTS } from "../_contract.generated.ts";
 import { buildFunctionRuntime } from "../build/fn_build.ts";
 import { DenovisorError } from "../errors.ts";
 import { Vm } from "../vm.ts";
-import type { FunctionReady, FunctionStartOptions, InvokeOptions, InvokeResult } from "./backend.ts";
+import type {
+  FunctionReady,
+  FunctionStartOptions,
+  InvokeOptions,
+  InvokeResult,
+} from "./backend.ts";
 import { encodeBundle } from "./bundle.ts";
 
 /** Guest RAM of a function VM unless the options say otherwise. */
@@ -174,7 +179,10 @@ export async function startBundleVm(
     vm.writeMemory(at, bundle);
     const result = await vm.run({ timeoutMs: INIT_TIMEOUT_MS });
     if (result.reason !== "guest_exit") {
-      throw new DenovisorError("GUEST_CRASHED", `the function runtime did not reach READY: ${result.summary}`);
+      throw new DenovisorError(
+        "GUEST_CRASHED",
+        `the function runtime did not reach READY: ${result.summary}`,
+      );
     }
     const mb = readMailbox(vm);
     checkHeader(mb);
@@ -215,7 +223,10 @@ export function functionReadyOf(vm: Vm): FunctionReady {
 function limit(value: number | undefined, what: string): bigint {
   if (value === undefined) return 0n;
   if (!Number.isSafeInteger(value) || value < 0) {
-    throw new DenovisorError("INVALID_ARGUMENT", `${what} must be a non-negative integer, got ${value}`);
+    throw new DenovisorError(
+      "INVALID_ARGUMENT",
+      `${what} must be a non-negative integer, got ${value}`,
+    );
   }
   return BigInt(value);
 }
@@ -245,12 +256,18 @@ export async function runRequest(
   input: Uint8Array,
   options: InvokeOptions = {},
 ): Promise<InvokeResult> {
-  if (!(input instanceof Uint8Array)) throw new DenovisorError("INVALID_ARGUMENT", "input must be a Uint8Array");
+  if (!(input instanceof Uint8Array)) {
+    throw new DenovisorError("INVALID_ARGUMENT", "input must be a Uint8Array");
+  }
   const memoryLimit = limit(options.memoryLimit, "memoryLimit");
   const outputLimit = limit(options.outputLimit, "outputLimit");
   const timeoutMs = options.timeoutMs ?? REQUEST_TIMEOUT_MS;
   const empty = new Uint8Array();
-  const failed = (status: InvokeResult["status"], reason: string, extra: Partial<InvokeResult> = {}) => ({
+  const failed = (
+    status: InvokeResult["status"],
+    reason: string,
+    extra: Partial<InvokeResult> = {},
+  ) => ({
     status,
     outcome: null,
     exitStatus: 0,
@@ -278,7 +295,10 @@ export async function runRequest(
     return failed("protocol_error", e instanceof Error ? e.message : String(e));
   }
   if (input.length > buffers.inputCapacity) {
-    return failed("input_too_large", `the input (${input.length} bytes) is larger than the function's ${buffers.inputCapacity}`);
+    return failed(
+      "input_too_large",
+      `the input (${input.length} bytes) is larger than the function's ${buffers.inputCapacity}`,
+    );
   }
   if (input.length > 0) vm.writeMemory(buffers.inputAddr, input);
   const fields = new Uint8Array(C.FN_MB_MEMORY_USED - C.FN_MB_INPUT_LEN);
@@ -296,7 +316,9 @@ export async function runRequest(
 
   const run = await vm.run({ timeoutMs });
   const common = { runNs: run.timings.guestNs, exits: run.exits };
-  if (run.reason === "timed_out") return failed("timeout", `the request ran longer than ${timeoutMs} ms`, common);
+  if (run.reason === "timed_out") {
+    return failed("timeout", `the request ran longer than ${timeoutMs} ms`, common);
+  }
   if (run.reason === "stopped") return failed("stopped", "the VM was stopped", common);
   if (run.reason !== "guest_exit") return failed("crashed", run.summary, common);
 
@@ -310,8 +332,12 @@ export async function runRequest(
     if (outcome === undefined) throw protocol(`outcome ${code}`);
     const stdoutLen = u64(mb, C.FN_MB_STDOUT_LEN);
     const stderrLen = u64(mb, C.FN_MB_STDERR_LEN);
-    if (stdoutLen > buffers.stdoutCapacity) throw protocol(`stdout_len ${stdoutLen} beyond its capacity`);
-    if (stderrLen > buffers.stderrCapacity) throw protocol(`stderr_len ${stderrLen} beyond its capacity`);
+    if (stdoutLen > buffers.stdoutCapacity) {
+      throw protocol(`stdout_len ${stdoutLen} beyond its capacity`);
+    }
+    if (stderrLen > buffers.stderrCapacity) {
+      throw protocol(`stderr_len ${stderrLen} beyond its capacity`);
+    }
     const count = mb.view.getUint32(C.FN_MB_ENOSYS_COUNT, true);
     if (count > C.FN_ENOSYS_MAX) throw protocol(`${count} ENOSYS entries`);
     const enosys = Array.from({ length: count }, (_, i) => ({
