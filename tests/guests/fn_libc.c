@@ -9,6 +9,7 @@
  *   enosys        calls system call 500 (there is none) and prints the result
  *   abort         abort()
  *   exit N        exits with N
+ *   syscalls N    makes N getppid system calls (bench/fn_runtime_bench.ts)
  */
 #include <errno.h>
 #include <stdint.h>
@@ -106,5 +107,11 @@ int main(int argc, char **argv) {
 	}
 	if (!strcmp(mode, "abort")) abort();
 	if (!strcmp(mode, "exit")) return atoi(argc > 2 ? argv[2] : "0");
+	if (!strcmp(mode, "syscalls")) {
+		long n = atol(argc > 2 ? argv[2] : "1000"), sum = 0;
+		for (long i = 0; i < n; i++) sum += syscall(SYS_getppid);
+		printf("%ld\n", sum > 0);
+		return 0;
+	}
 	return 2;
 }

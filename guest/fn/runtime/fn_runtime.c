@@ -378,6 +378,7 @@ static void check_bundle(u64 addr) {
 		init_failed("bad file count %d or program index %d", (i64)file_count, (i64)exec_index);
 	u64 soff = rd64(bundle + DV_FN_BN_STRINGS_OFF), sl = rd64(bundle + DV_FN_BN_STRINGS_LEN);
 	if (!bundle_ok(soff, sl)) init_failed("strings outside the bundle");
+	if (sl > STACK_BYTES / 2) init_failed("argv and envp take %x bytes: the stack holds %x", sl, STACK_BYTES / 2);
 	u64 p = soff;
 	for (u32 i = 0; i < argc + envc; i++) {
 		u64 e = p;
