@@ -323,6 +323,16 @@ kvmTest(
   },
 );
 
+kvmTest("memory a request gets is zero; a looping request ends at its time limit", async () => {
+  const program = await Deno.readFile(await libcProgram());
+  const zero = await invoke(program, ["fn_libc", "zero"], new Uint8Array());
+  assert.equal(zero.outcome, "exited", show(zero));
+  assert.equal(dec.decode(zero.stdout), "nonzero bytes: 0\n");
+  const spin = await invoke(program, ["fn_libc", "spin"], new Uint8Array(), { timeoutMs: 1500 });
+  assert.equal(spin.status, "timeout");
+  assert.equal(spin.outcome, null);
+});
+
 kvmTest(
   "faults and signals: NULL deref is SIGSEGV, abort is SIGABRT, exit codes pass",
   async () => {

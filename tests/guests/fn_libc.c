@@ -10,12 +10,16 @@
  *   abort         abort()
  *   exit N        exits with N
  *   syscalls N    makes N getppid system calls (bench/fn_runtime_bench.ts)
+ *   zero          memory it gets back after munmap, mremap and brk is zero
+ *   spin          loops forever
  */
+#define _GNU_SOURCE
 #include <errno.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/random.h>
 #include <sys/syscall.h>
 #include <time.h>
@@ -107,10 +111,34 @@ int main(int argc, char **argv) {
 	}
 	if (!strcmp(mode, "abort")) abort();
 	if (!strcmp(mode, "exit")) return atoi(argc > 2 ? argv[2] : "0");
+	if (!strcmp(mode, "zero")) {
+		size_t len = 4 << 20, bad = 0;
+		for (int round = 0; round < 3; round++) {
+			unsigned char *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+			if (p == MAP_FAILED) return 4;
+			for (size_t i = 0; i < len; i++) bad += p[i] != 0;
+			memset(p, 0xa5, len);
+			p = mremap(p, len, 2 * len, MREMAP_MAYMOVE);
+			if (p == MAP_FAILED) return 5;
+			for (size_t i = len; i < 2 * len; i++) bad += p[i] != 0;
+			memset(p, 0x5a, 2 * len);
+			munmap(p, 2 * len);
+		}
+		unsigned char *b = sbrk(0);
+		sbrk(1 << 20);
+		memset(b, 0xee, 1 << 20);
+		sbrk(-(1 << 20));
+		sbrk(1 << 20);
+		for (size_t i = 0; i < 1 << 20; i++) bad += b[i] != 0;
+		printf("nonzero bytes: %zu\n", bad);
+		return 0;
+	}
+	if (!strcmp(mode, "spin"))
+		for (;;) __asm__ volatile("");
 	if (!strcmp(mode, "syscalls")) {
 		long n = atol(argc > 2 ? argv[2] : "1000"), sum = 0;
 		for (long i = 0; i < n; i++) sum += syscall(SYS_getppid);
-		printf("%ld\n", sum > 0);
+		printf("%d\n", sum > 0);
 		return 0;
 	}
 	return 2;
