@@ -20,7 +20,7 @@ import {
   startBundleVm,
   startFunctionVm,
 } from "../src/serverless/runtime_vm.ts";
-import { kvmTest } from "./_helpers.ts";
+import { cli, kvmTest } from "./_helpers.ts";
 
 const enc = new TextEncoder();
 const dec = new TextDecoder();
@@ -106,6 +106,21 @@ Deno.test("SDK functions are static executables that also run natively", async (
   assert.deepEqual(out.stdout, input);
   const file = await runTool("file", [echo], { neededFor: "this test" }).catch(() => undefined);
   if (file && file.code === 0) assert.match(file.stdout, /statically linked/);
+});
+
+Deno.test("main.ts fn-build builds an SDK function; bad arguments are usage errors", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "fn-build-" });
+  const out = `${dir}/echo`;
+  const echo = new URL("../guest/fn/examples/echo.c", import.meta.url).pathname;
+  const ok = await cli("fn-build", echo, "-o", out);
+  assert.equal(ok.code, 0, ok.stderr);
+  assert.equal(ok.stdout, `${out}\n`);
+  const run = await native(out, [], enc.encode("via the CLI"));
+  assert.equal(dec.decode(run.stdout), "via the CLI");
+  assert.equal((await cli("fn-build")).code, 2);
+  const missing = await cli("fn-build", `${dir}/missing.c`);
+  assert.equal(missing.code, 70);
+  assert.match(missing.stderr, /Cannot read/);
 });
 
 // ---- helpers ----------------------------------------------------------------
@@ -357,6 +372,26 @@ kvmTest("an unknown system call returns -ENOSYS and is counted by number", async
   assert.equal(r.exitStatus, 0);
   assert.equal(dec.decode(r.stdout), "syscall 500: -1 errno 38\n");
   assert.deepEqual(r.enosys, [{ nr: 500, count: 2 }]);
+});
+
+kvmTest("the host checks every mailbox value a hostile program writes", async () => {
+  const hostile = await Deno.readFile(
+    await buildFunction(new URL("./guests/fn_hostile.c", import.meta.url)),
+  );
+  const cases: [string, RegExp][] = [
+    ["stdout_len", /stdout_len \d+ beyond its capacity/],
+    ["outcome", /outcome 77/],
+    ["enosys", /65 ENOSYS entries/],
+    ["state", /state 1 at the EXIT of a request/],
+    ["magic", /mailbox magic 0x0/],
+  ];
+  for (const [lie, pattern] of cases) {
+    const r = await invoke(hostile, ["fn_hostile", lie], new Uint8Array());
+    assert.equal(r.status, "protocol_error", `${lie}: ${show(r)}`);
+    assert.equal(r.outcome, null);
+    assert.equal(r.stdout.length, 0);
+    assert.match(r.reason ?? "", pattern);
+  }
 });
 
 kvmTest("a VM runs one request: resumed after DONE it only exits again", async () => {
