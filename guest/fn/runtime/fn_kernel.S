@@ -77,16 +77,15 @@ _start:
 	or	$CR4_FSGSBASE, %r10
 1:	mov	$1, %eax
 	cpuid
-	mov	%ecx, %r11d
-	bt	$26, %r11d			/* XSAVE */
+	bt	$26, %ecx			/* XSAVE */
 	jnc	2f
 	or	$CR4_OSXSAVE, %r10
 	mov	%r10, %cr4
-	mov	$3, %eax			/* x87 | SSE */
-	bt	$28, %r11d			/* AVX */
-	jnc	3f
-	or	$4, %eax
-3:	xor	%edx, %edx
+	mov	$0xd, %eax
+	xor	%ecx, %ecx
+	cpuid					/* eax: the XCR0 bits the CPU supports */
+	and	$7, %eax			/* x87 | SSE | AVX, no more */
+	xor	%edx, %edx
 	xor	%ecx, %ecx
 	xsetbv
 2:	mov	%r10, %cr4
