@@ -1050,6 +1050,33 @@ static i64 sys_write(i64 fd, u64 buf, u64 len) {
 	return (i64)n;
 }
 
+/* sendfile: from the input or a file of the set straight into stdout/stderr. */
+static i64 sys_sendfile(i64 out, i64 in, u64 offp, u64 count) {
+	struct fd *f, *o;
+	i64 r = file_fd(in, &f);
+	if (r < 0 || (r = file_fd(out, &o)) < 0) return r;
+	if (o->kind != FD_STDOUT && o->kind != FD_STDERR) return -EINVAL;
+	const u8 *src;
+	u64 size, *off, at;
+	if (f->kind == FD_STDIN) {
+		if (offp) return -ESPIPE;
+		src = (const u8 *)(uintptr_t)input_addr, size = input_len, off = &input_off;
+	} else if (f->kind == FD_FILE) {
+		src = files[f->file].data, size = files[f->file].len, off = &f->off;
+	} else {
+		return -EINVAL;
+	}
+	if (offp && !user_ok(offp, 8)) return -EFAULT;
+	at = offp ? *(u64 *)(uintptr_t)offp : *off;
+	if (at >= size) return 0;
+	u64 n = size - at < count ? size - at : count;
+	r = sys_write(out, (u64)(uintptr_t)(src + at), n);
+	if (r < 0) return r;
+	if (offp) *(u64 *)(uintptr_t)offp = at + (u64)r;
+	else *off = at + (u64)r;
+	return r;
+}
+
 static i64 sys_iov(i64 fd, u64 iov, u64 cnt, int writing) {
 	if (cnt > 1024) return -EINVAL;
 	if (!user_ok(iov, cnt * 16)) return -EFAULT;
@@ -1291,6 +1318,7 @@ i64 fn_syscall(u64 a0, u64 a1, u64 a2, u64 a3, u64 a4, u64 a5, u64 nr) {
 	case 20: return sys_iov((i64)a0, a1, a2, 1);
 	case 21: return sys_faccessat(-100, a0, a1);
 	case 24: return 0; /* sched_yield */
+	case 40: return sys_sendfile((i64)a0, (i64)a1, a2, a3);
 	case 25: return sys_mremap(a0, a1, a2, a3);
 	case 26: return 0; /* msync */
 	case 28: return 0; /* madvise */
