@@ -17,7 +17,7 @@
  * console.log(ABI_VERSION);
  * ```
  */
-export const ABI_VERSION = 5;
+export const ABI_VERSION = 6;
 
 /**
  * Every status a `dv_*` call returns (`Status` in `core/src/error.rs`).
@@ -174,6 +174,15 @@ export const CONSTANTS = {
   FN_FILE_MODE: 24,
   FN_FILE_PATH_OFF: 0,
   FN_FILE_SIZE: 32,
+  FN_INVOKE_CRASHED: 2,
+  FN_INVOKE_DONE: 0,
+  FN_INVOKE_ENOSYS_ENTRIES: 64,
+  FN_INVOKE_INPUT_TOO_LARGE: 5,
+  FN_INVOKE_NO_OUTCOME: 4294967295,
+  FN_INVOKE_PROTOCOL_ERROR: 4,
+  FN_INVOKE_REASON_MAX: 512,
+  FN_INVOKE_STOPPED: 3,
+  FN_INVOKE_TIMEOUT: 1,
   FN_MAILBOX_ADDR: 131072,
   FN_MAILBOX_MAGIC: 1313232452,
   FN_MAILBOX_SIZE: 4096,
@@ -237,6 +246,26 @@ export const CONSTANTS = {
  * ```
  */
 export const LAYOUTS = {
+  fn_invoke_result: {
+    fields: {
+      enosys: { offset: 88, size: 512 },
+      enosys_count: { offset: 80, size: 4 },
+      exit_status: { offset: 8, size: 8 },
+      exits: { offset: 56, size: 8 },
+      memory_used: { offset: 72, size: 8 },
+      outcome: { offset: 4, size: 4 },
+      reason: { offset: 600, size: 512 },
+      reason_len: { offset: 84, size: 4 },
+      reset_ns: { offset: 40, size: 8 },
+      reset_pages: { offset: 48, size: 8 },
+      run_ns: { offset: 32, size: 8 },
+      status: { offset: 0, size: 4 },
+      stderr_len: { offset: 24, size: 8 },
+      stdout_len: { offset: 16, size: 8 },
+      syscalls: { offset: 64, size: 8 },
+    },
+    size: 1112,
+  },
   kvm_dtable: {
     fields: {
       base: { offset: 0, size: 8 },

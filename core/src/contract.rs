@@ -95,6 +95,24 @@ pub fn constants() -> Value {
         for (name, value, _) in crate::function::abi::constants() {
             map.insert(format!("FN_{name}"), json!(value));
         }
+        // dv_fn_invoke's statuses and its result's sizes.
+        use crate::function::invoke::{self, status};
+        for (name, value) in [
+            ("DONE", status::DONE),
+            ("TIMEOUT", status::TIMEOUT),
+            ("CRASHED", status::CRASHED),
+            ("STOPPED", status::STOPPED),
+            ("PROTOCOL_ERROR", status::PROTOCOL_ERROR),
+            ("INPUT_TOO_LARGE", status::INPUT_TOO_LARGE),
+        ] {
+            map.insert(format!("FN_INVOKE_{name}"), json!(value));
+        }
+        map.insert("FN_INVOKE_NO_OUTCOME".into(), json!(invoke::NO_OUTCOME));
+        map.insert("FN_INVOKE_REASON_MAX".into(), json!(invoke::REASON_MAX));
+        map.insert(
+            "FN_INVOKE_ENOSYS_ENTRIES".into(),
+            json!(invoke::ENOSYS_ENTRIES),
+        );
     }
     out
 }
@@ -141,6 +159,11 @@ pub fn layouts() -> Value {
         }),
         "kvm_fpu": layout!(kvm_fpu {
             fpr, fcw, fsw, ftwx, pad1, last_opcode, last_ip, last_dp, xmm, mxcsr, pad2,
+        }),
+        "fn_invoke_result": layout!(crate::function::invoke::InvokeResult {
+            status, outcome, exit_status, stdout_len, stderr_len, run_ns, reset_ns,
+            reset_pages, exits, syscalls, memory_used, enosys_count, reason_len, enosys,
+            reason,
         }),
     })
 }

@@ -152,6 +152,9 @@ pub enum Error {
     /// A migration stream cannot be sent, or what was received is refused
     #[error(transparent)]
     Migration(#[from] crate::migration::MigrationError),
+    /// A function VM cannot be checkpointed, reset or invoked
+    #[error(transparent)]
+    Function(#[from] crate::function::FunctionError),
 }
 
 impl Error {

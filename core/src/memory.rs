@@ -111,8 +111,10 @@ pub struct GuestRam {
     dirty: Arc<DirtyPages>,
     /// Whether RAM is a private (copy-on-write) mapping of a snapshot's memory
     /// file ([`GuestRam::from_file`]) rather than anonymous memory: dropping
-    /// a page then reverts it to the file's bytes, not to zeros.
-    file_backed: bool,
+    /// a page then reverts it to the file's bytes, not to zeros. Shared by
+    /// clones; set once a function checkpoint remaps anonymous RAM onto its
+    /// pristine image ([`GuestRam::remap_private`]).
+    file_backed: Arc<AtomicBool>,
 }
 
 /// The guest-physical ranges `(start, len)` that `size` bytes of RAM occupy.
@@ -155,7 +157,7 @@ impl GuestRam {
             size,
             mergeable: Arc::new(AtomicBool::new(false)),
             dirty: Arc::new(DirtyPages::new(&ram_ranges(size))),
-            file_backed: false,
+            file_backed: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -197,13 +199,77 @@ impl GuestRam {
             size,
             mergeable: Arc::new(AtomicBool::new(false)),
             dirty: Arc::new(DirtyPages::new(&ram_ranges(size))),
-            file_backed: true,
+            file_backed: Arc::new(AtomicBool::new(true)),
         })
     }
 
     /// Whether RAM maps a snapshot's memory file ([`GuestRam::from_file`]).
     pub fn is_file_backed(&self) -> bool {
-        self.file_backed
+        self.file_backed.load(Ordering::Acquire)
+    }
+
+    /// Maps every RAM region again, at the same host address, as a private
+    /// (copy-on-write) mapping of `fd`, whose bytes are the RAM ranges of
+    /// [`ram_ranges`] one after the other (a function checkpoint's pristine
+    /// image, see `crate::function::reset`). KVM's memory slots keep their
+    /// host addresses; its MMU notifier drops the old pages' mappings. The
+    /// caller guarantees no vCPU runs and no device touches RAM meanwhile,
+    /// and that `fd` holds at least [`GuestRam::size`] bytes.
+    pub fn remap_private(&self, fd: std::os::fd::RawFd) -> std::io::Result<()> {
+        let mut offset = 0u64;
+        for region in self.mem.iter() {
+            let len = region.len();
+            let off = libc::off_t::try_from(offset)
+                .map_err(|_| std::io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+            // SAFETY: `region.as_ptr()..+len` is this RAM's own mapping (owned by
+            // `self.mem`, which unmaps exactly that range on drop); MAP_FIXED
+            // replaces it in place with a mapping of the same size and
+            // protection, so every pointer into it stays valid. The contents
+            // become `fd`'s bytes, which the caller made equal to RAM's.
+            let ptr = unsafe {
+                libc::mmap(
+                    region.as_ptr().cast(),
+                    len as usize,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                    fd,
+                    off,
+                )
+            };
+            if ptr == libc::MAP_FAILED {
+                return Err(std::io::Error::last_os_error());
+            }
+            offset += len;
+        }
+        self.file_backed.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Drops every private page of RAM mapped from a file (`MADV_DONTNEED`
+    /// over all of it): each page reads back as the file's bytes again and
+    /// costs no host memory until touched. Refused on anonymous RAM (it would
+    /// read back as zeros). The caller guarantees no vCPU runs.
+    pub fn drop_private_pages(&self) -> std::io::Result<()> {
+        if !self.is_file_backed() {
+            return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        for region in self.mem.iter() {
+            // SAFETY: the whole of one of this RAM's own mappings, alive as long
+            // as `self`; on a private file mapping MADV_DONTNEED only reverts its
+            // pages to the file's (the mapping stays valid; KVM's MMU notifier
+            // drops its mappings of them).
+            let rc = unsafe {
+                libc::madvise(
+                    region.as_ptr().cast(),
+                    region.len() as usize,
+                    libc::MADV_DONTNEED,
+                )
+            };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        Ok(())
     }
 
     /// Every RAM region as host memory, in guest-physical order, for bulk
@@ -381,7 +447,7 @@ impl GuestRam {
         if !self.contains(addr, len) {
             return Err(self.outside(addr, len));
         }
-        if self.file_backed {
+        if self.is_file_backed() {
             let end = addr + len; // no overflow: `contains` checked it
             let mut at = addr;
             while at < end {

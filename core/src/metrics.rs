@@ -188,6 +188,27 @@ fn bucket(ns: u64) -> usize {
 }
 
 impl VcpuMetrics {
+    /// The total exit count (what [`VcpuMetricsSnapshot::exits`] sums),
+    /// without taking a whole snapshot.
+    pub fn exits(&self) -> u64 {
+        [
+            &self.io_in,
+            &self.io_out,
+            &self.mmio_read,
+            &self.mmio_write,
+            &self.hlt,
+            &self.shutdown,
+            &self.internal_error,
+            &self.interrupted,
+            &self.msr_read_denied,
+            &self.msr_write_denied,
+            &self.other,
+        ]
+        .iter()
+        .map(|c| c.load(Relaxed))
+        .sum()
+    }
+
     /// Counts one exit of `kind`.
     pub fn count(&self, kind: ExitKind) {
         let counter = match kind {

@@ -318,6 +318,9 @@ pub struct Vm {
     /// Whether the devices' exclusive host resources are given up (see
     /// [`Vm::hand_over_devices`]): devices added meanwhile are built unclaimed.
     handed_over: AtomicBool,
+    /// A function VM's checkpoint (see [`crate::function`]), once taken; an
+    /// invocation holds the lock for its whole run.
+    function: Mutex<Option<crate::function::reset::Checkpoint>>,
 }
 
 /// KVM's supported CPUID, read once per process (it describes the host).
@@ -367,6 +370,7 @@ impl Vm {
             virtio: Mutex::new(Vec::new()),
             diff_base: Mutex::new(DiffBase::None),
             handed_over: AtomicBool::new(false),
+            function: Mutex::new(None),
             shared: Arc::new(VmShared::new(ram, unhandled)?),
             vcpus: Mutex::new(Vec::new()),
             cpuid_policy: Mutex::new(CpuidPolicy::default()),
@@ -397,6 +401,11 @@ impl Vm {
     /// Whether the VM has the in-kernel irqchip (and PIT).
     pub fn has_irqchip(&self) -> bool {
         self.irq.irqchip()
+    }
+
+    /// The function checkpoint slot (see [`crate::function`]).
+    pub(crate) fn function_slot(&self) -> &Mutex<Option<crate::function::reset::Checkpoint>> {
+        &self.function
     }
 
     /// The KVM VM fd (for the VM-wide state snapshots read and write).

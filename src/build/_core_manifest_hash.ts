@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "d642e5f61bd80a62725a1617235bff9cb44fa3a8bf5a4ef301c049a0e4b478bc";
+  "fb0470b05742b42767203f2fe35955bd32a05839bee5a53db73f4f68113be0e1";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

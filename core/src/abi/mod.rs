@@ -54,6 +54,7 @@ mod console;
 mod cpu;
 mod devices;
 mod dirty;
+mod function;
 mod irq;
 mod ksm;
 mod linux;
@@ -65,6 +66,7 @@ mod vm;
 
 pub use console::*;
 pub use cpu::*;
+pub use function::*;
 pub use irq::*;
 pub use ksm::*;
 pub use linux::*;
@@ -78,7 +80,7 @@ use crate::vcpu::panic_message;
 use crate::vm::check_kvm;
 
 /// The version of this ABI. `src/ffi.ts` refuses a library with another version.
-pub const ABI_VERSION: u32 = 5;
+pub const ABI_VERSION: u32 = 6;
 
 /// `dv_vm_create` flag: stop the VM on port I/O or MMIO no device claims.
 pub const VM_FLAG_STOP_ON_UNHANDLED: u32 = 1;

@@ -44,6 +44,18 @@ pub(crate) fn status(e: &Error) -> Status {
         Error::Ksm(KsmError::Madvise { .. }) => Status::Memory,
         Error::Ksm(KsmError::Read { .. } | KsmError::Malformed { .. }) => Status::Io,
         Error::Migration(e) => migration(e),
+        Error::Function(e) => function(e),
+    }
+}
+
+/// A VM in use is busy; a VM not at READY or not checkpointed is the caller's
+/// argument; the host failing is memory's.
+fn function(e: &crate::function::FunctionError) -> Status {
+    use crate::function::FunctionError as F;
+    match e {
+        F::Running => Status::Busy,
+        F::NotReady(_) | F::NoCheckpoint | F::NoVcpus | F::TooLarge => Status::InvalidArgument,
+        F::Host { .. } => Status::Memory,
     }
 }
 

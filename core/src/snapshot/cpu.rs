@@ -23,6 +23,9 @@ pub const MSR_IA32_TSC: u32 = 0x10;
 /// after every other MSR: KVM arms the timer from it against the TSC, so a
 /// deadline written before the TSC would fire at the wrong time or never.
 pub const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+/// IA32_TSC_ADJUST: the guest's TSC offset as the guest sees it (moves with
+/// the TSC, so a reset leaves it alone too).
+pub const MSR_IA32_TSC_ADJUST: u32 = 0x3b;
 
 /// TSC frequencies within this many parts per million of each other count as
 /// the same (hosts calibrate the TSC at boot, with small differences).
@@ -268,6 +271,48 @@ impl VcpuState {
             .msrs
             .iter()
             .partition(|m| m.index == MSR_IA32_TSC_DEADLINE);
+        write_msrs(fd, &first, &section("msrs"))?;
+        write_msrs(fd, &deferred, &section("msrs"))?;
+        fd.set_vcpu_events(&self.events.0)
+            .map_err(SnapshotError::kvm(section("events"), "KVM_SET_VCPU_EVENTS"))?;
+        Ok(())
+    }
+
+    /// Writes this state back into the vCPU it was captured from, which has
+    /// run since (a function VM's reset to its checkpoint): everything but
+    /// the CPUID and the TSC frequency (unchanged, and KVM refuses a CPUID
+    /// change after a run) and the TSC itself (guest time goes on; a reset
+    /// must not move it back). Same order as [`VcpuState::restore`].
+    pub fn reset_to(&self, fd: &VcpuFd) -> Result<(), SnapshotError> {
+        let id = self.id;
+        let section = |what: &str| format!("vcpu {id} {what}");
+        fd.set_mp_state(self.mp_state.0)
+            .map_err(SnapshotError::kvm(section("mp state"), "KVM_SET_MP_STATE"))?;
+        fd.set_regs(&self.regs.0)
+            .map_err(SnapshotError::kvm(section("regs"), "KVM_SET_REGS"))?;
+        fd.set_sregs(&self.sregs.0)
+            .map_err(SnapshotError::kvm(section("sregs"), "KVM_SET_SREGS"))?;
+        fd.set_xsave(&self.xsave.0)
+            .map_err(SnapshotError::kvm(section("xsave"), "KVM_SET_XSAVE"))?;
+        fd.set_xcrs(&self.xcrs.0)
+            .map_err(SnapshotError::kvm(section("xcrs"), "KVM_SET_XCRS"))?;
+        fd.set_debug_regs(&self.debug_regs.0)
+            .map_err(SnapshotError::kvm(
+                section("debug regs"),
+                "KVM_SET_DEBUGREGS",
+            ))?;
+        if let Some(lapic) = &self.lapic {
+            fd.set_lapic(&lapic.0)
+                .map_err(SnapshotError::kvm(section("lapic"), "KVM_SET_LAPIC"))?;
+        }
+        let msrs: Vec<Msr> = self
+            .msrs
+            .iter()
+            .filter(|m| !matches!(m.index, MSR_IA32_TSC | MSR_IA32_TSC_ADJUST))
+            .copied()
+            .collect();
+        let (deferred, first): (Vec<Msr>, Vec<Msr>) =
+            msrs.iter().partition(|m| m.index == MSR_IA32_TSC_DEADLINE);
         write_msrs(fd, &first, &section("msrs"))?;
         write_msrs(fd, &deferred, &section("msrs"))?;
         fd.set_vcpu_events(&self.events.0)

@@ -358,10 +358,21 @@ impl Vcpu {
             .map_err(kvm("KVM_SET_REGS"))
     }
 
+    /// Whether the vCPU is between runs (not running, not parked inside a
+    /// run, not closed): its state is then the host's to read and write.
+    pub(crate) fn is_idle(&self) -> bool {
+        self.control.lock().phase == Phase::Idle
+    }
+
     /// Whether the host asked this vCPU to pause (it is parked, or will park
     /// as soon as a run starts). With the fd locked as well, the vCPU is still.
     pub(crate) fn pause_requested(&self) -> bool {
         self.control.pause_requested()
+    }
+
+    /// How many exits this vCPU took (cheap: no snapshot of the rest).
+    pub(crate) fn exit_count(&self) -> u64 {
+        self.metrics.exits()
     }
 
     /// A snapshot of this vCPU's exit counters.
