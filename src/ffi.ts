@@ -108,6 +108,58 @@ export interface MigrationReceived {
   frames: number;
 }
 
+/** `dv_fn_invoke`'s parameters (bound twice: sync and `nonblocking`). */
+const FN_INVOKE_PARAMETERS = [
+  "u32",
+  "buffer",
+  "usize",
+  "u64",
+  "u64",
+  "u64",
+  "buffer",
+  "usize",
+  "buffer",
+  "usize",
+  "buffer",
+  "usize",
+] as const;
+
+/**
+ * The buffers of one `dv_fn_invoke`: the input, where stdout and stderr are
+ * copied, and the fixed-layout result (`LAYOUTS.fn_invoke_result`).
+ *
+ * @example
+ * ```ts
+ * import type { FnInvokeCall } from "denovisor/src/ffi.ts";
+ * const call: FnInvokeCall = {
+ *   input: new Uint8Array(),
+ *   timeoutMs: 1000,
+ *   memoryLimit: 0,
+ *   outputLimit: 0,
+ *   stdout: new Uint8Array(16),
+ *   stderr: new Uint8Array(16),
+ *   result: new Uint8Array(1112),
+ * };
+ * console.log(call.timeoutMs);
+ * ```
+ */
+export interface FnInvokeCall {
+  /** The request's input. */
+  input: Uint8Array;
+  /** Time limit, ms (0: none). */
+  timeoutMs: number;
+  /** brk + mmap bytes (0: all free RAM). */
+  memoryLimit: number;
+  /** stdout + stderr bytes (0: the capacities). */
+  outputLimit: number;
+  /** Receives stdout. */
+  stdout: Uint8Array;
+  /** Receives stderr. */
+  stderr: Uint8Array;
+  /** Receives the result struct. */
+  result: Uint8Array;
+}
+
 /** The core's symbols, with their C signatures as comments. */
 const SYMBOLS = {
   /** uint32_t dv_abi_version(void) */
@@ -339,6 +391,24 @@ const SYMBOLS = {
   dv_vm_migration_end: { parameters: ["u32"], result: "i32" },
   /** int32_t dv_vm_devices_claim(uint32_t vm, uint32_t claim) — 0: hand over, else take over */
   dv_vm_devices_claim: { parameters: ["u32", "u32"], result: "i32" },
+  // Function VMs (core/src/abi/function.rs).
+  /** int32_t dv_vm_checkpoint(uint32_t vm, uint32_t *out_shared) */
+  dv_vm_checkpoint: { parameters: ["u32", "buffer"], result: "i32" },
+  /** int32_t dv_vm_reset(uint32_t vm, uint64_t out[2]) — pages, ns */
+  dv_vm_reset: { parameters: ["u32", "buffer"], result: "i32" },
+  /** int32_t dv_vm_trim(uint32_t vm, uint64_t *out_resident) */
+  dv_vm_trim: { parameters: ["u32", "buffer"], result: "i32" },
+  /** int32_t dv_fn_ready(uint32_t vm, uint64_t out[3]) — input, stdout, stderr capacities */
+  dv_fn_ready: { parameters: ["u32", "buffer"], result: "i32" },
+  /** int32_t dv_fn_invoke(uint32_t vm, const uint8_t *input, size_t input_len, uint64_t timeout_ms, uint64_t memory_limit, uint64_t output_limit, uint8_t *stdout, size_t stdout_cap, uint8_t *stderr, size_t stderr_cap, uint8_t *result, size_t result_len) */
+  dv_fn_invoke: { parameters: FN_INVOKE_PARAMETERS, result: "i32" },
+  /** dv_fn_invoke, off the JS thread (the event loop runs meanwhile). */
+  dv_fn_invoke_async: {
+    name: "dv_fn_invoke",
+    parameters: FN_INVOKE_PARAMETERS,
+    result: "i32",
+    nonblocking: true,
+  },
 } as const satisfies Deno.ForeignLibraryInterface;
 
 type Symbols = Deno.DynamicLibrary<typeof SYMBOLS>["symbols"];
@@ -415,6 +485,75 @@ export class Core {
     const text = decoder.decode(buf.subarray(0, Number(outLen[0])));
     if (status !== 0) throw new DenovisorError(errorCodeOfStatus(status), text);
     return JSON.parse(text) as T;
+  }
+
+  /** `dv_vm_checkpoint`: whether RAM's image is the snapshot's memory file. */
+  vmCheckpoint(vm: number): boolean {
+    const out = new Uint32Array(1);
+    this.#check(this.#sym.dv_vm_checkpoint(vm, out));
+    return out[0] === 1;
+  }
+
+  /** `dv_vm_reset`: pages restored and ns. */
+  vmReset(vm: number): { pages: number; ns: number } {
+    const out = new BigUint64Array(2);
+    this.#check(this.#sym.dv_vm_reset(vm, out));
+    return { pages: Number(out[0]), ns: Number(out[1]) };
+  }
+
+  /** `dv_vm_trim`: guest RAM's resident bytes afterwards. */
+  vmTrim(vm: number): number {
+    const out = new BigUint64Array(1);
+    this.#check(this.#sym.dv_vm_trim(vm, out));
+    return Number(out[0]);
+  }
+
+  /** `dv_fn_ready`: input, stdout and stderr capacities. */
+  fnReady(vm: number): [number, number, number] {
+    const out = new BigUint64Array(3);
+    this.#check(this.#sym.dv_fn_ready(vm, out));
+    return [Number(out[0]), Number(out[1]), Number(out[2])];
+  }
+
+  #fnArgs(vm: number, c: FnInvokeCall) {
+    return [
+      vm,
+      c.input,
+      BigInt(c.input.length),
+      BigInt(c.timeoutMs),
+      BigInt(c.memoryLimit),
+      BigInt(c.outputLimit),
+      c.stdout,
+      BigInt(c.stdout.length),
+      c.stderr,
+      BigInt(c.stderr.length),
+      c.result,
+      BigInt(c.result.length),
+    ] as const;
+  }
+
+  /** Throws a failed `dv_fn_invoke`'s error (its message is in the result's reason). */
+  #fnCheck(status: number, c: FnInvokeCall): void {
+    if (status === 0) return;
+    const f = contract.LAYOUTS.fn_invoke_result.fields;
+    const view = new DataView(c.result.buffer, c.result.byteOffset, c.result.byteLength);
+    const len = c.result.length >= f.reason.offset
+      ? Math.min(view.getUint32(f.reason_len.offset, true), f.reason.size)
+      : 0;
+    const message = len > 0
+      ? decoder.decode(c.result.subarray(f.reason.offset, f.reason.offset + len))
+      : this.#lastError();
+    throw new DenovisorError(errorCodeOfStatus(status), message);
+  }
+
+  /** `dv_fn_invoke` on this thread (blocks it for the whole request). */
+  fnInvoke(vm: number, call: FnInvokeCall): void {
+    this.#fnCheck(this.#sym.dv_fn_invoke(...this.#fnArgs(vm, call)), call);
+  }
+
+  /** `dv_fn_invoke` off the JS thread. */
+  async fnInvokeAsync(vm: number, call: FnInvokeCall): Promise<void> {
+    this.#fnCheck(await this.#sym.dv_fn_invoke_async(...this.#fnArgs(vm, call)), call);
   }
 
   /** `dv_abi_version`. */

@@ -6,6 +6,8 @@
  * @module
  */
 
+import type { FunctionReady, InvokeOptions, InvokeResult } from "./kvm/function.ts";
+export type { FunctionReady, InvokeOptions, InvokeResult } from "./kvm/function.ts";
 import {
   type DeviceConfig,
   deviceConfigJson,
@@ -1100,6 +1102,128 @@ export class Vm implements Disposable {
       exits: after - before,
       timings: { createMs: this.#createMs, runMs, guestNs: runNs },
     };
+  }
+
+  /**
+   * Takes the checkpoint of a function VM stopped at its runtime's READY
+   * (after {@link Vm.run} returned with the EXIT hypercall): every request
+   * starts from it, and {@link Vm.invoke} resets the VM to it afterwards.
+   * On a VM restored lazily from a snapshot (and not run since), guest RAM's
+   * pristine image is the snapshot's memory file, shared by every VM
+   * restored from it.
+   *
+   * @example
+   * ```ts ignore
+   * import { Vm } from "denovisor";
+   * const vm = await Vm.restore("/tmp/fn-snap", { mode: "lazy" });
+   * vm.checkpoint();
+   * const result = await vm.invokeAsync(new TextEncoder().encode("hi"));
+   * ```
+   *
+   * @returns Whether RAM's image is the snapshot's memory file.
+   * @throws {DenovisorError} `INVALID_ARGUMENT` when the mailbox is not at a
+   *   valid READY, `BUSY` while the VM runs, `CLOSED`.
+   */
+  checkpoint(): boolean {
+    return this.#vm.checkpoint();
+  }
+
+  /**
+   * Puts a checkpointed VM back at its checkpoint (the pages written since,
+   * every vCPU's state). {@link Vm.invoke} does this after every request.
+   *
+   * @example
+   * ```ts ignore
+   * const { pages, ns } = vm.reset();
+   * ```
+   *
+   * @returns Pages restored and the time it took, ns.
+   * @throws {DenovisorError} `INVALID_ARGUMENT` without a checkpoint.
+   */
+  reset(): { pages: number; ns: number } {
+    return this.#vm.reset();
+  }
+
+  /**
+   * Gives an idle function VM's private pages back to the host: its guest
+   * RAM then costs only the pages the next request touches.
+   *
+   * @example
+   * ```ts ignore
+   * vm.trim();
+   * console.log(vm.memory().residentBytes); // 0
+   * ```
+   *
+   * @returns Guest RAM's resident bytes afterwards.
+   * @throws {DenovisorError} `INVALID_ARGUMENT` without a checkpoint.
+   */
+  trim(): number {
+    return this.#vm.trim();
+  }
+
+  /**
+   * The buffers the function runtime set up at READY.
+   *
+   * @example
+   * ```ts ignore
+   * console.log(vm.functionReady()); // { inputCapacity: 4096, ... }
+   * ```
+   *
+   * @returns The capacities.
+   * @throws {DenovisorError} `INVALID_ARGUMENT` when the mailbox is not at READY.
+   */
+  functionReady(): FunctionReady {
+    return this.#vm.functionReady();
+  }
+
+  /**
+   * Runs one request on a checkpointed function VM, blocking this thread
+   * (see {@link Vm.invokeAsync}). The time limit defaults to the VM's
+   * `timeoutMs`.
+   *
+   * @example
+   * ```ts ignore
+   * const result = vm.invoke(new TextEncoder().encode("hi"), { timeoutMs: 1000 });
+   * ```
+   *
+   * @param input The request's input (stdin).
+   * @param options Its limits.
+   * @returns What the request did.
+   * @throws {DenovisorError} `INVALID_ARGUMENT` for bad limits or without a
+   *   checkpoint, `BUSY` while another request runs, `CLOSED`.
+   */
+  invoke(input: Uint8Array, options: InvokeOptions = {}): InvokeResult {
+    return this.#vm.invoke(input, this.#withTimeout(options));
+  }
+
+  /**
+   * Runs one request on a checkpointed function VM in one core call, off
+   * the JS thread: the input and the per-request mailbox fields go in, the
+   * vCPU runs to the runtime's DONE (or the time limit: it is kicked out, or
+   * a crash), the mailbox is checked, the output copied out, and the VM is
+   * always reset to its checkpoint. The time limit defaults to the VM's
+   * `timeoutMs`.
+   *
+   * @example
+   * ```ts ignore
+   * const result = await vm.invokeAsync(new TextEncoder().encode("hi"));
+   * console.log(result.status, new TextDecoder().decode(result.stdout));
+   * ```
+   *
+   * @param input The request's input (stdin).
+   * @param options Its limits.
+   * @returns What the request did.
+   * @throws {DenovisorError} `INVALID_ARGUMENT` for bad limits or without a
+   *   checkpoint, `BUSY` while another request runs, `CLOSED`.
+   */
+  invokeAsync(input: Uint8Array, options: InvokeOptions = {}): Promise<InvokeResult> {
+    return this.#vm.invokeAsync(input, this.#withTimeout(options));
+  }
+
+  #withTimeout(options: InvokeOptions): InvokeOptions {
+    return options.timeoutMs === undefined
+      ? { ...options, timeoutMs: this.#config.timeoutMs }
+      : options;
   }
 
   /**

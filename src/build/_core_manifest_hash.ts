@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "fb0470b05742b42767203f2fe35955bd32a05839bee5a53db73f4f68113be0e1";
+  "b133a95e200bb2d0f84ba898d55a4de9cdd181ad5e8e890eb56a7e77dbbc9fab";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

@@ -10,6 +10,13 @@
  * @module
  */
 
+import {
+  decodeInvokeResult,
+  type FunctionReady,
+  invokeCall,
+  type InvokeOptions,
+  type InvokeResult,
+} from "./function.ts";
 import { DenovisorError } from "../errors.ts";
 import {
   type Core,
@@ -409,6 +416,8 @@ export class KvmVm implements Disposable {
   readonly #handle: number;
   readonly #vcpus: KvmVcpu[] = [];
   #closed = false;
+  /** The function runtime's buffers, read once per checkpoint. */
+  #ready: FunctionReady | undefined;
 
   /** Wraps a core VM handle (use {@link Kvm.createVm}). */
   constructor(core: Core, handle: number) {
@@ -1101,6 +1110,126 @@ export class KvmVm implements Disposable {
    */
   takeOverDevices(): void {
     this.#core.vmDevicesClaim(this.#live(), true);
+  }
+
+  /**
+   * Takes the checkpoint of a function VM stopped at READY (after the
+   * runtime's EXIT hypercall): every vCPU's state, and guest RAM as the
+   * pristine image every request starts from (the snapshot's memory file
+   * for a VM restored lazily and not run since, else a sealed private copy
+   * RAM is then mapped onto). Starts dirty-page tracking.
+   *
+   * @example
+   * ```ts ignore
+   * await vm.run(); // to the runtime's READY
+   * vm.checkpoint();
+   * ```
+   *
+   * @returns Whether RAM's image is the snapshot's memory file (shared by
+   *   every VM restored from it).
+   * @throws {DenovisorError} `INVALID_ARGUMENT` when the mailbox is not at a
+   *   valid READY, `BUSY` while the VM runs.
+   */
+  checkpoint(): boolean {
+    const shared = this.#core.vmCheckpoint(this.#live());
+    this.#ready = undefined;
+    return shared;
+  }
+
+  /**
+   * Puts a checkpointed VM back at its checkpoint: the pages written since
+   * and every vCPU's state.
+   *
+   * @example
+   * ```ts ignore
+   * const { pages, ns } = vm.reset();
+   * ```
+   *
+   * @returns Pages restored and the time it took, ns.
+   * @throws {DenovisorError} `INVALID_ARGUMENT` without a checkpoint.
+   */
+  reset(): { pages: number; ns: number } {
+    return this.#core.vmReset(this.#live());
+  }
+
+  /**
+   * Gives an idle checkpointed VM's private pages back to the host.
+   *
+   * @example
+   * ```ts ignore
+   * console.log(vm.trim()); // guest RAM resident afterwards, bytes
+   * ```
+   *
+   * @returns Guest RAM's resident bytes afterwards.
+   * @throws {DenovisorError} `INVALID_ARGUMENT` without a checkpoint.
+   */
+  trim(): number {
+    return this.#core.vmTrim(this.#live());
+  }
+
+  /**
+   * The buffers the function runtime set up at READY (checked by the core).
+   *
+   * @example
+   * ```ts ignore
+   * console.log(vm.functionReady().inputCapacity);
+   * ```
+   *
+   * @returns The capacities.
+   * @throws {DenovisorError} `INVALID_ARGUMENT` when the mailbox is not at READY.
+   */
+  functionReady(): FunctionReady {
+    if (this.#ready) return this.#ready;
+    const [inputCapacity, stdoutCapacity, stderrCapacity] = this.#core.fnReady(this.#live());
+    this.#ready = { inputCapacity, stdoutCapacity, stderrCapacity };
+    return this.#ready;
+  }
+
+  /**
+   * Runs one request on a checkpointed function VM, on this thread, and
+   * resets the VM to its checkpoint (see {@link KvmVm.invokeAsync}).
+   *
+   * @example
+   * ```ts ignore
+   * const result = vm.invoke(new TextEncoder().encode("hi"), { timeoutMs: 1000 });
+   * ```
+   *
+   * @param input The request's input (stdin).
+   * @param options Its limits.
+   * @returns What the request did.
+   * @throws {DenovisorError} `INVALID_ARGUMENT` for bad limits or without a
+   *   checkpoint, `BUSY` while another request runs, `CLOSED`.
+   */
+  invoke(input: Uint8Array, options: InvokeOptions = {}): InvokeResult {
+    const vm = this.#live();
+    const call = invokeCall(input, options, this.functionReady(), 0);
+    this.#core.fnInvoke(vm, call);
+    return decodeInvokeResult(call);
+  }
+
+  /**
+   * Runs one request on a checkpointed function VM in one core call, off the
+   * JS thread: writes the input and the per-request mailbox fields, runs the
+   * vCPU to the runtime's DONE (or the time limit, or a crash), checks the
+   * mailbox, copies the output, and always resets the VM to its checkpoint.
+   *
+   * @example
+   * ```ts ignore
+   * const result = await vm.invokeAsync(new TextEncoder().encode("hi"));
+   * console.log(result.status, new TextDecoder().decode(result.stdout));
+   * ```
+   *
+   * @param input The request's input (stdin).
+   * @param options Its limits.
+   * @returns What the request did.
+   * @throws {DenovisorError} `INVALID_ARGUMENT` for bad limits or without a
+   *   checkpoint, `BUSY` while another request runs, `CLOSED`.
+   */
+  async invokeAsync(input: Uint8Array, options: InvokeOptions = {}): Promise<InvokeResult> {
+    const vm = this.#live();
+    const call = invokeCall(input, options, this.functionReady(), 0);
+    await this.#core.fnInvokeAsync(vm, call);
+    return decodeInvokeResult(call);
   }
 
   /** Stops the vCPUs, joins their threads, frees RAM and fds. Idempotent. */

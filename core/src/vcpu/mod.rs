@@ -370,6 +370,38 @@ impl Vcpu {
         self.control.pause_requested()
     }
 
+    /// Completes what KVM left pending from the last exit of a finished run
+    /// (an I/O exit's instruction is only finished, RIP moved past it, on
+    /// the next KVM_RUN): one KVM_RUN with `immediate_exit` set, which
+    /// finishes it without entering the guest. The registers read afterwards
+    /// are the guest's true state, and registers written afterwards are not
+    /// moved by a completion left over from an older exit. Only between runs.
+    pub(crate) fn settle(&self) -> Result<()> {
+        {
+            let state = self.control.lock();
+            if state.phase != Phase::Idle {
+                return Err(VcpuError::Running(self.id));
+            }
+            if state.started == 0 {
+                // Never run: nothing pending, and no KVM_RUN that could count
+                // as its first.
+                return Ok(());
+            }
+        }
+        let mut fd = self.fd()?;
+        fd.set_kvm_immediate_exit(1);
+        let result = fd.run().map(|_| ());
+        fd.set_kvm_immediate_exit(0);
+        match result {
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(()),
+            Err(source) => Err(VcpuError::Kvm {
+                op: "KVM_RUN (settle)",
+                source,
+            }),
+            Ok(()) => Ok(()),
+        }
+    }
+
     /// How many exits this vCPU took (cheap: no snapshot of the rest).
     pub(crate) fn exit_count(&self) -> u64 {
         self.metrics.exits()
