@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "b133a95e200bb2d0f84ba898d55a4de9cdd181ad5e8e890eb56a7e77dbbc9fab";
+  "b410b9df2f49a8f5ce3a8d7d200772dcf07c0318105b3b80e6e36541fb529601";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

@@ -56,6 +56,7 @@ function limit(value: number | undefined, what: string): number {
  * @param options Its limits.
  * @param ready The VM's buffers (output buffers are as large as they are).
  * @param defaultTimeoutMs The time limit when `options` has none.
+ * @param reuse A previous call's buffers to reuse (made for the same `ready`).
  * @returns The call's buffers.
  * @throws {DenovisorError} `INVALID_ARGUMENT` for a negative or fractional limit.
  * @example
@@ -74,15 +75,23 @@ export function invokeCall(
   options: InvokeOptions,
   ready: FunctionReady,
   defaultTimeoutMs: number,
+  reuse?: FnInvokeCall,
 ): FnInvokeCall {
   if (!(input instanceof Uint8Array)) {
     throw new DenovisorError("INVALID_ARGUMENT", "the input must be a Uint8Array");
   }
+  const timeoutMs = limit(options.timeoutMs ?? defaultTimeoutMs, "timeoutMs");
+  const memoryLimit = limit(options.memoryLimit, "memoryLimit");
+  const outputLimit = limit(options.outputLimit, "outputLimit");
+  if (reuse) {
+    Object.assign(reuse, { input, timeoutMs, memoryLimit, outputLimit });
+    return reuse;
+  }
   return {
     input,
-    timeoutMs: limit(options.timeoutMs ?? defaultTimeoutMs, "timeoutMs"),
-    memoryLimit: limit(options.memoryLimit, "memoryLimit"),
-    outputLimit: limit(options.outputLimit, "outputLimit"),
+    timeoutMs,
+    memoryLimit,
+    outputLimit,
     stdout: new Uint8Array(ready.stdoutCapacity),
     stderr: new Uint8Array(ready.stderrCapacity),
     result: new Uint8Array(INVOKE_RESULT_BYTES),

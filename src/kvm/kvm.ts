@@ -10,6 +10,7 @@
  * @module
  */
 
+import type { FnInvokeCall } from "../ffi.ts";
 import {
   decodeInvokeResult,
   type FunctionReady,
@@ -418,6 +419,9 @@ export class KvmVm implements Disposable {
   #closed = false;
   /** The function runtime's buffers, read once per checkpoint. */
   #ready: FunctionReady | undefined;
+  /** One request's buffers, reused while no other request is in flight. */
+  #call: FnInvokeCall | undefined;
+  #calling = false;
 
   /** Wraps a core VM handle (use {@link Kvm.createVm}). */
   constructor(core: Core, handle: number) {
@@ -1133,6 +1137,7 @@ export class KvmVm implements Disposable {
   checkpoint(): boolean {
     const shared = this.#core.vmCheckpoint(this.#live());
     this.#ready = undefined;
+    this.#call = undefined;
     return shared;
   }
 
@@ -1202,9 +1207,29 @@ export class KvmVm implements Disposable {
    */
   invoke(input: Uint8Array, options: InvokeOptions = {}): InvokeResult {
     const vm = this.#live();
-    const call = invokeCall(input, options, this.functionReady(), 0);
-    this.#core.fnInvoke(vm, call);
-    return decodeInvokeResult(call);
+    const call = this.#callFor(input, options);
+    try {
+      this.#core.fnInvoke(vm, call);
+      return decodeInvokeResult(call);
+    } finally {
+      this.#release(call);
+    }
+  }
+
+  /** The buffers of a request: the VM's own unless one is in flight (the
+   * core then refuses the second with `BUSY`, into buffers of its own). */
+  #callFor(input: Uint8Array, options: InvokeOptions): FnInvokeCall {
+    const ready = this.functionReady();
+    const fresh = invokeCall(input, options, ready, 0, this.#calling ? undefined : this.#call);
+    if (!this.#calling) {
+      this.#calling = true;
+      this.#call = fresh;
+    }
+    return fresh;
+  }
+
+  #release(call: FnInvokeCall): void {
+    if (call === this.#call) this.#calling = false;
   }
 
   /**
@@ -1227,9 +1252,13 @@ export class KvmVm implements Disposable {
    */
   async invokeAsync(input: Uint8Array, options: InvokeOptions = {}): Promise<InvokeResult> {
     const vm = this.#live();
-    const call = invokeCall(input, options, this.functionReady(), 0);
-    await this.#core.fnInvokeAsync(vm, call);
-    return decodeInvokeResult(call);
+    const call = this.#callFor(input, options);
+    try {
+      await this.#core.fnInvokeAsync(vm, call);
+      return decodeInvokeResult(call);
+    } finally {
+      this.#release(call);
+    }
   }
 
   /** Stops the vCPUs, joins their threads, frees RAM and fds. Idempotent. */

@@ -283,3 +283,112 @@ pub fn invoke(
     out.reset_pages = stats.pages;
     outcome.map(|_| ())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::boot::layout::DEFAULT_LONG_LOAD_ADDR;
+    use crate::boot::EntryMode;
+    use crate::vcpu::exit::UnhandledAccess;
+    use crate::vm::check_kvm;
+
+    /// Fills the mailbox (input 0x30000, stdout 0x31000, stderr 0x32000, 4 KiB
+    /// each), READY, EXIT; per request: increments the byte at 0x150000 (a
+    /// far page), outputs it as stdout (1 byte), DONE, EXIT. GNU as, .code64:
+    /// ```text
+    /// mov $0x20000, %ebx
+    /// movl $0x4e465644, 0(%rbx)
+    /// movl $1, 4(%rbx)
+    /// movq $0x30000, 16(%rbx)
+    /// movq $0x1000, 24(%rbx)
+    /// movq $0x31000, 40(%rbx)
+    /// movq $0x1000, 48(%rbx)
+    /// movq $0x32000, 64(%rbx)
+    /// movq $0x1000, 72(%rbx)
+    /// movl $1, 8(%rbx)
+    /// movl $2, 0x33000
+    /// movq $0, 0x33008
+    /// mov $0x33000, %eax
+    /// mov $0x510, %dx
+    /// out %eax, %dx
+    /// incb 0x150000
+    /// mov 0x150000, %al
+    /// mov %al, 0x31000
+    /// movq $1, 56(%rbx)
+    /// movl $0, 12(%rbx)
+    /// movl $2, 8(%rbx)
+    /// mov $0x33000, %eax
+    /// mov $0x510, %dx
+    /// out %eax, %dx
+    /// 1: jmp 1b
+    /// ```
+    const GUEST: &[u8] = &[
+        0xbb, 0x00, 0x00, 0x02, 0x00, 0xc7, 0x03, 0x44, 0x56, 0x46, 0x4e, 0xc7, 0x43, 0x04, 0x01,
+        0x00, 0x00, 0x00, 0x48, 0xc7, 0x43, 0x10, 0x00, 0x00, 0x03, 0x00, 0x48, 0xc7, 0x43, 0x18,
+        0x00, 0x10, 0x00, 0x00, 0x48, 0xc7, 0x43, 0x28, 0x00, 0x10, 0x03, 0x00, 0x48, 0xc7, 0x43,
+        0x30, 0x00, 0x10, 0x00, 0x00, 0x48, 0xc7, 0x43, 0x40, 0x00, 0x20, 0x03, 0x00, 0x48, 0xc7,
+        0x43, 0x48, 0x00, 0x10, 0x00, 0x00, 0xc7, 0x43, 0x08, 0x01, 0x00, 0x00, 0x00, 0xc7, 0x04,
+        0x25, 0x00, 0x30, 0x03, 0x00, 0x02, 0x00, 0x00, 0x00, 0x48, 0xc7, 0x04, 0x25, 0x08, 0x30,
+        0x03, 0x00, 0x00, 0x00, 0x00, 0x00, 0xb8, 0x00, 0x30, 0x03, 0x00, 0x66, 0xba, 0x10, 0x05,
+        0xef, 0xfe, 0x04, 0x25, 0x00, 0x00, 0x15, 0x00, 0x8a, 0x04, 0x25, 0x00, 0x00, 0x15, 0x00,
+        0x88, 0x04, 0x25, 0x00, 0x10, 0x03, 0x00, 0x48, 0xc7, 0x43, 0x38, 0x01, 0x00, 0x00, 0x00,
+        0xc7, 0x43, 0x0c, 0x00, 0x00, 0x00, 0x00, 0xc7, 0x43, 0x08, 0x02, 0x00, 0x00, 0x00, 0xb8,
+        0x00, 0x30, 0x03, 0x00, 0x66, 0xba, 0x10, 0x05, 0xef, 0xeb, 0xfe,
+    ];
+
+    #[test]
+    fn reasons_are_cut_on_a_character_boundary() {
+        let r = InvokeResult::default();
+        assert_eq!(r.outcome, NO_OUTCOME);
+        let mut r = InvokeResult::default();
+        r.set_reason(&"é".repeat(REASON_MAX));
+        assert!(r.reason_len as usize <= REASON_MAX);
+        assert!(std::str::from_utf8(&r.reason[..r.reason_len as usize]).is_ok());
+    }
+
+    #[test]
+    #[ignore = "needs /dev/kvm: the test command runs it with --ignored where KVM works"]
+    fn each_request_starts_from_the_checkpoint_and_a_timeout_resets_too() {
+        if let Err(e) = check_kvm() {
+            panic!("{e}: this test needs KVM (run it where /dev/kvm works, or in kvmbox)");
+        }
+        let vm = Vm::new(2 << 20, UnhandledAccess::Stop).unwrap();
+        let vcpu = vm.create_vcpu().unwrap();
+        vm.ram().write(DEFAULT_LONG_LOAD_ADDR, GUEST).unwrap();
+        vcpu.setup_entry(EntryMode::Long, DEFAULT_LONG_LOAD_ADDR, 0x1f_f000)
+            .unwrap();
+        let ready = vm.run(Some(Duration::from_secs(30))).unwrap();
+        assert!(
+            matches!(ready.stop, StopReason::GuestExit { .. }),
+            "{ready:?}"
+        );
+        let info = super::super::reset::checkpoint(&vm).unwrap();
+        assert_eq!(info.ready.stdout_cap, 0x1000);
+        assert!(!info.shared_image);
+        let limits = Limits {
+            timeout: Some(Duration::from_secs(30)),
+            ..Limits::default()
+        };
+        let (mut stdout, mut stderr) = ([0u8; 16], [0u8; 16]);
+        for _ in 0..5 {
+            let mut out = InvokeResult::default();
+            invoke(&vm, b"x", &limits, &mut stdout, &mut stderr, &mut out).unwrap();
+            assert_eq!(out.status, status::DONE);
+            assert_eq!(out.stdout_len, 1);
+            assert_eq!(stdout[0], 1, "the far page's counter leaked");
+            assert!(out.reset_pages >= 2, "{}", out.reset_pages);
+        }
+        let mut out = InvokeResult::default();
+        let big = vec![0u8; 0x1001];
+        invoke(&vm, &big, &limits, &mut stdout, &mut stderr, &mut out).unwrap();
+        assert_eq!(out.status, status::INPUT_TOO_LARGE);
+        let mut byte = [0u8; 1];
+        vm.ram().read(0x15_0000, &mut byte).unwrap();
+        assert_eq!(byte[0], 0);
+        vm.ram().write(0x15_0000, &[9]).unwrap();
+        let trimmed = super::super::reset::trim(&vm).unwrap();
+        assert!(trimmed <= 1 << 20, "{trimmed}");
+        vm.ram().read(0x15_0000, &mut byte).unwrap();
+        assert_eq!(byte[0], 0, "trim reverts host writes too");
+    }
+}
