@@ -10,11 +10,55 @@ import { DenovisorError } from "../errors.ts";
 import { CONSTANTS, LAYOUTS } from "../_contract.generated.ts";
 import type { FnInvokeCall } from "../ffi.ts";
 
-// The shapes are declared once, in src/serverless/backend.ts (the function
-// service's seam); INTEGRATION of issue 10 moves them here and lets backend.ts
-// re-export them from src/vm.ts.
-import type { FunctionReady, InvokeOptions, InvokeResult } from "../serverless/backend.ts";
-export type { FunctionReady, InvokeOptions, InvokeResult };
+/** Per-request limits of one invocation (`Vm.invoke`'s options). */
+export interface InvokeOptions {
+  /** Wall-clock limit of the run, in ms: the vCPU is kicked out and the VM reset. */
+  timeoutMs?: number;
+  /** brk + mmap bytes the program may hold (0: all free guest RAM). */
+  memoryLimit?: number;
+  /** stdout + stderr bytes the program may write (0: the buffers' capacity). */
+  outputLimit?: number;
+}
+
+/** What one invocation did (`Vm.invoke`'s answer). Every field the guest wrote is checked by the core. */
+export interface InvokeResult {
+  /** How the invocation ended, seen from the host. */
+  status: "done" | "timeout" | "crashed" | "stopped" | "protocol_error" | "input_too_large";
+  /** How the program ended, seen from the guest runtime (with status `done`). */
+  outcome: "exited" | "memory_limit" | "output_limit" | "init_failed" | "signal" | null;
+  /** The program's exit status (or the signal with outcome `signal`). */
+  exitStatus: number;
+  /** What the program wrote to stdout. */
+  stdout: Uint8Array;
+  /** What the program wrote to stderr. */
+  stderr: Uint8Array;
+  /** Why, for anything but a clean exit. */
+  reason?: string;
+  /** Time the guest ran, in ns. */
+  runNs: number;
+  /** Time the reset to the checkpoint took, in ns. */
+  resetNs: number;
+  /** Pages the reset restored. */
+  resetPages: number;
+  /** VM exits during the run. */
+  exits: number;
+  /** System calls the runtime served. */
+  syscalls: number;
+  /** Peak brk + mmap bytes. */
+  memoryUsed: number;
+  /** System calls answered with -ENOSYS, by number. */
+  enosys: { nr: number; count: number }[];
+}
+
+/** The buffers a function VM's runtime set up at READY (`Vm.functionReady`). */
+export interface FunctionReady {
+  /** The largest input (stdin) in bytes. */
+  inputCapacity: number;
+  /** The largest stdout in bytes. */
+  stdoutCapacity: number;
+  /** The largest stderr in bytes. */
+  stderrCapacity: number;
+}
 
 const STATUSES: Record<number, InvokeResult["status"]> = {
   [CONSTANTS.FN_INVOKE_DONE]: "done",

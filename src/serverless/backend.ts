@@ -5,76 +5,22 @@
  * `src/build/fn_build.ts`) and the reset path of the core (`Vm.checkpoint`,
  * `reset`, `trim`, `functionReady`, `invokeAsync`, in `src/vm.ts`).
  *
- * Until those land, the shapes they export are declared here, word for word,
- * and {@link KVM_BACKEND} refuses to start a function with `NOT_AVAILABLE`.
- * Integration is the few lines marked `INTEGRATION` below: import the real
- * functions and let {@link KVM_BACKEND} call them; nothing else in
- * `src/serverless/` imports them.
+ * Nothing else in `src/serverless/`'s pool and service imports them: a
+ * {@link FunctionBackend} is all they see (the native backend in `native.ts`
+ * is the other one).
  *
  * @module
  */
 
-import { DenovisorError } from "../errors.ts";
+import { buildFunction as buildSdkFunction } from "../build/fn_build.ts";
 import { Vm } from "../vm.ts";
+import { startFunctionVm } from "./runtime_vm.ts";
 
-// INTEGRATION: replace these declarations by
-//   export type { InvokeOptions, InvokeResult } from "../vm.ts";
-//   import { startFunctionVm } from "./runtime_vm.ts";
-//   import { buildFunction as buildSdkFunction } from "../build/fn_build.ts";
-
-/** Per-request limits of one invocation (`Vm.invoke`'s options). */
-export interface InvokeOptions {
-  /** Wall-clock limit of the run, in ms: the vCPU is kicked out and the VM reset. */
-  timeoutMs?: number;
-  /** brk + mmap bytes the program may hold (0: all free guest RAM). */
-  memoryLimit?: number;
-  /** stdout + stderr bytes the program may write (0: the buffers' capacity). */
-  outputLimit?: number;
-}
-
-/** What one invocation did (`Vm.invoke`'s answer). Every field the guest wrote is checked by the core. */
-export interface InvokeResult {
-  /** How the invocation ended, seen from the host. */
-  status: "done" | "timeout" | "crashed" | "stopped" | "protocol_error" | "input_too_large";
-  /** How the program ended, seen from the guest runtime (with status `done`). */
-  outcome: "exited" | "memory_limit" | "output_limit" | "init_failed" | "signal" | null;
-  /** The program's exit status (or the signal with outcome `signal`). */
-  exitStatus: number;
-  /** What the program wrote to stdout. */
-  stdout: Uint8Array;
-  /** What the program wrote to stderr. */
-  stderr: Uint8Array;
-  /** Why, for anything but a clean exit. */
-  reason?: string;
-  /** Time the guest ran, in ns. */
-  runNs: number;
-  /** Time the reset to the checkpoint took, in ns. */
-  resetNs: number;
-  /** Pages the reset restored. */
-  resetPages: number;
-  /** VM exits during the run. */
-  exits: number;
-  /** System calls the runtime served. */
-  syscalls: number;
-  /** Peak brk + mmap bytes. */
-  memoryUsed: number;
-  /** System calls answered with -ENOSYS, by number. */
-  enosys: { nr: number; count: number }[];
-}
-
-/** The buffers a function VM's runtime set up at READY (`Vm.functionReady`). */
-export interface FunctionReady {
-  /** The largest input (stdin) in bytes. */
-  inputCapacity: number;
-  /** The largest stdout in bytes. */
-  stdoutCapacity: number;
-  /** The largest stderr in bytes. */
-  stderrCapacity: number;
-}
+import type { FunctionReady, InvokeOptions, InvokeResult } from "../vm.ts";
+export type { FunctionReady, InvokeOptions, InvokeResult };
 
 /**
- * A VM that runs one function: what the pool needs of `Vm` once the reset
- * path is in (the methods below exist on `Vm` after integration).
+ * A VM that runs one function: what the pool needs of `Vm` (a `Vm` is one).
  */
 export interface FunctionVm {
   /** Takes the state every request starts from (after READY). */
@@ -133,10 +79,6 @@ export interface FunctionBackend {
   restore(dir: string): Promise<FunctionVm>;
 }
 
-/** Why the KVM backend cannot run yet. */
-const NOT_WIRED = "the guest function runtime and the VM reset path are not wired into " +
-  "src/serverless/backend.ts yet (issue 10 integration)";
-
 /**
  * Function VMs on KVM: the guest function runtime boots the function, and pool
  * VMs are lazy restores of its snapshot (guest memory shared copy-on-write).
@@ -156,10 +98,8 @@ const NOT_WIRED = "the guest function runtime and the VM reset path are not wire
  */
 export const KVM_BACKEND: FunctionBackend = {
   kind: "kvm",
-  // INTEGRATION: start: startFunctionVm,
-  start: (_options) => Promise.reject(new DenovisorError("NOT_AVAILABLE", NOT_WIRED)),
-  // INTEGRATION: drop the cast once Vm has the reset path (it then is a FunctionVm).
-  restore: async (dir) => (await Vm.restore(dir, { mode: "lazy" })) as unknown as FunctionVm,
+  start: startFunctionVm,
+  restore: (dir) => Vm.restore(dir, { mode: "lazy" }),
 };
 
 /**
@@ -169,7 +109,7 @@ export const KVM_BACKEND: FunctionBackend = {
  * @param source The C source file.
  * @param out Where the ELF goes (default: a cache path).
  * @returns The ELF's path.
- * @throws {DenovisorError} `NOT_AVAILABLE` until the SDK build is wired in.
+ * @throws {DenovisorError} `BUILD_FAILED` with the compiler's output.
  * @example
  * ```ts ignore
  * import { buildFunction } from "denovisor/src/serverless/backend.ts";
@@ -177,7 +117,5 @@ export const KVM_BACKEND: FunctionBackend = {
  * ```
  */
 export function buildFunction(source: string | URL, out?: string): Promise<string> {
-  // INTEGRATION: return buildSdkFunction(source, out);
-  void source, out;
-  return Promise.reject(new DenovisorError("NOT_AVAILABLE", NOT_WIRED));
+  return buildSdkFunction(source, out);
 }

@@ -4,6 +4,8 @@
  */
 #include "dv_fn.h"
 
+#include <stdarg.h>
+
 int main(int argc, char **argv);
 
 long dv_fn_syscall(long nr, long a0, long a1, long a2, long a3, long a4, long a5) {
@@ -29,6 +31,13 @@ void *memcpy(void *d, const void *s, size_t n) {
 	const unsigned char *q = s;
 	while (n--) *p++ = *q++;
 	return d;
+}
+
+int memcmp(const void *a, const void *b, size_t n) {
+	const unsigned char *p = a, *q = b;
+	for (; n; n--, p++, q++)
+		if (*p != *q) return *p < *q ? -1 : 1;
+	return 0;
 }
 
 size_t dv_fn_strlen(const char *s) {
@@ -92,6 +101,79 @@ long dv_fn_output(const void *buf, size_t len) {
 		p += n, left -= (size_t)n;
 	}
 	return (long)len;
+}
+
+long dv_fn_write(const void *buf, size_t len) {
+	return dv_fn_output(buf, len);
+}
+
+/* Appends the digits of v in base (10 or 16) to out at *n, bounded by cap. */
+static void put_number(char *out, size_t *n, size_t cap, unsigned long v, unsigned base) {
+	char digits[24];
+	size_t k = 0;
+	do {
+		digits[k++] = "0123456789abcdef"[v % base];
+		v /= base;
+	} while (v);
+	while (k && *n < cap) out[(*n)++] = digits[--k];
+}
+
+long dv_fn_printf(const char *fmt, ...) {
+	char out[1024];
+	size_t n = 0, cap = sizeof out;
+	va_list ap;
+	va_start(ap, fmt);
+	for (const char *f = fmt; *f && n < cap; f++) {
+		if (*f != '%') {
+			out[n++] = *f;
+			continue;
+		}
+		f++;
+		int is_long = 0;
+		while (*f == 'l' || *f == 'z') is_long = 1, f++;
+		switch (*f) {
+		case 's': {
+			const char *s = va_arg(ap, const char *);
+			if (!s) s = "(null)";
+			while (*s && n < cap) out[n++] = *s++;
+			break;
+		}
+		case 'c':
+			out[n++] = (char)va_arg(ap, int);
+			break;
+		case 'd': {
+			long v = is_long ? va_arg(ap, long) : va_arg(ap, int);
+			unsigned long m = (unsigned long)v;
+			if (v < 0) {
+				out[n++] = '-';
+				m = 0 - m;
+			}
+			put_number(out, &n, cap, m, 10);
+			break;
+		}
+		case 'u':
+		case 'x':
+			put_number(out, &n, cap,
+				   is_long ? va_arg(ap, unsigned long) : va_arg(ap, unsigned),
+				   *f == 'x' ? 16 : 10);
+			break;
+		case 'p':
+			if (n + 2 <= cap) out[n++] = '0', out[n++] = 'x';
+			put_number(out, &n, cap, (unsigned long)va_arg(ap, void *), 16);
+			break;
+		case '%':
+			out[n++] = '%';
+			break;
+		case '\0':
+			f--;
+			break;
+		default:
+			out[n++] = '%';
+			if (n < cap) out[n++] = *f;
+		}
+	}
+	va_end(ap);
+	return dv_fn_output(out, n);
 }
 
 long dv_fn_puts(const char *s) {

@@ -30,6 +30,13 @@ const uint8_t *dv_fn_input(size_t *len);
 /* Writes all of buf to stdout; returns len, or -errno. */
 long dv_fn_output(const void *buf, size_t len);
 
+/* The same as dv_fn_output: writes all of buf to stdout. */
+long dv_fn_write(const void *buf, size_t len);
+
+/* Formats to stdout: %s %c %d %u %x %ld %lu %lx %zu %p %% (no widths);
+ * returns the bytes written, or -errno. At most 1024 bytes per call. */
+long dv_fn_printf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
 /* Writes a NUL-terminated string to stdout. */
 long dv_fn_puts(const char *s);
 
@@ -45,6 +52,7 @@ void *dv_fn_alloc(size_t len);
 /* The freestanding basics gcc may call. */
 void *memset(void *d, int c, size_t n);
 void *memcpy(void *d, const void *s, size_t n);
+int memcmp(const void *a, const void *b, size_t n);
 size_t dv_fn_strlen(const char *s);
 
 #endif
