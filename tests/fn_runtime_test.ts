@@ -474,3 +474,41 @@ kvmTest(
     );
   },
 );
+
+kvmTest(
+  "randomly damaged bundle headers boot to READY or are refused, never crash the runtime",
+  async () => {
+    const good = encodeBundle({
+      program: await Deno.readFile(
+        await buildFunction(new URL("../guest/fn/examples/echo.c", import.meta.url)),
+      ),
+      argv: ["echo", "x"],
+      env: ["A=b"],
+      files: [{ path: "/d/f", data: enc.encode("file") }],
+    });
+    // The header, the file table and the strings: what the runtime parses first.
+    const span = Number(new DataView(good.buffer).getBigUint64(C.FN_BN_STRINGS_OFF, true)) + 16;
+    let x = 0x9e3779b9;
+    const next = () => (x = (Math.imul(x, 1103515245) + 12345) >>> 0);
+    let ready = 0, refused = 0;
+    for (let round = 0; round < 24; round++) {
+      const copy = good.slice();
+      for (let flips = 1 + (next() % 3); flips > 0; flips--) {
+        copy[next() % span] ^= 1 <<
+          (next() % 8);
+      }
+      try {
+        using vm = await startBundleVm(copy, { memoryMiB: 16 });
+        ready++;
+        const r = await runRequest(vm, enc.encode("in"));
+        assert.ok(r.status === "done", `round ${round}: ${show(r)}`);
+      } catch (e) {
+        assert.ok(e instanceof DenovisorError, String(e));
+        assert.equal(e.code, "IMAGE", `round ${round}: ${e.message}`);
+        refused++;
+      }
+    }
+    assert.equal(ready + refused, 24);
+    assert.ok(refused > 0);
+  },
+);
