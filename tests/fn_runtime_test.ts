@@ -512,3 +512,41 @@ kvmTest(
     assert.ok(refused > 0);
   },
 );
+
+kvmTest(
+  "with the core's checkpoint and invoke: requests repeat from READY, nothing leaks between them",
+  async () => {
+    const program = await Deno.readFile(await libcProgram());
+    {
+      using vm = await startFunctionVm({ program, argv: ["fn_libc", "leak"] });
+      vm.checkpoint();
+      assert.deepEqual(vm.functionReady(), functionReadyOf(vm));
+      for (let i = 0; i < 3; i++) {
+        const r = await vm.invokeAsync(new Uint8Array());
+        assert.equal(r.status, "done", r.reason);
+        assert.equal(r.outcome, "exited", show(r));
+        assert.equal(dec.decode(r.stdout), "calls 1 heap 0\n");
+        assert.ok(r.resetPages > 0);
+      }
+    }
+    const bbPath = await busybox();
+    using vm = await startFunctionVm({
+      program: await Deno.readFile(bbPath),
+      argv: ["busybox", "sha256sum"],
+    });
+    vm.checkpoint();
+    for (const text of ["one\n", sampleText(50), "", sampleText(500)]) {
+      const input = enc.encode(text);
+      const r = await vm.invokeAsync(input);
+      const n = await native(bbPath, ["sha256sum"], input);
+      assert.equal(r.outcome, "exited", show(r));
+      assert.equal(dec.decode(r.stdout), dec.decode(n.stdout));
+    }
+    // A request killed at its output limit in between: the next request still succeeds.
+    const limited = await vm.invokeAsync(new Uint8Array(), { outputLimit: 10 });
+    assert.equal(limited.outcome, "output_limit", show(limited));
+    const after = await vm.invokeAsync(enc.encode("after\n"));
+    assert.equal(after.outcome, "exited", show(after));
+    assert.match(dec.decode(after.stdout), /^[0-9a-f]{64}  -\n$/);
+  },
+);

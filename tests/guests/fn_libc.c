@@ -12,6 +12,8 @@
  *   syscalls N    makes N getppid system calls (bench/fn_runtime_bench.ts)
  *   zero          memory it gets back after munmap, mremap and brk is zero
  *   spin          loops forever
+ *   leak          prints a static counter and a heap byte, then changes both:
+ *                 a request that sees another's changes prints other numbers
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -131,6 +133,13 @@ int main(int argc, char **argv) {
 		sbrk(1 << 20);
 		for (size_t i = 0; i < 1 << 20; i++) bad += b[i] != 0;
 		printf("nonzero bytes: %zu\n", bad);
+		return 0;
+	}
+	if (!strcmp(mode, "leak")) {
+		static int calls;
+		unsigned char *p = malloc(4000);
+		printf("calls %d heap %d\n", ++calls, p[3000]);
+		p[3000] = 99;
 		return 0;
 	}
 	if (!strcmp(mode, "spin"))
