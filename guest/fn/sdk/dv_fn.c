@@ -4,8 +4,6 @@
  */
 #include "dv_fn.h"
 
-#include <stdarg.h>
-
 int main(int argc, char **argv);
 
 long dv_fn_syscall(long nr, long a0, long a1, long a2, long a3, long a4, long a5) {
@@ -33,10 +31,20 @@ void *memcpy(void *d, const void *s, size_t n) {
 	return d;
 }
 
+void *memmove(void *d, const void *s, size_t n) {
+	unsigned char *p = d;
+	const unsigned char *q = s;
+	if (p < q)
+		while (n--) *p++ = *q++;
+	else
+		while (n--) p[n] = q[n];
+	return d;
+}
+
 int memcmp(const void *a, const void *b, size_t n) {
 	const unsigned char *p = a, *q = b;
 	for (; n; n--, p++, q++)
-		if (*p != *q) return *p < *q ? -1 : 1;
+		if (*p != *q) return *p - *q;
 	return 0;
 }
 
@@ -62,7 +70,7 @@ void *dv_fn_alloc(size_t len) {
 	return (void *)start;
 }
 
-const uint8_t *dv_fn_input(size_t *len) {
+const void *dv_fn_input(size_t *len) {
 	static uint8_t *data;
 	static size_t size, done;
 	if (done) {
@@ -107,73 +115,56 @@ long dv_fn_write(const void *buf, size_t len) {
 	return dv_fn_output(buf, len);
 }
 
-/* Appends the digits of v in base (10 or 16) to out at *n, bounded by cap. */
-static void put_number(char *out, size_t *n, size_t cap, unsigned long v, unsigned base) {
-	char digits[24];
-	size_t k = 0;
-	do {
-		digits[k++] = "0123456789abcdef"[v % base];
-		v /= base;
-	} while (v);
-	while (k && *n < cap) out[(*n)++] = digits[--k];
-}
-
-long dv_fn_printf(const char *fmt, ...) {
+int dv_fn_printf(const char *fmt, ...) {
 	char out[1024];
-	size_t n = 0, cap = sizeof out;
+	size_t n = 0;
 	va_list ap;
 	va_start(ap, fmt);
-	for (const char *f = fmt; *f && n < cap; f++) {
+#define PUT(ch) do { if (n < sizeof out) out[n++] = (char)(ch); } while (0)
+	for (const char *f = fmt; *f; f++) {
 		if (*f != '%') {
-			out[n++] = *f;
+			PUT(*f);
 			continue;
 		}
+		int longs = 0;
 		f++;
-		int is_long = 0;
-		while (*f == 'l' || *f == 'z') is_long = 1, f++;
-		switch (*f) {
-		case 's': {
+		while (*f == 'l' || *f == 'z') longs++, f++;
+		if (*f == 's') {
 			const char *s = va_arg(ap, const char *);
 			if (!s) s = "(null)";
-			while (*s && n < cap) out[n++] = *s++;
-			break;
-		}
-		case 'c':
-			out[n++] = (char)va_arg(ap, int);
-			break;
-		case 'd': {
-			long v = is_long ? va_arg(ap, long) : va_arg(ap, int);
-			unsigned long m = (unsigned long)v;
-			if (v < 0) {
-				out[n++] = '-';
-				m = 0 - m;
-			}
-			put_number(out, &n, cap, m, 10);
-			break;
-		}
-		case 'u':
-		case 'x':
-			put_number(out, &n, cap,
-				   is_long ? va_arg(ap, unsigned long) : va_arg(ap, unsigned),
-				   *f == 'x' ? 16 : 10);
-			break;
-		case 'p':
-			if (n + 2 <= cap) out[n++] = '0', out[n++] = 'x';
-			put_number(out, &n, cap, (unsigned long)va_arg(ap, void *), 16);
-			break;
-		case '%':
-			out[n++] = '%';
-			break;
-		case '\0':
-			f--;
-			break;
-		default:
-			out[n++] = '%';
-			if (n < cap) out[n++] = *f;
+			while (*s) PUT(*s++);
+		} else if (*f == 'c') {
+			PUT(va_arg(ap, int));
+		} else if (*f == 'd' || *f == 'i' || *f == 'u' || *f == 'x' || *f == 'p') {
+			unsigned long long v;
+			int neg = 0, base = *f == 'x' || *f == 'p' ? 16 : 10;
+			if (*f == 'p') {
+				v = (uintptr_t)va_arg(ap, void *);
+				PUT('0');
+				PUT('x');
+			} else if (*f == 'd' || *f == 'i') {
+				long long s = longs ? va_arg(ap, long long) : va_arg(ap, int);
+				neg = s < 0;
+				v = neg ? -(unsigned long long)s : (unsigned long long)s;
+			} else v = longs ? va_arg(ap, unsigned long long) : va_arg(ap, unsigned);
+			char digits[24];
+			int i = 0;
+			do digits[i++] = "0123456789abcdef"[v % base], v /= base;
+			while (v);
+			if (neg) PUT('-');
+			while (i) PUT(digits[--i]);
+		} else if (*f == '%') {
+			PUT('%');
+		} else {
+			if (!*f) break;
+			PUT('%');
+			PUT(*f);
 		}
 	}
+#undef PUT
 	va_end(ap);
-	return dv_fn_output(out, n);
+	long r = dv_fn_output(out, n);
+	return r < 0 ? (int)r : (int)n;
 }
 
 long dv_fn_puts(const char *s) {

@@ -17,6 +17,7 @@
 #ifndef DV_FN_H
 #define DV_FN_H
 
+#include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -25,17 +26,17 @@ long dv_fn_syscall(long nr, long a0, long a1, long a2, long a3, long a4, long a5
 
 /* The whole input (stdin), read once into memory from brk; *len its size.
  * NULL (and *len = 0) when memory runs out. */
-const uint8_t *dv_fn_input(size_t *len);
+const void *dv_fn_input(size_t *len);
 
 /* Writes all of buf to stdout; returns len, or -errno. */
 long dv_fn_output(const void *buf, size_t len);
 
-/* The same as dv_fn_output: writes all of buf to stdout. */
+/* The same as dv_fn_output. */
 long dv_fn_write(const void *buf, size_t len);
 
-/* Formats to stdout: %s %c %d %u %x %ld %lu %lx %zu %p %% (no widths);
- * returns the bytes written, or -errno. At most 1024 bytes per call. */
-long dv_fn_printf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+/* Formats to stdout (one write): %s %c %d %i %u %x %p %% with the l, ll, z
+ * length modifiers; returns the bytes written (output longer than 1 KiB is cut). */
+int dv_fn_printf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
 /* Writes a NUL-terminated string to stdout. */
 long dv_fn_puts(const char *s);
@@ -52,6 +53,7 @@ void *dv_fn_alloc(size_t len);
 /* The freestanding basics gcc may call. */
 void *memset(void *d, int c, size_t n);
 void *memcpy(void *d, const void *s, size_t n);
+void *memmove(void *d, const void *s, size_t n);
 int memcmp(const void *a, const void *b, size_t n);
 size_t dv_fn_strlen(const char *s);
 
