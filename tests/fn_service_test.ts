@@ -239,7 +239,11 @@ kvmTest("main.ts serve answers HTTP requests and exits 0 on SIGTERM, closing its
     stderr: "piped",
     env: { NO_COLOR: "1" },
   }).spawn();
-  const stderr = new Response(child.stderr).text();
+  let log = "";
+  const stderr = (async () => {
+    for await (const chunk of child.stderr.pipeThrough(new TextDecoderStream())) log += chunk;
+    return log;
+  })();
   const reader = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
   let printed = "";
   while (!printed.includes("\n")) {
@@ -248,7 +252,7 @@ kvmTest("main.ts serve answers HTTP requests and exits 0 on SIGTERM, closing its
     printed += value;
   }
   const url = printed.trim();
-  assert.match(url, /^http:\/\/127\.0\.0\.1:\d+\/$/, `${printed}\n${await stderr}`);
+  assert.match(url, /^http:\/\/127\.0\.0\.1:\d+\/$/, `${printed}\n${log}`);
   const hello = await post(url, "hello");
   assert.deepEqual([hello.answer.status, hello.text], [200, "hello from a micro-VM\n"]);
   const sum = await post(url, "sum", "abc");
@@ -258,7 +262,7 @@ kvmTest("main.ts serve answers HTTP requests and exits 0 on SIGTERM, closing its
   const status = await child.status;
   reader.releaseLock();
   await child.stdout.cancel().catch(() => {});
-  const log = await stderr;
+  await stderr;
   assert.equal(status.code, 0, log);
   assert.match(log, /serving 2 function\(s\) at http/);
   assert.match(log, /stopping: closing every VM/);
