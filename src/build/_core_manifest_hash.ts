@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "b410b9df2f49a8f5ce3a8d7d200772dcf07c0318105b3b80e6e36541fb529601";
+  "3d8686a603c471a17e9d74f40c7791ef560c48132253063d8384987270ee5c1e";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

@@ -159,6 +159,19 @@ fn write_msrs(fd: &VcpuFd, msrs: &[Msr], section: &str) -> Result<(), SnapshotEr
     Ok(())
 }
 
+/// Whether two plain KVM structs hold the same bytes.
+fn same_bytes<T: Copy>(a: &T, b: &T) -> bool {
+    let n = std::mem::size_of::<T>();
+    // SAFETY: both are live, initialized plain-integer KVM structs of `n`
+    // bytes (read from KVM or deserialized whole); reading them as bytes
+    // reads nothing out of bounds. Padding bytes only make equal values
+    // compare unequal (then they are written again, which is harmless).
+    unsafe {
+        std::slice::from_raw_parts((a as *const T).cast::<u8>(), n)
+            == std::slice::from_raw_parts((b as *const T).cast::<u8>(), n)
+    }
+}
+
 impl VcpuState {
     /// Reads vCPU `id`'s state from `fd`. The vCPU must be out of KVM_RUN and
     /// its siblings too (vcpu events are not safe to read while others run);
@@ -290,8 +303,15 @@ impl VcpuState {
             .map_err(SnapshotError::kvm(section("mp state"), "KVM_SET_MP_STATE"))?;
         fd.set_regs(&self.regs.0)
             .map_err(SnapshotError::kvm(section("regs"), "KVM_SET_REGS"))?;
-        fd.set_sregs(&self.sregs.0)
-            .map_err(SnapshotError::kvm(section("sregs"), "KVM_SET_SREGS"))?;
+        // KVM_SET_SREGS resets the MMU context (the next entry rebuilds its
+        // roots): skipped when the guest left them as they were.
+        let sregs = fd
+            .get_sregs()
+            .map_err(SnapshotError::kvm(section("sregs"), "KVM_GET_SREGS"))?;
+        if !same_bytes(&sregs, &self.sregs.0) {
+            fd.set_sregs(&self.sregs.0)
+                .map_err(SnapshotError::kvm(section("sregs"), "KVM_SET_SREGS"))?;
+        }
         fd.set_xsave(&self.xsave.0)
             .map_err(SnapshotError::kvm(section("xsave"), "KVM_SET_XSAVE"))?;
         fd.set_xcrs(&self.xcrs.0)
@@ -305,11 +325,19 @@ impl VcpuState {
             fd.set_lapic(&lapic.0)
                 .map_err(SnapshotError::kvm(section("lapic"), "KVM_SET_LAPIC"))?;
         }
-        let msrs: Vec<Msr> = self
+        let wanted: Vec<Msr> = self
             .msrs
             .iter()
             .filter(|m| !matches!(m.index, MSR_IA32_TSC | MSR_IA32_TSC_ADJUST))
             .copied()
+            .collect();
+        // Only the MSRs the guest changed: one read of all is cheaper than
+        // writing all (some writes have side effects in KVM).
+        let indices: Vec<u32> = wanted.iter().map(|m| m.index).collect();
+        let current = read_msrs(fd, &indices, &section("msrs"))?;
+        let msrs: Vec<Msr> = wanted
+            .into_iter()
+            .filter(|m| !current.contains(m))
             .collect();
         let (deferred, first): (Vec<Msr>, Vec<Msr>) =
             msrs.iter().partition(|m| m.index == MSR_IA32_TSC_DEADLINE);
