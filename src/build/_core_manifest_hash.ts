@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "3d8686a603c471a17e9d74f40c7791ef560c48132253063d8384987270ee5c1e";
+  "f4494b17f574fa77b3625fe56557e497120257e59c5cc36fb29e7ce4b6247c36";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

@@ -217,7 +217,6 @@ pub fn checkpoint(vm: &Vm) -> Result<CheckpointInfo> {
     let irq = vm.has_irqchip();
     let mut vcpus = Vec::new();
     for vcpu in vm.vcpu_list() {
-        vcpu.settle()?;
         let fd = vcpu.fd()?;
         vcpus.push(VcpuState::capture(vcpu.id, &fd, irq)?);
     }
@@ -279,9 +278,6 @@ pub(crate) fn reset_to(vm: &Vm, cp: &Checkpoint) -> Result<ResetStats> {
         pages += 1;
     }
     for (vcpu, state) in vm.vcpu_list().iter().zip(&cp.vcpus) {
-        // A completion pending from the run's last exit would move the
-        // restored RIP on the next run: finish it first.
-        vcpu.settle()?;
         let fd = vcpu.fd()?;
         state.reset_to(&fd)?;
     }

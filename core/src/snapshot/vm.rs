@@ -79,14 +79,6 @@ impl VmState {
                     vcpu.id
                 )));
             }
-            // A vCPU whose run ended on an I/O exit (a guest's EXIT
-            // hypercall) has that instruction still to finish, which a
-            // restore would lose (the guest would run it again): finish it.
-            if vcpu.is_idle() {
-                vcpu.settle().map_err(|e| {
-                    SnapshotError::refused(format!("vcpu {}", vcpu.id), e.to_string())
-                })?;
-            }
             let fd = vcpu.fd().map_err(|_| {
                 SnapshotError::NotPaused(format!("vcpu {} has not parked yet", vcpu.id))
             })?;

@@ -370,38 +370,6 @@ impl Vcpu {
         self.control.pause_requested()
     }
 
-    /// Completes what KVM left pending from the last exit of a finished run
-    /// (an I/O exit's instruction is only finished, RIP moved past it, on
-    /// the next KVM_RUN): one KVM_RUN with `immediate_exit` set, which
-    /// finishes it without entering the guest. The registers read afterwards
-    /// are the guest's true state, and registers written afterwards are not
-    /// moved by a completion left over from an older exit. Only between runs.
-    pub(crate) fn settle(&self) -> Result<()> {
-        {
-            let state = self.control.lock();
-            if state.phase != Phase::Idle {
-                return Err(VcpuError::Running(self.id));
-            }
-            if state.started == 0 {
-                // Never run: nothing pending, and no KVM_RUN that could count
-                // as its first.
-                return Ok(());
-            }
-        }
-        let mut fd = self.fd()?;
-        fd.set_kvm_immediate_exit(1);
-        let result = fd.run().map(|_| ());
-        fd.set_kvm_immediate_exit(0);
-        match result {
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(()),
-            Err(source) => Err(VcpuError::Kvm {
-                op: "KVM_RUN (settle)",
-                source,
-            }),
-            Ok(()) => Ok(()),
-        }
-    }
-
     /// How many exits this vCPU took (cheap: no snapshot of the rest).
     pub(crate) fn exit_count(&self) -> u64 {
         self.metrics.exits()
@@ -671,7 +639,12 @@ fn run_until_stop(
         metrics.record_handling((mark - exited).as_nanos() as u64);
         match action {
             ExitAction::Continue => {}
-            ExitAction::Stop(stop) => return LoopEnd::Stop(stop),
+            ExitAction::Stop(stop) => {
+                if !settled {
+                    finish_pending(vcpu);
+                }
+                return LoopEnd::Stop(stop);
+            }
             ExitAction::Crashed => {
                 return LoopEnd::Stop(StopReason::Shutdown {
                     registers: crash_registers(vcpu),
@@ -679,6 +652,22 @@ fn run_until_stop(
             }
         }
     }
+}
+
+/// Finishes what KVM left pending from the run's last exit (an I/O or MMIO
+/// exit's instruction completes, RIP past it, only on the next KVM_RUN): one
+/// KVM_RUN with `immediate_exit` set, which does that without entering the
+/// guest. Done here, on the vCPU's own thread, at the end of a run: the
+/// registers the host reads or writes between runs are then the guest's true
+/// state (a checkpoint or a snapshot taken now continues after the
+/// instruction, and registers written now are not moved by a stale
+/// completion), and no other thread ever calls KVM_RUN on this vCPU (KVM pays
+/// an RCU grace period, milliseconds, whenever that thread changes).
+fn finish_pending(vcpu: &mut VcpuFd) {
+    vcpu.set_kvm_immediate_exit(1);
+    // EINTR is the expected answer; any other error shows on the next run.
+    let _ = vcpu.run();
+    vcpu.set_kvm_immediate_exit(0);
 }
 
 /// The registers worth reporting when a guest crashes (zero where unreadable).
