@@ -231,3 +231,6 @@ export type {
   InvokeResult,
   StartFunctionVm,
 } from "./src/serverless/backend.ts";
+export { buildFunction, KVM_BACKEND } from "./src/serverless/backend.ts";
+export { type BundleSpec, encodeBundle } from "./src/serverless/bundle.ts";
+export { runRequest, startFunctionVm } from "./src/serverless/runtime_vm.ts";
