@@ -26,6 +26,7 @@
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
 
 use kvm_bindings::{kvm_msi, kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::VmFd;
@@ -128,20 +129,20 @@ pub fn send_msi(vm: &VmFd, address: u64, data: u32) -> Result<bool> {
 /// An interrupt line driven through an irqfd: a device's [`Trigger`]. Until it is
 /// attached to a GSI (no irqchip), raising it does nothing the guest can see, which
 /// is what a guest polling its device expects.
+///
+/// The eventfd is made when the line is attached: a VM without an irqchip
+/// (a function VM, say: a thousand of them in one process) holds no fd for
+/// its UART's line. Clones share it.
 pub struct IrqLine {
-    event: EventFd,
+    event: Arc<OnceLock<EventFd>>,
     raised: AtomicU64,
 }
 
 impl IrqLine {
     /// A new, unattached line.
     pub fn new() -> Result<IrqLine> {
-        let event = EventFd::new(EFD_NONBLOCK).map_err(|source| IrqError::EventFd {
-            op: "creating an interrupt eventfd",
-            source,
-        })?;
         Ok(IrqLine {
-            event,
+            event: Arc::new(OnceLock::new()),
             raised: AtomicU64::new(0),
         })
     }
@@ -149,8 +150,22 @@ impl IrqLine {
     /// Connects the line to `gsi` of `vm`'s irqchip (`KVM_IRQFD`).
     pub fn attach(&self, vm: &VmFd, gsi: u32) -> Result<()> {
         check_gsi(gsi)?;
-        vm.register_irqfd(&self.event, gsi)
-            .map_err(kvm("KVM_IRQFD"))
+        let event = match self.event.get() {
+            Some(event) => event,
+            None => {
+                let event = EventFd::new(EFD_NONBLOCK).map_err(|source| IrqError::EventFd {
+                    op: "creating an interrupt eventfd",
+                    source,
+                })?;
+                // A racing attach may have set one first: either is the line's.
+                let _ = self.event.set(event);
+                self.event.get().ok_or(IrqError::EventFd {
+                    op: "creating an interrupt eventfd",
+                    source: io::Error::other("the line has no eventfd"),
+                })?
+            }
+        };
+        vm.register_irqfd(event, gsi).map_err(kvm("KVM_IRQFD"))
     }
 
     /// How many times the device raised the line.
@@ -162,12 +177,8 @@ impl IrqLine {
     /// one fires for both), with the same count: for a device rebuilt from a
     /// saved state in place of the one holding this line.
     pub fn try_clone(&self) -> Result<IrqLine> {
-        let event = self.event.try_clone().map_err(|source| IrqError::EventFd {
-            op: "duplicating an interrupt eventfd",
-            source,
-        })?;
         Ok(IrqLine {
-            event,
+            event: self.event.clone(),
             raised: AtomicU64::new(self.raised()),
         })
     }
@@ -178,7 +189,11 @@ impl Trigger for IrqLine {
 
     fn trigger(&self) -> io::Result<()> {
         self.raised.fetch_add(1, Relaxed);
-        match self.event.write(1) {
+        // Not attached: no irqchip, nothing the guest could see.
+        let Some(event) = self.event.get() else {
+            return Ok(());
+        };
+        match event.write(1) {
             // The counter is full only if nobody consumes it (no irqchip attached)
             // for 2^64 - 2 interrupts; a lost edge is then harmless.
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
@@ -262,7 +277,7 @@ mod tests {
             line.trigger().unwrap();
         }
         assert_eq!(line.raised(), 3);
-        assert_eq!(line.event.read().unwrap(), 3);
+        assert!(line.event.get().is_none(), "an unattached line holds no fd");
     }
 
     #[test]

@@ -282,6 +282,7 @@ pub(crate) fn kvm() -> Result<Arc<Kvm>> {
         return Ok(kvm.clone());
     }
     let kvm = Kvm::new().map_err(|source| VmError::Open { source })?;
+    raise_fd_limit();
     let version = kvm.get_api_version();
     if version != 12 {
         return Err(VmError::ApiVersion(version).into());
@@ -289,6 +290,29 @@ pub(crate) fn kvm() -> Result<Arc<Kvm>> {
     let kvm = Arc::new(kvm);
     *slot = Some(kvm.clone());
     Ok(kvm)
+}
+
+/// Raises the process's soft limit on open files to its hard limit, once:
+/// every VM holds a few fds (the VM, each vCPU, its memory file), so a
+/// process with a thousand function VMs passes the usual soft limit of 1024
+/// long before memory runs out. What the hard limit allows is the
+/// administrator's bound, not ours. Failure leaves the limit as it was.
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into `limit`, a valid, exclusively
+    // borrowed struct of that type.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return;
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        limit.rlim_cur = limit.rlim_max;
+        // SAFETY: setrlimit reads one rlimit from `limit`, valid for the call.
+        // Raising the soft limit up to the hard one needs no privilege.
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
+    }
 }
 
 /// Checks that /dev/kvm can be opened (for the host's diagnostics).
