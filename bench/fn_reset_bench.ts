@@ -3,9 +3,12 @@
  * to DONE, read output, reset to the checkpoint) against a cold micro-VM start
  * of the same guest and against fork+exec of a trivial static native binary,
  * as ratios (`deno bench` prints each row against the `fork+exec` baseline).
- * Then density: N function VMs restored lazily from one snapshot taken at
- * READY, each checkpointed, run once and trimmed: host memory per idle VM
- * (process PSS) and the creation rate.
+ * The same for a function in the guest function runtime: the SDK's echo
+ * example (`guest/fn/examples/echo.c`), whose static ELF also runs natively,
+ * so the baseline is fork+exec of that very binary with the same stdin.
+ * Then density, for both: N function VMs restored lazily from one snapshot
+ * taken at READY, each checkpointed, run once and trimmed: host memory per
+ * idle VM (process PSS) and the creation rate.
  *
  *   deno bench -A bench/fn_reset_bench.ts            # N = 100
  *   DENOVISOR_FN_DENSITY=1000 deno bench -A bench/fn_reset_bench.ts
@@ -13,7 +16,7 @@
  * @module
  */
 
-import { Vm } from "../mod.ts";
+import { buildFunction, startFunctionVm, Vm } from "../mod.ts";
 import { buildGuest } from "../src/build/guest_build.ts";
 
 const guest = await buildGuest(new URL("../tests/guests/fn_proto.S", import.meta.url));
@@ -59,13 +62,13 @@ function pssKiB(): number {
   return Number(/^Pss:\s+(\d+) kB/m.exec(text)?.[1] ?? NaN);
 }
 
-// Density first (before the benches churn memory).
-{
+/** N VMs restored from a READY snapshot of `boot()`'s VM, each serving one request, then idle. */
+async function density(what: string, boot: () => Promise<Vm>): Promise<void> {
   const n = Number(Deno.env.get("DENOVISOR_FN_DENSITY") ?? 100);
   const dir = await Deno.makeTempDir({ prefix: "dv-fn-density-" });
   try {
     {
-      using vm = await bootToReady();
+      using vm = await boot();
       vm.snapshot(`${dir}/snap`);
     }
     // One VM first, so one-time costs (the core, threads' stacks) are not per VM.
@@ -93,7 +96,7 @@ function pssKiB(): number {
     for (const vm of vms.slice(1)) vm.close();
     const pssWithout = pssKiB();
     console.log(
-      `density: ${n} function VMs restored + checkpointed + 1 request + trimmed in ` +
+      `density (${what}): ${n} function VMs restored + checkpointed + 1 request + trimmed in ` +
         `${seconds.toFixed(2)} s (${(n / seconds).toFixed(0)} VMs/s on one core); ` +
         `process PSS per idle VM ${((pssWith - pssWithout) / n).toFixed(0)} KiB ` +
         `(freed by closing them); ` +
@@ -105,6 +108,17 @@ function pssKiB(): number {
     await Deno.remove(dir, { recursive: true });
   }
 }
+
+const echoElf = await buildFunction(new URL("../guest/fn/examples/echo.c", import.meta.url));
+const echoProgram = await Deno.readFile(echoElf);
+/** Boots the SDK echo function in the guest runtime to READY. */
+function bootEcho(): Promise<Vm> {
+  return startFunctionVm({ program: echoProgram, argv: ["echo"], memoryMiB: 16 });
+}
+
+// Density first (before the benches churn memory).
+await density("fn_proto", bootToReady);
+await density("guest runtime, SDK echo", bootEcho);
 
 const native = await trivialNative();
 const warm = await bootToReady();
@@ -150,6 +164,43 @@ Deno.bench({
   group: "one trivial request",
   fn: async () => {
     using vm = await bootToReady();
+    vm.checkpoint();
+    check(vm.invoke(input));
+  },
+});
+
+const echoWarm = await bootEcho();
+echoWarm.checkpoint();
+check(echoWarm.invoke(input));
+
+Deno.bench({
+  name: `native: fork+exec of the same SDK echo ELF, stdin "abc"`,
+  group: "SDK echo in the guest function runtime",
+  baseline: true,
+  fn: async () => {
+    const child = new Deno.Command(echoElf, { stdin: "piped", stdout: "piped", stderr: "null" })
+      .spawn();
+    const writer = child.stdin.getWriter();
+    await writer.write(input);
+    await writer.close();
+    const out = await child.output();
+    if (!out.success || out.stdout.length !== 3) throw new Error("native echo failed");
+  },
+});
+
+Deno.bench({
+  name: "denovisor: invoke on a warm runtime VM (run + reset, sync FFI)",
+  group: "SDK echo in the guest function runtime",
+  fn: () => {
+    check(echoWarm.invoke(input));
+  },
+});
+
+Deno.bench({
+  name: "denovisor: cold runtime VM (create, load runtime + ELF, READY, checkpoint, 1 request)",
+  group: "SDK echo in the guest function runtime",
+  fn: async () => {
+    using vm = await bootEcho();
     vm.checkpoint();
     check(vm.invoke(input));
   },

@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "f4494b17f574fa77b3625fe56557e497120257e59c5cc36fb29e7ce4b6247c36";
+  "1dfc18455a0cd0b169ff9baa23746c4916bd57bb45c29a51477bc409b35e3303";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.
