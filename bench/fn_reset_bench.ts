@@ -57,6 +57,12 @@ function check(result: { status: string; stdout: Uint8Array; reason?: string }):
   }
 }
 
+/** The host's MemAvailable (/proc/meminfo), in KiB: what the kernel could still give. */
+function availableKiB(): number {
+  const text = Deno.readTextFileSync("/proc/meminfo");
+  return Number(/^MemAvailable:\s+(\d+) kB/m.exec(text)?.[1] ?? NaN);
+}
+
 function pssKiB(): number {
   const text = Deno.readTextFileSync("/proc/self/smaps_rollup");
   return Number(/^Pss:\s+(\d+) kB/m.exec(text)?.[1] ?? NaN);
@@ -76,6 +82,7 @@ async function density(what: string, boot: () => Promise<Vm>): Promise<void> {
     first.checkpoint();
     check(first.invoke(input));
     first.trim();
+    const availableBefore = availableKiB();
     const started = performance.now();
     const vms: Vm[] = [first];
     let resetNs = 0;
@@ -90,6 +97,9 @@ async function density(what: string, boot: () => Promise<Vm>): Promise<void> {
     }
     const seconds = (performance.now() - started) / 1000;
     const pssWith = pssKiB();
+    // Everything N idle VMs take from the host, KVM's kernel structures
+    // (vCPU, MMU pages, dirty bitmaps) and page tables included.
+    const hostPerVm = (availableBefore - availableKiB()) / n;
     const resident = vms.reduce((sum, vm) => sum + vm.memory().residentBytes, 0) / vms.length;
     // What the N VMs cost is what closing them gives back (measured this way
     // round, the JS heap's growth while creating them is not counted).
@@ -99,7 +109,8 @@ async function density(what: string, boot: () => Promise<Vm>): Promise<void> {
       `density (${what}): ${n} function VMs restored + checkpointed + 1 request + trimmed in ` +
         `${seconds.toFixed(2)} s (${(n / seconds).toFixed(0)} VMs/s on one core); ` +
         `process PSS per idle VM ${((pssWith - pssWithout) / n).toFixed(0)} KiB ` +
-        `(freed by closing them); ` +
+        `(freed by closing them); host memory per idle VM ${hostPerVm.toFixed(0)} KiB ` +
+        `(MemAvailable's drop, kernel included); ` +
         `guest RAM resident per idle VM ${(resident / 1024).toFixed(0)} KiB; ` +
         `mean reset ${(resetNs / n / 1000).toFixed(1)} us`,
     );
