@@ -26,6 +26,7 @@
 
 import { DenovisorError, type ErrorCode } from "../errors.ts";
 import { metricsReport, toPrometheus } from "../metrics.ts";
+import { BodyError, readBoundedBody } from "../http_body.ts";
 import type { Vm } from "../vm.ts";
 import { parseMigrationAddress, UNIX_PATH_MAX } from "./address.ts";
 
@@ -155,46 +156,18 @@ async function readBody(
   limit: number,
   timeoutMs: number,
 ): Promise<Record<string, unknown>> {
-  const tooLarge = () =>
-    new HttpFailure(413, "PAYLOAD_TOO_LARGE", `the request body is larger than ${limit} bytes`);
-  const declared = request.headers.get("content-length");
-  if (declared !== null && Number(declared) > limit) throw tooLarge();
-  const chunks: Uint8Array[] = [];
-  let total = 0;
-  if (request.body) {
-    const reader = request.body.getReader();
-    let timer: ReturnType<typeof setTimeout> | undefined;
-    const timeout = new Promise<never>((_, reject) => {
-      timer = setTimeout(
-        () =>
-          reject(
-            new HttpFailure(408, "REQUEST_TIMEOUT", `the request body took over ${timeoutMs} ms`),
-          ),
-        timeoutMs,
-      );
-    });
-    try {
-      while (true) {
-        const { done, value } = await Promise.race([reader.read(), timeout]);
-        if (done) break;
-        total += value.length;
-        if (total > limit) throw tooLarge();
-        chunks.push(value);
-      }
-    } catch (e) {
-      reader.cancel().catch(() => {});
-      if (e instanceof HttpFailure) throw e;
-      // The client went away or sent a broken body: nobody reads this answer.
-      throw new HttpFailure(400, "BAD_REQUEST", `the request body could not be read: ${e}`);
-    } finally {
-      clearTimeout(timer);
-    }
-  }
-  const bytes = new Uint8Array(total);
-  let at = 0;
-  for (const c of chunks) {
-    bytes.set(c, at);
-    at += c.length;
+  let bytes: Uint8Array;
+  try {
+    bytes = await readBoundedBody(request, limit, timeoutMs);
+  } catch (e) {
+    if (!(e instanceof BodyError)) throw e;
+    const [status, code] = e.problem === "too_large"
+      ? [413, "PAYLOAD_TOO_LARGE" as const]
+      : e.problem === "timeout"
+      ? [408, "REQUEST_TIMEOUT" as const]
+      : [400, "BAD_REQUEST" as const];
+    // An unreadable body: the client went away, nobody reads this answer.
+    throw new HttpFailure(status, code, e.message);
   }
   let text: string;
   try {

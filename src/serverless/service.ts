@@ -29,6 +29,7 @@
  */
 
 import { DenovisorError } from "../errors.ts";
+import { BodyError, readBoundedBody } from "../http_body.ts";
 import {
   type FunctionBackend,
   type FunctionVm,
@@ -172,46 +173,19 @@ function json(body: unknown, status = 200, headers: Record<string, string> = {})
 /** The last bytes of stderr, as text, for an error answer. */
 const STDERR_TAIL_BYTES = 4096;
 
-/** Reads a request body of at most `limit` bytes. */
+/** Reads a request body of at most `limit` bytes, answering each problem with its status. */
 async function readBody(request: Request, limit: number, timeoutMs: number): Promise<Uint8Array> {
-  const tooLarge = () =>
-    new HttpFailure(413, "input_too_large", `the request body is larger than ${limit} bytes`);
-  const declared = request.headers.get("content-length");
-  if (declared !== null && Number(declared) > limit) throw tooLarge();
-  if (!request.body) return new Uint8Array();
-  const chunks: Uint8Array[] = [];
-  let total = 0;
-  const reader = request.body.getReader();
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  const timeout = new Promise<never>((_, reject) => {
-    timer = setTimeout(
-      () =>
-        reject(new HttpFailure(408, "body_timeout", `the request body took over ${timeoutMs} ms`)),
-      timeoutMs,
-    );
-  });
   try {
-    while (true) {
-      const { done, value } = await Promise.race([reader.read(), timeout]);
-      if (done) break;
-      total += value.length;
-      if (total > limit) throw tooLarge();
-      chunks.push(value);
-    }
+    return await readBoundedBody(request, limit, timeoutMs);
   } catch (e) {
-    reader.cancel().catch(() => {});
-    if (e instanceof HttpFailure) throw e;
-    throw new HttpFailure(400, "bad_request", `the request body could not be read: ${e}`);
-  } finally {
-    clearTimeout(timer);
+    if (!(e instanceof BodyError)) throw e;
+    const [status, outcome] = e.problem === "too_large"
+      ? [413, "input_too_large"]
+      : e.problem === "timeout"
+      ? [408, "body_timeout"]
+      : [400, "bad_request"];
+    throw new HttpFailure(status, outcome, e.message);
   }
-  const bytes = new Uint8Array(total);
-  let at = 0;
-  for (const c of chunks) {
-    bytes.set(c, at);
-    at += c.length;
-  }
-  return bytes;
 }
 
 function sameBytes(a: Uint8Array, b: Uint8Array): boolean {
