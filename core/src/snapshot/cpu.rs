@@ -261,34 +261,8 @@ impl VcpuState {
         if let Some(khz) = self.tsc_khz {
             self.restore_tsc_khz(fd, khz, &section("tsc khz"))?;
         }
-        fd.set_mp_state(self.mp_state.0)
-            .map_err(SnapshotError::kvm(section("mp state"), "KVM_SET_MP_STATE"))?;
-        fd.set_regs(&self.regs.0)
-            .map_err(SnapshotError::kvm(section("regs"), "KVM_SET_REGS"))?;
-        fd.set_sregs(&self.sregs.0)
-            .map_err(SnapshotError::kvm(section("sregs"), "KVM_SET_SREGS"))?;
-        fd.set_xsave(&self.xsave.0)
-            .map_err(SnapshotError::kvm(section("xsave"), "KVM_SET_XSAVE"))?;
-        fd.set_xcrs(&self.xcrs.0)
-            .map_err(SnapshotError::kvm(section("xcrs"), "KVM_SET_XCRS"))?;
-        fd.set_debug_regs(&self.debug_regs.0)
-            .map_err(SnapshotError::kvm(
-                section("debug regs"),
-                "KVM_SET_DEBUGREGS",
-            ))?;
-        if let Some(lapic) = &self.lapic {
-            fd.set_lapic(&lapic.0)
-                .map_err(SnapshotError::kvm(section("lapic"), "KVM_SET_LAPIC"))?;
-        }
-        let (deferred, first): (Vec<Msr>, Vec<Msr>) = self
-            .msrs
-            .iter()
-            .partition(|m| m.index == MSR_IA32_TSC_DEADLINE);
-        write_msrs(fd, &first, &section("msrs"))?;
-        write_msrs(fd, &deferred, &section("msrs"))?;
-        fd.set_vcpu_events(&self.events.0)
-            .map_err(SnapshotError::kvm(section("events"), "KVM_SET_VCPU_EVENTS"))?;
-        Ok(())
+        self.write_registers(fd, false)?;
+        self.write_msrs_and_events(fd, &self.msrs)
     }
 
     /// Writes this state back into the vCPU it was captured from, which has
@@ -299,16 +273,43 @@ impl VcpuState {
     pub fn reset_to(&self, fd: &VcpuFd) -> Result<(), SnapshotError> {
         let id = self.id;
         let section = |what: &str| format!("vcpu {id} {what}");
+        self.write_registers(fd, true)?;
+        let wanted: Vec<Msr> = self
+            .msrs
+            .iter()
+            .filter(|m| !matches!(m.index, MSR_IA32_TSC | MSR_IA32_TSC_ADJUST))
+            .copied()
+            .collect();
+        // Only the MSRs the guest changed: one read of all is cheaper than
+        // writing all (some writes have side effects in KVM).
+        let indices: Vec<u32> = wanted.iter().map(|m| m.index).collect();
+        let current = read_msrs(fd, &indices, &section("msrs"))?;
+        let msrs: Vec<Msr> = wanted
+            .into_iter()
+            .filter(|m| !current.contains(m))
+            .collect();
+        self.write_msrs_and_events(fd, &msrs)
+    }
+
+    /// Writes the multiprocessing state, the registers, the FPU/vector state,
+    /// XCRs, debug registers and the LAPIC (the part of a restore before the
+    /// MSRs). With `sregs_if_changed`, the sregs are written only where they
+    /// differ from the vCPU's: KVM_SET_SREGS resets the MMU context (the next
+    /// entry rebuilds its roots).
+    fn write_registers(&self, fd: &VcpuFd, sregs_if_changed: bool) -> Result<(), SnapshotError> {
+        let id = self.id;
+        let section = |what: &str| format!("vcpu {id} {what}");
         fd.set_mp_state(self.mp_state.0)
             .map_err(SnapshotError::kvm(section("mp state"), "KVM_SET_MP_STATE"))?;
         fd.set_regs(&self.regs.0)
             .map_err(SnapshotError::kvm(section("regs"), "KVM_SET_REGS"))?;
-        // KVM_SET_SREGS resets the MMU context (the next entry rebuilds its
-        // roots): skipped when the guest left them as they were.
-        let sregs = fd
-            .get_sregs()
-            .map_err(SnapshotError::kvm(section("sregs"), "KVM_GET_SREGS"))?;
-        if !same_bytes(&sregs, &self.sregs.0) {
+        let unchanged = sregs_if_changed && {
+            let sregs = fd
+                .get_sregs()
+                .map_err(SnapshotError::kvm(section("sregs"), "KVM_GET_SREGS"))?;
+            same_bytes(&sregs, &self.sregs.0)
+        };
+        if !unchanged {
             fd.set_sregs(&self.sregs.0)
                 .map_err(SnapshotError::kvm(section("sregs"), "KVM_SET_SREGS"))?;
         }
@@ -325,27 +326,20 @@ impl VcpuState {
             fd.set_lapic(&lapic.0)
                 .map_err(SnapshotError::kvm(section("lapic"), "KVM_SET_LAPIC"))?;
         }
-        let wanted: Vec<Msr> = self
-            .msrs
-            .iter()
-            .filter(|m| !matches!(m.index, MSR_IA32_TSC | MSR_IA32_TSC_ADJUST))
-            .copied()
-            .collect();
-        // Only the MSRs the guest changed: one read of all is cheaper than
-        // writing all (some writes have side effects in KVM).
-        let indices: Vec<u32> = wanted.iter().map(|m| m.index).collect();
-        let current = read_msrs(fd, &indices, &section("msrs"))?;
-        let msrs: Vec<Msr> = wanted
-            .into_iter()
-            .filter(|m| !current.contains(m))
-            .collect();
+        Ok(())
+    }
+
+    /// Writes `msrs` (a TSC deadline last: KVM arms it against the TSC and
+    /// the LAPIC written before) and then the pending events.
+    fn write_msrs_and_events(&self, fd: &VcpuFd, msrs: &[Msr]) -> Result<(), SnapshotError> {
+        let id = self.id;
+        let section = |what: &str| format!("vcpu {id} {what}");
         let (deferred, first): (Vec<Msr>, Vec<Msr>) =
             msrs.iter().partition(|m| m.index == MSR_IA32_TSC_DEADLINE);
         write_msrs(fd, &first, &section("msrs"))?;
         write_msrs(fd, &deferred, &section("msrs"))?;
         fd.set_vcpu_events(&self.events.0)
-            .map_err(SnapshotError::kvm(section("events"), "KVM_SET_VCPU_EVENTS"))?;
-        Ok(())
+            .map_err(SnapshotError::kvm(section("events"), "KVM_SET_VCPU_EVENTS"))
     }
 
     /// Gives the vCPU the snapshot's TSC frequency when this host's differs.
