@@ -4,8 +4,7 @@
 use super::{bytes, bytes_mut, guarded, put, set_last_error, status, timeout};
 use crate::error::{Error, Status};
 use crate::function::invoke::{self, InvokeResult, Limits};
-use crate::function::mailbox;
-use crate::function::reset::{self, read_mailbox};
+use crate::function::reset;
 use crate::handles;
 use crate::vcpu::panic_message;
 
@@ -72,21 +71,7 @@ pub unsafe extern "C" fn dv_fn_ready(vm: u32, out: *mut u64) -> i32 {
         if out.is_null() {
             return Err(Error::arg("null output pointer"));
         }
-        let ready = match vm
-            .function_slot()
-            .try_lock()
-            .ok()
-            .and_then(|s| s.as_ref().map(|c| c.ready))
-        {
-            Some(ready) => ready,
-            None => {
-                reset::require_idle(&vm)?;
-                let page = read_mailbox(&vm)?;
-                let ram = vm.ram();
-                mailbox::parse_ready(&page, |a, l| ram.contains(a, l))
-                    .map_err(crate::function::FunctionError::NotReady)?
-            }
-        };
+        let ready = reset::ready(&vm)?;
         // SAFETY: non-null and valid for three u64s per the contract.
         unsafe {
             put(out, ready.input_cap)?;

@@ -11,7 +11,7 @@ use crate::vm::Vm;
 
 use super::abi::{mb, MAILBOX_ADDR};
 use super::mailbox;
-use super::reset::{read_mailbox, require_idle, reset_to};
+use super::reset::{read_mailbox, reset_to, with_checkpoint};
 use super::FunctionError;
 
 /// How an invocation ended, seen from the host (`InvokeResult.status`).
@@ -163,125 +163,121 @@ pub fn invoke(
     out: &mut InvokeResult,
 ) -> Result<()> {
     *out = InvokeResult::default();
-    let slot = vm
-        .function_slot()
-        .try_lock()
-        .map_err(|_| FunctionError::Running)?;
-    let cp = slot.as_ref().ok_or(FunctionError::NoCheckpoint)?;
-    require_idle(vm)?;
-    let ready = cp.ready;
-    if input.len() as u64 > ready.input_cap {
-        out.status = status::INPUT_TOO_LARGE;
-        out.set_reason(&format!(
-            "the input is {} bytes; the function takes at most {}",
-            input.len(),
-            ready.input_cap
-        ));
-        return Ok(());
-    }
-    let ram = vm.ram();
-    let mut state = [0u8; 4];
-    ram.read(MAILBOX_ADDR + mb::STATE, &mut state)?;
-    if u32::from_le_bytes(state) != super::abi::state::READY {
-        // Not at the checkpoint (written by the host since?): go back first.
-        reset_to(vm, cp)?;
-    }
-    let seed = random_seed()?;
-    ram.write(ready.input_addr, input)?;
-    let mut fields = [0u8; 64];
-    let put = |f: &mut [u8; 64], at: u64, v: u64| {
-        let o = (at - mb::INPUT_LEN) as usize;
-        f[o..o + 8].copy_from_slice(&v.to_le_bytes());
-    };
-    // INPUT_LEN..OUTPUT_LIMIT+8 is not contiguous (stdout fields between):
-    // write the two runs separately.
-    put(&mut fields, mb::INPUT_LEN, input.len() as u64);
-    ram.write(MAILBOX_ADDR + mb::INPUT_LEN, &fields[..8])?;
-    let mut per = [0u8; (mb::SEED + 32 - mb::MEMORY_LIMIT) as usize];
-    let mut at = |off: u64, bytes: &[u8]| {
-        let o = (off - mb::MEMORY_LIMIT) as usize;
-        per[o..o + bytes.len()].copy_from_slice(bytes);
-    };
-    at(mb::MEMORY_LIMIT, &limits.memory_limit.to_le_bytes());
-    at(mb::OUTPUT_LIMIT, &limits.output_limit.to_le_bytes());
-    at(
-        mb::REALTIME_NS,
-        &clock_ns(libc::CLOCK_REALTIME).to_le_bytes(),
-    );
-    at(
-        mb::MONOTONIC_NS,
-        &clock_ns(libc::CLOCK_MONOTONIC).to_le_bytes(),
-    );
-    at(mb::SEED, &seed);
-    ram.write(MAILBOX_ADDR + mb::MEMORY_LIMIT, &per)?;
+    with_checkpoint(vm, |cp| {
+        let ready = cp.ready;
+        if input.len() as u64 > ready.input_cap {
+            out.status = status::INPUT_TOO_LARGE;
+            out.set_reason(&format!(
+                "the input is {} bytes; the function takes at most {}",
+                input.len(),
+                ready.input_cap
+            ));
+            return Ok(());
+        }
+        let ram = vm.ram();
+        let mut state = [0u8; 4];
+        ram.read(MAILBOX_ADDR + mb::STATE, &mut state)?;
+        if u32::from_le_bytes(state) != super::abi::state::READY {
+            // Not at the checkpoint (written by the host since?): go back first.
+            reset_to(vm, cp)?;
+        }
+        let seed = random_seed()?;
+        ram.write(ready.input_addr, input)?;
+        let mut fields = [0u8; 64];
+        let put = |f: &mut [u8; 64], at: u64, v: u64| {
+            let o = (at - mb::INPUT_LEN) as usize;
+            f[o..o + 8].copy_from_slice(&v.to_le_bytes());
+        };
+        // INPUT_LEN..OUTPUT_LIMIT+8 is not contiguous (stdout fields between):
+        // write the two runs separately.
+        put(&mut fields, mb::INPUT_LEN, input.len() as u64);
+        ram.write(MAILBOX_ADDR + mb::INPUT_LEN, &fields[..8])?;
+        let mut per = [0u8; (mb::SEED + 32 - mb::MEMORY_LIMIT) as usize];
+        let mut at = |off: u64, bytes: &[u8]| {
+            let o = (off - mb::MEMORY_LIMIT) as usize;
+            per[o..o + bytes.len()].copy_from_slice(bytes);
+        };
+        at(mb::MEMORY_LIMIT, &limits.memory_limit.to_le_bytes());
+        at(mb::OUTPUT_LIMIT, &limits.output_limit.to_le_bytes());
+        at(
+            mb::REALTIME_NS,
+            &clock_ns(libc::CLOCK_REALTIME).to_le_bytes(),
+        );
+        at(
+            mb::MONOTONIC_NS,
+            &clock_ns(libc::CLOCK_MONOTONIC).to_le_bytes(),
+        );
+        at(mb::SEED, &seed);
+        ram.write(MAILBOX_ADDR + mb::MEMORY_LIMIT, &per)?;
 
-    let exits_before = total_exits(vm);
-    let run = vm.run(limits.timeout);
-    out.exits = total_exits(vm).saturating_sub(exits_before);
-    let outcome = run.map(|result| {
-        out.run_ns = result.run_ns;
-        match &result.stop {
-            StopReason::GuestExit { .. } => match read_mailbox(vm) {
-                Ok(page) => match mailbox::parse_done(&page, &ready) {
-                    Ok(done) => {
-                        out.status = status::DONE;
-                        out.outcome = done.outcome;
-                        out.exit_status = done.exit_status;
-                        out.syscalls = done.syscalls;
-                        out.memory_used = done.memory_used;
-                        out.enosys_count = done.enosys.len() as u32;
-                        for (i, (nr, count)) in done.enosys.iter().enumerate() {
-                            out.enosys[2 * i] = *nr;
-                            out.enosys[2 * i + 1] = *count;
+        let exits_before = total_exits(vm);
+        let run = vm.run(limits.timeout);
+        out.exits = total_exits(vm).saturating_sub(exits_before);
+        let outcome = run.map(|result| {
+            out.run_ns = result.run_ns;
+            match &result.stop {
+                StopReason::GuestExit { .. } => match read_mailbox(vm) {
+                    Ok(page) => match mailbox::parse_done(&page, &ready) {
+                        Ok(done) => {
+                            out.status = status::DONE;
+                            out.outcome = done.outcome;
+                            out.exit_status = done.exit_status;
+                            out.syscalls = done.syscalls;
+                            out.memory_used = done.memory_used;
+                            out.enosys_count = done.enosys.len() as u32;
+                            for (i, (nr, count)) in done.enosys.iter().enumerate() {
+                                out.enosys[2 * i] = *nr;
+                                out.enosys[2 * i + 1] = *count;
+                            }
+                            if !done.message.is_empty() {
+                                out.set_reason(&done.message);
+                            }
+                            Some(done)
                         }
-                        if !done.message.is_empty() {
-                            out.set_reason(&done.message);
+                        Err(e) => {
+                            out.status = status::PROTOCOL_ERROR;
+                            out.set_reason(&e.to_string());
+                            None
                         }
-                        Some(done)
-                    }
+                    },
                     Err(e) => {
                         out.status = status::PROTOCOL_ERROR;
                         out.set_reason(&e.to_string());
                         None
                     }
                 },
-                Err(e) => {
-                    out.status = status::PROTOCOL_ERROR;
-                    out.set_reason(&e.to_string());
+                StopReason::TimedOut => {
+                    out.status = status::TIMEOUT;
+                    out.set_reason("the time limit ran out");
                     None
                 }
-            },
-            StopReason::TimedOut => {
-                out.status = status::TIMEOUT;
-                out.set_reason("the time limit ran out");
-                None
+                StopReason::Stopped => {
+                    out.status = status::STOPPED;
+                    out.set_reason("the VM was stopped");
+                    None
+                }
+                other => {
+                    out.status = status::CRASHED;
+                    out.set_reason(&describe(other));
+                    None
+                }
             }
-            StopReason::Stopped => {
-                out.status = status::STOPPED;
-                out.set_reason("the VM was stopped");
-                None
-            }
-            other => {
-                out.status = status::CRASHED;
-                out.set_reason(&describe(other));
-                None
-            }
+        });
+        if let Ok(Some(done)) = &outcome {
+            let copy = |addr: u64, len: u64, buf: &mut [u8]| -> Result<u64> {
+                let n = (len as usize).min(buf.len());
+                ram.read(addr, &mut buf[..n])?;
+                Ok(n as u64)
+            };
+            out.stdout_len = copy(ready.stdout_addr, done.stdout_len, stdout)?;
+            out.stderr_len = copy(ready.stderr_addr, done.stderr_len, stderr)?;
         }
-    });
-    if let Ok(Some(done)) = &outcome {
-        let copy = |addr: u64, len: u64, buf: &mut [u8]| -> Result<u64> {
-            let n = (len as usize).min(buf.len());
-            ram.read(addr, &mut buf[..n])?;
-            Ok(n as u64)
-        };
-        out.stdout_len = copy(ready.stdout_addr, done.stdout_len, stdout)?;
-        out.stderr_len = copy(ready.stderr_addr, done.stderr_len, stderr)?;
-    }
-    // Always back to the checkpoint, whatever happened.
-    let stats = reset_to(vm, cp)?;
-    out.reset_ns = stats.ns;
-    out.reset_pages = stats.pages;
-    outcome.map(|_| ())
+        // Always back to the checkpoint, whatever happened.
+        let stats = reset_to(vm, cp)?;
+        out.reset_ns = stats.ns;
+        out.reset_pages = stats.pages;
+        outcome.map(|_| ())
+    })
 }
 
 #[cfg(test)]

@@ -135,6 +135,42 @@ pub(crate) fn require_idle(vm: &Vm) -> Result<()> {
     Ok(())
 }
 
+/// Runs `f` on the VM's checkpoint, held for the call, once every vCPU is
+/// between runs.
+pub(crate) fn with_checkpoint<T>(vm: &Vm, f: impl FnOnce(&Checkpoint) -> Result<T>) -> Result<T> {
+    let slot = vm
+        .function_slot()
+        .try_lock()
+        .map_err(|_| FunctionError::Running)?;
+    let cp = slot.as_ref().ok_or(FunctionError::NoCheckpoint)?;
+    require_idle(vm)?;
+    f(cp)
+}
+
+/// The runtime's buffers, read from the READY mailbox and checked.
+fn read_ready(vm: &Vm) -> Result<Ready> {
+    let page = read_mailbox(vm)?;
+    let ram = vm.ram();
+    Ok(mailbox::parse_ready(&page, |a, l| ram.contains(a, l)).map_err(FunctionError::NotReady)?)
+}
+
+/// The runtime's buffers: the checkpoint's, or, before one, read from the
+/// mailbox of an idle VM at READY.
+pub fn ready(vm: &Vm) -> Result<Ready> {
+    let held = vm
+        .function_slot()
+        .try_lock()
+        .ok()
+        .and_then(|slot| slot.as_ref().map(|cp| cp.ready));
+    match held {
+        Some(ready) => Ok(ready),
+        None => {
+            require_idle(vm)?;
+            read_ready(vm)
+        }
+    }
+}
+
 /// RAM copied into a sealed memfd, all-zero pages left as holes.
 fn copy_ram(vm: &Vm) -> std::result::Result<OwnedFd, FunctionError> {
     let ram = vm.ram();
@@ -210,10 +246,8 @@ pub fn checkpoint(vm: &Vm) -> Result<CheckpointInfo> {
         .try_lock()
         .map_err(|_| FunctionError::Running)?;
     require_idle(vm)?;
-    let page = read_mailbox(vm)?;
+    let ready = read_ready(vm)?;
     let ram = vm.ram();
-    let ready =
-        mailbox::parse_ready(&page, |a, l| ram.contains(a, l)).map_err(FunctionError::NotReady)?;
     let irq = vm.has_irqchip();
     let mut vcpus = Vec::new();
     for vcpu in vm.vcpu_list() {
@@ -289,37 +323,27 @@ pub(crate) fn reset_to(vm: &Vm, cp: &Checkpoint) -> Result<ResetStats> {
 
 /// [`reset_to`] the VM's checkpoint.
 pub fn reset(vm: &Vm) -> Result<ResetStats> {
-    let slot = vm
-        .function_slot()
-        .try_lock()
-        .map_err(|_| FunctionError::Running)?;
-    let cp = slot.as_ref().ok_or(FunctionError::NoCheckpoint)?;
-    require_idle(vm)?;
-    reset_to(vm, cp)
+    with_checkpoint(vm, |cp| reset_to(vm, cp))
 }
 
 /// Gives an idle VM's private pages back to the host: it is at its checkpoint
 /// (every request ends with a reset), so every page may read the image's
 /// bytes again. Returns guest RAM's resident bytes afterwards.
 pub fn trim(vm: &Vm) -> Result<u64> {
-    let slot = vm
-        .function_slot()
-        .try_lock()
-        .map_err(|_| FunctionError::Running)?;
-    let cp = slot.as_ref().ok_or(FunctionError::NoCheckpoint)?;
-    require_idle(vm)?;
-    // Pages written since the last reset (by the host, outside a request)
-    // go back first, so that what the log says and what RAM holds agree.
-    reset_to(vm, cp)?;
-    vm.ram()
-        .drop_private_pages()
-        .map_err(os("dropping private pages"))?;
-    cp.pristine.trim();
-    vm.ram()
-        .resident_bytes()
-        .map_err(|source| FunctionError::Host {
-            op: "mincore",
-            source,
-        })
-        .map_err(Into::into)
+    with_checkpoint(vm, |cp| {
+        // Pages written since the last reset (by the host, outside a request)
+        // go back first, so that what the log says and what RAM holds agree.
+        reset_to(vm, cp)?;
+        vm.ram()
+            .drop_private_pages()
+            .map_err(os("dropping private pages"))?;
+        cp.pristine.trim();
+        vm.ram()
+            .resident_bytes()
+            .map_err(|source| FunctionError::Host {
+                op: "mincore",
+                source,
+            })
+            .map_err(Into::into)
+    })
 }
