@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "1dfc18455a0cd0b169ff9baa23746c4916bd57bb45c29a51477bc409b35e3303";
+  "da6d07d572bf328f37ac70373ffd3dcb28a84524f2cf4c1b72d591bf75accce8";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

@@ -16,6 +16,12 @@
  */
 
 import { DenovisorError } from "../errors.ts";
+import {
+  installAtomically,
+  localFileUrl as toFileUrl,
+  pathOfFileUrl as pathOf,
+  sha256Hex,
+} from "./fs_util.ts";
 import { runTool, type RunToolOptions, toolchainProbe } from "./toolchain.ts";
 
 const GUEST_DIR = new URL("../../guest/", import.meta.url);
@@ -184,32 +190,9 @@ async function cachedBuild(
           (gcc.stderr.trim() || gcc.stdout.trim()),
       );
     }
-    await Deno.mkdir(CACHE_DIR, { recursive: true });
-    const temp = new URL(`${stem}-${key}.${Deno.pid}.${crypto.randomUUID()}.tmp`, CACHE_DIR);
-    try {
-      await Deno.copyFile(built, temp);
-      await Deno.chmod(temp, 0o755);
-      await Deno.rename(temp, output);
-    } catch (e) {
-      await Deno.remove(temp).catch(() => {});
-      throw e;
-    }
+    await installAtomically(built, output, 0o755);
     return pathOf(output);
   } finally {
     await Deno.remove(dir, { recursive: true }).catch(() => {});
   }
-}
-
-function toFileUrl(source: string | URL): URL {
-  if (source instanceof URL) return source;
-  return new URL(source, `file://${Deno.cwd()}/`);
-}
-
-function pathOf(url: URL): string {
-  return decodeURIComponent(url.pathname);
-}
-
-async function sha256Hex(data: Uint8Array): Promise<string> {
-  const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", data as BufferSource));
-  return Array.from(digest, (b) => b.toString(16).padStart(2, "0")).join("");
 }

@@ -1,6 +1,6 @@
 /**
- * Small file, path and environment helpers shared by the core's builders
- * (`core_build.ts`, `remote_core.ts`, `debian_crates.ts`).
+ * Small file, path and environment helpers shared by the builders (the
+ * core's, the guests', the workloads', the functions').
  *
  * The path helpers are POSIX-only (denovisor is Linux-only). Importing
  * `node:path` instead would cost every importer of denovisor ~10 ms: the first
@@ -8,6 +8,8 @@
  *
  * @module
  */
+
+import { DenovisorError } from "../errors.ts";
 
 /**
  * Reads an environment variable without needing `--allow-env` for it.
@@ -134,4 +136,79 @@ export function parentPath(path: string): string {
  */
 export function pathOfFileUrl(url: URL): string {
   return decodeURIComponent(url.pathname);
+}
+
+/**
+ * The `file:` URL of a source to compile: a path (relative to the working
+ * directory; each part URL-encoded, so `#` and `%` stay part of the name) or
+ * a `file:` URL.
+ *
+ * @param source The path or URL.
+ * @returns Its `file:` URL.
+ * @throws {DenovisorError} `BUILD_FAILED` for a URL that is not `file:`.
+ * @example
+ * ```ts
+ * import { localFileUrl } from "denovisor/src/build/fs_util.ts";
+ * console.log(localFileUrl("/tmp/a#b.c").pathname); // /tmp/a%23b.c
+ * ```
+ */
+export function localFileUrl(source: string | URL): URL {
+  if (typeof source !== "string") {
+    if (source.protocol !== "file:") {
+      throw new DenovisorError(
+        "BUILD_FAILED",
+        `Source ${source.href} is not a local file: only file: URLs can be compiled`,
+      );
+    }
+    return source;
+  }
+  const base = new URL(`file://${Deno.cwd().replace(/\/?$/, "/")}`);
+  return new URL(source.split("/").map(encodeURIComponent).join("/"), base);
+}
+
+/**
+ * The SHA-256 of `data`, in lowercase hex.
+ *
+ * @param data The bytes.
+ * @returns 64 hex digits.
+ * @example
+ * ```ts
+ * import { sha256Hex } from "denovisor/src/build/fs_util.ts";
+ * console.log(await sha256Hex(new TextEncoder().encode("abc"))); // ba7816bf...
+ * ```
+ */
+export async function sha256Hex(data: Uint8Array): Promise<string> {
+  const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", data as BufferSource));
+  return Array.from(digest, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+/**
+ * Copies a freshly built file to `output` in a cache folder through a
+ * temporary name in that folder and a rename, so a concurrent reader never
+ * sees half a file; the temporary file goes if anything fails.
+ *
+ * @param built The built file.
+ * @param output Where it goes (its folder is created).
+ * @param mode Its permission bits.
+ * @example
+ * ```ts
+ * import { installAtomically } from "denovisor/src/build/fs_util.ts";
+ * const built = await Deno.makeTempFile();
+ * const dir = await Deno.makeTempDir();
+ * await installAtomically(built, new URL(`file://${dir}/out`), 0o644);
+ * ```
+ */
+export async function installAtomically(built: string, output: URL, mode: number): Promise<void> {
+  const dir = new URL("./", output);
+  await Deno.mkdir(dir, { recursive: true });
+  const name = pathOfFileUrl(output).split("/").pop()!;
+  const temp = new URL(`${name}.${Deno.pid}.${crypto.randomUUID()}.tmp`, dir);
+  try {
+    await Deno.copyFile(built, temp);
+    await Deno.chmod(temp, mode);
+    await Deno.rename(temp, output);
+  } catch (e) {
+    await Deno.remove(temp).catch(() => {});
+    throw e;
+  }
 }

@@ -9,7 +9,7 @@
  * @module
  */
 
-import { absolutePath, parentPath, pathOfFileUrl } from "./fs_util.ts";
+import { absolutePath, parentPath, pathOfFileUrl, sha256Hex } from "./fs_util.ts";
 import { DenovisorError } from "../errors.ts";
 import { runTool, type RunToolOptions, type Toolchain, toolchainProbe } from "./toolchain.ts";
 
@@ -238,11 +238,6 @@ async function cacheKey(
     }
   }
   return await sha256Hex(new TextEncoder().encode(parts.join("\n")));
-}
-
-async function sha256Hex(data: Uint8Array): Promise<string> {
-  const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", data as BufferSource));
-  return Array.from(digest, (b) => b.toString(16).padStart(2, "0")).join("");
 }
 
 async function assemble(

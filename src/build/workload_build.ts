@@ -15,6 +15,12 @@
  */
 
 import { DenovisorError } from "../errors.ts";
+import {
+  installAtomically,
+  localFileUrl as toFileUrl,
+  pathOfFileUrl as pathOf,
+  sha256Hex,
+} from "./fs_util.ts";
 import { runTool, type RunToolOptions, type Toolchain, toolchainProbe } from "./toolchain.ts";
 
 /** The workloads, by name: each is `guest/workloads/<name>.c`. */
@@ -312,17 +318,7 @@ async function build(target: Target, source: URL): Promise<string> {
           (gcc.stderr.trim() || gcc.stdout.trim()),
       );
     }
-    await Deno.mkdir(cacheDir(), { recursive: true });
-    // Rename within the cache folder, so a concurrent reader never sees half a file.
-    const temp = new URL(`${stem}-${key}.${Deno.pid}.${crypto.randomUUID()}.tmp`, cacheDir());
-    try {
-      await Deno.copyFile(built, temp);
-      await Deno.chmod(temp, target === "native" ? 0o755 : 0o644);
-      await Deno.rename(temp, output);
-    } catch (e) {
-      await Deno.remove(temp).catch(() => {});
-      throw e;
-    }
+    await installAtomically(built, output, target === "native" ? 0o755 : 0o644);
     return pathOf(output);
   } finally {
     await Deno.remove(dir, { recursive: true }).catch(() => {});
@@ -385,11 +381,6 @@ async function cacheKey(
   return (await sha256Hex(new TextEncoder().encode(parts.join("\n")))).slice(0, 32);
 }
 
-async function sha256Hex(data: Uint8Array): Promise<string> {
-  const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", data as BufferSource));
-  return Array.from(digest, (b) => b.toString(16).padStart(2, "0")).join("");
-}
-
 function cacheDir(): URL {
   if (CACHE_DIR.protocol !== "file:") {
     throw new DenovisorError(
@@ -398,22 +389,4 @@ function cacheDir(): URL {
     );
   }
   return CACHE_DIR;
-}
-
-function toFileUrl(source: string | URL): URL {
-  if (typeof source !== "string") {
-    if (source.protocol !== "file:") {
-      throw new DenovisorError(
-        "BUILD_FAILED",
-        `Source ${source.href} is not a local file: only file: URLs can be compiled`,
-      );
-    }
-    return source;
-  }
-  const base = new URL(`file://${Deno.cwd().replace(/\/?$/, "/")}`);
-  return new URL(source.split("/").map(encodeURIComponent).join("/"), base);
-}
-
-function pathOf(url: URL): string {
-  return decodeURIComponent(url.pathname);
 }
