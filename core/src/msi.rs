@@ -215,7 +215,7 @@ mod tests {
         msi.insert(24, (0x1_fee0_1000u64, 0x4041u32));
         let e = entries(&msi);
         assert_eq!(e.len(), 16 + 24 + 1);
-        // SAFETY (test): reading the union members these entries were built with.
+        // SAFETY: (test) reading the union members these entries were built with.
         unsafe {
             assert_eq!(e[9].u.irqchip.irqchip, KVM_IRQCHIP_PIC_SLAVE);
             assert_eq!(e[9].u.irqchip.pin, 1);

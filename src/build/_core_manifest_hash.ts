@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "da6d07d572bf328f37ac70373ffd3dcb28a84524f2cf4c1b72d591bf75accce8";
+  "7624fc4a6740eb29729702d63bc95989e4f1a04eef3ecf7f3b964e5f464db14e";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

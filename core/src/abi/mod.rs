@@ -320,10 +320,8 @@ mod tests {
     fn text_arguments_are_utf8_or_named_in_the_error() {
         let ok = b"/tmp/snap";
         // SAFETY: `ok` is valid for its length.
-        assert_eq!(
-            unsafe { text(ok.as_ptr(), ok.len(), "path") }.unwrap(),
-            "/tmp/snap"
-        );
+        let read = unsafe { text(ok.as_ptr(), ok.len(), "path") };
+        assert_eq!(read.unwrap(), "/tmp/snap");
         let bad = [0x2f, 0xff, 0xfe];
         // SAFETY: `bad` is valid for its length.
         let e = unsafe { text(bad.as_ptr(), bad.len(), "snapshot config") }.unwrap_err();

@@ -164,11 +164,12 @@ pub fn close(fd: RawFd) -> Result<(), MigrationError> {
 fn check_socket(fd: RawFd) -> Result<(), MigrationError> {
     // SAFETY: an all-zero stat is a valid value for fstat to overwrite.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    if fd < 0 {
+        return Err(MigrationError::NotASocket(fd));
+    }
     // SAFETY: fstat writes one stat into `st`; any fd value is safe to ask about.
-    if fd < 0
-        || unsafe { libc::fstat(fd, &mut st) } != 0
-        || st.st_mode & libc::S_IFMT != libc::S_IFSOCK
-    {
+    let status = unsafe { libc::fstat(fd, &mut st) };
+    if status != 0 || st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
         return Err(MigrationError::NotASocket(fd));
     }
     Ok(())
