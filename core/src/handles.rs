@@ -53,12 +53,26 @@ fn table() -> MutexGuard<'static, Table> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// Takes the next handle from `counter`: 1, 2, ... up to `u32::MAX - 1`, then
+/// an error for ever. The counter never moves past `u32::MAX` (a plain
+/// `fetch_add` would wrap to 0 and then hand out 1 again: a reused handle).
+fn next_handle(counter: &AtomicU32) -> Result<u32> {
+    counter
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+            (n < u32::MAX).then_some(n + 1)
+        })
+        .ok()
+        .filter(|&handle| handle != 0 && handle < u32::MAX)
+        .ok_or_else(|| {
+            Error::arg(
+                "the handle space is exhausted (4294967294 handles were created in this process)",
+            )
+        })
+}
+
 /// Registers an object and returns its new handle (never 0, never reused).
 pub fn insert(object: Object) -> Result<u32> {
-    let handle = NEXT_HANDLE.fetch_add(1, Ordering::Relaxed);
-    if handle == 0 || handle == u32::MAX {
-        return Err(Error::arg("the handle space is exhausted"));
-    }
+    let handle = next_handle(&NEXT_HANDLE)?;
     table().objects.insert(handle, object);
     Ok(handle)
 }
@@ -114,4 +128,34 @@ pub fn remove(handle: u32, expected: &'static str) -> Result<Object> {
 /// How many handles are live (for leak tests).
 pub fn live_count() -> usize {
     table().objects.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handles_count_up_from_one() {
+        let counter = AtomicU32::new(1);
+        assert_eq!(next_handle(&counter).unwrap(), 1);
+        assert_eq!(next_handle(&counter).unwrap(), 2);
+    }
+
+    #[test]
+    fn an_exhausted_handle_space_is_an_error_for_ever_never_a_wrap() {
+        let counter = AtomicU32::new(u32::MAX - 2);
+        assert_eq!(next_handle(&counter).unwrap(), u32::MAX - 2);
+        assert_eq!(next_handle(&counter).unwrap(), u32::MAX - 1);
+        for _ in 0..3 {
+            let Err(Error::InvalidArgument(message)) = next_handle(&counter) else {
+                panic!("a handle past the end was handed out");
+            };
+            assert!(message.contains("exhausted"), "{message}");
+        }
+        assert_eq!(
+            counter.load(Ordering::Relaxed),
+            u32::MAX,
+            "the counter stays at the end"
+        );
+    }
 }
