@@ -82,6 +82,14 @@ pub enum MemoryError {
         /// The file's length.
         len: u64,
     },
+    /// The host refused to exclude RAM from core dumps
+    #[error("guest memory: cannot exclude {len} bytes of guest RAM from core dumps: madvise(MADV_DONTDUMP): {source}")]
+    DontDump {
+        /// The region's length.
+        len: u64,
+        /// The host's error.
+        source: std::io::Error,
+    },
     /// The host refused to drop pages being zeroed
     #[error("guest memory: zeroing {start:#x}..{end:#x}: madvise: {source}")]
     Zero {
@@ -117,12 +125,40 @@ pub struct GuestRam {
     file_backed: Arc<AtomicBool>,
 }
 
+fn exclude_regions_from_core_dumps(mem: &GuestMemoryMmap<()>) -> Result<()> {
+    for region in mem.iter() {
+        exclude_from_core_dumps(region.as_ptr(), region.len() as usize).map_err(|source| {
+            MemoryError::DontDump {
+                len: region.len(),
+                source,
+            }
+        })?;
+    }
+    Ok(())
+}
+
 /// The guest-physical ranges `(start, len)` that `size` bytes of RAM occupy.
 pub fn ram_ranges(size: u64) -> Vec<(u64, u64)> {
     if size <= MMIO_GAP_START {
         vec![(0, size)]
     } else {
         vec![(0, MMIO_GAP_START), (MMIO_GAP_END, size - MMIO_GAP_START)]
+    }
+}
+
+/// Marks `len` bytes at `addr` `MADV_DONTDUMP`: a core dump of the host
+/// process leaves them out. Every mapping of guest RAM (and of a copy of it)
+/// gets this: a crash of the VMM must not write a guest's secrets, nor
+/// gigabytes of its RAM, into a core file.
+pub fn exclude_from_core_dumps(addr: *mut u8, len: usize) -> std::io::Result<()> {
+    // SAFETY: MADV_DONTDUMP only sets a flag on the mappings in the range
+    // (VM_DONTDUMP); it neither changes nor frees memory, so no pointer into
+    // it is affected. A range that is not mapped is ENOMEM, returned.
+    let rc = unsafe { libc::madvise(addr.cast(), len, libc::MADV_DONTDUMP) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 
@@ -152,6 +188,7 @@ impl GuestRam {
             .collect();
         let mem = GuestMemoryMmap::from_ranges(&ranges)
             .map_err(|source| MemoryError::Map { size, source })?;
+        exclude_regions_from_core_dumps(&mem)?;
         Ok(GuestRam {
             mem,
             size,
@@ -194,6 +231,7 @@ impl GuestRam {
             offset += len;
         }
         let mem = GuestMemoryMmap::from_regions(regions).map_err(map_err)?;
+        exclude_regions_from_core_dumps(&mem)?;
         Ok(GuestRam {
             mem,
             size,
@@ -239,6 +277,8 @@ impl GuestRam {
             if ptr == libc::MAP_FAILED {
                 return Err(std::io::Error::last_os_error());
             }
+            // A new mapping starts without VM_DONTDUMP.
+            exclude_from_core_dumps(region.as_ptr(), len as usize)?;
             offset += len;
         }
         self.file_backed.store(true, Ordering::Release);
@@ -583,6 +623,59 @@ impl GuestRam {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The VmFlags line of the mapping that starts at `addr` in /proc/self/smaps.
+    fn vm_flags(addr: *mut u8) -> Vec<String> {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut inside = false;
+        for line in smaps.lines() {
+            if let Some((range, _)) = line.split_once(' ') {
+                if let Some((start, _)) = range.split_once('-') {
+                    if let Ok(start) = u64::from_str_radix(start, 16) {
+                        inside = start == addr as u64;
+                        continue;
+                    }
+                }
+            }
+            if inside {
+                if let Some(flags) = line.strip_prefix("VmFlags:") {
+                    return flags.split_whitespace().map(str::to_string).collect();
+                }
+            }
+        }
+        panic!("no mapping starts at {addr:p}");
+    }
+
+    #[test]
+    fn guest_ram_is_excluded_from_core_dumps() {
+        let ram = GuestRam::new(4 << 20).unwrap();
+        for (_, ptr, _) in ram.host_regions() {
+            assert!(
+                vm_flags(ptr).contains(&"dd".to_string()),
+                "anonymous RAM lacks dd"
+            );
+        }
+        let path = std::env::temp_dir().join(format!("dv-dontdump-{}.mem", std::process::id()));
+        std::fs::write(&path, vec![0u8; 2 << 20]).unwrap();
+        let ram = GuestRam::from_file(2 << 20, File::open(&path).unwrap()).unwrap();
+        let image = File::open(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        for (_, ptr, _) in ram.host_regions() {
+            assert!(
+                vm_flags(ptr).contains(&"dd".to_string()),
+                "file-backed RAM lacks dd"
+            );
+        }
+        let anon = GuestRam::new(2 << 20).unwrap();
+        anon.remap_private(std::os::fd::AsRawFd::as_raw_fd(&image))
+            .unwrap();
+        for (_, ptr, _) in anon.host_regions() {
+            assert!(
+                vm_flags(ptr).contains(&"dd".to_string()),
+                "remapped RAM lacks dd"
+            );
+        }
+    }
 
     #[test]
     fn resident_bytes_follow_touches_and_zeroing() {

@@ -93,7 +93,8 @@ fn memory(e: &MemoryError) -> Status {
         MemoryError::Map { .. }
         | MemoryError::OutsideRam { .. }
         | MemoryError::Access { .. }
-        | MemoryError::Zero { .. } => Status::Memory,
+        | MemoryError::Zero { .. }
+        | MemoryError::DontDump { .. } => Status::Memory,
         MemoryError::FileStat { .. } => Status::Io,
         MemoryError::FileSize { .. } => Status::SnapshotInvalid,
     }

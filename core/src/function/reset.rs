@@ -76,6 +76,12 @@ impl Pristine {
         if base == libc::MAP_FAILED {
             return Err(last_os("mmap of the pristine image"));
         }
+        // A copy of guest RAM: out of core dumps like RAM itself.
+        if let Err(e) = crate::memory::exclude_from_core_dumps(base.cast(), len) {
+            // SAFETY: the mapping just made, not yet shared with anything.
+            unsafe { libc::munmap(base, len) };
+            return Err(os("madvise(MADV_DONTDUMP) of the pristine image")(e));
+        }
         // The mapping holds the file; its fd goes (a thousand idle function
         // VMs in one process must not each keep one more fd open).
         drop(fd);
