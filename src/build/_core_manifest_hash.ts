@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "7624fc4a6740eb29729702d63bc95989e4f1a04eef3ecf7f3b964e5f464db14e";
+  "0b1390d3794887a69519ab6879390b4139592514307971262036b19b597da84f";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

@@ -18,10 +18,39 @@ import {
   ensureDebianCrates,
   isDebianCacheReady,
 } from "./debian_crates.ts";
-import { absolutePath, exists, joinPath, lockFile, pathOfFileUrl, readEnv } from "./fs_util.ts";
+import {
+  absolutePath,
+  exists,
+  joinPath,
+  lockFile,
+  parentPath,
+  pathOfFileUrl,
+  readEnv,
+} from "./fs_util.ts";
 
 /** The file name of the core library that cargo produces. */
 export const CORE_LIBRARY_FILE = "libdenovisor_core.so";
+
+/**
+ * The file name of the jailer program (`core/src/bin/denovisor-jailer.rs`),
+ * which the same `cargo build --release` puts beside the library.
+ */
+export const JAILER_FILE = "denovisor-jailer";
+
+/**
+ * The jailer program built with a core library: the file beside it.
+ *
+ * @param libraryPath The path {@link ensureCoreLibrary} returned.
+ * @returns The path of `denovisor-jailer` in the same folder (not checked).
+ * @example
+ * ```ts
+ * import { ensureCoreLibrary, jailerPathOf } from "denovisor/src/build/core_build.ts";
+ * console.log(jailerPathOf(await ensureCoreLibrary()));
+ * ```
+ */
+export function jailerPathOf(libraryPath: string): string {
+  return joinPath(parentPath(libraryPath), JAILER_FILE);
+}
 
 /** Where dependencies come from: `auto` tries crates.io, then Debian's packages. */
 export type CrateSource = "auto" | "crates-io" | "debian";

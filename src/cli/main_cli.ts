@@ -49,6 +49,12 @@ import { runVm, type RunVmInput, summaryLine } from "./run_vm.ts";
 import { serveCommand } from "./serve.ts";
 import { fnBuildCommand } from "./fn_build_command.ts";
 import denoConfig from "../../deno.json" with { type: "json" };
+import {
+  checkJailFlags,
+  JAIL_FLAG_OPTIONS,
+  JAIL_FLAGS_HELP,
+  jailedRunCommand,
+} from "../jail/cli.ts";
 
 const MAIN_HELP = `denovisor — a KVM hypervisor driven from TypeScript
 
@@ -173,6 +179,7 @@ in raw mode for the run (restored at the end): every key reaches the guest,
 Ctrl-A x quits, Ctrl-A Ctrl-A sends Ctrl-A, Ctrl-A h lists the keys (as QEMU).
 
 ${DEVICE_FLAGS_HELP}
+${JAIL_FLAGS_HELP}
 Linux (instead of IMAGE; the 64-bit boot protocol, no firmware):
   --kernel FILE      a bzImage (boot protocol 2.12+) or vmlinux ELF; --mem
                      defaults to 256, the irqchip is always on, and --mode,
@@ -318,11 +325,13 @@ async function writeMetrics(
 }
 
 async function runCommand(args: string[], io: CliIo): Promise<number> {
-  const { values, positionals } = parseArgs({
+  const { values, positionals, tokens } = parseArgs({
     args,
     strict: true,
     allowPositionals: true,
+    tokens: true,
     options: {
+      ...JAIL_FLAG_OPTIONS,
       mem: { type: "string" },
       mode: { type: "string" },
       format: { type: "string" },
@@ -350,6 +359,8 @@ async function runCommand(args: string[], io: CliIo): Promise<number> {
     },
   });
   if (values.help) return output(io, RUN_HELP);
+  checkJailFlags(values);
+  if (values.jail !== undefined) return await jailedRunCommand(tokens, values);
   if (values.incoming !== undefined) return await incomingCommand(values, positionals, io);
   if (values["api-socket"] !== undefined) await checkApiSocketOption(values["api-socket"]);
   if (values.kernel !== undefined) return await runLinuxCommand(values, positionals, io);
