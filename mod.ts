@@ -234,3 +234,13 @@ export type {
 export { buildFunction, KVM_BACKEND } from "./src/serverless/backend.ts";
 export { type BundleSpec, encodeBundle } from "./src/serverless/bundle.ts";
 export { runRequest, startFunctionVm } from "./src/serverless/runtime_vm.ts";
+export {
+  CGROUP_KEYS,
+  type CgroupKey,
+  type JailFile,
+  type JailLimits,
+  type JailOptions,
+  type JailVm,
+  validateJailOptions,
+} from "./src/jail/policy.ts";
+export { type JailedRun, runJailed, type RunJailedOptions } from "./src/jail/run_jailed.ts";
