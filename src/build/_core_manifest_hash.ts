@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "0b1390d3794887a69519ab6879390b4139592514307971262036b19b597da84f";
+  "cea4826aa5e278362a744254a7fed7c48498c909a5a8d09758c68e4494d1aad8";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.
