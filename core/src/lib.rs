@@ -25,6 +25,7 @@ pub mod migration;
 pub mod msi;
 pub mod msr_filter;
 pub mod pci;
+pub mod rate_limiter;
 pub mod snapshot;
 pub mod state;
 pub mod vcpu;

@@ -20,6 +20,10 @@
 //! [`VirtioDevice::take_over`] takes the lock (refused while the source still
 //! holds it) before the guest runs there.
 //!
+//! A disk may have a rate limiter ([`crate::rate_limiter`]): each request
+//! costs its data bytes and one operation; one the buckets cannot pay stays
+//! in the queue, and the worker sleeps on a timerfd until they can.
+//!
 //! Every value the driver controls is checked: a chain that loops, points
 //! outside guest RAM, puts a readable descriptor after a writable one or has
 //! no byte for the status stops the device with DEVICE_NEEDS_RESET (it cannot
@@ -34,6 +38,7 @@ use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -41,9 +46,16 @@ use virtio_bindings::virtio_blk as vb;
 use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap};
 
-use super::worker::Worker;
-use super::{device_type, drain_queue, Activation, Interrupt, VirtioDevice, VirtioError};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::timerfd::TimerFd;
+
+use super::worker::{Wake, Worker};
+use super::{
+    device_type, drain, drain_queue, wants_interrupt, Activation, Interrupt, Served, VirtioDevice,
+    VirtioError,
+};
 use crate::memory::GuestRam;
+use crate::rate_limiter::{RateLimiter, RateLimiterConfig, RateLimiterError};
 
 /// The request queue's size.
 pub const QUEUE_SIZE: u16 = 256;
@@ -94,6 +106,8 @@ pub enum BlockError {
     Io { path: PathBuf, source: io::Error },
     #[error("disk serial {0:?} must be at most 20 printable ASCII characters without commas")]
     BadSerial(String),
+    #[error("disk: {0}")]
+    RateLimiter(#[from] RateLimiterError),
     #[error("disk image {path} has {found} sectors, the saved state says {expected}")]
     CapacityChanged {
         path: PathBuf,
@@ -111,6 +125,13 @@ pub struct BlockConfig {
     pub readonly: bool,
     #[serde(default)]
     pub serial: String,
+    /// Limits on the disk's bytes and requests per second.
+    #[serde(
+        default,
+        rename = "rateLimiter",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub rate_limiter: Option<RateLimiterConfig>,
 }
 
 /// Counters (also part of the state).
@@ -126,6 +147,9 @@ pub struct BlockStats {
     pub bytes_written: u64,
     /// Requests answered IOERR or UNSUPP.
     pub errors: u64,
+    /// Times a request waited for the rate limiter.
+    #[serde(default)]
+    pub throttled: u64,
 }
 
 /// The device's state as plain data (snapshots write it out).
@@ -149,6 +173,7 @@ struct Stats {
     bytes_read: AtomicU64,
     bytes_written: AtomicU64,
     errors: AtomicU64,
+    throttled: AtomicU64,
 }
 
 impl Stats {
@@ -164,6 +189,7 @@ impl Stats {
             bytes_read: g(&self.bytes_read),
             bytes_written: g(&self.bytes_written),
             errors: g(&self.errors),
+            throttled: g(&self.throttled),
         }
     }
 
@@ -179,6 +205,7 @@ impl Stats {
             bytes_read: a(s.bytes_read),
             bytes_written: a(s.bytes_written),
             errors: a(s.errors),
+            throttled: a(s.throttled),
         }
     }
 }
@@ -263,6 +290,9 @@ impl Block {
     fn open_with(config: BlockConfig, stats: BlockStats, claim: bool) -> Result<Block, BlockError> {
         let path = PathBuf::from(&config.path);
         let serial = check_serial(&config.serial)?;
+        if let Some(limits) = &config.rate_limiter {
+            limits.check()?;
+        }
         let io_err = |source: io::Error| BlockError::Io {
             path: path.clone(),
             source,
@@ -747,19 +777,92 @@ impl Ctx {
     }
 }
 
+impl Ctx {
+    /// Serves one collected request and writes its status; the length for
+    /// the used ring (`None`: the status byte cannot be written).
+    fn answer(&self, req: &Request) -> Option<u32> {
+        let (status, written) = self.execute(req);
+        if status != S_OK {
+            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        // `collect` checked the last writable buffer is non-empty and in RAM.
+        let last = req.writable.last()?;
+        self.mem.write(last.addr + last.len - 1, &[status]).ok()?;
+        Some(u32::try_from(written + 1).unwrap_or(u32::MAX))
+    }
+}
+
 /// Serves every available request; false when the queue is broken.
 fn serve(queue: &mut Queue, ctx: &Ctx, interrupt: &Interrupt) -> bool {
     drain_queue(queue, ctx.mem.mmap(), interrupt, 0, |chain| {
         let req = collect(chain, &ctx.mem).ok()?;
-        let (status, written) = ctx.execute(&req);
-        if status != S_OK {
-            ctx.stats.errors.fetch_add(1, Ordering::Relaxed);
-        }
-        // `collect` checked the last writable buffer is non-empty and in RAM.
-        let last = req.writable.last()?;
-        ctx.mem.write(last.addr + last.len - 1, &[status]).ok()?;
-        Some(u32::try_from(written + 1).unwrap_or(u32::MAX))
+        ctx.answer(&req)
     })
+}
+
+/// What a request costs the bandwidth bucket: its data bytes (the buffers
+/// less the 16-byte header and the status byte).
+fn data_bytes(req: &Request) -> u64 {
+    (total(&req.readable) + total(&req.writable)).saturating_sub(17)
+}
+
+/// A rate-limited disk's worker state: the limiter and the timer that wakes
+/// the worker when the buckets can pay again.
+struct Throttle {
+    limiter: RateLimiter,
+    timer: TimerFd,
+}
+
+/// Serves available requests while the limiter lets them through; the first
+/// it refuses stays in the ring and the timer is armed for when it can pay.
+/// False when the queue is broken.
+fn serve_limited(queue: &mut Queue, ctx: &Ctx, interrupt: &Interrupt, t: &mut Throttle) -> bool {
+    let mut wait = None;
+    let m = ctx.mem.mmap();
+    let done = drain(
+        queue,
+        m,
+        |_| (),
+        |chain| {
+            let req = collect(chain, &ctx.mem).map_err(|_| ())?;
+            let (bytes, now) = (data_bytes(&req), Instant::now());
+            if !t.limiter.consume(bytes, 1, now) {
+                ctx.stats.throttled.fetch_add(1, Ordering::Relaxed);
+                wait = Some(t.limiter.wait(bytes, 1, now));
+                return Ok(Served::Later);
+            }
+            ctx.answer(&req).map(Served::Used).ok_or(())
+        },
+    );
+    let Ok(done) = done else {
+        return false;
+    };
+    if wants_interrupt(queue, m, done.used) {
+        interrupt.queue(0);
+    }
+    if let Some(wait) = wait {
+        // The queue's notifications stay off: the timer, not the driver's
+        // kicks, resumes the device. A timer that cannot be armed would leave
+        // the request unserved for ever: the device stops instead.
+        return t.timer.reset(wait, None).is_ok();
+    }
+    true
+}
+
+/// A timerfd that never blocks a read (the worker reads it only when epoll
+/// says it fired, but a re-arm in between clears it).
+fn nonblocking_timer() -> Result<TimerFd, VirtioError> {
+    let io = |source| VirtioError::Io {
+        op: "creating the rate limiter's timerfd",
+        source,
+    };
+    let timer = TimerFd::new().map_err(|e| io(io::Error::from_raw_os_error(e.errno())))?;
+    // SAFETY: F_SETFL on the timerfd this function owns; no memory is involved.
+    let rc = unsafe { libc::fcntl(timer.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+    if rc != 0 {
+        return Err(io(io::Error::last_os_error()));
+    }
+    Ok(timer)
 }
 
 impl VirtioDevice for Block {
@@ -799,10 +902,44 @@ impl VirtioDevice for Block {
             stats: self.stats.clone(),
             features: a.features,
         };
-        self.worker = Some(Worker::one_queue(
+        let Some(limits) = self.config.rate_limiter.filter(|l| !l.is_unlimited()) else {
+            self.worker = Some(Worker::one_queue(
+                "virtio-blk",
+                a,
+                move |queue, _, interrupt| serve(queue, &ctx, interrupt),
+            )?);
+            return Ok(());
+        };
+        let mut throttle = Throttle {
+            limiter: RateLimiter::new(&limits, Instant::now())
+                .map_err(|e| VirtioError::Malformed(e.to_string()))?,
+            timer: nonblocking_timer()?,
+        };
+        let mut a = a;
+        let mut queue = a.take_queue(0)?;
+        let kicks = std::mem::take(&mut a.kicks);
+        let timer_fd = throttle.timer.as_raw_fd();
+        self.worker = Some(Worker::spawn(
             "virtio-blk",
-            a,
-            move |queue, _, interrupt| serve(queue, &ctx, interrupt),
+            a.link.clone(),
+            kicks,
+            vec![(timer_fd, EventSet::IN)],
+            move |wake| {
+                match wake {
+                    Wake::Kick(0) => {}
+                    Wake::Fd(0, _) => {
+                        // Clear the expiration (EAGAIN when a re-arm did).
+                        let _ = throttle.timer.wait();
+                    }
+                    _ => return true,
+                }
+                if serve_limited(&mut queue, &ctx, &a.interrupt, &mut throttle) {
+                    true
+                } else {
+                    a.fail();
+                    false
+                }
+            },
         )?);
         Ok(())
     }
@@ -867,6 +1004,8 @@ impl VirtioDevice for Block {
             "bytesRead": s.bytes_read,
             "bytesWritten": s.bytes_written,
             "errors": s.errors,
+            "throttled": s.throttled,
+            "rateLimiter": self.config.rate_limiter,
         })
     }
 }
@@ -917,8 +1056,72 @@ mod tests {
             path: img.path(),
             readonly,
             serial: serial.into(),
+            rate_limiter: None,
         })
         .unwrap()
+    }
+
+    fn throttled(d: &mut TestDriver) -> u64 {
+        let state = d.dev.control(&serde_json::json!({"op": "state"})).unwrap();
+        state["stats"]["throttled"].as_u64().unwrap()
+    }
+
+    #[test]
+    fn a_rate_limited_disk_serves_every_request_but_no_faster_than_its_buckets() {
+        use crate::rate_limiter::BucketConfig;
+        let img = Image::new(&pattern(1 << 20, 3));
+        let limited = |rate_limiter| {
+            Block::open(BlockConfig {
+                path: img.path(),
+                rate_limiter: Some(rate_limiter),
+                ..BlockConfig::default()
+            })
+            .unwrap()
+        };
+        // One operation per 200 ms: four flushes take three refills.
+        let mut d = TestDriver::new(Box::new(limited(RateLimiterConfig {
+            ops: Some(BucketConfig {
+                size: 1,
+                one_time_burst: 0,
+                refill_time_ms: 200,
+            }),
+            bandwidth: None,
+        })));
+        d.start(0);
+        let t = Instant::now();
+        for _ in 0..4 {
+            assert_eq!(request(&mut d, vb::VIRTIO_BLK_T_FLUSH, 0, 0, false).0, S_OK);
+        }
+        assert!(
+            t.elapsed() >= std::time::Duration::from_millis(590),
+            "{:?}",
+            t.elapsed()
+        );
+        assert_eq!(throttled(&mut d), 3, "each of the last three waited once");
+        drop(d); // the image's lock
+                 // 8 KiB per 100 ms: six 4 KiB writes, the last four after two refills.
+        let mut d = TestDriver::new(Box::new(limited(RateLimiterConfig {
+            bandwidth: Some(BucketConfig {
+                size: 8192,
+                one_time_burst: 0,
+                refill_time_ms: 100,
+            }),
+            ops: None,
+        })));
+        d.start(0);
+        let t = Instant::now();
+        for i in 0..6 {
+            assert_eq!(
+                request(&mut d, vb::VIRTIO_BLK_T_OUT, i * 8, 4096, false).0,
+                S_OK
+            );
+        }
+        assert!(
+            t.elapsed() >= std::time::Duration::from_millis(195),
+            "{:?}",
+            t.elapsed()
+        );
+        assert!(throttled(&mut d) >= 2);
     }
 
     const HEADER: u64 = BUFFERS;
@@ -1225,6 +1428,7 @@ mod tests {
                 path: path.into(),
                 readonly: false,
                 serial: serial.into(),
+                rate_limiter: None,
             })
         };
         let dir = std::env::temp_dir();

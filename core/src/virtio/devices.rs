@@ -34,6 +34,9 @@ pub enum DeviceConfig {
         /// What GET_ID returns (at most 20 printable ASCII characters).
         #[serde(default)]
         serial: String,
+        /// Limits on the disk's bytes and requests per second.
+        #[serde(default, rename = "rateLimiter")]
+        rate_limiter: Option<crate::rate_limiter::RateLimiterConfig>,
     },
     /// virtio-balloon: memory back from the guest at a target the host sets,
     /// statistics and free page reporting (see `balloon`).
@@ -121,12 +124,14 @@ impl DeviceConfig {
                 path,
                 readonly,
                 serial,
+                rate_limiter,
                 ..
             } => {
                 let config = BlockConfig {
                     path: path.clone(),
                     readonly: *readonly,
                     serial: serial.clone(),
+                    rate_limiter: *rate_limiter,
                 };
                 if claim {
                     Block::open(config)
