@@ -82,6 +82,9 @@ pub enum VmError {
     /// A run of a VM without vCPUs
     #[error("the VM has no vCPUs; create one first")]
     NoVcpus,
+    /// A run of a VM that is already running (as a whole or one of its vCPUs)
+    #[error("the VM is already running; wait for its run to return or stop it first")]
+    AlreadyRunning,
     /// A vCPU did not park in time
     #[error("vCPU {id} did not pause within {ms} ms")]
     PauseTimeout {
@@ -342,6 +345,9 @@ pub struct Vm {
     /// Whether the devices' exclusive host resources are given up (see
     /// [`Vm::hand_over_devices`]): devices added meanwhile are built unclaimed.
     handed_over: AtomicBool,
+    /// Whether [`Vm::run`] is in progress: a second, concurrent run is
+    /// refused before it touches the first one's stop reason.
+    running: AtomicBool,
     /// A function VM's checkpoint (see [`crate::function`]), once taken; an
     /// invocation holds the lock for its whole run.
     function: Mutex<Option<crate::function::reset::Checkpoint>>,
@@ -394,6 +400,7 @@ impl Vm {
             virtio: Mutex::new(Vec::new()),
             diff_base: Mutex::new(DiffBase::None),
             handed_over: AtomicBool::new(false),
+            running: AtomicBool::new(false),
             function: Mutex::new(None),
             shared: Arc::new(VmShared::new(ram, unhandled)?),
             vcpus: Mutex::new(Vec::new()),
@@ -547,10 +554,31 @@ impl Vm {
 
     /// Runs every vCPU until the VM stops or `timeout` passes. The result is the
     /// first stop that ended the VM, else vCPU 0's.
+    /// A run while another is in progress (or while one of the vCPUs runs
+    /// alone) is [`VmError::AlreadyRunning`] and leaves that run as it is: its
+    /// stop reason is not cleared.
     pub fn run(&self, timeout: Option<Duration>) -> Result<RunResult> {
         let vcpus = self.vcpu_list();
         if vcpus.is_empty() {
             return Err(VmError::NoVcpus.into());
+        }
+        if self
+            .running
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return Err(VmError::AlreadyRunning.into());
+        }
+        /// Clears `running` however the run ends.
+        struct Running<'a>(&'a AtomicBool);
+        impl Drop for Running<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::Release);
+            }
+        }
+        let _running = Running(&self.running);
+        if !vcpus.iter().all(|v| v.is_idle()) {
+            return Err(VmError::AlreadyRunning.into());
         }
         *relock(&self.shared.vm_stop) = None;
         self.shared.hypercalls.clear_report();

@@ -160,7 +160,7 @@ fn vm(e: &VmError) -> Status {
         | VmError::DeviceName(_)
         | VmError::NoSuchDevice(_) => Status::InvalidArgument,
         VmError::VcpuLimit(_) => Status::VcpuLimit,
-        VmError::PauseTimeout { .. } => Status::Busy,
+        VmError::PauseTimeout { .. } | VmError::AlreadyRunning => Status::Busy,
         VmError::DeviceQuiesce { .. } => Status::Timeout,
         // Another process holds a disk image, a running device, an I/O error.
         VmError::HandOver { .. } => Status::Device,
@@ -452,6 +452,7 @@ mod tests {
             (VmError::IrqchipAfterVcpu.into(), Status::InvalidArgument),
             (VmError::NoIrqchip("x").into(), Status::InvalidArgument),
             (VmError::NoVcpus.into(), Status::InvalidArgument),
+            (VmError::AlreadyRunning.into(), Status::Busy),
             (
                 VmError::DeviceName(String::new()).into(),
                 Status::InvalidArgument,
