@@ -535,8 +535,15 @@ impl GuestRam {
             }
             return Ok(());
         }
-        self.write(addr, &ZEROS[..(first_page - addr) as usize])?;
-        self.write(last_page, &ZEROS[..(end - last_page) as usize])?;
+        // The partial pages at either end; empty when the range is
+        // page-aligned there. An empty write at the end of RAM (or of the
+        // RAM below the MMIO gap) would be refused as outside RAM.
+        if first_page > addr {
+            self.write(addr, &ZEROS[..(first_page - addr) as usize])?;
+        }
+        if end > last_page {
+            self.write(last_page, &ZEROS[..(end - last_page) as usize])?;
+        }
         let host = self
             .mem
             .get_host_address(GuestAddress(first_page))
@@ -783,6 +790,25 @@ mod tests {
         let mut buf = [0u8; 4];
         ram.read(0x1000, &mut buf).unwrap();
         assert_eq!(&buf, b"keep");
+    }
+
+    #[test]
+    fn zeroing_whole_pages_up_to_the_end_of_ram_or_of_the_low_region_succeeds() {
+        // Found by the fuzz targets: an empty tail write at the end of RAM
+        // was refused, so a balloon's free page report (or an ELF's BSS)
+        // ending at the top of RAM failed.
+        let ram = GuestRam::new(64 << 10).unwrap();
+        ram.write(0xf000, &[0xaa; 0x1000]).unwrap();
+        ram.zero(0, 64 << 10).unwrap();
+        ram.zero(0xe000, 0x2000).unwrap();
+        let mut page = [0xffu8; 0x1000];
+        ram.read(0xf000, &mut page).unwrap();
+        assert!(page.iter().all(|&b| b == 0));
+        let split = GuestRam::new(MMIO_GAP_START + (1 << 20)).unwrap();
+        split.write(MMIO_GAP_START - 0x1000, &[0xaa; 0x1000]).unwrap();
+        split.zero(MMIO_GAP_START - 0x2000, 0x2000).unwrap();
+        split.read(MMIO_GAP_START - 0x1000, &mut page).unwrap();
+        assert!(page.iter().all(|&b| b == 0));
     }
 
     #[test]
