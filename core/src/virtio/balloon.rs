@@ -577,6 +577,39 @@ impl Runner {
     }
 }
 
+/// Serves the queues the driver's `features` give (inflate, deflate, then
+/// statistics and reporting if negotiated, as `queues` in that order), one
+/// pass per entry of `kicks` (a queue index; the held statistics buffer is
+/// returned for `usize::MAX`), on the calling thread: the fuzz targets'
+/// entry point. Stops at the first error, as the worker does.
+#[cfg(feature = "fuzz")]
+#[doc(hidden)]
+pub fn serve_for_fuzz(
+    mem: &GuestRam,
+    queues: Vec<Queue>,
+    features: u64,
+    kicks: &[usize],
+) -> Result<(), BalloonError> {
+    let roles = roles(features);
+    let count = roles.len();
+    let mut runner = Runner {
+        mem: mem.clone(),
+        queues: roles.into_iter().zip(queues).collect(),
+        interrupt: Arc::new(Interrupt::detached(count)),
+        needs_reset: Arc::default(),
+        shared: Arc::default(),
+        stats_head: None,
+    };
+    for &q in kicks {
+        if q == usize::MAX {
+            runner.request_stats()?;
+        } else {
+            runner.serve(q)?;
+        }
+    }
+    Ok(())
+}
+
 fn io(op: &'static str) -> impl FnOnce(std::io::Error) -> VirtioError {
     move |source| VirtioError::Io { op, source }
 }

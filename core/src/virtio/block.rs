@@ -865,6 +865,29 @@ fn nonblocking_timer() -> Result<TimerFd, VirtioError> {
     Ok(timer)
 }
 
+#[cfg(feature = "fuzz")]
+impl Block {
+    /// Serves every available request of `queue` over `mem` as the worker
+    /// does, on the calling thread (the fuzz targets' entry point). False
+    /// when the queue is broken.
+    #[doc(hidden)]
+    pub fn serve_for_fuzz(
+        &self,
+        mem: &GuestRam,
+        queue: &mut Queue,
+        features: u64,
+        interrupt: &Interrupt,
+    ) -> bool {
+        let ctx = Ctx {
+            mem: mem.clone(),
+            disk: self.disk.clone(),
+            stats: self.stats.clone(),
+            features,
+        };
+        serve(queue, &ctx, interrupt)
+    }
+}
+
 impl VirtioDevice for Block {
     fn device_type(&self) -> u16 {
         device_type::BLOCK

@@ -134,6 +134,27 @@ impl Interrupt {
     }
 }
 
+#[cfg(feature = "fuzz")]
+impl Interrupt {
+    /// An interrupt line to nowhere (every vector masked, a sink that drops
+    /// messages), for the fuzz targets that serve queues without a transport.
+    #[doc(hidden)]
+    pub fn detached(queues: usize) -> Interrupt {
+        struct Nowhere;
+        impl crate::pci::msix::MsiSink for Nowhere {
+            fn set_route(&self, _vector: u16, _message: Option<(u64, u32)>) {}
+            fn fire(&self, _vector: u16) {}
+        }
+        let vectors = u16::try_from(queues + 1).unwrap_or(u16::MAX);
+        Interrupt {
+            msix: Arc::new(Msix::new(vectors, Arc::new(Nowhere))),
+            queue_vectors: (0..queues).map(|q| AtomicU16::new(q as u16)).collect(),
+            config_vector: Arc::new(AtomicU16::new(NO_VECTOR)),
+            isr: Arc::new(AtomicU8::new(0)),
+        }
+    }
+}
+
 /// What a device gets when the driver sets DRIVER_OK.
 pub struct Activation {
     /// Guest RAM (every queue access is bounded to it).

@@ -92,6 +92,14 @@ fn serve(queue: &mut Queue, mem: &GuestRam, interrupt: &Interrupt, stats: &Stats
     })
 }
 
+/// Serves every available request of `queue` over `mem` on the calling
+/// thread (the fuzz targets' entry point). False when the queue is broken.
+#[cfg(feature = "fuzz")]
+#[doc(hidden)]
+pub fn serve_for_fuzz(queue: &mut Queue, mem: &GuestRam, interrupt: &Interrupt) -> bool {
+    serve(queue, mem, interrupt, &Stats::default())
+}
+
 impl VirtioDevice for Rng {
     fn device_type(&self) -> u16 {
         device_type::RNG
