@@ -258,6 +258,25 @@ pub fn read_config_bytes(image: &[u8], offset: u64, data: &mut [u8]) {
     }
 }
 
+/// The index (among `queues`) of a queue whose used ring overlaps an avail
+/// ring of `queues` (its own or another's), if any. The device writes the
+/// used ring: over an avail ring, each chain it serves would announce the
+/// next one (a worker spinning forever on rings the guest set up once, found
+/// by the fuzz targets), so the transport refuses such a layout.
+pub fn used_ring_overlaps_avail_ring(queues: &[&Queue]) -> Option<usize> {
+    // Split ring sizes (virtio spec 2.7): 4-byte header, 2 or 8 bytes an
+    // entry, and the 2-byte event field (counted whether or not EVENT_IDX is
+    // on: a layout that overlaps only without it is still refused).
+    let avail = |q: &Queue| (q.avail_ring(), 6 + 2 * u64::from(q.size()));
+    let used = |q: &Queue| (q.used_ring(), 6 + 8 * u64::from(q.size()));
+    let overlap = |(a, alen): (u64, u64), (b, blen): (u64, u64)| {
+        a < b.saturating_add(blen) && b < a.saturating_add(alen)
+    };
+    queues
+        .iter()
+        .position(|q| queues.iter().any(|other| overlap(used(q), avail(other))))
+}
+
 /// The guest memory type queues run on.
 pub type Mem = vm_memory::GuestMemoryMmap<()>;
 
