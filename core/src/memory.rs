@@ -805,7 +805,9 @@ mod tests {
         ram.read(0xf000, &mut page).unwrap();
         assert!(page.iter().all(|&b| b == 0));
         let split = GuestRam::new(MMIO_GAP_START + (1 << 20)).unwrap();
-        split.write(MMIO_GAP_START - 0x1000, &[0xaa; 0x1000]).unwrap();
+        split
+            .write(MMIO_GAP_START - 0x1000, &[0xaa; 0x1000])
+            .unwrap();
         split.zero(MMIO_GAP_START - 0x2000, 0x2000).unwrap();
         split.read(MMIO_GAP_START - 0x1000, &mut page).unwrap();
         assert!(page.iter().all(|&b| b == 0));
