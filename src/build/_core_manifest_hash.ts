@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "cea4826aa5e278362a744254a7fed7c48498c909a5a8d09758c68e4494d1aad8";
+  "5fbe853a63d7d0f7373a8d96c01c46f5518de6f302379d6c7b75aae771140886";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.
