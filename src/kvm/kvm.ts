@@ -401,8 +401,34 @@ function dirtyPages(bitmap: Uint8Array): DirtyPages {
   return { bitmap, pages };
 }
 
+/** What reclaiming a VM the program dropped without closing needs. */
+interface Unclosed {
+  core: Core;
+  handle: number;
+}
+
+/** The warning printed when a dropped VM is reclaimed. */
+const NEVER_CLOSED_WARNING =
+  "denovisor: a Vm was never closed; closing it (use `using` or vm.close())";
+
+/**
+ * Closes the core handle of every {@link KvmVm} that was garbage-collected
+ * without {@link KvmVm.close}: its guest RAM, vCPU threads and device
+ * threads would otherwise live as long as the process.
+ */
+const reclaimer = new FinalizationRegistry<Unclosed>(({ core, handle }) => {
+  console.warn(NEVER_CLOSED_WARNING);
+  try {
+    core.vmClose(handle);
+  } catch {
+    // Already gone (the library was unloaded at exit): nothing left to free.
+  }
+});
+
 /**
  * A KVM VM: guest RAM, devices and vCPUs. Created by {@link Kvm.createVm}.
+ * A VM that becomes unreachable without being closed is closed when it is
+ * garbage-collected, with a warning: close it (or `using`) instead.
  *
  * @example
  * ```ts
@@ -427,6 +453,7 @@ export class KvmVm implements Disposable {
   constructor(core: Core, handle: number) {
     this.#core = core;
     this.#handle = handle;
+    reclaimer.register(this, { core, handle }, this);
   }
 
   #live(): number {
@@ -1265,6 +1292,7 @@ export class KvmVm implements Disposable {
   close(): void {
     if (this.#closed) return;
     this.#closed = true;
+    reclaimer.unregister(this);
     this.#core.vmClose(this.#handle);
   }
 
