@@ -39,6 +39,12 @@ export {
   type VsockDevice,
 } from "./src/devices.ts";
 export {
+  checkRateLimiter,
+  MAX_REFILL_MS,
+  type RateLimiter,
+  type TokenBucket,
+} from "./src/rate_limiter.ts";
+export {
   type LoadedImage,
   type LoadOptions,
   type RunResult,

@@ -8,6 +8,7 @@
  */
 
 import { DenovisorError } from "./errors.ts";
+import { checkRateLimiter, type RateLimiter } from "./rate_limiter.ts";
 
 /** virtio-rng: an entropy source the guest reads as `/dev/hwrng`. */
 export interface RngDevice {
@@ -34,6 +35,11 @@ export interface BlockDevice {
   readonly?: boolean;
   /** What the guest reads as the disk's serial: up to 20 printable ASCII characters. */
   serial?: string;
+  /**
+   * Limits on the disk's bytes (each request's data) and operations (one per
+   * request) per refill period; requests over the limit wait in the queue.
+   */
+  rateLimiter?: RateLimiter;
 }
 
 /**
@@ -210,6 +216,7 @@ function checkBlock(config: BlockDevice): void {
         `or commas, got ${JSON.stringify(config.serial)}`,
     );
   }
+  if (config.rateLimiter !== undefined) checkRateLimiter(config.rateLimiter, "a block device");
 }
 
 /**
