@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "5fbe853a63d7d0f7373a8d96c01c46f5518de6f302379d6c7b75aae771140886";
+  "7e5a7cf3ed1988ada9f972816eda45d40418cf074fb56a39ffe5c6990d212d4f";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.
