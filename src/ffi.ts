@@ -422,6 +422,28 @@ const SNAPSHOT_STATE_BUFFER_BYTES = 512 * 1024;
 
 const decoder = new TextDecoder();
 
+/** `%TypedArray%.prototype.byteLength`'s own getter: an array's real size. */
+const TYPED_ARRAY_BYTE_LENGTH = Object.getOwnPropertyDescriptor(
+  Object.getPrototypeOf(Uint8Array.prototype),
+  "byteLength",
+)!.get!;
+
+/**
+ * The length to pass with `buf` to the core: its real size in bytes, read
+ * through the engine's own getter, never the object's `length` (an own or
+ * inherited property a caller may redefine, which would let the core read
+ * or write past the buffer).
+ */
+function lengthOf(buf: Uint8Array): bigint {
+  if (!(buf instanceof Uint8Array)) {
+    throw new DenovisorError(
+      "INVALID_ARGUMENT",
+      "a buffer passed to the core must be a Uint8Array",
+    );
+  }
+  return BigInt(TYPED_ARRAY_BYTE_LENGTH.call(buf) as number);
+}
+
 /**
  * The loaded core, with one typed method per C function. Methods throw
  * {@link DenovisorError} on a non-zero status.
@@ -439,7 +461,7 @@ export class Core {
 
   #lastError(): string {
     const buf = new Uint8Array(1024);
-    const len = Number(this.#sym.dv_last_error(buf, BigInt(buf.length)));
+    const len = Number(this.#sym.dv_last_error(buf, lengthOf(buf)));
     return decoder.decode(buf.subarray(0, Math.min(len, buf.length)));
   }
 
@@ -481,7 +503,7 @@ export class Core {
   ): Promise<T> {
     const buf = new Uint8Array(RESULT_BUFFER_BYTES);
     const outLen = new BigUint64Array(1);
-    const status = await call(buf, BigInt(buf.length), outLen);
+    const status = await call(buf, lengthOf(buf), outLen);
     const text = decoder.decode(buf.subarray(0, Number(outLen[0])));
     if (status !== 0) throw new DenovisorError(errorCodeOfStatus(status), text);
     return JSON.parse(text) as T;
@@ -519,16 +541,16 @@ export class Core {
     return [
       vm,
       c.input,
-      BigInt(c.input.length),
+      lengthOf(c.input),
       BigInt(c.timeoutMs),
       BigInt(c.memoryLimit),
       BigInt(c.outputLimit),
       c.stdout,
-      BigInt(c.stdout.length),
+      lengthOf(c.stdout),
       c.stderr,
-      BigInt(c.stderr.length),
+      lengthOf(c.stderr),
       c.result,
-      BigInt(c.result.length),
+      lengthOf(c.result),
     ] as const;
   }
 
@@ -597,7 +619,7 @@ export class Core {
 
   /** `dv_vm_write_memory`. */
   vmWriteMemory(vm: number, gpa: bigint, data: Uint8Array): void {
-    this.#check(this.#sym.dv_vm_write_memory(vm, gpa, data, BigInt(data.length)));
+    this.#check(this.#sym.dv_vm_write_memory(vm, gpa, data, lengthOf(data)));
   }
 
   /** `dv_vm_read_memory`. */
@@ -610,13 +632,13 @@ export class Core {
   /** `dv_vm_load_elf`: returns the entry point. */
   vmLoadElf(vm: number, image: Uint8Array, flags: number): bigint {
     const entry = new BigUint64Array(1);
-    this.#check(this.#sym.dv_vm_load_elf(vm, image, BigInt(image.length), flags, entry));
+    this.#check(this.#sym.dv_vm_load_elf(vm, image, lengthOf(image), flags, entry));
     return entry[0];
   }
 
   /** `dv_vm_load_flat`. */
   vmLoadFlat(vm: number, image: Uint8Array, addr: bigint, flags: number): void {
-    this.#check(this.#sym.dv_vm_load_flat(vm, image, BigInt(image.length), addr, flags));
+    this.#check(this.#sym.dv_vm_load_flat(vm, image, lengthOf(image), addr, flags));
   }
 
   /** `dv_vm_set_console_fd` (`-1` stops streaming). */
@@ -635,7 +657,7 @@ export class Core {
     const outLen = new BigUint64Array(1);
     for (;;) {
       const buf = new Uint8Array(64 * 1024);
-      this.#check(this.#sym.dv_vm_console_take(vm, buf, BigInt(buf.length), outLen));
+      this.#check(this.#sym.dv_vm_console_take(vm, buf, lengthOf(buf), outLen));
       const n = Number(outLen[0]);
       if (n === 0) break;
       chunks.push(buf.subarray(0, n));
@@ -676,13 +698,13 @@ export class Core {
   /** `dv_vm_set_cpuid_policy` from the policy's JSON. */
   vmSetCpuidPolicy(vm: number, json: string): void {
     const bytes = new TextEncoder().encode(json);
-    this.#check(this.#sym.dv_vm_set_cpuid_policy(vm, bytes, BigInt(bytes.length)));
+    this.#check(this.#sym.dv_vm_set_cpuid_policy(vm, bytes, lengthOf(bytes)));
   }
 
   /** `dv_vm_set_msr_filter` from the policy's JSON. */
   vmSetMsrFilter(vm: number, json: string): void {
     const bytes = new TextEncoder().encode(json);
-    this.#check(this.#sym.dv_vm_set_msr_filter(vm, bytes, BigInt(bytes.length)));
+    this.#check(this.#sym.dv_vm_set_msr_filter(vm, bytes, lengthOf(bytes)));
   }
 
   /** `dv_vm_inject_irq`: one edge on GSI `line`. */
@@ -706,7 +728,7 @@ export class Core {
   vmAddDevice(vm: number, json: string): string {
     const config = new TextEncoder().encode(json);
     const name = this.#bytes((buf, cap, outLen) =>
-      this.#sym.dv_vm_add_device(vm, config, BigInt(config.length), buf, cap, outLen)
+      this.#sym.dv_vm_add_device(vm, config, lengthOf(config), buf, cap, outLen)
     );
     return new TextDecoder().decode(name);
   }
@@ -742,9 +764,9 @@ export class Core {
       this.#sym.dv_vm_snapshot_create(
         vm,
         d,
-        BigInt(d.length),
+        lengthOf(d),
         c,
-        BigInt(c.length),
+        lengthOf(c),
         buf,
         cap,
         outLen,
@@ -762,11 +784,11 @@ export class Core {
       this.#sym.dv_vm_snapshot_diff(
         vm,
         d,
-        BigInt(d.length),
+        lengthOf(d),
         p,
-        BigInt(p.length),
+        lengthOf(p),
         c,
-        BigInt(c.length),
+        lengthOf(c),
         buf,
         cap,
         outLen,
@@ -778,7 +800,7 @@ export class Core {
   snapshotInspect<T>(dir: string): T {
     const d = new TextEncoder().encode(dir);
     return this.#json((buf, cap, outLen) =>
-      this.#sym.dv_snapshot_inspect(d, BigInt(d.length), buf, cap, outLen)
+      this.#sym.dv_snapshot_inspect(d, lengthOf(d), buf, cap, outLen)
     );
   }
 
@@ -786,20 +808,20 @@ export class Core {
   vmCreateFromSnapshot(dir: string, mode: number, flags: number): number {
     const d = new TextEncoder().encode(dir);
     const out = new Uint32Array(1);
-    this.#check(this.#sym.dv_vm_create_from_snapshot(d, BigInt(d.length), mode, flags, out));
+    this.#check(this.#sym.dv_vm_create_from_snapshot(d, lengthOf(d), mode, flags, out));
     return out[0];
   }
 
   /** `dv_vm_restore_snapshot`: applies the snapshot's VM and device state. */
   vmRestoreSnapshot(vm: number, dir: string): void {
     const d = new TextEncoder().encode(dir);
-    this.#check(this.#sym.dv_vm_restore_snapshot(vm, d, BigInt(d.length)));
+    this.#check(this.#sym.dv_vm_restore_snapshot(vm, d, lengthOf(d)));
   }
 
   /** `dv_vm_restore_state`: restores JSON text from `vmSnapshotState`. */
   vmRestoreState(vm: number, state: string): void {
     const bytes = new TextEncoder().encode(state);
-    this.#check(this.#sym.dv_vm_restore_state(vm, bytes, BigInt(bytes.length)));
+    this.#check(this.#sym.dv_vm_restore_state(vm, bytes, lengthOf(bytes)));
   }
 
   /** `dv_vm_dirty_log`: dirty-page tracking on (a new set) or off. */
@@ -828,11 +850,11 @@ export class Core {
       this.#sym.dv_vm_pack_pages(
         vm,
         bitmap,
-        BigInt(bitmap.length),
+        lengthOf(bitmap),
         BigInt(from),
         skipZero ? 1 : 0,
         out,
-        BigInt(out.length),
+        lengthOf(out),
         outLen,
         outNext,
       ),
@@ -843,7 +865,7 @@ export class Core {
   /** `dv_vm_unpack_pages`: writes a batch of packed pages into RAM; returns the page count. */
   vmUnpackPages(vm: number, batch: Uint8Array): number {
     const out = new BigUint64Array(1);
-    this.#check(this.#sym.dv_vm_unpack_pages(vm, batch, BigInt(batch.length), out));
+    this.#check(this.#sym.dv_vm_unpack_pages(vm, batch, lengthOf(batch), out));
     return Number(out[0]);
   }
 
@@ -855,22 +877,21 @@ export class Core {
   /** `dv_host_check`: refuses a `host` section this host cannot run. */
   hostCheck(host: string): void {
     const bytes = new TextEncoder().encode(host);
-    this.#check(this.#sym.dv_host_check(bytes, BigInt(bytes.length)));
+    this.#check(this.#sym.dv_host_check(bytes, lengthOf(bytes)));
   }
 
   /** `dv_vm_migration_state`: the paused VM's state bytes without memory. */
   vmMigrationState(vm: number, config: string): Uint8Array {
     const c = new TextEncoder().encode(config);
     return this.#bytes(
-      (buf, cap, outLen) =>
-        this.#sym.dv_vm_migration_state(vm, c, BigInt(c.length), buf, cap, outLen),
+      (buf, cap, outLen) => this.#sym.dv_vm_migration_state(vm, c, lengthOf(c), buf, cap, outLen),
       1 << 20,
     );
   }
 
   /** `dv_vm_apply_migration_state`: verifies and applies migration state bytes. */
   vmApplyMigrationState(vm: number, state: Uint8Array): void {
-    this.#check(this.#sym.dv_vm_apply_migration_state(vm, state, BigInt(state.length)));
+    this.#check(this.#sym.dv_vm_apply_migration_state(vm, state, lengthOf(state)));
   }
 
   /** Awaits a blocking call that answers raw bytes (or its error message) in `buf`. */
@@ -880,7 +901,7 @@ export class Core {
   ): Promise<Uint8Array> {
     const buf = new Uint8Array(cap);
     const outLen = new BigUint64Array(1);
-    const status = await call(buf, BigInt(buf.length), outLen);
+    const status = await call(buf, lengthOf(buf), outLen);
     const out = buf.subarray(0, Math.min(Number(outLen[0]), buf.length));
     if (status !== 0) throw new DenovisorError(errorCodeOfStatus(status), decoder.decode(out));
     return out;
@@ -894,7 +915,7 @@ export class Core {
       this.#sym.dv_migration_connect(
         transport,
         t,
-        BigInt(t.length),
+        lengthOf(t),
         BigInt(timeoutMs),
         buf,
         cap,
@@ -910,7 +931,7 @@ export class Core {
     const t = new TextEncoder().encode(target);
     const fd = new Int32Array(1);
     const port = new Uint32Array(1);
-    this.#check(this.#sym.dv_migration_listen(transport, t, BigInt(t.length), fd, port));
+    this.#check(this.#sym.dv_migration_listen(transport, t, lengthOf(t), fd, port));
     return { fd: fd[0], port: port[0] };
   }
 
@@ -940,7 +961,7 @@ export class Core {
         fd,
         kind,
         payload,
-        BigInt(payload.length),
+        lengthOf(payload),
         BigInt(timeoutMs),
         buf,
         cap,
@@ -1017,9 +1038,9 @@ export class Core {
       this.#sym.dv_vm_device_control(
         vm,
         n,
-        BigInt(n.length),
+        lengthOf(n),
         request,
-        BigInt(request.length),
+        lengthOf(request),
         buf,
         cap,
         outLen,
@@ -1037,7 +1058,7 @@ export class Core {
 
   /** `dv_vm_console_input`. */
   vmConsoleInput(vm: number, data: Uint8Array): void {
-    this.#check(this.#sym.dv_vm_console_input(vm, data, BigInt(data.length)));
+    this.#check(this.#sym.dv_vm_console_input(vm, data, lengthOf(data)));
   }
 
   /** `dv_vm_report`: the guest's last REPORT (empty when none). */
@@ -1072,13 +1093,13 @@ export class Core {
     const size = this.stateSize(kind);
     if (size < 0) throw new DenovisorError("INVALID_ARGUMENT", `unknown register set ${kind}`);
     const buf = new Uint8Array(size);
-    this.#check(this.#sym.dv_vcpu_get_state(vcpu, kind, buf, BigInt(buf.length)));
+    this.#check(this.#sym.dv_vcpu_get_state(vcpu, kind, buf, lengthOf(buf)));
     return buf;
   }
 
   /** `dv_vcpu_set_state` from raw KVM struct bytes. */
   vcpuSetState(vcpu: number, kind: number, data: Uint8Array): void {
-    this.#check(this.#sym.dv_vcpu_set_state(vcpu, kind, data, BigInt(data.length)));
+    this.#check(this.#sym.dv_vcpu_set_state(vcpu, kind, data, lengthOf(data)));
   }
 
   /** `dv_vcpu_setup_entry` (`mode`: 0 real, 1 long, 2 user). */
@@ -1093,11 +1114,11 @@ export class Core {
       this.#sym.dv_vm_load_linux(
         vm,
         kernel,
-        BigInt(kernel.length),
+        lengthOf(kernel),
         initrd,
-        BigInt(initrd.length),
+        lengthOf(initrd),
         cmdline,
-        BigInt(cmdline.length),
+        lengthOf(cmdline),
         buf,
         cap,
         outLen,
@@ -1116,11 +1137,11 @@ export class Core {
     return this.#json((buf, cap, outLen) =>
       this.#sym.dv_linux_check(
         kernel,
-        BigInt(kernel.length),
+        lengthOf(kernel),
         initrd,
-        BigInt(initrd.length),
+        lengthOf(initrd),
         cmdline,
-        BigInt(cmdline.length),
+        lengthOf(cmdline),
         ramBytes,
         buf,
         cap,
@@ -1133,7 +1154,7 @@ export class Core {
    * integers beyond 2^53 (ELF virtual addresses) come back as `bigint`s. */
   inspectImage<T>(image: Uint8Array): T {
     const bytes = this.#bytes((buf, cap, outLen) =>
-      this.#sym.dv_inspect_image(image, BigInt(image.length), buf, cap, outLen)
+      this.#sym.dv_inspect_image(image, lengthOf(image), buf, cap, outLen)
     );
     return parseCoreJson<T>(decoder.decode(bytes));
   }
