@@ -160,8 +160,8 @@ function countFiles(dir: string): number {
 /** Parses libFuzzer's last status line and final stats. */
 function parseLibFuzzer(target: string, out: string, code: number): FuzzResult {
   const status = [...out.matchAll(/#(\d+)\s+\w+\s+cov: (\d+) ft: (\d+) corp: (\d+)\//g)].at(-1);
-  const executed = /stat::number_of_executed_units: (\d+)/.exec(out);
-  const rate = /stat::average_exec_per_sec: (\d+)/.exec(out);
+  const executed = /stat::number_of_executed_units:\s+(\d+)/.exec(out);
+  const rate = /stat::average_exec_per_sec:\s+(\d+)/.exec(out);
   const artifact = /Test unit written to (\S+)/.exec(out)?.[1];
   const crashed = code !== 0;
   const kind = /ERROR: libFuzzer: ([^\n]+)/.exec(out)?.[1] ??
@@ -200,6 +200,7 @@ export async function runRustTarget(target: string, seconds: number): Promise<Fu
   ]);
   const result = parseLibFuzzer(target, out, code);
   if (result.corpus === 0) result.corpus = countFiles(work);
+  if (result.execPerSecond === 0) result.execPerSecond = Math.round(result.executions / seconds);
   return result;
 }
 

@@ -19,8 +19,11 @@ use virtio_queue::{Queue, QueueT};
 macro_rules! fuzz_target {
     (|$data:ident| $body:block) => {
         /// libFuzzer's entry point: one input.
+        ///
+        /// # Safety
+        /// `ptr` points at `len` readable bytes (libFuzzer's input) for the call.
         #[no_mangle]
-        pub extern "C" fn LLVMFuzzerTestOneInput(ptr: *const u8, len: usize) -> i32 {
+        pub unsafe extern "C" fn LLVMFuzzerTestOneInput(ptr: *const u8, len: usize) -> i32 {
             let input: &[u8] = if len == 0 {
                 &[]
             } else {
