@@ -26,6 +26,7 @@ pub mod msi;
 pub mod msr_filter;
 pub mod pci;
 pub mod rate_limiter;
+pub mod seccomp;
 pub mod snapshot;
 pub mod state;
 pub mod vcpu;

@@ -23,6 +23,8 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::seccomp::ThreadKind;
+
 use crate::error::{Error, Result};
 
 /// The most console output kept in memory for the host API; older bytes are
@@ -255,13 +257,13 @@ impl ConsoleStream {
             changed: Condvar::new(),
         });
         let for_writer = shared.clone();
-        let writer = std::thread::Builder::new()
-            .name("dv-console".into())
-            .spawn(move || stream_writer(&for_writer, owned))
-            .map_err(|source| Error::Io {
-                op: "spawning the console writer thread",
-                source,
-            })?;
+        let writer = crate::seccomp::spawn("dv-console".into(), ThreadKind::Console, move || {
+            stream_writer(&for_writer, owned)
+        })
+        .map_err(|source| Error::Io {
+            op: "spawning the console writer thread",
+            source,
+        })?;
         Ok(ConsoleStream {
             shared,
             writer: Some(writer),

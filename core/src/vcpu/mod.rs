@@ -24,6 +24,7 @@ use thiserror::Error;
 
 use crate::boot::{x86_64, BootError, EntryMode};
 use crate::metrics::{ExitKind, VcpuMetrics, VcpuMetricsSnapshot};
+use crate::seccomp::ThreadKind;
 use crate::vm::VmShared;
 use exit::{handle_exit, CrashRegisters, ExitAction, StopReason};
 
@@ -409,10 +410,10 @@ impl Vcpu {
         let metrics = self.metrics.clone();
         let shared = self.shared.clone();
         let id = self.id;
-        std::thread::Builder::new()
-            .name(format!("dv-vcpu-{id}"))
-            .spawn(move || vcpu_thread(id, fd, control, metrics, shared))
-            .map_err(VcpuError::Spawn)
+        crate::seccomp::spawn(format!("dv-vcpu-{id}"), ThreadKind::Vcpu, move || {
+            vcpu_thread(id, fd, control, metrics, shared)
+        })
+        .map_err(VcpuError::Spawn)
     }
 
     /// Waits for the current run to finish, until `deadline`. Returns `None` when

@@ -24,6 +24,7 @@ use virtio_queue::Queue;
 
 use super::{Activation, Interrupt, VirtioError};
 use crate::memory::GuestRam;
+use crate::seccomp::ThreadKind;
 
 /// What woke the worker.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -208,44 +209,41 @@ impl Worker {
             .map_err(io("duplicating the stop eventfd"))?;
         let stopped = Arc::new(AtomicBool::new(false));
         let (gate, thread_stopped) = (link.gate.clone(), stopped.clone());
-        let thread = std::thread::Builder::new()
-            .name(format!("dv-{name}"))
-            .spawn(move || {
-                let _stop = stop_fd;
-                crate::dirty::set_thread_log(link.dirty.clone());
-                let mut events = vec![EpollEvent::default(); 16];
-                loop {
-                    let n = match epoll.wait(-1, &mut events) {
-                        Ok(n) => n,
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                        Err(_) => return,
+        let kind = ThreadKind::for_worker(name);
+        let thread = crate::seccomp::spawn(format!("dv-{name}"), kind, move || {
+            let _stop = stop_fd;
+            crate::dirty::set_thread_log(link.dirty.clone());
+            let mut events = vec![EpollEvent::default(); 16];
+            loop {
+                let n = match epoll.wait(-1, &mut events) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(_) => return,
+                };
+                for event in &events[..n] {
+                    if event.data() == STOP_TOKEN || !link.gate.enter(&thread_stopped) {
+                        return;
+                    }
+                    let wake = match event.data() {
+                        t if t >= FD_BASE => Wake::Fd((t - FD_BASE) as usize, event.event_set()),
+                        t => {
+                            if let Some(kick) = kicks.get(t as usize) {
+                                // Clear the counter: one pass serves every kick so far.
+                                let _ = kick.read();
+                            }
+                            Wake::Kick(t as usize)
+                        }
                     };
-                    for event in &events[..n] {
-                        if event.data() == STOP_TOKEN || !link.gate.enter(&thread_stopped) {
-                            return;
-                        }
-                        let wake = match event.data() {
-                            t if t >= FD_BASE => {
-                                Wake::Fd((t - FD_BASE) as usize, event.event_set())
-                            }
-                            t => {
-                                if let Some(kick) = kicks.get(t as usize) {
-                                    // Clear the counter: one pass serves every kick so far.
-                                    let _ = kick.read();
-                                }
-                                Wake::Kick(t as usize)
-                            }
-                        };
-                        let serving = Serving(&link.gate);
-                        let go_on = handle(wake);
-                        drop(serving);
-                        if !go_on {
-                            return;
-                        }
+                    let serving = Serving(&link.gate);
+                    let go_on = handle(wake);
+                    drop(serving);
+                    if !go_on {
+                        return;
                     }
                 }
-            })
-            .map_err(io("spawning a device worker thread"))?;
+            }
+        })
+        .map_err(io("spawning a device worker thread"))?;
         Ok(Worker {
             stop,
             stopped,
