@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "7e5a7cf3ed1988ada9f972816eda45d40418cf074fb56a39ffe5c6990d212d4f";
+  "2d1d16f65706e5fd1148da1948bf3197d656f91d7b73b1049d09d493b4734ef3";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.
