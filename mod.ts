@@ -99,6 +99,16 @@ export {
   ksmMetrics,
   type KsmProcessCounters,
 } from "./src/ksm.ts";
+export {
+  checkDenyList,
+  checkSeccompMode,
+  configureSeccomp,
+  type SeccompMode,
+  type SeccompOptions,
+  type SeccompStatus,
+  seccompStatus,
+  SECURITY_STOP_EXIT_STATUS,
+} from "./src/kvm/seccomp.ts";
 export { GuestVectors, IRQ_LINES, type IrqStats, msiAddress, SERIAL_IRQ_LINE } from "./src/irq.ts";
 export {
   type AttachOptions,

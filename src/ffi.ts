@@ -168,6 +168,10 @@ const SYMBOLS = {
   dv_last_error: { parameters: ["buffer", "usize"], result: "usize" },
   /** int32_t dv_kvm_check(void) */
   dv_kvm_check: { parameters: [], result: "i32" },
+  /** int32_t dv_seccomp_configure(uint32_t mode, const uint8_t *deny, size_t deny_len) */
+  dv_seccomp_configure: { parameters: ["u32", "buffer", "usize"], result: "i32" },
+  /** int32_t dv_seccomp_status(uint8_t *buf, size_t cap, size_t *out_len) — JSON */
+  dv_seccomp_status: { parameters: ["buffer", "usize", "buffer"], result: "i32" },
   /** uint64_t dv_live_handles(void) */
   dv_live_handles: { parameters: [], result: "u64" },
   /** int64_t dv_state_size(uint32_t kind) */
@@ -586,6 +590,17 @@ export class Core {
   /** `dv_kvm_check`: throws `KVM_UNAVAILABLE` when /dev/kvm cannot be used. */
   kvmCheck(): void {
     this.#check(this.#sym.dv_kvm_check());
+  }
+
+  /** `dv_seccomp_configure`: mode 0 off, 1 log, 2 kill; `deny` comma-separated. */
+  seccompConfigure(mode: number, deny: string): void {
+    const text = new TextEncoder().encode(deny);
+    this.#check(this.#sym.dv_seccomp_configure(mode, text, BigInt(text.length)));
+  }
+
+  /** `dv_seccomp_status`: the mode, deny list and filter counters as parsed JSON. */
+  seccompStatus<T>(): T {
+    return this.#json((buf, cap, outLen) => this.#sym.dv_seccomp_status(buf, cap, outLen));
   }
 
   /** `dv_live_handles`: live VM and vCPU handles in this process. */
@@ -1169,6 +1184,46 @@ export class Core {
 let opening: Promise<Core> | undefined;
 
 /**
+ * The seccomp modes, indexed by their number in `dv_seccomp_configure`.
+ *
+ * @example
+ * ```ts
+ * import { SECCOMP_MODES } from "denovisor/src/ffi.ts";
+ * console.log(SECCOMP_MODES.indexOf("kill")); // 2
+ * ```
+ */
+export const SECCOMP_MODES = ["off", "log", "kill"] as const;
+
+/** Reads an env var, or undefined without the permission. */
+function envVar(name: string): string | undefined {
+  try {
+    return Deno.env.get(name);
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * Applies `DENOVISOR_SECCOMP` (`off`, `log` or `kill`) and
+ * `DENOVISOR_SECCOMP_DENY` (comma-separated syscalls) as the process's default
+ * seccomp mode when the core loads (tests and CI); unset, the core's own
+ * default (`kill`) stands.
+ */
+function applySeccompEnv(core: Core): void {
+  const mode = envVar("DENOVISOR_SECCOMP");
+  const deny = envVar("DENOVISOR_SECCOMP_DENY") ?? "";
+  if (!mode && deny === "") return;
+  const index = SECCOMP_MODES.indexOf((mode || "kill") as (typeof SECCOMP_MODES)[number]);
+  if (index < 0) {
+    throw new DenovisorError(
+      "INVALID_ARGUMENT",
+      `DENOVISOR_SECCOMP must be off, log or kill, got ${JSON.stringify(mode)}`,
+    );
+  }
+  core.seccompConfigure(index, deny);
+}
+
+/**
  * Loads the core once per process: locates (building if needed) the library,
  * opens it and checks its ABI version. `DENOVISOR_LIB` overrides the path.
  *
@@ -1200,6 +1255,7 @@ export function openCore(): Promise<Core> {
         `the core library ${path} speaks ABI ${version}, this module needs ${ABI_VERSION}: rebuild it`,
       );
     }
+    applySeccompEnv(core);
     return core;
   })();
   // A failed load (e.g. cargo missing) may be fixed and retried in-process.

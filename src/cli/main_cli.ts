@@ -55,6 +55,7 @@ import {
   JAIL_FLAGS_HELP,
   jailedRunCommand,
 } from "../jail/cli.ts";
+import { checkSeccompMode, configureSeccomp } from "../kvm/seccomp.ts";
 
 const MAIN_HELP = `denovisor — a KVM hypervisor driven from TypeScript
 
@@ -90,6 +91,10 @@ Usage:
                                       SDK (guest/fn/sdk/dv_fn.h): a static ELF
   deno run -A main.ts <command> --help
   deno run -A main.ts --version
+
+Commands that start VMs (run, restore, serve, hello, overhead) also take
+--seccomp off|log|kill (default kill) and --seccomp-deny SYSCALL,... (README
+"Seccomp"); a security stop exits with status 148.
 
 Exit status: odd = the guest's debug-exit code (v << 1) | 1; 130..254 = the
 guest's EXIT hypercall status s != 0 as 128 + 2*min(s, 63) (0 for s = 0);
@@ -168,6 +173,11 @@ Options:
                      track the pages the guest and devices write from the
                      start, so that \`main.ts snapshot --diff --parent DIR\`
                      can write only what changed since the last snapshot
+  --seccomp MODE     kill (default) | log | off: the seccomp filter of the
+                     vCPU and device threads; kill = a syscall outside a
+                     thread's list stops the process (status 148)
+  --seccomp-deny L   syscalls (names or numbers, comma-separated) removed
+                     from every thread's list: tighten further, or test
   --incoming tcp:HOST:PORT
                      instead of IMAGE: wait on HOST:PORT for a VM that
                      \`main.ts migrate\` sends, then run it (its configuration
@@ -188,6 +198,48 @@ Linux (instead of IMAGE; the 64-bit boot protocol, no firmware):
   --cmdline TEXT     the kernel command line (default
                      "console=ttyS0 reboot=k panic=-1")
 `;
+
+/** The commands that start VMs, which take `--seccomp` and `--seccomp-deny`. */
+const VM_COMMANDS = new Set(["run", "restore", "serve", "hello", "overhead"]);
+
+/**
+ * Removes `--seccomp MODE` and `--seccomp-deny LIST` (also `--flag=value`)
+ * from `args` and applies them to the core before any VM starts.
+ */
+async function takeSeccompFlags(args: string[]): Promise<string[]> {
+  let mode: string | undefined;
+  let deny: string | undefined;
+  const rest: string[] = [];
+  for (let i = 0; i < args.length; i++) {
+    const arg = args[i];
+    if (arg === "--") {
+      rest.push(...args.slice(i));
+      break;
+    }
+    const [flag, inline] = arg.startsWith("--seccomp") && arg.includes("=")
+      ? [arg.slice(0, arg.indexOf("=")), arg.slice(arg.indexOf("=") + 1)]
+      : [arg, undefined];
+    if (flag !== "--seccomp" && flag !== "--seccomp-deny") {
+      rest.push(arg);
+      continue;
+    }
+    const value = inline ?? args[++i];
+    if (value === undefined) throw new UsageError(`${flag} needs a value`);
+    if (flag === "--seccomp") mode = value;
+    else deny = value;
+  }
+  if (mode === undefined && deny === undefined) return rest;
+  let checked;
+  try {
+    checked = checkSeccompMode(mode ?? "kill");
+  } catch {
+    throw new UsageError(`--seccomp must be off, log or kill, got ${JSON.stringify(mode)}`);
+  }
+  const list = (deny ?? "").split(",").map((s) => s.trim()).filter((s) => s !== "")
+    .map((s) => /^[0-9]+$/.test(s) ? Number(s) : s);
+  await configureSeccomp(checked, { deny: list });
+  return rest;
+}
 
 /** Where the CLI writes; injectable so tests can capture it. */
 export interface CliIo {
@@ -763,6 +815,7 @@ async function helloCommand(args: string[], io: CliIo): Promise<number> {
 export async function main(args: string[], io: CliIo = stderrIo): Promise<number> {
   try {
     const [command, ...rest] = args;
+    if (VM_COMMANDS.has(command)) rest.splice(0, rest.length, ...await takeSeccompFlags(rest));
     if (command === undefined) return await overheadCommand([], io);
     if (command === "overhead") return await overheadCommand(rest, io);
     if (command === "hello") return await helloCommand(rest, io);

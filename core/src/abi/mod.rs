@@ -59,6 +59,7 @@ mod irq;
 mod ksm;
 mod linux;
 mod migration;
+mod seccomp;
 mod snapshot;
 mod status;
 mod vcpu;
@@ -71,6 +72,7 @@ pub use irq::*;
 pub use ksm::*;
 pub use linux::*;
 pub use migration::*;
+pub use seccomp::*;
 pub use vcpu::*;
 pub use vm::*;
 

@@ -215,6 +215,7 @@ pub const VCPU: &[Rule] = &[
     any("eventfd2", "virtio activation: a worker's stop eventfd"),
     any("epoll_create1", "virtio activation: a worker's epoll"),
     any("epoll_ctl", "virtio activation: watching the kicks"),
+    any("dup", "virtio activation: EventFd::try_clone of kick/stop/interrupt eventfds"),
     any("fcntl", "virtio activation: duplicating eventfds (F_DUPFD_CLOEXEC)"),
     any("timerfd_create", "virtio-balloon activation: its statistics timer"),
 ];
