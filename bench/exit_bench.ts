@@ -5,10 +5,13 @@
  *
  *   deno bench -A bench/exit_bench.ts
  *
+ * The "seccomp" group runs the same exits with the vCPU thread's filter off
+ * (baseline) and in kill mode (the default): the filter's cost per KVM_RUN.
+ *
  * @module
  */
 
-import { Kvm } from "../mod.ts";
+import { configureSeccomp, Kvm, type SeccompMode } from "../mod.ts";
 import { buildGuest } from "../src/build/guest_build.ts";
 import { openFloor } from "./_floor.ts";
 
@@ -67,5 +70,32 @@ Deno.bench({
   group: "cold start",
   fn: async () => {
     await denovisorRun(0);
+  },
+});
+
+/** Like {@link denovisorRun}, its vCPU thread started under seccomp `mode`. */
+async function seccompRun(mode: SeccompMode): Promise<void> {
+  await configureSeccomp(mode);
+  try {
+    await denovisorRun(EXITS);
+  } finally {
+    await configureSeccomp("kill");
+  }
+}
+
+Deno.bench({
+  name: `denovisor: ${EXITS} port-I/O exits, seccomp off`,
+  group: "seccomp",
+  baseline: true,
+  fn: async () => {
+    await seccompRun("off");
+  },
+});
+
+Deno.bench({
+  name: `denovisor: ${EXITS} port-I/O exits, seccomp kill (default)`,
+  group: "seccomp",
+  fn: async () => {
+    await seccompRun("kill");
   },
 });

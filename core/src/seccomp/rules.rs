@@ -208,8 +208,8 @@ pub const RUNTIME: &[Rule] = &[
 pub const VCPU: &[Rule] = &[
     only(
         "ioctl",
-        &[IOCTL_KVM, IOCTL_TUNSETOFFLOAD],
-        "KVM_RUN and the vCPU/VM ioctls (KVM type 0xAE); TUNSETOFFLOAD when virtio-net activates or resets",
+        &[IOCTL_KVM, IOCTL_TUNSETOFFLOAD, IOCTL_FIONBIO],
+        "KVM_RUN and the vCPU/VM ioctls (KVM type 0xAE); TUNSETOFFLOAD when virtio-net activates or resets; FIONBIO on the vsock listener when virtio-vsock activates",
     ),
     any("read", "draining eventfds on device reset"),
     any("eventfd2", "virtio activation: a worker's stop eventfd"),
