@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "2d1d16f65706e5fd1148da1948bf3197d656f91d7b73b1049d09d493b4734ef3";
+  "65c397680f8157a03cd4896a8f7e413329135e16a3b47aac77774f9177153e49";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.
