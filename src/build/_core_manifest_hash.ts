@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "65c397680f8157a03cd4896a8f7e413329135e16a3b47aac77774f9177153e49";
+  "366f61b45bc2a9e3683892702f602a30a87f4b858fd6724f57de17fef4d24e40";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.
