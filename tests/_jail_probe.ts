@@ -88,3 +88,8 @@ if (Deno.args[1] === "allocate") {
   }
   console.log(`allocated ${chunks.length * 16} MiB`);
 }
+
+if (Deno.args[1] === "sleep") {
+  console.log("sleeping");
+  setInterval(() => {}, 1000);
+}

@@ -318,3 +318,55 @@ kvmTest(
     await assert.rejects(Deno.stat(place.dir), Deno.errors.NotFound);
   },
 );
+
+/** Host processes running a jailed probe (the jailed Deno's command line, `pgrep -f`). */
+async function probeProcesses(): Promise<string[]> {
+  const out = await new Deno.Command("pgrep", {
+    args: ["-f", "^/deno/deno run .*/vm/probe.ts 9 sleep"],
+    stdin: "null",
+    stdout: "piped",
+  }).output();
+  return new TextDecoder().decode(out.stdout).split("\n").filter((line) => line !== "");
+}
+
+Deno.test("SIGTERM to a jailed run stops the VMM and leaves no process or folder behind", async () => {
+  await using place = await jailPlace();
+  const probeFile = `${place.parent}/probe.ts`;
+  await Deno.copyFile(PROBE, probeFile);
+  await Deno.chmod(probeFile, 0o644);
+  const module = new URL("../src/jail/run_jailed.ts", import.meta.url).href;
+  const script = `import { runJailed } from ${JSON.stringify(module)};
+const r = await runJailed({ dir: ${JSON.stringify(place.dir)}, stdin: "null",
+  vm: { script: "/vm/probe.ts", args: ["9", "sleep"],
+        files: [{ host: ${JSON.stringify(probeFile)}, jail: "/vm/probe.ts" }] } });
+console.log("jailed run ended", r.code);`;
+  const child = new Deno.Command(Deno.execPath(), {
+    args: ["eval", script],
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  const stderr = new Response(child.stderr).text();
+  let stdout = "";
+  const decoder = new TextDecoder();
+  const reader = child.stdout.getReader();
+  while (!stdout.includes("sleeping")) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    stdout += decoder.decode(value, { stream: true });
+  }
+  assert.match(stdout, /sleeping/);
+  assert.equal((await probeProcesses()).length, 1, "the jailed probe runs");
+  child.kill("SIGTERM");
+  for (;;) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    stdout += decoder.decode(value, { stream: true });
+  }
+  const [status, errors] = await Promise.all([child.status, stderr]);
+  assert.equal(status.code, 0, errors);
+  // The jailer turns the termination into SIGKILL for the namespace's init.
+  assert.match(stdout, /jailed run ended 137/);
+  assert.deepEqual(await probeProcesses(), [], "no jailed process is left");
+  await assert.rejects(Deno.stat(place.dir), Deno.errors.NotFound);
+});

@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "366f61b45bc2a9e3683892702f602a30a87f4b858fd6724f57de17fef4d24e40";
+  "440ebcb74d8ff06a065195f57491f05bf9b3c63aebe355b83624c58267f7f3b3";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

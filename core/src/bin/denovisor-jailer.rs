@@ -34,7 +34,7 @@ use std::fs;
 use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 /// The exit status when the jail could not be set up.
 const SETUP_FAILED: i32 = 125;
@@ -930,6 +930,10 @@ fn close_inherited_fds() -> Result<(), JailError> {
 
 /// The child: waits to be placed in the cgroup, builds the jail, and execs.
 fn child(config: &Config, ready: libc::c_int) -> JailError {
+    // Until the credentials change (which clears it; set again then): the
+    // child must not outlive a jailer killed while it sets up.
+    // SAFETY: prctl with integer arguments only.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
     let mut byte = 0u8;
     // SAFETY: reads one byte into `byte`.
     let n = unsafe { libc::read(ready, (&mut byte as *mut u8).cast(), 1) };
@@ -955,8 +959,11 @@ fn child(config: &Config, ready: libc::c_int) -> JailError {
 }
 
 static CHILD: AtomicI32 = AtomicI32::new(0);
+/// A termination signal arrived (perhaps before the child existed).
+static TERMINATE: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn forward_signal(_signal: libc::c_int) {
+    TERMINATE.store(true, Ordering::SeqCst);
     let pid = CHILD.load(Ordering::SeqCst);
     if pid > 0 {
         // SAFETY: kill(2) is async-signal-safe; integers only.
@@ -992,6 +999,17 @@ fn run(config: &Config) -> Result<i32, JailError> {
         unsafe { libc::unshare(libc::CLONE_NEWPID) },
         "unshare(CLONE_NEWPID)",
     )?;
+    // Installed before fork: a signal in between still stops the child.
+    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
+        // SAFETY: the handler only stores atomics and calls kill(2), all
+        // async-signal-safe.
+        unsafe {
+            libc::signal(
+                signal,
+                forward_signal as extern "C" fn(libc::c_int) as libc::sighandler_t,
+            )
+        };
+    }
     let mut pipe = [0 as libc::c_int; 2];
     // SAFETY: `pipe` has room for the two descriptors.
     check(
@@ -1015,19 +1033,15 @@ fn run(config: &Config) -> Result<i32, JailError> {
         unsafe { libc::_exit(SETUP_FAILED) };
     }
     CHILD.store(pid, Ordering::SeqCst);
+    if TERMINATE.load(Ordering::SeqCst) {
+        // Asked to stop before the child existed: it never runs the VMM.
+        // SAFETY: integers only.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
     // SAFETY: the read end belongs to the child.
     unsafe { libc::close(pipe[0]) };
-    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
-        // SAFETY: the handler only calls kill(2), which is async-signal-safe.
-        unsafe {
-            libc::signal(
-                signal,
-                forward_signal as extern "C" fn(libc::c_int) as libc::sighandler_t,
-            )
-        };
-    }
     let placed = cgroup.as_ref().map_or(Ok(()), |leaf| leaf.add(pid));
-    if placed.is_ok() {
+    if placed.is_ok() && !TERMINATE.load(Ordering::SeqCst) {
         let go = 1u8;
         // SAFETY: writes one byte from `go`.
         unsafe { libc::write(pipe[1], (&go as *const u8).cast(), 1) };
@@ -1153,7 +1167,7 @@ mod tests {
             all.extend_from_slice(extra);
             parse_args(&strings(&all))
         };
-        assert!(matches!(run(&["--", "/bin/true"]), Ok(_)));
+        assert!(run(&["--", "/bin/true"]).is_ok());
         assert_eq!(run(&[]).unwrap_err(), ArgError::NoProgram);
         assert!(matches!(
             run(&["--uid", "-1", "--", "/p"]),
