@@ -714,16 +714,12 @@ fn make_devices(root: &Path, config: &Config) -> Result<(), JailError> {
         check(made, format_args!("mknod {}", path.display()))?;
         // mknod's mode is filtered by the umask; the node must have exactly `mode`.
         // SAFETY: as above, for chmod(2).
-        check(
-            unsafe { libc::chmod(c.as_ptr(), mode) },
-            format_args!("chmod {}", path.display()),
-        )?;
+        let rc = unsafe { libc::chmod(c.as_ptr(), mode) };
+        check(rc, format_args!("chmod {}", path.display()))?;
         if device.private {
             // SAFETY: as above, for chown(2).
-            check(
-                unsafe { libc::chown(c.as_ptr(), uid, gid) },
-                format_args!("chown {}", path.display()),
-            )?;
+            let rc = unsafe { libc::chown(c.as_ptr(), uid, gid) };
+            check(rc, format_args!("chown {}", path.display()))?;
         }
     }
     Ok(())
@@ -739,10 +735,8 @@ fn build_root(config: &Config) -> Result<(), JailError> {
     check(unsafe { libc::unshare(flags) }, "unshare")?;
     let hostname = b"denovisor-jail";
     // SAFETY: the pointer and length describe `hostname`, which sethostname(2) only reads.
-    check(
-        unsafe { libc::sethostname(hostname.as_ptr().cast(), hostname.len()) },
-        "sethostname",
-    )?;
+    let rc = unsafe { libc::sethostname(hostname.as_ptr().cast(), hostname.len()) };
+    check(rc, "sethostname")?;
     // Nothing mounted from here on propagates back to the host.
     mount(
         None,
@@ -788,15 +782,12 @@ fn build_root(config: &Config) -> Result<(), JailError> {
     let dot = c".";
     // SAFETY: pivot_root(".", ".") stacks the old root under the new one; both
     // arguments are NUL-terminated strings.
-    check(
-        unsafe { libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) } as libc::c_int,
-        "pivot_root",
-    )?;
+    let rc =
+        unsafe { libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) } as libc::c_int;
+    check(rc, "pivot_root")?;
     // SAFETY: detaches the old root, now mounted over "."; a string argument.
-    check(
-        unsafe { libc::umount2(dot.as_ptr(), libc::MNT_DETACH) },
-        "detach the old root",
-    )?;
+    let rc = unsafe { libc::umount2(dot.as_ptr(), libc::MNT_DETACH) };
+    check(rc, "detach the old root")?;
     mount(
         None,
         Path::new("/"),
@@ -834,10 +825,8 @@ fn drop_privileges(config: &Config) -> Result<(), JailError> {
             rlim_max: *limit,
         };
         // SAFETY: `value` is a valid rlimit the call only reads.
-        check(
-            unsafe { libc::setrlimit(*resource, &value) },
-            format_args!("setrlimit {resource}"),
-        )?;
+        let rc = unsafe { libc::setrlimit(*resource, &value) };
+        check(rc, format_args!("setrlimit {resource}"))?;
     }
     let last_cap: u32 = fs::read_to_string("/proc/sys/kernel/cap_last_cap")
         .ok()
@@ -894,10 +883,8 @@ fn drop_privileges(config: &Config) -> Result<(), JailError> {
     };
     check(set as libc::c_int, "capset")?;
     // SAFETY: prctl with integer arguments only.
-    check(
-        unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) },
-        "PR_SET_NO_NEW_PRIVS",
-    )?;
+    let rc = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+    check(rc, "PR_SET_NO_NEW_PRIVS")?;
     // Set after the credential change, which clears it: the VMM dies with the jailer.
     // SAFETY: prctl with integer arguments only.
     check(
@@ -995,10 +982,8 @@ fn run(config: &Config) -> Result<i32, JailError> {
     let cgroup = CgroupLeaf::create(config)?;
     // SAFETY: unshare(2) with a flag: only this process's future children
     // enter the new PID namespace.
-    check(
-        unsafe { libc::unshare(libc::CLONE_NEWPID) },
-        "unshare(CLONE_NEWPID)",
-    )?;
+    let rc = unsafe { libc::unshare(libc::CLONE_NEWPID) };
+    check(rc, "unshare(CLONE_NEWPID)")?;
     // Installed before fork: a signal in between still stops the child.
     for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
         // SAFETY: the handler only stores atomics and calls kill(2), all
@@ -1012,10 +997,8 @@ fn run(config: &Config) -> Result<i32, JailError> {
     }
     let mut pipe = [0 as libc::c_int; 2];
     // SAFETY: `pipe` has room for the two descriptors.
-    check(
-        unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) },
-        "pipe",
-    )?;
+    let rc = unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) };
+    check(rc, "pipe")?;
     let _ = io::stderr().flush();
     // SAFETY: this process is single-threaded, so the child may keep running
     // ordinary Rust code after fork.
