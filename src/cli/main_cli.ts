@@ -204,9 +204,11 @@ const VM_COMMANDS = new Set(["run", "restore", "serve", "hello", "overhead"]);
 
 /**
  * Removes `--seccomp MODE` and `--seccomp-deny LIST` (also `--flag=value`)
- * from `args` and applies them to the core before any VM starts.
+ * from `args` and applies them to the core before any VM starts. Returns the
+ * other arguments and the seccomp flags in `--flag=value` form (a jailed run
+ * passes them on to the VMM it starts).
  */
-async function takeSeccompFlags(args: string[]): Promise<string[]> {
+async function takeSeccompFlags(args: string[]): Promise<{ rest: string[]; flags: string[] }> {
   let mode: string | undefined;
   let deny: string | undefined;
   const rest: string[] = [];
@@ -228,7 +230,7 @@ async function takeSeccompFlags(args: string[]): Promise<string[]> {
     if (flag === "--seccomp") mode = value;
     else deny = value;
   }
-  if (mode === undefined && deny === undefined) return rest;
+  if (mode === undefined && deny === undefined) return { rest, flags: [] };
   let checked;
   try {
     checked = checkSeccompMode(mode ?? "kill");
@@ -238,7 +240,9 @@ async function takeSeccompFlags(args: string[]): Promise<string[]> {
   const list = (deny ?? "").split(",").map((s) => s.trim()).filter((s) => s !== "")
     .map((s) => /^[0-9]+$/.test(s) ? Number(s) : s);
   await configureSeccomp(checked, { deny: list });
-  return rest;
+  const flags = [`--seccomp=${checked}`];
+  if (list.length > 0) flags.push(`--seccomp-deny=${list.join(",")}`);
+  return { rest, flags };
 }
 
 /** Where the CLI writes; injectable so tests can capture it. */
@@ -376,7 +380,11 @@ async function writeMetrics(
   }
 }
 
-async function runCommand(args: string[], io: CliIo): Promise<number> {
+async function runCommand(
+  args: string[],
+  io: CliIo,
+  seccompFlags: readonly string[] = [],
+): Promise<number> {
   const { values, positionals, tokens } = parseArgs({
     args,
     strict: true,
@@ -412,7 +420,7 @@ async function runCommand(args: string[], io: CliIo): Promise<number> {
   });
   if (values.help) return output(io, RUN_HELP);
   checkJailFlags(values);
-  if (values.jail !== undefined) return await jailedRunCommand(tokens, values);
+  if (values.jail !== undefined) return await jailedRunCommand(tokens, values, seccompFlags);
   if (values.incoming !== undefined) return await incomingCommand(values, positionals, io);
   if (values["api-socket"] !== undefined) await checkApiSocketOption(values["api-socket"]);
   if (values.kernel !== undefined) return await runLinuxCommand(values, positionals, io);
@@ -815,7 +823,12 @@ async function helloCommand(args: string[], io: CliIo): Promise<number> {
 export async function main(args: string[], io: CliIo = stderrIo): Promise<number> {
   try {
     const [command, ...rest] = args;
-    if (VM_COMMANDS.has(command)) rest.splice(0, rest.length, ...await takeSeccompFlags(rest));
+    let seccompFlags: string[] = [];
+    if (VM_COMMANDS.has(command)) {
+      const taken = await takeSeccompFlags(rest);
+      rest.splice(0, rest.length, ...taken.rest);
+      seccompFlags = taken.flags;
+    }
     if (command === undefined) return await overheadCommand([], io);
     if (command === "overhead") return await overheadCommand(rest, io);
     if (command === "hello") return await helloCommand(rest, io);
@@ -828,7 +841,7 @@ export async function main(args: string[], io: CliIo = stderrIo): Promise<number
         `denovisor ${denoConfig.version}\ncore ABI ${ABI_VERSION}\ndeno ${Deno.version.deno}\n`,
       );
     }
-    if (command === "run") return await runCommand(rest, io);
+    if (command === "run") return await runCommand(rest, io, seccompFlags);
     if (command === "inspect") return await inspectCommand(rest, io);
     if (command === "devices") return await devicesCommand(rest, io);
     if (command === "pause") return await pauseCommand(rest, io);

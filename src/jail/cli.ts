@@ -94,6 +94,8 @@ export function checkJailFlags(values: JailFlagValues): void {
  *
  * @param tokens The command line's tokens (from `parseArgs`).
  * @param values The jail flags.
+ * @param seccompFlags `--seccomp=...` / `--seccomp-deny=...` for the jailed VMM
+ *   (the outer CLI took them off the command line).
  * @returns The jailed VMM's exit status.
  * @throws {UsageError} for a bad jail flag or an option a jail cannot hold.
  * @example
@@ -108,6 +110,7 @@ export function checkJailFlags(values: JailFlagValues): void {
 export async function jailedRunCommand(
   tokens: readonly ArgToken[],
   values: JailFlagValues,
+  seccompFlags: readonly string[] = [],
 ): Promise<number> {
   const cgroups: Partial<Record<CgroupKey, string>> = {};
   for (const setting of values.cgroup ?? []) {
@@ -180,7 +183,7 @@ export async function jailedRunCommand(
     ...(values.gid === undefined ? {} : { gid: parseId(values.gid, "--gid") }),
     cgroups,
     vm: {
-      args: ["run", ...args],
+      args: ["run", ...seccompFlags, ...args],
       files,
       tap,
       env: noColor === undefined ? {} : { NO_COLOR: noColor },
