@@ -105,6 +105,10 @@ export interface NetDevice {
   offload?: boolean;
   /** Offer mergeable receive buffers (default true). */
   mrgRxbuf?: boolean;
+  /** Limits on what the guest receives (bytes and frames); frames over it wait in the TAP. */
+  rxRateLimiter?: RateLimiter;
+  /** Limits on what the guest transmits (bytes and frames); frames over it wait in its queue. */
+  txRateLimiter?: RateLimiter;
 }
 
 /** A device's configuration. */
@@ -270,7 +274,15 @@ export function deviceConfigJson(config: DeviceConfig): string {
 }
 
 const NET_STRINGS = ["tap", "netns", "tapName", "hostAddress", "mac"] as const;
-const NET_FIELDS = new Set<string>(["kind", "name", ...NET_STRINGS, "offload", "mrgRxbuf"]);
+const NET_FIELDS = new Set<string>([
+  "kind",
+  "name",
+  ...NET_STRINGS,
+  "offload",
+  "mrgRxbuf",
+  "rxRateLimiter",
+  "txRateLimiter",
+]);
 
 function checkNetDevice(config: NetDevice): void {
   for (const key of Object.keys(config)) {
@@ -287,6 +299,9 @@ function checkNetDevice(config: NetDevice): void {
     if (v !== undefined && typeof v !== "boolean") {
       fail(`a net device's ${key} must be true or false, got ${JSON.stringify(v)}`);
     }
+  }
+  for (const key of ["rxRateLimiter", "txRateLimiter"] as const) {
+    if (config[key] !== undefined) checkRateLimiter(config[key], "a net device", key);
   }
   if ((config.tap === undefined) === (config.netns === undefined)) {
     fail("a net device needs exactly one of tap (an existing TAP) or netns (a namespace)");

@@ -97,10 +97,11 @@ function checkBucket(bucket: unknown, where: string): void {
  *
  * @param limiter The configuration.
  * @param owner What it limits (for the error message).
+ * @param field The field holding it (for the error message).
  * @throws {DenovisorError} `INVALID_ARGUMENT` naming the bad field.
  */
-export function checkRateLimiter(limiter: unknown, owner: string): void {
-  const where = `${owner}'s rateLimiter`;
+export function checkRateLimiter(limiter: unknown, owner: string, field = "rateLimiter"): void {
+  const where = `${owner}'s ${field}`;
   if (typeof limiter !== "object" || limiter === null || Array.isArray(limiter)) {
     fail(`${where} must be an object, got ${JSON.stringify(limiter)}`);
   }

@@ -55,3 +55,17 @@ Deno.test("bad rate limiter fields are INVALID_ARGUMENT naming the field", () =>
     );
   }
 });
+
+Deno.test("a net device takes a rate limiter per direction, checked the same way", () => {
+  const net = {
+    kind: "net" as const,
+    tap: "tap0",
+    rxRateLimiter: { ops: { size: 1000, refillTimeMs: 1000 } },
+    txRateLimiter: { bandwidth: { size: 1 << 20, refillTimeMs: 100 } },
+  };
+  assert.deepEqual(JSON.parse(deviceConfigJson(net)), net);
+  assert.throws(
+    () => deviceConfigJson({ ...net, txRateLimiter: { ops: { size: 0, refillTimeMs: 1 } } }),
+    invalid(/a net device's txRateLimiter\.ops\.size/),
+  );
+});

@@ -10,10 +10,12 @@
 //! drop its requests. Time is a parameter (`now`), so the buckets are tested
 //! with a made-up clock.
 
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
+use vmm_sys_util::timerfd::TimerFd;
 
 /// A bad limiter configuration.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -247,6 +249,19 @@ impl RateLimiter {
     pub fn throttled(&self) -> u64 {
         self.throttled
     }
+}
+
+/// A timerfd for a device worker's epoll loop whose reads never block (the
+/// worker reads it when epoll says it fired, but a re-arm in between clears
+/// the expiration: the read is then `EAGAIN`, not a wait).
+pub fn nonblocking_timer() -> std::io::Result<TimerFd> {
+    let timer = TimerFd::new().map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+    // SAFETY: F_SETFL on the timerfd this function owns; no memory is involved.
+    let rc = unsafe { libc::fcntl(timer.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(timer)
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "440ebcb74d8ff06a065195f57491f05bf9b3c63aebe355b83624c58267f7f3b3";
+  "f46b7014362a68e73146da80e748e01f19ee11c5fe1b2dd3eaee0a528428bec7";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

@@ -55,7 +55,7 @@ use super::{
     VirtioError,
 };
 use crate::memory::GuestRam;
-use crate::rate_limiter::{RateLimiter, RateLimiterConfig, RateLimiterError};
+use crate::rate_limiter::{nonblocking_timer, RateLimiter, RateLimiterConfig, RateLimiterError};
 
 /// The request queue's size.
 pub const QUEUE_SIZE: u16 = 256;
@@ -849,22 +849,6 @@ fn serve_limited(queue: &mut Queue, ctx: &Ctx, interrupt: &Interrupt, t: &mut Th
     true
 }
 
-/// A timerfd that never blocks a read (the worker reads it only when epoll
-/// says it fired, but a re-arm in between clears it).
-fn nonblocking_timer() -> Result<TimerFd, VirtioError> {
-    let io = |source| VirtioError::Io {
-        op: "creating the rate limiter's timerfd",
-        source,
-    };
-    let timer = TimerFd::new().map_err(|e| io(io::Error::from_raw_os_error(e.errno())))?;
-    // SAFETY: F_SETFL on the timerfd this function owns; no memory is involved.
-    let rc = unsafe { libc::fcntl(timer.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
-    if rc != 0 {
-        return Err(io(io::Error::last_os_error()));
-    }
-    Ok(timer)
-}
-
 #[cfg(feature = "fuzz")]
 impl Block {
     /// Serves every available request of `queue` over `mem` as the worker
@@ -936,7 +920,10 @@ impl VirtioDevice for Block {
         let mut throttle = Throttle {
             limiter: RateLimiter::new(&limits, Instant::now())
                 .map_err(|e| VirtioError::Malformed(e.to_string()))?,
-            timer: nonblocking_timer()?,
+            timer: nonblocking_timer().map_err(|source| VirtioError::Io {
+                op: "creating the rate limiter's timerfd",
+                source,
+            })?,
         };
         let mut a = a;
         let mut queue = a.take_queue(0)?;

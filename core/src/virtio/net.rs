@@ -19,18 +19,28 @@
 //!
 //! Nothing spins: every wait is the worker's epoll, and an edge-triggered fd
 //! is always drained until `EAGAIN` or until the guest's queue blocks.
+//!
+//! Each direction may have a rate limiter ([`crate::rate_limiter`]; bytes
+//! are the frame less its header, one op per frame). A TX frame the limiter
+//! refuses stays in the ring; an RX frame stays pending, and the rest wait in
+//! the TAP. A timerfd in the worker's epoll loop resumes both when the
+//! buckets can pay.
 
 #[cfg(test)]
 use std::os::fd::OwnedFd;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::timerfd::TimerFd;
+
+use crate::rate_limiter::{nonblocking_timer, RateLimiter, RateLimiterConfig, RateLimiterError};
 
 use super::tap::{host_mac_for, Tap, TapError, VNET_HDR_LEN};
 use super::worker::{Wake, Worker};
@@ -100,6 +110,9 @@ pub enum NetError {
     /// A queue's rings cannot be read or written.
     #[error("{0} queue is broken (its rings are outside guest RAM or its index is invalid)")]
     BrokenQueue(&'static str),
+    /// A bad rate limiter
+    #[error("network device: {0}")]
+    RateLimiter(#[from] RateLimiterError),
     /// The backend failed in a way that ends the device.
     #[error("{op}: {source}")]
     Io {
@@ -147,6 +160,12 @@ pub struct NetConfig {
     /// Offer mergeable receive buffers (default true).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mrg_rxbuf: Option<bool>,
+    /// Limits on what the guest receives (bytes and frames).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
+    /// Limits on what the guest transmits (bytes and frames).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
 }
 
 /// Parses `aa:bb:cc:dd:ee:ff` (unicast only).
@@ -208,6 +227,12 @@ impl NetConfig {
         if let Some(mac) = &self.mac {
             parse_mac(mac)?;
         }
+        for limits in [&self.rx_rate_limiter, &self.tx_rate_limiter]
+            .into_iter()
+            .flatten()
+        {
+            limits.check()?;
+        }
         match (&self.tap, &self.netns) {
             (Some(tap), None) if self.tap_name.is_none() && self.host_address.is_none() => {
                 Tap::check_existing(tap)?
@@ -236,6 +261,10 @@ pub struct NetStats {
     pub tx_waits: AtomicU64,
     /// Worker wake-ups.
     pub wakes: AtomicU64,
+    /// Times a received frame waited for the RX rate limiter.
+    pub rx_throttled: AtomicU64,
+    /// Times a transmitted frame waited for the TX rate limiter.
+    pub tx_throttled: AtomicU64,
 }
 
 /// The device's state as plain data (for listings and snapshots).
@@ -253,6 +282,10 @@ pub struct NetState {
     pub tx_frames: u64,
     pub tx_bytes: u64,
     pub tx_dropped: u64,
+    #[serde(default)]
+    pub rx_throttled: u64,
+    #[serde(default)]
+    pub tx_throttled: u64,
 }
 
 /// What carries frames to and from the host: a TAP, or (unit tests) any
@@ -364,6 +397,8 @@ impl Net {
             tx_frames: get(&s.tx_frames),
             tx_bytes: get(&s.tx_bytes),
             tx_dropped: get(&s.tx_dropped),
+            rx_throttled: get(&s.rx_throttled),
+            tx_throttled: get(&s.tx_throttled),
         }
     }
 
@@ -406,6 +441,63 @@ pub struct Progress {
     pub more: bool,
 }
 
+/// The rate limiters of a device that has one, and the timer that resumes
+/// it when they can pay again.
+pub struct NetThrottle {
+    rx: Option<RateLimiter>,
+    tx: Option<RateLimiter>,
+    timer: TimerFd,
+    /// When the timer fires, if armed.
+    deadline: Option<Instant>,
+}
+
+impl NetThrottle {
+    /// Limiters for the configured directions (None: neither is limited).
+    pub fn new(config: &NetConfig) -> Result<Option<NetThrottle>, NetError> {
+        let make = |c: &Option<RateLimiterConfig>| -> Result<Option<RateLimiter>, NetError> {
+            match c.filter(|c| !c.is_unlimited()) {
+                Some(c) => Ok(Some(RateLimiter::new(&c, Instant::now())?)),
+                None => Ok(None),
+            }
+        };
+        let (rx, tx) = (
+            make(&config.rx_rate_limiter)?,
+            make(&config.tx_rate_limiter)?,
+        );
+        if rx.is_none() && tx.is_none() {
+            return Ok(None);
+        }
+        let timer = nonblocking_timer().map_err(|source| NetError::Io {
+            op: "creating the rate limiter's timerfd",
+            source,
+        })?;
+        Ok(Some(NetThrottle {
+            rx,
+            tx,
+            timer,
+            deadline: None,
+        }))
+    }
+
+    /// The timer's fd, for the worker's epoll.
+    pub fn fd(&self) -> RawFd {
+        self.timer.as_raw_fd()
+    }
+
+    /// Arms the timer for `wait` from `now` unless it fires sooner already.
+    fn arm(timer: &mut TimerFd, deadline: &mut Option<Instant>, wait: Duration, now: Instant) {
+        let at = now + wait;
+        if deadline.is_some_and(|d| d <= at) {
+            return;
+        }
+        // A timer that cannot be armed is only a later resume: the next
+        // kick or TAP event tries again.
+        if timer.reset(wait, None).is_ok() {
+            *deadline = Some(at);
+        }
+    }
+}
+
 /// The queues and the backend, run by the worker (or directly by tests).
 pub struct NetQueues {
     pub rx: Queue,
@@ -423,6 +515,10 @@ pub struct NetQueues {
     pub rx_blocked: bool,
     /// The avail index at which RX last ran out of buffers.
     rx_exhausted_at: u16,
+    /// The rate limiters, if the device has any.
+    throttle: Option<NetThrottle>,
+    /// The pending frame has been charged to the RX limiter.
+    pending_paid: bool,
 }
 
 fn malformed(queue: &'static str, head: u16, why: &'static str) -> NetError {
@@ -451,7 +547,16 @@ impl NetQueues {
             tx_blocked: false,
             rx_blocked: false,
             rx_exhausted_at: 0,
+            throttle: None,
+            pending_paid: false,
         }
+    }
+
+    /// Limits both directions with `throttle` (its timer must wake the
+    /// worker as extra fd 1: [`NetQueues::handle`]).
+    pub fn with_throttle(mut self, throttle: Option<NetThrottle>) -> NetQueues {
+        self.throttle = throttle;
+        self
     }
 
     /// Sends up to [`BATCH`] frames from the TX queue. `notify(TX)` when the
@@ -459,6 +564,7 @@ impl NetQueues {
     pub fn process_tx(&mut self, notify: &mut dyn FnMut(usize)) -> Result<Progress, NetError> {
         let mut p = Progress::default();
         let (mem, fd, stats, tx_blocked) = (&self.mem, self.fd, &self.stats, &mut self.tx_blocked);
+        let throttle = &mut self.throttle;
         let done = drain(
             &mut self.tx,
             mem,
@@ -498,6 +604,21 @@ impl NetQueues {
                 }
                 if total < VNET_HDR_LEN {
                     return Err(malformed("transmit", head, "no virtio-net header"));
+                }
+                if let Some(NetThrottle {
+                    tx: Some(limiter),
+                    timer,
+                    deadline,
+                    ..
+                }) = throttle
+                {
+                    let (bytes, now) = ((total - VNET_HDR_LEN) as u64, Instant::now());
+                    if !limiter.consume(bytes, 1, now) {
+                        stats.tx_throttled.fetch_add(1, Ordering::Relaxed);
+                        NetThrottle::arm(timer, deadline, limiter.wait(bytes, 1, now), now);
+                        p.blocked = true;
+                        return Ok(Served::Later);
+                    }
                 }
                 let n = loop {
                     // SAFETY: every iovec points inside guest RAM (get_slice
@@ -714,7 +835,27 @@ impl NetQueues {
                 self.rx_blocked = false;
                 break;
             }
+            if !self.pending_paid {
+                if let Some(NetThrottle {
+                    rx: Some(limiter),
+                    timer,
+                    deadline,
+                    ..
+                }) = &mut self.throttle
+                {
+                    let (bytes, now) = ((self.pending_len - VNET_HDR_LEN) as u64, Instant::now());
+                    if !limiter.consume(bytes, 1, now) {
+                        // The frame stays pending; the TAP holds the rest.
+                        self.stats.rx_throttled.fetch_add(1, Ordering::Relaxed);
+                        NetThrottle::arm(timer, deadline, limiter.wait(bytes, 1, now), now);
+                        p.blocked = true;
+                        break;
+                    }
+                }
+                self.pending_paid = true;
+            }
             if self.deliver()? {
+                self.pending_paid = false;
                 p.frames += 1;
                 continue;
             }
@@ -753,6 +894,14 @@ impl NetQueues {
             Wake::Kick(RX) => (true, false),
             Wake::Kick(TX) => (false, true),
             Wake::Kick(_) => (false, false),
+            Wake::Fd(1, _) => {
+                // The rate limiters' timer: both directions try again.
+                if let Some(t) = &mut self.throttle {
+                    let _ = t.timer.wait();
+                    t.deadline = None;
+                }
+                (true, true)
+            }
             Wake::Fd(_, ev) => (
                 ev.intersects(EventSet::IN | EventSet::ERROR | EventSet::HANG_UP),
                 ev.contains(EventSet::OUT) && self.tx_blocked,
@@ -797,16 +946,21 @@ impl VirtioDevice for Net {
         let backend = self.backend.clone();
         let fd = backend.fd();
         let stats = self.stats.clone();
+        let throttle = NetThrottle::new(&self.config)?;
+        let mut extra = vec![(fd, EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED)];
+        if let Some(t) = &throttle {
+            extra.push((t.fd(), EventSet::IN));
+        }
         let mut queues =
-            NetQueues::new(a.mem.mmap().clone(), rx, tx, fd, a.features, stats.clone());
+            NetQueues::new(a.mem.mmap().clone(), rx, tx, fd, a.features, stats.clone())
+                .with_throttle(throttle);
         let kicks = std::mem::take(&mut a.kicks);
-        let events = EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED;
         let link = a.link.clone();
         self.worker = Some(Worker::spawn(
             "virtio-net",
             link,
             kicks,
-            vec![(fd, events)],
+            extra,
             move |wake| {
                 let _keep = &backend;
                 stats.wakes.fetch_add(1, Ordering::Relaxed);
@@ -1032,6 +1186,61 @@ mod tests {
             assert!(Instant::now() < deadline, "no TX interrupt");
             std::thread::sleep(Duration::from_millis(1));
         }
+    }
+
+    #[test]
+    fn rate_limited_tx_and_rx_wait_for_their_buckets_and_lose_nothing() {
+        use crate::rate_limiter::BucketConfig;
+        // One frame per 150 ms each way.
+        let one_per = Some(RateLimiterConfig {
+            ops: Some(BucketConfig {
+                size: 1,
+                one_time_burst: 0,
+                refill_time_ms: 150,
+            }),
+            bandwidth: None,
+        });
+        let (mut d, peer, stats) = device(NetConfig {
+            rx_rate_limiter: one_per,
+            tx_rate_limiter: one_per,
+            ..mac_config()
+        });
+        d.start(ALL);
+        let t = Instant::now();
+        for i in 0..3u64 {
+            let f = frame(100, i as u8);
+            let at = BUFFERS + i * 0x1000;
+            d.mem.write(at, &f).unwrap();
+            let head = d.post(TX, &[Buf::readable(at, f.len() as u32)]);
+            assert_eq!(d.wait_used(TX), Some((head as u32, 0)));
+            assert_eq!(recv_wait(&peer), f, "frame {i} in order");
+        }
+        assert!(
+            t.elapsed() >= Duration::from_millis(290),
+            "{:?}",
+            t.elapsed()
+        );
+        assert_eq!(stats.tx_throttled.load(Ordering::Relaxed), 2);
+        // RX: three frames wait in the backend, delivered one per refill.
+        let t = Instant::now();
+        for i in 0..3u8 {
+            assert!(send(&peer, &frame(60, 10 + i)));
+        }
+        for i in 0..3u64 {
+            let at = BUFFERS + 0x10000 + i * 0x1000;
+            let head = d.post(RX, &[Buf::writable(at, 2048)]);
+            assert_eq!(d.wait_used(RX).map(|u| u.0), Some(head as u32));
+            let mut got = vec![0u8; 60 + VNET_HDR_LEN];
+            d.mem.read(at, &mut got).unwrap();
+            assert_eq!(got[VNET_HDR_LEN..], frame(60, 10 + i as u8)[VNET_HDR_LEN..]);
+        }
+        assert!(
+            t.elapsed() >= Duration::from_millis(290),
+            "{:?}",
+            t.elapsed()
+        );
+        assert!(stats.rx_throttled.load(Ordering::Relaxed) >= 2);
+        assert_eq!(stats.rx_dropped.load(Ordering::Relaxed), 0);
     }
 
     #[test]
