@@ -236,6 +236,10 @@ pub const BLOCK: &[Rule] = &[
         "fallocate",
         "DISCARD (PUNCH_HOLE) and WRITE_ZEROES (ZERO_RANGE)",
     ),
+    any(
+        "timerfd_settime",
+        "a rate limiter's timer: re-armed when a bucket cannot pay for a request",
+    ),
 ];
 
 /// `virtio/net.rs`: frames between the queues and the TAP or socket.
@@ -243,6 +247,10 @@ pub const NET: &[Rule] = &[
     any("writev", "TX: one frame to the TAP"),
     any("sendto", "TX to a socket backend (send)"),
     any("recvfrom", "RX from a socket backend"),
+    any(
+        "timerfd_settime",
+        "a rate limiter's timer: re-armed when a bucket cannot pay for a frame",
+    ),
 ];
 
 /// `virtio/vsock`: guest streams over the host's Unix sockets.
