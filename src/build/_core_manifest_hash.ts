@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "f46b7014362a68e73146da80e748e01f19ee11c5fe1b2dd3eaee0a528428bec7";
+  "d62ce0a4d4c1c93e759bd844e35c16879f435d4984120e64e32586ef630096fb";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.
