@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "d62ce0a4d4c1c93e759bd844e35c16879f435d4984120e64e32586ef630096fb";
+  "d7277fc8a287e1b38f9862ecc1f379cfcd8fb317d5a7deff1c1b3d2195b111b0";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.
