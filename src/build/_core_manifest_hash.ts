@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "167f54a8d7227ad17465652cea07d5965d726d3dc2add5a2b068b56bdcc08270";
+  "d7277fc8a287e1b38f9862ecc1f379cfcd8fb317d5a7deff1c1b3d2195b111b0";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.
