@@ -218,6 +218,7 @@ pub const VCPU: &[Rule] = &[
     any("dup", "virtio activation: EventFd::try_clone of kick/stop/interrupt eventfds"),
     any("fcntl", "virtio activation: duplicating eventfds (F_DUPFD_CLOEXEC)"),
     any("timerfd_create", "virtio-balloon activation: its statistics timer"),
+    any("timerfd_settime", "virtio-balloon activation: arming that timer"),
 ];
 
 /// Every virtio device worker (`virtio/worker.rs`).
