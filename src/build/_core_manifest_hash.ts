@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "d7277fc8a287e1b38f9862ecc1f379cfcd8fb317d5a7deff1c1b3d2195b111b0";
+  "68625554f830614e24c9b3366ea5d62012c4e20dfe6f1201b15102c6b7359378";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.
