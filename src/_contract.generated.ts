@@ -17,7 +17,7 @@
  * console.log(ABI_VERSION);
  * ```
  */
-export const ABI_VERSION = 6;
+export const ABI_VERSION = 7;
 
 /**
  * Every status a `dv_*` call returns (`Status` in `core/src/error.rs`).

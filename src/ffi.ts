@@ -192,6 +192,8 @@ const SYMBOLS = {
   dv_vm_load_flat: { parameters: ["u32", "buffer", "usize", "u64", "u32"], result: "i32" },
   /** int32_t dv_vm_set_console_fd(uint32_t vm, int32_t fd) */
   dv_vm_set_console_fd: { parameters: ["u32", "i32"], result: "i32" },
+  /** int32_t dv_vm_set_console_rate_limiter(uint32_t vm, const uint8_t *json, size_t len) */
+  dv_vm_set_console_rate_limiter: { parameters: ["u32", "buffer", "usize"], result: "i32" },
   /** int32_t dv_vm_console_take(uint32_t vm, uint8_t *buf, size_t cap, size_t *out_len) */
   dv_vm_console_take: VM_READER,
   /** int32_t dv_vm_console_stats(uint32_t vm, uint8_t *buf, size_t cap, size_t *out_len) — JSON */
@@ -659,6 +661,12 @@ export class Core {
   /** `dv_vm_set_console_fd` (`-1` stops streaming). */
   vmSetConsoleFd(vm: number, fd: number): void {
     this.#check(this.#sym.dv_vm_set_console_fd(vm, fd));
+  }
+
+  /** `dv_vm_set_console_rate_limiter` from the limiter's JSON (`""` removes it). */
+  vmSetConsoleRateLimiter(vm: number, json: string): void {
+    const bytes = new TextEncoder().encode(json);
+    this.#check(this.#sym.dv_vm_set_console_rate_limiter(vm, bytes, lengthOf(bytes)));
   }
 
   /** `dv_vm_console_stats`: the console's cumulative counts as parsed JSON. */

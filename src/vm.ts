@@ -16,6 +16,7 @@ import {
 } from "./devices.ts";
 import { VmBalloon } from "./balloon.ts";
 import { DenovisorError } from "./errors.ts";
+import { checkRateLimiter, type RateLimiter } from "./rate_limiter.ts";
 import { describeExit, type ExitReason, type VcpuExit } from "./kvm/exit.ts";
 import { lastLines } from "./console_driver.ts";
 import { type CpuidPolicy, cpuidPolicyJson, type MsrPolicy, msrPolicyJson } from "./cpu/policy.ts";
@@ -77,6 +78,9 @@ export interface VmConfig {
   cpuid?: CpuidPolicy;
   /** Which MSRs the guest may access; denied ones give it #GP and are counted. */
   msrs?: MsrPolicy;
+  /** Limits the guest's console output (bytes and writes per refill period);
+   * output over it is dropped and counted (`consoleStats().rateDropped`). */
+  consoleRateLimiter?: RateLimiter;
   /** virtio devices on PCI bus 0 (they interrupt through MSI-X, so they need
    * `interrupts: true`). More can be added later with {@link Vm.addDevice}. */
   devices?: DeviceConfig[];
@@ -451,6 +455,9 @@ export class Vm implements Disposable {
     // configuration is refused before /dev/kvm is opened.
     if (config.cpuid !== undefined) cpuidPolicyJson(config.cpuid);
     if (config.msrs !== undefined) msrPolicyJson(config.msrs);
+    if (config.consoleRateLimiter !== undefined) {
+      checkRateLimiter(config.consoleRateLimiter, "console", "consoleRateLimiter");
+    }
     const devices = (config.devices ?? []).map(deviceConfigJson);
     if (devices.length > 0 && !interrupts) {
       throw new DenovisorError(
@@ -467,6 +474,7 @@ export class Vm implements Disposable {
     try {
       if (config.cpuid) vm.setCpuidPolicy(config.cpuid);
       if (config.msrs) vm.setMsrPolicy(config.msrs);
+      if (config.consoleRateLimiter) vm.setConsoleRateLimiter(config.consoleRateLimiter);
       for (const device of checked.devices) vm.addDevice(device);
       for (let i = 0; i < checked.vcpus; i++) vm.createVcpu();
       if (checked.consoleMode === "stdout") vm.streamConsoleTo(STDOUT_FD);

@@ -348,13 +348,20 @@ Deno.test("IRQ and console stats have the fields their TypeScript types declare"
   const console = fixture<ConsoleStats>("console_stats");
   assert.deepEqual(
     keysOf(console),
-    fieldsOf<ConsoleStats>()("bytes", "captureDropped", "streamDropped", "streamPending"),
+    fieldsOf<ConsoleStats>()(
+      "bytes",
+      "captureDropped",
+      "streamDropped",
+      "streamPending",
+      "rateDropped",
+    ),
   );
   assert.deepEqual(console, {
     bytes: 1000,
     captureDropped: 100,
     streamDropped: 10,
     streamPending: 1,
+    rateDropped: 0,
   });
 });
 

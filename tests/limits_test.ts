@@ -7,7 +7,7 @@
 import assert from "node:assert/strict";
 
 import { DenovisorError, Kvm, Vm } from "../mod.ts";
-import { kvmTest } from "./_helpers.ts";
+import { kvmTest, testGuest } from "./_helpers.ts";
 import { buildRuntimeGuest } from "../src/build/workload_build.ts";
 import { RAM_MIB } from "./_runtime_guest.ts";
 
@@ -148,3 +148,36 @@ kvmTest(
     }
   },
 );
+
+kvmTest("a console flood past its rate limiter is dropped and counted, not captured", async () => {
+  const CHUNK = 4096;
+  // Four chunks' worth of tokens, refilled over an hour: the first four
+  // 4 KiB writes pass, every later one finds the bucket empty.
+  using vm = await Vm.create({
+    memoryMiB: 16,
+    consoleRateLimiter: { bandwidth: { size: 4 * CHUNK, refillTimeMs: 3_600_000 } },
+  });
+  const chunks = 256; // 1 MiB
+  vm.load(await testGuest("console_flood.S"), { mode: "long", arguments: [chunks] });
+  const result = await vm.run({ timeoutMs: 60_000 });
+  assert.equal(result.reason, "guest_exit", result.summary);
+  assert.equal(
+    result.console,
+    "A".repeat(CHUNK) + "B".repeat(CHUNK) + "C".repeat(CHUNK) +
+      "D".repeat(CHUNK),
+  );
+  const stats = vm.kvm.consoleStats();
+  assert.equal(stats.bytes, chunks * CHUNK);
+  assert.equal(stats.rateDropped, (chunks - 4) * CHUNK);
+  assert.equal(stats.captureDropped, 0);
+});
+
+Deno.test("a bad console rate limiter is refused before the VM exists", async () => {
+  await assert.rejects(
+    Vm.create({
+      memoryMiB: 16,
+      consoleRateLimiter: { bandwidth: { size: 0, refillTimeMs: 1000 } },
+    }),
+    (e: unknown) => e instanceof DenovisorError && e.code === "INVALID_ARGUMENT",
+  );
+});

@@ -649,6 +649,7 @@ mod tests {
                 stream_dropped: 10,
             },
             stream_pending: 1,
+            rate_dropped: 0,
         };
         out.push(("console_stats".into(), to_value(&console)));
 

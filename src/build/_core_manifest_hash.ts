@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "68625554f830614e24c9b3366ea5d62012c4e20dfe6f1201b15102c6b7359378";
+  "fa30212b21091bf8b66b2b372d78fb06de13c9130a0272ca3e7d700d8651ba7e";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

@@ -19,6 +19,7 @@ import {
   type InvokeResult,
 } from "./function.ts";
 import { DenovisorError } from "../errors.ts";
+import { checkRateLimiter, type RateLimiter } from "../rate_limiter.ts";
 import {
   type Core,
   LOAD_FLAG_RESERVE_LOW,
@@ -152,6 +153,8 @@ export interface ConsoleCounts {
 export interface ConsoleStats extends ConsoleCounts {
   /** Bytes queued for the streamed fd and not written yet. */
   streamPending: number;
+  /** Bytes the console's rate limiter dropped ({@link KvmVm.setConsoleRateLimiter}). */
+  rateDropped: number;
 }
 
 /** Port-I/O exit counts by the device range the port belongs to. */
@@ -573,6 +576,31 @@ export class KvmVm implements Disposable {
    */
   streamConsoleTo(fd: number | null): void {
     this.#core.vmSetConsoleFd(this.#live(), fd ?? -1);
+  }
+
+  /**
+   * Limits what the guest writes to its console (the UART and the WRITE
+   * hypercall) from now on: bytes and writes per refill period. A UART cannot
+   * make the guest wait without stalling its vCPU, so output over the limit is
+   * dropped and counted (`rateDropped` in {@link KvmVm.consoleStats}).
+   *
+   * @example
+   * ```ts ignore
+   * import { Kvm } from "denovisor";
+   * using kvm = Kvm.open();
+   * using vm = kvm.createVm({ memoryMiB: 16 });
+   * vm.setConsoleRateLimiter({ bandwidth: { size: 64 * 1024, refillTimeMs: 1000 } }); // 64 KiB/s
+   * ```
+   *
+   * @param limiter The buckets (`null` removes the limiter).
+   * @throws {DenovisorError} `INVALID_ARGUMENT` naming a bad field.
+   */
+  setConsoleRateLimiter(limiter: RateLimiter | null): void {
+    if (limiter !== null) checkRateLimiter(limiter, "console");
+    this.#core.vmSetConsoleRateLimiter(
+      this.#live(),
+      limiter === null ? "" : JSON.stringify(limiter),
+    );
   }
 
   /**

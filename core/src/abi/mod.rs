@@ -82,7 +82,7 @@ use crate::vcpu::panic_message;
 use crate::vm::check_kvm;
 
 /// The version of this ABI. `src/ffi.ts` refuses a library with another version.
-pub const ABI_VERSION: u32 = 6;
+pub const ABI_VERSION: u32 = 7;
 
 /// `dv_vm_create` flag: stop the VM on port I/O or MMIO no device claims.
 pub const VM_FLAG_STOP_ON_UNHANDLED: u32 = 1;

@@ -174,11 +174,33 @@ pub extern "C" fn dv_vm_set_console_fd(vm: u32, fd: i32) -> i32 {
     })
 }
 
+/// Limits the guest's console output (bytes and writes per refill period) from
+/// now on: JSON `{"bandwidth"?: {"size", "oneTimeBurst"?, "refillTimeMs"},
+/// "ops"?: {...}}`; `len` 0 removes the limiter. Output over the limit is
+/// dropped and counted (`rateDropped` in `dv_vm_console_stats`).
+///
+/// # Safety
+/// `json` must be valid for `len` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn dv_vm_set_console_rate_limiter(
+    vm: u32,
+    json: *const u8,
+    len: usize,
+) -> i32 {
+    guarded(|| {
+        let vm = handles::vm(vm)?;
+        // SAFETY: per this function's contract.
+        let json = unsafe { bytes(json, len)? };
+        vm.console().set_rate_limiter_json(json)
+    })
+}
+
 vm_reader!(
     /// Writes the console's cumulative counts as JSON into `buf`: `bytes` written
     /// by the guest, `captureDropped` (older bytes beyond the buffered 1 MiB),
     /// `streamDropped` (bytes the streamed fd did not take in time),
-    /// `streamPending` (bytes waiting for it).
+    /// `streamPending` (bytes waiting for it), `rateDropped` (bytes the console's
+    /// rate limiter dropped).
     dv_vm_console_stats,
     |vm| json(&vm.console().stats())
 );

@@ -11,6 +11,10 @@
 //! it only writes after `poll` says the fd takes data, so stopping or closing the
 //! VM never waits on it.
 //!
+//! A console may have a rate limiter ([`ConsoleSink::set_rate_limiter`]): a
+//! UART cannot make the guest wait without stalling its vCPU, so output beyond
+//! the buckets is dropped and counted (`rateDropped`), never queued.
+//!
 //! Every byte count is also tallied per vCPU thread ([`take_thread_tally`]), so
 //! the exit handler can add them to that vCPU's metrics without a lock.
 
@@ -23,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::rate_limiter::{RateLimiter, RateLimiterConfig, RateLimiterError};
 use crate::seccomp::ThreadKind;
 
 use crate::error::{Error, Result};
@@ -193,6 +198,9 @@ pub struct ConsoleStats {
     pub tally: ConsoleTally,
     /// Bytes waiting for the stream's fd.
     pub stream_pending: u64,
+    /// Bytes the rate limiter dropped (counted in `bytes`, neither captured nor
+    /// streamed).
+    pub rate_dropped: u64,
 }
 
 struct StreamState {
@@ -474,6 +482,8 @@ pub struct ConsoleOutput {
     bytes: u64,
     capture_dropped: u64,
     stream: Option<Arc<ConsoleStream>>,
+    limiter: Option<RateLimiter>,
+    rate_dropped: u64,
 }
 
 impl Default for ConsoleOutput {
@@ -483,6 +493,8 @@ impl Default for ConsoleOutput {
             bytes: 0,
             capture_dropped: 0,
             stream: None,
+            limiter: None,
+            rate_dropped: 0,
         }
     }
 }
@@ -511,11 +523,24 @@ impl ConsoleOutput {
                 stream_dropped: stream.map_or(0, ConsoleStream::dropped),
             },
             stream_pending: stream.map_or(0, ConsoleStream::pending),
+            rate_dropped: self.rate_dropped,
         }
     }
 
-    /// Appends guest output without waiting on anything but the two rings.
+    /// Appends guest output without waiting on anything but the two rings;
+    /// output the rate limiter (if any) cannot pay for now is dropped.
     pub fn push(&mut self, data: &[u8]) -> ConsoleTally {
+        let len = data.len() as u64;
+        if let Some(limiter) = self.limiter.as_mut() {
+            if !limiter.consume(len, 1, Instant::now()) {
+                self.bytes += len;
+                self.rate_dropped += len;
+                return ConsoleTally {
+                    bytes: len,
+                    ..ConsoleTally::default()
+                };
+            }
+        }
         let capture_dropped = self.captured.push_overwrite(data) as u64;
         let stream_dropped = self.stream.as_ref().map_or(0, |s| s.push(data));
         self.bytes += data.len() as u64;
@@ -553,6 +578,41 @@ impl ConsoleSink {
         Ok(())
     }
 
+    /// Limits the guest's output to `config`'s buckets (bytes and writes per
+    /// refill period) from now on; `None` or an unlimited config removes the
+    /// limiter. Output over the limit is dropped and counted.
+    pub fn set_rate_limiter(
+        &self,
+        config: Option<&RateLimiterConfig>,
+    ) -> std::result::Result<(), RateLimiterError> {
+        let limiter = match config {
+            Some(c) if !c.is_unlimited() => Some(RateLimiter::new(c, Instant::now())?),
+            Some(c) => {
+                c.check()?;
+                None
+            }
+            None => None,
+        };
+        self.lock().limiter = limiter;
+        Ok(())
+    }
+
+    /// [`ConsoleSink::set_rate_limiter`] from the limiter's JSON
+    /// (`{"bandwidth"?: {"size", "oneTimeBurst"?, "refillTimeMs"}, "ops"?: ...}`);
+    /// empty `json` removes the limiter.
+    pub fn set_rate_limiter_json(&self, json: &[u8]) -> Result<()> {
+        let config = if json.is_empty() {
+            None
+        } else {
+            Some(
+                serde_json::from_slice::<RateLimiterConfig>(json)
+                    .map_err(|e| Error::arg(format!("bad console rate limiter: {e}")))?,
+            )
+        };
+        self.set_rate_limiter(config.as_ref())
+            .map_err(|e| Error::arg(format!("console {e}")))
+    }
+
     /// Waits for the stream (if any) to write what it holds, giving up after
     /// `stall` without progress; returns the bytes dropped then. Does not hold
     /// the console's lock while it waits.
@@ -581,6 +641,7 @@ impl Write for ConsoleSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rate_limiter::BucketConfig;
 
     #[test]
     fn the_ring_keeps_the_newest_bytes_across_wraps() {
@@ -745,5 +806,35 @@ mod tests {
         assert_eq!(stats.tally.stream_dropped, 10_000);
         vcpu_side.write_all(b"later").unwrap();
         assert_eq!(sink.stats().tally.stream_dropped, 10_005);
+    }
+
+    #[test]
+    fn a_rate_limited_console_drops_what_the_bucket_cannot_pay_for() {
+        let mut sink = ConsoleSink::default();
+        let config = RateLimiterConfig {
+            bandwidth: Some(BucketConfig {
+                size: 100,
+                one_time_burst: 0,
+                refill_time_ms: 3_600_000,
+            }),
+            ops: None,
+        };
+        sink.set_rate_limiter(Some(&config)).unwrap();
+        sink.write_all(&[b'a'; 60]).unwrap();
+        sink.write_all(&[b'b'; 60]).unwrap(); // 40 tokens left: dropped
+        sink.write_all(&[b'c'; 40]).unwrap();
+        let stats = sink.stats();
+        assert_eq!((stats.tally.bytes, stats.rate_dropped), (160, 60));
+        let kept = sink.0.lock().unwrap().take();
+        assert_eq!(kept, [[b'a'; 60].as_slice(), &[b'c'; 40]].concat());
+        // Removing the limiter lets everything through again.
+        sink.set_rate_limiter(None).unwrap();
+        sink.write_all(&[b'd'; 500]).unwrap();
+        assert_eq!(sink.stats().rate_dropped, 60);
+        let bad = RateLimiterConfig {
+            bandwidth: Some(BucketConfig::default()),
+            ops: None,
+        };
+        assert!(sink.set_rate_limiter(Some(&bad)).is_err());
     }
 }
