@@ -22,6 +22,7 @@
 
 import { parseArgs } from "node:util";
 import { Kvm } from "../mod.ts";
+import { processResources } from "../tests/_process_resources.ts";
 
 /** What the process holds at one moment. */
 interface Resources {
@@ -32,18 +33,7 @@ interface Resources {
 }
 
 function resources(kvm: Kvm): Resources {
-  const fds = [...Deno.readDirSync("/proc/self/fd")].length;
-  // Deno's own blocking-call pool grows and shrinks on its own schedule: only
-  // the core's threads (named dv-*) count.
-  const threads = [...Deno.readDirSync("/proc/self/task")].filter((task) => {
-    try {
-      return Deno.readTextFileSync(`/proc/self/task/${task.name}/comm`).startsWith("dv-");
-    } catch {
-      return false; // the thread exited while we looked
-    }
-  }).length;
-  const status = Deno.readTextFileSync("/proc/self/status");
-  const rssKiB = Number(/VmRSS:\s+(\d+)/.exec(status)?.[1] ?? NaN);
+  const { fds, threads, rssKiB } = processResources();
   return { fds, threads, handles: kvm.liveHandles, rssKiB };
 }
 

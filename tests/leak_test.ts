@@ -7,24 +7,9 @@ import assert from "node:assert/strict";
 
 import { Kvm } from "../mod.ts";
 import { kvmTest } from "./_helpers.ts";
+import { processResources } from "./_process_resources.ts";
 
 const CYCLES = 1000;
-
-function processResources(): { fds: number; threads: number; rssKiB: number } {
-  const fds = [...Deno.readDirSync("/proc/self/fd")].length;
-  // The core names its vCPU threads dv-vcpu-N. Deno's own blocking-call pool
-  // grows and shrinks on its own schedule, so only the core's threads count.
-  const threads = [...Deno.readDirSync("/proc/self/task")].filter((task) => {
-    try {
-      return Deno.readTextFileSync(`/proc/self/task/${task.name}/comm`).startsWith("dv-vcpu");
-    } catch {
-      return false; // the thread exited while we looked
-    }
-  }).length;
-  const status = Deno.readTextFileSync("/proc/self/status");
-  const rssKiB = Number(/VmRSS:\s+(\d+)/.exec(status)?.[1] ?? NaN);
-  return { fds, threads, rssKiB };
-}
 
 kvmTest(`${CYCLES} create/run/close cycles leak no fds, threads, handles or memory`, async () => {
   const kvm = await Kvm.open();
@@ -43,11 +28,11 @@ kvmTest(`${CYCLES} create/run/close cycles leak no fds, threads, handles or memo
   for (let i = 0; i < 300; i++) await cycle();
   const gc = (globalThis as { gc?: () => void }).gc;
   gc?.();
-  const before = processResources();
+  const before = processResources("dv-vcpu");
   const handlesBefore = kvm.liveHandles;
   for (let i = 0; i < CYCLES; i++) await cycle();
   gc?.();
-  const after = processResources();
+  const after = processResources("dv-vcpu");
   assert.equal(after.fds, before.fds, "open file descriptors");
   assert.equal(after.threads, before.threads, "vCPU threads");
   assert.equal(after.threads, 0, "no vCPU thread outlives its VM");
