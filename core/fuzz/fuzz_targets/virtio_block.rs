@@ -20,6 +20,7 @@ fn disk() -> &'static (Block, Interrupt) {
             path: path.display().to_string(),
             readonly: false,
             serial: "fuzz".into(),
+            rate_limiter: None,
         })
         .expect("opening the fuzz disk");
         // The open file keeps the image; the name is not needed any more.
