@@ -15,7 +15,7 @@
  * ```
  */
 export const CORE_MANIFEST_SHA256 =
-  "fa30212b21091bf8b66b2b372d78fb06de13c9130a0272ca3e7d700d8651ba7e";
+  "5deba5925c382e81e821d6f8e51ec4630b7f4d3b2c42dd721085531fd678316a";
 
 /**
  * The version core/MANIFEST.json names: with the hash, the cache folder's name.

@@ -1109,7 +1109,8 @@ mod tests {
         );
         assert_eq!(throttled(&mut d), 3, "each of the last three waited once");
         drop(d); // the image's lock
-                 // 8 KiB per 100 ms: six 4 KiB writes, the last four after two refills.
+
+        // 8 KiB per 100 ms: six 4 KiB writes, the last four after two refills.
         let mut d = TestDriver::new(Box::new(limited(RateLimiterConfig {
             bandwidth: Some(BucketConfig {
                 size: 8192,
