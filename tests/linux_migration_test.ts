@@ -48,7 +48,9 @@ const BLK_MODULES = await fetchDebianModules([...VIRTIO_PCI_MODULE_NAMES, "virti
 }).catch((e) => ({ ok: false as const, reason: (e as Error).message }));
 
 /** Writes record n to sector n (`REC n PAYLOAD MD5`, the md5 of `REC n PAYLOAD\n`),
- * flushed (conv=fsync: the guest waits for the device's FLUSH), then counts it. */
+ * flushed (conv=fsync: the guest waits for the device's FLUSH), then counts it. The
+ * counters are replaced by a rename: a reader never sees the file truncated but not
+ * yet written (a `cat` that caught that moment once read "" on a slow emulator). */
 const DISK_WRITER = `#!/bin/sh
 n=0
 while [ ! -e /mnt/tmp/stop ]; do
@@ -57,7 +59,7 @@ while [ ! -e /mnt/tmp/stop ]; do
   sum=$(echo "$body" | md5sum | cut -c1-32)
   echo "$body $sum" | dd of=/dev/vda bs=512 seek=$n conv=sync,notrunc,fsync 2>/dev/null || {
     echo "DISKW-FAILED $n" > /dev/console; exit 1; }
-  echo $n > /mnt/tmp/count
+  echo $n > /mnt/tmp/count.new && mv /mnt/tmp/count.new /mnt/tmp/count
 done
 echo stopped > /mnt/tmp/diskw.done
 `;
@@ -69,7 +71,7 @@ while [ ! -e /mnt/tmp/stop ]; do
   i=$((i+1))
   dd if=/dev/urandom of=/mnt/tmp/m bs=64k count=64 2>/dev/null
   md5sum /mnt/tmp/m > /mnt/tmp/m.md5
-  echo $i > /mnt/tmp/mi
+  echo $i > /mnt/tmp/mi.new && mv /mnt/tmp/mi.new /mnt/tmp/mi
 done
 echo stopped > /mnt/tmp/memw.done
 `;
