@@ -19,6 +19,9 @@ import {
 } from "../src/jail/run_jailed.ts";
 import { defaultGuestImage } from "../src/default_guest.ts";
 import { cli, kvmTest } from "./_helpers.ts";
+import { RAM_MIB } from "./_runtime_guest.ts";
+import { checkHostSide, vsockHostSide } from "./_vsock_host.ts";
+import { buildRuntimeGuest } from "../src/build/workload_build.ts";
 
 const PROBE = new URL("./_jail_probe.ts", import.meta.url).pathname;
 
@@ -285,9 +288,34 @@ Deno.test("run --jail refuses bad flags with status 2 and a message", async () =
   assert.match(r.stderr, /--cgroup must be KEY=VALUE with KEY one of cpu.max/);
   r = await cli("run", "--jail", "/tmp/j", "--uid", "-3", "/nonexistent.img");
   assert.equal(r.code, 2);
-  r = await cli("run", "--jail", "/tmp/j", "--vsock", "cid=3,path=/tmp/v", "/nonexistent.img");
+  r = await cli("run", "--jail", "/tmp/j", "--device", "{}", "/nonexistent.img");
   assert.equal(r.code, 2);
-  assert.match(r.stderr, /--vsock is not available with --jail/);
+  assert.match(r.stderr, /--device is not available with --jail/);
+  // A vsock's socket folder is shared with the jail: one holding anything but
+  // sockets is refused, and so are a socket name and a path the jail cannot use.
+  const place = await Deno.makeTempDir({ prefix: "jail_test_" });
+  try {
+    await Deno.mkdir(`${place}/sockets`);
+    await Deno.writeTextFile(`${place}/sockets/secret.txt`, "host data");
+    await Deno.writeFile(`${place}/image`, new Uint8Array(16));
+    const vsock = (path: string) =>
+      cli("run", "--jail", `${place}/jail`, "--vsock", `cid=3,path=${path}`, `${place}/image`);
+    r = await vsock(`${place}/sockets/v.sock`);
+    assert.equal(r.code, 2, r.stderr);
+    assert.match(r.stderr, /socket folder .*\/sockets: holds secret.txt, which is not a socket/);
+    r = await vsock(`${place}/sockets/secret.txt`);
+    assert.equal(r.code, 2, r.stderr);
+    assert.match(r.stderr, /vsock path .*secret.txt already exists/);
+    r = await vsock(`${place}/sockets/v:sock`);
+    assert.equal(r.code, 2, r.stderr);
+    assert.match(r.stderr, /the socket's name must be 1-64 of/);
+    r = await vsock(`${place}/nothere/v.sock`);
+    assert.equal(r.code, 2, r.stderr);
+    assert.match(r.stderr, /socket folder .*\/nothere: No such file/);
+    assert.deepEqual([...Deno.readDirSync(place)].map((e) => e.name).sort(), ["image", "sockets"]);
+  } finally {
+    await Deno.remove(place, { recursive: true });
+  }
   r = await cli("run", "--jail", "/tmp/jail_test_absent", "/nonexistent.img");
   assert.equal(r.code, 2);
   assert.match(r.stderr, /cannot put \/nonexistent.img in the jail/);
@@ -316,6 +344,68 @@ kvmTest(
     assert.match(r.stdout, /500500/);
     assert.match(r.stderr, /guest exited with code 1 · \d+ exits/);
     await assert.rejects(Deno.stat(place.dir), Deno.errors.NotFound);
+  },
+);
+
+kvmTest(
+  "run --jail --vsock: a guest and host programs talk both ways through the socket folder shared with the jail",
+  async () => {
+    await using place = await jailPlace();
+    const image = `${place.parent}/vsock.elf`;
+    await Deno.writeFile(
+      image,
+      await buildRuntimeGuest(new URL("./guests/virtio_vsock.c", import.meta.url)),
+      { mode: 0o644 },
+    );
+    // The socket folder, the jail's user's; the host listens for the guest
+    // at PATH_5000 (a socket that user may connect to).
+    const sockets = `${place.parent}/sockets`;
+    await Deno.mkdir(sockets, { mode: 0o755 });
+    await Deno.chown(sockets, 65534, 65534);
+    const path = `${sockets}/v.sock`;
+    const [hostPort, guestPort] = [5000, 6000];
+    const listener = Deno.listen({ transport: "unix", path: `${path}_${hostPort}` });
+    // Once the VMM ends, the listener closes: a host side still waiting fails, not hangs.
+    const closeListener = () => {
+      try {
+        listener.close();
+      } catch {
+        // Closed already.
+      }
+    };
+    try {
+      await Deno.chown(`${path}_${hostPort}`, 65534, 65534);
+      const vm = cli(
+        "run",
+        "--jail",
+        place.dir,
+        "--uid",
+        "65534",
+        "--gid",
+        "65534",
+        "--irqchip",
+        "--vsock",
+        `cid=3,path=${path}`,
+        "--mem",
+        `${RAM_MIB}`,
+        "--arg",
+        `${BigInt(hostPort) | BigInt(guestPort) << 32n}`,
+        "--arg",
+        `${RAM_MIB << 20}`,
+        "--timeout",
+        "120000",
+        image,
+      ).finally(closeListener);
+      // The guest connects first; by then the jailed device has bound PATH.
+      const [r, seen] = await Promise.all([vm, vsockHostSide(listener, path, guestPort)]);
+      assert.equal(r.code, 0, r.stderr);
+      assert.ok(checkHostSide(seen) >= 2 ** 30);
+      // The jailed VMM removed its socket when it closed the device.
+      await assert.rejects(Deno.lstat(path), Deno.errors.NotFound);
+      await assert.rejects(Deno.stat(place.dir), Deno.errors.NotFound);
+    } finally {
+      closeListener();
+    }
   },
 );
 

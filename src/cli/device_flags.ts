@@ -115,8 +115,20 @@ export function deviceFlags(values: DeviceFlagValues, context: { linux: boolean 
   return devices;
 }
 
-/** `--vsock cid=N,path=PATH` as a device. */
-function vsockFlag(value: string): VsockDevice {
+/**
+ * One `--vsock` flag as a {@link VsockDevice} (its path not checked on disk).
+ *
+ * @example
+ * ```ts
+ * import { vsockFlag } from "./device_flags.ts";
+ * console.log(vsockFlag("cid=3,path=/run/vm1/v.sock")); // { kind: "vsock", cid: 3, path: ... }
+ * ```
+ *
+ * @param value `cid=N,path=PATH[,name=NAME]`.
+ * @returns The device.
+ * @throws {DeviceFlagError} for a malformed value.
+ */
+export function vsockFlag(value: string): VsockDevice {
   const fields = new Map<string, string>();
   for (const part of value.split(",")) {
     const eq = part.indexOf("=");

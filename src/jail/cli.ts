@@ -8,6 +8,7 @@
 
 import { UsageError } from "../cli/usage_error.ts";
 import { checkApiSocketOption } from "../cli/api_commands.ts";
+import { DeviceFlagError, vsockFlag } from "../cli/device_flags.ts";
 import { absolutePath } from "../build/fs_util.ts";
 import { CGROUP_KEYS, type CgroupKey, JAIL_PATHS, type JailFile, MAX_ID } from "./policy.ts";
 import { runJailed } from "./run_jailed.ts";
@@ -29,6 +30,9 @@ export const JAIL_FLAGS_HELP = `Jail (root only; README "Jailer"):
                      rlimits, no new privileges
   --uid N, --gid N   the user and group the jailed VMM runs as (default 0)
   --cgroup KEY=VALUE a cgroup v2 limit (repeatable): ${CGROUP_KEYS.join(", ")}
+  With --vsock cid=N,path=PATH, PATH's folder is shared with the jail (it
+  must hold only sockets and be writable by --uid); --device, --incoming and
+  --metrics FILE are not available with --jail.
 `;
 
 /** One token of `parseArgs({ tokens: true })`. */
@@ -52,9 +56,17 @@ export interface JailFlagValues {
   cgroup?: string[];
 }
 
+async function exists(path: string): Promise<boolean> {
+  try {
+    await Deno.lstat(path);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
 /** Options that name host things a jail cannot hold (yet). */
 const NOT_JAILED: Record<string, string> = {
-  vsock: "the vsock's Unix sockets",
   device: "devices given as JSON",
   incoming: "an incoming migration",
 };
@@ -128,6 +140,7 @@ export async function jailedRunCommand(
   const args: string[] = [];
   let tap = false;
   let disks = 0;
+  let socketDir: string | undefined;
   const file = (host: string, name: string, writable = false) => {
     const jail = `${JAIL_PATHS.vm}/${name}`;
     files.push({ host: absolutePath(host), jail, writable });
@@ -163,6 +176,29 @@ export async function jailedRunCommand(
       await checkApiSocketOption(value);
       links.push({ host: value, name: "api.sock" });
       jailValue = `${JAIL_PATHS.run}/api.sock`;
+    } else if (name === "vsock") {
+      // The socket's folder is shared with the jail (at /sockets): the host
+      // connects to PATH, and listens at PATH_PORT for the guest's connections.
+      let device;
+      try {
+        device = vsockFlag(value);
+      } catch (e) {
+        if (e instanceof DeviceFlagError) throw new UsageError(e.message);
+        throw e;
+      }
+      const path = absolutePath(device.path);
+      const slash = path.lastIndexOf("/");
+      socketDir = slash === 0 ? "/" : path.slice(0, slash);
+      const base = path.slice(slash + 1);
+      if (base === "" || !/^[A-Za-z0-9._-]{1,64}$/.test(base)) {
+        throw new UsageError(
+          `--vsock ${value}: with --jail, the socket's name must be 1-64 of A-Z a-z 0-9 . _ -`,
+        );
+      }
+      if (await exists(path)) {
+        throw new UsageError(`vsock path ${path} already exists (remove a stale socket first)`);
+      }
+      jailValue = value.replace(/(^|,)path=[^,]*/, `$1path=${JAIL_PATHS.sockets}/${base}`);
     } else if (name === "metrics" && value !== "-") {
       throw new UsageError("--metrics FILE is not available with --jail: use --metrics -");
     } else if (name === "net") {
@@ -189,6 +225,7 @@ export async function jailedRunCommand(
       env: noColor === undefined ? {} : { NO_COLOR: noColor },
     },
     links,
+    ...(socketDir === undefined ? {} : { socketDir }),
   });
   return code;
 }

@@ -99,6 +99,7 @@ export const JAIL_PATHS = {
   denoDir: "/deno-dir",
   vm: "/vm",
   run: "/run/denovisor",
+  sockets: "/sockets",
 } as const;
 
 /** The sources Deno needs to run `main.ts`, relative to the repository root. */
@@ -281,6 +282,11 @@ export interface JailHost {
   sharedLibraries: string[];
   /** The host folder bound writable at {@link JAIL_PATHS}.run, if the VM has sockets. */
   runDir?: string;
+  /**
+   * A host folder of Unix sockets shared with host programs (a vsock device's
+   * `PATH` and `PATH_PORT`), bound writable at {@link JAIL_PATHS}.sockets.
+   */
+  socketDir?: string;
 }
 
 /** What the VM run inside the jail needs. */
@@ -340,6 +346,9 @@ export function buildJailLayout(
   }
   if (host.runDir !== undefined) {
     binds.push({ host: host.runDir, jail: JAIL_PATHS.run, writable: true });
+  }
+  if (host.socketDir !== undefined) {
+    binds.push({ host: host.socketDir, jail: JAIL_PATHS.sockets, writable: true });
   }
   const libraryDirs = [...new Set(host.sharedLibraries.map((l) => l.slice(0, l.lastIndexOf("/"))))];
   return {

@@ -39,6 +39,15 @@ export interface RunJailedOptions extends JailOptions {
    * (`/run/denovisor/NAME` in the jail), e.g. the control API's socket.
    */
   links?: { host: string; name: string }[];
+  /**
+   * A host folder the VMM shares Unix sockets through, bound writable at
+   * `/sockets` in the jail: a vsock device's `PATH` (host programs connect to
+   * it) and `PATH_PORT` (host programs listen there for the guest). It must be
+   * a folder of its own: one holding anything but sockets is refused, as the
+   * jail could read and write it; and writable by `uid` (its owner, or `gid`'s
+   * with group write, or anyone's).
+   */
+  socketDir?: string;
   /** Standard input: the caller's (default) or none. */
   stdin?: "inherit" | "null";
   /** Standard output and error: the caller's (default) or captured. */
@@ -94,6 +103,9 @@ export async function runJailed(options: RunJailedOptions): Promise<JailedRun> {
       throw new DenovisorError("INVALID_ARGUMENT", `bad run-folder file name ${link.name}`);
     }
   }
+  if (options.socketDir !== undefined) {
+    checkSocketDir(options.socketDir, dir, options.uid ?? 0, options.gid ?? 0);
+  }
   const hostPieces = await locateHostPieces();
 
   const cleanups: (() => void)[] = [];
@@ -135,7 +147,11 @@ export async function runJailed(options: RunJailedOptions): Promise<JailedRun> {
         });
       }
     }
-    const host: JailHost = { ...hostPieces, ...(runDir === undefined ? {} : { runDir }) };
+    const host: JailHost = {
+      ...hostPieces,
+      ...(runDir === undefined ? {} : { runDir }),
+      ...(options.socketDir === undefined ? {} : { socketDir: options.socketDir }),
+    };
     const layout = buildJailLayout(options.vm, host, limits);
     const id = jailId(dir);
     cleanups.push(() => removeCgroupLeaf(id));
@@ -169,6 +185,47 @@ function checkVmFile(file: JailFile, dir: string): number {
     );
   }
   return file.writable ? info.size : 0;
+}
+
+/**
+ * A socket folder must be a real folder outside the jail, writable by the
+ * jail's user, and hold sockets only.
+ */
+function checkSocketDir(path: string, dir: string, uid: number, gid: number): void {
+  const fail = (why: string): never => {
+    throw new DenovisorError("INVALID_ARGUMENT", `socket folder ${path}: ${why}`);
+  };
+  if (!isCleanAbsolute(path)) fail("must be a clean absolute path");
+  if (path === dir || path.startsWith(`${dir}/`) || dir.startsWith(`${path}/`)) {
+    fail(`overlaps the jail folder ${dir}`);
+  }
+  let info: Deno.FileInfo;
+  try {
+    info = Deno.lstatSync(path);
+  } catch (e) {
+    return fail(e instanceof Error ? e.message : String(e));
+  }
+  if (!info.isDirectory) fail("is not a folder (a link is not followed)");
+  const mode = info.mode ?? 0;
+  // No capabilities in the jail: root there is bound by the mode bits too.
+  const writable = (info.uid === uid && (mode & 0o200) !== 0) ||
+    (info.gid === gid && (mode & 0o020) !== 0) || (mode & 0o002) !== 0;
+  if (!writable) fail(`the jail's user ${uid} (group ${gid}) cannot create sockets in it`);
+  for (const entry of Deno.readDirSync(path)) {
+    let isSocket = false;
+    try {
+      isSocket = Deno.lstatSync(`${path}/${entry.name}`).isSocket === true;
+    } catch {
+      // Gone meanwhile: nothing to expose.
+      isSocket = true;
+    }
+    if (!isSocket) {
+      fail(
+        `holds ${entry.name}, which is not a socket; the jail could read and write it ` +
+          "(give the sockets a folder of their own)",
+      );
+    }
+  }
 }
 
 /** Finds Deno, the sources, the core library, its jailer and their shared libraries. */
