@@ -69,6 +69,11 @@ async function jailPlace(): Promise<{ parent: string; dir: string } & AsyncDispo
   };
 }
 
+/** `main.ts run --jail DIR` as nobody (65534), with `args`. */
+function jailedRun(dir: string, ...args: string[]) {
+  return cli("run", "--jail", dir, "--uid", "65534", "--gid", "65534", ...args);
+}
+
 /** Runs the probe in a jail; the probe file is world-readable for --uid. */
 async function probe(
   dir: string,
@@ -327,14 +332,8 @@ kvmTest(
     await using place = await jailPlace();
     const image = `${place.parent}/hello.elf`;
     await Deno.writeFile(image, await defaultGuestImage(), { mode: 0o644 });
-    const r = await cli(
-      "run",
-      "--jail",
+    const r = await jailedRun(
       place.dir,
-      "--uid",
-      "65534",
-      "--gid",
-      "65534",
       "--mode",
       "user",
       image,
@@ -375,14 +374,8 @@ kvmTest(
     };
     try {
       await Deno.chown(`${path}_${hostPort}`, 65534, 65534);
-      const vm = cli(
-        "run",
-        "--jail",
+      const vm = jailedRun(
         place.dir,
-        "--uid",
-        "65534",
-        "--gid",
-        "65534",
         "--irqchip",
         "--vsock",
         `cid=3,path=${path}`,

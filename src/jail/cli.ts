@@ -9,7 +9,7 @@
 import { UsageError } from "../cli/usage_error.ts";
 import { checkApiSocketOption } from "../cli/api_commands.ts";
 import { DeviceFlagError, vsockFlag } from "../cli/device_flags.ts";
-import { absolutePath } from "../build/fs_util.ts";
+import { absolutePath, exists } from "../build/fs_util.ts";
 import { CGROUP_KEYS, type CgroupKey, JAIL_PATHS, type JailFile, MAX_ID } from "./policy.ts";
 import { runJailed } from "./run_jailed.ts";
 
@@ -54,15 +54,6 @@ export interface JailFlagValues {
   uid?: string;
   gid?: string;
   cgroup?: string[];
-}
-
-async function exists(path: string): Promise<boolean> {
-  try {
-    await Deno.lstat(path);
-    return true;
-  } catch {
-    return false;
-  }
 }
 
 /** Options that name host things a jail cannot hold (yet). */
@@ -195,7 +186,7 @@ export async function jailedRunCommand(
           `--vsock ${value}: with --jail, the socket's name must be 1-64 of A-Z a-z 0-9 . _ -`,
         );
       }
-      if (await exists(path)) {
+      if (exists(path)) {
         throw new UsageError(`vsock path ${path} already exists (remove a stale socket first)`);
       }
       jailValue = value.replace(/(^|,)path=[^,]*/, `$1path=${JAIL_PATHS.sockets}/${base}`);
