@@ -2,7 +2,8 @@
  * Runs INSIDE a jail (as `/vm/probe.ts`, by the jailed Deno) and prints, as
  * one JSON line, what it can see and do: tests/jail_test.ts checks it.
  * With the argument `allocate MiB` it then touches that much memory (a
- * cgroup's memory.max must stop it).
+ * cgroup's memory.max must stop it); with `outputs`, it leaves a file and a
+ * link to a host file in its run folder (the host must copy only the file).
  */
 
 import { createSocket } from "node:dgram";
@@ -87,6 +88,11 @@ if (Deno.args[1] === "allocate") {
     chunks.push(new Uint8Array(16 << 20).fill(1));
   }
   console.log(`allocated ${chunks.length * 16} MiB`);
+}
+
+if (Deno.args[1] === "outputs") {
+  Deno.writeTextFileSync("/run/denovisor/good", "written in the jail\n");
+  Deno.symlinkSync("/etc/hostname", "/run/denovisor/evil");
 }
 
 if (Deno.args[1] === "sleep") {

@@ -175,6 +175,23 @@ Deno.test("a jail folder that holds other files or a live jail is refused", asyn
   assert.deepEqual([...Deno.readDirSync(place.dir)], [], "a folder that existed is left empty");
 });
 
+Deno.test("a jail hands files back only as regular files: a link it leaves is refused, not followed", async () => {
+  await using place = await jailPlace();
+  const good = `${place.parent}/good.txt`;
+  const evil = `${place.parent}/evil.txt`;
+  await assert.rejects(
+    probe(place.dir, {
+      outputs: [{ host: good, name: "good" }, { host: evil, name: "evil" }],
+    }, ["9", "outputs"]),
+    (e: unknown) =>
+      e instanceof DenovisorError && e.code === "IO" &&
+      /the jail left evil as something other than a file; not copied/.test(e.message),
+  );
+  assert.equal(await Deno.readTextFile(good), "written in the jail\n");
+  await assert.rejects(Deno.lstat(evil), Deno.errors.NotFound);
+  await assert.rejects(Deno.stat(place.dir), Deno.errors.NotFound, "the jail is gone");
+});
+
 Deno.test("inside the jail: PID 1, no host files, no network, no capabilities, the rlimits", async () => {
   await using place = await jailPlace();
   // A host service on loopback the jail must not reach.
@@ -317,6 +334,16 @@ Deno.test("run --jail refuses bad flags with status 2 and a message", async () =
     r = await vsock(`${place}/nothere/v.sock`);
     assert.equal(r.code, 2, r.stderr);
     assert.match(r.stderr, /socket folder .*\/nothere: No such file/);
+    r = await cli(
+      "run",
+      "--jail",
+      `${place}/jail`,
+      "--metrics",
+      `${place}/nothere/m.json`,
+      `${place}/image`,
+    );
+    assert.equal(r.code, 2, r.stderr);
+    assert.match(r.stderr, /cannot write .*\/nothere\/m.json: its folder .* does not exist/);
     assert.deepEqual([...Deno.readDirSync(place)].map((e) => e.name).sort(), ["image", "sockets"]);
   } finally {
     await Deno.remove(place, { recursive: true });
@@ -332,16 +359,23 @@ kvmTest(
     await using place = await jailPlace();
     const image = `${place.parent}/hello.elf`;
     await Deno.writeFile(image, await defaultGuestImage(), { mode: 0o644 });
+    const metrics = `${place.parent}/metrics.json`;
     const r = await jailedRun(
       place.dir,
       "--mode",
       "user",
+      "--metrics",
+      metrics,
       image,
     );
     // The hello guest writes 0 to the debug-exit port: status (0 << 1) | 1.
     assert.equal(r.code, 1, r.stderr);
     assert.match(r.stdout, /500500/);
     assert.match(r.stderr, /guest exited with code 1 · \d+ exits/);
+    // --metrics FILE: written in the jail's run folder, copied out at the end.
+    const report = JSON.parse(await Deno.readTextFile(metrics));
+    assert.equal(report.vcpus.length, 1);
+    assert.ok(report.total.ioOut > 0, JSON.stringify(report.total));
     await assert.rejects(Deno.stat(place.dir), Deno.errors.NotFound);
   },
 );

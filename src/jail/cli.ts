@@ -31,8 +31,9 @@ export const JAIL_FLAGS_HELP = `Jail (root only; README "Jailer"):
   --uid N, --gid N   the user and group the jailed VMM runs as (default 0)
   --cgroup KEY=VALUE a cgroup v2 limit (repeatable): ${CGROUP_KEYS.join(", ")}
   With --vsock cid=N,path=PATH, PATH's folder is shared with the jail (it
-  must hold only sockets and be writable by --uid); --device, --incoming and
-  --metrics FILE are not available with --jail.
+  must hold only sockets and be writable by --uid); --metrics FILE is written
+  once the jail has ended; --device and --incoming are not available with
+  --jail.
 `;
 
 /** One token of `parseArgs({ tokens: true })`. */
@@ -128,6 +129,7 @@ export async function jailedRunCommand(
   }
   const files: JailFile[] = [];
   const links: { host: string; name: string }[] = [];
+  const outputs: { host: string; name: string }[] = [];
   const args: string[] = [];
   let tap = false;
   let disks = 0;
@@ -191,7 +193,9 @@ export async function jailedRunCommand(
       }
       jailValue = value.replace(/(^|,)path=[^,]*/, `$1path=${JAIL_PATHS.sockets}/${base}`);
     } else if (name === "metrics" && value !== "-") {
-      throw new UsageError("--metrics FILE is not available with --jail: use --metrics -");
+      // Written in the run folder, copied out once the jail has ended.
+      outputs.push({ host: absolutePath(value), name: "metrics" });
+      jailValue = `${JAIL_PATHS.run}/metrics`;
     } else if (name === "net") {
       if (/(^|,)netns=/.test(value)) {
         throw new UsageError(
@@ -216,6 +220,7 @@ export async function jailedRunCommand(
       env: noColor === undefined ? {} : { NO_COLOR: noColor },
     },
     links,
+    outputs,
     ...(socketDir === undefined ? {} : { socketDir }),
   });
   return code;

@@ -27,6 +27,9 @@ import {
 /** The file a jail folder holds on the host while a jail uses it (the jailer's pid). */
 export const JAIL_MARKER = ".denovisor-jail";
 
+/** The largest file a jail may hand back through {@link RunJailedOptions}.outputs. */
+export const MAX_OUTPUT_BYTES = 64 << 20;
+
 /** Exit status of the jailer when the jail could not be set up. */
 export const JAIL_SETUP_FAILED = 125;
 
@@ -39,6 +42,13 @@ export interface RunJailedOptions extends JailOptions {
    * (`/run/denovisor/NAME` in the jail), e.g. the control API's socket.
    */
   links?: { host: string; name: string }[];
+  /**
+   * Files the VMM writes in its run folder (`/run/denovisor/NAME` in the
+   * jail), copied to host paths once the jail has ended (e.g. `--metrics
+   * FILE`): a regular file of at most {@link MAX_OUTPUT_BYTES}; anything else
+   * the jail left there (a link, a folder) is refused, not followed.
+   */
+  outputs?: { host: string; name: string }[];
   /**
    * A host folder the VMM shares Unix sockets through, bound writable at
    * `/sockets` in the jail: a vsock device's `PATH` (host programs connect to
@@ -98,11 +108,16 @@ export async function runJailed(options: RunJailedOptions): Promise<JailedRun> {
     largestWritable = Math.max(largestWritable, checkVmFile(file, dir));
   }
   if (options.limits?.fsize === undefined) limits.fsize = Math.max(limits.fsize, largestWritable);
-  for (const link of options.links ?? []) {
-    if (!/^[A-Za-z0-9._-]{1,64}$/.test(link.name) || link.name.startsWith(".")) {
-      throw new DenovisorError("INVALID_ARGUMENT", `bad run-folder file name ${link.name}`);
+  const runFiles = [...(options.links ?? []), ...(options.outputs ?? [])];
+  for (const { name } of runFiles) {
+    if (!/^[A-Za-z0-9._-]{1,64}$/.test(name) || name.startsWith(".")) {
+      throw new DenovisorError("INVALID_ARGUMENT", `bad run-folder file name ${name}`);
     }
   }
+  if (new Set(runFiles.map((f) => f.name)).size !== runFiles.length) {
+    throw new DenovisorError("INVALID_ARGUMENT", "two run-folder files have one name");
+  }
+  for (const output of options.outputs ?? []) checkOutputPath(output.host);
   if (options.socketDir !== undefined) {
     checkSocketDir(options.socketDir, dir, options.uid ?? 0, options.gid ?? 0);
   }
@@ -121,13 +136,13 @@ export async function runJailed(options: RunJailedOptions): Promise<JailedRun> {
   try {
     claimJailDir(dir, cleanups);
     let runDir: string | undefined;
-    if (options.links?.length) {
+    if (runFiles.length > 0) {
       runDir = Deno.makeTempDirSync({ prefix: "denovisor-jail-run-" });
       cleanups.push(() => Deno.removeSync(runDir!, { recursive: true }));
       if (options.uid !== undefined || options.gid !== undefined) {
         Deno.chownSync(runDir, options.uid ?? 0, options.gid ?? 0);
       }
-      for (const link of options.links) {
+      for (const link of options.links ?? []) {
         const target = `${runDir}/${link.name}`;
         const host = absolutePath(link.host);
         try {
@@ -155,9 +170,58 @@ export async function runJailed(options: RunJailedOptions): Promise<JailedRun> {
     const layout = buildJailLayout(options.vm, host, limits);
     const id = jailId(dir);
     cleanups.push(() => removeCgroupLeaf(id));
-    return await spawnJailer(hostPieces.jailer, jailerArgs(layout, options, id), options);
+    const run = await spawnJailer(hostPieces.jailer, jailerArgs(layout, options, id), options);
+    // The jail has ended (its PID 1 is gone, and every process with it):
+    // nothing changes the run folder while its files are copied out.
+    for (const output of options.outputs ?? []) copyOutput(`${runDir}/${output.name}`, output.host);
+    return run;
   } finally {
     cleanup();
+  }
+}
+
+/** An output's host path: absolute, in a folder that exists, not a folder itself. */
+function checkOutputPath(path: string): void {
+  const fail = (why: string): never => {
+    throw new DenovisorError("INVALID_ARGUMENT", `cannot write ${path}: ${why}`);
+  };
+  if (!isCleanAbsolute(path)) fail("not a clean absolute path");
+  const parent = path.slice(0, path.lastIndexOf("/")) || "/";
+  let isDirectory = false;
+  try {
+    isDirectory = Deno.statSync(parent).isDirectory;
+  } catch {
+    isDirectory = false;
+  }
+  if (!isDirectory) fail(`its folder ${parent} does not exist`);
+  try {
+    if (Deno.statSync(path).isDirectory) fail("it is a folder");
+  } catch (e) {
+    if (e instanceof DenovisorError) throw e;
+    // Absent: written at the end.
+  }
+}
+
+/** Copies a file the jail wrote to the host, if it is a regular file of bounded size. */
+function copyOutput(from: string, to: string): void {
+  let info: Deno.FileInfo;
+  try {
+    info = Deno.lstatSync(from);
+  } catch {
+    return; // The VMM did not write it (it failed first, and said why).
+  }
+  if (!info.isFile || info.size > MAX_OUTPUT_BYTES) {
+    throw new DenovisorError(
+      "IO",
+      `the jail left ${from.slice(from.lastIndexOf("/") + 1)} as ${
+        info.isFile ? `${info.size} bytes` : "something other than a file"
+      }; not copied to ${to}`,
+    );
+  }
+  try {
+    Deno.writeFileSync(to, Deno.readFileSync(from));
+  } catch (e) {
+    throw new DenovisorError("IO", `cannot write ${to}: ${e instanceof Error ? e.message : e}`);
   }
 }
 
