@@ -310,9 +310,16 @@ Deno.test("run --jail refuses bad flags with status 2 and a message", async () =
   assert.match(r.stderr, /--cgroup must be KEY=VALUE with KEY one of cpu.max/);
   r = await cli("run", "--jail", "/tmp/j", "--uid", "-3", "/nonexistent.img");
   assert.equal(r.code, 2);
+  r = await cli("run", "--jail", "/tmp/j", "--incoming", "tcp:127.0.0.1:9", "/nonexistent.img");
+  assert.equal(r.code, 2);
+  assert.match(r.stderr, /--incoming is not available with --jail/);
+  // --device JSON: checked, and its host paths put in the jail like the flags'.
   r = await cli("run", "--jail", "/tmp/j", "--device", "{}", "/nonexistent.img");
   assert.equal(r.code, 2);
-  assert.match(r.stderr, /--device is not available with --jail/);
+  assert.match(r.stderr, /--device \{\}: unknown device kind/);
+  r = await cli("run", "--jail", "/tmp/j", "--device", '{"kind":"net","netns":"n"}', "/x.img");
+  assert.equal(r.code, 2);
+  assert.match(r.stderr, /a net device with netns is not available with --jail/);
   // A vsock's socket folder is shared with the jail: one holding anything but
   // sockets is refused, and so are a socket name and a path the jail cannot use.
   const place = await Deno.makeTempDir({ prefix: "jail_test_" });
@@ -331,6 +338,28 @@ Deno.test("run --jail refuses bad flags with status 2 and a message", async () =
     r = await vsock(`${place}/sockets/v:sock`);
     assert.equal(r.code, 2, r.stderr);
     assert.match(r.stderr, /the socket's name must be 1-64 of/);
+    r = await cli(
+      "run",
+      "--jail",
+      `${place}/jail`,
+      "--vsock",
+      `cid=3,path=${place}/v.sock`,
+      "--device",
+      `{"kind":"vsock","cid":4,"path":"${place}/sockets/w.sock"}`,
+      `${place}/image`,
+    );
+    assert.equal(r.code, 2, r.stderr);
+    assert.match(r.stderr, /every vsock socket must be in one folder/);
+    r = await cli(
+      "run",
+      "--jail",
+      `${place}/jail`,
+      "--device",
+      `{"kind":"block","path":"${place}/nothere.img"}`,
+      `${place}/image`,
+    );
+    assert.equal(r.code, 2, r.stderr);
+    assert.match(r.stderr, /cannot put .*\/nothere.img in the jail/);
     r = await vsock(`${place}/nothere/v.sock`);
     assert.equal(r.code, 2, r.stderr);
     assert.match(r.stderr, /socket folder .*\/nothere: No such file/);

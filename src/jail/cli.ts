@@ -9,6 +9,7 @@
 import { UsageError } from "../cli/usage_error.ts";
 import { checkApiSocketOption } from "../cli/api_commands.ts";
 import { DeviceFlagError, vsockFlag } from "../cli/device_flags.ts";
+import { type DeviceConfig, deviceConfigJson } from "../devices.ts";
 import { absolutePath, exists } from "../build/fs_util.ts";
 import { CGROUP_KEYS, type CgroupKey, JAIL_PATHS, type JailFile, MAX_ID } from "./policy.ts";
 import { runJailed } from "./run_jailed.ts";
@@ -31,9 +32,9 @@ export const JAIL_FLAGS_HELP = `Jail (root only; README "Jailer"):
   --uid N, --gid N   the user and group the jailed VMM runs as (default 0)
   --cgroup KEY=VALUE a cgroup v2 limit (repeatable): ${CGROUP_KEYS.join(", ")}
   With --vsock cid=N,path=PATH, PATH's folder is shared with the jail (it
-  must hold only sockets and be writable by --uid); --metrics FILE is written
-  once the jail has ended; --device and --incoming are not available with
-  --jail.
+  must hold only sockets and be writable by --uid); --device JSON's paths are
+  put in the jail the same way; --metrics FILE is written once the jail has
+  ended; --incoming is not available with --jail.
 `;
 
 /** One token of `parseArgs({ tokens: true })`. */
@@ -59,7 +60,6 @@ export interface JailFlagValues {
 
 /** Options that name host things a jail cannot hold (yet). */
 const NOT_JAILED: Record<string, string> = {
-  device: "devices given as JSON",
   incoming: "an incoming migration",
 };
 
@@ -139,6 +139,57 @@ export async function jailedRunCommand(
     files.push({ host: absolutePath(host), jail, writable });
     return jail;
   };
+  // A vsock socket's folder is shared with the jail (at /sockets): the host
+  // connects to PATH, and listens at PATH_PORT for the guest's connections.
+  const vsockPath = (hostPath: string): string => {
+    const path = absolutePath(hostPath);
+    const slash = path.lastIndexOf("/");
+    const folder = slash === 0 ? "/" : path.slice(0, slash);
+    const base = path.slice(slash + 1);
+    if (!/^[A-Za-z0-9._-]{1,64}$/.test(base)) {
+      throw new UsageError(
+        `vsock path ${path}: with --jail, the socket's name must be 1-64 of A-Z a-z 0-9 . _ -`,
+      );
+    }
+    if (exists(path)) {
+      throw new UsageError(`vsock path ${path} already exists (remove a stale socket first)`);
+    }
+    if (socketDir !== undefined && socketDir !== folder) {
+      throw new UsageError(`with --jail, every vsock socket must be in one folder: ${socketDir}`);
+    }
+    socketDir = folder;
+    return `${JAIL_PATHS.sockets}/${base}`;
+  };
+  const netDevice = (netns: boolean) => {
+    if (netns) {
+      throw new UsageError(
+        "a net device with netns is not available with --jail (the jailed VMM cannot create " +
+          "TAPs): use --net tap=NAME with a TAP the jail's user owns",
+      );
+    }
+    tap = true;
+  };
+  // `--device JSON`: its host paths become jail paths, as for the flags.
+  const jailDevice = (json: string): DeviceConfig => {
+    let device: DeviceConfig;
+    try {
+      device = JSON.parse(json);
+      deviceConfigJson(device);
+    } catch (e) {
+      throw new UsageError(`--device ${json}: ${e instanceof Error ? e.message : e}`);
+    }
+    switch (device.kind) {
+      case "block":
+        return { ...device, path: file(device.path, `disk${disks++}`, device.readonly !== true) };
+      case "vsock":
+        return { ...device, path: vsockPath(device.path) };
+      case "net":
+        netDevice(device.netns !== undefined);
+        return device;
+      default:
+        return device;
+    }
+  };
   for (const token of tokens) {
     if (token.kind === "option-terminator") {
       args.push("--");
@@ -170,8 +221,6 @@ export async function jailedRunCommand(
       links.push({ host: value, name: "api.sock" });
       jailValue = `${JAIL_PATHS.run}/api.sock`;
     } else if (name === "vsock") {
-      // The socket's folder is shared with the jail (at /sockets): the host
-      // connects to PATH, and listens at PATH_PORT for the guest's connections.
       let device;
       try {
         device = vsockFlag(value);
@@ -179,31 +228,15 @@ export async function jailedRunCommand(
         if (e instanceof DeviceFlagError) throw new UsageError(e.message);
         throw e;
       }
-      const path = absolutePath(device.path);
-      const slash = path.lastIndexOf("/");
-      socketDir = slash === 0 ? "/" : path.slice(0, slash);
-      const base = path.slice(slash + 1);
-      if (base === "" || !/^[A-Za-z0-9._-]{1,64}$/.test(base)) {
-        throw new UsageError(
-          `--vsock ${value}: with --jail, the socket's name must be 1-64 of A-Z a-z 0-9 . _ -`,
-        );
-      }
-      if (exists(path)) {
-        throw new UsageError(`vsock path ${path} already exists (remove a stale socket first)`);
-      }
-      jailValue = value.replace(/(^|,)path=[^,]*/, `$1path=${JAIL_PATHS.sockets}/${base}`);
+      jailValue = value.replace(/(^|,)path=[^,]*/, `$1path=${vsockPath(device.path)}`);
+    } else if (name === "device") {
+      jailValue = JSON.stringify(jailDevice(value));
     } else if (name === "metrics" && value !== "-") {
       // Written in the run folder, copied out once the jail has ended.
       outputs.push({ host: absolutePath(value), name: "metrics" });
       jailValue = `${JAIL_PATHS.run}/metrics`;
     } else if (name === "net") {
-      if (/(^|,)netns=/.test(value)) {
-        throw new UsageError(
-          "--net netns=... is not available with --jail (the jailed VMM cannot create TAPs): " +
-            "use --net tap=NAME with a TAP the jail's user owns",
-        );
-      }
-      tap = true;
+      netDevice(/(^|,)netns=/.test(value));
     }
     args.push(`${token.rawName}=${jailValue}`);
   }
