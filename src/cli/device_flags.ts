@@ -92,20 +92,7 @@ export function deviceFlags(values: DeviceFlagValues, context: { linux: boolean 
   }
   if (values.balloon) devices.push({ kind: "balloon" });
   for (const spec of values.net ?? []) devices.push(netFlag(spec));
-  for (const json of values.device ?? []) {
-    let parsed: unknown;
-    try {
-      parsed = JSON.parse(json);
-    } catch (e) {
-      throw new DeviceFlagError(`--device ${json}: not JSON (${(e as Error).message})`);
-    }
-    try {
-      deviceConfigJson(parsed as DeviceConfig);
-    } catch (e) {
-      throw new DeviceFlagError(`--device ${json}: ${(e as Error).message}`);
-    }
-    devices.push(parsed as DeviceConfig);
-  }
+  for (const json of values.device ?? []) devices.push(deviceJsonFlag(json));
   if (values.vsock !== undefined) devices.push(vsockFlag(values.vsock));
   for (const d of devices) {
     if (d.kind === "vsock") checkVsockPath(d.path);
@@ -113,6 +100,35 @@ export function deviceFlags(values: DeviceFlagValues, context: { linux: boolean 
     if (problem) throw new DeviceFlagError(problem);
   }
   return devices;
+}
+
+/**
+ * One `--device JSON` flag as a {@link DeviceConfig}, checked as `Vm.create`
+ * would (its host paths not checked on disk).
+ *
+ * @example
+ * ```ts
+ * import { deviceJsonFlag } from "./device_flags.ts";
+ * console.log(deviceJsonFlag('{"kind":"rng"}')); // { kind: "rng" }
+ * ```
+ *
+ * @param json The flag's value.
+ * @returns The device.
+ * @throws {DeviceFlagError} for text that is not JSON or not a valid device.
+ */
+export function deviceJsonFlag(json: string): DeviceConfig {
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(json);
+  } catch (e) {
+    throw new DeviceFlagError(`--device ${json}: not JSON (${(e as Error).message})`);
+  }
+  try {
+    deviceConfigJson(parsed as DeviceConfig);
+  } catch (e) {
+    throw new DeviceFlagError(`--device ${json}: ${(e as Error).message}`);
+  }
+  return parsed as DeviceConfig;
 }
 
 /**

@@ -8,8 +8,8 @@
 
 import { UsageError } from "../cli/usage_error.ts";
 import { checkApiSocketOption } from "../cli/api_commands.ts";
-import { DeviceFlagError, vsockFlag } from "../cli/device_flags.ts";
-import { type DeviceConfig, deviceConfigJson } from "../devices.ts";
+import { DeviceFlagError, deviceJsonFlag, vsockFlag } from "../cli/device_flags.ts";
+import type { DeviceConfig } from "../devices.ts";
 import { absolutePath, exists } from "../build/fs_util.ts";
 import { CGROUP_KEYS, type CgroupKey, JAIL_PATHS, type JailFile, MAX_ID } from "./policy.ts";
 import { runJailed } from "./run_jailed.ts";
@@ -62,6 +62,16 @@ export interface JailFlagValues {
 const NOT_JAILED: Record<string, string> = {
   incoming: "an incoming migration",
 };
+
+/** Runs a device flag's parser; its errors are usage errors (status 2). */
+function usage<T>(parse: () => T): T {
+  try {
+    return parse();
+  } catch (e) {
+    if (e instanceof DeviceFlagError) throw new UsageError(e.message);
+    throw e;
+  }
+}
 
 function parseId(value: string | undefined, what: string): number | undefined {
   if (value === undefined) return undefined;
@@ -170,14 +180,7 @@ export async function jailedRunCommand(
     tap = true;
   };
   // `--device JSON`: its host paths become jail paths, as for the flags.
-  const jailDevice = (json: string): DeviceConfig => {
-    let device: DeviceConfig;
-    try {
-      device = JSON.parse(json);
-      deviceConfigJson(device);
-    } catch (e) {
-      throw new UsageError(`--device ${json}: ${e instanceof Error ? e.message : e}`);
-    }
+  const jailDevice = (device: DeviceConfig): DeviceConfig => {
     switch (device.kind) {
       case "block":
         return { ...device, path: file(device.path, `disk${disks++}`, device.readonly !== true) };
@@ -221,16 +224,10 @@ export async function jailedRunCommand(
       links.push({ host: value, name: "api.sock" });
       jailValue = `${JAIL_PATHS.run}/api.sock`;
     } else if (name === "vsock") {
-      let device;
-      try {
-        device = vsockFlag(value);
-      } catch (e) {
-        if (e instanceof DeviceFlagError) throw new UsageError(e.message);
-        throw e;
-      }
+      const device = usage(() => vsockFlag(value));
       jailValue = value.replace(/(^|,)path=[^,]*/, `$1path=${vsockPath(device.path)}`);
     } else if (name === "device") {
-      jailValue = JSON.stringify(jailDevice(value));
+      jailValue = JSON.stringify(jailDevice(usage(() => deviceJsonFlag(value))));
     } else if (name === "metrics" && value !== "-") {
       // Written in the run folder, copied out once the jail has ended.
       outputs.push({ host: absolutePath(value), name: "metrics" });
